@@ -1,0 +1,34 @@
+# Two entry points (see README):
+#   make run   install everything, then run the daemon serving the default model
+#   make test  install everything, then run the test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Engine environments and the default model for the tests, kept between runs
+# so that llama.cpp is compiled once.
+TEST_STATE := $(CURDIR)/.state
+
+.PHONY: install run test bench clean
+
+$(BIN)/node-supervisor: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(BIN)/node-supervisor
+
+run: install
+	$(BIN)/node-supervisor run
+
+test: install
+	NODESUP_STATE_DIR=$(TEST_STATE) NODESUP_DATA_DIR=$(TEST_STATE)/data \
+		$(BIN)/node-supervisor envs create llamacpp fake
+	NODESUP_TEST_STATE=$(TEST_STATE) $(BIN)/python -m pytest -v -rs
+
+bench: install
+	NODESUP_STATE_DIR=$(TEST_STATE) NODESUP_DATA_DIR=$(TEST_STATE)/data \
+		$(BIN)/node-supervisor envs create llamacpp
+	NODESUP_TEST_STATE=$(TEST_STATE) $(BIN)/python bench/throughput.py
+
+clean:
+	rm -rf $(VENV) $(TEST_STATE)

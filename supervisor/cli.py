@@ -1,0 +1,93 @@
+"""node-supervisor: the one console command.
+
+    node-supervisor [--config FILE] [global flags] run | generate | status | ping | envs create|check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from .config import EX_CONFIG, ConfigError, Settings, find_config_file, load_settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="node-supervisor", description="Keeps local LLM inference running on this node.")
+    parser.add_argument("--config", help="TOML config file (default: $NODESUP_CONFIG, ~/.config/node-supervisor/config.toml, /etc/node-supervisor/config.toml)")
+    parser.add_argument("--state-dir", help="environments, sockets and logs")
+    parser.add_argument("--data-dir", help="models")
+    parser.add_argument("--client-endpoint", help="ZeroMQ endpoint clients connect to")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the daemon in the foreground")
+    run.add_argument("--no-create-envs", action="store_true", help="do not create missing engine environments")
+
+    gen = commands.add_parser("generate", help="generate text, streaming it to the terminal")
+    gen.add_argument("prompt")
+    gen.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
+    gen.add_argument("--system", help="system message (with --chat)")
+    gen.add_argument("--max-tokens", type=int)
+    gen.add_argument("--temperature", type=float)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--engine", help="pin an engine by name")
+    gen.add_argument("--deadline-ms", type=int)
+    gen.add_argument("--no-stream", action="store_true", help="one reply at the end")
+    gen.add_argument("--json", action="store_true", help="print every event as a JSON line")
+    gen.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each event")
+
+    status = commands.add_parser("status", help="engines, workers, queues, latency")
+    status.add_argument("--json", action="store_true")
+    status.add_argument("--timeout", type=float, default=5.0)
+
+    ping = commands.add_parser("ping", help="check that the daemon answers")
+    ping.add_argument("--timeout", type=float, default=5.0)
+
+    envs = commands.add_parser("envs", help="per-engine virtual environments")
+    env_commands = envs.add_subparsers(dest="envs_command", required=True)
+    for name, text in (("create", "create or update environments"), ("check", "report what each environment has")):
+        sub = env_commands.add_parser(name, help=text)
+        sub.add_argument("names", nargs="*", metavar="NAME", help="environment names (default: those the configured engines use)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+    except ConfigError as exc:
+        print(f"node-supervisor: config error: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    if args.command == "run":
+        from .daemon import run_daemon
+
+        return run_daemon(settings, create_envs=settings.create_envs and not args.no_create_envs)
+    if args.command == "envs":
+        from .envs_cli import envs_command
+
+        return envs_command(settings, args.envs_command, args.names)
+    from .client_cli import client_command
+
+    return client_command(settings, args)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    for flag in ("state_dir", "data_dir", "client_endpoint", "log_level"):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides[flag] = value
+    return load_settings(find_config_file(args.config), overrides)
+
+
+def print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

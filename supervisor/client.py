@@ -1,0 +1,122 @@
+"""The Python client.  Imports pyzmq and the wire protocol only.
+
+    from supervisor.client import Client
+    with Client("ipc:///path/to/run/client.sock") as client:
+        for event in client.generate(prompt="Hello", max_tokens=32):
+            if event["event"] == "token":
+                print(event["text"], end="", flush=True)
+
+One client holds one DEALER socket; replies are matched to requests by id,
+so a stream can be cancelled from the same client while it is being read.
+A client is not thread-safe: use one per thread.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict, deque
+from typing import Any, Iterator
+
+import zmq
+
+from workers import protocol as p
+
+
+class ClientTimeout(TimeoutError):
+    """The daemon did not answer in time (is it running? is the endpoint right?)."""
+
+
+class Client:
+    def __init__(self, endpoint: str, timeout_s: float | None = 60.0, context: zmq.Context | None = None) -> None:
+        """``timeout_s`` bounds each wait for the next event, not a whole generation."""
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+        self._own_context = context is None
+        self._context = context or zmq.Context()
+        self._socket = self._context.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.connect(endpoint)
+        self._pending: dict[str, deque[dict[str, Any]]] = defaultdict(deque)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *_exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._socket.close(0)
+        if self._own_context:
+            self._context.term()
+
+    # --- ops -----------------------------------------------------------------
+
+    def send(self, message: dict[str, Any]) -> str:
+        """Send one raw message (an ``id`` is added if missing); return its id."""
+        message = dict(message)
+        message.setdefault("id", uuid.uuid4().hex[:16])
+        self._socket.send(p.encode(message))
+        return message["id"]
+
+    def send_raw(self, frame: bytes) -> None:
+        """Send bytes as they are: for tests of the daemon's handling of bad input."""
+        self._socket.send(frame)
+
+    def generate(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None, **fields: Any) -> Iterator[dict[str, Any]]:
+        """Yield the request's events: tokens, then exactly one ``done`` or ``error``.
+
+        The request id is the ``id`` of every event; ``fields`` are the
+        protocol's generate fields (max_tokens, temperature, stream, ...).
+        """
+        message: dict[str, Any] = {"op": p.OP_GENERATE, **fields}
+        if prompt is not None:
+            message["prompt"] = prompt
+        if messages is not None:
+            message["messages"] = messages
+        request_id = self.send(message)
+        return self.events(request_id)
+
+    def complete(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None, **fields: Any) -> dict[str, Any]:
+        """Run a request to its end; return the terminal event (``done`` has ``text``)."""
+        fields.setdefault("stream", False)
+        text: list[str] = []
+        for event in self.generate(prompt, messages, **fields):
+            if event["event"] == p.EVENT_TOKEN:
+                text.append(event["text"])
+            else:
+                if event["event"] == p.EVENT_DONE and "text" not in event:
+                    event["text"] = "".join(text)
+                return event
+        raise AssertionError("unreachable: events() always ends with a terminal event")
+
+    def events(self, request_id: str) -> Iterator[dict[str, Any]]:
+        while True:
+            event = self.receive(request_id)
+            yield event
+            if event["event"] in p.TERMINAL_EVENTS:
+                return
+
+    def cancel(self, request_id: str) -> dict[str, Any]:
+        return self.receive(self.send({"op": p.OP_CANCEL, "target": request_id}))
+
+    def status(self) -> dict[str, Any]:
+        return self.receive(self.send({"op": p.OP_STATUS}))
+
+    def ping(self) -> dict[str, Any]:
+        return self.receive(self.send({"op": p.OP_PING}))
+
+    # --- receiving -----------------------------------------------------------
+
+    def receive(self, request_id: str | None, timeout_s: float | None = ...) -> dict[str, Any]:  # type: ignore[assignment]
+        """The next event for ``request_id`` (None: errors the daemon could not tie to an id)."""
+        timeout = self.timeout_s if timeout_s is ... else timeout_s
+        queue = self._pending[request_id]  # type: ignore[index]
+        while not queue:
+            if not self._socket.poll(None if timeout is None else int(timeout * 1000)):
+                raise ClientTimeout(f"no answer from {self.endpoint} within {timeout}s")
+            event = p.decode(self._socket.recv())
+            self._pending[event.get("id")].append(event)  # type: ignore[index]
+        event = queue.popleft()
+        if not queue:
+            del self._pending[request_id]  # type: ignore[arg-type]
+        return event

@@ -1,0 +1,181 @@
+"""Configuration: a TOML file, NODESUP_* environment variables, command-line flags.
+
+Precedence, highest first: flags, environment, file, defaults.  Nested keys
+in the environment use a double underscore:
+``NODESUP_ENGINES__LLAMA__N_CTX=4096``.  docs/CONFIG.md is the reference;
+keep it in step with this module.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+EX_CONFIG = 78  # sysexits.h: configuration error
+
+ENGINE_KINDS = ("llamacpp", "exllamav2", "fake")
+_ENGINE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+def _xdg(var: str, fallback: str) -> Path:
+    return Path(os.environ.get(var) or Path.home() / fallback)
+
+
+def default_config_paths() -> list[Path]:
+    """Where the daemon looks for its file when --config and NODESUP_CONFIG are absent."""
+    return [
+        _xdg("XDG_CONFIG_HOME", ".config") / "node-supervisor" / "config.toml",
+        Path("/etc/node-supervisor/config.toml"),
+    ]
+
+
+class ConfigError(Exception):
+    """One line naming the key and the problem."""
+
+
+class EngineConfig(BaseModel):
+    """One named engine instance: ``[engines.<name>]``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["llamacpp", "exllamav2", "fake"]
+    model: Path | None = Field(None, description="model file (GGUF) or directory (EXL2); unset: the default model")
+    n_ctx: int = Field(2048, gt=0, le=1 << 20)
+    n_threads: int | None = Field(None, gt=0, le=1024)
+    n_gpu_layers: int = Field(0, ge=-1)
+    chat_format: str | None = None
+    priority: int = Field(100, description="lower is preferred when a request names no engine")
+    max_queue: int = Field(16, ge=0, le=100_000)
+    env: str | None = Field(None, description="name of the virtual environment; default: the kind")
+    options: dict[str, Any] = Field(default_factory=dict, description="passed through to the engine")
+
+    @property
+    def env_name(self) -> str:
+        return self.env or self.kind
+
+
+def _default_engines() -> dict[str, EngineConfig]:
+    return {"llama": EngineConfig(kind="llamacpp")}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NODESUP_", env_nested_delimiter="__", extra="forbid")
+    config_file: ClassVar[Path | None] = None  # the TOML file, set by load_settings
+
+    state_dir: Path = Field(default_factory=lambda: _xdg("XDG_STATE_HOME", ".local/state") / "node-supervisor")
+    data_dir: Path = Field(default_factory=lambda: _xdg("XDG_DATA_HOME", ".local/share") / "node-supervisor")
+    log_dir: Path | None = None  # default: <state_dir>/logs
+    envs_dir: Path | None = None  # default: <state_dir>/envs
+    client_endpoint: str | None = None  # default: ipc://<state_dir>/run/client.sock (tcp on Windows)
+    worker_endpoint: str | None = None  # default: ipc://<state_dir>/run/workers.sock (tcp on Windows)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "console", "json"] = "auto"
+    heartbeat_interval_s: float = Field(1.0, gt=0, le=60)
+    load_timeout_s: float = Field(600.0, gt=0)
+    shutdown_grace_s: float = Field(5.0, ge=0, le=600)
+    max_message_bytes: int = Field(1 << 20, ge=1024, le=64 << 20)
+    max_tokens_limit: int = Field(8192, gt=0)
+    create_envs: bool = True
+    pip_args: list[str] = Field(default_factory=list, description="extra arguments for pip when creating environments")
+    engines: dict[str, EngineConfig] = Field(default_factory=_default_engines)
+
+    @field_validator("engines")
+    @classmethod
+    def _engine_names(cls, engines: dict[str, EngineConfig]) -> dict[str, EngineConfig]:
+        for name in engines:
+            if not _ENGINE_NAME.match(name):
+                raise ValueError(f"engine name {name!r} must be letters, digits, '-' or '_'")
+        return engines or _default_engines()
+
+    @field_validator("client_endpoint", "worker_endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^(ipc|tcp)://.+", value):
+            raise ValueError("must start with ipc:// or tcp://")
+        return value
+
+    @model_validator(mode="after")
+    def _derived_paths(self) -> "Settings":
+        if self.log_dir is None:
+            self.log_dir = self.state_dir / "logs"
+        if self.envs_dir is None:
+            self.envs_dir = self.state_dir / "envs"
+        if self.client_endpoint is None:
+            self.client_endpoint = _local_endpoint(self.state_dir, "client.sock", 5557)
+        if self.worker_endpoint is None:
+            self.worker_endpoint = _local_endpoint(self.state_dir, "workers.sock", 0)
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return self.state_dir / "run"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = cls.config_file
+        sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+        if toml_file is not None:
+            sources += (TomlConfigSettingsSource(settings_cls, toml_file=toml_file),)
+        return sources
+
+
+def _local_endpoint(state_dir: Path, socket_name: str, tcp_port: int) -> str:
+    """ipc:// where the platform has it; pyzmq's Windows wheels do not."""
+    if sys.platform == "win32":
+        return f"tcp://127.0.0.1:{tcp_port}" if tcp_port else "tcp://127.0.0.1:*"
+    return f"ipc://{state_dir / 'run' / socket_name}"
+
+
+def find_config_file(explicit: str | Path | None) -> Path | None:
+    """--config, else NODESUP_CONFIG, else the first default path that exists."""
+    chosen = explicit or os.environ.get("NODESUP_CONFIG")
+    if chosen:
+        path = Path(chosen).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        return path
+    return next((p for p in default_config_paths() if p.is_file()), None)
+
+
+def load_settings(config_file: Path | None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Build the settings; raise ConfigError with one line naming the key on any problem."""
+
+    class FileSettings(Settings):
+        pass
+
+    FileSettings.config_file = config_file
+
+    try:
+        return FileSettings(**(overrides or {}))
+    except ValidationError as exc:
+        raise ConfigError(_first_error(exc, config_file)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{config_file}: invalid TOML: {exc}") from None
+
+
+def _first_error(exc: ValidationError, config_file: Path | None) -> str:
+    error = exc.errors()[0]
+    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    where = f"{config_file}: " if config_file else ""
+    value = error.get("input")
+    shown = "" if isinstance(value, dict) or value is None else f" (got {value!r})"
+    more = f" [and {exc.error_count() - 1} more]" if exc.error_count() > 1 else ""
+    return f"{where}{key}: {error['msg']}{shown}{more}"

@@ -1,0 +1,98 @@
+"""`node-supervisor run`: prepare what the engines need, then serve until stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import IO
+
+from .config import Settings
+from .envs import EnvError, create_env, env_is_current
+from .logs import get_logger, setup_logging
+from .models import ensure_default_model
+
+log = get_logger("supervisor.daemon")
+
+EX_UNAVAILABLE = 69
+EX_TEMPFAIL = 75
+
+
+def run_daemon(settings: Settings, create_envs: bool) -> int:
+    log_file = setup_logging(settings.log_level, settings.log_dir, settings.log_format)
+    lock = _take_lock(settings.run_dir)
+    if lock is None:
+        log.error("another daemon is running with this state directory", state_dir=str(settings.state_dir))
+        return EX_TEMPFAIL
+    log.info("daemon starting", pid=os.getpid(), log_file=str(log_file), state_dir=str(settings.state_dir))
+    try:
+        prepare(settings, create_envs)
+    except EnvError as exc:
+        log.error("preparation failed", error=str(exc))
+        return EX_UNAVAILABLE
+    from .node import Node  # imports pyzmq's asyncio layer only when serving
+
+    node = Node(settings)
+    asyncio.run(_serve(node))
+    return 0
+
+
+def prepare(settings: Settings, create_envs: bool) -> None:
+    """Environments and the default model, created if missing (pip's output goes to the log line by line).
+
+    An engine whose environment is still missing afterwards is reported by
+    the node as unavailable; the other engines serve.
+    """
+    kinds = {config.env_name: config.kind for config in settings.engines.values()}
+    for name, kind in kinds.items():
+        if env_is_current(settings, name, kind):
+            continue
+        if not create_envs:
+            log.warning("environment missing; not creating it (--no-create-envs)", env=name)
+            continue
+        pip_log = get_logger(f"envs.{name}")
+        create_env(settings, name, kind, lambda line: pip_log.info(line))
+    if any(config.model is None and config.kind == "llamacpp" for config in settings.engines.values()):
+        model_log = get_logger("models")
+        ensure_default_model(settings, lambda line: model_log.info(line))
+
+
+async def _serve(node: "object") -> None:
+    from .node import Node
+
+    assert isinstance(node, Node)
+    loop = asyncio.get_running_loop()
+    # Handlers only record the signal; the node stops in order from its loop.
+    for sig in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", None)):
+        if sig is None:
+            continue
+        try:
+            loop.add_signal_handler(sig, node.request_stop, signal.Signals(sig).name)
+        except (NotImplementedError, RuntimeError):  # Windows: the service wrapper calls request_stop
+            pass
+    await node.run()
+
+
+def _take_lock(run_dir: Path) -> IO[str] | None:
+    """Hold an exclusive lock for the daemon's lifetime: one daemon per state directory."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / "daemon.lock", "a+")
+    try:
+        if sys.platform == "win32":
+            import msvcrt
+
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        return None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle

@@ -1,0 +1,104 @@
+"""The engine interface: the narrow waist every inference library is put behind.
+
+An engine module implements :class:`Engine` and is the only module that
+imports its library.  The runtime (runtime.py) owns the sockets, the
+heartbeats and the request bookkeeping; an engine only loads a model and
+turns one request into text pieces.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+# Engine kind -> module implementing it.  Adding an engine is one more module
+# here, one more requirements file in config/requirements/, and docs/ENGINES.md.
+ENGINE_MODULES = {
+    "llamacpp": "workers.llamacpp",
+    "fake": "workers.fake",
+}
+
+ProgressFn = Callable[[float, str], None]  # fraction 0..1, what is happening
+EmitFn = Callable[[str], None]  # one piece of generated text
+StopFn = Callable[[], bool]  # true once the request must stop (cancel, deadline, shutdown)
+
+
+class EngineUnavailable(Exception):
+    """This engine cannot run on this machine (no CUDA, a broken build).
+
+    Restarting will not help: the worker exits with ExitCode.UNAVAILABLE.
+    """
+
+
+class ModelError(Exception):
+    """The model is missing or unreadable: the worker exits with ExitCode.MODEL_ERROR."""
+
+
+class RequestError(Exception):
+    """A request this engine cannot serve; ``code`` is a protocol ErrorCode."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class GenerateRequest:
+    """One generation request, already validated by the daemon."""
+
+    request_id: str
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    max_tokens: int = 256
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    @classmethod
+    def from_message(cls, message: dict[str, Any]) -> "GenerateRequest":
+        params = message.get("params", {})
+        return cls(
+            request_id=message["request_id"],
+            prompt=message.get("prompt"),
+            messages=message.get("messages"),
+            **{k: v for k, v in params.items() if k in _PARAM_NAMES},
+        )
+
+
+_PARAM_NAMES = {"max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "ignore_eos"}
+
+
+@dataclass
+class GenerateResult:
+    finish_reason: str  # FINISH_STOP, FINISH_LENGTH, or FINISH_CANCELLED when should_stop() ended it
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Engine(Protocol):
+    kind: str
+
+    def versions(self) -> dict[str, Any]:
+        """Library versions and build facts for the hello message; must not load a model."""
+
+    def load(self, spec: dict[str, Any], progress: ProgressFn) -> dict[str, Any]:
+        """Load the model described by ``spec``; return facts about it for status."""
+
+    def generate(self, request: GenerateRequest, emit: EmitFn, should_stop: StopFn) -> GenerateResult:
+        """Generate for one request, calling ``emit`` per text piece and checking
+        ``should_stop`` between tokens."""
+
+
+def load_engine(kind: str) -> Engine:
+    """Import the engine module for ``kind`` (and so its library) and build the engine."""
+    try:
+        module_name = ENGINE_MODULES[kind]
+    except KeyError:
+        raise EngineUnavailable(f"unknown engine kind {kind!r}; known: {', '.join(sorted(ENGINE_MODULES))}") from None
+    module = importlib.import_module(module_name)
+    return module.create_engine()

@@ -1,0 +1,282 @@
+"""The llama.cpp engine, through llama-cpp-python.  The only module importing llama_cpp.
+
+Generation drives ``Llama.generate`` token by token rather than
+``create_completion``: that gives exact token counts, a stop check between
+every two tokens, and incremental detokenization (create_completion's stream
+re-detokenizes the whole completion at every token).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+from .engine import (
+    EmitFn,
+    EngineUnavailable,
+    GenerateRequest,
+    GenerateResult,
+    ModelError,
+    ProgressFn,
+    RequestError,
+    StopFn,
+)
+from .protocol import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, ErrorCode
+from .textstream import TextAssembler
+
+try:
+    import llama_cpp
+    from llama_cpp import llama_chat_format
+except Exception as exc:  # a broken build fails here (missing libllama, bad ABI)
+    raise EngineUnavailable(f"llama_cpp failed to import: {exc}") from exc
+
+
+def build_facts() -> dict[str, Any]:
+    """What this llama-cpp-python build can do, for `envs check` and the hello message.
+
+    ``llama_supports_gpu_offload()`` is true only when the build has a GPU
+    backend *and* a device is present, so the compiled-in backends are
+    reported separately: a CPU-only build on a GPU node is the case to catch.
+    """
+    lib_dir = Path(llama_cpp.__file__).parent / "lib"
+    backends = sorted(
+        p.name.split(".")[0].removeprefix("libggml-")
+        for p in lib_dir.glob("libggml-*")
+        if not p.name.startswith(("libggml-base", "libggml-cpu"))
+    )
+    return {
+        "llama_cpp_python": llama_cpp.__version__,
+        "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
+        "gpu_backends_built": backends,
+        "system_info": llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip(),
+    }
+
+
+class LlamaCppEngine:
+    kind = "llamacpp"
+
+    def __init__(self) -> None:
+        self._llm: Any = None
+        self._chat_formatter: Any = None
+        self._eog_tokens: list[int] | None = None  # computed on first ignore_eos request
+
+    def versions(self) -> dict[str, Any]:
+        import numpy
+
+        return {**build_facts(), "numpy": numpy.__version__}
+
+    def load(self, spec: dict[str, Any], progress: ProgressFn) -> dict[str, Any]:
+        model_path = Path(spec["model"])
+        if not model_path.is_file():
+            raise ModelError(f"model file not found: {model_path}")
+        kwargs: dict[str, Any] = dict(spec.get("options") or {})
+        kwargs.update(
+            model_path=str(model_path),
+            n_ctx=spec.get("n_ctx", 2048),
+            n_gpu_layers=spec.get("n_gpu_layers", 0),
+            # verbose=True keeps llama.cpp's log on stderr, which the daemon
+            # captures line by line; verbose=False would point the whole
+            # process's fd 1 and 2 at /dev/null while loading.
+            verbose=True,
+        )
+        if spec.get("n_threads"):
+            kwargs["n_threads"] = spec["n_threads"]
+        progress(0.0, f"loading {model_path.name}")
+        try:
+            with _load_progress(progress):
+                self._llm = llama_cpp.Llama(**kwargs)
+        except ValueError as exc:  # llama-cpp-python's way of saying "could not load"
+            raise ModelError(f"cannot load {model_path}: {exc}") from exc
+        self._chat_formatter = self._make_chat_formatter(spec.get("chat_format"))
+        progress(1.0, "loaded")
+        llm = self._llm
+        return {
+            "model": str(model_path),
+            "model_name": llm.metadata.get("general.name", model_path.stem),
+            "architecture": llm.metadata.get("general.architecture"),
+            "n_ctx": llm.n_ctx(),
+            "n_vocab": llm.n_vocab(),
+            "chat_template": self._chat_formatter.name if self._chat_formatter else None,
+        }
+
+    def _make_chat_formatter(self, chat_format: str | None) -> "ChatFormatter | None":
+        """How chat messages become a prompt, in order of preference:
+
+        1. the engine's ``chat_format`` option: a llama.cpp built-in template name;
+        2. the model's own template (GGUF ``tokenizer.chat_template``), rendered
+           the way llama-cpp-python renders it;
+        3. llama.cpp's built-in template for the model's architecture family
+           (the default Gemma 3 270M file carries no template of its own).
+        """
+        llm = self._llm
+        if chat_format:
+            return _BuiltinTemplate(chat_format)
+        template = llm.metadata.get("tokenizer.chat_template")
+        if template:
+            eos_id, bos_id = llm.token_eos(), llm.token_bos()
+            return _JinjaTemplate(
+                llama_chat_format.Jinja2ChatFormatter(
+                    template=template,
+                    eos_token=llm._model.token_get_text(eos_id) if eos_id != -1 else "",
+                    bos_token=llm._model.token_get_text(bos_id) if bos_id != -1 else "",
+                )
+            )
+        family = _ARCHITECTURE_TEMPLATES.get(llm.metadata.get("general.architecture", ""))
+        return _BuiltinTemplate(family) if family else None
+
+    def _ban_eog(self) -> Any:
+        """A logits processor that makes end-of-generation tokens impossible (ignore_eos)."""
+        if self._eog_tokens is None:
+            vocab = self._llm._model.vocab
+            self._eog_tokens = [t for t in range(self._llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)]
+        eog = self._eog_tokens
+
+        def ban_eog(_input_ids: Any, scores: Any) -> Any:
+            scores[eog] = -float("inf")
+            return scores
+
+        return llama_cpp.LogitsProcessorList([ban_eog])
+
+    def _prompt_tokens(self, request: GenerateRequest) -> tuple[list[int], list[str]]:
+        """Tokens to evaluate and any stop strings the chat format adds."""
+        llm = self._llm
+        if request.messages is None:
+            return llm.tokenize((request.prompt or "").encode("utf-8"), add_bos=True, special=True), []
+        if self._chat_formatter is None:
+            raise RequestError(
+                ErrorCode.INVALID_REQUEST,
+                "this model has no chat template; send a prompt or set the engine's chat_format option",
+            )
+        try:
+            prompt, has_bos, stop = self._chat_formatter.format(request.messages)
+        except Exception as exc:  # the template itself may reject the conversation
+            raise RequestError(ErrorCode.INVALID_REQUEST, f"chat template rejected the messages: {exc}") from exc
+        return llm.tokenize(prompt.encode("utf-8"), add_bos=not has_bos, special=True), stop
+
+    def generate(self, request: GenerateRequest, emit: EmitFn, should_stop: StopFn) -> GenerateResult:
+        llm = self._llm
+        tokens, chat_stop = self._prompt_tokens(request)
+        n_ctx = llm.n_ctx()
+        if len(tokens) >= n_ctx:
+            raise RequestError(
+                ErrorCode.CONTEXT_OVERFLOW, f"prompt is {len(tokens)} tokens; the context holds {n_ctx}"
+            )
+        # Same seeding rule as create_completion: an explicit seed, else a fresh one.
+        llm.set_seed(request.seed if request.seed is not None else int.from_bytes(os.urandom(4), "little"))
+        text = TextAssembler(list(request.stop) + chat_stop)
+        budget = min(request.max_tokens, n_ctx - len(tokens))
+        generated = 0
+        finish = FINISH_LENGTH
+        vocab = llm._model.vocab
+        for token in llm.generate(
+            tokens,
+            temp=request.temperature,
+            top_p=request.top_p,
+            top_k=request.top_k,
+            logits_processor=self._ban_eog() if request.ignore_eos else None,
+        ):
+            if should_stop():
+                finish = FINISH_CANCELLED
+                break
+            if not request.ignore_eos and llama_cpp.llama_vocab_is_eog(vocab, token):
+                finish = FINISH_STOP
+                break
+            generated += 1
+            piece = text.feed(llm.detokenize([token]))
+            if piece:
+                emit(piece)
+            if text.stopped:
+                finish = FINISH_STOP
+                break
+            if generated >= budget:
+                break
+        tail = text.flush()
+        if tail:
+            emit(tail)
+        return GenerateResult(finish_reason=finish, prompt_tokens=len(tokens), completion_tokens=generated)
+
+
+# Architectures whose GGUF files often lack a template, mapped to the llama.cpp
+# built-in template of their family.
+_ARCHITECTURE_TEMPLATES = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma"}
+
+
+class ChatFormatter(Protocol):
+    name: str
+
+    def format(self, messages: list[dict[str, str]]) -> tuple[str, bool, list[str]]:
+        """(prompt, whether it already starts with BOS, extra stop strings)"""
+
+
+class _JinjaTemplate:
+    name = "gguf"
+
+    def __init__(self, formatter: Any) -> None:
+        self._formatter = formatter
+
+    def format(self, messages: list[dict[str, str]]) -> tuple[str, bool, list[str]]:
+        result = self._formatter(messages=messages)
+        stop = result.stop if isinstance(result.stop, list) else [result.stop] if result.stop else []
+        return result.prompt, bool(result.added_special), [s for s in stop if s]
+
+
+class _BuiltinTemplate:
+    """A template compiled into llama.cpp, applied with llama_chat_apply_template."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def format(self, messages: list[dict[str, str]]) -> tuple[str, bool, list[str]]:
+        keep = [(m["role"].encode("utf-8"), m["content"].encode("utf-8")) for m in messages]
+        chat = (llama_cpp.llama_chat_message * len(keep))(
+            *(llama_cpp.llama_chat_message(role=r, content=c) for r, c in keep)
+        )
+        size = 4096 + 2 * sum(len(r) + len(c) for r, c in keep)
+        for _attempt in range(2):
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_chat_apply_template(self.name.encode("utf-8"), chat, len(keep), True, buf, size)
+            if n < 0:
+                raise ValueError(f"llama.cpp has no chat template named {self.name!r}")
+            if n <= size:
+                return buf.raw[:n].decode("utf-8", "replace"), False, []
+            size = n  # the buffer was too small: n is what it needs
+        raise ValueError("chat template output kept growing")
+
+
+@contextlib.contextmanager
+def _load_progress(progress: ProgressFn) -> Iterator[None]:
+    """Report llama.cpp's load progress, which the Llama constructor does not expose.
+
+    Llama() builds its model parameters from ``llama_model_default_params()``;
+    wrapping that function for the duration of the load lets llama.cpp call
+    our progress callback.  The callback object must outlive the load.
+    """
+    original = llama_cpp.llama_cpp.llama_model_default_params
+    last = [-1.0]
+
+    @llama_cpp.llama_progress_callback
+    def on_progress(fraction: float, _user_data: Any) -> bool:
+        if fraction - last[0] >= 0.1 or fraction >= 1.0:
+            last[0] = fraction
+            progress(float(fraction), "loading tensors")
+        return True
+
+    def params_with_progress() -> Any:
+        params = original()
+        params.progress_callback = on_progress
+        return params
+
+    llama_cpp.llama_cpp.llama_model_default_params = params_with_progress
+    try:
+        yield
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = original
+        sys.stderr.flush()
+
+
+def create_engine() -> LlamaCppEngine:
+    return LlamaCppEngine()

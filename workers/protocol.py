@@ -1,0 +1,121 @@
+"""The one definition of the wire format (standard library only).
+
+Both ZeroMQ conversations use the same encoding: every message is a single
+frame holding one UTF-8 JSON object.
+
+* Client <-> daemon: the client's DEALER talks to the daemon's ROUTER.  A
+  client message carries ``op``; every daemon reply carries ``event`` and the
+  ``id`` of the client message it answers.  See docs/PROTOCOL.md.
+* Worker <-> daemon: the worker's DEALER (routing id = worker id) talks to the
+  daemon's worker ROUTER.  Messages carry ``type``.
+
+The daemon and the client import this module; it imports nothing of theirs, so
+a worker environment can import it without the daemon's dependencies.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+PROTOCOL_VERSION = 1
+
+# --- client ops and events -------------------------------------------------
+
+OP_GENERATE = "generate"
+OP_CANCEL = "cancel"
+OP_STATUS = "status"
+OP_PING = "ping"
+CLIENT_OPS = (OP_GENERATE, OP_CANCEL, OP_STATUS, OP_PING)
+
+EVENT_TOKEN = "token"
+EVENT_DONE = "done"
+EVENT_ERROR = "error"
+EVENT_STATUS = "status"
+EVENT_PONG = "pong"
+EVENT_CANCEL_ACK = "cancel_ack"
+TERMINAL_EVENTS = (EVENT_DONE, EVENT_ERROR)
+
+FINISH_STOP = "stop"  # end-of-generation token or a stop string
+FINISH_LENGTH = "length"  # max_tokens reached (or the context is full)
+FINISH_CANCELLED = "cancelled"  # a cancel op, or the client went away
+
+
+# --- error codes (client-facing; docs/PROTOCOL.md lists each) ---------------
+
+class ErrorCode:
+    """Every error code the daemon sends to clients."""
+
+    MALFORMED = "malformed_message"  # not UTF-8 JSON, or not an object
+    TOO_LARGE = "message_too_large"  # frame larger than max_message_bytes
+    UNKNOWN_OP = "unknown_op"  # "op" missing or not one of CLIENT_OPS
+    INVALID_REQUEST = "invalid_request"  # a field missing, of a wrong type or out of range
+    DUPLICATE_ID = "duplicate_id"  # the client reused the id of a request still running
+    UNKNOWN_ENGINE = "unknown_engine"  # "engine" names no configured engine
+    MODEL_NOT_FOUND = "model_not_found"  # the engine's model file does not exist
+    ENGINE_UNAVAILABLE = "engine_unavailable"  # the engine cannot serve (failed, unavailable)
+    NO_ENGINE = "no_engine_available"  # no configured engine can serve at all
+    BUSY = "busy"  # the engine's queue is full
+    DEADLINE = "deadline_exceeded"  # deadline_ms passed before the request finished
+    ENGINE_FAILED = "engine_failed"  # the worker died or failed during the request
+    CONTEXT_OVERFLOW = "context_overflow"  # the prompt does not fit the context window
+    SHUTTING_DOWN = "shutting_down"  # the daemon is stopping
+    INTERNAL = "internal_error"  # a bug: reported, logged, and the daemon goes on
+
+
+# --- worker <-> daemon messages --------------------------------------------
+
+# worker -> daemon
+W_HELLO = "hello"  # protocol, engine, worker_id, pid, versions, gpu_offload
+W_LOADING = "loading"  # progress 0..1, message
+W_READY = "ready"  # model facts
+W_LOAD_FAILED = "load_failed"  # code, message; the worker then exits
+W_HEARTBEAT = "heartbeat"  # phase, request_id, last_token_age_ms
+W_TOKEN = "token"  # request_id, text
+W_DONE = "done"  # request_id, finish_reason, usage, timings
+W_ERROR = "error"  # request_id, code, message
+
+# daemon -> worker
+S_LOAD = "load"  # spec: model path and engine options
+S_GENERATE = "generate"  # request_id, prompt | messages, params, deadline_ms
+S_CANCEL = "cancel"  # request_id
+S_HEARTBEAT = "heartbeat"  # the daemon is alive
+S_SHUTDOWN = "shutdown"  # finish nothing more; exit
+
+
+# --- worker exit codes (protocol: they decide whether a restart can help) ---
+
+class ExitCode:
+    OK = 0
+    CRASH = 1  # uncaught exception: restart may help
+    USAGE = 64  # bad command line (EX_USAGE)
+    MODEL_ERROR = 65  # model file missing or unreadable (EX_DATAERR): do not retry
+    UNAVAILABLE = 69  # engine cannot run here, e.g. no CUDA (EX_UNAVAILABLE): do not retry
+    PROTOCOL_MISMATCH = 76  # daemon speaks another protocol version (EX_PROTOCOL)
+    CONFIG = 78  # invalid configuration (EX_CONFIG): do not retry
+    ORPHANED = 75  # the daemon went away (EX_TEMPFAIL)
+
+
+NO_RETRY_EXIT_CODES = frozenset(
+    {ExitCode.MODEL_ERROR, ExitCode.UNAVAILABLE, ExitCode.PROTOCOL_MISMATCH, ExitCode.CONFIG}
+)
+
+
+class DecodeError(ValueError):
+    """A frame that is not one UTF-8 JSON object."""
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    """Encode one message as a compact UTF-8 JSON frame."""
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def decode(frame: bytes) -> dict[str, Any]:
+    """Decode one frame; raise DecodeError unless it is a JSON object."""
+    try:
+        message = json.loads(frame.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise DecodeError(f"not UTF-8 JSON: {exc}") from None
+    if not isinstance(message, dict):
+        raise DecodeError(f"expected a JSON object, got {type(message).__name__}")
+    return message

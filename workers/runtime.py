@@ -1,0 +1,246 @@
+"""The worker runtime: hello -> load -> serve, with a heartbeat thread.
+
+Two threads:
+
+* the I/O thread owns the DEALER socket to the daemon.  It forwards what the
+  main thread queues, sends heartbeats, records cancels at once (so the main
+  thread sees them between two tokens), and ends the process when the daemon
+  has been silent for ``orphan_after`` seconds: a worker never outlives its
+  supervisor holding a model in memory.
+* the main thread imports the engine, loads the model and generates, one
+  request at a time (a llama.cpp context is not safe for concurrent calls).
+
+ZeroMQ sockets are not thread-safe, so the main thread never touches the
+DEALER: it pushes encoded messages into an inproc PUSH/PULL pair.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+import zmq
+
+from . import protocol as p
+from .engine import EngineUnavailable, GenerateRequest, ModelError, RequestError, load_engine
+
+log = logging.getLogger("worker")
+
+_OUTBOX = "inproc://outbox"
+_FLUSHED = b""  # sentinel: the main thread has sent its last message
+
+
+class WorkerRuntime:
+    def __init__(self, engine_kind: str, endpoint: str, worker_id: str, heartbeat_interval: float) -> None:
+        self.engine_kind = engine_kind
+        self.endpoint = endpoint
+        self.worker_id = worker_id
+        self.heartbeat_interval = heartbeat_interval
+        self.orphan_after = 3 * heartbeat_interval
+        self._context = zmq.Context()
+        self._inbox: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._cancelled: set[str] = set()
+        self._stopping = threading.Event()
+        # What heartbeats report; written by the main thread, read by the I/O thread.
+        self._activity: dict[str, Any] = {"phase": "starting", "request_id": None, "tokens": 0, "last_token_at": None}
+        self._outbox_pull = self._context.socket(zmq.PULL)
+        self._outbox_pull.bind(_OUTBOX)
+        self._outbox = self._context.socket(zmq.PUSH)
+        self._outbox.connect(_OUTBOX)
+        self._io_thread = threading.Thread(target=self._io_loop, name="worker-io", daemon=True)
+
+    # --- main thread ---------------------------------------------------------
+
+    def run(self) -> int:
+        self._io_thread.start()
+        try:
+            code = self._main()
+        except Exception:
+            traceback.print_exc()
+            code = p.ExitCode.CRASH
+        self._outbox.send(_FLUSHED)
+        self._io_thread.join(timeout=5)
+        return code
+
+    def _main(self) -> int:
+        try:
+            engine = load_engine(self.engine_kind)
+            versions = engine.versions()
+        except EngineUnavailable as exc:
+            return self._fail(p.ExitCode.UNAVAILABLE, "unavailable", str(exc))
+        self._send(
+            type=p.W_HELLO,
+            protocol=p.PROTOCOL_VERSION,
+            engine=self.engine_kind,
+            worker_id=self.worker_id,
+            pid=os.getpid(),
+            python=sys.version.split()[0],
+            executable=sys.executable,
+            versions=versions,
+        )
+        load = self._inbox.get()
+        if load is None:
+            return p.ExitCode.OK
+        if load.get("protocol") != p.PROTOCOL_VERSION:
+            return self._fail(
+                p.ExitCode.PROTOCOL_MISMATCH,
+                "protocol_mismatch",
+                f"worker speaks protocol {p.PROTOCOL_VERSION}, daemon {load.get('protocol')}",
+            )
+        self._activity["phase"] = "loading"
+        try:
+            facts = engine.load(load["spec"], self._report_progress)
+        except ModelError as exc:
+            return self._fail(p.ExitCode.MODEL_ERROR, p.ErrorCode.MODEL_NOT_FOUND, str(exc))
+        except EngineUnavailable as exc:
+            return self._fail(p.ExitCode.UNAVAILABLE, "unavailable", str(exc))
+        self._activity["phase"] = "idle"
+        self._send(type=p.W_READY, model=facts)
+        log.info("ready: %s", facts.get("model_name"))
+        while (message := self._inbox.get()) is not None:
+            if message.get("type") == p.S_GENERATE:
+                self._serve(engine, message)
+        return p.ExitCode.OK
+
+    def _fail(self, exit_code: int, code: str, message: str) -> int:
+        log.error("%s: %s", code, message)
+        self._send(type=p.W_LOAD_FAILED, code=code, message=message, exit_code=exit_code)
+        return exit_code
+
+    def _report_progress(self, fraction: float, message: str) -> None:
+        self._send(type=p.W_LOADING, progress=round(fraction, 3), message=message)
+
+    def _serve(self, engine: Any, message: dict[str, Any]) -> None:
+        request = GenerateRequest.from_message(message)
+        rid = request.request_id
+        started = time.monotonic()
+        deadline = started + message["deadline_ms"] / 1000 if message.get("deadline_ms") else None
+        activity = self._activity
+        activity.update(phase="generating", request_id=rid, tokens=0, last_token_at=started)
+        first_token_at: list[float] = []
+
+        def should_stop() -> bool:
+            return (
+                self._stopping.is_set()
+                or rid in self._cancelled
+                or (deadline is not None and time.monotonic() >= deadline)
+            )
+
+        def emit(text: str) -> None:
+            now = time.monotonic()
+            if not first_token_at:
+                first_token_at.append(now)
+            activity["tokens"] += 1
+            activity["last_token_at"] = now
+            self._send(type=p.W_TOKEN, request_id=rid, text=text)
+
+        try:
+            result = engine.generate(request, emit, should_stop)
+        except RequestError as exc:
+            self._send(type=p.W_ERROR, request_id=rid, code=exc.code, message=exc.message)
+        except Exception as exc:
+            traceback.print_exc()
+            self._send(type=p.W_ERROR, request_id=rid, code=p.ErrorCode.INTERNAL, message=f"{type(exc).__name__}: {exc}")
+        else:
+            ended = time.monotonic()
+            self._send(
+                type=p.W_DONE,
+                request_id=rid,
+                finish_reason=result.finish_reason,
+                usage={"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
+                timings={
+                    "prefill_ms": round(((first_token_at or [ended])[0] - started) * 1000, 3),
+                    "generate_ms": round((ended - started) * 1000, 3),
+                },
+            )
+        finally:
+            self._cancelled.discard(rid)
+            activity.update(phase="idle", request_id=None)
+
+    def _send(self, **message: Any) -> None:
+        self._outbox.send(p.encode(message))
+
+    # --- I/O thread ----------------------------------------------------------
+
+    def _io_loop(self) -> None:
+        dealer = self._context.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.IDENTITY, self.worker_id.encode())
+        dealer.setsockopt(zmq.LINGER, 2000)  # let the last messages (load_failed, done) leave
+        dealer.connect(self.endpoint)
+        poller = zmq.Poller()
+        poller.register(dealer, zmq.POLLIN)
+        poller.register(self._outbox_pull, zmq.POLLIN)
+        last_heard = time.monotonic()
+        next_heartbeat = 0.0
+        while True:
+            now = time.monotonic()
+            if now >= next_heartbeat:
+                dealer.send(p.encode(self._heartbeat(now)))
+                next_heartbeat = now + self.heartbeat_interval
+            if now - last_heard > self.orphan_after:
+                _die_orphaned(now - last_heard)
+            timeout_ms = max(0.0, min(next_heartbeat, last_heard + self.orphan_after) - now) * 1000
+            for sock, _ in poller.poll(timeout_ms + 1):
+                if sock is self._outbox_pull:
+                    frame = sock.recv()
+                    if frame == _FLUSHED:
+                        dealer.close()
+                        return
+                    dealer.send(frame)
+                else:
+                    last_heard = time.monotonic()
+                    self._on_daemon_message(dealer.recv())
+
+    def _heartbeat(self, now: float) -> dict[str, Any]:
+        activity = dict(self._activity)
+        last_token_at = activity.pop("last_token_at")
+        age_ms = None if last_token_at is None else round((now - last_token_at) * 1000, 1)
+        return {"type": p.W_HEARTBEAT, **activity, "last_token_age_ms": age_ms}
+
+    def _on_daemon_message(self, frame: bytes) -> None:
+        try:
+            message = p.decode(frame)
+        except p.DecodeError as exc:
+            log.error("undecodable message from daemon: %s", exc)
+            return
+        kind = message.get("type")
+        if kind == p.S_HEARTBEAT:
+            return
+        if kind == p.S_CANCEL:
+            self._cancelled.add(message.get("request_id"))
+        elif kind == p.S_SHUTDOWN:
+            self._stopping.set()
+            self._inbox.put(None)
+        elif kind in (p.S_LOAD, p.S_GENERATE):
+            self._inbox.put(message)
+        else:
+            log.error("unknown message type from daemon: %r", kind)
+
+
+def _die_orphaned(silence: float) -> None:
+    """The daemon is gone: leave now, even if the main thread is inside the engine."""
+    sys.stderr.write(f"worker: no word from the daemon for {silence:.1f}s; exiting\n")
+    sys.stderr.flush()
+    os._exit(p.ExitCode.ORPHANED)
+
+
+def exit_with_parent() -> None:
+    """On Linux, have the kernel kill this worker the moment its parent dies."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        return  # no prctl: the heartbeat watchdog still ends an orphan
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        _die_orphaned(0.0)
