@@ -105,6 +105,10 @@ class Client:
     def ping(self) -> dict[str, Any]:
         return self.receive(self.send({"op": p.OP_PING}))
 
+    def buffered(self, request_id: str) -> int:
+        """Events received for ``request_id`` and not read yet."""
+        return len(self._pending.get(request_id, ()))
+
     # --- receiving -----------------------------------------------------------
 
     def receive(self, request_id: str | None, timeout_s: float | None = ...) -> dict[str, Any]:  # type: ignore[assignment]
