@@ -128,14 +128,9 @@ def worker_environ(settings: Settings) -> dict[str, str]:
 
 
 _PROBE = """
-import importlib.metadata as md, json, sys
-def version(dist):
-    try:
-        return md.version(dist)
-    except md.PackageNotFoundError:
-        return None
-facts = {"python": sys.version.split()[0], "executable": sys.executable,
-         "packages": {d: version(d) for d in ("llama-cpp-python", "exllamav2", "torch", "numpy", "pyzmq")}}
+import json, sys
+from workers.runtime import installed_versions
+facts = {"python": sys.version.split()[0], "executable": sys.executable, "packages": installed_versions()}
 try:
     from workers.engine import load_engine
     facts["engine"] = load_engine(sys.argv[1]).versions()

@@ -204,6 +204,7 @@ class WorkerSlot:
             "uptime_s": round(now - self.started_at, 1) if self.started_at and self.process else None,
             "python": self.hello.get("python"),
             "executable": self.hello.get("executable"),
+            "packages": self.hello.get("packages", {}),
             "versions": self.hello.get("versions", {}),
             "model": self.model,
             "load_progress": self.load_progress,

@@ -95,6 +95,7 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         with Client(self.endpoint, timeout_s=5.0) as client:
             status = client.status()
+        assert status["event"] == "status", status
         for engine in status["engines"]:
             self.worker_pids.update(w["pid"] for w in engine["workers"] if w["pid"])
         return status

@@ -158,8 +158,8 @@ def test_full_queue_answers_busy(make_daemon):
 def test_status_reports_engines_workers_and_latency(llama_daemon):
     client = llama_daemon.client()
     collect(client.generate(prompt="One, two,", max_tokens=8))
-    status = client.status()
-    assert status["event"] == "status"
+    # "phase" is the worker's own word, as of its last heartbeat.
+    status = llama_daemon.wait_for(lambda s: _engine(s)["workers"][0]["phase"] == "idle", timeout=5)
     daemon = status["daemon"]
     assert daemon["pid"] == llama_daemon.process.pid and daemon["uptime_s"] > 0
     llama = _engine(status)

@@ -71,11 +71,14 @@ class WorkerRuntime:
         return code
 
     def _main(self) -> int:
+        # Hello goes out even when the engine cannot run here, so status shows
+        # what this environment holds (NumPy, torch, ...) next to the reason.
+        unavailable = None
         try:
             engine = load_engine(self.engine_kind)
             versions = engine.versions()
         except EngineUnavailable as exc:
-            return self._fail(p.ExitCode.UNAVAILABLE, "unavailable", str(exc))
+            unavailable, versions = str(exc), {}
         self._send(
             type=p.W_HELLO,
             protocol=p.PROTOCOL_VERSION,
@@ -84,8 +87,11 @@ class WorkerRuntime:
             pid=os.getpid(),
             python=sys.version.split()[0],
             executable=sys.executable,
+            packages=installed_versions(),
             versions=versions,
         )
+        if unavailable is not None:
+            return self._fail(p.ExitCode.UNAVAILABLE, "unavailable", unavailable)
         load = self._inbox.get()
         if load is None:
             return p.ExitCode.OK
@@ -223,6 +229,19 @@ class WorkerRuntime:
             self._inbox.put(message)
         else:
             log.error("unknown message type from daemon: %r", kind)
+
+
+def installed_versions() -> dict[str, str | None]:
+    """Versions of the packages that tell environments apart, read without importing them."""
+    from importlib import metadata
+
+    versions: dict[str, str | None] = {}
+    for dist in ("numpy", "torch", "llama-cpp-python", "exllamav2", "pyzmq"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    return versions
 
 
 def _die_orphaned(silence: float) -> None:
