@@ -52,6 +52,9 @@ class EngineConfig(BaseModel):
     n_gpu_layers: int = Field(0, ge=-1)
     chat_format: str | None = None
     priority: int = Field(100, description="lower is preferred when a request names no engine")
+    standby: Literal["warm", "cold"] = Field("warm", description="warm: started with the daemon; cold: started when traffic needs it")
+    slo_ttft_ms: float | None = Field(None, gt=0, description="p95 time to first token objective")
+    slo_per_token_ms: float | None = Field(None, gt=0, description="p95 per-token time objective")
     max_queue: int = Field(16, ge=0, le=100_000)
     env: str | None = Field(None, description="name of the virtual environment; default: the kind")
     options: dict[str, Any] = Field(default_factory=dict, description="passed through to the engine")
@@ -59,6 +62,34 @@ class EngineConfig(BaseModel):
     @property
     def env_name(self) -> str:
         return self.env or self.kind
+
+    @property
+    def uses_gpu(self) -> bool:
+        return self.kind == "exllamav2" or self.n_gpu_layers != 0
+
+
+class SupervisionConfig(BaseModel):
+    """``[supervision]``: restarts, hang detection, circuit breaker, probes, latency switching."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    restart_backoff_base_s: float = Field(1.0, gt=0)
+    restart_backoff_cap_s: float = Field(30.0, gt=0)
+    stable_after_s: float = Field(60.0, ge=0, description="healthy this long: the backoff starts over")
+    hang_missed_heartbeats: int = Field(3, ge=2, le=100)
+    stall_timeout_s: float = Field(30.0, gt=0, description="a request in flight with no token for this long: hang")
+    load_stall_s: float = Field(120.0, gt=0, description="loading with no progress report for this long: hang")
+    kill_grace_s: float = Field(2.0, ge=0, description="between SIGTERM and SIGKILL for a hung worker")
+    circuit_failures: int = Field(3, ge=1)
+    circuit_window_s: float = Field(60.0, gt=0)
+    circuit_open_s: float = Field(30.0, gt=0, description="time before the half-open probe")
+    probe_interval_s: float = Field(30.0, ge=0, description="idle workers get a one-token probe this often; 0: never")
+    probe_timeout_s: float = Field(10.0, gt=0)
+    latency_window_s: float = Field(60.0, gt=0)
+    latency_min_samples: int = Field(3, ge=1)
+    latency_hysteresis: float = Field(0.8, gt=0, le=1, description="recovered: p95 under objective x this")
+    switch_breach_for_s: float = Field(10.0, ge=0)
+    switch_min_dwell_s: float = Field(30.0, ge=0)
 
 
 def _default_engines() -> dict[str, EngineConfig]:
@@ -75,6 +106,7 @@ class Settings(BaseSettings):
     envs_dir: Path | None = None  # default: <state_dir>/envs
     client_endpoint: str | None = None  # default: ipc://<state_dir>/run/client.sock (tcp on Windows)
     worker_endpoint: str | None = None  # default: ipc://<state_dir>/run/workers.sock (tcp on Windows)
+    events_endpoint: str | None = None  # default: ipc://<state_dir>/run/events.sock (tcp on Windows)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "console", "json"] = "auto"
     heartbeat_interval_s: float = Field(1.0, gt=0, le=60)
@@ -84,6 +116,7 @@ class Settings(BaseSettings):
     max_tokens_limit: int = Field(8192, gt=0)
     create_envs: bool = True
     pip_args: list[str] = Field(default_factory=list, description="extra arguments for pip when creating environments")
+    supervision: SupervisionConfig = Field(default_factory=SupervisionConfig)
     engines: dict[str, EngineConfig] = Field(default_factory=_default_engines)
 
     @field_validator("engines")
@@ -94,7 +127,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"engine name {name!r} must be letters, digits, '-' or '_'")
         return engines or _default_engines()
 
-    @field_validator("client_endpoint", "worker_endpoint")
+    @field_validator("client_endpoint", "worker_endpoint", "events_endpoint")
     @classmethod
     def _endpoint(cls, value: str | None) -> str | None:
         if value is not None and not re.match(r"^(ipc|tcp)://.+", value):
@@ -111,6 +144,8 @@ class Settings(BaseSettings):
             self.client_endpoint = _local_endpoint(self.state_dir, "client.sock", 5557)
         if self.worker_endpoint is None:
             self.worker_endpoint = _local_endpoint(self.state_dir, "workers.sock", 0)
+        if self.events_endpoint is None:
+            self.events_endpoint = _local_endpoint(self.state_dir, "events.sock", 5558)
         return self
 
     @property

@@ -1,8 +1,9 @@
-"""The node: owns the client server, the worker server, the engines and their slots.
+"""The node: owns the sockets, the engines and every request.
 
-Single-threaded asyncio.  Clients talk to a ROUTER socket, workers to another;
-every decision about a request is taken here, in one thread, so "exactly one
-terminal event per request" is a property of :meth:`_finish` alone.
+Single-threaded asyncio.  Clients talk to a ROUTER socket, workers to another,
+watchers subscribe to a PUB socket.  Every decision about a request is taken
+here, in one thread, so "exactly one terminal event per request" is a property
+of :meth:`_finish` alone.  Keeping workers alive is supervise.py's job.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,15 +22,17 @@ from workers import protocol as p
 from workers.protocol import ErrorCode
 
 from . import __version__
+from . import events as ev
 from .config import Settings
+from .engines import EngineRuntime
 from .envs import env_dir, env_is_current, env_python, worker_environ
 from .lifecycle import SlotState
 from .logs import get_logger
 from .models import model_path_for
-from .policy import Backoff, retry_can_help
 from .requests import InvalidMessage, message_id, message_op, parse_cancel_target, parse_generate
-from .scheduler import EngineRuntime, Request
+from .scheduler import Request
 from .slot import WorkerSlot
+from .supervise import Supervisor
 
 log = get_logger("supervisor.node")
 
@@ -41,14 +43,15 @@ class Node:
         self.context = zmq.asyncio.Context()
         self.engines: dict[str, EngineRuntime] = {}
         self.requests: dict[tuple[bytes, str], Request] = {}
+        self.events = ev.EventPublisher(None)
         self._slots_by_worker: dict[str, WorkerSlot] = {}
-        self._backoff: dict[str, Backoff] = {}
         self._wire_ids = itertools.count(1)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self.started_at = time.monotonic()
         self.stopping = False
         self.worker_endpoint = ""
+        self.supervisor: Supervisor
 
     # --- start and stop --------------------------------------------------------
 
@@ -61,38 +64,48 @@ class Node:
     async def run(self) -> None:
         self._bind()
         self._build_engines()
-        for engine in self.engines.values():
-            if engine.slot and not engine.unusable:
-                await engine.slot.spawn("daemon start")
+        self.supervisor = Supervisor(self)
+        await self.supervisor.start()
         self._tasks = [
             asyncio.ensure_future(self._client_loop()),
             asyncio.ensure_future(self._worker_loop()),
             asyncio.ensure_future(self._watch_loop()),
         ]
-        log.info("daemon serving", client_endpoint=self.settings.client_endpoint, pid=os.getpid(), engines=list(self.engines))
+        log.info("daemon serving", client_endpoint=self.settings.client_endpoint, events_endpoint=self.settings.events_endpoint, pid=os.getpid(), engines=list(self.engines))
         await self._stop.wait()
         await self._shutdown()
 
     def _bind(self) -> None:
         self.settings.run_dir.mkdir(parents=True, exist_ok=True)
         limit = self.settings.max_message_bytes
-        self.clients = self.context.socket(zmq.ROUTER)
+        self.clients = self._socket(zmq.ROUTER, self.settings.client_endpoint)
         self.clients.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished client raises instead of dropping silently
-        self.clients.setsockopt(zmq.LINGER, 1000)
         # Frames up to 4x the limit still get a proper message_too_large reply;
         # beyond that libzmq drops the connection before we see the frame.
         self.clients.setsockopt(zmq.MAXMSGSIZE, max(4 * limit, 16 << 20))
-        self.clients.bind(self.settings.client_endpoint)
-        _restrict_ipc(self.settings.client_endpoint)
-        self.workers = self.context.socket(zmq.ROUTER)
+        self.workers = self._socket(zmq.ROUTER, self.settings.worker_endpoint)
         self.workers.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.workers.setsockopt(zmq.LINGER, 1000)
-        self.workers.bind(self.settings.worker_endpoint)
-        _restrict_ipc(self.settings.worker_endpoint)
         self.worker_endpoint = self.workers.getsockopt_string(zmq.LAST_ENDPOINT)
+        publisher = self._socket(zmq.PUB, self.settings.events_endpoint)
+        publisher.setsockopt(zmq.SNDHWM, 10_000)
+        self.events = ev.EventPublisher(publisher)
+
+    def _socket(self, kind: int, endpoint: str | None) -> zmq.asyncio.Socket:
+        assert endpoint is not None
+        sock = self.context.socket(kind)
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.bind(endpoint)
+        if endpoint.startswith("ipc://"):
+            # Only the daemon's user (and group) may connect.
+            try:
+                os.chmod(Path(endpoint[len("ipc://"):]), 0o660)
+            except OSError:
+                pass
+        return sock
 
     def _build_engines(self) -> None:
         environ = worker_environ(self.settings)
+        now = time.monotonic()
         for name, config in self.settings.engines.items():
             model = model_path_for(self.settings, config)
             slot = WorkerSlot(
@@ -102,21 +115,25 @@ class Node:
                 worker_endpoint=self.worker_endpoint,
                 heartbeat_interval=self.settings.heartbeat_interval_s,
                 environ=environ,
-                send=self._send_worker,
-                on_exit=self._on_worker_exit,
+                send=self.send_worker,
+                on_exit=lambda *args: self.supervisor.on_exit(*args),
+                on_state=self._publish_state,
             )
-            engine = EngineRuntime(name, config, str(model), slot)
+            engine = EngineRuntime(name, config, str(model), slot, self.settings.supervision)
             self.engines[name] = engine
-            self._backoff[name] = Backoff()
-            if config.kind != "fake" and not model.exists():
-                engine.unusable = (ErrorCode.MODEL_NOT_FOUND, f"model file not found: {model}")
-            elif not env_is_current(self.settings, config.env_name, config.kind):
-                engine.unusable = (
+            if not env_is_current(self.settings, config.env_name, config.kind):
+                engine.hard_failure = (
                     ErrorCode.ENGINE_UNAVAILABLE,
                     f"environment {config.env_name!r} is missing or stale; run: node-supervisor envs create {config.env_name}",
                 )
-            if engine.unusable:
-                log.error("engine cannot serve", engine=name, code=engine.unusable[0], reason=engine.unusable[1])
+            elif config.kind == "llamacpp" and not model.exists():
+                # The circuit's probe looks again later: the file may appear.
+                engine.breaker.trip(now, ErrorCode.MODEL_NOT_FOUND, f"model file not found: {model}")
+            if engine.refusal:
+                log.error("engine cannot serve", engine=name, code=engine.refusal[0], reason=engine.refusal[1])
+
+    def _publish_state(self, slot: WorkerSlot, old: SlotState, new: SlotState, reason: str) -> None:
+        self.events.publish(ev.TOPIC_WORKER_STATE, engine=slot.engine_name, worker_id=slot.worker_id, old=old.value, new=new.value, reason=reason)
 
     async def _shutdown(self) -> None:
         self.stopping = True
@@ -125,16 +142,16 @@ class Node:
                 self._fail(engine.queue.popleft(), ErrorCode.SHUTTING_DOWN, "the daemon is stopping")
         # In-flight requests get the grace period to finish, then an error.
         deadline = time.monotonic() + self.settings.shutdown_grace_s
-        while any(e.slot and e.slot.current for e in self.engines.values()) and time.monotonic() < deadline:
+        while any(e.slot.current and not e.slot.current.internal for e in self.engines.values()) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for request in list(self.requests.values()):
             self._fail(request, ErrorCode.SHUTTING_DOWN, "the daemon is stopping")
-        slots = [e.slot for e in self.engines.values() if e.slot]
-        await asyncio.gather(*(slot.terminate(self.settings.shutdown_grace_s) for slot in slots))
+        await asyncio.gather(*(e.slot.terminate(self.settings.shutdown_grace_s) for e in self.engines.values()))
         for task in self._tasks:
             task.cancel()
         self.clients.close()
         self.workers.close()
+        self.events.close()
         self.context.term()
         log.info("daemon stopped")
 
@@ -142,13 +159,13 @@ class Node:
 
     async def _client_loop(self) -> None:
         while True:
-            frames = await self.clients.recv_multipart(copy=True)
+            frames = await self.clients.recv_multipart()
             envelope, payload = frames[:-1], frames[-1]
             try:
                 self._on_client_message(envelope, payload)
             except Exception:  # a bug must not take the daemon down
                 log.exception("internal error handling a client message")
-                self._reply(envelope, {"id": None, "event": p.EVENT_ERROR, "code": ErrorCode.INTERNAL, "message": "internal error; see the daemon log"})
+                self._reply_error(envelope, None, ErrorCode.INTERNAL, "internal error; see the daemon log")
 
     def _on_client_message(self, envelope: list[bytes], payload: bytes) -> None:
         if len(payload) > self.settings.max_message_bytes:
@@ -184,27 +201,32 @@ class Node:
         engine = self._choose_engine(params.engine)
         if engine.queue_full:
             raise InvalidMessage(ErrorCode.BUSY, f"engine {engine.name!r} has {len(engine.queue)} requests waiting (max_queue)")
-        request = Request(client=client, id=mid, params=params, envelope=envelope, engine=engine.name)
-        self.requests[request.key] = request
-        if params.deadline_ms is not None:
+        self.submit(engine, Request(client=client, id=mid, params=params, envelope=envelope, engine=engine.name))
+
+    def submit(self, engine: EngineRuntime, request: Request) -> None:
+        """Queue a request on an engine (starting a cold engine) and arm its deadline."""
+        if not request.internal:
+            self.requests[request.key] = request
+        if request.params.deadline_ms is not None:
             loop = asyncio.get_running_loop()
-            request.deadline_timer = loop.call_later(params.deadline_ms / 1000, self._on_deadline, request)
+            request.deadline_timer = loop.call_later(request.params.deadline_ms / 1000, self._on_deadline, request)
         engine.queue.append(request)
-        self._pump(engine)
+        self.supervisor.ensure_started(engine, "a request arrived")
+        self.pump(engine)
 
     def _choose_engine(self, pinned: str | None) -> EngineRuntime:
         if pinned is not None:
             engine = self.engines.get(pinned)
             if engine is None:
                 raise InvalidMessage(ErrorCode.UNKNOWN_ENGINE, f"no engine named {pinned!r}; configured: {', '.join(self.engines)}")
-            if engine.unusable:
-                raise InvalidMessage(*engine.unusable)
+            if engine.refusal:
+                raise InvalidMessage(*engine.refusal)
             return engine
-        usable = [e for e in self.engines.values() if not e.unusable]
-        if not usable:
-            reasons = "; ".join(f"{e.name}: {e.unusable[1]}" for e in self.engines.values() if e.unusable)
+        engine = self.supervisor.target_for_unpinned()
+        if engine is None:
+            reasons = "; ".join(f"{e.name}: {e.refusal[1]}" for e in self.engines.values() if e.refusal)
             raise InvalidMessage(ErrorCode.NO_ENGINE, f"no engine can serve: {reasons}")
-        return min(usable, key=lambda e: e.config.priority)
+        return engine
 
     def _on_cancel(self, envelope: list[bytes], mid: str, target: str) -> None:
         request = self.requests.get((b"".join(envelope), target))
@@ -217,14 +239,14 @@ class Node:
         engine = self.engines[request.engine]
         if engine.remove(request):
             self._done(request, p.FINISH_CANCELLED, {"prompt_tokens": 0, "completion_tokens": 0}, {})
-        elif engine.slot and engine.slot.current is request:
+        elif engine.slot.current is request:
             engine.slot.send({"type": p.S_CANCEL, "request_id": request.wire_id})
 
     def _on_deadline(self, request: Request) -> None:
         if request.finished:
             return
         engine = self.engines[request.engine]
-        running = engine.slot is not None and engine.slot.current is request
+        running = engine.slot.current is request
         self._fail(request, ErrorCode.DEADLINE, f"deadline of {request.params.deadline_ms} ms passed")
         if running:
             engine.slot.send({"type": p.S_CANCEL, "request_id": request.wire_id})
@@ -233,10 +255,10 @@ class Node:
 
     # --- dispatch ------------------------------------------------------------
 
-    def _pump(self, engine: EngineRuntime) -> None:
+    def pump(self, engine: EngineRuntime) -> None:
         """Give the engine's idle worker the oldest waiting request."""
         slot = engine.slot
-        while slot is not None and slot.idle and engine.queue:
+        while slot.idle and engine.queue:
             request = engine.queue.popleft()
             if not request.finished:
                 self._dispatch(slot, request)
@@ -244,6 +266,7 @@ class Node:
     def _dispatch(self, slot: WorkerSlot, request: Request) -> None:
         now = time.monotonic()
         request.dispatched_at = now
+        request.first_token_at = request.last_token_at = None
         request.worker_id = slot.worker_id
         request.attempts += 1
         request.wire_id = f"r{next(self._wire_ids)}"
@@ -263,6 +286,58 @@ class Node:
             }
         )
 
+    def move_unpinned(self, source: EngineRuntime, target: EngineRuntime) -> None:
+        """Traffic switched: waiting requests that named no engine follow it."""
+        moving = [r for r in source.queue if r.params.engine is None and not r.internal]
+        for request in moving:
+            source.remove(request)
+            request.engine = target.name
+            target.queue.append(request)
+        if moving:
+            self.pump(target)
+
+    def requeue_or_fail(self, engine: EngineRuntime, request: Request, cause: str) -> None:
+        """A request whose worker died: retried once, elsewhere if possible, if nothing was streamed yet."""
+        if request.internal:
+            self._fail(request, ErrorCode.ENGINE_FAILED, f"worker {request.worker_id} {cause}")
+            return
+        if request.tokens_sent == 0 and request.attempts < 2 and not self.stopping:
+            target = self._retry_target(engine, request)
+            if target is not None:
+                request.dispatched_at = None
+                request.engine = target.name
+                target.queue.appendleft(request)
+                log.warning("retrying request after worker exit", request_id=request.id, engine=target.name, cause=cause)
+                self.events.publish(ev.TOPIC_REQUEST_RETRY, request_id=request.id, from_worker=request.worker_id, engine=target.name, cause=cause)
+                self.pump(target)
+                return
+        self._fail(
+            request,
+            ErrorCode.ENGINE_FAILED,
+            f"worker {request.worker_id} {cause} after {request.tokens_sent} tokens",
+            usage={"prompt_tokens": None, "completion_tokens": request.tokens_sent},
+        )
+
+    def _retry_target(self, engine: EngineRuntime, request: Request) -> EngineRuntime | None:
+        if request.params.engine is not None:
+            return engine if engine.refusal is None else None
+        target = self.supervisor.target_for_unpinned()
+        return target if target is not None else None
+
+    def reroute_queue(self, engine: EngineRuntime) -> None:
+        """An engine that cannot serve hands its waiting requests on, or refuses them."""
+        refusal = engine.refusal or (ErrorCode.ENGINE_UNAVAILABLE, "engine cannot serve")
+        while engine.queue:
+            request = engine.queue.popleft()
+            target = None if request.params.engine is not None else self.supervisor.target_for_unpinned()
+            if target is None or target is engine:
+                self._fail(request, *refusal)
+            else:
+                request.engine = target.name
+                target.queue.append(request)
+                self.supervisor.ensure_started(target, "requests moved here")
+                self.pump(target)
+
     # --- workers -------------------------------------------------------------
 
     async def _worker_loop(self) -> None:
@@ -279,48 +354,53 @@ class Node:
         slot = self._slots_by_worker.get(worker_id) or self._claim(worker_id)
         if slot is None:
             # A worker from an earlier generation: it has no business here.
-            self._send_worker(worker_id, {"type": p.S_SHUTDOWN})
+            self.send_worker(worker_id, {"type": p.S_SHUTDOWN})
             return
-        slot.last_heard = time.monotonic()
+        now = time.monotonic()
+        slot.last_heard = now
         kind = message.get("type")
         if kind == p.W_HEARTBEAT:
             slot.heartbeat = message
         elif kind == p.W_HELLO:
+            slot.last_progress_at = now
             self._on_hello(slot, message)
         elif kind == p.W_LOADING:
-            slot.load_progress = message.get("progress")
+            slot.load_progress, slot.last_progress_at = message.get("progress"), now
             log.info("loading", engine=slot.engine_name, worker_id=worker_id, progress=slot.load_progress, detail=message.get("message"))
         elif kind == p.W_READY:
             slot.model = message.get("model", {})
-            slot.ready_at = time.monotonic()
+            slot.ready_at = now
             slot.set_state(SlotState.READY, "model loaded")
-            self._pump(self.engines[slot.engine_name])
+            self.supervisor.on_ready(slot)
+            self.pump(self.engines[slot.engine_name])
         elif kind == p.W_LOAD_FAILED:
             slot.load_failure = {k: message.get(k) for k in ("code", "message", "exit_code")}
             log.error("worker could not load", engine=slot.engine_name, worker_id=worker_id, **slot.load_failure)
         elif kind in (p.W_TOKEN, p.W_DONE, p.W_ERROR):
-            self._on_request_event(slot, kind, message)
+            self._on_request_event(slot, kind, message, now)
         else:
             log.error("unknown message type from a worker", worker_id=worker_id, type=kind)
 
     def _claim(self, worker_id: str) -> WorkerSlot | None:
         """Map a worker id to the slot that spawned it, on its first message."""
         for engine in self.engines.values():
-            if engine.slot and engine.slot.worker_id == worker_id and engine.slot.process is not None:
-                self._slots_by_worker = {k: v for k, v in self._slots_by_worker.items() if v is not engine.slot}
-                self._slots_by_worker[worker_id] = engine.slot
-                return engine.slot
+            slot = engine.slot
+            if slot.worker_id == worker_id and slot.process is not None:
+                self._slots_by_worker = {k: v for k, v in self._slots_by_worker.items() if v is not slot}
+                self._slots_by_worker[worker_id] = slot
+                return slot
         return None
 
     def _on_hello(self, slot: WorkerSlot, message: dict[str, Any]) -> None:
         slot.hello = message
-        log.info("worker hello", engine=slot.engine_name, worker_id=slot.worker_id, pid=message.get("pid"), versions=message.get("versions"))
+        log.info("worker hello", engine=slot.engine_name, worker_id=slot.worker_id, pid=message.get("pid"), packages=message.get("packages"))
         if slot.state is not SlotState.SPAWNING:
             return
         slot.set_state(SlotState.LOADING, "hello received")
-        config = self.engines[slot.engine_name].config
+        engine = self.engines[slot.engine_name]
+        config = engine.config
         spec = {
-            "model": self.engines[slot.engine_name].model_path,
+            "model": engine.model_path,
             "n_ctx": config.n_ctx,
             "n_threads": config.n_threads,
             "n_gpu_layers": config.n_gpu_layers,
@@ -329,17 +409,19 @@ class Node:
         }
         slot.send({"type": p.S_LOAD, "protocol": p.PROTOCOL_VERSION, "spec": spec})
 
-    def _on_request_event(self, slot: WorkerSlot, kind: str, message: dict[str, Any]) -> None:
+    def _on_request_event(self, slot: WorkerSlot, kind: str, message: dict[str, Any], now: float) -> None:
         request = slot.current
         if request is None or request.wire_id != message.get("request_id"):
             return  # the end of a request already retried elsewhere
-        now = time.monotonic()
         if kind == p.W_TOKEN:
+            request.last_token_at = now
             if request.finished:
                 return
             request.tokens_sent += 1
             if request.first_token_at is None:
                 request.first_token_at = now
+            if request.internal:
+                return
             if request.params.stream:
                 self._reply(request.envelope, {"id": request.id, "event": p.EVENT_TOKEN, "text": message.get("text", ""), "index": request.tokens_sent - 1})
             else:
@@ -348,109 +430,20 @@ class Node:
         slot.current = None
         engine = self.engines[slot.engine_name]
         if kind == p.W_DONE:
-            usage = message.get("usage", {})
-            if not request.finished and request.first_token_at is not None:
-                decode_ms = (now - request.first_token_at) * 1000
-                engine.latency.record((request.first_token_at - request.received_at) * 1000, decode_ms, request.tokens_sent)
-            self._done(request, message.get("finish_reason", p.FINISH_STOP), usage, message.get("timings", {}))
+            if not request.finished and request.first_token_at is not None and request.dispatched_at is not None:
+                engine.latency.record(now, (request.first_token_at - request.dispatched_at) * 1000, (now - request.first_token_at) * 1000, request.tokens_sent)
+            self._done(request, message.get("finish_reason", p.FINISH_STOP), message.get("usage", {}), message.get("timings", {}))
         else:
             self._fail(request, message.get("code", ErrorCode.INTERNAL), message.get("message", "worker error"))
-        self._pump(engine)
-
-    def _on_worker_exit(self, slot: WorkerSlot, returncode: int | None, cause: str) -> None:
-        engine = self.engines[slot.engine_name]
-        request, slot.current = slot.current, None
-        failure = slot.load_failure or {}
-        exit_info = slot.last_exit or {}
-        expected = slot.state is SlotState.STOPPING or self.stopping
-        (log.info if expected else log.error)(
-            "worker exited",
-            engine=slot.engine_name,
-            worker_id=slot.worker_id,
-            cause=cause,
-            exit_code=exit_info.get("exit_code"),
-            signal=exit_info.get("signal"),
-            last_lines=exit_info.get("last_lines"),
-        )
-        if expected:
-            if slot.state is SlotState.STOPPING:
-                slot.set_state(SlotState.STOPPED, cause)
-        elif not retry_can_help(returncode):
-            reason = f"{failure.get('message') or cause} (exit code {returncode})"
-            slot.set_state(SlotState.FAILED, reason)
-            code = ErrorCode.MODEL_NOT_FOUND if returncode == p.ExitCode.MODEL_ERROR else ErrorCode.ENGINE_UNAVAILABLE
-            engine.unusable = (code, reason)
-        else:
-            delay = self._backoff[engine.name].next_delay(slot.ready_at, time.monotonic())
-            slot.restarts += 1
-            slot.set_state(SlotState.BACKOFF, f"{cause}; restarting in {delay:.1f}s")
-            asyncio.get_running_loop().call_later(delay, self._restart, slot)
-        if request is not None and not request.finished:
-            self._requeue_or_fail(engine, request, cause)
-        if engine.unusable:
-            self._reroute_queue(engine)
-
-    def _restart(self, slot: WorkerSlot) -> None:
-        if slot.state is SlotState.BACKOFF and not self.stopping:
-            asyncio.ensure_future(slot.spawn("restart after backoff"))
-
-    def _requeue_or_fail(self, engine: EngineRuntime, request: Request, cause: str) -> None:
-        """A request whose worker died: retried once if nothing was streamed yet."""
-        if request.tokens_sent == 0 and request.attempts < 2 and not self.stopping:
-            request.dispatched_at = None
-            target = engine if not engine.unusable else self._fallback_for(request)
-            if target is not None:
-                target.queue.appendleft(request)
-                request.engine = target.name
-                log.warning("retrying request after worker exit", request_id=request.id, engine=target.name, cause=cause)
-                return
-        self._fail(
-            request,
-            ErrorCode.ENGINE_FAILED,
-            f"worker {request.worker_id} {cause} after {request.tokens_sent} tokens",
-            usage={"prompt_tokens": None, "completion_tokens": request.tokens_sent},
-        )
-
-    def _fallback_for(self, request: Request) -> EngineRuntime | None:
-        if request.params.engine is not None:
-            return None
-        try:
-            return self._choose_engine(None)
-        except InvalidMessage:
-            return None
-
-    def _reroute_queue(self, engine: EngineRuntime) -> None:
-        """An engine that cannot serve hands its waiting requests to the next engine."""
-        while engine.queue:
-            request = engine.queue.popleft()
-            target = self._fallback_for(request)
-            if target is None:
-                self._fail(request, *engine.unusable)  # type: ignore[misc]
-            else:
-                request.engine = target.name
-                target.queue.append(request)
-                self._pump(target)
+        slot.probe_due_at = now + self.settings.supervision.probe_interval_s
+        self.pump(engine)
 
     async def _watch_loop(self) -> None:
-        """Heartbeats to workers; workers silent too long, or loading too long, are killed."""
-        interval = self.settings.heartbeat_interval_s
         while True:
-            now = time.monotonic()
-            for engine in self.engines.values():
-                slot = engine.slot
-                if slot is None or slot.process is None or not slot.worker_id:
-                    continue
-                self._send_worker(slot.worker_id, {"type": p.S_HEARTBEAT})
-                silent = now - (slot.last_heard or now)
-                if slot.state in (SlotState.LOADING, SlotState.READY) and silent > 3 * interval:
-                    log.error("worker silent; killing it", engine=engine.name, worker_id=slot.worker_id, silent_s=round(silent, 2))
-                    slot.signal(9 if sys.platform != "win32" else 15)
-                elif slot.state in (SlotState.SPAWNING, SlotState.LOADING) and now - (slot.started_at or now) > self.settings.load_timeout_s:
-                    log.error("worker load timed out; killing it", engine=engine.name, worker_id=slot.worker_id)
-                    slot.signal(9 if sys.platform != "win32" else 15)
-            await asyncio.sleep(interval)
+            self.supervisor.tick(time.monotonic())
+            await asyncio.sleep(min(self.settings.heartbeat_interval_s, 0.25))
 
-    def _send_worker(self, worker_id: str, message: dict[str, Any]) -> None:
+    def send_worker(self, worker_id: str, message: dict[str, Any]) -> None:
         try:
             self.workers.send_multipart([worker_id.encode(), p.encode(message)], flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:
@@ -482,7 +475,6 @@ class Node:
         }
         if not request.params.stream:
             event["text"] = "".join(request.text)
-        self.engines[request.engine].served += 1
         self._terminal(request, event)
 
     def _fail(self, request: Request, code: str, message: str, usage: dict[str, Any] | None = None) -> None:
@@ -492,11 +484,19 @@ class Node:
         event.update(engine=request.engine or None, worker=request.worker_id, timings=request.timings(time.monotonic()))
         if usage is not None:
             event["usage"] = usage
-        if request.engine in self.engines:
-            self.engines[request.engine].failed += 1
         self._terminal(request, event)
 
     def _terminal(self, request: Request, event: dict[str, Any]) -> None:
+        ok = event["event"] == p.EVENT_DONE
+        if request.internal:
+            self.supervisor.on_probe_end(request, ok, event.get("message", ""))
+            return
+        engine = self.engines.get(request.engine)
+        if engine is not None:
+            if ok:
+                engine.served += 1
+            else:
+                engine.failed += 1
         self.requests.pop(request.key, None)
         self._reply(request.envelope, event)
         log.info(
@@ -530,7 +530,7 @@ class Node:
             request.finish()
             self.requests.pop(request.key, None)
             engine = self.engines[request.engine]
-            if not engine.remove(request) and engine.slot and engine.slot.current is request:
+            if not engine.remove(request) and engine.slot.current is request:
                 engine.slot.send({"type": p.S_CANCEL, "request_id": request.wire_id})
 
     def status(self) -> dict[str, Any]:
@@ -542,18 +542,11 @@ class Node:
                 "protocol": p.PROTOCOL_VERSION,
                 "uptime_s": round(now - self.started_at, 1),
                 "client_endpoint": self.settings.client_endpoint,
+                "events_endpoint": self.settings.events_endpoint,
                 "state_dir": str(self.settings.state_dir),
                 "stopping": self.stopping,
+                "active_engine": self.supervisor.switch.active,
                 "requests_in_progress": len(self.requests),
             },
             "engines": [engine.describe(now) for engine in sorted(self.engines.values(), key=lambda e: e.config.priority)],
         }
-
-
-def _restrict_ipc(endpoint: str) -> None:
-    """Only the daemon's user (and group) may connect to its ipc sockets."""
-    if endpoint.startswith("ipc://"):
-        try:
-            os.chmod(Path(endpoint[len("ipc://"):]), 0o660)
-        except OSError:
-            pass

@@ -41,6 +41,7 @@ class WorkerSlot:
         environ: dict[str, str],
         send: Callable[[str, dict[str, Any]], None],
         on_exit: Callable[["WorkerSlot", int | None, str], None],
+        on_state: Callable[["WorkerSlot", SlotState, SlotState, str], None] = lambda *_: None,
     ) -> None:
         self.engine_name = engine_name
         self.kind = kind
@@ -50,6 +51,7 @@ class WorkerSlot:
         self.environ = environ
         self._send = send
         self._on_exit = on_exit
+        self._on_state = on_state
         self.state = SlotState.STOPPED
         self.state_reason = ""
         self.generation = 0
@@ -60,6 +62,9 @@ class WorkerSlot:
         self.hello: dict[str, Any] = {}
         self.model: dict[str, Any] = {}
         self.load_progress: float | None = None
+        self.last_progress_at: float | None = None  # last hello or load progress report
+        self.hang_reason: str | None = None  # set when the node killed the worker as hung
+        self.probe_due_at: float | None = None  # next liveness probe of an idle worker
         self.load_failure: dict[str, Any] | None = None
         self.heartbeat: dict[str, Any] = {}
         self.last_heard: float | None = None
@@ -77,6 +82,7 @@ class WorkerSlot:
         check_transition(old, new)
         self.state, self.state_reason = new, reason
         log.info(f"{old.value} -> {new.value} ({reason})", engine=self.engine_name, worker_id=self.worker_id or None)
+        self._on_state(self, old, new, reason)
 
     @property
     def idle(self) -> bool:
@@ -93,6 +99,7 @@ class WorkerSlot:
         self.worker_id = f"{self.engine_name}.{self.generation}"
         self.hello, self.model, self.heartbeat = {}, {}, {}
         self.load_progress, self.load_failure, self.ready_at = None, None, None
+        self.hang_reason = None
         self.tail.clear()
         command = [
             str(self.python), "-m", "workers",
@@ -111,7 +118,7 @@ class WorkerSlot:
             **_new_process_group(),
         )
         self.started_at = time.monotonic()
-        self.last_heard = self.started_at
+        self.last_heard = self.last_progress_at = self.started_at
         log.info("worker started", engine=self.engine_name, worker_id=self.worker_id, pid=self.process.pid)
         assert self.process.stdout and self.process.stderr
         self._track(self._relay_output(self.process.stdout, "stdout", self.process.pid))
@@ -147,6 +154,8 @@ class WorkerSlot:
         if process is not self.process:
             return
         self.last_exit = describe_exit(returncode)
+        if self.hang_reason:
+            self.last_exit["cause"] = f"hung ({self.hang_reason}); {self.last_exit['cause']}"
         self.last_exit["last_lines"] = list(self.tail)[-10:]
         self.last_exit["at"] = time.time()
         self.process = None
@@ -169,6 +178,23 @@ class WorkerSlot:
                 self.process.send_signal(sig)
             except ProcessLookupError:
                 pass
+
+    def kill_hung(self, reason: str, grace_s: float) -> None:
+        """Terminate, grace, kill: a stopped (SIGSTOP) or wedged process ignores SIGTERM."""
+        if self.hang_reason is not None or self.process is None:
+            return  # already being killed
+        self.hang_reason = reason
+        process = self.process
+        self.signal(signal.SIGTERM)
+
+        def escalate() -> None:
+            if process.returncode is None:
+                try:
+                    process.kill()
+                except ProcessLookupError:
+                    pass
+
+        asyncio.get_running_loop().call_later(grace_s, escalate)
 
     async def wait_exit(self, timeout: float) -> bool:
         process = self.process

@@ -65,14 +65,16 @@ def test_every_state_has_a_row_and_illegal_transitions_raise():
         check_transition(SlotState.STOPPING, SlotState.READY)
 
 
-def test_latency_percentiles_nearest_rank():
-    window = LatencyWindow(size=100)
-    assert window.percentile(50) is None
+def test_latency_percentiles_nearest_rank_over_the_time_window():
+    window = LatencyWindow(window_s=60.0)
+    assert window.percentile(0.0, 50) is None
     for value in range(1, 101):
-        window.add(float(value))
-    assert window.percentile(50) == 50.0 and window.percentile(95) == 95.0 and window.percentile(100) == 100.0
-    window.add(1000.0)  # the window keeps the last 100 samples
-    assert window.summary()["samples"] == 100 and window.percentile(100) == 1000.0
+        window.add(float(value), float(value))  # one sample a second
+    now = 100.0
+    # Samples older than 60 s are gone: 40..100 remain.
+    assert window.summary(now)["samples"] == 61
+    assert window.percentile(now, 50) == 70.0 and window.percentile(now, 100) == 100.0
+    assert window.percentile(1000.0, 50) is None
 
 
 def test_backoff_grows_is_capped_jittered_and_resets_after_stable_running():
@@ -87,7 +89,7 @@ def test_backoff_grows_is_capped_jittered_and_resets_after_stable_running():
 
 
 def test_exit_codes_that_retrying_cannot_fix():
-    assert not retry_can_help(ExitCode.MODEL_ERROR)
+    assert retry_can_help(ExitCode.MODEL_ERROR)  # the file can be fixed: the circuit decides
     assert not retry_can_help(ExitCode.UNAVAILABLE)
     assert not retry_can_help(ExitCode.PROTOCOL_MISMATCH)
     assert retry_can_help(ExitCode.CRASH) and retry_can_help(-9)

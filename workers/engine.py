@@ -12,6 +12,8 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
+from .protocol import ErrorCode
+
 # Engine kind -> module implementing it.  Adding an engine is one more module
 # here, one more requirements file in config/requirements/, and docs/ENGINES.md.
 ENGINE_MODULES = {
@@ -32,7 +34,11 @@ class EngineUnavailable(Exception):
 
 
 class ModelError(Exception):
-    """The model is missing or unreadable: the worker exits with ExitCode.MODEL_ERROR."""
+    """The model is missing or will not load: the worker exits with ExitCode.MODEL_ERROR."""
+
+    def __init__(self, message: str, missing: bool = False) -> None:
+        super().__init__(message)
+        self.code = ErrorCode.MODEL_NOT_FOUND if missing else ErrorCode.MODEL_LOAD_FAILED
 
 
 class RequestError(Exception):

@@ -72,7 +72,7 @@ class LlamaCppEngine:
     def load(self, spec: dict[str, Any], progress: ProgressFn) -> dict[str, Any]:
         model_path = Path(spec["model"])
         if not model_path.is_file():
-            raise ModelError(f"model file not found: {model_path}")
+            raise ModelError(f"model file not found: {model_path}", missing=True)
         kwargs: dict[str, Any] = dict(spec.get("options") or {})
         kwargs.update(
             model_path=str(model_path),

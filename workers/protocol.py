@@ -53,6 +53,7 @@ class ErrorCode:
     DUPLICATE_ID = "duplicate_id"  # the client reused the id of a request still running
     UNKNOWN_ENGINE = "unknown_engine"  # "engine" names no configured engine
     MODEL_NOT_FOUND = "model_not_found"  # the engine's model file does not exist
+    MODEL_LOAD_FAILED = "model_load_failed"  # the model file exists but the engine cannot load it
     ENGINE_UNAVAILABLE = "engine_unavailable"  # the engine cannot serve (failed, unavailable)
     NO_ENGINE = "no_engine_available"  # no configured engine can serve at all
     BUSY = "busy"  # the engine's queue is full
@@ -89,16 +90,17 @@ class ExitCode:
     OK = 0
     CRASH = 1  # uncaught exception: restart may help
     USAGE = 64  # bad command line (EX_USAGE)
-    MODEL_ERROR = 65  # model file missing or unreadable (EX_DATAERR): do not retry
+    MODEL_ERROR = 65  # model file missing or unloadable (EX_DATAERR): the circuit opens at once
     UNAVAILABLE = 69  # engine cannot run here, e.g. no CUDA (EX_UNAVAILABLE): do not retry
     PROTOCOL_MISMATCH = 76  # daemon speaks another protocol version (EX_PROTOCOL)
     CONFIG = 78  # invalid configuration (EX_CONFIG): do not retry
     ORPHANED = 75  # the daemon went away (EX_TEMPFAIL)
 
 
-NO_RETRY_EXIT_CODES = frozenset(
-    {ExitCode.MODEL_ERROR, ExitCode.UNAVAILABLE, ExitCode.PROTOCOL_MISMATCH, ExitCode.CONFIG}
-)
+# Exits after which the same start would fail the same way: the engine is
+# marked failed without a restart.  A model error is not among them: the file
+# can be fixed, and the circuit breaker's probe notices.
+NO_RETRY_EXIT_CODES = frozenset({ExitCode.UNAVAILABLE, ExitCode.PROTOCOL_MISMATCH, ExitCode.CONFIG})
 
 
 class DecodeError(ValueError):

@@ -105,7 +105,7 @@ class WorkerRuntime:
         try:
             facts = engine.load(load["spec"], self._report_progress)
         except ModelError as exc:
-            return self._fail(p.ExitCode.MODEL_ERROR, p.ErrorCode.MODEL_NOT_FOUND, str(exc))
+            return self._fail(p.ExitCode.MODEL_ERROR, exc.code, str(exc))
         except EngineUnavailable as exc:
             return self._fail(p.ExitCode.UNAVAILABLE, "unavailable", str(exc))
         self._activity["phase"] = "idle"
