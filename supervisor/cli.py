@@ -45,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.add_argument("--timeout", type=float, default=5.0)
 
+    events = commands.add_parser("events", help="watch worker states, restarts, switches and probes live")
+    events.add_argument("--topic", action="append", default=[], help="topic prefix, e.g. worker. (repeatable; default: all)")
+    events.add_argument("--json", action="store_true", help="one JSON object per line")
+    events.add_argument("--count", type=int, help="exit after this many events")
+    events.add_argument("--timeout", type=float, help="exit after this many seconds")
+
     ping = commands.add_parser("ping", help="check that the daemon answers")
     ping.add_argument("--timeout", type=float, default=5.0)
 
@@ -71,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         from .envs_cli import envs_command
 
         return envs_command(settings, args.envs_command, args.names)
+    if args.command == "events":
+        from .client_cli import watch_events
+
+        return watch_events(settings, args)
     from .client_cli import client_command
 
     return client_command(settings, args)

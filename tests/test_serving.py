@@ -188,7 +188,7 @@ def test_status_command_shows_the_worker_ready(llama_daemon):
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "engine llama (llamacpp, priority 10): ready" in result.stdout
+    assert "engine llama (llamacpp, priority 10, warm): ready" in result.stdout
     assert "worker llama.1: ready" in result.stdout
 
 

@@ -93,3 +93,70 @@ def test_exit_codes_that_retrying_cannot_fix():
     assert not retry_can_help(ExitCode.UNAVAILABLE)
     assert not retry_can_help(ExitCode.PROTOCOL_MISMATCH)
     assert retry_can_help(ExitCode.CRASH) and retry_can_help(-9)
+
+
+# --- supervision policies, driven with a fake clock ---------------------------------
+
+from supervisor.policy import Circuit, CircuitBreaker, LatencySwitch, LatencyVerdict  # noqa: E402
+
+OK = LatencyVerdict(breaching=False, recovered=True)
+SLOW = LatencyVerdict(breaching=True, recovered=False)
+MEH = LatencyVerdict(breaching=False, recovered=False)
+
+
+def test_circuit_opens_after_threshold_failures_within_the_window_only():
+    breaker = CircuitBreaker(threshold=3, window_s=10.0, open_s=5.0)
+    assert not breaker.record_failure(0.0, "engine_failed", "crash")
+    assert not breaker.record_failure(1.0, "engine_failed", "crash")
+    # The first failure left the window: two in the window, still closed (a flap, not a loop).
+    assert not breaker.record_failure(10.5, "engine_failed", "crash")
+    assert breaker.allows_traffic
+    assert breaker.record_failure(11.0, "engine_failed", "crash")
+    assert breaker.state is Circuit.OPEN and not breaker.allows_traffic
+
+
+def test_half_open_probe_closes_on_success_and_reopens_on_failure():
+    breaker = CircuitBreaker(threshold=1, window_s=10.0, open_s=5.0)
+    breaker.record_failure(0.0, "model_load_failed", "bad file")
+    assert not breaker.probe_due(4.9)
+    assert breaker.probe_due(5.0) and breaker.state is Circuit.HALF_OPEN
+    assert not breaker.probe_due(5.1), "one probe per open period"
+    assert breaker.record_failure(6.0, "model_load_failed", "still bad")  # probe failed
+    assert breaker.state is Circuit.OPEN and not breaker.probe_due(10.9) and breaker.probe_due(11.0)
+    assert breaker.record_success() and breaker.state is Circuit.CLOSED and breaker.reason == ""
+
+
+def test_latency_switch_moves_after_the_breach_window_and_not_before():
+    switch = LatencySwitch(min_dwell_s=5.0, breach_for_s=3.0)
+    order, healthy = ["a", "b"], {"a", "b"}
+    assert switch.decide(0.0, order, healthy, {"a": OK, "b": OK}) == ("a", "start")
+    assert switch.decide(6.0, order, healthy, {"a": SLOW, "b": OK}) == ("a", "")
+    assert switch.decide(8.9, order, healthy, {"a": SLOW, "b": OK}) == ("a", "")
+    active, why = switch.decide(9.0, order, healthy, {"a": SLOW, "b": OK})
+    assert active == "b" and "latency" in why
+
+
+def test_latency_switch_respects_dwell_and_hysteresis_then_returns():
+    switch = LatencySwitch(min_dwell_s=5.0, breach_for_s=0.0)
+    order, healthy = ["a", "b"], {"a", "b"}
+    switch.decide(0.0, order, healthy, {"a": OK, "b": OK})
+    assert switch.decide(1.0, order, healthy, {"a": SLOW, "b": OK})[0] == "a", "dwell time since the start"
+    assert switch.decide(5.0, order, healthy, {"a": SLOW, "b": OK})[0] == "b"
+    # a is no longer breaching but not yet under objective x hysteresis: stay.
+    assert switch.decide(20.0, order, healthy, {"a": MEH, "b": OK})[0] == "b"
+    # a recovered, but the dwell time since the switch is not over: stay.
+    switch2 = LatencySwitch(min_dwell_s=5.0, breach_for_s=0.0)
+    switch2.decide(0.0, order, healthy, {"a": OK, "b": OK})
+    switch2.decide(5.0, order, healthy, {"a": SLOW, "b": OK})
+    assert switch2.decide(7.0, order, healthy, {"a": OK, "b": OK})[0] == "b"
+    active, why = switch2.decide(10.0, order, healthy, {"a": OK, "b": OK})
+    assert active == "a" and "recovered" in why
+
+
+def test_latency_switch_never_moves_to_an_engine_that_is_also_slow_or_unhealthy():
+    switch = LatencySwitch(min_dwell_s=0.0, breach_for_s=0.0)
+    switch.decide(0.0, ["a", "b"], {"a", "b"}, {"a": OK, "b": OK})
+    assert switch.decide(1.0, ["a", "b"], {"a", "b"}, {"a": SLOW, "b": SLOW})[0] == "a"
+    assert switch.decide(2.0, ["a", "b"], {"a"}, {"a": SLOW, "b": OK})[0] == "a"
+    # The active engine becoming unhealthy moves traffic at once, dwell or not.
+    assert switch.decide(2.1, ["a", "b"], {"b"}, {"a": OK, "b": OK}) == ("b", "active engine unhealthy")
