@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # so that llama.cpp is compiled once.
 TEST_STATE := $(CURDIR)/.state
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench bench-failover clean
 
 $(BIN)/node-supervisor: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ bench: install
 	NODESUP_STATE_DIR=$(TEST_STATE) NODESUP_DATA_DIR=$(TEST_STATE)/data \
 		$(BIN)/node-supervisor envs create llamacpp
 	NODESUP_TEST_STATE=$(TEST_STATE) $(BIN)/python bench/throughput.py
+
+bench-failover: install
+	NODESUP_TEST_STATE=$(TEST_STATE) $(BIN)/python bench/failover.py
 
 clean:
 	rm -rf $(VENV) $(TEST_STATE)

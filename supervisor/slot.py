@@ -121,14 +121,17 @@ class WorkerSlot:
         self.last_heard = self.last_progress_at = self.started_at
         log.info("worker started", engine=self.engine_name, worker_id=self.worker_id, pid=self.process.pid)
         assert self.process.stdout and self.process.stderr
-        self._track(self._relay_output(self.process.stdout, "stdout", self.process.pid))
-        self._track(self._relay_output(self.process.stderr, "stderr", self.process.pid))
-        self._track(self._wait(self.process))
+        relays = [
+            self._track(self._relay_output(self.process.stdout, "stdout", self.process.pid)),
+            self._track(self._relay_output(self.process.stderr, "stderr", self.process.pid)),
+        ]
+        self._track(self._wait(self.process, relays))
 
-    def _track(self, coro: Any) -> None:
+    def _track(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _relay_output(self, stream: asyncio.StreamReader, name: str, pid: int) -> None:
         """Re-log every line the worker prints, tagged with who printed it."""
@@ -147,10 +150,11 @@ class WorkerSlot:
                 self.tail.append(line)
             log.info(line, event_kind="worker.output", stream=name, engine=self.engine_name, worker_id=worker_id, pid=pid)
 
-    async def _wait(self, process: asyncio.subprocess.Process) -> None:
+    async def _wait(self, process: asyncio.subprocess.Process, relays: list[asyncio.Task[Any]]) -> None:
         returncode = await process.wait()
-        # Let the output relays drain, so the tail holds the worker's last words.
-        await asyncio.sleep(0.05)
+        # The relays end at end-of-file: then the tail holds the worker's last words.
+        # (A grandchild holding the pipes open must not delay the verdict.)
+        await asyncio.wait(relays, timeout=0.5)
         if process is not self.process:
             return
         self.last_exit = describe_exit(returncode)
