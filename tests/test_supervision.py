@@ -320,3 +320,30 @@ def test_events_command_prints_restarts_live(make_daemon, tmp_path):
     os.kill(worker_pid(daemon, "f"), signal.SIGKILL)
     out, _ = watcher.communicate(timeout=30)
     assert "worker.exit" in out and "signal=SIGKILL" in out and "worker_id=f.1" in out
+
+
+def test_worker_that_heartbeats_but_cannot_generate_is_replaced_after_a_failed_probe(make_daemon, tmp_path):
+    engine, control = fake(tmp_path, "f", 10)
+    daemon = make_daemon({"f": engine}, heartbeat_interval_s=0.3, supervision={"probe_interval_s": 0.5, "probe_timeout_s": 1.0, "kill_grace_s": 0.3})
+    events = Events(daemon)
+    events.wait("probe.result", lambda e: e["ok"] and e["worker_id"] == "f.1")
+    control.write_text(json.dumps({"stuck_after_tokens": 0}))
+    failed = events.wait("probe.result", lambda e: not e["ok"], timeout=10)
+    assert failed["worker_id"] == "f.1" and "deadline" in failed["error"]
+    # Heartbeats kept coming all along: only the probe could tell.
+    assert not [e for e in events.of("worker.hang") if "heartbeat" in e["reason"]]
+    control.write_text("{}")
+    status = daemon.wait_for(lambda s: s["engines"][0]["workers"][0]["id"] == "f.2" and s["engines"][0]["state"] == "ready")
+    assert "liveness probe failed" in status["engines"][0]["workers"][0]["last_exit"]["cause"]
+    events.close()
+
+
+def test_request_on_a_stuck_worker_ends_at_the_stall_timeout_not_never(make_daemon, tmp_path):
+    engine, control = fake(tmp_path, "f", 10, stuck_after_tokens=2)
+    daemon = make_daemon({"f": engine}, heartbeat_interval_s=0.3, supervision={"stall_timeout_s": 1.0, "kill_grace_s": 0.3, "probe_interval_s": 0})
+    client = daemon.client()
+    started = time.monotonic()
+    tokens, terminal = collect(client.generate(prompt="x", max_tokens=10))
+    assert len(tokens) == 2 and terminal["code"] == "engine_failed", terminal
+    assert time.monotonic() - started < 4.0
+    assert "no token" in terminal["message"]

@@ -11,6 +11,8 @@ Options:
   fail_load          "model" -> ModelError, "unavailable" -> EngineUnavailable, "crash" -> exit 1
   crash_after_tokens exit(1) abruptly after this many tokens of a request
   hang_after_tokens  stop responding (the whole process blocks) after this many tokens
+  stuck_after_tokens generation blocks after this many tokens, heartbeats go on
+                     (a worker that looks alive but cannot generate)
   control_file       path of a JSON file whose keys override the options above
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -76,6 +79,7 @@ class FakeEngine:
         delay = float(options.get("token_delay_s", 0.0))
         crash_after = options.get("crash_after_tokens")
         hang_after = options.get("hang_after_tokens")
+        stuck_after = options.get("stuck_after_tokens")
         produced = 0
         finish = FINISH_LENGTH
         while produced < request.max_tokens:
@@ -86,6 +90,8 @@ class FakeEngine:
                 os._exit(1)
             if hang_after is not None and produced >= int(hang_after):
                 _hang()
+            if stuck_after is not None and produced >= int(stuck_after):
+                threading.Event().wait()  # forever; only this thread
             time.sleep(delay)
             emit(WORDS[produced % len(WORDS)] + " ")
             produced += 1
