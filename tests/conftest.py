@@ -9,6 +9,7 @@ logs.  Every process a test starts is killed at teardown.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -141,6 +142,7 @@ class Daemon:
                 self.process.kill()
                 self.process.wait()
         kill_all(self.worker_pids)
+        shutil.rmtree(self.state_dir, ignore_errors=True)
 
 
 def kill_all(pids: set[int]) -> None:

@@ -66,3 +66,19 @@ def test_client_library_imports_only_pyzmq_and_the_protocol():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_envs_check_reports_interpreter_library_numpy_and_gpu_support(shared_state):
+    import os
+
+    environ = {**os.environ, "NODESUP_ENVS_DIR": str(shared_state["envs_dir"]), "NODESUP_STATE_DIR": str(shared_state["envs_dir"].parent)}
+    result = subprocess.run(
+        [sys.executable, "-m", "supervisor.cli", "envs", "check", "llamacpp"], capture_output=True, text=True, env=environ, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert f"interpreter   {shared_state['envs_dir'] / 'llamacpp' / 'bin' / 'python'}" in out
+    assert "llama-cpp-python 0.3.36" in out and "numpy         2.3.5" in out
+    # This machine has no GPU and the build has no GPU backend: said plainly, with the fix.
+    assert "gpu offload   no; GPU backends built: none (CPU-only build)" in out
+    assert 'CMAKE_ARGS="-DGGML_CUDA=on"' in out
