@@ -18,6 +18,7 @@ from .protocol import ErrorCode
 # here, one more requirements file in config/requirements/, and docs/ENGINES.md.
 ENGINE_MODULES = {
     "llamacpp": "workers.llamacpp",
+    "exllamav2": "workers.exllamav2",
     "fake": "workers.fake",
 }
 

@@ -1,0 +1,131 @@
+"""Throughput and time to first token: through the daemon vs. llama-cpp-python in-process.
+
+    make bench        (or: .venv/bin/python bench/throughput.py [--blocks 3 --reps 3])
+
+Same prompt, greedy (temperature 0), fixed seed, 128 tokens, on the default
+model.  Blocks alternate between the baseline (bench/direct_llama.py, run by
+the llama.cpp environment's interpreter) and the daemon (the Python client),
+so slow drift of the machine hits both alike; the baseline's model and the
+daemon's worker are loaded once and stay loaded.  The two paths must produce
+the same text, or the run says MISMATCH and fails.
+
+Tokens/s is tokens / total request time (prefill included) on both paths;
+TTFT is from the call (or the client's send) to the first text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from supervisor.envs import env_python  # noqa: E402
+from supervisor.models import ensure_default_model  # noqa: E402
+from tests.conftest import Daemon, shared_settings  # noqa: E402
+
+PROMPT = "The capital of France is"
+MAX_TOKENS = 128
+SEED = 42
+N_CTX, N_THREADS = 2048, 2
+
+
+def daemon_runs(daemon: Daemon, reps: int) -> list[dict]:
+    client = daemon.client(timeout_s=120)
+    runs = []
+    for _ in range(reps):
+        started = time.perf_counter()
+        first = None
+        pieces: list[str] = []
+        request_id = client.send({"op": "generate", "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0.0, "seed": SEED})
+        for event in client.events(request_id):
+            if event["event"] == "token":
+                if first is None:
+                    first = time.perf_counter() - started
+                pieces.append(event["text"])
+            elif event["event"] == "done":
+                runs.append({"text": "".join(pieces), "tokens": event["usage"]["completion_tokens"], "ttft_s": first, "total_s": time.perf_counter() - started})
+            else:
+                raise RuntimeError(f"daemon error: {event}")
+    return runs
+
+
+def summarize(runs: list[dict]) -> dict:
+    return {
+        "tokens_per_s": statistics.median(r["tokens"] / r["total_s"] for r in runs),
+        "ttft_ms": statistics.median(r["ttft_s"] * 1000 for r in runs),
+        "tokens": runs[0]["tokens"],
+    }
+
+
+def machine() -> str:
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
+        platform.processor() or "unknown CPU",
+    )
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--blocks", type=int, default=3, help="alternating blocks per path")
+    parser.add_argument("--reps", type=int, default=3, help="measured requests per block")
+    args = parser.parse_args()
+
+    settings = shared_settings()
+    model = ensure_default_model(settings, print)
+    shared = {"envs_dir": settings.envs_dir, "data_dir": settings.data_dir, "model": model}
+    direct = subprocess.Popen(
+        [str(env_python(settings.envs_dir / "llamacpp")), str(REPO / "bench" / "direct_llama.py"), str(model), str(N_CTX), str(N_THREADS)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert direct.stdin and direct.stdout
+    version = json.loads(direct.stdout.readline())["llama_cpp_python"]
+    daemon = Daemon(shared, {"llama": {"kind": "llamacpp", "n_ctx": N_CTX, "n_threads": N_THREADS}}, supervision={"probe_interval_s": 0})
+    daemon.start()
+
+    def ask_direct(mode: str, reps: int) -> list[dict]:
+        direct.stdin.write(json.dumps({"prompt": PROMPT, "max_tokens": MAX_TOKENS, "seed": SEED, "reps": reps, "mode": mode}) + "\n")
+        direct.stdin.flush()
+        return json.loads(direct.stdout.readline())["runs"]
+
+    results: dict[str, list[dict]] = {"generate": [], "completion": [], "daemon": []}
+    try:
+        ask_direct("generate", 1), ask_direct("completion", 1), daemon_runs(daemon, 1)  # warm-up
+        for block in range(args.blocks):
+            order = ["generate", "daemon", "completion"] if block % 2 == 0 else ["daemon", "completion", "generate"]
+            for path in order:
+                results[path] += daemon_runs(daemon, args.reps) if path == "daemon" else ask_direct(path, args.reps)
+    finally:
+        daemon.stop()
+        direct.stdin.close()
+        direct.wait(timeout=30)
+
+    texts = {path: {r["text"] for r in runs} for path, runs in results.items()}
+    same = all(len(t) == 1 for t in texts.values()) and len(set().union(*texts.values())) == 1
+    base, comp, served = summarize(results["generate"]), summarize(results["completion"]), summarize(results["daemon"])
+    print(f"machine: {machine()}; llama-cpp-python {version}")
+    print(f"prompt {PROMPT!r}, {MAX_TOKENS} tokens, temperature 0, seed {SEED}, {args.blocks} blocks x {args.reps} requests per path")
+    print(f"{'path':<44} {'tokens':>6} {'tokens/s':>9} {'TTFT ms':>8}")
+    for label, figures in (
+        ("in-process, Llama.generate loop (baseline)", base),
+        ("in-process, create_completion(stream=True)", comp),
+        ("through the daemon (Python client)", served),
+    ):
+        print(f"{label:<44} {figures['tokens']:>6} {figures['tokens_per_s']:>9.2f} {figures['ttft_ms']:>8.1f}")
+    print(f"ratio daemon / baseline tokens/s: {served['tokens_per_s'] / base['tokens_per_s']:.3f}  (target >= 0.98)")
+    print(f"median TTFT overhead: {served['ttft_ms'] - base['ttft_ms']:+.1f} ms  (target <= 2 ms)")
+    print("same text on every path: " + ("yes" if same else "MISMATCH"))
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
