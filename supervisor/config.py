@@ -93,7 +93,12 @@ class SupervisionConfig(BaseModel):
 
 
 def _default_engines() -> dict[str, EngineConfig]:
-    return {"llama": EngineConfig(kind="llamacpp")}
+    """llama.cpp on the default model first; ExLlamaV2 as the fallback on NVIDIA GPUs
+    (without CUDA it reports itself unavailable and llama.cpp serves)."""
+    return {
+        "llama": EngineConfig(kind="llamacpp", priority=10),
+        "exllamav2": EngineConfig(kind="exllamav2", priority=20),
+    }
 
 
 class Settings(BaseSettings):

@@ -131,6 +131,12 @@ _PROBE = """
 import json, sys
 from workers.runtime import installed_versions
 facts = {"python": sys.version.split()[0], "executable": sys.executable, "packages": installed_versions()}
+if facts["packages"].get("torch"):
+    try:
+        import torch
+        facts["cuda_available"] = torch.cuda.is_available()
+    except Exception:
+        facts["cuda_available"] = False
 try:
     from workers.engine import load_engine
     facts["engine"] = load_engine(sys.argv[1]).versions()

@@ -55,7 +55,7 @@ def _print_check(name: str, facts: dict) -> None:
         print(f"  gpu offload   {'yes' if engine['gpu_offload'] else 'no'}; GPU backends built: {built}")
         if not engine.get("gpu_backends_built"):
             print('                to use a GPU, recreate with CMAKE_ARGS="-DGGML_CUDA=on" node-supervisor envs create ' + name)
-    if "cuda_available" in engine:
-        print(f"  cuda          {'available' if engine['cuda_available'] else 'not available'}")
+    if "cuda_available" in facts:
+        print(f"  cuda          {'available' if facts['cuda_available'] else 'not available (torch sees no CUDA device)'}")
     if "unavailable" in facts:
         print(f"  engine        unavailable: {facts['unavailable']}")

@@ -26,9 +26,16 @@ def default_model_path(settings: Settings) -> Path:
     return settings.models_dir / DEFAULT_MODEL_FILE
 
 
+DEFAULT_EXL2_DIR = "exl2"  # no EXL2 model ships as a package: the operator puts one here
+
+
 def model_path_for(settings: Settings, engine: EngineConfig) -> Path:
-    """The model an engine serves: its configured path, else the default model."""
-    return engine.model.expanduser() if engine.model else default_model_path(settings)
+    """The model an engine serves: its configured path, else the default for its kind."""
+    if engine.model:
+        return engine.model.expanduser()
+    if engine.kind == "exllamav2":
+        return settings.models_dir / DEFAULT_EXL2_DIR
+    return default_model_path(settings)
 
 
 def ensure_default_model(settings: Settings, on_line: LineFn) -> Path:

@@ -22,7 +22,7 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_defaults_serve_the_default_model_with_one_llamacpp_engine(tmp_path, monkeypatch):
     monkeypatch.delenv("NODESUP_STATE_DIR", raising=False)
     settings = load_settings(None, {"state_dir": tmp_path})
-    assert list(settings.engines) == ["llama"]
+    assert list(settings.engines) == ["llama", "exllamav2"]
     assert settings.engines["llama"].kind == "llamacpp" and settings.engines["llama"].model is None
     assert settings.client_endpoint == f"ipc://{tmp_path}/run/client.sock"
     assert settings.log_dir == tmp_path / "logs" and settings.envs_dir == tmp_path / "envs"
