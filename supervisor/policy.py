@@ -114,8 +114,10 @@ class LatencySwitch:
     * the active engine breaching its objective for ``breach_for_s``, and a
       healthy engine that is not breaching exists: move to it, but not sooner
       than ``min_dwell_s`` after the last switch (no flapping);
-    * the preferred engine (first by priority) healthy and recovered, dwell
-      time over: move back to it.
+    * the preferred engine (first by priority) healthy, dwell time over, and,
+      if it was left for its latency, recovered: move back to it.
+
+    The first choice at start does not count as a switch for the dwell time.
     """
 
     min_dwell_s: float = 30.0
@@ -123,14 +125,18 @@ class LatencySwitch:
     active: str | None = None
     switched_at: float = float("-inf")
     _breach_since: float | None = None
+    _left_for_latency: set[str] = field(default_factory=set)
 
     def decide(self, now: float, by_priority: list[str], healthy: set[str], verdicts: dict[str, LatencyVerdict]) -> tuple[str | None, str]:
         """Return (engine for unpinned traffic, why it changed or "")."""
         candidates = [name for name in by_priority if name in healthy]
         if not candidates:
             return self.active, ""
+        if self.active is None:
+            self.active = candidates[0]
+            return self.active, "start"
         if self.active not in candidates:
-            return self._switch(now, candidates[0], "active engine unhealthy" if self.active else "start")
+            return self._switch(now, candidates[0], "active engine unhealthy")
         active_verdict = verdicts.get(self.active, LatencyVerdict(False, False))
         if active_verdict.breaching:
             self._breach_since = self._breach_since if self._breach_since is not None else now
@@ -140,10 +146,15 @@ class LatencySwitch:
         if self._breach_since is not None and now - self._breach_since >= self.breach_for_s and dwell_over:
             for name in candidates:
                 if name != self.active and not verdicts.get(name, LatencyVerdict(False, False)).breaching:
+                    self._left_for_latency.add(self.active)
                     return self._switch(now, name, f"{self.active} over its latency objective")
         preferred = candidates[0]
-        if preferred != self.active and dwell_over and verdicts.get(preferred, LatencyVerdict(False, False)).recovered:
-            return self._switch(now, preferred, f"{preferred} recovered")
+        if preferred != self.active and dwell_over:
+            if preferred not in self._left_for_latency:
+                return self._switch(now, preferred, f"{preferred} healthy again")
+            if verdicts.get(preferred, LatencyVerdict(False, False)).recovered:
+                self._left_for_latency.discard(preferred)
+                return self._switch(now, preferred, f"{preferred} recovered")
         return self.active, ""
 
     def _switch(self, now: float, to: str, why: str) -> tuple[str, str]:

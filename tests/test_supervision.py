@@ -190,6 +190,7 @@ def test_latency_switch_moves_traffic_without_flapping_and_returns_on_recovery(m
     )
     events = Events(daemon)
     client = daemon.client()
+    daemon.wait_for(lambda s: s["daemon"]["active_engine"] == "a")
     assert collect(client.generate(prompt="x", max_tokens=2))[1]["engine"] == "a"
     a_control.write_text(json.dumps({"token_delay_s": 0.4}))
     slowed_at = time.monotonic()

@@ -140,8 +140,9 @@ def test_latency_switch_respects_dwell_and_hysteresis_then_returns():
     switch = LatencySwitch(min_dwell_s=5.0, breach_for_s=0.0)
     order, healthy = ["a", "b"], {"a", "b"}
     switch.decide(0.0, order, healthy, {"a": OK, "b": OK})
-    assert switch.decide(1.0, order, healthy, {"a": SLOW, "b": OK})[0] == "a", "dwell time since the start"
-    assert switch.decide(5.0, order, healthy, {"a": SLOW, "b": OK})[0] == "b"
+    assert switch.decide(1.0, order, healthy, {"a": SLOW, "b": OK})[0] == "b", "the start is not a switch"
+    # b breaches too soon after the switch: the dwell time holds traffic on b.
+    assert switch.decide(2.0, order, healthy, {"a": OK, "b": SLOW})[0] == "b"
     # a is no longer breaching but not yet under objective x hysteresis: stay.
     assert switch.decide(20.0, order, healthy, {"a": MEH, "b": OK})[0] == "b"
     # a recovered, but the dwell time since the switch is not over: stay.
@@ -151,6 +152,19 @@ def test_latency_switch_respects_dwell_and_hysteresis_then_returns():
     assert switch2.decide(7.0, order, healthy, {"a": OK, "b": OK})[0] == "b"
     active, why = switch2.decide(10.0, order, healthy, {"a": OK, "b": OK})
     assert active == "a" and "recovered" in why
+
+
+def test_preferred_engine_not_left_for_latency_returns_once_healthy_without_samples():
+    switch = LatencySwitch(min_dwell_s=5.0, breach_for_s=0.0)
+    order = ["a", "b"]
+    # At start only b is ready; a becomes ready a moment later and takes over at once.
+    assert switch.decide(0.0, order, {"b"}, {}) == ("b", "start")
+    active, why = switch.decide(0.1, order, {"a", "b"}, {"a": MEH, "b": OK})
+    assert active == "a" and "healthy again" in why
+    # a crashes: b at once; a back: after the dwell time, no latency verdict needed.
+    assert switch.decide(10.0, order, {"b"}, {})[0] == "b"
+    assert switch.decide(12.0, order, {"a", "b"}, {"a": MEH, "b": OK})[0] == "b"
+    assert switch.decide(15.0, order, {"a", "b"}, {"a": MEH, "b": OK})[0] == "a"
 
 
 def test_latency_switch_never_moves_to_an_engine_that_is_also_slow_or_unhealthy():
