@@ -64,6 +64,7 @@ class WorkerSlot:
         self.load_progress: float | None = None
         self.last_progress_at: float | None = None  # last hello or load progress report
         self.hang_reason: str | None = None  # set when the node killed the worker as hung
+        self.stop_requested_at: float | None = None
         self.probe_due_at: float | None = None  # next liveness probe of an idle worker
         self.load_failure: dict[str, Any] | None = None
         self.heartbeat: dict[str, Any] = {}
@@ -171,8 +172,13 @@ class WorkerSlot:
     def stop(self, reason: str) -> None:
         """Ask the worker to exit; the owner escalates if it does not."""
         if self.state in (SlotState.SPAWNING, SlotState.LOADING, SlotState.READY):
+            spawning = self.state is SlotState.SPAWNING
             self.set_state(SlotState.STOPPING, reason)
-            self.send({"type": p.S_SHUTDOWN})
+            self.stop_requested_at = time.monotonic()
+            if spawning:  # not connected yet: a message could not reach it
+                self.signal(signal.SIGTERM)
+            else:
+                self.send({"type": p.S_SHUTDOWN})
         elif self.state in (SlotState.BACKOFF, SlotState.FAILED):
             self.set_state(SlotState.STOPPED, reason)
 

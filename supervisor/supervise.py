@@ -75,7 +75,11 @@ class Supervisor:
     def route(self, now: float) -> None:
         """Re-evaluate which engine takes unpinned traffic; move waiting requests if it changed."""
         by_priority = [e.name for e in sorted(self.engines.values(), key=lambda e: e.config.priority)]
-        healthy = {e.name for e in self.engines.values() if e.healthy}
+        # A cold engine is the standby for when every warm engine is refused
+        # (failed, circuit open), not for a warm engine that is merely starting
+        # or restarting.
+        warm_all_refused = all(e.refusal is not None for e in self.engines.values() if e.config.standby == "warm")
+        healthy = {e.name for e in self.engines.values() if e.healthy and (e.slot.state is SlotState.READY or warm_all_refused)}
         verdicts = {e.name: e.verdict(now, self.config) for e in self.engines.values()}
         previous = self.switch.active
         active, why = self.switch.decide(now, by_priority, healthy, verdicts)
@@ -188,7 +192,10 @@ class Supervisor:
         config = self.config
         silent = now - (slot.last_heard or now)
         reason = None
-        if silent > config.hang_missed_heartbeats * self.settings.heartbeat_interval_s:
+        if slot.state is SlotState.STOPPING:
+            if now - (slot.stop_requested_at or now) > self.settings.shutdown_grace_s:
+                reason = f"still running {self.settings.shutdown_grace_s:.0f}s after being asked to stop"
+        elif silent > config.hang_missed_heartbeats * self.settings.heartbeat_interval_s:
             reason = f"no heartbeat for {silent:.1f}s"
         elif slot.current is not None and slot.current.dispatched_at is not None:
             last = slot.current.last_token_at or slot.current.dispatched_at
@@ -200,7 +207,7 @@ class Supervisor:
                 reason = f"no load progress for {now - (slot.last_progress_at or now):.0f}s"
             elif now - (slot.started_at or now) > self.settings.load_timeout_s:
                 reason = f"still loading after {self.settings.load_timeout_s:.0f}s"
-        if reason is not None and slot.hang_reason is None and slot.state is not SlotState.STOPPING:
+        if reason is not None and slot.hang_reason is None:
             log.error("worker hung; killing it", engine=engine.name, worker_id=slot.worker_id, reason=reason)
             self.events.publish(ev.TOPIC_WORKER_HANG, engine=engine.name, worker_id=slot.worker_id, reason=reason)
             slot.kill_hung(reason, config.kill_grace_s)

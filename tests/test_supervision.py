@@ -348,3 +348,25 @@ def test_request_on_a_stuck_worker_ends_at_the_stall_timeout_not_never(make_daem
     assert len(tokens) == 2 and terminal["code"] == "engine_failed", terminal
     assert time.monotonic() - started < 4.0
     assert "no token" in terminal["message"]
+
+
+def test_cold_standby_starts_on_demand_after_the_gpu_engine_before_it_has_exited(make_daemon, tmp_path):
+    # Both count as GPU engines (n_gpu_layers != 0): their memory must never overlap.
+    warm, _ = fake(tmp_path, "warm", 10)
+    cold, _ = fake(tmp_path, "cold", 20)
+    warm["n_gpu_layers"] = -1
+    cold.update(n_gpu_layers=-1, standby="cold")
+    daemon = make_daemon({"warm": warm, "cold": cold}, start=False, heartbeat_interval_s=0.3, supervision={"probe_interval_s": 0})
+    daemon.start(wait_ready=False)
+    events = Events(daemon)
+    status = daemon.wait_for(lambda s: s["engines"][0]["state"] == "ready")
+    assert status["engines"][1]["state"] == "stopped" and status["engines"][1]["workers"][0]["pid"] is None
+    _, done = collect(daemon.client().generate(prompt="x", max_tokens=3, engine="cold"))
+    assert done["event"] == "done" and done["engine"] == "cold"
+    status = daemon.status()
+    assert status["engines"][0]["state"] == "stopped", "the warm GPU engine made room"
+    warm_exit = events.wait("worker.exit", lambda e: e["engine"] == "warm")
+    cold_spawn = events.wait("worker.state", lambda e: e["engine"] == "cold" and e["new"] == "spawning")
+    assert warm_exit["intended"] and warm_exit["time"] <= cold_spawn["time"]
+    assert "making room on the GPU for cold" in [e for e in events.of("worker.state") if e["engine"] == "warm" and e["new"] == "stopping"][0]["reason"]
+    events.close()
