@@ -444,11 +444,8 @@ class Node:
             await asyncio.sleep(min(self.settings.heartbeat_interval_s, 0.25))
 
     def send_worker(self, worker_id: str, message: dict[str, Any]) -> None:
-        try:
-            self.workers.send_multipart([worker_id.encode(), p.encode(message)], flags=zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
-            # Not connected yet, or already gone: the exit watcher handles the latter.
-            log.debug("worker unreachable", worker_id=worker_id, error=str(exc))
+        # Not connected yet, or already gone: the exit watcher handles the latter.
+        _send(self.workers, [worker_id.encode(), p.encode(message)], lambda exc: log.debug("worker unreachable", worker_id=worker_id, error=str(exc)))
 
     # --- terminal events -------------------------------------------------------
 
@@ -518,11 +515,11 @@ class Node:
         self._reply(envelope, {"id": mid, "event": p.EVENT_ERROR, "code": code, "message": message})
 
     def _reply(self, envelope: list[bytes], event: dict[str, Any]) -> None:
-        try:
-            self.clients.send_multipart([*envelope, p.encode(event)], flags=zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
+        def unreachable(exc: BaseException) -> None:
             log.warning("client unreachable; cancelling its requests", error=str(exc))
             self._client_gone(b"".join(envelope))
+
+        _send(self.clients, [*envelope, p.encode(event)], unreachable)
 
     def _client_gone(self, client: bytes) -> None:
         """Nobody will read the answers: stop spending compute on them."""
@@ -550,3 +547,21 @@ class Node:
             },
             "engines": [engine.describe(now) for engine in sorted(self.engines.values(), key=lambda e: e.config.priority)],
         }
+
+
+def _send(sock: zmq.asyncio.Socket, frames: list[bytes], on_error: Any) -> None:
+    """Send without waiting; a refusal (ROUTER_MANDATORY: peer unknown) goes to ``on_error``.
+
+    zmq.asyncio reports a failed send through the returned future, not by raising.
+    """
+    try:
+        future = sock.send_multipart(frames, flags=zmq.NOBLOCK)
+    except zmq.ZMQError as exc:
+        on_error(exc)
+        return
+
+    def check(done: Any) -> None:
+        if not done.cancelled() and done.exception() is not None:
+            on_error(done.exception())
+
+    future.add_done_callback(check)
