@@ -199,7 +199,7 @@ class Node:
         if (client, mid) in self.requests:
             raise InvalidMessage(ErrorCode.DUPLICATE_ID, f"id {mid!r} is still in use by a running request")
         engine = self._choose_engine(params.engine)
-        if engine.queue_full:
+        if engine.queue_full and not engine.slot.idle:
             raise InvalidMessage(ErrorCode.BUSY, f"engine {engine.name!r} has {len(engine.queue)} requests waiting (max_queue)")
         self.submit(engine, Request(client=client, id=mid, params=params, envelope=envelope, engine=engine.name))
 

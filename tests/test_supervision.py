@@ -30,6 +30,7 @@ class Events:
     """A subscriber to the daemon's event feed, collecting in the background."""
 
     def __init__(self, daemon) -> None:
+        daemon.wait_for(lambda status: True)  # the daemon answers: its PUB socket is bound
         self.context = zmq.Context()
         self.sub = self.context.socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)
@@ -56,7 +57,7 @@ class Events:
                 if predicate(event):
                     return event
             time.sleep(0.02)
-        pytest.fail(f"no {topic} event within {timeout}s; seen: {[e['topic'] for e in self.seen]}")
+        pytest.fail(f"no {topic} event within {timeout}s; seen: {[(e['topic'], e.get('engine'), e.get('new'), e.get('to')) for e in self.seen]}")
 
     def close(self) -> None:
         self._stop.set()
@@ -358,9 +359,9 @@ def test_cold_standby_starts_on_demand_after_the_gpu_engine_before_it_has_exited
     cold.update(n_gpu_layers=-1, standby="cold")
     daemon = make_daemon({"warm": warm, "cold": cold}, start=False, heartbeat_interval_s=0.3, supervision={"probe_interval_s": 0})
     daemon.start(wait_ready=False)
-    events = Events(daemon)
     status = daemon.wait_for(lambda s: s["engines"][0]["state"] == "ready")
     assert status["engines"][1]["state"] == "stopped" and status["engines"][1]["workers"][0]["pid"] is None
+    events = Events(daemon)
     _, done = collect(daemon.client().generate(prompt="x", max_tokens=3, engine="cold"))
     assert done["event"] == "done" and done["engine"] == "cold"
     status = daemon.status()
