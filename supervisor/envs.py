@@ -29,6 +29,14 @@ from .config import Settings
 
 REQUIREMENTS_DIR = Path(__file__).resolve().parent.parent / "config" / "requirements"
 MARKER = "node-supervisor-env.json"
+
+# Run in a new environment after pip.  exllamav2 compiles its CUDA extension
+# the first time it is imported, which takes minutes: done here, on a node
+# with CUDA, it does not happen inside a worker's start-up, where it would
+# look like a hang.  Without CUDA there is nothing to compile.
+POST_INSTALL = {
+    "exllamav2": "import torch\nif torch.cuda.is_available():\n    import exllamav2\n    print('exllamav2 CUDA extension built')",
+}
 LineFn = Callable[[str], None]
 
 
@@ -80,6 +88,11 @@ def create_env(settings: Settings, name: str, kind: str, on_line: LineFn) -> Pat
     code = run_streaming(command, on_line)
     if code != 0:
         raise EnvError(f"pip failed with exit code {code} installing {requirements} into {path}")
+    if kind in POST_INSTALL:
+        on_line(f"preparing {kind} (first import)")
+        code = run_streaming([str(env_python(path)), "-c", POST_INSTALL[kind]], on_line)
+        if code != 0:
+            raise EnvError(f"the first import of {kind} failed (exit code {code}) in {path}")
     marker.write_text(json.dumps({"kind": kind, "requirements_sha": _digest(requirements.read_text())}))
     return path
 

@@ -1,14 +1,14 @@
 """The ExLlamaV2 engine (EXL2 models, NVIDIA GPUs).  The only module importing exllamav2 and torch.
 
-exllamav2 0.3.2 compiles its CUDA extension when it is imported, and fails
-with an OSError about CUDA_HOME on a machine without CUDA.  So torch is
-asked first: without a CUDA device the module raises EngineUnavailable with
-a one-line reason and never imports exllamav2 (the worker then exits with
-the "unavailable" code and the daemon does not restart it).
+exllamav2 0.3.2 JIT-compiles its CUDA extension when it is imported and
+fails with an OSError about CUDA_HOME on a machine without CUDA.  So torch
+is asked first: without a CUDA device this module raises EngineUnavailable
+with a one-line reason and never imports exllamav2 (the worker then exits
+with the "unavailable" code and the daemon does not restart it).
 
 Generation uses the dynamic generator: one job per request, streamed with
-``generator.iterate()``, cancelled between iterations with
-``generator.cancel(job)``.
+``generator.iterate()`` (one token per call for our job, as no draft model
+is used) and cancelled between two calls with ``generator.cancel(job)``.
 """
 
 from __future__ import annotations
@@ -29,15 +29,23 @@ from .engine import (
 )
 from .protocol import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, ErrorCode
 
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
 try:
     import torch
-except Exception as exc:
-    raise EngineUnavailable(f"torch failed to import: {exc}") from exc
+except Exception as exc:  # a broken or missing torch
+    raise EngineUnavailable(f"torch failed to import: {_one_line(exc)}") from None
 
 if not torch.cuda.is_available():
-    raise EngineUnavailable(f"no CUDA: torch {torch.__version__} sees no CUDA device")
+    _cpu_build = " (a CPU-only build: this environment needs a CUDA build of torch)" if torch.version.cuda is None else ""
+    raise EngineUnavailable(f"no CUDA: torch {torch.__version__} sees no CUDA device{_cpu_build}")
 
 try:
+    import exllamav2
     from exllamav2 import (
         ExLlamaV2,
         ExLlamaV2Cache,
@@ -47,11 +55,20 @@ try:
         ExLlamaV2Config,
         ExLlamaV2Tokenizer,
     )
+    from exllamav2.attn import has_flash_attn_with_paged
     from exllamav2.generator import ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob, ExLlamaV2Sampler
-except (ImportError, OSError, RuntimeError) as exc:  # the CUDA extension failed to build or load
-    raise EngineUnavailable(f"exllamav2 failed to import: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+except Exception as exc:  # the CUDA extension failed to build or load (no nvcc, ABI mismatch)
+    raise EngineUnavailable(f"exllamav2 failed to import: {_one_line(exc)}") from None
 
+# "cache_type" option -> cache class.  (ExLlamaV2Cache_8bit is left out: the
+# dynamic generator refuses it; Q8 is the quantized 8-bit cache it accepts.)
 CACHE_TYPES = {"fp16": ExLlamaV2Cache, "q4": ExLlamaV2Cache_Q4, "q6": ExLlamaV2Cache_Q6, "q8": ExLlamaV2Cache_Q8}
+PAGE_SIZE = 256  # the dynamic generator wants a cache length that is a multiple of this
+
+# exllamav2's ways of saying "this model will not load here": asserts for a
+# bad directory or architecture, FileNotFoundError for a missing tokenizer.json,
+# torch.cuda.OutOfMemoryError (a RuntimeError) when it does not fit.
+_LOAD_ERRORS = (AssertionError, OSError, ValueError, KeyError, TypeError, RuntimeError)
 
 
 class ExLlamaV2Engine:
@@ -60,106 +77,207 @@ class ExLlamaV2Engine:
     def __init__(self) -> None:
         self._tokenizer: Any = None
         self._generator: Any = None
+        self._stop_tokens: list[int] = []
+        self._n_ctx = 0
         self._chat_template: Any = None
+        self._no_template_reason = "this model has no chat template"
 
     def versions(self) -> dict[str, Any]:
-        import exllamav2
         import numpy
 
         return {
             "exllamav2": getattr(exllamav2, "__version__", None),
             "torch": torch.__version__,
+            "torch_cuda": torch.version.cuda,
             "cuda_available": torch.cuda.is_available(),
             "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+            "flash_attn_paged": bool(has_flash_attn_with_paged),
             "numpy": numpy.__version__,
         }
 
     def load(self, spec: dict[str, Any], progress: ProgressFn) -> dict[str, Any]:
         model_dir = Path(spec["model"])
+        if not model_dir.is_dir():
+            raise ModelError(f"model directory not found: {model_dir}", missing=True)
         if not (model_dir / "config.json").is_file():
-            raise ModelError(f"not an EXL2 model directory (no config.json): {model_dir}", missing=not model_dir.exists())
-        options = spec.get("options") or {}
-        cache_type = options.get("cache_type", "fp16")
+            raise ModelError(f"not an EXL2 model directory (no config.json): {model_dir}")
+        options = dict(spec.get("options") or {})
+        cache_type = str(options.get("cache_type", "fp16"))
         if cache_type not in CACHE_TYPES:
             raise ModelError(f"cache_type {cache_type!r} is not one of {', '.join(CACHE_TYPES)}")
-        n_ctx = int(spec.get("n_ctx", 2048))
+        # Round up to whole cache pages rather than refuse an n_ctx like 2000.
+        n_ctx = -(-int(spec.get("n_ctx", 2048)) // PAGE_SIZE) * PAGE_SIZE
+        progress(0.0, f"loading {model_dir.name}")
         try:
             config = ExLlamaV2Config(str(model_dir))
             config.max_seq_len = n_ctx
+            config.arch_compat_overrides()  # turns off attention kernels the architecture cannot use
             model = ExLlamaV2(config)
-            cache = CACHE_TYPES[cache_type](model, max_seq_len=n_ctx, lazy=True)
-            model.load_autosplit(cache, callback=lambda done, total: progress(done / max(total, 1), "loading modules"))
-            self._tokenizer = ExLlamaV2Tokenizer(config)
-        except (OSError, ValueError, KeyError) as exc:
-            raise ModelError(f"cannot load {model_dir}: {exc}") from exc
-        self._generator = ExLlamaV2DynamicGenerator(model=model, cache=cache, tokenizer=self._tokenizer)
-        self._chat_template = _chat_template(model_dir)
-        return {"model": str(model_dir), "model_name": model_dir.name, "n_ctx": n_ctx, "cache_type": cache_type, "chat_template": self._chat_template is not None}
+            cache = self._load_weights(model, CACHE_TYPES[cache_type], n_ctx, options, progress)
+            tokenizer = ExLlamaV2Tokenizer(config)
+            # Paged attention needs flash-attn >= 2.5.7; without it the generator
+            # runs unpaged, one sequence at a time, which is all a worker serves.
+            paged = bool(options.get("paged", has_flash_attn_with_paged and not config.no_flash_attn))
+            self._generator = ExLlamaV2DynamicGenerator(model=model, cache=cache, tokenizer=tokenizer, paged=paged)
+        except _LOAD_ERRORS as exc:
+            raise ModelError(f"cannot load {model_dir}: {_one_line(exc)}") from exc
+        self._tokenizer, self._n_ctx = tokenizer, n_ctx
+        # Instruct models end a turn with tokens besides the tokenizer's EOS
+        # (Llama 3's <|eot_id|>): generation_config.json lists them all.
+        extra = (getattr(config, "generation_config", None) or {}).get("eos_token_id") or []
+        self._stop_tokens = sorted({t for t in [tokenizer.eos_token_id, *extra] if isinstance(t, int)})
+        self._chat_template, self._no_template_reason = _chat_template(model_dir)
+        progress(1.0, "loaded")
+        return {
+            "model": str(model_dir),
+            "model_name": model_dir.name,
+            "architecture": getattr(config.arch, "arch_string", None),
+            "n_ctx": n_ctx,
+            "cache_type": cache_type,
+            "paged": paged,
+            "chat_template": self._chat_template is not None,
+        }
+
+    @staticmethod
+    def _load_weights(model: Any, cache_class: Any, n_ctx: int, options: dict[str, Any], progress: ProgressFn) -> Any:
+        """Load the weights, reporting per-module progress; return the cache.
+
+        With ``gpu_split`` (GB per GPU) the split is manual and the cache is
+        allocated after the weights; otherwise load_autosplit fills the GPUs
+        in turn and allocates a lazy cache as it goes.
+        """
+        last = [-1.0]
+
+        def on_module(done: int, total: int) -> None:
+            fraction = done / max(total, 1)
+            if fraction - last[0] >= 0.05 or done >= total:
+                last[0] = fraction
+                progress(fraction, "loading modules")
+
+        if options.get("gpu_split"):
+            model.load(gpu_split=[float(x) for x in options["gpu_split"]], callback=on_module)
+            return cache_class(model, max_seq_len=n_ctx)
+        cache = cache_class(model, max_seq_len=n_ctx, lazy=True)
+        model.load_autosplit(cache, reserve_vram=options.get("reserve_vram"), callback=on_module)
+        return cache
 
     def _prompt_ids(self, request: GenerateRequest) -> Any:
         tokenizer = self._tokenizer
         if request.messages is None:
             return tokenizer.encode(request.prompt or "", add_bos=True, encode_special_tokens=True)
         if self._chat_template is None:
-            raise RequestError(ErrorCode.INVALID_REQUEST, "this model has no chat template (tokenizer_config.json); send a prompt")
+            raise RequestError(ErrorCode.INVALID_REQUEST, f"{self._no_template_reason}; send a prompt instead of messages")
         try:
             text = self._chat_template.render(
-                messages=request.messages, add_generation_prompt=True, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token
+                messages=request.messages,
+                add_generation_prompt=True,
+                bos_token=tokenizer.bos_token,
+                eos_token=tokenizer.eos_token,
             )
-        except Exception as exc:  # the template itself may reject the conversation
+        except Exception as exc:  # the template itself may reject the conversation (raise_exception)
             raise RequestError(ErrorCode.INVALID_REQUEST, f"chat template rejected the messages: {exc}") from exc
         # The template writes the BOS token itself when the model wants one.
         return tokenizer.encode(text, add_bos=False, encode_special_tokens=True)
 
+    @staticmethod
+    def _sampler(request: GenerateRequest) -> Any:
+        """Sampling settings.  Repetition penalty off (exllamav2 defaults to
+        1.025) so both engines sample alike; temperature 0 means greedy."""
+        if request.temperature <= 0:
+            return ExLlamaV2Sampler.Settings.greedy()
+        return ExLlamaV2Sampler.Settings(
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=request.top_k,
+            token_repetition_penalty=1.0,
+        )
+
     def generate(self, request: GenerateRequest, emit: EmitFn, should_stop: StopFn) -> GenerateResult:
         input_ids = self._prompt_ids(request)
         prompt_tokens = int(input_ids.shape[-1])
-        settings = ExLlamaV2Sampler.Settings()
-        settings.temperature = request.temperature
-        settings.top_p = request.top_p
-        settings.top_k = 1 if request.temperature == 0 else request.top_k  # temperature 0: greedy
-        stop: list[Any] = [] if request.ignore_eos else [self._tokenizer.eos_token_id]
+        if prompt_tokens == 0:
+            raise RequestError(ErrorCode.INVALID_REQUEST, "the prompt is empty")
+        if prompt_tokens >= self._n_ctx:
+            raise RequestError(
+                ErrorCode.CONTEXT_OVERFLOW, f"prompt is {prompt_tokens} tokens; the context holds {self._n_ctx}"
+            )
+        stop: list[int | str] = [] if request.ignore_eos else list(self._stop_tokens)
+        stop += [s for s in request.stop if s]
         job = ExLlamaV2DynamicJob(
             input_ids=input_ids,
-            max_new_tokens=request.max_tokens,
-            gen_settings=settings,
+            max_new_tokens=min(request.max_tokens, self._n_ctx - prompt_tokens),
+            gen_settings=self._sampler(request),
             seed=request.seed,
-            stop_conditions=stop + list(request.stop),
+            stop_conditions=stop,
         )
         generator = self._generator
         generator.enqueue(job)
-        generated, finish = 0, FINISH_LENGTH
-        while generator.num_remaining_jobs():
-            if should_stop():
-                generator.cancel(job)
-                finish = FINISH_CANCELLED
-                break
-            for result in generator.iterate():
-                if result.get("job") is not job or result.get("stage") != "streaming":
-                    continue
-                if result.get("text"):
-                    emit(result["text"])
-                if "token_ids" in result:
-                    generated += int(result["token_ids"].shape[-1])
-                if result.get("eos"):
-                    finish = FINISH_STOP if result.get("eos_reason") in ("stop_token", "stop_string") else FINISH_LENGTH
-                    generated = int(result.get("new_tokens", generated))
-        return GenerateResult(finish_reason=finish, prompt_tokens=prompt_tokens, completion_tokens=generated)
+        try:
+            finish = _stream(generator, job, emit, should_stop)
+        except BaseException:
+            generator.cancel(job)  # free its cache pages: the next request starts on an empty generator
+            raise
+        # job.new_tokens counts sampled tokens, held-back text (a partial stop
+        # string) included; it is -1 only before a token-healing first token.
+        return GenerateResult(finish_reason=finish, prompt_tokens=prompt_tokens, completion_tokens=max(job.new_tokens, 0))
 
 
-def _chat_template(model_dir: Path) -> Any:
-    """The model's own chat template (tokenizer_config.json), compiled with a sandboxed Jinja."""
-    path = model_dir / "tokenizer_config.json"
-    if not path.is_file():
-        return None
-    template = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
-    if isinstance(template, list):  # named templates: take the default one
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+def _stream(generator: Any, job: Any, emit: EmitFn, should_stop: StopFn) -> str:
+    """Run ``job`` to its end, emitting text; return the finish reason.
+
+    Each ``iterate()`` call ingests one chunk of the prompt or samples one
+    token for the job, so checking ``should_stop`` between calls stops both a
+    long prefill and a stream within one token.
+    """
+    while True:
+        if should_stop():
+            generator.cancel(job)
+            return FINISH_CANCELLED
+        for result in generator.iterate():
+            if result["job"] is not job or result["stage"] != "streaming":
+                continue  # the "started" and "prefill" stages carry no text
+            if result.get("text"):
+                emit(result["text"])
+            if result["eos"]:
+                return FINISH_STOP if result.get("eos_reason") in ("stop_token", "stop_string") else FINISH_LENGTH
+
+
+def _chat_template(model_dir: Path) -> tuple[Any, str]:
+    """The model's own chat template, compiled in a sandbox, or (None, why not).
+
+    Looked for where transformers keeps it: ``chat_template.jinja`` beside the
+    model, else the "chat_template" of tokenizer_config.json (a string, or a
+    list of named templates of which "default" is the one to use).
+    """
+    template: Any = None
+    jinja_file = model_dir / "chat_template.jinja"
+    config_file = model_dir / "tokenizer_config.json"
+    if jinja_file.is_file():
+        template = jinja_file.read_text(encoding="utf-8")
+    elif config_file.is_file():
+        try:
+            template = json.loads(config_file.read_text(encoding="utf-8")).get("chat_template")
+        except ValueError as exc:
+            return None, f"tokenizer_config.json is not valid JSON ({exc})"
+        if isinstance(template, list):
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
     if not template:
-        return None
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+        return None, "this model has no chat template (tokenizer_config.json has no chat_template)"
+    try:
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        return None, "jinja2 is not installed in the exllamav2 environment"
 
-    return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template)
+    def raise_exception(message: str) -> None:  # what HF templates call to refuse a conversation
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template), ""
+    except TemplateError as exc:
+        return None, f"the model's chat template does not compile: {exc}"
 
 
 def create_engine() -> ExLlamaV2Engine:
