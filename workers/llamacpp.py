@@ -91,6 +91,9 @@ class LlamaCppEngine:
                 self._llm = llama_cpp.Llama(**kwargs)
         except ValueError as exc:  # llama-cpp-python's way of saying "could not load"
             raise ModelError(f"cannot load {model_path}: {exc}") from exc
+        # Loading is over: no per-request chatter ("prefix-match hit") on stderr,
+        # which would wake the daemon's log relay in the middle of every prefill.
+        self._llm.verbose = False
         self._chat_formatter = self._make_chat_formatter(spec.get("chat_format"))
         progress(1.0, "loaded")
         llm = self._llm
