@@ -78,18 +78,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, default=3, help="alternating blocks per path")
     parser.add_argument("--reps", type=int, default=3, help="measured requests per block")
+    parser.add_argument("--threads", type=int, default=N_THREADS, help="llama.cpp n_threads on both paths")
     args = parser.parse_args()
 
     settings = shared_settings()
     model = ensure_default_model(settings, print)
     shared = {"envs_dir": settings.envs_dir, "data_dir": settings.data_dir, "model": model}
     direct = subprocess.Popen(
-        [str(env_python(settings.envs_dir / "llamacpp")), str(REPO / "bench" / "direct_llama.py"), str(model), str(N_CTX), str(N_THREADS)],
+        [str(env_python(settings.envs_dir / "llamacpp")), str(REPO / "bench" / "direct_llama.py"), str(model), str(N_CTX), str(args.threads)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert direct.stdin and direct.stdout
     version = json.loads(direct.stdout.readline())["llama_cpp_python"]
-    daemon = Daemon(shared, {"llama": {"kind": "llamacpp", "n_ctx": N_CTX, "n_threads": N_THREADS}}, supervision={"probe_interval_s": 0})
+    daemon = Daemon(shared, {"llama": {"kind": "llamacpp", "n_ctx": N_CTX, "n_threads": args.threads}}, supervision={"probe_interval_s": 0})
     daemon.start()
 
     def ask_direct(mode: str, reps: int) -> list[dict]:
@@ -113,7 +114,7 @@ def main() -> int:
     same = all(len(t) == 1 for t in texts.values()) and len(set().union(*texts.values())) == 1
     base, comp, served = summarize(results["generate"]), summarize(results["completion"]), summarize(results["daemon"])
     print(f"machine: {machine()}; llama-cpp-python {version}")
-    print(f"prompt {PROMPT!r}, {MAX_TOKENS} tokens, temperature 0, seed {SEED}, {args.blocks} blocks x {args.reps} requests per path")
+    print(f"prompt {PROMPT!r}, {MAX_TOKENS} tokens, temperature 0, seed {SEED}, n_threads {args.threads}, {args.blocks} blocks x {args.reps} requests per path")
     print(f"{'path':<44} {'tokens':>6} {'tokens/s':>9} {'TTFT ms':>8}")
     for label, figures in (
         ("in-process, Llama.generate loop (baseline)", base),
