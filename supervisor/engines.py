@@ -8,7 +8,7 @@ from typing import Any
 from .config import EngineConfig, SupervisionConfig
 from .health import EngineLatency
 from .lifecycle import SlotState
-from .policy import Backoff, Circuit, CircuitBreaker, LatencyVerdict
+from .policy import Backoff, CircuitBreaker, LatencyVerdict
 from .scheduler import Request
 from .slot import WorkerSlot
 
@@ -49,14 +49,13 @@ class EngineRuntime:
         return self.config.standby == "cold" and self.slot.state is SlotState.STOPPED
 
     def verdict(self, now: float, supervision: SupervisionConfig) -> LatencyVerdict:
-        verdict = self.latency.verdict(
-            now, self.config.slo_ttft_ms, self.config.slo_per_token_ms, supervision.latency_min_samples, supervision.latency_hysteresis
-        )
         if self.slot.process is None and self.config.standby == "cold":
             # A stopped cold engine cannot be measured: after the dwell time it
             # gets its chance again; if it is still slow it will be left again.
             return LatencyVerdict(breaching=False, recovered=True)
-        return verdict
+        return self.latency.verdict(
+            now, self.config.slo_ttft_ms, self.config.slo_per_token_ms, supervision.latency_min_samples, supervision.latency_hysteresis
+        )
 
     # --- queue -----------------------------------------------------------------
 
@@ -92,5 +91,3 @@ class EngineRuntime:
             "workers": [self.slot.describe(now)],
         }
 
-
-__all__ = ["EngineRuntime", "Circuit"]

@@ -302,7 +302,7 @@ class Node:
             self._fail(request, ErrorCode.ENGINE_FAILED, f"worker {request.worker_id} {cause}")
             return
         if request.tokens_sent == 0 and request.attempts < 2 and not self.stopping:
-            target = self._retry_target(engine, request)
+            target = self._target_for(engine, request)
             if target is not None:
                 request.dispatched_at = None
                 request.engine = target.name
@@ -318,18 +318,19 @@ class Node:
             usage={"prompt_tokens": None, "completion_tokens": request.tokens_sent},
         )
 
-    def _retry_target(self, engine: EngineRuntime, request: Request) -> EngineRuntime | None:
+    def _target_for(self, engine: EngineRuntime, request: Request) -> EngineRuntime | None:
+        """Where a request leaving ``engine`` can go: its pinned engine if that still
+        serves, else (unpinned) the engine that takes traffic now."""
         if request.params.engine is not None:
             return engine if engine.refusal is None else None
-        target = self.supervisor.target_for_unpinned()
-        return target if target is not None else None
+        return self.supervisor.target_for_unpinned()
 
     def reroute_queue(self, engine: EngineRuntime) -> None:
         """An engine that cannot serve hands its waiting requests on, or refuses them."""
         refusal = engine.refusal or (ErrorCode.ENGINE_UNAVAILABLE, "engine cannot serve")
         while engine.queue:
             request = engine.queue.popleft()
-            target = None if request.params.engine is not None else self.supervisor.target_for_unpinned()
+            target = self._target_for(engine, request)
             if target is None or target is engine:
                 self._fail(request, *refusal)
             else:
