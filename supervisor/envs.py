@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import workers
 
+from .builds import SOURCE_BUILT, BuildError, build_environ, build_key, build_wheel, pinned_requirement
 from .config import Settings
 
 REQUIREMENTS_DIR = Path(__file__).resolve().parent.parent / "config" / "requirements"
@@ -71,7 +72,21 @@ def env_is_current(settings: Settings, name: str, kind: str) -> bool:
         recorded = json.loads(marker.read_text())
     except ValueError:
         return False
-    return recorded.get("requirements_sha") == _digest(requirements_file(kind).read_text())
+    return recorded.get("requirements_sha") == _digest(requirements_file(kind).read_text()) and recorded.get(
+        "build_key"
+    ) == _source_build_key(kind)
+
+
+def _source_build(kind: str) -> str | None:
+    """The pinned requirement of ``kind`` that is compiled from source, if any."""
+    dist = SOURCE_BUILT.get(kind)
+    return pinned_requirement(requirements_file(kind), dist) if dist else None
+
+
+def _source_build_key(kind: str) -> str | None:
+    """What the compiled library was built for: another CPU or other build options make the env stale."""
+    requirement = _source_build(kind)
+    return build_key(requirement, build_environ()) if requirement else None
 
 
 def create_env(settings: Settings, name: str, kind: str, on_line: LineFn) -> Path:
@@ -83,8 +98,14 @@ def create_env(settings: Settings, name: str, kind: str, on_line: LineFn) -> Pat
     if not env_python(path).exists():
         on_line(f"creating virtual environment {path}")
         venv.EnvBuilder(with_pip=True, clear=True).create(path)
-    on_line(f"installing {requirements.name} into {path} (a source build of an engine can take minutes)")
-    command = [str(env_python(path)), "-m", "pip", "install", "--progress-bar", "off", "-r", str(requirements), *settings.pip_args]
+    prebuilt: list[str] = []
+    if (requirement := _source_build(kind)) is not None:
+        try:
+            prebuilt = [str(build_wheel(env_python(path), requirement, settings.pip_args, on_line, run_streaming))]
+        except BuildError as exc:
+            raise EnvError(str(exc)) from None
+    on_line(f"installing {requirements.name} into {path}")
+    command = [str(env_python(path)), "-m", "pip", "install", "--progress-bar", "off", *prebuilt, "-r", str(requirements), *settings.pip_args]
     code = run_streaming(command, on_line)
     if code != 0:
         raise EnvError(f"pip failed with exit code {code} installing {requirements} into {path}")
@@ -93,7 +114,9 @@ def create_env(settings: Settings, name: str, kind: str, on_line: LineFn) -> Pat
         code = run_streaming([str(env_python(path)), "-c", POST_INSTALL[kind]], on_line)
         if code != 0:
             raise EnvError(f"the first import of {kind} failed (exit code {code}) in {path}")
-    marker.write_text(json.dumps({"kind": kind, "requirements_sha": _digest(requirements.read_text())}))
+    marker.write_text(
+        json.dumps({"kind": kind, "requirements_sha": _digest(requirements.read_text()), "build_key": _source_build_key(kind)})
+    )
     return path
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
 from workers import protocol as p
 from workers.protocol import ErrorCode
@@ -32,15 +31,18 @@ from .models import model_path_for
 from .requests import InvalidMessage, message_id, message_op, parse_cancel_target, parse_generate
 from .scheduler import Request
 from .slot import WorkerSlot
+from .sockets import SocketReader, send_now
 from .supervise import Supervisor
 
 log = get_logger("supervisor.node")
+
+CLIENT_BACKLOG_LIMIT = 100_000  # events queued for one client before it counts as gone
 
 
 class Node:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.context = zmq.asyncio.Context()
+        self.context = zmq.Context()
         self.engines: dict[str, EngineRuntime] = {}
         self.requests: dict[tuple[bytes, str], Request] = {}
         self.events = ev.EventPublisher(None)
@@ -66,11 +68,10 @@ class Node:
         self._build_engines()
         self.supervisor = Supervisor(self)
         await self.supervisor.start()
-        self._tasks = [
-            asyncio.ensure_future(self._client_loop()),
-            asyncio.ensure_future(self._worker_loop()),
-            asyncio.ensure_future(self._watch_loop()),
-        ]
+        loop = asyncio.get_running_loop()
+        self.client_reader.start(loop)
+        self.worker_reader.start(loop)
+        self._tasks = [asyncio.ensure_future(self._watch_loop())]
         log.info("daemon serving", client_endpoint=self.settings.client_endpoint, events_endpoint=self.settings.events_endpoint, pid=os.getpid(), engines=list(self.engines))
         await self._stop.wait()
         await self._shutdown()
@@ -83,14 +84,19 @@ class Node:
         # Frames up to 4x the limit still get a proper message_too_large reply;
         # beyond that libzmq drops the connection before we see the frame.
         self.clients.setsockopt(zmq.MAXMSGSIZE, max(4 * limit, 16 << 20))
+        # Events a client leaves unread are held up to this many; a client that
+        # far behind is treated as gone (its requests are cancelled).
+        self.clients.setsockopt(zmq.SNDHWM, CLIENT_BACKLOG_LIMIT)
+        self.client_reader = SocketReader(self.clients, self._on_client_frames)
         self.workers = self._socket(zmq.ROUTER, self.settings.worker_endpoint)
         self.workers.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.worker_endpoint = self.workers.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.worker_reader = SocketReader(self.workers, self._on_worker_frames)
         publisher = self._socket(zmq.PUB, self.settings.events_endpoint)
         publisher.setsockopt(zmq.SNDHWM, 10_000)
         self.events = ev.EventPublisher(publisher)
 
-    def _socket(self, kind: int, endpoint: str | None) -> zmq.asyncio.Socket:
+    def _socket(self, kind: int, endpoint: str | None) -> zmq.Socket:
         assert endpoint is not None
         sock = self.context.socket(kind)
         sock.setsockopt(zmq.LINGER, 1000)
@@ -149,6 +155,8 @@ class Node:
         await asyncio.gather(*(e.slot.terminate(self.settings.shutdown_grace_s) for e in self.engines.values()))
         for task in self._tasks:
             task.cancel()
+        self.client_reader.stop()
+        self.worker_reader.stop()
         self.clients.close()
         self.workers.close()
         self.events.close()
@@ -157,15 +165,13 @@ class Node:
 
     # --- clients -------------------------------------------------------------
 
-    async def _client_loop(self) -> None:
-        while True:
-            frames = await self.clients.recv_multipart()
-            envelope, payload = frames[:-1], frames[-1]
-            try:
-                self._on_client_message(envelope, payload)
-            except Exception:  # a bug must not take the daemon down
-                log.exception("internal error handling a client message")
-                self._reply_error(envelope, None, ErrorCode.INTERNAL, "internal error; see the daemon log")
+    def _on_client_frames(self, frames: list[bytes]) -> None:
+        envelope, payload = frames[:-1], frames[-1]
+        try:
+            self._on_client_message(envelope, payload)
+        except Exception:  # a bug must not take the daemon down
+            log.exception("internal error handling a client message")
+            self._reply_error(envelope, None, ErrorCode.INTERNAL, "internal error; see the daemon log")
 
     def _on_client_message(self, envelope: list[bytes], payload: bytes) -> None:
         if len(payload) > self.settings.max_message_bytes:
@@ -341,15 +347,14 @@ class Node:
 
     # --- workers -------------------------------------------------------------
 
-    async def _worker_loop(self) -> None:
-        while True:
-            worker_id_raw, payload = (await self.workers.recv_multipart())[:2]
-            try:
-                self._on_worker_message(worker_id_raw.decode("utf-8", "replace"), p.decode(payload))
-            except p.DecodeError as exc:
-                log.error("undecodable message from a worker", worker_id=worker_id_raw, error=str(exc))
-            except Exception:
-                log.exception("internal error handling a worker message")
+    def _on_worker_frames(self, frames: list[bytes]) -> None:
+        worker_id_raw, payload = frames[0], frames[-1]
+        try:
+            self._on_worker_message(worker_id_raw.decode("utf-8", "replace"), p.decode(payload))
+        except p.DecodeError as exc:
+            log.error("undecodable message from a worker", worker_id=worker_id_raw, error=str(exc))
+        except Exception:
+            log.exception("internal error handling a worker message")
 
     def _on_worker_message(self, worker_id: str, message: dict[str, Any]) -> None:
         slot = self._slots_by_worker.get(worker_id) or self._claim(worker_id)
@@ -446,7 +451,9 @@ class Node:
 
     def send_worker(self, worker_id: str, message: dict[str, Any]) -> None:
         # Not connected yet, or already gone: the exit watcher handles the latter.
-        _send(self.workers, [worker_id.encode(), p.encode(message)], lambda exc: log.debug("worker unreachable", worker_id=worker_id, error=str(exc)))
+        error = send_now(self.workers, [worker_id.encode(), p.encode(message)], self.worker_reader)
+        if error is not None:
+            log.debug("worker unreachable", worker_id=worker_id, error=str(error))
 
     # --- terminal events -------------------------------------------------------
 
@@ -516,11 +523,12 @@ class Node:
         self._reply(envelope, {"id": mid, "event": p.EVENT_ERROR, "code": code, "message": message})
 
     def _reply(self, envelope: list[bytes], event: dict[str, Any]) -> None:
-        def unreachable(exc: BaseException) -> None:
-            log.warning("client unreachable; cancelling its requests", error=str(exc))
+        error = send_now(self.clients, [*envelope, p.encode(event)], self.client_reader)
+        if error is not None:
+            # Disconnected (ROUTER_MANDATORY: peer unknown), or CLIENT_BACKLOG_LIMIT
+            # events behind: either way nobody reads what follows.
+            log.warning("client unreachable; cancelling its requests", error=str(error))
             self._client_gone(b"".join(envelope))
-
-        _send(self.clients, [*envelope, p.encode(event)], unreachable)
 
     def _client_gone(self, client: bytes) -> None:
         """Nobody will read the answers: stop spending compute on them."""
@@ -549,22 +557,3 @@ class Node:
             "engines": [engine.describe(now) for engine in sorted(self.engines.values(), key=lambda e: e.config.priority)],
         }
 
-
-def _send(sock: zmq.asyncio.Socket, frames: list[bytes], on_error: Any) -> None:
-    """Send without waiting; a refusal (ROUTER_MANDATORY: peer unknown) goes to ``on_error``.
-
-    zmq.asyncio reports a failed send through the returned future, not by
-    raising.  A NOBLOCK send is settled at once, so it is checked here rather
-    than through a done-callback (which would cost an event-loop turn per token).
-    """
-    future = sock.send_multipart(frames, flags=zmq.NOBLOCK)
-    if future.done():
-        if future.exception() is not None:
-            on_error(future.exception())
-        return
-
-    def check(done: Any) -> None:
-        if not done.cancelled() and done.exception() is not None:
-            on_error(done.exception())
-
-    future.add_done_callback(check)

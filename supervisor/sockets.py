@@ -1,0 +1,89 @@
+"""ZeroMQ sockets on the asyncio loop, without a future per message.
+
+Every token of every stream crosses the daemon twice (worker in, client
+out), so the per-message cost is the daemon's cost.  pyzmq's asyncio layer
+allocates a future and takes an event-loop turn for every receive and send;
+here a socket is read by a plain callback that, each time the socket's file
+descriptor wakes the loop, reads every message waiting, and sends are plain
+non-blocking sends.
+
+libzmq signals readiness through its file descriptor edge-wise: an operation
+on the socket (a send included) can take in pending messages without the
+descriptor firing again.  So after every send, and after every drain, the
+socket's EVENTS are checked and a drain is scheduled if messages wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Callable
+
+import zmq
+import zmq.asyncio
+
+FramesHandler = Callable[[list[bytes]], None]
+
+
+class SocketReader:
+    """Calls ``handle(frames)`` for every message arriving on ``sock``, in order."""
+
+    def __init__(self, sock: zmq.Socket, handle: FramesHandler) -> None:
+        self.sock = sock
+        self.handle = handle
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_scheduled = False
+        self._fallback: asyncio.Task[None] | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        try:
+            loop.add_reader(self.sock.getsockopt(zmq.FD), self._drain)
+        except NotImplementedError:
+            # Windows' proactor loop has no add_reader: wait through pyzmq's
+            # asyncio layer (its selector thread), then drain the same way.
+            self._fallback = loop.create_task(self._wait_and_drain())
+        self.drain_soon()  # messages that arrived before the reader was attached
+
+    def stop(self) -> None:
+        if self._fallback is not None:
+            self._fallback.cancel()
+        elif self._loop is not None:
+            self._loop.remove_reader(self.sock.getsockopt(zmq.FD))
+        self._loop = None
+
+    def drain_soon(self) -> None:
+        """Schedule a drain if messages are waiting that the descriptor will not announce."""
+        if self._loop is None or self._drain_scheduled or not self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            return
+        self._drain_scheduled = True
+        self._loop.call_soon(self._drain)
+
+    def _drain(self) -> None:
+        self._drain_scheduled = False
+        sock, handle = self.sock, self.handle
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:  # closed during shutdown
+                return
+            handle(frames)
+
+    async def _wait_and_drain(self) -> None:
+        waiter = zmq.asyncio.Socket.from_socket(self.sock)
+        while True:
+            await waiter.poll(flags=zmq.POLLIN)
+            self._drain()
+
+
+def send_now(sock: zmq.Socket, frames: list[bytes], reader: SocketReader | None) -> zmq.ZMQError | None:
+    """Send without blocking; return the refusal (peer unknown, or its queue full) instead of raising."""
+    try:
+        sock.send_multipart(frames, flags=zmq.NOBLOCK)
+        error = None
+    except zmq.ZMQError as exc:
+        error = exc
+    if reader is not None:
+        reader.drain_soon()
+    return error
