@@ -37,6 +37,7 @@ class Client:
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.connect(endpoint)
         self._pending: dict[str, deque[dict[str, Any]]] = defaultdict(deque)
+        self._receive_timeout_ms = -1  # RCVTIMEO as last set (-1: wait forever, zmq's default)
 
     def __enter__(self) -> "Client":
         return self
@@ -114,13 +115,24 @@ class Client:
     def receive(self, request_id: str | None, timeout_s: float | None = ...) -> dict[str, Any]:  # type: ignore[assignment]
         """The next event for ``request_id`` (None: errors the daemon could not tie to an id)."""
         timeout = self.timeout_s if timeout_s is ... else timeout_s
-        queue = self._pending[request_id]  # type: ignore[index]
-        while not queue:
-            if not self._socket.poll(None if timeout is None else int(timeout * 1000)):
-                raise ClientTimeout(f"no answer from {self.endpoint} within {timeout}s")
-            event = p.decode(self._socket.recv())
+        queue = self._pending.get(request_id)
+        if queue:
+            event = queue.popleft()
+            if not queue:
+                del self._pending[request_id]
+            return event
+        self._set_receive_timeout(timeout)
+        while True:
+            try:
+                event = p.decode(self._socket.recv())
+            except zmq.Again:
+                raise ClientTimeout(f"no answer from {self.endpoint} within {timeout}s") from None
+            if event.get("id") == request_id:
+                return event
             self._pending[event.get("id")].append(event)  # type: ignore[index]
-        event = queue.popleft()
-        if not queue:
-            del self._pending[request_id]  # type: ignore[arg-type]
-        return event
+
+    def _set_receive_timeout(self, timeout: float | None) -> None:
+        milliseconds = -1 if timeout is None else max(0, int(timeout * 1000))
+        if milliseconds != self._receive_timeout_ms:
+            self._socket.setsockopt(zmq.RCVTIMEO, milliseconds)
+            self._receive_timeout_ms = milliseconds

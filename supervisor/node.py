@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import time
 from pathlib import Path
@@ -276,6 +277,7 @@ class Node:
         request.worker_id = slot.worker_id
         request.attempts += 1
         request.wire_id = f"r{next(self._wire_ids)}"
+        request.worker_token_prefix = p.token_frame_prefix(request.wire_id)
         slot.current = request
         params = request.params
         remaining_ms = None
@@ -349,12 +351,30 @@ class Node:
 
     def _on_worker_frames(self, frames: list[bytes]) -> None:
         worker_id_raw, payload = frames[0], frames[-1]
+        if payload.startswith(p.TOKEN_FRAME_START) and self._forward_token_frame(worker_id_raw, payload):
+            return
         try:
-            self._on_worker_message(worker_id_raw.decode("utf-8", "replace"), p.decode(payload))
+            # Heartbeats come from the worker's watchdog socket; both sockets are the one worker.
+            worker_id = worker_id_raw.decode("utf-8", "replace").removesuffix(p.WATCHDOG_SUFFIX)
+            self._on_worker_message(worker_id, p.decode(payload))
         except p.DecodeError as exc:
             log.error("undecodable message from a worker", worker_id=worker_id_raw, error=str(exc))
         except Exception:
             log.exception("internal error handling a worker message")
+
+    def _forward_token_frame(self, worker_id_raw: bytes, payload: bytes) -> bool:
+        """The token fast path: a token of the running request, in the form the
+        worker runtime writes, is forwarded without decoding.  False: take the
+        general path."""
+        slot = self._slots_by_worker.get(worker_id_raw.decode("utf-8", "replace"))
+        request = slot.current if slot is not None else None
+        prefix = request.worker_token_prefix if request is not None else b"-"
+        if not (payload.startswith(prefix) and payload.endswith(b'"}') and payload[len(prefix) : len(prefix) + 1] == b'"'):
+            return False
+        now = time.monotonic()
+        slot.last_heard = now  # type: ignore[union-attr]
+        self._on_token(request, payload[len(prefix) : -1], now)  # type: ignore[arg-type]
+        return True
 
     def _on_worker_message(self, worker_id: str, message: dict[str, Any]) -> None:
         slot = self._slots_by_worker.get(worker_id) or self._claim(worker_id)
@@ -420,18 +440,8 @@ class Node:
         if request is None or request.wire_id != message.get("request_id"):
             return  # the end of a request already retried elsewhere
         if kind == p.W_TOKEN:
-            request.last_token_at = now
-            if request.finished:
-                return
-            request.tokens_sent += 1
-            if request.first_token_at is None:
-                request.first_token_at = now
-            if request.internal:
-                return
-            if request.params.stream:
-                self._reply(request.envelope, {"id": request.id, "event": p.EVENT_TOKEN, "text": message.get("text", ""), "index": request.tokens_sent - 1})
-            else:
-                request.text.append(message.get("text", ""))
+            text = message.get("text")
+            self._on_token(request, p.encode_string(text if isinstance(text, str) else ""), now)
             return
         slot.current = None
         engine = self.engines[slot.engine_name]
@@ -443,6 +453,22 @@ class Node:
             self._fail(request, message.get("code", ErrorCode.INTERNAL), message.get("message", "worker error"))
         slot.probe_due_at = now + self.settings.supervision.probe_interval_s
         self.pump(engine)
+
+    def _on_token(self, request: Request, text_literal: bytes, now: float) -> None:
+        """One token of the running request; ``text_literal`` is its text as a JSON string literal."""
+        request.last_token_at = now
+        if request.finished:
+            return
+        request.tokens_sent += 1
+        if request.first_token_at is None:
+            request.first_token_at = now
+        if request.internal:
+            return
+        if request.params.stream:
+            event = b"%s%s,\"index\":%d}" % (request.token_event_prefix, text_literal, request.tokens_sent - 1)
+            self._send_client(request.envelope, event)
+        else:
+            request.text.append(json.loads(text_literal))
 
     async def _watch_loop(self) -> None:
         while True:
@@ -523,7 +549,10 @@ class Node:
         self._reply(envelope, {"id": mid, "event": p.EVENT_ERROR, "code": code, "message": message})
 
     def _reply(self, envelope: list[bytes], event: dict[str, Any]) -> None:
-        error = send_now(self.clients, [*envelope, p.encode(event)], self.client_reader)
+        self._send_client(envelope, p.encode(event))
+
+    def _send_client(self, envelope: list[bytes], frame: bytes) -> None:
+        error = send_now(self.clients, [*envelope, frame], self.client_reader)
         if error is not None:
             # Disconnected (ROUTER_MANDATORY: peer unknown), or CLIENT_BACKLOG_LIMIT
             # events behind: either way nobody reads what follows.

@@ -11,6 +11,8 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
+from workers.protocol import token_event_prefix
+
 from .requests import GenerateParams
 
 
@@ -21,6 +23,7 @@ class Request:
     params: GenerateParams
     envelope: list[bytes] = field(default_factory=list)  # routing frames for replies
     wire_id: str = ""  # the id the worker knows it by; new at every dispatch
+    worker_token_prefix: bytes = b""  # how the worker's token messages for wire_id begin
     engine: str = ""  # engine serving it (set when queued)
     received_at: float = field(default_factory=time.monotonic)
     dispatched_at: float | None = None
@@ -33,6 +36,11 @@ class Request:
     internal: bool = False  # a liveness probe: nobody to answer
     finished: bool = False
     deadline_timer: asyncio.TimerHandle | None = None
+
+    token_event_prefix: bytes = b""  # how this request's token events to the client begin
+
+    def __post_init__(self) -> None:
+        self.token_event_prefix = token_event_prefix(self.id)
 
     @property
     def key(self) -> tuple[bytes, str]:

@@ -84,6 +84,15 @@ S_HEARTBEAT = "heartbeat"  # the daemon is alive
 S_SHUTDOWN = "shutdown"  # finish nothing more; exit
 
 
+# The worker's second socket, which carries heartbeats both ways (see
+# workers/runtime.py), has the worker id plus this suffix as its routing id.
+WATCHDOG_SUFFIX = "/watchdog"
+
+
+def watchdog_identity(worker_id: str) -> str:
+    return worker_id + WATCHDOG_SUFFIX
+
+
 # --- worker exit codes (protocol: they decide whether a restart can help) ---
 
 class ExitCode:
@@ -107,9 +116,34 @@ class DecodeError(ValueError):
     """A frame that is not one UTF-8 JSON object."""
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_string_literal = json.encoder.encode_basestring  # type: ignore[attr-defined]
+
+
+def encode_string(text: str) -> bytes:
+    """One JSON string literal, as ``encode`` writes strings: for building frames by hand on hot paths."""
+    return _string_literal(text).encode("utf-8")
+
+
 def encode(message: dict[str, Any]) -> bytes:
     """Encode one message as a compact UTF-8 JSON frame."""
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _ENCODER.encode(message).encode("utf-8")
+
+
+TOKEN_FRAME_START = b'{"type":"token",'
+
+
+def token_frame_prefix(request_id: str) -> bytes:
+    """A worker's token message up to its text: the frame is this, the text's
+    JSON string literal, and ``}``.  Worker and daemon build and read token
+    messages with it, so the commonest message costs no JSON work either side;
+    a token message in any other (valid JSON) form is still understood."""
+    return encode({"type": W_TOKEN, "request_id": request_id, "text": ""})[:-3]
+
+
+def token_event_prefix(request_id: str) -> bytes:
+    """A client token event up to its text; then the text literal, ``,"index":N}``."""
+    return encode({"id": request_id, "event": EVENT_TOKEN, "text": ""})[:-3]
 
 
 def decode(frame: bytes) -> dict[str, Any]:

@@ -1,17 +1,20 @@
-"""The worker runtime: hello -> load -> serve, with a heartbeat thread.
+"""The worker runtime: hello -> load -> serve, with a watchdog thread.
 
-Two threads:
+Two threads, each owning one DEALER socket to the daemon (ZeroMQ sockets are
+not thread-safe, so neither thread touches the other's):
 
-* the I/O thread owns the DEALER socket to the daemon.  It forwards what the
-  main thread queues, sends heartbeats, records cancels at once (so the main
-  thread sees them between two tokens), and ends the process when the daemon
-  has been silent for ``orphan_after`` seconds: a worker never outlives its
-  supervisor holding a model in memory.
 * the main thread imports the engine, loads the model and generates, one
   request at a time (a llama.cpp context is not safe for concurrent calls).
-
-ZeroMQ sockets are not thread-safe, so the main thread never touches the
-DEALER: it pushes encoded messages into an inproc PUSH/PULL pair.
+  Its socket carries the conversation: load and generate in, tokens and
+  results out, and cancel / shutdown, which it reads between two tokens.
+  Sending a token is one call on the generating thread: no other thread has
+  to wake up for it, which matters when the engine's compute threads already
+  keep every core busy.
+* the watchdog thread sends heartbeats (phase, request, last-token time) on a
+  socket of its own, so a main thread stuck inside the engine still shows as
+  alive-but-stuck, and ends the process when the daemon has been silent for
+  ``orphan_after`` seconds: a worker never outlives its supervisor holding a
+  model in memory.
 """
 
 from __future__ import annotations
@@ -19,12 +22,12 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import queue
 import signal
 import sys
 import threading
 import time
 import traceback
+from collections import deque
 from typing import Any
 
 import zmq
@@ -33,9 +36,6 @@ from . import protocol as p
 from .engine import EngineUnavailable, GenerateRequest, ModelError, RequestError, load_engine
 
 log = logging.getLogger("worker")
-
-_OUTBOX = "inproc://outbox"
-_FLUSHED = b""  # sentinel: the main thread has sent its last message
 
 
 class WorkerRuntime:
@@ -46,28 +46,34 @@ class WorkerRuntime:
         self.heartbeat_interval = heartbeat_interval
         self.orphan_after = 3 * heartbeat_interval
         self._context = zmq.Context()
-        self._inbox: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._socket = self._connect(worker_id)
+        self._waiting: deque[dict[str, Any]] = deque()  # commands read between tokens, for later
         self._cancelled: set[str] = set()
-        self._stopping = threading.Event()
-        # What heartbeats report; written by the main thread, read by the I/O thread.
+        self._stopping = False
+        # What heartbeats report; written by the main thread, read by the watchdog.
         self._activity: dict[str, Any] = {"phase": "starting", "request_id": None, "tokens": 0, "last_token_at": None}
-        self._outbox_pull = self._context.socket(zmq.PULL)
-        self._outbox_pull.bind(_OUTBOX)
-        self._outbox = self._context.socket(zmq.PUSH)
-        self._outbox.connect(_OUTBOX)
-        self._io_thread = threading.Thread(target=self._io_loop, name="worker-io", daemon=True)
+        self._watchdog = threading.Thread(target=self._watchdog_loop, name="watchdog", daemon=True)
+
+    def _connect(self, identity: str) -> zmq.Socket:
+        sock = self._context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, identity.encode())
+        sock.setsockopt(zmq.LINGER, 2000)  # let the last messages (load_failed, done) leave
+        sock.connect(self.endpoint)
+        return sock
 
     # --- main thread ---------------------------------------------------------
 
     def run(self) -> int:
-        self._io_thread.start()
+        self._watchdog.start()
         try:
             code = self._main()
         except Exception:
             traceback.print_exc()
             code = p.ExitCode.CRASH
-        self._outbox.send(_FLUSHED)
-        self._io_thread.join(timeout=5)
+        self._socket.close()
+        # Waits (up to the linger) until the last messages are out; the
+        # watchdog's wait ends with ContextTerminated and it closes its socket.
+        self._context.term()
         return code
 
     def _main(self) -> int:
@@ -92,7 +98,7 @@ class WorkerRuntime:
         )
         if unavailable is not None:
             return self._fail(p.ExitCode.UNAVAILABLE, "unavailable", unavailable)
-        load = self._inbox.get()
+        load = self._next_command()
         if load is None:
             return p.ExitCode.OK
         if load.get("protocol") != p.PROTOCOL_VERSION:
@@ -111,10 +117,40 @@ class WorkerRuntime:
         self._activity["phase"] = "idle"
         self._send(type=p.W_READY, model=facts)
         log.info("ready: %s", facts.get("model_name"))
-        while (message := self._inbox.get()) is not None:
+        while (message := self._next_command()) is not None:
             if message.get("type") == p.S_GENERATE:
                 self._serve(engine, message)
         return p.ExitCode.OK
+
+    def _next_command(self) -> dict[str, Any] | None:
+        """Wait for the next load or generate; None once asked to shut down."""
+        while not self._stopping:
+            if self._waiting:
+                return self._waiting.popleft()
+            self._on_command(self._socket.recv())
+        return None
+
+    def _read_commands(self) -> None:
+        """Take in what the daemon sent meanwhile (a cancel, a shutdown) without waiting."""
+        sock = self._socket
+        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._on_command(sock.recv(zmq.NOBLOCK))
+
+    def _on_command(self, frame: bytes) -> None:
+        try:
+            message = p.decode(frame)
+        except p.DecodeError as exc:
+            log.error("undecodable message from daemon: %s", exc)
+            return
+        kind = message.get("type")
+        if kind == p.S_CANCEL:
+            self._cancelled.add(message.get("request_id"))
+        elif kind == p.S_SHUTDOWN:
+            self._stopping = True
+        elif kind in (p.S_LOAD, p.S_GENERATE):
+            self._waiting.append(message)
+        else:
+            log.error("unknown message type from daemon: %r", kind)
 
     def _fail(self, exit_code: int, code: str, message: str) -> int:
         log.error("%s: %s", code, message)
@@ -132,10 +168,13 @@ class WorkerRuntime:
         activity = self._activity
         activity.update(phase="generating", request_id=rid, tokens=0, last_token_at=started)
         first_token_at: list[float] = []
+        send = self._socket.send
+        token_prefix = p.token_frame_prefix(rid)
 
         def should_stop() -> bool:
+            self._read_commands()
             return (
-                self._stopping.is_set()
+                self._stopping
                 or rid in self._cancelled
                 or (deadline is not None and time.monotonic() >= deadline)
             )
@@ -146,7 +185,7 @@ class WorkerRuntime:
                 first_token_at.append(now)
             activity["tokens"] += 1
             activity["last_token_at"] = now
-            self._send(type=p.W_TOKEN, request_id=rid, text=text)
+            send(token_prefix + p.encode_string(text) + b"}")
 
         try:
             result = engine.generate(request, emit, should_stop)
@@ -172,63 +211,38 @@ class WorkerRuntime:
             activity.update(phase="idle", request_id=None)
 
     def _send(self, **message: Any) -> None:
-        self._outbox.send(p.encode(message))
+        self._socket.send(p.encode(message))
 
-    # --- I/O thread ----------------------------------------------------------
+    # --- watchdog thread -----------------------------------------------------
 
-    def _io_loop(self) -> None:
-        dealer = self._context.socket(zmq.DEALER)
-        dealer.setsockopt(zmq.IDENTITY, self.worker_id.encode())
-        dealer.setsockopt(zmq.LINGER, 2000)  # let the last messages (load_failed, done) leave
-        dealer.connect(self.endpoint)
-        poller = zmq.Poller()
-        poller.register(dealer, zmq.POLLIN)
-        poller.register(self._outbox_pull, zmq.POLLIN)
+    def _watchdog_loop(self) -> None:
+        name_this_thread("watchdog")
+        sock = self._connect(p.watchdog_identity(self.worker_id))
         last_heard = time.monotonic()
         next_heartbeat = 0.0
-        while True:
-            now = time.monotonic()
-            if now >= next_heartbeat:
-                dealer.send(p.encode(self._heartbeat(now)))
-                next_heartbeat = now + self.heartbeat_interval
-            if now - last_heard > self.orphan_after:
-                _die_orphaned(now - last_heard)
-            timeout_ms = max(0.0, min(next_heartbeat, last_heard + self.orphan_after) - now) * 1000
-            for sock, _ in poller.poll(timeout_ms + 1):
-                if sock is self._outbox_pull:
-                    frame = sock.recv()
-                    if frame == _FLUSHED:
-                        dealer.close()
-                        return
-                    dealer.send(frame)
-                else:
+        try:
+            while True:
+                now = time.monotonic()
+                if now >= next_heartbeat:
+                    sock.send(p.encode(self._heartbeat(now)))
+                    next_heartbeat = now + self.heartbeat_interval
+                if now - last_heard > self.orphan_after:
+                    _die_orphaned(now - last_heard)
+                timeout_ms = max(0.0, min(next_heartbeat, last_heard + self.orphan_after) - now) * 1000
+                if sock.poll(timeout_ms + 1):
+                    while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                        sock.recv(zmq.NOBLOCK)  # daemon heartbeats: only their arrival matters
                     last_heard = time.monotonic()
-                    self._on_daemon_message(dealer.recv())
+        except zmq.ContextTerminated:  # the main thread is done: run() is terminating the context
+            pass
+        finally:
+            sock.close(linger=0)
 
     def _heartbeat(self, now: float) -> dict[str, Any]:
         activity = dict(self._activity)
         last_token_at = activity.pop("last_token_at")
         age_ms = None if last_token_at is None else round((now - last_token_at) * 1000, 1)
         return {"type": p.W_HEARTBEAT, **activity, "last_token_age_ms": age_ms}
-
-    def _on_daemon_message(self, frame: bytes) -> None:
-        try:
-            message = p.decode(frame)
-        except p.DecodeError as exc:
-            log.error("undecodable message from daemon: %s", exc)
-            return
-        kind = message.get("type")
-        if kind == p.S_HEARTBEAT:
-            return
-        if kind == p.S_CANCEL:
-            self._cancelled.add(message.get("request_id"))
-        elif kind == p.S_SHUTDOWN:
-            self._stopping.set()
-            self._inbox.put(None)
-        elif kind in (p.S_LOAD, p.S_GENERATE):
-            self._inbox.put(message)
-        else:
-            log.error("unknown message type from daemon: %r", kind)
 
 
 def installed_versions() -> dict[str, str | None]:
@@ -249,6 +263,16 @@ def _die_orphaned(silence: float) -> None:
     sys.stderr.write(f"worker: no word from the daemon for {silence:.1f}s; exiting\n")
     sys.stderr.flush()
     os._exit(p.ExitCode.ORPHANED)
+
+
+def name_this_thread(name: str) -> None:
+    """Give the calling thread a name that `top -H` and /proc show (Linux; elsewhere nothing)."""
+    if sys.platform.startswith("linux"):
+        try:
+            PR_SET_NAME = 15
+            ctypes.CDLL("libc.so.6").prctl(PR_SET_NAME, name.encode()[:15])
+        except OSError:
+            pass
 
 
 def exit_with_parent() -> None:
