@@ -64,8 +64,11 @@ def run_completion(llm: llama_cpp.Llama, prompt: str, max_tokens: int, seed: int
 
 def main() -> None:
     model, n_ctx, n_threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    llm = llama_cpp.Llama(model_path=model, n_ctx=n_ctx, n_threads=n_threads, verbose=False)
-    print(json.dumps({"ready": True, "llama_cpp_python": llama_cpp.__version__}), flush=True)
+    # n_threads 0: llama-cpp-python's default, as the daemon's engine with n_threads unset.
+    threads = {"n_threads": n_threads} if n_threads > 0 else {}
+    llm = llama_cpp.Llama(model_path=model, n_ctx=n_ctx, verbose=False, **threads)
+    ready = {"ready": True, "llama_cpp_python": llama_cpp.__version__, "n_threads": llm.context_params.n_threads}
+    print(json.dumps(ready), flush=True)
     for line in sys.stdin:
         command = json.loads(line)
         run = run_generate if command.get("mode", "generate") == "generate" else run_completion

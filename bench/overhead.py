@@ -1,6 +1,6 @@
 """What carrying tokens costs each process, in CPU time and wake-ups per token.
 
-    .venv/bin/python bench/overhead.py [--requests 20 --threads 2]
+    .venv/bin/python bench/overhead.py [--requests 20] [--threads N | --fake TOKEN_DELAY_S]
 
 Wall-clock throughput on a small shared machine moves by several percent from
 run to run; the cost of the daemon's path does not.  This reads the kernel's
@@ -50,14 +50,14 @@ def delta(before: dict, after: dict) -> dict[int, tuple[str, int, int, int]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=2, help="llama.cpp n_threads")
+    parser.add_argument("--threads", type=int, default=0, help="llama.cpp n_threads (default: the engine's default)")
     parser.add_argument("--fake", type=float, metavar="TOKEN_DELAY_S", help="the fake engine at this token delay instead of llama.cpp: the carrying path alone")
     args = parser.parse_args()
 
     settings = shared_settings()
     model = ensure_default_model(settings, print)
     shared = {"envs_dir": settings.envs_dir, "data_dir": settings.data_dir, "model": model}
-    engine = {"kind": "llamacpp", "n_ctx": N_CTX, "n_threads": args.threads}
+    engine = {"kind": "llamacpp", "n_ctx": N_CTX, **({"n_threads": args.threads} if args.threads else {})}
     if args.fake is not None:
         engine = {"kind": "fake", "options": {"token_delay_s": args.fake}}
     daemon = Daemon(shared, {"llama": engine}, supervision={"probe_interval_s": 0})

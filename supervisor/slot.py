@@ -69,6 +69,7 @@ class WorkerSlot:
         self.load_failure: dict[str, Any] | None = None
         self.heartbeat: dict[str, Any] = {}
         self.last_heard: float | None = None
+        self.heartbeat_sent_at = 0.0  # the daemon's last heartbeat to this worker
         self.current: Request | None = None
         self.restarts = 0
         self.last_exit: dict[str, Any] | None = None

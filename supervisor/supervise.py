@@ -182,7 +182,9 @@ class Supervisor:
         for engine in self.engines.values():
             slot = engine.slot
             if slot.process is not None and slot.worker_id:
-                self.node.send_worker(p.watchdog_identity(slot.worker_id), {"type": p.S_HEARTBEAT})
+                if now - slot.heartbeat_sent_at >= self.settings.heartbeat_interval_s:
+                    slot.heartbeat_sent_at = now
+                    self.node.send_worker(p.watchdog_identity(slot.worker_id), {"type": p.S_HEARTBEAT})
                 self._check_hang(engine, slot, now)
             self._maybe_probe_circuit(engine, now)
             self._maybe_probe_liveness(engine, slot, now)
