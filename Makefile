@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # so that llama.cpp is compiled once.
 TEST_STATE := $(CURDIR)/.state
 
-.PHONY: install run test bench bench-failover clean
+.PHONY: install run test bench bench-overhead bench-failover clean
 
 $(BIN)/node-supervisor: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ bench: install
 	NODESUP_STATE_DIR=$(TEST_STATE) NODESUP_DATA_DIR=$(TEST_STATE)/data \
 		$(BIN)/node-supervisor envs create llamacpp
 	NODESUP_TEST_STATE=$(TEST_STATE) $(BIN)/python bench/throughput.py
+
+bench-overhead: install
+	NODESUP_STATE_DIR=$(TEST_STATE) NODESUP_DATA_DIR=$(TEST_STATE)/data \
+		$(BIN)/node-supervisor envs create llamacpp
+	NODESUP_TEST_STATE=$(TEST_STATE) $(BIN)/python bench/overhead.py
 
 bench-failover: install
 	NODESUP_TEST_STATE=$(TEST_STATE) $(BIN)/python bench/failover.py
