@@ -77,8 +77,7 @@ def build_key(requirement: str, environ: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def cached_wheel(requirement: str, environ: dict[str, str]) -> Path | None:
-    directory = wheel_cache_root() / build_key(requirement, environ)
+def _wheel_in(directory: Path) -> Path | None:
     wheels = sorted(directory.glob("*.whl")) if directory.is_dir() else []
     return wheels[0] if wheels else None
 
@@ -86,11 +85,11 @@ def cached_wheel(requirement: str, environ: dict[str, str]) -> Path | None:
 def build_wheel(python: Path, requirement: str, pip_args: list[str], on_line: LineFn, run: Callable[..., int]) -> Path:
     """The wheel for ``requirement`` in this build configuration: from the cache, or built now."""
     environ = build_environ()
-    wheel = cached_wheel(requirement, environ)
-    if wheel is not None:
-        on_line(f"using {wheel.name} built earlier for this machine and build options ({wheel.parent})")
-        return wheel
     target = wheel_cache_root() / build_key(requirement, environ)
+    wheel = _wheel_in(target)
+    if wheel is not None:
+        on_line(f"using {wheel.name} built earlier for this machine and build options ({target})")
+        return wheel
     staging = target.with_name(f"{target.name}.tmp{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -105,7 +104,7 @@ def build_wheel(python: Path, requirement: str, pip_args: list[str], on_line: Li
         staging.rename(target)
     except OSError:  # another build of the same configuration finished first
         shutil.rmtree(staging, ignore_errors=True)
-    wheel = cached_wheel(requirement, environ)
+    wheel = _wheel_in(target)
     assert wheel is not None
     return wheel
 

@@ -37,7 +37,7 @@ class Request:
     finished: bool = False
     deadline_timer: asyncio.TimerHandle | None = None
 
-    token_event_prefix: bytes = b""  # how this request's token events to the client begin
+    token_event_prefix: bytes = field(init=False)  # how this request's token events to the client begin
 
     def __post_init__(self) -> None:
         self.token_event_prefix = token_event_prefix(self.id)

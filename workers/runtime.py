@@ -265,25 +265,27 @@ def _die_orphaned(silence: float) -> None:
     os._exit(p.ExitCode.ORPHANED)
 
 
+def _prctl(option: int, argument: Any) -> bool:
+    """Linux's prctl(2); False where there is none."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(option, argument)
+    except OSError:
+        return False
+    return True
+
+
 def name_this_thread(name: str) -> None:
     """Give the calling thread a name that `top -H` and /proc show (Linux; elsewhere nothing)."""
-    if sys.platform.startswith("linux"):
-        try:
-            PR_SET_NAME = 15
-            ctypes.CDLL("libc.so.6").prctl(PR_SET_NAME, name.encode()[:15])
-        except OSError:
-            pass
+    PR_SET_NAME = 15
+    _prctl(PR_SET_NAME, name.encode()[:15])
 
 
 def exit_with_parent() -> None:
     """On Linux, have the kernel kill this worker the moment its parent dies."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
+    PR_SET_PDEATHSIG = 1
+    if not _prctl(PR_SET_PDEATHSIG, signal.SIGKILL):
         return  # no prctl: the heartbeat watchdog still ends an orphan
     if os.getppid() == 1:  # the parent died before prctl took effect
         _die_orphaned(0.0)
