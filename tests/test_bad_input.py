@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from .conftest import collect
+from .conftest import assert_nothing_after, collect
 
 pytestmark = pytest.mark.real_engine
 
@@ -84,19 +84,20 @@ def test_invalid_requests(llama_daemon, message, code, mentions):
 
 
 def test_duplicate_id_while_running(llama_daemon):
+    """The refusal is not tied to the running request's id: that request still ends exactly once."""
     client = llama_daemon.client()
     client.send({"op": "generate", "id": "dup", "prompt": "Once", "max_tokens": 200, "ignore_eos": True})
     client.send({"op": "generate", "id": "dup", "prompt": "Twice", "max_tokens": 5})
-    events = []
-    while True:  # the refusal is interleaved with the first request's tokens
-        event = client.receive("dup")
-        events.append(event)
-        if event["event"] == "error":
-            break
-    assert events[-1]["code"] == "duplicate_id"
+    refusal = first_error(client, None)
+    assert refusal["code"] == "duplicate_id" and refusal["rejected_id"] == "dup", refusal
+    for op in ({"op": "ping"}, {"op": "status"}, {"op": "cancel", "target": "other"}):
+        client.send({**op, "id": "dup"})
+        refusal = first_error(client, None)
+        assert refusal["code"] == "duplicate_id" and refusal["rejected_id"] == "dup", (op, refusal)
     assert client.cancel("dup")["found"] is True
-    _, done = collect(client.events("dup"))
-    assert done["finish_reason"] == "cancelled"
+    tokens, done = collect(client.events("dup"))
+    assert done["event"] == "done" and done["finish_reason"] == "cancelled", done
+    assert_nothing_after(client, "dup")
     assert_still_serving(llama_daemon)
 
 

@@ -6,10 +6,10 @@ import random
 
 import pytest
 
-from supervisor.health import LatencyWindow
-from supervisor.lifecycle import ALLOWED, IllegalTransition, SlotState, check_transition
-from supervisor.policy import Backoff, retry_can_help
-from supervisor.requests import InvalidMessage, parse_generate
+from supervisor.core.latency import LatencyWindow
+from supervisor.core.lifecycle import ALLOWED, IllegalTransition, WorkerState as SlotState, check_transition
+from supervisor.core.policy import Backoff, retry_can_help
+from supervisor.core.validate import InvalidMessage, parse_generate
 from workers.protocol import ExitCode
 from workers.textstream import TextAssembler
 
@@ -97,7 +97,7 @@ def test_exit_codes_that_retrying_cannot_fix():
 
 # --- supervision policies, driven with a fake clock ---------------------------------
 
-from supervisor.policy import Circuit, CircuitBreaker, LatencySwitch, LatencyVerdict  # noqa: E402
+from supervisor.core.policy import Circuit, CircuitBreaker, LatencySwitch, LatencyVerdict  # noqa: E402
 
 OK = LatencyVerdict(breaching=False, recovered=True)
 SLOW = LatencyVerdict(breaching=True, recovered=False)

@@ -155,3 +155,7 @@ def decode(frame: bytes) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise DecodeError(f"expected a JSON object, got {type(message).__name__}")
     return message
+
+
+def invalid_text_path(value: Any, path: str = "") -> str | None:
+    return None

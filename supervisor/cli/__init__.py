@@ -6,11 +6,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
-from .config import EX_CONFIG, ConfigError, Settings, find_config_file, load_settings
+from ..config import EX_CONFIG, ConfigError, Settings, find_config_file, load_settings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,21 +68,35 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"node-supervisor: config error: {exc}", file=sys.stderr)
         return EX_CONFIG
-    if args.command == "run":
-        from .daemon import run_daemon
+    return COMMANDS[args.command](settings, args)
 
-        return run_daemon(settings, create_envs=settings.create_envs and not args.no_create_envs)
-    if args.command == "envs":
-        from .envs_cli import envs_command
 
-        return envs_command(settings, args.envs_command, args.names)
-    if args.command == "events":
-        from .client_cli import watch_events
+def _run(settings: Settings, args: argparse.Namespace) -> int:
+    from ..daemon.run import run_daemon  # the daemon's modules load only for `run`
 
-        return watch_events(settings, args)
-    from .client_cli import client_command
+    return run_daemon(settings, create_envs=settings.create_envs and not args.no_create_envs)
+
+
+def _envs(settings: Settings, args: argparse.Namespace) -> int:
+    from .envs_command import envs_command
+
+    return envs_command(settings, args.envs_command, args.names)
+
+
+def _events(settings: Settings, args: argparse.Namespace) -> int:
+    from .events_command import watch_events
+
+    return watch_events(settings, args)
+
+
+def _client(settings: Settings, args: argparse.Namespace) -> int:
+    from .client_commands import client_command
 
     return client_command(settings, args)
+
+
+# One entry per command; each command's code lives in its own module.
+COMMANDS = {"run": _run, "envs": _envs, "events": _events, "generate": _client, "status": _client, "ping": _client}
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -94,10 +107,3 @@ def _settings(args: argparse.Namespace) -> Settings:
             overrides[flag] = value
     return load_settings(find_config_file(args.config), overrides)
 
-
-def print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, ensure_ascii=False))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

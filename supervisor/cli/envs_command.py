@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .config import ENGINE_KINDS, Settings
-from .envs import EnvError, check_env, create_env
+from ..config import ENGINE_KINDS, Settings
+from ..envs import EnvError, check_env, create_env
 
 
 def _kinds_for(settings: Settings, names: list[str]) -> dict[str, str]:

@@ -1,25 +1,29 @@
-"""One configured engine: its worker slot, its queue, its health and figures."""
+"""The configured engines: each one's queue, health and figures, and the one
+place that decides whether a worker process must be started.  Pure.
+"""
 
 from __future__ import annotations
 
 from collections import deque
 from typing import Any
 
-from .config import EngineConfig, SupervisionConfig
-from .health import EngineLatency
-from .lifecycle import SlotState
+from ..config import EngineConfig, SupervisionConfig
+from .effects import Effects, WorkerLaunch
+from .latency import EngineLatency
+from .lifecycle import StateListener, Worker, WorkerState
 from .policy import Backoff, CircuitBreaker, LatencyVerdict
-from .scheduler import Request
-from .slot import WorkerSlot
+from .request import ClientRequest, Generation
 
 
-class EngineRuntime:
-    def __init__(self, name: str, config: EngineConfig, model_path: str, slot: WorkerSlot, supervision: SupervisionConfig) -> None:
+class EngineState:
+    """One named engine instance: its worker, queue, health and counters."""
+
+    def __init__(self, name: str, config: EngineConfig, model_path: str, supervision: SupervisionConfig, on_transition: StateListener) -> None:
         self.name = name
         self.config = config
         self.model_path = model_path
-        self.slot = slot
-        self.queue: deque[Request] = deque()
+        self.worker = Worker(name, on_transition)
+        self.queue: deque[Generation] = deque()
         self.latency = EngineLatency(supervision.latency_window_s)
         self.backoff = Backoff(supervision.restart_backoff_base_s, supervision.restart_backoff_cap_s, supervision.stable_after_s)
         self.breaker = CircuitBreaker(supervision.circuit_failures, supervision.circuit_window_s, supervision.circuit_open_s)
@@ -27,8 +31,6 @@ class EngineRuntime:
         self.failed = 0
         # Set when retrying cannot help (no CUDA, missing environment): (error code, reason).
         self.hard_failure: tuple[str, str] | None = None
-
-    # --- health ----------------------------------------------------------------
 
     @property
     def refusal(self) -> tuple[str, str] | None:
@@ -44,50 +46,115 @@ class EngineRuntime:
         """Can take unpinned traffic now: ready, or cold and startable."""
         if self.refusal:
             return False
-        if self.slot.state is SlotState.READY:
+        if self.worker.state is WorkerState.READY:
             return True
-        return self.config.standby == "cold" and self.slot.state is SlotState.STOPPED
+        return self.config.standby == "cold" and self.worker.state is WorkerState.STOPPED
 
     def verdict(self, now: float, supervision: SupervisionConfig) -> LatencyVerdict:
-        if self.slot.process is None and self.config.standby == "cold":
+        if not self.worker.alive and self.config.standby == "cold":
             # A stopped cold engine cannot be measured: after the dwell time it
             # gets its chance again; if it is still slow it will be left again.
             return LatencyVerdict(breaching=False, recovered=True)
-        return self.latency.verdict(
-            now, self.config.slo_ttft_ms, self.config.slo_per_token_ms, supervision.latency_min_samples, supervision.latency_hysteresis
-        )
-
-    # --- queue -----------------------------------------------------------------
+        return self.latency.verdict(now, self.config.slo_ttft_ms, self.config.slo_per_token_ms, supervision.latency_min_samples, supervision.latency_hysteresis)
 
     @property
-    def queue_full(self) -> bool:
-        return len(self.queue) >= self.config.max_queue
+    def has_room(self) -> bool:
+        """The queue bound: an idle worker takes a request even with max_queue 0."""
+        return len(self.queue) < self.config.max_queue or self.worker.idle
 
-    def remove(self, request: Request) -> bool:
+    def remove(self, generation: Generation) -> bool:
         try:
-            self.queue.remove(request)
+            self.queue.remove(generation)
             return True
         except ValueError:
             return False
 
     def describe(self, now: float) -> dict[str, Any]:
         refusal = self.refusal
+        current = self.worker.current
         return {
             "name": self.name,
             "kind": self.config.kind,
             "priority": self.config.priority,
             "standby": self.config.standby,
             "model": self.model_path,
-            "state": refusal[0] if refusal else self.slot.state.value,
-            "reason": refusal[1] if refusal else self.slot.state_reason,
+            "state": refusal[0] if refusal else self.worker.state.value,
+            "reason": refusal[1] if refusal else self.worker.reason,
             "circuit": self.breaker.state.value,
             "queue_depth": len(self.queue),
             "max_queue": self.config.max_queue,
-            "in_flight": 1 if self.slot.current and not self.slot.current.internal else 0,
+            "in_flight": 1 if isinstance(current, ClientRequest) else 0,
             "served": self.served,
             "failed": self.failed,
             "latency": self.latency.summary(now),
             "slo": {"ttft_ms": self.config.slo_ttft_ms, "per_token_ms": self.config.slo_per_token_ms},
-            "workers": [self.slot.describe(now)],
         }
 
+
+class Engines:
+    """All engines, and the decision to start or stop their workers.
+
+    Callers say what they need ("a request is waiting here"); whether that
+    means starting a process, waiting for a backoff or for GPU memory, or
+    nothing at all, is decided here and nowhere else.
+    """
+
+    def __init__(self, engines: dict[str, EngineState], effects: Effects) -> None:
+        self.by_name = engines
+        self.effects = effects
+        self.stopping = False
+        self._gpu_waiting: set[str] = set()  # GPU engines waiting for another's memory
+
+    def __iter__(self) -> Any:
+        return iter(self.by_name.values())
+
+    def __getitem__(self, name: str) -> EngineState:
+        return self.by_name[name]
+
+    def get(self, name: str | None) -> EngineState | None:
+        return self.by_name.get(name or "")
+
+    def by_priority(self) -> list[EngineState]:
+        return sorted(self.by_name.values(), key=lambda e: e.config.priority)
+
+    def owning(self, worker_id: str) -> EngineState | None:
+        """The engine whose live worker has this id."""
+        return next((e for e in self if e.worker.worker_id == worker_id and e.worker.alive), None)
+
+    def ensure_running(self, engine: EngineState, reason: str, now: float) -> None:
+        """Work is waiting on ``engine``: start its worker if none is running or due."""
+        if engine.worker.state is WorkerState.STOPPED and engine.refusal is None:
+            self.start(engine, reason, now)
+
+    def start(self, engine: EngineState, reason: str, now: float) -> None:
+        """Start the engine's worker, first making room on the GPU if it needs one."""
+        worker = engine.worker
+        if worker.alive or self.stopping:
+            return
+        if engine.config.uses_gpu:
+            holders = [e for e in self if e is not engine and e.config.uses_gpu and e.worker.alive]
+            if holders:
+                # Two GPU engines loading at once is how VRAM runs out: wait until
+                # the other one has exited and its memory is released.
+                self._gpu_waiting.add(engine.name)
+                for holder in holders:
+                    self.stop(holder, f"making room on the GPU for {engine.name}", now)
+                return
+        self._gpu_waiting.discard(engine.name)
+        worker_id = worker.begin(now)
+        worker.transition(WorkerState.SPAWNING, reason)
+        self.effects.start_worker(WorkerLaunch(engine.name, engine.config.kind, engine.config.env_name, worker_id))
+
+    def gpu_released(self, now: float) -> None:
+        for name in list(self._gpu_waiting):
+            self.ensure_running(self.by_name[name], "GPU memory released", now)
+
+    def stop(self, engine: EngineState, reason: str, now: float) -> None:
+        """Ask the worker to exit; the supervisor escalates if it lingers."""
+        worker = engine.worker
+        if worker.state in (WorkerState.SPAWNING, WorkerState.LOADING, WorkerState.READY):
+            worker.transition(WorkerState.STOPPING, reason)
+            worker.times.stop_requested_at = now
+            self.effects.stop_worker(worker.worker_id, connected=worker.connected)
+        elif worker.state in (WorkerState.BACKOFF, WorkerState.FAILED):
+            worker.transition(WorkerState.STOPPED, reason)

@@ -1,28 +1,39 @@
-"""Worker slot states and the transitions allowed between them.  Pure.
+"""A worker's lifecycle: its states, the transitions allowed between them, and
+the one method that changes them.  Pure: time is an argument.
 
-Every state change goes through :func:`check_transition`, called by the one
-method that changes a slot's state (WorkerSlot.set_state), which logs it once
-as ``old -> new (reason)``.
+Every state change goes through :meth:`Worker.transition`, which checks it
+against :data:`ALLOWED`, logs it once as ``old -> new (reason)`` and
+publishes it on the event feed.  Only the core's supervisor and engine
+starter call it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..logs import get_logger
+
+if TYPE_CHECKING:
+    from .request import Generation
+
+log = get_logger("supervisor.lifecycle")
 
 
-class SlotState(str, Enum):
+class WorkerState(str, Enum):
     STOPPED = "stopped"  # no process, none wanted
     SPAWNING = "spawning"  # process started, no hello yet
     LOADING = "loading"  # hello received, model loading
     READY = "ready"  # model loaded, serving (one request at a time)
     STOPPING = "stopping"  # shutdown sent, waiting for the exit
-    BACKOFF = "backoff"  # exited unexpectedly, restart scheduled
-    FAILED = "failed"  # restarting cannot help (bad model, no GPU, protocol mismatch)
+    BACKOFF = "backoff"  # exited unexpectedly, restart scheduled (or circuit open)
+    FAILED = "failed"  # restarting cannot help (no CUDA, protocol mismatch, bad config)
 
 
-S = SlotState
+S = WorkerState
 
-ALLOWED: dict[SlotState, frozenset[SlotState]] = {
+ALLOWED: dict[WorkerState, frozenset[WorkerState]] = {
     # start, or a failed engine retried by an operator or probe
     S.STOPPED: frozenset({S.SPAWNING, S.FAILED}),
     # hello arrived / died before hello / stop asked before hello
@@ -44,6 +55,79 @@ class IllegalTransition(RuntimeError):
     pass
 
 
-def check_transition(old: SlotState, new: SlotState) -> None:
+def check_transition(old: WorkerState, new: WorkerState) -> None:
     if new not in ALLOWED[old]:
         raise IllegalTransition(f"{old.value} -> {new.value} is not allowed")
+
+
+@dataclass
+class WorkerReport:
+    """What the current worker process said about itself."""
+
+    hello: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    heartbeat: dict[str, Any] = field(default_factory=dict)
+    load_progress: float | None = None
+    load_failure: dict[str, Any] | None = None
+
+
+@dataclass
+class WorkerTimes:
+    """When things happened to the current worker process (the daemon's monotonic clock)."""
+
+    started_at: float | None = None
+    ready_at: float | None = None
+    last_heard: float | None = None  # any message, heartbeats included
+    last_progress_at: float | None = None  # last hello or load progress report
+    stop_requested_at: float | None = None
+    probe_due_at: float | None = None  # next liveness probe of an idle worker
+    restart_at: float | None = None  # end of the backoff
+    heartbeat_sent_at: float = float("-inf")  # the daemon's last heartbeat to it
+
+
+StateListener = Callable[["Worker", WorkerState, WorkerState, str], None]
+
+
+class Worker:
+    """One engine's worker, over its successive processes (``<engine>.<n>``)."""
+
+    def __init__(self, engine: str, on_transition: StateListener) -> None:
+        self.engine = engine
+        self._on_transition = on_transition
+        self.state = WorkerState.STOPPED
+        self.reason = ""
+        self.generation = 0
+        self.worker_id = ""
+        self.alive = False  # a process exists (from start until its exit is reported)
+        self.current: Generation | None = None
+        self.hang_reason: str | None = None  # set when killed as hung
+        self.restarts = 0
+        self.last_exit: dict[str, Any] | None = None
+        self.report = WorkerReport()
+        self.times = WorkerTimes()
+
+    def transition(self, new: WorkerState, reason: str) -> None:
+        """The one place a worker's state changes: checked, logged once, published."""
+        old = self.state
+        check_transition(old, new)
+        self.state, self.reason = new, reason
+        log.info(f"{old.value} -> {new.value} ({reason})", engine=self.engine, worker_id=self.worker_id or None)
+        self._on_transition(self, old, new, reason)
+
+    def begin(self, now: float) -> str:
+        """A new process is about to start: a new id, a clean report."""
+        self.generation += 1
+        self.worker_id = f"{self.engine}.{self.generation}"
+        self.alive, self.hang_reason = True, None
+        self.report = WorkerReport()
+        self.times = WorkerTimes(started_at=now, last_heard=now, last_progress_at=now)
+        return self.worker_id
+
+    @property
+    def idle(self) -> bool:
+        return self.state is WorkerState.READY and self.current is None
+
+    @property
+    def connected(self) -> bool:
+        """Hello received: messages reach it."""
+        return bool(self.report.hello)

@@ -1,58 +1,47 @@
-"""Requests in flight.
+"""What the router queues and dispatches: a client's request, or a liveness probe.
 
-A :class:`Request` can be finished exactly once: ``finish`` returns False for
-every later attempt, which is how the node keeps its promise of one terminal
-event per request whatever workers, deadlines and cancels do at the same time.
+Both are a :class:`Generation` (one run of an engine, with its dispatch and
+token bookkeeping); only a :class:`ClientRequest` has somebody to answer.  A
+generation is finished exactly once: ``finish`` returns False for every later
+attempt, which is how "one terminal event per request" holds whatever
+workers, deadlines and cancels do at the same time.  Pure: time is an argument.
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
 from dataclasses import dataclass, field
 
 from workers.protocol import token_event_prefix
 
-from .requests import GenerateParams
+from .validate import GenerateParams
 
 
-@dataclass(eq=False)
-class Request:
-    client: bytes  # the client's routing envelope, joined: with id, the request's key
-    id: str  # the client's id for it
+@dataclass(eq=False, kw_only=True)
+class Generation:
     params: GenerateParams
-    envelope: list[bytes] = field(default_factory=list)  # routing frames for replies
+    received_at: float
+    engine: str = ""  # engine serving it (set when queued)
     wire_id: str = ""  # the id the worker knows it by; new at every dispatch
     worker_token_prefix: bytes = b""  # how the worker's token messages for wire_id begin
-    engine: str = ""  # engine serving it (set when queued)
-    received_at: float = field(default_factory=time.monotonic)
+    worker_id: str | None = None
     dispatched_at: float | None = None
     first_token_at: float | None = None
     last_token_at: float | None = None
-    worker_id: str | None = None
-    tokens_sent: int = 0
-    text: list[str] = field(default_factory=list)  # kept for stream=false
+    tokens: int = 0  # tokens generated (an event may carry several)
+    token_events: int = 0  # token events sent to the client (their "index")
     attempts: int = 0
-    internal: bool = False  # a liveness probe: nobody to answer
     finished: bool = False
-    deadline_timer: asyncio.TimerHandle | None = None
-
-    token_event_prefix: bytes = field(init=False)  # how this request's token events to the client begin
-
-    def __post_init__(self) -> None:
-        self.token_event_prefix = token_event_prefix(self.id)
 
     @property
-    def key(self) -> tuple[bytes, str]:
-        return (self.client, self.id)
+    def deadline_at(self) -> float | None:
+        deadline_ms = self.params.deadline_ms
+        return None if deadline_ms is None else self.received_at + deadline_ms / 1000
 
     def finish(self) -> bool:
         """Mark finished; True only the first time."""
         if self.finished:
             return False
         self.finished = True
-        if self.deadline_timer is not None:
-            self.deadline_timer.cancel()
         return True
 
     def timings(self, now: float) -> dict[str, float | None]:
@@ -64,3 +53,32 @@ class Request:
             "ttft_ms": ms(self.received_at, self.first_token_at),
             "total_ms": ms(self.received_at, now),
         }
+
+    def engine_ttft_ms(self) -> float | None:
+        """Dispatch to first token: the engine's own latency, without the queue."""
+        if self.first_token_at is None or self.dispatched_at is None:
+            return None
+        return round((self.first_token_at - self.dispatched_at) * 1000, 3)
+
+
+@dataclass(eq=False, kw_only=True)
+class ClientRequest(Generation):
+    client: bytes  # the client's routing envelope, joined: with id, the request's key
+    id: str  # the client's id for it
+    envelope: list[bytes] = field(default_factory=list)  # routing frames for replies
+    text: list[str] = field(default_factory=list)  # kept for stream=false
+    token_event_prefix: bytes = field(init=False)  # how this request's token events to the client begin
+
+    def __post_init__(self) -> None:
+        self.token_event_prefix = token_event_prefix(self.id)
+
+    @property
+    def key(self) -> tuple[bytes, str]:
+        return (self.client, self.id)
+
+
+@dataclass(eq=False, kw_only=True)
+class Probe(Generation):
+    """A one-token liveness probe of an idle worker: nobody to answer, the supervisor judges it."""
+
+    id: str

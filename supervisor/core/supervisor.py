@@ -1,160 +1,144 @@
-"""Keeping workers alive: exits, restarts, hangs, circuit breakers, probes, engine choice.
-
-The decisions themselves are in policy.py (pure); this module applies them
-to slots and processes and tells the node which requests to move or fail.
+"""Keeping workers alive: what their messages and exits mean, hangs, restarts,
+circuit breakers, probes and the choice of engine.  Pure: every entry point
+takes ``now``; the decisions in policy.py say when, this module says what
+follows, and the effects happen through Effects.
 """
 
 from __future__ import annotations
 
-import asyncio
 import itertools
-import time
-from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from workers import protocol as p
 from workers.protocol import ErrorCode
 
-from . import events as ev
-from .engines import EngineRuntime
-from .lifecycle import SlotState
-from .logs import get_logger
+from ..config import Settings
+from ..logs import get_logger
+from .effects import Effects, TOPIC_ENGINE_CIRCUIT, TOPIC_ENGINE_SWITCH, TOPIC_PROBE, TOPIC_WORKER_EXIT, TOPIC_WORKER_HANG
+from .engines import Engines, EngineState
+from .lifecycle import WorkerState
 from .policy import Circuit, LatencySwitch, retry_can_help
-from .requests import GenerateParams
-from .scheduler import Request
-from .slot import WorkerSlot
+from .request import Probe
+from .router import Router
+from .validate import GenerateParams
 
-if TYPE_CHECKING:
-    from .node import Node
+log = get_logger("supervisor.supervisor")
 
-log = get_logger("supervisor.supervise")
-
-_PROBE_IDS = itertools.count(1)
+PROBE_SAMPLING = {"max_tokens": 1, "temperature": 0.0, "top_p": 1.0, "top_k": 1, "stop": [], "seed": 0, "ignore_eos": False}
 
 
 class Supervisor:
-    def __init__(self, node: "Node") -> None:
-        self.node = node
-        self.settings = node.settings
-        self.config = node.settings.supervision
-        self.engines = node.engines
-        self.events = node.events
-        self.switch = LatencySwitch(min_dwell_s=self.config.switch_min_dwell_s, breach_for_s=self.config.switch_breach_for_s)
-        self._gpu_waiting: set[str] = set()  # cold GPU engines waiting for another's memory
+    def __init__(self, engines: Engines, router: Router, switch: LatencySwitch, settings: Settings, effects: Effects) -> None:
+        self.engines = engines
+        self.router = router
+        self.switch = switch
+        self.settings = settings
+        self.config = settings.supervision
+        self.effects = effects
+        self._probe_ids = itertools.count(1)
+        router.on_probe_end = self._on_probe_end
 
-    # --- starting ----------------------------------------------------------------
+    def start(self, now: float) -> None:
+        for engine in self.engines:
+            if engine.refusal is not None:
+                log.error("engine cannot serve", engine=engine.name, code=engine.refusal[0], reason=engine.refusal[1])
+            elif engine.config.standby == "warm":
+                self.engines.start(engine, "daemon start", now)
+        self.route(now)
 
-    async def start(self) -> None:
-        for engine in self.engines.values():
-            if engine.config.standby == "warm" and engine.refusal is None:
-                await self.start_engine(engine, "daemon start")
-        self.route(time.monotonic())
+    # --- what workers say --------------------------------------------------------------
 
-    async def start_engine(self, engine: EngineRuntime, reason: str) -> None:
-        """Start an engine's worker, first making room on the GPU if it needs one."""
-        if engine.slot.process is not None or self.node.stopping:
+    def on_hello(self, engine: EngineState, message: dict[str, Any], now: float) -> None:
+        worker = engine.worker
+        worker.report.hello = message
+        worker.times.last_progress_at = now
+        log.info("worker hello", engine=engine.name, worker_id=worker.worker_id, pid=message.get("pid"), packages=message.get("packages"))
+        if worker.state is not WorkerState.SPAWNING:
             return
-        if engine.config.uses_gpu:
-            holders = [e for e in self.engines.values() if e is not engine and e.config.uses_gpu and e.slot.process is not None]
-            if holders:
-                # Two GPU engines loading at once is how VRAM runs out: wait until
-                # the other one has exited and its memory is released.
-                self._gpu_waiting.add(engine.name)
-                for holder in holders:
-                    holder.slot.stop(f"making room on the GPU for {engine.name}")
-                return
-        self._gpu_waiting.discard(engine.name)
-        await engine.slot.spawn(reason)
+        worker.transition(WorkerState.LOADING, "hello received")
+        config = engine.config
+        spec = {
+            "model": engine.model_path,
+            "n_ctx": config.n_ctx,
+            "n_threads": config.n_threads,
+            "n_gpu_layers": config.n_gpu_layers,
+            "chat_format": config.chat_format,
+            "options": config.options,
+        }
+        self.effects.send_worker(worker.worker_id, {"type": p.S_LOAD, "protocol": p.PROTOCOL_VERSION, "spec": spec})
 
-    def ensure_started(self, engine: EngineRuntime, reason: str) -> None:
-        if engine.slot.state is SlotState.STOPPED and engine.refusal is None:
-            asyncio.ensure_future(self.start_engine(engine, reason))
+    def on_loading(self, engine: EngineState, message: dict[str, Any], now: float) -> None:
+        worker = engine.worker
+        worker.report.load_progress, worker.times.last_progress_at = message.get("progress"), now
+        log.info("loading", engine=engine.name, worker_id=worker.worker_id, progress=worker.report.load_progress, detail=message.get("message"))
 
-    # --- routing -----------------------------------------------------------------
-
-    def route(self, now: float) -> None:
-        """Re-evaluate which engine takes unpinned traffic; move waiting requests if it changed."""
-        by_priority = [e.name for e in sorted(self.engines.values(), key=lambda e: e.config.priority)]
-        # A cold engine is the standby for when every warm engine is refused
-        # (failed, circuit open), not for a warm engine that is merely starting
-        # or restarting.
-        warm_all_refused = all(e.refusal is not None for e in self.engines.values() if e.config.standby == "warm")
-        healthy = {e.name for e in self.engines.values() if e.healthy and (e.slot.state is SlotState.READY or warm_all_refused)}
-        verdicts = {e.name: e.verdict(now, self.config) for e in self.engines.values()}
-        previous = self.switch.active
-        active, why = self.switch.decide(now, by_priority, healthy, verdicts)
-        if active is None or active == previous:
-            return
-        log.warning("engine switch", from_engine=previous, to_engine=active, reason=why)
-        self.events.publish(ev.TOPIC_ENGINE_SWITCH, **{"from": previous, "to": active, "reason": why})
-        target = self.engines[active]
-        self.ensure_started(target, f"traffic switched here: {why}")
-        if previous in self.engines:
-            self.node.move_unpinned(self.engines[previous], target)
-
-    def target_for_unpinned(self) -> EngineRuntime | None:
-        active = self.engines.get(self.switch.active or "")
-        if active is not None and active.refusal is None:
-            return active
-        usable = [e for e in self.engines.values() if e.refusal is None]
-        return min(usable, key=lambda e: e.config.priority) if usable else None
-
-    # --- worker events -------------------------------------------------------------
-
-    def on_ready(self, slot: WorkerSlot) -> None:
-        engine = self.engines[slot.engine_name]
+    def on_ready(self, engine: EngineState, message: dict[str, Any], now: float) -> None:
+        worker = engine.worker
+        if worker.state is not WorkerState.LOADING:
+            return  # a stop was asked meanwhile
+        worker.report.model = message.get("model", {})
+        worker.times.ready_at = now
+        worker.times.probe_due_at = now + self.config.probe_interval_s
+        worker.transition(WorkerState.READY, "model loaded")
         if engine.breaker.record_success():
             log.info("circuit closed", engine=engine.name)
-            self.events.publish(ev.TOPIC_ENGINE_CIRCUIT, engine=engine.name, state=Circuit.CLOSED.value, code=None, reason="worker ready")
-        slot.probe_due_at = time.monotonic() + self.config.probe_interval_s
-        self.route(time.monotonic())
+            self.effects.publish(TOPIC_ENGINE_CIRCUIT, engine=engine.name, state=Circuit.CLOSED.value, code=None, reason="worker ready")
+        self.route(now)
+        self.router.pump(engine, now)
 
-    def on_exit(self, slot: WorkerSlot, returncode: int | None, cause: str) -> None:
-        now = time.monotonic()
-        engine = self.engines[slot.engine_name]
-        request, slot.current = slot.current, None
-        exit_info = slot.last_exit or {}
-        intended = slot.state is SlotState.STOPPING or self.node.stopping
-        (log.info if intended else log.error)(
-            "worker exited",
-            engine=engine.name,
-            worker_id=slot.worker_id,
-            cause=cause,
-            exit_code=exit_info.get("exit_code"),
-            signal=exit_info.get("signal"),
-            last_lines=exit_info.get("last_lines"),
-        )
-        self.events.publish(
-            ev.TOPIC_WORKER_EXIT,
-            engine=engine.name,
-            worker_id=slot.worker_id,
-            exit_code=exit_info.get("exit_code"),
-            signal=exit_info.get("signal"),
-            cause=cause,
-            intended=intended,
-            last_lines=exit_info.get("last_lines"),
-        )
+    def on_load_failed(self, engine: EngineState, message: dict[str, Any], now: float) -> None:
+        failure = {k: message.get(k) for k in ("code", "message", "exit_code")}
+        engine.worker.report.load_failure = failure
+        log.error("worker could not load", engine=engine.name, worker_id=engine.worker.worker_id, **failure)
+
+    def on_heartbeat(self, engine: EngineState, message: dict[str, Any], now: float) -> None:
+        engine.worker.report.heartbeat = message
+
+    def heard_from(self, engine: EngineState, now: float) -> None:
+        engine.worker.times.last_heard = now
+
+    # --- exits ----------------------------------------------------------------------------
+
+    def on_exit(self, worker_id: str, returncode: int | None, exit_info: dict[str, Any], now: float) -> None:
+        """A worker process ended, for whatever reason; ``exit_info`` describes how."""
+        engine = self.engines.owning(worker_id)
+        if engine is None:
+            return
+        worker = engine.worker
+        generation, worker.current = worker.current, None
+        worker.alive = False
+        if worker.hang_reason:
+            exit_info = {**exit_info, "cause": f"hung ({worker.hang_reason}); {exit_info['cause']}"}
+        worker.last_exit = exit_info
+        cause = exit_info["cause"]
+        intended = worker.state is WorkerState.STOPPING or self.engines.stopping
+        self._report_exit(engine, exit_info, intended)
         if intended:
-            if slot.state is SlotState.STOPPING:
-                slot.set_state(SlotState.STOPPED, cause)
+            if worker.state is WorkerState.STOPPING:
+                worker.transition(WorkerState.STOPPED, cause)
         elif not retry_can_help(returncode):
-            failure = slot.load_failure or {}
+            failure = worker.report.load_failure or {}
             reason = f"{failure.get('message') or cause} (exit code {returncode})"
-            slot.set_state(SlotState.FAILED, reason)
+            worker.transition(WorkerState.FAILED, reason)
             engine.hard_failure = (ErrorCode.ENGINE_UNAVAILABLE, reason)
         else:
-            self._after_failure(engine, slot, returncode, cause, now)
-        if request is not None and not request.finished:
-            self.node.requeue_or_fail(engine, request, cause)
+            self._after_failure(engine, returncode, cause, now)
+        if generation is not None and not generation.finished:
+            self.router.worker_lost(engine, generation, cause, now)
         if engine.refusal is not None:
-            self.node.reroute_queue(engine)
+            self.router.reroute_queue(engine, now)
         self.route(now)
-        for name in list(self._gpu_waiting):
-            self.ensure_started(self.engines[name], "GPU memory released")
+        self.engines.gpu_released(now)
 
-    def _after_failure(self, engine: EngineRuntime, slot: WorkerSlot, returncode: int | None, cause: str, now: float) -> None:
+    def _report_exit(self, engine: EngineState, exit_info: dict[str, Any], intended: bool) -> None:
+        worker = engine.worker
+        fields = {k: exit_info.get(k) for k in ("exit_code", "signal", "cause", "last_lines")}
+        (log.info if intended else log.error)("worker exited", engine=engine.name, worker_id=worker.worker_id, **fields)
+        self.effects.publish(TOPIC_WORKER_EXIT, engine=engine.name, worker_id=worker.worker_id, intended=intended, **fields)
+
+    def _after_failure(self, engine: EngineState, returncode: int | None, cause: str, now: float) -> None:
         """An unexpected exit: back off and restart, or open the circuit."""
-        failure = slot.load_failure or {}
+        failure = engine.worker.report.load_failure or {}
         code = failure.get("code") or ErrorCode.ENGINE_FAILED
         reason = failure.get("message") or cause
         if returncode == p.ExitCode.MODEL_ERROR:
@@ -162,94 +146,120 @@ class Supervisor:
             opened = True
         else:
             opened = engine.breaker.record_failure(now, code, reason)
-        slot.restarts += 1
+        engine.worker.restarts += 1
         if opened:
-            slot.set_state(SlotState.BACKOFF, f"circuit open: {reason}; probe in {engine.breaker.open_s:.0f}s")
+            engine.worker.transition(WorkerState.BACKOFF, f"circuit open: {reason}; probe in {engine.breaker.open_s:.0f}s")
             log.error("circuit open", engine=engine.name, reason=reason)
-            self.events.publish(ev.TOPIC_ENGINE_CIRCUIT, engine=engine.name, state=Circuit.OPEN.value, code=code, reason=reason)
+            self.effects.publish(TOPIC_ENGINE_CIRCUIT, engine=engine.name, state=Circuit.OPEN.value, code=code, reason=reason)
             return
-        delay = engine.backoff.next_delay(slot.ready_at, now)
-        slot.set_state(SlotState.BACKOFF, f"{cause}; restarting in {delay:.1f}s")
-        asyncio.get_running_loop().call_later(delay, self._restart, engine)
+        delay = engine.backoff.next_delay(engine.worker.times.ready_at, now)
+        engine.worker.times.restart_at = now + delay
+        engine.worker.transition(WorkerState.BACKOFF, f"{cause}; restarting in {delay:.1f}s")
+        self.effects.wake_at(now + delay)
 
-    def _restart(self, engine: EngineRuntime) -> None:
-        if engine.slot.state is SlotState.BACKOFF and engine.breaker.state is Circuit.CLOSED and not self.node.stopping:
-            asyncio.ensure_future(self.start_engine(engine, "restart after backoff"))
+    # --- routing -------------------------------------------------------------------
 
-    # --- the periodic look at every worker -------------------------------------------
+    def route(self, now: float) -> None:
+        """Re-evaluate which engine takes unpinned traffic; move waiting requests if it changed."""
+        engines = list(self.engines)
+        # A cold engine is the standby for when every warm engine is refused
+        # (failed, circuit open), not for a warm engine that is merely starting.
+        warm_all_refused = all(e.refusal is not None for e in engines if e.config.standby == "warm")
+        healthy = {e.name for e in engines if e.healthy and (e.worker.state is WorkerState.READY or warm_all_refused)}
+        verdicts = {e.name: e.verdict(now, self.config) for e in engines}
+        previous = self.switch.active
+        active, why = self.switch.decide(now, [e.name for e in self.engines.by_priority()], healthy, verdicts)
+        if active is None or active == previous:
+            return
+        log.warning("engine switch", from_engine=previous, to_engine=active, reason=why)
+        self.effects.publish(TOPIC_ENGINE_SWITCH, **{"from": previous, "to": active, "reason": why})
+        target = self.engines[active]
+        self.engines.ensure_running(target, f"traffic switched here: {why}", now)
+        source = self.engines.get(previous)
+        if source is not None:
+            self.router.move_unpinned(source, target, now)
+
+    # --- the periodic look at every worker ------------------------------------------------
 
     def tick(self, now: float) -> None:
-        for engine in self.engines.values():
-            slot = engine.slot
-            if slot.process is not None and slot.worker_id:
-                if now - slot.heartbeat_sent_at >= self.settings.heartbeat_interval_s:
-                    slot.heartbeat_sent_at = now
-                    self.node.send_worker(p.watchdog_identity(slot.worker_id), {"type": p.S_HEARTBEAT})
-                self._check_hang(engine, slot, now)
+        self.router.expire(now)
+        for engine in self.engines:
+            worker = engine.worker
+            if worker.alive:
+                if now - worker.times.heartbeat_sent_at >= self.settings.heartbeat_interval_s:
+                    worker.times.heartbeat_sent_at = now
+                    self.effects.send_heartbeat(worker.worker_id)
+                self._check_hang(engine, now)
+            self._maybe_restart(engine, now)
             self._maybe_probe_circuit(engine, now)
-            self._maybe_probe_liveness(engine, slot, now)
+            self._maybe_probe_liveness(engine, now)
         self.route(now)
 
-    def _check_hang(self, engine: EngineRuntime, slot: WorkerSlot, now: float) -> None:
-        config = self.config
-        silent = now - (slot.last_heard or now)
-        reason = None
-        if slot.state is SlotState.STOPPING:
-            if now - (slot.stop_requested_at or now) > self.settings.shutdown_grace_s:
-                reason = f"still running {self.settings.shutdown_grace_s:.0f}s after being asked to stop"
-        elif silent > config.hang_missed_heartbeats * self.settings.heartbeat_interval_s:
-            reason = f"no heartbeat for {silent:.1f}s"
-        elif slot.current is not None and slot.current.dispatched_at is not None:
-            last = slot.current.last_token_at or slot.current.dispatched_at
-            if now - last > config.stall_timeout_s:
-                reason = f"no token for {now - last:.1f}s with a request in flight"
-        elif slot.state in (SlotState.SPAWNING, SlotState.LOADING):
-            # Loading is judged by its own progress, never by generation timeouts.
-            if now - (slot.last_progress_at or now) > config.load_stall_s:
-                reason = f"no load progress for {now - (slot.last_progress_at or now):.0f}s"
-            elif now - (slot.started_at or now) > self.settings.load_timeout_s:
-                reason = f"still loading after {self.settings.load_timeout_s:.0f}s"
-        if reason is not None and slot.hang_reason is None:
-            log.error("worker hung; killing it", engine=engine.name, worker_id=slot.worker_id, reason=reason)
-            self.events.publish(ev.TOPIC_WORKER_HANG, engine=engine.name, worker_id=slot.worker_id, reason=reason)
-            slot.kill_hung(reason, config.kill_grace_s)
+    def _maybe_restart(self, engine: EngineState, now: float) -> None:
+        times = engine.worker.times
+        if engine.worker.state is WorkerState.BACKOFF and times.restart_at is not None and now >= times.restart_at:
+            times.restart_at = None
+            if engine.breaker.state is Circuit.CLOSED:
+                self.engines.start(engine, "restart after backoff", now)
 
-    def _maybe_probe_circuit(self, engine: EngineRuntime, now: float) -> None:
+    def _check_hang(self, engine: EngineState, now: float) -> None:
+        reason = self._hang_reason(engine, now)
+        worker = engine.worker
+        if reason is not None and worker.hang_reason is None:
+            log.error("worker hung; killing it", engine=engine.name, worker_id=worker.worker_id, reason=reason)
+            self.effects.publish(TOPIC_WORKER_HANG, engine=engine.name, worker_id=worker.worker_id, reason=reason)
+            self._kill(engine, reason)
+
+    def _hang_reason(self, engine: EngineState, now: float) -> str | None:
+        """Why this worker counts as hung now, if it does.  Slow is not dead: loading is judged by its own progress."""
+        worker, times, config = engine.worker, engine.worker.times, self.config
+        silent = now - (times.last_heard or now)
+        if worker.state is WorkerState.STOPPING:
+            if now - (times.stop_requested_at or now) > self.settings.shutdown_grace_s:
+                return f"still running {self.settings.shutdown_grace_s:.0f}s after being asked to stop"
+        elif silent > config.hang_missed_heartbeats * self.settings.heartbeat_interval_s:
+            return f"no heartbeat for {silent:.1f}s"
+        elif worker.current is not None and worker.current.dispatched_at is not None:
+            last = worker.current.last_token_at or worker.current.dispatched_at
+            if now - last > config.stall_timeout_s:
+                return f"no token for {now - last:.1f}s with a request in flight"
+        elif worker.state in (WorkerState.SPAWNING, WorkerState.LOADING):
+            if now - (times.last_progress_at or now) > config.load_stall_s:
+                return f"no load progress for {now - (times.last_progress_at or now):.0f}s"
+            if now - (times.started_at or now) > self.settings.load_timeout_s:
+                return f"still loading after {self.settings.load_timeout_s:.0f}s"
+        return None
+
+    def _kill(self, engine: EngineState, reason: str) -> None:
+        worker = engine.worker
+        if worker.hang_reason is None and worker.alive:
+            worker.hang_reason = reason
+            self.effects.kill_worker(worker.worker_id, self.config.kill_grace_s)
+
+    def _maybe_probe_circuit(self, engine: EngineState, now: float) -> None:
         """Half-open: after the open period, one start decides whether the engine is back."""
         if not engine.breaker.probe_due(now):
             return
-        if engine.breaker.code == ErrorCode.MODEL_NOT_FOUND and not Path(engine.model_path).exists():
+        if engine.breaker.code == ErrorCode.MODEL_NOT_FOUND and not self.effects.model_present(engine.model_path):
             engine.breaker.trip(now, ErrorCode.MODEL_NOT_FOUND, f"model file not found: {engine.model_path}")
             return
         log.info("circuit half-open: trying the engine again", engine=engine.name)
-        self.events.publish(ev.TOPIC_ENGINE_CIRCUIT, engine=engine.name, state=Circuit.HALF_OPEN.value, code=engine.breaker.code, reason="probe start")
-        asyncio.ensure_future(self.start_engine(engine, "circuit half-open probe"))
+        self.effects.publish(TOPIC_ENGINE_CIRCUIT, engine=engine.name, state=Circuit.HALF_OPEN.value, code=engine.breaker.code, reason="probe start")
+        self.engines.start(engine, "circuit half-open probe", now)
 
-    def _maybe_probe_liveness(self, engine: EngineRuntime, slot: WorkerSlot, now: float) -> None:
+    def _maybe_probe_liveness(self, engine: EngineState, now: float) -> None:
         """Honest liveness: an idle worker must still produce a token, not just heartbeats."""
-        if self.config.probe_interval_s <= 0 or not slot.idle or engine.queue or slot.probe_due_at is None:
+        due = engine.worker.times.probe_due_at
+        if self.config.probe_interval_s <= 0 or not engine.worker.idle or engine.queue or due is None or now < due:
             return
-        if now < slot.probe_due_at:
-            return
-        slot.probe_due_at = now + self.config.probe_interval_s
-        params = GenerateParams(
-            prompt="Hello",
-            messages=None,
-            stream=True,
-            engine=engine.name,
-            deadline_ms=int(self.config.probe_timeout_s * 1000),
-            sampling={"max_tokens": 1, "temperature": 0.0, "top_p": 1.0, "top_k": 1, "stop": [], "seed": 0, "ignore_eos": False},
-        )
-        probe = Request(client=b"", id=f"probe-{next(_PROBE_IDS)}", params=params, engine=engine.name, internal=True)
-        self.node.submit(engine, probe)
+        engine.worker.times.probe_due_at = now + self.config.probe_interval_s
+        params = GenerateParams(prompt="Hello", messages=None, stream=True, engine=engine.name,
+                                deadline_ms=int(self.config.probe_timeout_s * 1000), sampling=dict(PROBE_SAMPLING))  # fmt: skip
+        self.router.add_probe(Probe(id=f"probe-{next(self._probe_ids)}", params=params, received_at=now), engine, now)
 
-    def on_probe_end(self, request: Request, ok: bool, detail: str) -> None:
-        engine = self.engines[request.engine]
-        slot = engine.slot
-        ttft = None
-        if request.first_token_at is not None and request.dispatched_at is not None:
-            ttft = round((request.first_token_at - request.dispatched_at) * 1000, 3)
-        self.events.publish(ev.TOPIC_PROBE, engine=engine.name, worker_id=request.worker_id, ok=ok, ttft_ms=ttft, error=None if ok else detail)
-        if not ok and slot.worker_id == request.worker_id and slot.process is not None:
-            log.error("liveness probe failed; replacing the worker", engine=engine.name, worker_id=slot.worker_id, error=detail)
-            slot.kill_hung(f"liveness probe failed: {detail}", self.config.kill_grace_s)
+    def _on_probe_end(self, probe: Probe, ok: bool, detail: str, now: float) -> None:
+        engine = self.engines[probe.engine]
+        self.effects.publish(TOPIC_PROBE, engine=engine.name, worker_id=probe.worker_id, ok=ok, ttft_ms=probe.engine_ttft_ms(), error=None if ok else detail)
+        if not ok and engine.worker.worker_id == probe.worker_id and engine.worker.alive:
+            log.error("liveness probe failed; replacing the worker", engine=engine.name, worker_id=probe.worker_id, error=detail)
+            self._kill(engine, f"liveness probe failed: {detail}")

@@ -153,3 +153,11 @@ def _invalid(key: str, problem: str) -> InvalidMessage:
 
 
 __all__ = ["GenerateParams", "InvalidMessage", "message_id", "message_op", "parse_cancel_target", "parse_generate", "OP_GENERATE"]
+
+
+def parse_cancel(message: dict[str, Any]) -> str:
+    return parse_cancel_target(message)
+
+
+def check_bare(message: dict[str, Any]) -> None:
+    """ping and status carry op and id only."""

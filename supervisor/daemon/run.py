@@ -9,15 +9,17 @@ import sys
 from pathlib import Path
 from typing import IO
 
-from .config import Settings
-from .envs import EnvError, create_env, env_is_current
-from .logs import get_logger, setup_logging
-from .models import ensure_default_model
+from ..config import Settings
+from ..envs import EnvError, create_env, env_is_current
+from ..io.transport import BindError
+from ..logs import get_logger, setup_logging
+from ..models import ensure_default_model
 
 log = get_logger("supervisor.daemon")
 
 EX_UNAVAILABLE = 69
 EX_TEMPFAIL = 75
+EX_CONFIG = 78
 
 
 def run_daemon(settings: Settings, create_envs: bool) -> int:
@@ -32,10 +34,12 @@ def run_daemon(settings: Settings, create_envs: bool) -> int:
     except EnvError as exc:
         log.error("preparation failed", error=str(exc))
         return EX_UNAVAILABLE
-    from .node import Node  # imports pyzmq's asyncio layer only when serving
-
-    node = Node(settings)
-    asyncio.run(_serve(node))
+    try:
+        asyncio.run(_serve(settings))
+    except BindError as exc:
+        log.error("cannot serve", error=str(exc))
+        print(f"node-supervisor: {exc}", file=sys.stderr)
+        return EX_CONFIG
     return 0
 
 
@@ -59,20 +63,20 @@ def prepare(settings: Settings, create_envs: bool) -> None:
         ensure_default_model(settings, lambda line: model_log.info(line))
 
 
-async def _serve(node: "object") -> None:
-    from .node import Node
+async def _serve(settings: Settings) -> None:
+    from .app import Daemon  # pyzmq and the core load only when serving
 
-    assert isinstance(node, Node)
+    daemon = Daemon(settings)
     loop = asyncio.get_running_loop()
-    # Handlers only record the signal; the node stops in order from its loop.
+    # Handlers only record the signal; the daemon stops in order from its loop.
     for sig in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", None)):
         if sig is None:
             continue
         try:
-            loop.add_signal_handler(sig, node.request_stop, signal.Signals(sig).name)
+            loop.add_signal_handler(sig, daemon.request_stop, signal.Signals(sig).name)
         except (NotImplementedError, RuntimeError):  # Windows: the service wrapper calls request_stop
             pass
-    await node.run()
+    await daemon.run()
 
 
 def _take_lock(run_dir: Path) -> IO[str] | None:

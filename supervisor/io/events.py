@@ -1,8 +1,8 @@
 """The event feed: a ZeroMQ PUB socket operators and tools can watch.
 
 Each event is two frames: the topic (UTF-8) and a JSON object.  Subscribers
-filter by topic prefix (``worker.``, ``engine.``, ...).  docs/PROTOCOL.md
-lists the topics and their fields.
+filter by topic prefix (``worker.``, ``engine.``, ...).  The topics are
+named in core/effects.py; docs/PROTOCOL.md lists them and their fields.
 """
 
 from __future__ import annotations
@@ -14,17 +14,9 @@ import zmq
 
 from workers import protocol as p
 
-from .logs import get_logger
+from ..logs import get_logger
 
 log = get_logger("supervisor.events")
-
-TOPIC_WORKER_STATE = "worker.state"  # engine, worker_id, old, new, reason
-TOPIC_WORKER_EXIT = "worker.exit"  # engine, worker_id, exit_code, signal, cause, last_lines, restarts
-TOPIC_WORKER_HANG = "worker.hang"  # engine, worker_id, reason
-TOPIC_ENGINE_CIRCUIT = "engine.circuit"  # engine, state, code, reason
-TOPIC_ENGINE_SWITCH = "engine.switch"  # from, to, reason
-TOPIC_PROBE = "probe.result"  # engine, worker_id, ok, ttft_ms, error
-TOPIC_REQUEST_RETRY = "request.retry"  # request_id, from_worker, engine, cause
 
 
 class EventPublisher:

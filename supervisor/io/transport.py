@@ -16,6 +16,7 @@ socket's EVENTS are checked and a drain is scheduled if messages wait.
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Callable
 
 import zmq
@@ -85,3 +86,32 @@ def send_now(sock: zmq.Socket, frames: list[bytes], reader: SocketReader | None)
     if reader is not None:
         reader.drain_soon()
     return error
+
+
+class BindError(Exception):
+    """An endpoint could not be bound; the message names it and says why."""
+
+
+def bind_socket(context: zmq.Context, kind: int, endpoint: str, options: dict[int, int]) -> zmq.Socket:
+    """A socket with ``options`` set, then bound.
+
+    Options must come first: libzmq copies them into the listener at bind
+    time, and connections accepted later get the listener's copy (a
+    MAXMSGSIZE or SNDHWM set after bind never reaches a client's pipe).
+    """
+    sock = context.socket(kind)
+    sock.setsockopt(zmq.LINGER, 1000)
+    for option, value in options.items():
+        sock.setsockopt(option, value)
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as exc:
+        sock.close(0)
+        raise BindError(f"cannot bind {endpoint}: {exc}") from None
+    if endpoint.startswith("ipc://"):
+        # Only the daemon's user (and group) may connect.
+        try:
+            os.chmod(endpoint[len("ipc://") :], 0o660)
+        except OSError:
+            pass
+    return sock

@@ -1,0 +1,46 @@
+"""`node-supervisor events`: print the daemon's event feed as it happens."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import zmq
+
+from workers import protocol as p
+
+from ..config import Settings
+
+
+def watch_events(settings: Settings, args: argparse.Namespace) -> int:
+    """Print events from the daemon's PUB socket as they happen."""
+    context = zmq.Context()
+    sub = context.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    for topic in args.topic or [""]:
+        sub.setsockopt_string(zmq.SUBSCRIBE, topic)
+    sub.connect(settings.events_endpoint or "")
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    seen = 0
+    try:
+        while args.count is None or seen < args.count:
+            wait_ms = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
+            if not sub.poll(wait_ms):
+                break
+            topic, payload = sub.recv_multipart()
+            event = p.decode(payload)
+            seen += 1
+            if args.json:
+                print(json.dumps(event, ensure_ascii=False), flush=True)
+            else:
+                stamp = time.strftime("%H:%M:%S", time.localtime(event.pop("time", time.time())))
+                event.pop("topic", None)
+                details = " ".join(f"{k}={v}" for k, v in event.items() if v is not None and k != "last_lines")
+                print(f"{stamp} {topic.decode()} {details}", flush=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sub.close()
+        context.term()
+    return 0

@@ -1,0 +1,39 @@
+"""How the CLI prints what the daemon answers."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def format_status(reply: dict[str, Any]) -> str:
+    daemon = reply["daemon"]
+    lines = [f"daemon pid {daemon['pid']}  version {daemon['version']}  uptime {daemon['uptime_s']}s  endpoint {daemon['client_endpoint']}"]
+    if daemon.get("active_engine"):
+        lines.append(f"unpinned traffic goes to: {daemon['active_engine']}")
+    for engine in reply["engines"]:
+        latency = engine["latency"]
+        lines.append(
+            f"engine {engine['name']} ({engine['kind']}, priority {engine['priority']}, {engine['standby']}): {engine['state']}"
+            + (f" - {engine['reason']}" if engine["reason"] else "")
+        )
+        lines.append(f"  model {engine['model']}")
+        lines.append(
+            f"  queue {engine['queue_depth']}/{engine['max_queue']}  in flight {engine['in_flight']}  served {engine['served']}  failed {engine['failed']}"
+        )
+        lines.append(
+            f"  ttft p50/p95 {latency['ttft_ms']['p50']}/{latency['ttft_ms']['p95']} ms  "
+            f"per-token p50/p95 {latency['per_token_ms']['p50']}/{latency['per_token_ms']['p95']} ms  ({latency['ttft_ms']['samples']} samples)"
+        )
+        for worker in engine["workers"]:
+            rss = f"{worker['rss_bytes'] / 2**20:.0f} MiB" if worker["rss_bytes"] else "-"
+            lines.append(
+                f"  worker {worker['id'] or '-'}: {worker['state']}  pid {worker['pid'] or '-'}  rss {rss}  uptime {worker['uptime_s'] or '-'}s  restarts {worker['restarts']}"
+            )
+            if worker.get("last_exit"):
+                lines.append(f"    last exit: {worker['last_exit']['cause']}")
+    return "\n".join(lines)

@@ -1,0 +1,62 @@
+"""The only way the core acts on the world.
+
+The router and the supervisor decide; the daemon carries the decisions out
+by implementing this protocol (processes, sockets, the event feed, timers).
+Tests implement it with a recording fake and drive the core with a manual
+clock, so every routing and failover rule is checked without a process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class WorkerLaunch:
+    """Everything needed to start one worker process for an engine."""
+
+    engine: str
+    kind: str
+    env_name: str
+    worker_id: str
+
+
+class Effects(Protocol):
+    def start_worker(self, launch: WorkerLaunch) -> None:
+        """Spawn the worker process; its exit is reported back through Supervisor.on_exit."""
+
+    def stop_worker(self, worker_id: str, connected: bool) -> None:
+        """Ask the worker to exit: a shutdown message if it is connected, else SIGTERM."""
+
+    def kill_worker(self, worker_id: str, grace_s: float) -> None:
+        """SIGTERM, then SIGKILL after ``grace_s``: for hung or lingering workers."""
+
+    def send_worker(self, worker_id: str, message: dict[str, Any]) -> None:
+        """A message on the worker's main socket (dropped if it is not connected)."""
+
+    def send_heartbeat(self, worker_id: str) -> None:
+        """The daemon's heartbeat, on the worker's watchdog socket."""
+
+    def send_client(self, envelope: list[bytes], frame: bytes) -> bool:
+        """One encoded event to a client; False when the client cannot take it (gone or too far behind)."""
+
+    def publish(self, topic: str, **fields: Any) -> None:
+        """An event on the feed operators watch."""
+
+    def wake_at(self, when: float) -> None:
+        """Call the core's tick no later than ``when`` (a deadline or a restart is due)."""
+
+    def model_present(self, path: str) -> bool:
+        """Whether a model file exists now (a missing one may be put in place later)."""
+
+
+# Topics of the event feed (docs/PROTOCOL.md lists their fields).
+TOPIC_WORKER_STATE = "worker.state"  # engine, worker_id, old, new, reason
+TOPIC_WORKER_EXIT = "worker.exit"  # engine, worker_id, exit_code, signal, cause, intended, last_lines
+TOPIC_WORKER_HANG = "worker.hang"  # engine, worker_id, reason
+TOPIC_WORKER_REFUSED = "worker.refused"  # a process that is not one of this daemon's workers: routing_id
+TOPIC_ENGINE_CIRCUIT = "engine.circuit"  # engine, state, code, reason
+TOPIC_ENGINE_SWITCH = "engine.switch"  # from, to, reason
+TOPIC_PROBE = "probe.result"  # engine, worker_id, ok, ttft_ms, error
+TOPIC_REQUEST_RETRY = "request.retry"  # request_id, from_worker, engine, cause

@@ -1,0 +1,1 @@
+"""The daemon: the composition root (app.py) and how it is run (run.py)."""

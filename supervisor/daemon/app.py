@@ -1,0 +1,211 @@
+"""The composition root: builds the sockets, the core and the processes, wires
+them, runs the loop and shuts down in order.
+
+:class:`Daemon` is the one implementation of the core's Effects: every
+decision the router and the supervisor take reaches a process or a socket
+through the methods below, and nothing in the core calls back into here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from workers import protocol as p
+from workers.protocol import ErrorCode
+
+from ..config import Settings
+from ..core.effects import TOPIC_WORKER_STATE, WorkerLaunch
+from ..core.engines import Engines, EngineState
+from ..core.lifecycle import Worker, WorkerState
+from ..core.policy import LatencySwitch
+from ..core.router import Router
+from ..core.supervisor import Supervisor
+from ..envs import env_dir, env_is_current, env_python, worker_environ
+from ..io.client_front import ClientFront
+from ..io.events import EventPublisher
+from ..io.transport import bind_socket
+from ..io.worker_link import WorkerLink
+from ..io.worker_process import WorkerProcess, routing_id, worker_command
+from ..logs import get_logger
+from ..models import model_path_for
+from .status import daemon_status
+
+log = get_logger("supervisor.daemon")
+
+CLIENT_BACKLOG_LIMIT = 100_000  # events queued for one client before it counts as gone
+TICK_S = 0.25  # the supervisor's periodic look, at the latest
+WAKE_MARGIN_S = 0.002
+
+
+class Daemon:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.started_at = time.monotonic()
+        self.context = zmq.Context()
+        self.processes: dict[str, WorkerProcess] = {}
+        self._stop = asyncio.Event()
+        self._environ = worker_environ(settings)
+        self._bind()
+        supervision = settings.supervision
+        self.engines = Engines({name: self._engine(name) for name in settings.engines}, self)
+        self.switch = LatencySwitch(min_dwell_s=supervision.switch_min_dwell_s, breach_for_s=supervision.switch_breach_for_s)
+        self.router = Router(self.engines, self.switch, self, supervision.probe_interval_s)
+        self.supervisor = Supervisor(self.engines, self.router, self.switch, settings, self)
+        self.clients = ClientFront(self.client_socket, self.router, self.status, settings.max_message_bytes, settings.max_tokens_limit)
+        self.workers = WorkerLink(self.worker_socket, self.engines, self.supervisor, self.router, self.publish)
+
+    # --- building ------------------------------------------------------------------
+
+    def _bind(self) -> None:
+        """Every socket option before its bind: libzmq gives later connections the options of bind time."""
+        settings, limit = self.settings, self.settings.max_message_bytes
+        assert settings.client_endpoint and settings.worker_endpoint and settings.events_endpoint
+        settings.run_dir.mkdir(parents=True, exist_ok=True)
+        self.client_socket = bind_socket(self.context, zmq.ROUTER, settings.client_endpoint, {
+            zmq.ROUTER_MANDATORY: 1,  # a vanished client raises instead of dropping silently
+            # Frames up to 4x the limit still get a proper message_too_large reply;
+            # beyond that libzmq drops the connection before the frame is read.
+            zmq.MAXMSGSIZE: max(4 * limit, 16 << 20),
+            zmq.SNDHWM: CLIENT_BACKLOG_LIMIT,  # a client this far behind counts as gone
+        })  # fmt: skip
+        self.worker_socket = bind_socket(self.context, zmq.ROUTER, settings.worker_endpoint, {
+            zmq.ROUTER_MANDATORY: 1,
+            zmq.MAXMSGSIZE: max(4 * limit, 16 << 20),  # a worker's largest message is a token or a status
+        })  # fmt: skip
+        self.worker_endpoint = self.worker_socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.events = EventPublisher(bind_socket(self.context, zmq.PUB, settings.events_endpoint, {zmq.SNDHWM: 10_000}))
+
+    def _engine(self, name: str) -> EngineState:
+        config = self.settings.engines[name]
+        model = model_path_for(self.settings, config)
+        engine = EngineState(name, config, str(model), self.settings.supervision, self._on_transition)
+        if not env_is_current(self.settings, config.env_name, config.kind):
+            engine.hard_failure = (ErrorCode.ENGINE_UNAVAILABLE, f"environment {config.env_name!r} is missing or stale; run: node-supervisor envs create {config.env_name}")
+        elif config.kind == "llamacpp" and not model.exists():
+            # The circuit's probe looks again later: the file may appear.
+            engine.breaker.trip(time.monotonic(), ErrorCode.MODEL_NOT_FOUND, f"model file not found: {model}")
+        return engine
+
+    def _on_transition(self, worker: Worker, old: WorkerState, new: WorkerState, reason: str) -> None:
+        self.publish(TOPIC_WORKER_STATE, engine=worker.engine, worker_id=worker.worker_id, old=old.value, new=new.value, reason=reason)
+
+    # --- running and stopping ---------------------------------------------------------------
+
+    def request_stop(self, reason: str) -> None:
+        """The one way to stop: signals, service stop and admin stop all end here."""
+        if not self._stop.is_set():
+            log.info("stop requested", reason=reason)
+            self._stop.set()
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.supervisor.start(time.monotonic())
+        self.clients.reader.start(self._loop)
+        self.workers.reader.start(self._loop)
+        ticker = asyncio.ensure_future(self._tick_loop())
+        log.info("daemon serving", client_endpoint=self.settings.client_endpoint, events_endpoint=self.settings.events_endpoint,
+                 pid=os.getpid(), engines=list(self.engines.by_name))  # fmt: skip
+        await self._stop.wait()
+        await self._shutdown()
+        ticker.cancel()
+
+    async def _tick_loop(self) -> None:
+        while True:
+            self._tick()
+            await asyncio.sleep(min(self.settings.heartbeat_interval_s, TICK_S))
+
+    def _tick(self) -> None:
+        try:
+            self.supervisor.tick(time.monotonic())
+        except Exception:  # a bug must not stop supervision
+            log.exception("internal error in the supervisor's tick")
+
+    async def _shutdown(self) -> None:
+        """Queued requests end at once, running ones get the grace period, then workers are stopped."""
+        self.engines.stopping = True
+        now = time.monotonic()
+        for engine in self.engines:
+            while engine.queue:
+                self.router.fail(engine.queue.popleft(), ErrorCode.SHUTTING_DOWN, "the daemon is stopping", now)
+        deadline = time.monotonic() + self.settings.shutdown_grace_s
+        while self.router.running() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for request in list(self.router.requests.values()):
+            self.router.fail(request, ErrorCode.SHUTTING_DOWN, "the daemon is stopping", time.monotonic())
+        for engine in self.engines:
+            self.engines.stop(engine, "daemon stopping", time.monotonic())
+        await asyncio.gather(*(self._reap(process) for process in list(self.processes.values())))
+        self.clients.reader.stop()
+        self.workers.reader.stop()
+        for sock in (self.client_socket, self.worker_socket):
+            sock.close()
+        self.events.close()
+        self.context.term()
+        log.info("daemon stopped")
+
+    async def _reap(self, process: WorkerProcess) -> None:
+        """Shutdown message (sent by stop), grace, SIGTERM, grace, SIGKILL."""
+        if await process.wait_exit(self.settings.shutdown_grace_s):
+            return
+        log.warning("worker did not exit in time; terminating", worker_id=process.worker_id, pid=process.pid)
+        process.kill(2.0)
+        if not await process.wait_exit(5.0):
+            log.error("worker did not exit after SIGKILL", worker_id=process.worker_id, pid=process.pid)
+
+    # --- Effects --------------------------------------------------------------------
+
+    def start_worker(self, launch: WorkerLaunch) -> None:
+        python = env_python(env_dir(self.settings, launch.env_name))
+        command = worker_command(python, launch, self.worker_endpoint, self.settings.heartbeat_interval_s)
+        process = WorkerProcess(launch, command, self._environ, self._on_worker_exit)
+        self.processes[launch.worker_id] = process
+        self.workers.admit(launch.worker_id, routing_id(launch.worker_id, process.secret))
+        asyncio.ensure_future(process.run())
+
+    def _on_worker_exit(self, worker_id: str, returncode: int | None, info: dict[str, Any]) -> None:
+        self.processes.pop(worker_id, None)
+        self.workers.forget(worker_id)
+        try:
+            self.supervisor.on_exit(worker_id, returncode, info, time.monotonic())
+        except Exception:
+            log.exception("internal error handling a worker exit", worker_id=worker_id)
+
+    def stop_worker(self, worker_id: str, connected: bool) -> None:
+        if connected:
+            self.workers.send(worker_id, {"type": p.S_SHUTDOWN})
+        elif (process := self.processes.get(worker_id)) is not None:
+            process.signal(signal.SIGTERM)  # not connected yet, a message could not reach it
+
+    def kill_worker(self, worker_id: str, grace_s: float) -> None:
+        process = self.processes.get(worker_id)
+        if process is not None:
+            process.kill(grace_s)
+
+    def send_worker(self, worker_id: str, message: dict[str, Any]) -> None:
+        self.workers.send(worker_id, message)
+
+    def send_heartbeat(self, worker_id: str) -> None:
+        self.workers.send_heartbeat(worker_id)
+
+    def send_client(self, envelope: list[bytes], frame: bytes) -> bool:
+        return self.clients.send(envelope, frame)
+
+    def publish(self, topic: str, **fields: Any) -> None:
+        self.events.publish(topic, **fields)
+
+    def wake_at(self, when: float) -> None:
+        # asyncio runs a timer up to its clock resolution early: a little after, never before.
+        self._loop.call_at(max(when, self._loop.time()) + WAKE_MARGIN_S, self._tick)
+
+    def model_present(self, path: str) -> bool:
+        return Path(path).exists()
+
+    def status(self) -> dict[str, Any]:
+        return daemon_status(self)

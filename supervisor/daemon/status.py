@@ -1,0 +1,64 @@
+"""The status op's answer: the core's view of each engine and worker, with
+what only the operating system knows (pids, memory) added."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from workers import protocol as p
+
+from .. import __version__
+from ..core.engines import EngineState
+
+if TYPE_CHECKING:
+    from .app import Daemon
+
+
+def daemon_status(daemon: "Daemon") -> dict[str, Any]:
+    now = time.monotonic()
+    settings = daemon.settings
+    return {
+        "daemon": {
+            "pid": os.getpid(),
+            "version": __version__,
+            "protocol": p.PROTOCOL_VERSION,
+            "uptime_s": round(now - daemon.started_at, 1),
+            "client_endpoint": settings.client_endpoint,
+            "events_endpoint": settings.events_endpoint,
+            "state_dir": str(settings.state_dir),
+            "stopping": daemon.engines.stopping,
+            "active_engine": daemon.switch.active,
+            "requests_in_progress": len(daemon.router.requests),
+        },
+        "engines": [{**engine.describe(now), "workers": [_worker(daemon, engine, now)]} for engine in daemon.engines.by_priority()],
+    }
+
+
+def _worker(daemon: "Daemon", engine: EngineState, now: float) -> dict[str, Any]:
+    worker, report, times = engine.worker, engine.worker.report, engine.worker.times
+    process = daemon.processes.get(worker.worker_id) if worker.alive else None
+    current = worker.current
+    info: dict[str, Any] = {
+        "id": worker.worker_id,
+        "state": worker.state.value,
+        "reason": worker.reason,
+        "pid": process.pid if process else None,
+        "restarts": worker.restarts,
+        "uptime_s": round(now - times.started_at, 1) if times.started_at and worker.alive else None,
+        "python": report.hello.get("python"),
+        "executable": report.hello.get("executable"),
+        "packages": report.hello.get("packages", {}),
+        "versions": report.hello.get("versions", {}),
+        "model": report.model,
+        "load_progress": report.load_progress,
+        "phase": report.heartbeat.get("phase"),
+        "request_id": getattr(current, "id", None),
+        "last_heartbeat_age_ms": round((now - times.last_heard) * 1000, 1) if times.last_heard and worker.alive else None,
+        "rss_bytes": process.rss() if process else None,
+        "last_exit": worker.last_exit,
+    }
+    if report.load_failure:
+        info["load_failure"] = report.load_failure
+    return info

@@ -1,0 +1,107 @@
+"""The client socket: frames in, validated ops to the router, events out.
+
+Each op has one handler in :attr:`ClientFront.ops`; adding an op is one
+validator in core/validate.py, one handler here and its section in
+docs/PROTOCOL.md.  Nothing a client sends can raise past this module: bad
+input gets an error event with a specific code, a bug gets
+``internal_error`` and a log line.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import zmq
+
+from workers import protocol as p
+from workers.protocol import ErrorCode
+
+from .. import __version__
+from ..core.router import Router
+from ..core.validate import InvalidMessage, check_bare, message_id, message_op, parse_cancel, parse_generate
+from ..logs import get_logger
+from .transport import SocketReader, send_now
+
+log = get_logger("supervisor.client_front")
+
+Handler = Callable[[list[bytes], str, dict[str, Any], float], None]
+
+
+class ClientFront:
+    def __init__(self, sock: zmq.Socket, router: Router, status: Callable[[], dict[str, Any]], max_message_bytes: int, max_tokens_limit: int) -> None:
+        self.sock = sock
+        self.router = router
+        self.status = status
+        self.max_message_bytes = max_message_bytes
+        self.max_tokens_limit = max_tokens_limit
+        self.reader = SocketReader(sock, self.on_frames)
+        self.ops: dict[str, Handler] = {
+            p.OP_GENERATE: self._generate,
+            p.OP_CANCEL: self._cancel,
+            p.OP_STATUS: self._status,
+            p.OP_PING: self._ping,
+        }
+
+    def send(self, envelope: list[bytes], frame: bytes) -> bool:
+        """One event to a client; False when it is gone (ROUTER_MANDATORY) or too far behind (SNDHWM)."""
+        error = send_now(self.sock, [*envelope, frame], self.reader)
+        if error is not None:
+            log.warning("client unreachable", error=str(error))
+        return error is None
+
+    def on_frames(self, frames: list[bytes]) -> None:
+        envelope, payload = frames[:-1], frames[-1]
+        try:
+            self._on_message(envelope, payload, time.monotonic())
+        except Exception:  # a bug must not take the daemon down
+            log.exception("internal error handling a client message")
+            self._error(envelope, None, ErrorCode.INTERNAL, "internal error; see the daemon log")
+
+    def _on_message(self, envelope: list[bytes], payload: bytes, now: float) -> None:
+        if len(payload) > self.max_message_bytes:
+            self._error(envelope, None, ErrorCode.TOO_LARGE, f"message is {len(payload)} bytes; the limit is {self.max_message_bytes}")
+            return
+        try:
+            message = p.decode(payload)
+        except p.DecodeError as exc:
+            self._error(envelope, None, ErrorCode.MALFORMED, str(exc))
+            return
+        mid = None
+        try:
+            mid = message_id(message)
+            handler = self.ops[message_op(message)]
+            if self.router.in_use(envelope, mid):
+                # Answering with this id would look like a second end of the running request.
+                self._error(envelope, None, ErrorCode.DUPLICATE_ID, f"id {mid!r} is still in use by a running request", rejected_id=mid)
+                return
+            handler(envelope, mid, message, now)
+        except InvalidMessage as exc:
+            self._error(envelope, mid, exc.code, exc.message)
+
+    def _generate(self, envelope: list[bytes], mid: str, message: dict[str, Any], now: float) -> None:
+        self.router.submit(envelope, mid, parse_generate(message, self.max_tokens_limit), now)
+
+    def _cancel(self, envelope: list[bytes], mid: str, message: dict[str, Any], now: float) -> None:
+        target = parse_cancel(message)
+        found = self.router.in_use(envelope, target)
+        # The ack goes first: a queued request's "cancelled" end follows it at once.
+        self._reply(envelope, {"id": mid, "event": p.EVENT_CANCEL_ACK, "target": target, "found": found})
+        if found:
+            self.router.cancel(envelope, target, now)
+
+    def _status(self, envelope: list[bytes], mid: str, message: dict[str, Any], now: float) -> None:
+        check_bare(message)
+        self._reply(envelope, {"id": mid, "event": p.EVENT_STATUS, **self.status()})
+
+    def _ping(self, envelope: list[bytes], mid: str, message: dict[str, Any], now: float) -> None:
+        check_bare(message)
+        self._reply(envelope, {"id": mid, "event": p.EVENT_PONG, "protocol": p.PROTOCOL_VERSION, "version": __version__})
+
+    def _error(self, envelope: list[bytes], mid: str | None, code: str, message: str, **extra: Any) -> None:
+        self._reply(envelope, {"id": mid, "event": p.EVENT_ERROR, "code": code, "message": message, **extra})
+
+    def _reply(self, envelope: list[bytes], event: dict[str, Any]) -> None:
+        if not self.send(envelope, p.encode(event)):
+            self.router.client_gone(b"".join(envelope), time.monotonic())
+

@@ -1,0 +1,147 @@
+"""The worker socket: who is speaking, what they said, and passing it on.
+
+A worker is known by the routing id it was spawned with (its worker id and
+a per-spawn secret); frames from any other peer are refused and logged,
+never acted on.  Each worker message type has one handler in
+:attr:`WorkerLink.handlers`.  Token messages in the exact form the worker
+runtime writes take a fast path that forwards their text without JSON work.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import zmq
+
+from workers import protocol as p
+
+from ..core.engines import Engines, EngineState
+from ..core.router import Router
+from ..core.supervisor import Supervisor
+from ..logs import get_logger
+from .transport import SocketReader, send_now
+
+log = get_logger("supervisor.worker_link")
+
+Handler = Callable[[EngineState, dict[str, Any], float], None]
+REFUSAL_LOG_INTERVAL_S = 10.0  # refused peers are logged at most this often (with a count)
+
+
+class WorkerLink:
+    def __init__(self, sock: zmq.Socket, engines: Engines, supervisor: Supervisor, router: Router, publish: Callable[..., None]) -> None:
+        self.sock = sock
+        self.engines = engines
+        self.supervisor = supervisor
+        self.router = router
+        self.publish = publish
+        self.reader = SocketReader(sock, self.on_frames)
+        self._peers: dict[bytes, str] = {}  # routing id (main or watchdog socket) -> worker id
+        self._routes: dict[str, bytes] = {}  # worker id -> routing id of its main socket
+        self._refused_since_log = 0
+        self._refusal_logged_at = float("-inf")
+        self.handlers: dict[str, Handler] = {
+            p.W_HELLO: supervisor.on_hello,
+            p.W_LOADING: supervisor.on_loading,
+            p.W_READY: supervisor.on_ready,
+            p.W_LOAD_FAILED: supervisor.on_load_failed,
+            p.W_HEARTBEAT: supervisor.on_heartbeat,
+            p.W_TOKEN: self._on_token,
+            p.W_DONE: router.on_result,
+            p.W_ERROR: router.on_result,
+        }
+
+    # --- who may speak ---------------------------------------------------------------
+
+    def admit(self, worker_id: str, routing_id: bytes) -> None:
+        """A worker is being spawned with this routing id: its frames will be accepted."""
+        self._routes[worker_id] = routing_id
+        self._peers[routing_id] = worker_id
+        self._peers[routing_id + p.WATCHDOG_SUFFIX.encode()] = worker_id
+
+    def forget(self, worker_id: str) -> None:
+        routing_id = self._routes.pop(worker_id, None)
+        if routing_id is not None:
+            self._peers.pop(routing_id, None)
+            self._peers.pop(routing_id + p.WATCHDOG_SUFFIX.encode(), None)
+
+    def _refuse(self, routing_id: bytes, now: float) -> None:
+        self._refused_since_log += 1
+        if now - self._refusal_logged_at >= REFUSAL_LOG_INTERVAL_S:
+            shown = routing_id[:64].decode("utf-8", "replace")
+            log.warning("message from an unknown peer on the worker endpoint refused", routing_id=shown, refused=self._refused_since_log)
+            self.publish("worker.refused", routing_id=shown, refused=self._refused_since_log)
+            self._refused_since_log, self._refusal_logged_at = 0, now
+
+    # --- sending ---------------------------------------------------------------------
+
+    def send(self, worker_id: str, message: dict[str, Any]) -> None:
+        """To the worker's main socket; dropped if it is not connected (its exit is seen elsewhere)."""
+        routing_id = self._routes.get(worker_id)
+        if routing_id is not None:
+            self._send(routing_id, p.encode(message))
+
+    def send_heartbeat(self, worker_id: str) -> None:
+        routing_id = self._routes.get(worker_id)
+        if routing_id is not None:
+            self._send(routing_id + p.WATCHDOG_SUFFIX.encode(), p.encode({"type": p.S_HEARTBEAT}))
+
+    def _send(self, routing_id: bytes, frame: bytes) -> None:
+        error = send_now(self.sock, [routing_id, frame], self.reader)
+        if error is not None:
+            log.debug("worker unreachable", error=str(error))
+
+    # --- receiving --------------------------------------------------------------------
+
+    def on_frames(self, frames: list[bytes]) -> None:
+        now = time.monotonic()
+        routing_id, payload = frames[0], frames[-1]
+        worker_id = self._peers.get(routing_id)
+        if worker_id is None:
+            self._refuse(routing_id, now)
+            return
+        if len(frames) != 2:
+            log.error("multi-frame message from a worker dropped", worker_id=worker_id, frames=len(frames))
+            return
+        engine = self.engines.owning(worker_id)
+        if engine is None:  # a worker of an earlier generation: it has no business here
+            self._send(routing_id, p.encode({"type": p.S_SHUTDOWN}))
+            return
+        if payload.startswith(p.TOKEN_FRAME_START) and self._fast_token(engine, payload, now):
+            return
+        try:
+            self._on_message(engine, payload, now)
+        except Exception:  # a bug must not take the daemon down
+            log.exception("internal error handling a worker message", worker_id=worker_id)
+
+    def _fast_token(self, engine: EngineState, payload: bytes, now: float) -> bool:
+        """A token of the running request in the runtime's own form; False: take the general path."""
+        current = engine.worker.current
+        prefix = current.worker_token_prefix if current is not None else b"-"
+        if not (payload.startswith(prefix) and payload.endswith(b'"}') and payload[len(prefix) : len(prefix) + 1] == b'"'):
+            return False
+        self.router.on_token(engine, payload[len(prefix) : -1], 1, now)
+        return True
+
+    def _on_message(self, engine: EngineState, payload: bytes, now: float) -> None:
+        worker_id = engine.worker.worker_id
+        try:
+            message = p.decode(payload)
+        except p.DecodeError as exc:
+            log.error("undecodable message from a worker", worker_id=worker_id, error=str(exc))
+            return
+        bad_text = p.invalid_text_path(message)
+        handler = self.handlers.get(message.get("type"))  # type: ignore[arg-type]
+        if bad_text is not None or handler is None:
+            log.error("invalid message from a worker", worker_id=worker_id, type=repr(message.get("type")), invalid_text=bad_text)
+            return
+        self.supervisor.heard_from(engine, now)
+        handler(engine, message, now)
+
+    def _on_token(self, engine: EngineState, message: dict[str, Any], now: float) -> None:
+        current = engine.worker.current
+        text, tokens = message.get("text"), message.get("tokens", 1)
+        if current is None or message.get("request_id") != current.wire_id or not isinstance(text, str):
+            return
+        count = tokens if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0 else 1
+        self.router.on_token(engine, p.encode_string(text), count, now)

@@ -1,0 +1,135 @@
+"""Drive the core in-process: a recording fake of Effects and a manual clock.
+
+No process, socket or event loop: what the router and the supervisor decide
+is read from the effects they asked for, in order.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from supervisor.config import load_settings
+from supervisor.core.effects import WorkerLaunch
+from supervisor.core.engines import Engines, EngineState
+from supervisor.core.policy import LatencySwitch
+from supervisor.core.router import Router
+from supervisor.core.supervisor import Supervisor
+from supervisor.core.validate import parse_generate
+from workers import protocol as p
+
+
+class RecordingEffects:
+    """Every effect the core asks for, as (name, details) in order; clients and models can be scripted."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+        self.refusing_clients: set[bytes] = set()  # clients whose sends fail (gone, too far behind)
+        self.missing_models: set[str] = set()
+
+    def start_worker(self, launch: WorkerLaunch) -> None:
+        self.calls.append(("start", launch.worker_id))
+
+    def stop_worker(self, worker_id: str, connected: bool) -> None:
+        self.calls.append(("stop", worker_id))
+
+    def kill_worker(self, worker_id: str, grace_s: float) -> None:
+        self.calls.append(("kill", worker_id))
+
+    def send_worker(self, worker_id: str, message: dict[str, Any]) -> None:
+        self.calls.append(("worker", (worker_id, message)))
+
+    def send_heartbeat(self, worker_id: str) -> None:
+        self.calls.append(("heartbeat", worker_id))
+
+    def send_client(self, envelope: list[bytes], frame: bytes) -> bool:
+        client = b"".join(envelope)
+        if client in self.refusing_clients:
+            self.calls.append(("client_refused", client))
+            return False
+        self.calls.append(("client", (client, json.loads(frame))))
+        return True
+
+    def publish(self, topic: str, **fields: Any) -> None:
+        self.calls.append(("publish", (topic, fields)))
+
+    def wake_at(self, when: float) -> None:
+        self.calls.append(("wake_at", when))
+
+    def model_present(self, path: str) -> bool:
+        return path not in self.missing_models
+
+    # --- reading what happened ---------------------------------------------------
+
+    def take(self) -> list[tuple[str, Any]]:
+        calls, self.calls = self.calls, []
+        return calls
+
+    def named(self, name: str) -> list[Any]:
+        return [details for kind, details in self.calls if kind == name]
+
+    def client_events(self, client: bytes = b"c") -> list[dict[str, Any]]:
+        return [event for who, event in self.named("client") if who == client]
+
+    def worker_messages(self, worker_id: str, kind: str | None = None) -> list[dict[str, Any]]:
+        return [m for w, m in self.named("worker") if w == worker_id and (kind is None or m.get("type") == kind)]
+
+    def topics(self, topic: str) -> list[dict[str, Any]]:
+        return [fields for t, fields in self.named("publish") if t == topic]
+
+
+class Core:
+    """The router and the supervisor over configured engines, with a clock the test moves."""
+
+    def __init__(self, engines: dict[str, dict[str, Any]], **settings: Any) -> None:
+        self.settings = load_settings(None, {"state_dir": "/nonexistent/state", "engines": engines, **settings})
+        self.effects = RecordingEffects()
+        self.now = 1000.0
+        states = {name: EngineState(name, config, f"/models/{name}.gguf", self.settings.supervision, lambda *_: None)
+                  for name, config in self.settings.engines.items()}  # fmt: skip
+        self.engines = Engines(states, self.effects)
+        self.switch = LatencySwitch(self.settings.supervision.switch_min_dwell_s, self.settings.supervision.switch_breach_for_s)
+        self.router = Router(self.engines, self.switch, self.effects, self.settings.supervision.probe_interval_s)
+        self.supervisor = Supervisor(self.engines, self.router, self.switch, self.settings, self.effects)
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        self.supervisor.tick(self.now)
+
+    def engine(self, name: str) -> EngineState:
+        return self.engines[name]
+
+    # --- a worker's side of the conversation ---------------------------------------
+
+    def bring_up(self, name: str) -> str:
+        """The engine's spawned worker says hello and loads: it is ready."""
+        engine = self.engines[name]
+        worker_id = engine.worker.worker_id
+        self.supervisor.on_hello(engine, {"type": p.W_HELLO, "pid": 1}, self.now)
+        self.supervisor.on_ready(engine, {"type": p.W_READY, "model": {}}, self.now)
+        return worker_id
+
+    def tokens(self, name: str, count: int, per_event: int = 1) -> None:
+        for _ in range(count):
+            self.router.on_token(self.engines[name], p.encode_string("x"), per_event, self.now)
+
+    def finish_current(self, name: str, finish_reason: str = p.FINISH_STOP) -> None:
+        engine = self.engines[name]
+        current = engine.worker.current
+        assert current is not None, f"{name} runs nothing"
+        message = {"type": p.W_DONE, "request_id": current.wire_id, "finish_reason": finish_reason, "usage": {"prompt_tokens": 3, "completion_tokens": current.tokens}}
+        self.router.on_result(engine, message, self.now)
+
+    def exit(self, name: str, returncode: int | None, cause: str = "") -> None:
+        engine = self.engines[name]
+        info = {"exit_code": returncode, "signal": None, "cause": cause or f"exited with code {returncode}", "last_lines": []}
+        self.supervisor.on_exit(engine.worker.worker_id, returncode, info, self.now)
+
+    # --- a client's side ---------------------------------------------------------
+
+    def submit(self, rid: str, client: bytes = b"c", **fields: Any) -> None:
+        message = {"op": "generate", "id": rid, "prompt": "hi", **fields}
+        self.router.submit([client], rid, parse_generate(message, 8192), self.now)
+
+    def terminal(self, rid: str, client: bytes = b"c") -> list[dict[str, Any]]:
+        return [e for e in self.effects.client_events(client) if e.get("id") == rid and e["event"] in ("done", "error")]
