@@ -1,7 +1,13 @@
 """python -m workers --engine KIND --endpoint ENDPOINT --worker-id ID [--heartbeat-interval S]
 
-Started by the daemon with the interpreter of the engine's own environment.
+Started by the daemon with the interpreter of the engine's own environment,
+with its per-spawn secret in NODESUP_WORKER_SECRET (see protocol.py).
 Never writes protocol to stdout: llama.cpp and engine libraries print there.
+
+Order matters: the secret leaves the environment before any engine code
+runs, and the engine library is imported before pyzmq (runtime.py imports
+it), because a CUDA build of llama.cpp crashed when a ZeroMQ context existed
+before it was loaded.
 """
 
 from __future__ import annotations
@@ -10,10 +16,13 @@ import argparse
 import logging
 import sys
 
+from .engine import prepare_engine
+from .process import exit_with_parent, take_secret
 from .protocol import ExitCode
 
 
 def main(argv: list[str] | None = None) -> int:
+    secret = take_secret()
     parser = argparse.ArgumentParser(prog="python -m workers")
     parser.add_argument("--engine", required=True, help="engine kind, e.g. llamacpp")
     parser.add_argument("--endpoint", required=True, help="the daemon's worker endpoint")
@@ -30,10 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     # One line per record on stderr; the daemon re-logs each line with the worker's id.
     logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
 
-    from .runtime import WorkerRuntime, exit_with_parent
+    exit_with_parent()  # before the engine's import, which can take seconds
+    prepared = prepare_engine(args.engine)
 
-    exit_with_parent()
-    runtime = WorkerRuntime(args.engine, args.endpoint, args.worker_id, args.heartbeat_interval)
+    from .runtime import WorkerRuntime  # pyzmq: only now
+
+    runtime = WorkerRuntime(prepared, args.endpoint, args.worker_id, args.heartbeat_interval, secret=secret)
     return runtime.run()
 
 

@@ -23,8 +23,21 @@ ENGINE_MODULES = {
 }
 
 ProgressFn = Callable[[float, str], None]  # fraction 0..1, what is happening
-EmitFn = Callable[[str], None]  # one piece of generated text
 StopFn = Callable[[], bool]  # true once the request must stop (cancel, deadline, shutdown)
+
+
+class EmitFn(Protocol):
+    """Sends one piece of generated text and how many tokens it holds.
+
+    An engine may hold text back (a possible stop string, half a UTF-8
+    character) or get several tokens at once, so one piece can carry several
+    tokens, or none (the rest of a token already counted).  The daemon counts
+    the tokens it was sent by ``tokens``, not by pieces, so its count (for
+    status, latency per token, a failed request's usage) stays right whatever
+    the engine's chunking.
+    """
+
+    def __call__(self, text: str, tokens: int = 1) -> None: ...
 
 
 class EngineUnavailable(Exception):
@@ -97,8 +110,8 @@ class Engine(Protocol):
         """Load the model described by ``spec``; return facts about it for status."""
 
     def generate(self, request: GenerateRequest, emit: EmitFn, should_stop: StopFn) -> GenerateResult:
-        """Generate for one request, calling ``emit`` per text piece and checking
-        ``should_stop`` between tokens."""
+        """Generate for one request, calling ``emit(text, tokens)`` per text piece
+        and checking ``should_stop`` between tokens."""
 
 
 def load_engine(kind: str) -> Engine:
@@ -109,3 +122,27 @@ def load_engine(kind: str) -> Engine:
         raise EngineUnavailable(f"unknown engine kind {kind!r}; known: {', '.join(sorted(ENGINE_MODULES))}") from None
     module = importlib.import_module(module_name)
     return module.create_engine()
+
+
+@dataclass
+class PreparedEngine:
+    """An engine imported before the worker's sockets exist, or why it cannot run here."""
+
+    kind: str
+    engine: Engine | None
+    versions: dict[str, Any]  # the engine's build facts for the hello message; {} when unavailable
+    unavailable: str | None = None  # the EngineUnavailable reason
+
+
+def prepare_engine(kind: str) -> PreparedEngine:
+    """Import the engine library and read its build facts, before anything imports pyzmq.
+
+    A CUDA build of llama.cpp crashed (SIGSEGV in ``llama_model::print_info``)
+    when a ZeroMQ context existed before llama_cpp was loaded, so the worker
+    calls this first and only then starts its runtime.
+    """
+    try:
+        engine = load_engine(kind)
+        return PreparedEngine(kind, engine, engine.versions())
+    except EngineUnavailable as exc:
+        return PreparedEngine(kind, None, {}, str(exc))

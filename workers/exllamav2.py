@@ -7,8 +7,9 @@ with a one-line reason and never imports exllamav2 (the worker then exits
 with the "unavailable" code and the daemon does not restart it).
 
 Generation uses the dynamic generator: one job per request, streamed with
-``generator.iterate()`` (one token per call for our job, as no draft model
-is used) and cancelled between two calls with ``generator.cancel(job)``.
+``generator.iterate()`` (one token sampled per call for our job, as no draft
+model is used, though one result may release several held-back tokens) and
+cancelled between two calls with ``generator.cancel(job)``.
 """
 
 from __future__ import annotations
@@ -227,8 +228,11 @@ def _stream(generator: Any, job: Any, emit: EmitFn, should_stop: StopFn) -> str:
 
     Each ``iterate()`` call ingests one chunk of the prompt or samples one
     token for the job, so checking ``should_stop`` between calls stops both a
-    long prefill and a stream within one token.
+    long prefill and a stream within one token.  A result's text is what the
+    generator stopped holding back (a partial stop string, an incomplete
+    character), so it may hold several tokens: their ids come with it.
     """
+    uncounted = 0  # tokens of results without text, sent with the next text
     while True:
         if should_stop():
             generator.cancel(job)
@@ -236,10 +240,25 @@ def _stream(generator: Any, job: Any, emit: EmitFn, should_stop: StopFn) -> str:
         for result in generator.iterate():
             if result["job"] is not job or result["stage"] != "streaming":
                 continue  # the "started" and "prefill" stages carry no text
+            uncounted += _tokens_in(result)
             if result.get("text"):
-                emit(result["text"])
+                emit(result["text"], uncounted)
+                uncounted = 0
             if result["eos"]:
                 return FINISH_STOP if result.get("eos_reason") in ("stop_token", "stop_string") else FINISH_LENGTH
+
+
+def _tokens_in(result: dict[str, Any]) -> int:
+    """How many tokens a streaming result carries.
+
+    exllamav2 0.3.2 sends the held-back tokens' ids with their text as
+    ``token_ids``, a tensor of shape (1, n); a result without them carries
+    one token if it has text, none if it only says that text is held back.
+    """
+    token_ids = result.get("token_ids")
+    if token_ids is not None:
+        return int(token_ids.shape[-1])
+    return 1 if result.get("text") else 0
 
 
 def _chat_template(model_dir: Path) -> tuple[Any, str]:

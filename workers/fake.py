@@ -7,7 +7,11 @@ running worker slow, crash or hang.
 
 Options:
   load_time_s        seconds "loading" takes (progress reported)
-  token_delay_s      seconds between tokens
+  token_delay_s      seconds per token (a message of n tokens waits n times this)
+  tokens_per_event   tokens (words) sent in one emit, default 1, as an engine
+                     that streams chunks (ExLlamaV2) or releases held-back
+                     text (stop strings) does; the last one of a request
+                     holds fewer when max_tokens is not a multiple of it
   fail_load          "model" -> ModelError, "unavailable" -> EngineUnavailable, "crash" -> exit 1
   crash_after_tokens exit(1) abruptly after this many tokens of a request
   hang_after_tokens  stop responding (the whole process blocks) after this many tokens
@@ -18,6 +22,7 @@ Options:
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import threading
@@ -34,7 +39,7 @@ from .engine import (
     ProgressFn,
     StopFn,
 )
-from .protocol import FINISH_CANCELLED, FINISH_LENGTH
+from .protocol import FINISH_CANCELLED, FINISH_LENGTH, WORKER_SECRET_ENV
 
 WORDS = "the quick brown fox jumps over the lazy dog".split()
 
@@ -46,7 +51,9 @@ class FakeEngine:
         self._options: dict[str, Any] = {}
 
     def versions(self) -> dict[str, Any]:
-        return {"fake_engine": "1"}
+        # Whether engine code can still read the worker's secret (it must not:
+        # the runtime takes it out of the environment first); tests check it.
+        return {"fake_engine": "1", "sees_worker_secret": _environment_has(WORKER_SECRET_ENV)}
 
     def _current(self) -> dict[str, Any]:
         options = dict(self._options)
@@ -77,26 +84,45 @@ class FakeEngine:
     def generate(self, request: GenerateRequest, emit: EmitFn, should_stop: StopFn) -> GenerateResult:
         options = self._current()
         delay = float(options.get("token_delay_s", 0.0))
-        crash_after = options.get("crash_after_tokens")
-        hang_after = options.get("hang_after_tokens")
-        stuck_after = options.get("stuck_after_tokens")
+        per_event = max(1, int(options.get("tokens_per_event", 1)))
         produced = 0
         finish = FINISH_LENGTH
         while produced < request.max_tokens:
             if should_stop():
                 finish = FINISH_CANCELLED
                 break
-            if crash_after is not None and produced >= int(crash_after):
-                os._exit(1)
-            if hang_after is not None and produced >= int(hang_after):
-                _hang()
-            if stuck_after is not None and produced >= int(stuck_after):
-                threading.Event().wait()  # forever; only this thread
-            time.sleep(delay)
-            emit(WORDS[produced % len(WORDS)] + " ")
-            produced += 1
+            _misbehave(options, produced)
+            count = min(per_event, request.max_tokens - produced)
+            time.sleep(delay * count)
+            emit("".join(WORDS[(produced + i) % len(WORDS)] + " " for i in range(count)), count)
+            produced += count
         prompt_tokens = len((request.prompt or "").split()) or 1
         return GenerateResult(finish_reason=finish, prompt_tokens=prompt_tokens, completion_tokens=produced)
+
+
+def _misbehave(options: dict[str, Any], produced: int) -> None:
+    """Crash, hang or get stuck once ``produced`` tokens are out, as the options say."""
+    crash_after = options.get("crash_after_tokens")
+    hang_after = options.get("hang_after_tokens")
+    stuck_after = options.get("stuck_after_tokens")
+    if crash_after is not None and produced >= int(crash_after):
+        os._exit(1)
+    if hang_after is not None and produced >= int(hang_after):
+        _hang()
+    if stuck_after is not None and produced >= int(stuck_after):
+        threading.Event().wait()  # forever; only this thread
+
+
+def _environment_has(name: str) -> bool:
+    """Whether ``name`` is set for Python code or for C code (getenv) in this process."""
+    if name in os.environ:
+        return True
+    try:
+        libc = ctypes.CDLL(None)
+    except (OSError, TypeError):  # no C library to ask this way (Windows)
+        return False
+    libc.getenv.restype = ctypes.c_char_p
+    return libc.getenv(name.encode()) is not None
 
 
 def _hang() -> None:

@@ -190,8 +190,8 @@ class LlamaCppEngine:
                 break
             generated += 1
             piece = text.feed(llm.detokenize([token]))
-            if piece:
-                emit(piece)
+            if piece:  # may hold several tokens: text held back for a stop string or a split character
+                emit(piece, text.take_tokens())
             if text.stopped:
                 finish = FINISH_STOP
                 break
@@ -199,7 +199,7 @@ class LlamaCppEngine:
                 break
         tail = text.flush()
         if tail:
-            emit(tail)
+            emit(tail, text.take_tokens())
         return GenerateResult(finish_reason=finish, prompt_tokens=len(tokens), completion_tokens=generated)
 
 

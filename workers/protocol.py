@@ -93,6 +93,20 @@ def watchdog_identity(worker_id: str) -> str:
     return worker_id + WATCHDOG_SUFFIX
 
 
+# The daemon hands each worker it spawns a secret in this environment variable
+# (never on the command line, which any local user can read with ps).  The
+# worker puts it in its routing ids, so a local process that merely knows a
+# worker id cannot speak for that worker; the watchdog socket's routing id is
+# ``watchdog_identity(worker_routing_id(...))``.
+WORKER_SECRET_ENV = "NODESUP_WORKER_SECRET"
+SECRET_SEPARATOR = "#"
+
+
+def worker_routing_id(worker_id: str, secret: str | None) -> str:
+    """The main socket's routing id: ``<worker id>#<secret>``, or the bare worker id without a secret."""
+    return f"{worker_id}{SECRET_SEPARATOR}{secret}" if secret else worker_id
+
+
 # --- worker exit codes (protocol: they decide whether a restart can help) ---
 
 class ExitCode:

@@ -1,10 +1,14 @@
 """The worker runtime: hello -> load -> serve, with a watchdog thread.
 
+The engine arrives already imported (__main__.py imports it before this
+module, and so before pyzmq: a CUDA build of llama.cpp crashed when a ZeroMQ
+context existed before it was loaded).
+
 Two threads, each owning one DEALER socket to the daemon (ZeroMQ sockets are
 not thread-safe, so neither thread touches the other's):
 
-* the main thread imports the engine, loads the model and generates, one
-  request at a time (a llama.cpp context is not safe for concurrent calls).
+* the main thread loads the model and generates, one request at a time (a
+  llama.cpp context is not safe for concurrent calls).
   Its socket carries the conversation: load and generate in, tokens and
   results out, and cancel / shutdown, which it reads between two tokens.
   Sending a token is one call on the generating thread: no other thread has
@@ -19,10 +23,8 @@ not thread-safe, so neither thread touches the other's):
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -33,20 +35,32 @@ from typing import Any
 import zmq
 
 from . import protocol as p
-from .engine import EngineUnavailable, GenerateRequest, ModelError, RequestError, load_engine
+from .engine import EngineUnavailable, GenerateRequest, ModelError, PreparedEngine, RequestError
+from .process import die_orphaned, name_this_thread
 
 log = logging.getLogger("worker")
 
 
 class WorkerRuntime:
-    def __init__(self, engine_kind: str, endpoint: str, worker_id: str, heartbeat_interval: float) -> None:
-        self.engine_kind = engine_kind
+    def __init__(
+        self,
+        prepared: PreparedEngine,
+        endpoint: str,
+        worker_id: str,
+        heartbeat_interval: float,
+        secret: str | None = None,
+    ) -> None:
+        """``secret``: the daemon's per-spawn secret, which goes into both
+        sockets' routing ids so the daemon knows them for this worker's."""
+        self.prepared = prepared
+        self.engine_kind = prepared.kind
         self.endpoint = endpoint
         self.worker_id = worker_id
         self.heartbeat_interval = heartbeat_interval
         self.orphan_after = 3 * heartbeat_interval
+        self._routing_id = p.worker_routing_id(worker_id, secret)
         self._context = zmq.Context()
-        self._socket = self._connect(worker_id)
+        self._socket = self._connect(self._routing_id)
         self._waiting: deque[dict[str, Any]] = deque()  # commands read between tokens, for later
         self._cancelled: set[str] = set()
         self._stopping = False
@@ -79,25 +93,10 @@ class WorkerRuntime:
     def _main(self) -> int:
         # Hello goes out even when the engine cannot run here, so status shows
         # what this environment holds (NumPy, torch, ...) next to the reason.
-        unavailable = None
-        try:
-            engine = load_engine(self.engine_kind)
-            versions = engine.versions()
-        except EngineUnavailable as exc:
-            unavailable, versions = str(exc), {}
-        self._send(
-            type=p.W_HELLO,
-            protocol=p.PROTOCOL_VERSION,
-            engine=self.engine_kind,
-            worker_id=self.worker_id,
-            pid=os.getpid(),
-            python=sys.version.split()[0],
-            executable=sys.executable,
-            packages=installed_versions(),
-            versions=versions,
-        )
-        if unavailable is not None:
-            return self._fail(p.ExitCode.UNAVAILABLE, "unavailable", unavailable)
+        self._send_hello()
+        engine = self.prepared.engine
+        if engine is None:
+            return self._fail(p.ExitCode.UNAVAILABLE, "unavailable", self.prepared.unavailable or "engine unavailable")
         load = self._next_command()
         if load is None:
             return p.ExitCode.OK
@@ -121,6 +120,20 @@ class WorkerRuntime:
             if message.get("type") == p.S_GENERATE:
                 self._serve(engine, message)
         return p.ExitCode.OK
+
+    def _send_hello(self) -> None:
+        """Introduce the worker by its plain id (the routing id carries the secret)."""
+        self._send(
+            type=p.W_HELLO,
+            protocol=p.PROTOCOL_VERSION,
+            engine=self.engine_kind,
+            worker_id=self.worker_id,
+            pid=os.getpid(),
+            python=sys.version.split()[0],
+            executable=sys.executable,
+            packages=installed_versions(),
+            versions=self.prepared.versions,
+        )
 
     def _next_command(self) -> dict[str, Any] | None:
         """Wait for the next load or generate; None once asked to shut down."""
@@ -170,6 +183,7 @@ class WorkerRuntime:
         first_token_at: list[float] = []
         send = self._socket.send
         token_prefix = p.token_frame_prefix(rid)
+        encode_string = p.encode_string
 
         def should_stop() -> bool:
             self._read_commands()
@@ -179,13 +193,18 @@ class WorkerRuntime:
                 or (deadline is not None and time.monotonic() >= deadline)
             )
 
-        def emit(text: str) -> None:
+        def emit(text: str, tokens: int = 1) -> None:
+            """Send one piece of text; the fast form (no JSON work here or in
+            the daemon) for one token, ``"tokens": N`` for any other count."""
             now = time.monotonic()
             if not first_token_at:
                 first_token_at.append(now)
-            activity["tokens"] += 1
+            activity["tokens"] += tokens
             activity["last_token_at"] = now
-            send(token_prefix + p.encode_string(text) + b"}")
+            if tokens == 1:
+                send(token_prefix + encode_string(text) + b"}")
+            else:
+                send(p.encode({"type": p.W_TOKEN, "request_id": rid, "text": text, "tokens": tokens}))
 
         try:
             result = engine.generate(request, emit, should_stop)
@@ -217,7 +236,7 @@ class WorkerRuntime:
 
     def _watchdog_loop(self) -> None:
         name_this_thread("watchdog")
-        sock = self._connect(p.watchdog_identity(self.worker_id))
+        sock = self._connect(p.watchdog_identity(self._routing_id))
         last_heard = time.monotonic()
         next_heartbeat = 0.0
         try:
@@ -227,7 +246,7 @@ class WorkerRuntime:
                     sock.send(p.encode(self._heartbeat(now)))
                     next_heartbeat = now + self.heartbeat_interval
                 if now - last_heard > self.orphan_after:
-                    _die_orphaned(now - last_heard)
+                    die_orphaned(now - last_heard)
                 timeout_ms = max(0.0, min(next_heartbeat, last_heard + self.orphan_after) - now) * 1000
                 if sock.poll(timeout_ms + 1):
                     while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
@@ -256,36 +275,3 @@ def installed_versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             versions[dist] = None
     return versions
-
-
-def _die_orphaned(silence: float) -> None:
-    """The daemon is gone: leave now, even if the main thread is inside the engine."""
-    sys.stderr.write(f"worker: no word from the daemon for {silence:.1f}s; exiting\n")
-    sys.stderr.flush()
-    os._exit(p.ExitCode.ORPHANED)
-
-
-def _prctl(option: int, argument: Any) -> bool:
-    """Linux's prctl(2); False where there is none."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(option, argument)
-    except OSError:
-        return False
-    return True
-
-
-def name_this_thread(name: str) -> None:
-    """Give the calling thread a name that `top -H` and /proc show (Linux; elsewhere nothing)."""
-    PR_SET_NAME = 15
-    _prctl(PR_SET_NAME, name.encode()[:15])
-
-
-def exit_with_parent() -> None:
-    """On Linux, have the kernel kill this worker the moment its parent dies."""
-    PR_SET_PDEATHSIG = 1
-    if not _prctl(PR_SET_PDEATHSIG, signal.SIGKILL):
-        return  # no prctl: the heartbeat watchdog still ends an orphan
-    if os.getppid() == 1:  # the parent died before prctl took effect
-        _die_orphaned(0.0)
