@@ -217,7 +217,9 @@ class Supervisor:
         if worker.state is WorkerState.STOPPING:
             if now - (times.stop_requested_at or now) > self.settings.shutdown_grace_s:
                 return f"still running {self.settings.shutdown_grace_s:.0f}s after being asked to stop"
-        elif silent > config.hang_missed_heartbeats * self.settings.heartbeat_interval_s:
+        elif worker.connected and silent > config.hang_missed_heartbeats * self.settings.heartbeat_interval_s:
+            # Before its hello a worker is importing its engine library (torch takes
+            # seconds), and heartbeats start after that: judged by load time below.
             return f"no heartbeat for {silent:.1f}s"
         elif worker.current is not None and worker.current.dispatched_at is not None:
             last = worker.current.last_token_at or worker.current.dispatched_at

@@ -32,7 +32,7 @@ from ..io.client_front import ClientFront
 from ..io.events import EventPublisher
 from ..io.transport import bind_socket
 from ..io.worker_link import WorkerLink
-from ..io.worker_process import WorkerProcess, routing_id, worker_command
+from ..io.worker_process import WorkerProcess, worker_command
 from ..logs import get_logger
 from ..models import model_path_for
 from .status import daemon_status
@@ -166,7 +166,7 @@ class Daemon:
         command = worker_command(python, launch, self.worker_endpoint, self.settings.heartbeat_interval_s)
         process = WorkerProcess(launch, command, self._environ, self._on_worker_exit)
         self.processes[launch.worker_id] = process
-        self.workers.admit(launch.worker_id, routing_id(launch.worker_id, process.secret))
+        self.workers.admit(launch.worker_id, process.routing_id)
         asyncio.ensure_future(process.run())
 
     def _on_worker_exit(self, worker_id: str, returncode: int | None, info: dict[str, Any]) -> None:

@@ -143,5 +143,6 @@ class WorkerLink:
         text, tokens = message.get("text"), message.get("tokens", 1)
         if current is None or message.get("request_id") != current.wire_id or not isinstance(text, str):
             return
-        count = tokens if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0 else 1
+        # 0: text held back from tokens already counted (a stop string that did not complete)
+        count = tokens if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 0 else 1
         self.router.on_token(engine, p.encode_string(text), count, now)

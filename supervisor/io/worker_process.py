@@ -19,19 +19,15 @@ from typing import Any, Callable
 
 import psutil
 
+from workers import protocol as p
+
 from ..core.effects import WorkerLaunch
 from ..logs import get_logger
 
 log = get_logger("supervisor.worker_process")
 
 TAIL_LINES = 20  # last lines a worker printed, kept for crash reports
-SECRET_VARIABLE = "NODESUP_WORKER_SECRET"
 ExitFn = Callable[[str, "int | None", dict[str, Any]], None]  # worker id, return code, exit description
-
-
-def routing_id(worker_id: str, secret: str) -> bytes:
-    """The routing id of a worker's main socket (its watchdog socket adds protocol.WATCHDOG_SUFFIX)."""
-    return f"{worker_id}#{secret}".encode()
 
 
 class WorkerProcess:
@@ -42,12 +38,17 @@ class WorkerProcess:
         self.worker_id = launch.worker_id
         self.secret = secrets.token_hex(16)
         self._command = command
-        self._environ = {**environ, SECRET_VARIABLE: self.secret}
+        self._environ = {**environ, p.WORKER_SECRET_ENV: self.secret}
         self._on_exit = on_exit
         self.process: asyncio.subprocess.Process | None = None
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
         self._pending_signal: int | None = None  # asked before the process existed
         self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def routing_id(self) -> bytes:
+        """The routing id its main socket will connect with (the watchdog's adds protocol.WATCHDOG_SUFFIX)."""
+        return p.worker_routing_id(self.worker_id, self.secret).encode()
 
     @property
     def pid(self) -> int | None:

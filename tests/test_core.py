@@ -1,0 +1,232 @@
+"""The routing and failover rules, driven in-process: no process, no socket, a manual clock.
+
+Each test reads what the core decided from the effects it asked for.  The
+real-process suites (test_serving, test_supervision, ...) stay as the
+acceptance tests of the same behaviour.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from supervisor.core.lifecycle import WorkerState
+from supervisor.core.validate import InvalidMessage
+from workers import protocol as p
+
+from .core_harness import Core
+
+FAKE = {"kind": "fake"}
+
+
+def test_a_request_on_a_cold_engine_starts_it_and_is_dispatched_once_it_is_ready():
+    core = Core({"a": {**FAKE, "priority": 1}, "b": {**FAKE, "standby": "cold", "priority": 2}})
+    core.supervisor.start(core.now)
+    assert core.effects.named("start") == ["a.1"]
+    core.submit("r1", engine="b")
+    assert core.effects.named("start") == ["a.1", "b.1"]
+    assert core.effects.worker_messages("b.1", p.S_GENERATE) == []  # not before it is ready
+    core.supervisor.on_hello(core.engine("b"), {"pid": 1}, core.now)
+    assert core.effects.worker_messages("b.1", p.S_LOAD)[0]["spec"]["model"] == "/models/b.gguf"
+    core.supervisor.on_ready(core.engine("b"), {"model": {}}, core.now)
+    (generate,) = core.effects.worker_messages("b.1", p.S_GENERATE)
+    assert generate["prompt"] == "hi"
+    core.tokens("b", 2)
+    core.finish_current("b")
+    (done,) = core.terminal("r1")
+    assert done["event"] == "done" and done["usage"]["completion_tokens"] == 2 and done["worker"] == "b.1"
+    assert core.engine("b").served == 1
+
+
+def test_one_queue_bound_for_new_and_retried_requests():
+    core = Core({"a": {**FAKE, "max_queue": 1}})
+    core.supervisor.start(core.now)
+    core.bring_up("a")
+    core.submit("running")
+    core.submit("waiting")
+    with pytest.raises(InvalidMessage) as refused:
+        core.submit("third")
+    assert refused.value.code == p.ErrorCode.BUSY
+    # The running request's worker dies before a token: its retry meets the same bound (the queue is full).
+    core.exit("a", 1)
+    (failed,) = core.terminal("running")
+    assert failed["code"] == p.ErrorCode.ENGINE_FAILED
+    assert core.terminal("waiting") == []  # still waiting for the restart
+
+
+def test_a_request_whose_worker_dies_before_a_token_is_retried_first_on_the_restart():
+    core = Core({"a": FAKE})
+    core.supervisor.start(core.now)
+    core.bring_up("a")
+    core.submit("first")
+    core.submit("second")
+    core.exit("a", 1)
+    assert core.engine("a").worker.state is WorkerState.BACKOFF
+    assert [r.id for r in core.engine("a").queue] == ["first", "second"]  # the retry goes in front
+    assert core.effects.topics("request.retry")[0]["request_id"] == "first"
+    restart_at = core.engine("a").worker.times.restart_at
+    core.advance(restart_at - core.now + 0.01)
+    assert core.effects.named("start") == ["a.1", "a.2"]
+    core.bring_up("a")
+    assert core.engine("a").worker.current.id == "first"
+
+
+def test_a_request_that_streamed_tokens_fails_with_the_tokens_it_got():
+    core = Core({"a": FAKE})
+    core.supervisor.start(core.now)
+    core.bring_up("a")
+    core.submit("r")
+    core.tokens("a", 3)
+    core.exit("a", None, cause="killed by SIGKILL")
+    (failed,) = core.terminal("r")
+    assert failed["code"] == p.ErrorCode.ENGINE_FAILED and failed["usage"]["completion_tokens"] == 3
+    assert "killed by SIGKILL" in failed["message"]
+
+
+def test_deadlines_end_queued_and_running_requests_once():
+    core = Core({"a": FAKE})
+    core.supervisor.start(core.now)
+    core.bring_up("a")
+    core.submit("running", deadline_ms=1000)
+    core.submit("queued", deadline_ms=500)
+    assert core.now + 0.5 in core.effects.named("wake_at")
+    core.advance(0.6)
+    assert core.terminal("queued")[0]["code"] == p.ErrorCode.DEADLINE
+    assert core.terminal("running") == []
+    core.advance(0.5)
+    assert core.terminal("running")[0]["code"] == p.ErrorCode.DEADLINE
+    wire_id = core.engine("a").worker.current.wire_id
+    assert core.effects.worker_messages("a.1", p.S_CANCEL) == [{"type": p.S_CANCEL, "request_id": wire_id}]
+    core.finish_current("a", p.FINISH_CANCELLED)  # the worker confirms: no second end
+    assert len(core.terminal("running")) == 1
+    assert core.engine("a").failed == 2
+
+
+def test_a_client_that_cannot_be_reached_ends_its_requests_through_the_terminal_path():
+    core = Core({"a": FAKE})
+    core.supervisor.start(core.now)
+    core.bring_up("a")
+    core.submit("streaming", client=b"slow")
+    core.submit("waiting", client=b"slow")
+    core.submit("other", client=b"fine")
+    core.effects.refusing_clients.add(b"slow")
+    core.tokens("a", 1)
+    assert core.router.requests.keys() == {(b"fine", "other")}
+    assert core.engine("a").failed == 2  # counted, like every end
+    assert core.effects.worker_messages("a.1", p.S_CANCEL)  # no compute spent on it
+    assert [r.id for r in core.engine("a").queue] == ["other"]
+
+
+def test_repeated_crashes_open_the_circuit_and_traffic_moves_to_the_next_engine():
+    core = Core({"a": {**FAKE, "priority": 1}, "b": {**FAKE, "priority": 2}}, supervision={"circuit_failures": 2})
+    core.supervisor.start(core.now)
+    core.bring_up("a")
+    core.bring_up("b")
+    assert core.switch.active == "a"
+    core.exit("a", 1)
+    core.advance(core.engine("a").worker.times.restart_at - core.now + 0.01)
+    core.submit("r")  # waits on a while it restarts
+    core.exit("a", 1)
+    assert core.engine("a").breaker.state.value == "open"
+    assert core.switch.active == "b"
+    assert core.engine("b").worker.current.id == "r"
+    assert core.effects.topics("engine.circuit")[-1]["state"] == "open"
+
+
+def test_an_engine_that_cannot_run_here_fails_once_and_refuses_pinned_requests():
+    core = Core({"a": {**FAKE, "priority": 1}, "b": {**FAKE, "priority": 2}})
+    core.supervisor.start(core.now)
+    core.supervisor.on_hello(core.engine("a"), {"pid": 1}, core.now)
+    core.supervisor.on_load_failed(core.engine("a"), {"code": "unavailable", "message": "no CUDA", "exit_code": 69}, core.now)
+    core.exit("a", p.ExitCode.UNAVAILABLE)
+    assert core.engine("a").worker.state is WorkerState.FAILED
+    with pytest.raises(InvalidMessage) as refused:
+        core.submit("pinned", engine="a")
+    assert refused.value.code == p.ErrorCode.ENGINE_UNAVAILABLE and "no CUDA" in refused.value.message
+    core.advance(120)
+    assert core.effects.named("start") == ["a.1", "b.1"]  # never restarted
+
+
+def test_silence_and_stalls_get_a_worker_killed_but_slow_loading_does_not():
+    core = Core({"a": FAKE}, supervision={"load_stall_s": 60})
+    core.supervisor.start(core.now)
+    core.supervisor.on_hello(core.engine("a"), {"pid": 1}, core.now)
+    for _ in range(30):  # loading, with progress reports and heartbeats: slow is not dead
+        core.advance(1.0)
+        core.supervisor.heard_from(core.engine("a"), core.now)
+        core.supervisor.on_loading(core.engine("a"), {"progress": 0.5}, core.now)
+    assert core.effects.named("kill") == []
+    core.supervisor.on_ready(core.engine("a"), {}, core.now)
+    core.advance(3.5)  # three heartbeat intervals of silence
+    assert core.effects.named("kill") == ["a.1"]
+    assert "no heartbeat" in core.effects.topics("worker.hang")[0]["reason"]
+
+
+def test_an_idle_worker_gets_a_liveness_probe_and_is_replaced_when_it_fails():
+    core = Core({"a": FAKE}, supervision={"probe_interval_s": 5, "probe_timeout_s": 2})
+    core.supervisor.start(core.now)
+    core.bring_up("a")
+    for _ in range(6):
+        core.advance(1.0)
+        core.supervisor.heard_from(core.engine("a"), core.now)
+    probe = core.engine("a").worker.current
+    assert probe is not None and probe.id.startswith("probe-")
+    assert core.router.requests == {}  # not a client request
+    core.advance(1.0)
+    core.supervisor.heard_from(core.engine("a"), core.now)
+    core.advance(1.1)  # the probe's deadline passes without a token
+    (result,) = core.effects.topics("probe.result")
+    assert result["ok"] is False and "deadline" in result["error"]
+    assert core.effects.named("kill") == ["a.1"]
+    assert core.effects.client_events() == []
+
+
+def test_a_second_gpu_engine_waits_for_the_first_to_exit():
+    core = Core({"a": {**FAKE, "n_gpu_layers": -1, "priority": 1}, "b": {**FAKE, "n_gpu_layers": -1, "priority": 2, "standby": "cold"}})
+    core.supervisor.start(core.now)
+    core.bring_up("a")
+    core.submit("r", engine="b")
+    assert core.effects.named("start") == ["a.1"]
+    assert core.effects.named("stop") == ["a.1"]
+    core.exit("a", 0)
+    assert core.effects.named("start") == ["a.1", "b.1"]
+
+
+def test_per_token_latency_counts_tokens_not_events():
+    core = Core({"a": FAKE})
+    core.supervisor.start(core.now)
+    core.bring_up("a")
+    core.submit("r")
+    core.now += 0.1
+    core.tokens("a", 1)
+    for _ in range(10):  # 10 events of 4 tokens each, 40 ms apart: 10 ms per token
+        core.now += 0.04
+        core.tokens("a", 1, per_event=4)
+    core.finish_current("a")
+    summary = core.engine("a").latency.summary(core.now)
+    assert summary["per_token_ms"]["p50"] == pytest.approx(400 / 40, rel=0.01)
+    token_events = [e for e in core.effects.client_events() if e["event"] == "token"]
+    assert [e["index"] for e in token_events] == list(range(11))
+
+
+def test_a_traffic_switch_moves_waiting_unpinned_requests_but_not_pinned_ones():
+    core = Core({"a": {**FAKE, "priority": 1}, "b": {**FAKE, "priority": 2}})
+    core.supervisor.start(core.now)
+    core.bring_up("a")
+    core.submit("busy")
+    core.submit("unpinned")
+    core.submit("pinned", engine="a")
+    core.bring_up("b")
+    core.exit("a", 1)  # a restarts: not healthy, traffic switches to b
+    assert core.switch.active == "b"
+    assert core.engine("b").worker.current.id == "busy"  # retried on b
+    assert [r.id for r in core.engine("b").queue] == ["unpinned"]
+    assert [r.id for r in core.engine("a").queue] == ["pinned"]
+
+
+def test_shutdown_refuses_new_requests():
+    core = Core({"a": FAKE})
+    core.supervisor.start(core.now)
+    core.engines.stopping = True
+    with pytest.raises(InvalidMessage) as refused:
+        core.submit("late")
+    assert refused.value.code == p.ErrorCode.SHUTTING_DOWN
