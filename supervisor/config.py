@@ -12,13 +12,22 @@ import os
 import re
 import sys
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError, TomlConfigSettingsSource
 
-EX_CONFIG = 78  # sysexits.h: configuration error
+from workers.protocol import ExitCode
+
+EX_CONFIG = ExitCode.CONFIG  # kept for importers; workers.protocol.ExitCode is the definition
+
+ENV_PREFIX = "NODESUP_"
+# NODESUP_* variables that are not settings but are read by name elsewhere:
+# the config file's path (find_config_file), and the test suite's shared
+# state and ExLlamaV2 GPU test inputs (tests/conftest.py, tests/test_exllamav2_gpu.py).
+NON_SETTING_VARIABLES = frozenset({"NODESUP_CONFIG", "NODESUP_TEST_STATE", "NODESUP_EXL2_MODEL_DIR", "NODESUP_EXL2_PYTHON"})
 
 ENGINE_KINDS = ("llamacpp", "exllamav2", "fake")
 _ENGINE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -102,7 +111,7 @@ def _default_engines() -> dict[str, EngineConfig]:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="NODESUP_", env_nested_delimiter="__", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid")
     config_file: ClassVar[Path | None] = None  # the TOML file, set by load_settings
 
     state_dir: Path = Field(default_factory=lambda: _xdg("XDG_STATE_HOME", ".local/state") / "node-supervisor")
@@ -130,7 +139,11 @@ class Settings(BaseSettings):
         for name in engines:
             if not _ENGINE_NAME.match(name):
                 raise ValueError(f"engine name {name!r} must be letters, digits, '-' or '_'")
-        return engines or _default_engines()
+        if not engines:
+            # An absent table means the defaults; an empty one would serve nothing
+            # (or, as it once did, silently the defaults the file meant to replace).
+            raise ValueError("at least one engine is needed; leave the table out for the defaults")
+        return engines
 
     @field_validator("client_endpoint", "worker_endpoint", "events_endpoint")
     @classmethod
@@ -207,8 +220,49 @@ def load_settings(config_file: Path | None, overrides: dict[str, Any] | None = N
         return FileSettings(**(overrides or {}))
     except ValidationError as exc:
         raise ConfigError(_first_error(exc, config_file)) from None
+    except SettingsError as exc:
+        raise ConfigError(_environment_error(exc)) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{config_file}: invalid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{config_file}: not UTF-8 (TOML files must be): {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{config_file or 'configuration'}: cannot read: {exc.strerror or exc}") from None
+
+
+def _environment_error(exc: SettingsError) -> str:
+    """pydantic-settings reports a list or table variable that is not JSON without
+    naming the variable or the value's problem; say both on one line."""
+    match = re.search(r'field "([^"]+)"', str(exc))
+    if match is None:
+        return str(exc)
+    key = match.group(1)
+    cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+    return f"{key}: {ENV_PREFIX}{key.upper()} is not valid JSON{cause}; lists and tables are given as JSON"
+
+
+def unknown_environment_variables(environ: Mapping[str, str]) -> list[str]:
+    """The NODESUP_* names in ``environ`` that configure nothing, sorted.
+
+    pydantic-settings ignores them, so a typo (NODESUP_LOGLEVEL) would
+    silently leave the setting at its default; callers warn about these.
+    Names are matched without regard to case, as the settings are read.
+    """
+    nested = {name for name, field in Settings.model_fields.items() if _has_nested_keys(field.annotation)}
+    unknown = []
+    for name in environ:
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in NON_SETTING_VARIABLES:
+            continue
+        key, delimiter, _ = upper[len(ENV_PREFIX):].lower().partition("__")
+        if key not in Settings.model_fields or (delimiter and key not in nested):
+            unknown.append(name)
+    return sorted(unknown)
+
+
+def _has_nested_keys(annotation: Any) -> bool:
+    """Tables (a model or a dict) can be set key by key with ``__``."""
+    return get_origin(annotation) is dict or (isinstance(annotation, type) and issubclass(annotation, BaseModel))
 
 
 def _first_error(exc: ValidationError, config_file: Path | None) -> str:

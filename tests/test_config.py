@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.config import ConfigError, load_settings
+from supervisor.config import ConfigError, EngineConfig, load_settings, unknown_environment_variables
+from workers.protocol import ExitCode
 
 CLI = [sys.executable, "-m", "supervisor.cli"]
 
@@ -82,4 +83,53 @@ def test_missing_config_file_exits_78(tmp_path):
 def test_example_config_is_valid():
     example = Path(__file__).resolve().parent.parent / "config" / "node-supervisor.example.toml"
     settings = load_settings(example)
-    assert settings.engines
+    # The file's table replaces the defaults: only its one engine, with its values.
+    assert settings.engines == {"llama": EngineConfig(kind="llamacpp", n_ctx=2048, n_gpu_layers=0, priority=10, max_queue=16)}
+    assert (settings.log_level, settings.heartbeat_interval_s, settings.shutdown_grace_s) == ("info", 1.0, 5.0)
+
+
+def test_empty_engines_table_is_an_error_and_an_absent_one_means_the_defaults(tmp_path, monkeypatch):
+    monkeypatch.delenv("NODESUP_ENGINES", raising=False)
+    with pytest.raises(ConfigError, match=r"engines: .*at least one engine"):
+        load_settings(write(tmp_path, "engines = {}\n"))
+    assert list(load_settings(write(tmp_path, 'log_level = "info"\n')).engines) == ["llama", "exllamav2"]
+
+
+def test_config_file_not_utf8_names_the_file(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_bytes(b'log_level = "caf\xe9"\n')
+    with pytest.raises(ConfigError, match="not UTF-8") as raised:
+        load_settings(path)
+    assert str(path) in str(raised.value)
+
+
+@pytest.mark.parametrize("value", ["--index-url x", "[1, ", '{"a": 1}'])
+def test_malformed_pip_args_variable_names_the_key(monkeypatch, value):
+    monkeypatch.setenv("NODESUP_PIP_ARGS", value)
+    with pytest.raises(ConfigError, match="pip_args") as raised:
+        load_settings(None)
+    assert "\n" not in str(raised.value)
+
+
+def test_unknown_environment_variables():
+    environ = {
+        "NODESUP_LOGLEVEL": "debug",  # a typo of LOG_LEVEL
+        "NODESUP_LOG_LEVEL": "debug",
+        "nodesup_state_dir": "/x",  # settings are read case-insensitively
+        "NODESUP_ENGINES__LLAMA__N_CTX": "4096",
+        "NODESUP_SUPERVISION__PROBE_TIMEOUT_S": "3",
+        "NODESUP_LOG_LEVEL__X": "1",  # a scalar has no nested keys
+        "NODESUP_CONFIG": "/etc/x.toml",
+        "NODESUP_TEST_STATE": "/x",
+        "NODESUP_EXL2_MODEL_DIR": "/x",
+        "NODESUP_EXL2_PYTHON": "/x",
+        "PATH": "/bin",
+    }
+    assert unknown_environment_variables(environ) == ["NODESUP_LOGLEVEL", "NODESUP_LOG_LEVEL__X"]
+
+
+def test_exit_codes_have_one_definition():
+    from supervisor import config
+
+    assert config.EX_CONFIG == ExitCode.CONFIG == 78
+    assert (ExitCode.TEMPFAIL, ExitCode.UNAVAILABLE) == (75, 69)

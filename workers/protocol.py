@@ -110,6 +110,15 @@ def worker_routing_id(worker_id: str, secret: str | None) -> str:
 # --- worker exit codes (protocol: they decide whether a restart can help) ---
 
 class ExitCode:
+    """Every process exit code of the project, from sysexits.h where one fits.
+
+    A worker's code is protocol: it decides whether a restart can help.  The
+    daemon and the CLI use the same names: ``node-supervisor`` exits CONFIG
+    for a configuration problem (systemd's RestartPreventExitStatus=78),
+    TEMPFAIL when another daemon holds the state directory or an endpoint,
+    UNAVAILABLE when it cannot prepare (environments) or reach the daemon.
+    """
+
     OK = 0
     CRASH = 1  # uncaught exception: restart may help
     USAGE = 64  # bad command line (EX_USAGE)
@@ -117,7 +126,8 @@ class ExitCode:
     UNAVAILABLE = 69  # engine cannot run here, e.g. no CUDA (EX_UNAVAILABLE): do not retry
     PROTOCOL_MISMATCH = 76  # daemon speaks another protocol version (EX_PROTOCOL)
     CONFIG = 78  # invalid configuration (EX_CONFIG): do not retry
-    ORPHANED = 75  # the daemon went away (EX_TEMPFAIL)
+    TEMPFAIL = 75  # daemon: the state directory or an endpoint is in use (EX_TEMPFAIL): try later
+    ORPHANED = 75  # worker: the daemon went away (EX_TEMPFAIL)
 
 
 # Exits after which the same start would fail the same way: the engine is

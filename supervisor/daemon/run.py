@@ -23,11 +23,17 @@ EX_CONFIG = 78
 
 
 def run_daemon(settings: Settings, create_envs: bool) -> int:
+    from . import preflight  # one line and exit 78/75 instead of a traceback or a taken-over socket
+
+    if (code := preflight.check_before_logging(settings)) is not None:
+        return code
     log_file = setup_logging(settings.log_level, settings.log_dir, settings.log_format)
     lock = _take_lock(settings.run_dir)
     if lock is None:
         log.error("another daemon is running with this state directory", state_dir=str(settings.state_dir))
         return EX_TEMPFAIL
+    if (code := preflight.check_before_binding(settings)) is not None:
+        return code
     log.info("daemon starting", pid=os.getpid(), log_file=str(log_file), state_dir=str(settings.state_dir))
     try:
         prepare(settings, create_envs)
