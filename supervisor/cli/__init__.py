@@ -6,10 +6,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
-from ..config import EX_CONFIG, ConfigError, Settings, find_config_file, load_settings
+from workers.protocol import ExitCode
+
+from ..config import ConfigError, Settings, find_config_file, load_settings, unknown_environment_variables
+
+CONNECT_TIMEOUT_S = 5.0  # how long a command waits for a daemon that may not be running
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,11 +25,28 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--client-endpoint", help="ZeroMQ endpoint clients connect to")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     commands = parser.add_subparsers(dest="command", required=True)
-
     run = commands.add_parser("run", help="run the daemon in the foreground")
     run.add_argument("--no-create-envs", action="store_true", help="do not create missing engine environments")
+    _add_generate(commands.add_parser("generate", help="generate text, streaming it to the terminal"))
+    status = commands.add_parser("status", help="engines, workers, queues, latency")
+    status.add_argument("--json", action="store_true")
+    status.add_argument("--timeout", type=float, default=CONNECT_TIMEOUT_S)
+    events = commands.add_parser("events", help="watch worker states, restarts, switches and probes live")
+    events.add_argument("--topic", action="append", default=[], help="topic prefix, e.g. worker. (repeatable; default: all)")
+    events.add_argument("--json", action="store_true", help="one JSON object per line")
+    events.add_argument("--count", type=int, help="exit after this many events")
+    events.add_argument("--timeout", type=float, help="exit after this many seconds")
+    ping = commands.add_parser("ping", help="check that the daemon answers")
+    ping.add_argument("--timeout", type=float, default=CONNECT_TIMEOUT_S)
+    envs = commands.add_parser("envs", help="per-engine virtual environments")
+    env_commands = envs.add_subparsers(dest="envs_command", required=True)
+    for name, text in (("create", "create or update environments"), ("check", "report what each environment has")):
+        sub = env_commands.add_parser(name, help=text)
+        sub.add_argument("names", nargs="*", metavar="NAME", help="environment names (default: those the configured engines use)")
+    return parser
 
-    gen = commands.add_parser("generate", help="generate text, streaming it to the terminal")
+
+def _add_generate(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("prompt")
     gen.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
     gen.add_argument("--system", help="system message (with --chat)")
@@ -38,27 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--deadline-ms", type=int)
     gen.add_argument("--no-stream", action="store_true", help="one reply at the end")
     gen.add_argument("--json", action="store_true", help="print every event as a JSON line")
-    gen.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each event")
-
-    status = commands.add_parser("status", help="engines, workers, queues, latency")
-    status.add_argument("--json", action="store_true")
-    status.add_argument("--timeout", type=float, default=5.0)
-
-    events = commands.add_parser("events", help="watch worker states, restarts, switches and probes live")
-    events.add_argument("--topic", action="append", default=[], help="topic prefix, e.g. worker. (repeatable; default: all)")
-    events.add_argument("--json", action="store_true", help="one JSON object per line")
-    events.add_argument("--count", type=int, help="exit after this many events")
-    events.add_argument("--timeout", type=float, help="exit after this many seconds")
-
-    ping = commands.add_parser("ping", help="check that the daemon answers")
-    ping.add_argument("--timeout", type=float, default=5.0)
-
-    envs = commands.add_parser("envs", help="per-engine virtual environments")
-    env_commands = envs.add_subparsers(dest="envs_command", required=True)
-    for name, text in (("create", "create or update environments"), ("check", "report what each environment has")):
-        sub = env_commands.add_parser(name, help=text)
-        sub.add_argument("names", nargs="*", metavar="NAME", help="environment names (default: those the configured engines use)")
-    return parser
+    gen.add_argument("--connect-timeout", type=float, default=CONNECT_TIMEOUT_S, help="seconds to wait for the daemon to answer at all")
+    gen.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each event once the daemon answered")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = _settings(args)
     except ConfigError as exc:
         print(f"node-supervisor: config error: {exc}", file=sys.stderr)
-        return EX_CONFIG
+        return ExitCode.CONFIG
+    if args.command != "run":  # the daemon logs these itself
+        for name in unknown_environment_variables(os.environ):
+            print(f"node-supervisor: warning: {name} is not a setting; ignored", file=sys.stderr)
     return COMMANDS[args.command](settings, args)
 
 

@@ -8,13 +8,11 @@ import sys
 from typing import Any
 
 from workers import protocol as p
+from workers.protocol import ExitCode
 
 from ..client import Client, ClientTimeout
 from ..config import Settings
 from .output import format_status, print_json
-
-EX_UNAVAILABLE = 69
-
 
 def client_command(settings: Settings, args: argparse.Namespace) -> int:
     try:
@@ -30,7 +28,7 @@ def client_command(settings: Settings, args: argparse.Namespace) -> int:
             return 0
     except ClientTimeout as exc:
         print(f"node-supervisor: {exc}", file=sys.stderr)
-        return EX_UNAVAILABLE
+        return ExitCode.UNAVAILABLE
 
 
 def _generate(client: Client, args: argparse.Namespace) -> int:
@@ -38,6 +36,9 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
     for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "engine", "deadline_ms"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
+    # A generate's first event may rightly take long (a queue, a model loading);
+    # whether a daemon answers at all is known in a moment.
+    client.receive(client.send({"op": p.OP_PING}), timeout_s=args.connect_timeout)
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
         events = client.generate(messages=messages, **fields)

@@ -245,17 +245,12 @@ class Router:
             # The worker stops at the deadline too; its "cancelled" must not win over the daemon's verdict.
             self.fail(generation, ErrorCode.DEADLINE, f"deadline of {generation.params.deadline_ms} ms passed", now)
         if message.get("type") == p.W_DONE:
-            self._record_latency(engine, generation, now)
+            if not generation.finished and generation.first_token_at is not None:
+                engine.latency.record(now, generation.engine_ttft_ms(), (now - generation.first_token_at) * 1000, generation.tokens)
             self.done(generation, message.get("finish_reason", p.FINISH_STOP), message.get("usage", {}), message.get("timings", {}), now)
         else:
             self.fail(generation, message.get("code", ErrorCode.INTERNAL), message.get("message", "worker error"), now)
         self.pump(engine, now)
-
-    def _record_latency(self, engine: EngineState, generation: Generation, now: float) -> None:
-        if generation.finished or generation.first_token_at is None:
-            return
-        decode_ms = (now - generation.first_token_at) * 1000
-        engine.latency.record(now, generation.engine_ttft_ms(), decode_ms, generation.tokens)
 
     # --- the one terminal path ---------------------------------------------------------
 

@@ -9,29 +9,25 @@ import sys
 from pathlib import Path
 from typing import IO
 
+from workers.protocol import ExitCode
+
 from ..config import Settings
 from ..envs import EnvError, create_env, env_is_current
 from ..io.transport import BindError
 from ..logs import get_logger, setup_logging
 from ..models import ensure_default_model
+from . import preflight
 
 log = get_logger("supervisor.daemon")
 
-EX_UNAVAILABLE = 69
-EX_TEMPFAIL = 75
-EX_CONFIG = 78
-
-
 def run_daemon(settings: Settings, create_envs: bool) -> int:
-    from . import preflight  # one line and exit 78/75 instead of a traceback or a taken-over socket
-
     if (code := preflight.check_before_logging(settings)) is not None:
         return code
     log_file = setup_logging(settings.log_level, settings.log_dir, settings.log_format)
     lock = _take_lock(settings.run_dir)
     if lock is None:
         log.error("another daemon is running with this state directory", state_dir=str(settings.state_dir))
-        return EX_TEMPFAIL
+        return ExitCode.TEMPFAIL
     if (code := preflight.check_before_binding(settings)) is not None:
         return code
     log.info("daemon starting", pid=os.getpid(), log_file=str(log_file), state_dir=str(settings.state_dir))
@@ -39,13 +35,13 @@ def run_daemon(settings: Settings, create_envs: bool) -> int:
         prepare(settings, create_envs)
     except EnvError as exc:
         log.error("preparation failed", error=str(exc))
-        return EX_UNAVAILABLE
+        return ExitCode.UNAVAILABLE
     try:
         asyncio.run(_serve(settings))
     except BindError as exc:
         log.error("cannot serve", error=str(exc))
         print(f"node-supervisor: {exc}", file=sys.stderr)
-        return EX_CONFIG
+        return ExitCode.CONFIG
     return 0
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from workers.protocol import ExitCode
 
-from .config import ConfigError, Settings, unknown_environment_variables
-from .logs import get_logger
+from ..config import ConfigError, Settings, unknown_environment_variables
+from ..logs import get_logger
 
 log = get_logger("supervisor.preflight")
 
