@@ -18,16 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .engine import (
-    EmitFn,
-    EngineUnavailable,
-    GenerateRequest,
-    GenerateResult,
-    ModelError,
-    ProgressFn,
-    RequestError,
-    StopFn,
-)
+from .engine import EmitFn, EngineUnavailable, GenerateRequest, GenerateResult, ModelError, ProgressFn, RequestError, StopFn
 from .protocol import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, ErrorCode
 
 

@@ -178,33 +178,12 @@ class WorkerRuntime:
         rid = request.request_id
         started = time.monotonic()
         deadline = started + message["deadline_ms"] / 1000 if message.get("deadline_ms") else None
-        activity = self._activity
-        activity.update(phase="generating", request_id=rid, tokens=0, last_token_at=started)
-        first_token_at: list[float] = []
-        send = self._socket.send
-        token_prefix = p.token_frame_prefix(rid)
-        encode_string = p.encode_string
+        self._activity.update(phase="generating", request_id=rid, tokens=0, last_token_at=started)
+        emit = self._emitter(rid)
 
         def should_stop() -> bool:
             self._read_commands()
-            return (
-                self._stopping
-                or rid in self._cancelled
-                or (deadline is not None and time.monotonic() >= deadline)
-            )
-
-        def emit(text: str, tokens: int = 1) -> None:
-            """Send one piece of text; the fast form (no JSON work here or in
-            the daemon) for one token, ``"tokens": N`` for any other count."""
-            now = time.monotonic()
-            if not first_token_at:
-                first_token_at.append(now)
-            activity["tokens"] += tokens
-            activity["last_token_at"] = now
-            if tokens == 1:
-                send(token_prefix + encode_string(text) + b"}")
-            else:
-                send(p.encode({"type": p.W_TOKEN, "request_id": rid, "text": text, "tokens": tokens}))
+            return self._stopping or rid in self._cancelled or (deadline is not None and time.monotonic() >= deadline)
 
         try:
             result = engine.generate(request, emit, should_stop)
@@ -215,19 +194,37 @@ class WorkerRuntime:
             self._send(type=p.W_ERROR, request_id=rid, code=p.ErrorCode.INTERNAL, message=f"{type(exc).__name__}: {exc}")
         else:
             ended = time.monotonic()
+            first_token_at = getattr(emit, "first_token_at", None) or ended
             self._send(
                 type=p.W_DONE,
                 request_id=rid,
                 finish_reason=result.finish_reason,
                 usage={"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
-                timings={
-                    "prefill_ms": round(((first_token_at or [ended])[0] - started) * 1000, 3),
-                    "generate_ms": round((ended - started) * 1000, 3),
-                },
+                timings={"prefill_ms": round((first_token_at - started) * 1000, 3), "generate_ms": round((ended - started) * 1000, 3)},
             )
         finally:
             self._cancelled.discard(rid)
-            activity.update(phase="idle", request_id=None)
+            self._activity.update(phase="idle", request_id=None)
+
+    def _emitter(self, rid: str) -> Any:
+        """The request's emit function: sends from this thread, no other thread wakes for a token."""
+        activity, send, encode_string = self._activity, self._socket.send, p.encode_string
+        token_prefix = p.token_frame_prefix(rid)
+
+        def emit(text: str, tokens: int = 1) -> None:
+            """The fast form (no JSON work here or in the daemon) for one token, ``"tokens": N`` for any other count."""
+            now = time.monotonic()
+            if emit.first_token_at is None:  # type: ignore[attr-defined]
+                emit.first_token_at = now  # type: ignore[attr-defined]
+            activity["tokens"] += tokens
+            activity["last_token_at"] = now
+            if tokens == 1:
+                send(token_prefix + encode_string(text) + b"}")
+            else:
+                send(p.encode({"type": p.W_TOKEN, "request_id": rid, "text": text, "tokens": tokens}))
+
+        emit.first_token_at = None  # type: ignore[attr-defined]
+        return emit
 
     def _send(self, **message: Any) -> None:
         self._socket.send(p.encode(message))
