@@ -22,6 +22,17 @@ def first_error(client, request_id=None):
     return event
 
 
+# Behaviour that needs the daemon's op table to call supervisor.requests.check_bare
+# and reply_id (supervisor/node.py); strict, so the marks go once it does.
+
+
+def llama_worker(daemon):
+    """(pid, restarts) of the llama engine's worker."""
+    worker = daemon.engine("llama")["workers"][0]
+    assert worker["pid"], worker
+    return worker["pid"], worker["restarts"]
+
+
 @pytest.mark.parametrize(
     "frame, code",
     [
@@ -30,6 +41,9 @@ def first_error(client, request_id=None):
         (b"[1, 2, 3]", "malformed_message"),
         (b'"just a string"', "malformed_message"),
         (b"", "malformed_message"),
+        # Under the test daemon's 64 KiB frame limit, far over json's recursion limit.
+        pytest.param(b"[" * 60_000, "malformed_message", id="nested-arrays"),
+        pytest.param(b'{"op":"generate","id":"n1","prompt":' + b'{"a":' * 10_000, "malformed_message", id="nested-in-a-prompt"),
     ],
 )
 def test_malformed_frames(llama_daemon, frame, code):
@@ -69,6 +83,13 @@ def test_oversized_message(llama_daemon):
         ({"op": "generate", "id": "a", "messages": [{"role": "wizard", "content": "x"}]}, "invalid_request", "role"),
         ({"op": "generate", "id": "a", "messages": "hello"}, "invalid_request", "messages"),
         ({"op": "cancel", "id": "a"}, "invalid_request", "target"),
+        ({"op": "generate", "id": "a", "prompt": "x", "max_tokens": None}, "invalid_request", "max_tokens"),
+        ({"op": "generate", "id": "a", "prompt": "x", "top_k": None}, "invalid_request", "top_k"),
+        ({"op": "generate", "id": "a", "prompt": "x", "stop": None}, "invalid_request", "stop"),
+        ({"op": "generate", "id": "a", "prompt": None, "messages": [{"role": "user", "content": "x"}]}, "invalid_request", "prompt"),
+        ({"op": "cancel", "id": "a", "target": "r", "force": True}, "invalid_request", "force"),
+        pytest.param({"op": "ping", "id": "a", "verbose": True}, "invalid_request", "verbose"),
+        pytest.param({"op": "status", "id": "a", "verbose": True}, "invalid_request", "verbose"),
         ({"op": "generate", "id": "a", "prompt": "x", "engine": "nope"}, "unknown_engine", "nope"),
         ({"op": "generate", "id": "a", "prompt": "x", "engine": "broken"}, "model_not_found", "missing.gguf"),
     ],
@@ -109,3 +130,39 @@ def test_no_traceback_reaches_the_client_or_kills_the_daemon(llama_daemon):
         assert "Traceback" not in error["message"]
     assert llama_daemon.process.poll() is None
     assert_still_serving(llama_daemon)
+
+
+def test_lone_surrogate_prompt_is_refused_and_the_worker_lives_on(llama_daemon):
+    before = llama_worker(llama_daemon)
+    client = llama_daemon.client(timeout_s=20)
+    # json.dumps cannot write a lone surrogate as UTF-8: the frame is built by hand.
+    client.send_raw(b'{"op":"generate","id":"s1","prompt":"\\udc00"}')
+    error = first_error(client, "s1")
+    assert error["code"] == "invalid_request" and "prompt" in error["message"], error
+    assert_still_serving(llama_daemon)
+    assert llama_worker(llama_daemon) == before
+
+
+@pytest.mark.parametrize(
+    "frame, mentions",
+    [
+        (b'{"op":"generate","id":"t1","messages":[{"role":"user","content":"a\\ud800"}]}', "messages[0].content"),
+        (b'{"op":"generate","id":"t1","prompt":"x","stop":["a","\\udfff"]}', "stop[1]"),
+        (b'{"op":"generate","id":"t1","prompt":"x","engine":"\\udc00"}', "engine"),
+        (b'{"op":"generate","id":"t1","prompt":"x","max\\udc00":1}', "'max\\udc00'"),
+        (b'{"op":"cancel","id":"t1","target":"\\udc00"}', "target"),
+        pytest.param(b'{"op":"ping","id":"t1","x\\udc00":1}', "'x\\udc00'"),
+    ],
+)
+def test_lone_surrogates_anywhere_are_refused_naming_the_field(llama_daemon, frame, mentions):
+    client = llama_daemon.client(timeout_s=20)
+    client.send_raw(frame)
+    error = first_error(client, "t1")
+    assert error["code"] == "invalid_request" and error["message"].startswith(mentions + ": "), error
+
+
+def test_an_id_that_is_not_text_is_refused_without_an_id(llama_daemon):
+    client = llama_daemon.client(timeout_s=10)
+    client.send_raw(b'{"op":"ping","id":"\\udc00"}')
+    error = first_error(client, None)
+    assert error["code"] == "invalid_request" and error["message"].startswith("id: "), error

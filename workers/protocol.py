@@ -16,7 +16,8 @@ a worker environment can import it without the daemon's dependencies.
 from __future__ import annotations
 
 import json
-from typing import Any
+import re
+from typing import Any, Iterator
 
 PROTOCOL_VERSION = 1
 
@@ -141,6 +142,7 @@ class DecodeError(ValueError):
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_ASCII_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
 _string_literal = json.encoder.encode_basestring  # type: ignore[attr-defined]
 
 
@@ -150,8 +152,18 @@ def encode_string(text: str) -> bytes:
 
 
 def encode(message: dict[str, Any]) -> bytes:
-    """Encode one message as a compact UTF-8 JSON frame."""
-    return _ENCODER.encode(message).encode("utf-8")
+    """Encode one message as a compact UTF-8 JSON frame.
+
+    Text that is not Unicode (a lone UTF-16 surrogate, which JSON's ``\\u``
+    escapes can carry in) has no UTF-8 form; such a message is written with
+    ASCII escapes instead, still valid JSON, so that a reply echoing bad input
+    never becomes a second failure while the first is being reported.
+    """
+    text = _ENCODER.encode(message)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _ASCII_ENCODER.encode(message).encode("ascii")
 
 
 TOKEN_FRAME_START = b'{"type":"token",'
@@ -171,9 +183,15 @@ def token_event_prefix(request_id: str) -> bytes:
 
 
 def decode(frame: bytes) -> dict[str, Any]:
-    """Decode one frame; raise DecodeError unless it is a JSON object."""
+    """Decode one frame; raise DecodeError unless it is a JSON object.
+
+    JSON nested deeper than the interpreter's recursion limit is a DecodeError
+    too (json raises RecursionError): the sender's fault, not the reader's.
+    """
     try:
         message = json.loads(frame.decode("utf-8"))
+    except RecursionError:
+        raise DecodeError("not UTF-8 JSON: nested too deeply") from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise DecodeError(f"not UTF-8 JSON: {exc}") from None
     if not isinstance(message, dict):
@@ -181,5 +199,80 @@ def decode(frame: bytes) -> dict[str, Any]:
     return message
 
 
-def invalid_text_path(value: Any, path: str = "") -> str | None:
+# --- text checks -------------------------------------------------------------
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+MAX_LABEL_LENGTH = 64
+
+
+def is_text(value: str) -> bool:
+    """Whether a str is Unicode text that UTF-8 can encode.  ``json.loads``
+    turns an unpaired ``\\ud800``..``\\udfff`` escape into a lone surrogate,
+    which is not; a paired escape becomes one proper character."""
+    return value.isascii() or _SURROGATE.search(value) is None
+
+
+def field_label(name: str) -> str:
+    """A field name as a JSON path or an error message shows it: itself when it
+    is an identifier, else ASCII-quoted and cut to MAX_LABEL_LENGTH characters,
+    so that the label is always one short line of encodable text."""
+    if name.isidentifier() and is_text(name) and len(name) <= MAX_LABEL_LENGTH:
+        return name
+    cut = name[:MAX_LABEL_LENGTH]
+    return ascii(cut) + ("..." if len(cut) < len(name) else "")
+
+
+def invalid_text_path(value: Any) -> str | None:
+    """The path (``prompt``, ``messages[0].content``, ``stop[1]``) of the first
+    string, key or value at any depth, that is not Unicode text; None when all
+    are.  ``""`` when ``value`` itself is such a string.
+
+    Such text cannot be written as UTF-8 and fails wherever it is used next (a
+    reply, a worker's tokenizer), so readers check it once at the door and
+    name the culprit.  A bad key is named by its own (escaped) label.  A stack
+    of iterators, not recursion, so depth is bounded only by the decoder; the
+    path is built only for the culprit, so a long list costs little.
+    """
+    if isinstance(value, str):
+        return None if is_text(value) else ""
+    # One frame per open container: the step that led into it, and its children.
+    frames: list[tuple[Any, Iterator[tuple[Any, Any]]]] = [(None, _steps(value))]
+    while frames:
+        for step, child in frames[-1][1]:
+            if isinstance(child, str):
+                if not is_text(child):
+                    return _path([*(f[0] for f in frames[1:]), step])
+            elif isinstance(child, (dict, list, tuple)):
+                frames.append((step, _steps(child)))
+                break
+        else:
+            frames.pop()
     return None
+
+
+def _steps(container: Any) -> Iterator[tuple[Any, Any]]:
+    """(step, child) of a container in document order; a dict yields each key
+    as a child under its own step first, so keys are checked as text too."""
+    if isinstance(container, dict):
+        return _dict_steps(container)
+    if isinstance(container, (list, tuple)):
+        return enumerate(container)
+    return iter(())
+
+
+def _dict_steps(mapping: dict[Any, Any]) -> Iterator[tuple[Any, Any]]:
+    for key, child in mapping.items():
+        yield key, key
+        yield key, child
+
+
+def _path(steps: list[Any]) -> str:
+    """``messages[0].content`` from the steps ``["messages", 0, "content"]``."""
+    parts: list[str] = []
+    for step in steps:
+        if isinstance(step, int) and not isinstance(step, bool):
+            parts.append(f"[{step}]")
+        else:
+            label = field_label(step) if isinstance(step, str) else ascii(step)
+            parts.append(f".{label}" if parts else label)
+    return "".join(parts)

@@ -1,5 +1,12 @@
 """Validation of client messages: every way a message can be wrong gets its own
 error code and a message naming the field.  Pure functions, no I/O.
+
+The daemon's op table calls ``message_op`` and ``message_id`` for every
+message, then the op's own check: ``parse_generate``, ``parse_cancel`` or
+``check_bare`` (ping, status).  Each op check refuses text that is not Unicode
+and unknown fields first, so nothing the client sent reaches a worker or a
+reply unchecked.  Error messages echo client input only as field labels or
+``ascii()`` forms, so every error stays encodable and one line.
 """
 
 from __future__ import annotations
@@ -7,15 +14,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from workers.protocol import CLIENT_OPS, OP_CANCEL, OP_GENERATE, ErrorCode
+from workers.protocol import CLIENT_OPS, OP_GENERATE, ErrorCode, field_label, invalid_text_path, is_text
 
 MAX_ID_LENGTH = 128
 MAX_STOP_STRINGS = 8
 MAX_STOP_LENGTH = 256
+MAX_ECHO_LENGTH = 64
 ROLES = ("system", "user", "assistant")
+_NOT_TEXT = "not valid Unicode text (a lone UTF-16 surrogate)"
 
 
 class InvalidMessage(Exception):
+    """A message refused with ``code``; ``message`` is the one line the client reads."""
+
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
@@ -34,67 +45,104 @@ class GenerateParams:
     sampling: dict[str, Any] = field(default_factory=dict)  # what the worker receives as "params"
 
 
-def message_id(message: dict[str, Any]) -> str:
-    """The client's id for this message (every op needs one)."""
-    value = message.get("id")
-    if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_LENGTH:
-        raise InvalidMessage(ErrorCode.INVALID_REQUEST, f"id: must be a string of 1 to {MAX_ID_LENGTH} characters")
-    return value
-
-
 def message_op(message: dict[str, Any]) -> str:
+    """The op, checked before anything else: an unknown op has a code of its own
+    (``unknown_op``), since the client then speaks another protocol."""
     op = message.get("op")
     if op not in CLIENT_OPS:
-        raise InvalidMessage(ErrorCode.UNKNOWN_OP, f"op: {op!r} is not one of {', '.join(CLIENT_OPS)}")
+        got = "missing" if "op" not in message else f"got {_echo(op)}"
+        raise InvalidMessage(ErrorCode.UNKNOWN_OP, f"op: must be one of {', '.join(CLIENT_OPS)}; {got}")
     return op
 
 
-_GENERATE_FIELDS = {
+def message_id(message: dict[str, Any]) -> str:
+    """The client's id for this message (every op needs one).  Every event
+    echoes it, so an id that UTF-8 cannot carry is refused here."""
+    value = message.get("id")
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_LENGTH:
+        raise _invalid("id", f"must be a string of 1 to {MAX_ID_LENGTH} characters")
+    if not is_text(value):
+        raise _invalid("id", _NOT_TEXT)
+    return value
+
+
+def reply_id(message: dict[str, Any]) -> str | None:
+    """The id for an error answering ``message``: the client's id when it is a
+    readable string, else None (docs/PROTOCOL.md, Ids), so that the client can
+    tie the error to its request and the reply stays encodable."""
+    value = message.get("id")
+    return value if isinstance(value, str) and is_text(value) else None
+
+
+_GENERATE_FIELDS = frozenset({
     "op", "id", "prompt", "messages", "stream", "engine", "deadline_ms",
     "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "ignore_eos",
-}  # fmt: skip
+})  # fmt: skip
+_CANCEL_FIELDS = frozenset({"op", "id", "target"})
+_BARE_FIELDS = frozenset({"op", "id"})
 
 
 def parse_generate(message: dict[str, Any], max_tokens_limit: int) -> GenerateParams:
-    unknown = sorted(set(message) - _GENERATE_FIELDS)
-    if unknown:
-        raise _invalid(unknown[0], "unknown field")
-    prompt, messages = message.get("prompt"), message.get("messages")
-    if (prompt is None) == (messages is None):
-        raise _invalid("prompt", "give exactly one of prompt and messages")
-    if prompt is not None and not isinstance(prompt, str):
-        raise _invalid("prompt", "must be a string")
-    if messages is not None:
-        _check_messages(messages)
-    sampling = {
-        "max_tokens": _int(message, "max_tokens", 256, 1, max_tokens_limit),
-        "temperature": _number(message, "temperature", 0.8, 0.0, 5.0),
-        "top_p": _number(message, "top_p", 0.95, 0.0, 1.0),
-        "top_k": _int(message, "top_k", 40, 0, 1_000_000),
-        "stop": _stop(message.get("stop")),
-        "seed": _int(message, "seed", None, 0, 2**32 - 1),
-        "ignore_eos": _bool(message, "ignore_eos", False),
-    }
-    engine = message.get("engine")
-    if engine is not None and not isinstance(engine, str):
-        raise _invalid("engine", "must be a string")
+    """Validate a generate op into what the scheduler and the worker need.
+    Whatever passes here is sent to a worker process, where a bad value would
+    cost a failed request or a restart instead of a clear error."""
+    _check_fields(message, _GENERATE_FIELDS)
+    prompt, messages = _prompt_or_messages(message)
     return GenerateParams(
         prompt=prompt,
         messages=messages,
         stream=_bool(message, "stream", True),
-        engine=engine,
-        deadline_ms=_int(message, "deadline_ms", None, 1, 24 * 3600 * 1000),
-        sampling=sampling,
+        engine=_optional_str(message, "engine"),
+        deadline_ms=_int(message, "deadline_ms", None, 1, 24 * 3600 * 1000, nullable=True),
+        sampling={
+            "max_tokens": _int(message, "max_tokens", 256, 1, max_tokens_limit),
+            "temperature": _number(message, "temperature", 0.8, 0.0, 5.0),
+            "top_p": _number(message, "top_p", 0.95, 0.0, 1.0),
+            "top_k": _int(message, "top_k", 40, 0, 1_000_000),
+            "stop": _stop(message),
+            "seed": _int(message, "seed", None, 0, 2**32 - 1, nullable=True),
+            "ignore_eos": _bool(message, "ignore_eos", False),
+        },
     )
 
 
-def parse_cancel_target(message: dict[str, Any]) -> str:
-    if message.get("op") != OP_CANCEL:
-        raise AssertionError("not a cancel op")
+def parse_cancel(message: dict[str, Any]) -> str:
+    """Validate a cancel op; return its target, the id of a generate request."""
+    _check_fields(message, _CANCEL_FIELDS)
     target = message.get("target")
     if not isinstance(target, str) or not target:
         raise _invalid("target", "must be the id of a generate request")
     return target
+
+
+def check_bare(message: dict[str, Any]) -> None:
+    """Validate an op that takes nothing but ``op`` and ``id`` (ping, status):
+    refusing anything more keeps the promise that a misspelt field never
+    passes silently."""
+    _check_fields(message, _BARE_FIELDS)
+
+
+def _check_fields(message: dict[str, Any], allowed: frozenset[str]) -> None:
+    """Refuse text that is not Unicode anywhere (first, so that a bad field name
+    is reported as such), then fields the op does not know."""
+    path = invalid_text_path(message)
+    if path is not None:
+        raise _invalid(path or "message", _NOT_TEXT)
+    unknown = sorted(set(message) - allowed)
+    if unknown:
+        raise _invalid(field_label(unknown[0]), "unknown field")
+
+
+def _prompt_or_messages(message: dict[str, Any]) -> tuple[str | None, list[dict[str, str]] | None]:
+    """Exactly one of prompt and messages, present and not null."""
+    if ("prompt" in message) == ("messages" in message):
+        raise _invalid("prompt", "give exactly one of prompt and messages")
+    if "prompt" in message:
+        if not isinstance(message["prompt"], str):
+            raise _invalid("prompt", "must be a string")
+        return message["prompt"], None
+    _check_messages(message["messages"])
+    return None, message["messages"]
 
 
 def _check_messages(messages: Any) -> None:
@@ -109,30 +157,38 @@ def _check_messages(messages: Any) -> None:
             raise _invalid(f"messages[{i}].content", "must be a string")
 
 
-def _stop(value: Any) -> list[str]:
-    if value is None:
+def _stop(message: dict[str, Any]) -> list[str]:
+    """A string or a list of strings; absent means none, null is refused."""
+    if "stop" not in message:
         return []
+    value = message["stop"]
     stops = [value] if isinstance(value, str) else value
-    if not isinstance(stops, list) or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_LENGTH for s in stops):
+    if not isinstance(stops, list):
         raise _invalid("stop", f"must be a string or a list of strings of 1 to {MAX_STOP_LENGTH} characters")
     if len(stops) > MAX_STOP_STRINGS:
         raise _invalid("stop", f"at most {MAX_STOP_STRINGS} stop strings")
+    for i, stop in enumerate(stops):
+        if not isinstance(stop, str) or not 0 < len(stop) <= MAX_STOP_LENGTH:
+            key = "stop" if isinstance(value, str) else f"stop[{i}]"
+            raise _invalid(key, f"must be a string of 1 to {MAX_STOP_LENGTH} characters")
     return stops
 
 
-def _int(message: dict[str, Any], key: str, default: int | None, low: int, high: int) -> int | None:
+def _int(message: dict[str, Any], key: str, default: int | None, low: int, high: int, *, nullable: bool = False) -> int | None:
+    """An integer in [low, high]; null only where the protocol allows it."""
     value = message.get(key, default)
-    if value is None:
+    if value is None and nullable:
         return None
     # JSON true/false arrive as bool, which Python counts as int: refuse them.
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _invalid(key, "must be an integer")
+        raise _invalid(key, "must be an integer" + (" or null" if nullable else ""))
     if not low <= value <= high:
         raise _invalid(key, f"must be between {low} and {high}")
     return value
 
 
 def _number(message: dict[str, Any], key: str, default: float, low: float, high: float) -> float:
+    """A number in [low, high] (NaN is in no range)."""
     value = message.get(key, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _invalid(key, "must be a number")
@@ -148,16 +204,32 @@ def _bool(message: dict[str, Any], key: str, default: bool) -> bool:
     return value
 
 
+def _optional_str(message: dict[str, Any], key: str) -> str | None:
+    value = message.get(key)
+    if value is not None and not isinstance(value, str):
+        raise _invalid(key, "must be a string or null")
+    return value
+
+
+def _echo(value: Any) -> str:
+    """Client input as an error message may show it: a string ascii-quoted and
+    cut short, anything else by its JSON type (never its possibly huge or
+    deeply nested value)."""
+    if isinstance(value, str):
+        cut = value[:MAX_ECHO_LENGTH]
+        return ascii(cut) + ("..." if len(cut) < len(value) else "")
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    return "a number" if isinstance(value, (int, float)) else "an array" if isinstance(value, list) else "an object"
+
+
 def _invalid(key: str, problem: str) -> InvalidMessage:
     return InvalidMessage(ErrorCode.INVALID_REQUEST, f"{key}: {problem}")
 
 
-__all__ = ["GenerateParams", "InvalidMessage", "message_id", "message_op", "parse_cancel_target", "parse_generate", "OP_GENERATE"]
-
-
-def parse_cancel(message: dict[str, Any]) -> str:
-    return parse_cancel_target(message)
-
-
-def check_bare(message: dict[str, Any]) -> None:
-    """ping and status carry op and id only."""
+__all__ = [
+    "GenerateParams", "InvalidMessage", "OP_GENERATE", "check_bare", "message_id", "message_op",
+    "parse_cancel", "parse_generate", "reply_id",
+]  # fmt: skip

@@ -1,0 +1,211 @@
+"""Client message validation and the wire format's text handling: pure functions, no processes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from supervisor.core.validate import (
+    InvalidMessage,
+    check_bare,
+    message_id,
+    message_op,
+    parse_cancel,
+    parse_generate,
+    reply_id,
+)
+from workers.protocol import DecodeError, ErrorCode, decode, encode, invalid_text_path
+
+LONE = "\udc00"  # what json.loads makes of the escape "\udc00"
+
+
+def refusal(function, *args) -> InvalidMessage:
+    """The InvalidMessage a call raises; its message must be encodable as it stands."""
+    with pytest.raises(InvalidMessage) as caught:
+        function(*args)
+    error = caught.value
+    error.message.encode("utf-8")
+    assert "\n" not in error.message
+    return error
+
+
+def generate(**fields):
+    return {"op": "generate", "id": "g1", **fields}
+
+
+# --- invalid_text_path ---------------------------------------------------------
+
+
+def test_valid_text_at_any_depth_has_no_path():
+    message = {"op": "generate", "id": "x", "prompt": "héllo ☃ 😀", "messages": [{"role": "user", "content": "ok"}], "n": [1, None, 2.5]}
+    assert invalid_text_path(message) is None
+    # A surrogate pair escape is one proper character, not a lone surrogate.
+    assert invalid_text_path(json.loads('{"prompt": "\\ud83d\\ude00"}')) is None
+
+
+@pytest.mark.parametrize(
+    "message, path",
+    [
+        ({"prompt": LONE}, "prompt"),
+        ({"messages": [{"role": "user", "content": "a" + LONE}]}, "messages[0].content"),
+        ({"stop": ["ok", LONE]}, "stop[1]"),
+        ({"engine": LONE}, "engine"),
+        ({"target": "\ud800x"}, "target"),
+        ({"op": "ping", "x" + LONE: 1}, ascii("x" + LONE)),
+        ({"messages": [{"role": "user", "content": "c", LONE: "v"}]}, f"messages[0].{ascii(LONE)}"),
+    ],
+)
+def test_invalid_text_is_named_by_its_path(message, path):
+    assert invalid_text_path(message) == path
+    path.encode("utf-8")
+
+
+def test_the_first_invalid_string_in_document_order_is_named():
+    assert invalid_text_path({"a": [LONE], LONE: LONE, "c": LONE}) == "a[0]"
+    assert invalid_text_path(LONE) == ""
+
+
+def test_invalid_text_path_does_not_recurse():
+    deep: list = [LONE]
+    for _ in range(100_000):
+        deep = [deep]
+    assert invalid_text_path({"x": deep}) == "x" + "[0]" * 100_001
+
+
+# --- decode and encode -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [b"[" * 100_000, b'{"op":"generate","id":"n","prompt":' + b"[" * 100_000, b'{"a":' * 50_000],
+    ids=["arrays", "arrays-in-an-object", "objects"],
+)
+def test_deeply_nested_json_is_a_decode_error(frame):
+    with pytest.raises(DecodeError, match="nested too deeply"):
+        decode(frame)
+
+
+def test_moderately_nested_json_still_decodes():
+    expected: list = []
+    for _ in range(49):
+        expected = [expected]
+    assert decode(b'{"a":' + b"[" * 50 + b"]" * 50 + b"}") == {"a": expected}
+
+
+def test_encode_writes_invalid_text_as_ascii_escaped_json():
+    frame = encode({"id": "e", "message": "prompt" + LONE, "text": "☃"})
+    assert frame.isascii()
+    assert json.loads(frame) == {"id": "e", "message": "prompt" + LONE, "text": "☃"}
+    assert frame == b'{"id":"e","message":"prompt\\udc00","text":"\\u2603"}'
+
+
+def test_encode_keeps_valid_text_as_compact_utf8():
+    assert encode({"id": "e", "text": "☃ x"}) == '{"id":"e","text":"☃ x"}'.encode("utf-8")
+
+
+def test_a_lone_surrogate_frame_decodes_and_validation_refuses_it():
+    message = decode(b'{"op":"generate","id":"s1","prompt":"\\udc00"}')
+    assert message["prompt"] == LONE
+    assert reply_id(message) == "s1"
+    error = refusal(parse_generate, message, 1000)
+    assert error.code == ErrorCode.INVALID_REQUEST and error.message.startswith("prompt:")
+
+
+# --- invalid text in client messages -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "message, named",
+    [
+        (generate(prompt=LONE), "prompt"),
+        (generate(messages=[{"role": "user", "content": LONE}]), "messages[0].content"),
+        (generate(prompt="x", stop=["a", "b" + LONE]), "stop[1]"),
+        (generate(prompt="x", engine=LONE), "engine"),
+        (generate(prompt="x", **{"max" + LONE: 5}), ascii("max" + LONE)),
+    ],
+)
+def test_generate_refuses_invalid_text_naming_the_field(message, named):
+    error = refusal(parse_generate, message, 1000)
+    assert error.code == ErrorCode.INVALID_REQUEST
+    assert error.message.startswith(named + ": ") and "Unicode" in error.message
+
+
+def test_cancel_and_bare_ops_refuse_invalid_text():
+    assert refusal(parse_cancel, {"op": "cancel", "id": "c", "target": LONE}).message.startswith("target: ")
+    error = refusal(check_bare, {"op": "ping", "id": "p", LONE: 1})
+    assert error.code == ErrorCode.INVALID_REQUEST and error.message.startswith(ascii(LONE) + ": ")
+
+
+def test_an_id_that_is_not_text_is_refused_and_not_echoed():
+    message = {"op": "ping", "id": "a" + LONE}
+    error = refusal(message_id, message)
+    assert error.code == ErrorCode.INVALID_REQUEST and error.message.startswith("id: ")
+    assert reply_id(message) is None
+
+
+@pytest.mark.parametrize("value, expected", [("r1", "r1"), (42, None), (None, None), (["r1"], None), ("x" * 500, "x" * 500)])
+def test_reply_id_is_the_id_when_readable(value, expected):
+    assert reply_id({"op": "ping", "id": value}) == expected
+    assert reply_id({"op": "ping"}) is None
+
+
+def test_unknown_op_echo_is_short_and_encodable():
+    assert "'explode'" in refusal(message_op, {"op": "explode"}).message
+    assert refusal(message_op, {"op": "x" + LONE * 10_000}).code == ErrorCode.UNKNOWN_OP
+    assert len(refusal(message_op, {"op": "y" * 100_000}).message) < 200
+    deep: list = []
+    for _ in range(10_000):
+        deep = [deep]
+    assert "an array" in refusal(message_op, {"op": deep}).message
+    assert "missing" in refusal(message_op, {"id": "a"}).message
+
+
+# --- nulls -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["max_tokens", "temperature", "top_p", "top_k", "stop", "ignore_eos", "stream"])
+def test_null_is_refused_where_the_protocol_does_not_allow_it(key):
+    error = refusal(parse_generate, generate(prompt="x", **{key: None}), 1000)
+    assert error.code == ErrorCode.INVALID_REQUEST and error.message.startswith(key + ": ")
+
+
+def test_null_prompt_or_messages_is_refused():
+    assert refusal(parse_generate, generate(prompt=None), 1000).message.startswith("prompt: ")
+    assert refusal(parse_generate, generate(messages=None), 1000).message.startswith("messages: ")
+    assert refusal(parse_generate, generate(prompt=None, messages=[{"role": "user", "content": "x"}]), 1000).message.startswith("prompt: ")
+
+
+def test_null_seed_deadline_and_engine_mean_their_defaults():
+    params = parse_generate(generate(prompt="x", seed=None, deadline_ms=None, engine=None), 1000)
+    assert params.sampling["seed"] is None and params.deadline_ms is None and params.engine is None
+
+
+def test_defaults_when_fields_are_absent():
+    params = parse_generate(generate(prompt="x"), 1000)
+    assert params.sampling == {"max_tokens": 256, "temperature": 0.8, "top_p": 0.95, "top_k": 40, "stop": [], "seed": None, "ignore_eos": False}
+    assert params.stream is True and params.engine is None and params.deadline_ms is None
+
+
+# --- unknown fields ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", ["ping", "status"])
+def test_bare_ops_take_only_op_and_id(op):
+    check_bare({"op": op, "id": "b"})
+    error = refusal(check_bare, {"op": op, "id": "b", "verbose": True})
+    assert error.code == ErrorCode.INVALID_REQUEST and error.message == "verbose: unknown field"
+
+
+def test_cancel_returns_its_target_and_refuses_unknown_fields():
+    assert parse_cancel({"op": "cancel", "id": "c", "target": "r1"}) == "r1"
+    assert refusal(parse_cancel, {"op": "cancel", "id": "c", "target": "r1", "force": True}).message == "force: unknown field"
+    assert refusal(parse_cancel, {"op": "cancel", "id": "c"}).message.startswith("target: ")
+    assert refusal(parse_cancel, {"op": "cancel", "id": "c", "target": None}).message.startswith("target: ")
+
+
+def test_unknown_field_names_are_labelled_safely():
+    assert refusal(parse_generate, generate(prompt="x", max_token=5), 1000).message == "max_token: unknown field"
+    long_name = "k" * 10_000 + "\n"
+    message = refusal(parse_generate, generate(prompt="x", **{long_name: 1}), 1000).message
+    assert message.startswith("'kkk") and message.endswith("...: unknown field") and len(message) < 200
