@@ -58,7 +58,7 @@ def test_worker_exits_by_itself_when_the_daemon_goes_silent(shared_state):
         # Answer like a daemon for a while: hello -> load -> ready, heartbeats both ways.
         seen: list[str] = []
         deadline = time.monotonic() + 4 * HEARTBEAT + 5
-        while time.monotonic() < deadline and "ready" not in seen or len(seen) < 8:
+        while time.monotonic() < deadline and ("ready" not in seen or len(seen) < 8):
             if router.poll(100):
                 identity, frame = router.recv_multipart()
                 message = p.decode(frame)

@@ -40,7 +40,7 @@ class Events:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
-        time.sleep(0.3)  # ZeroMQ's slow joiner: let the subscription reach the publisher
+        self.wait("feed.subscribed")  # the daemon has the subscription: nothing from now on is missed
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -289,6 +289,7 @@ def test_chaos_every_request_gets_exactly_one_terminal_event(make_daemon, tmp_pa
     injector.join()
     for thread in clients:
         thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in clients), "a client thread is still waiting for an answer"
     for control in controls.values():
         control.write_text("{}")
     assert not problems, problems[:5]
@@ -316,9 +317,9 @@ def test_events_command_prints_restarts_live(make_daemon, tmp_path):
     daemon = make_daemon({"f": engine}, **FAST)
     watcher = subprocess.Popen(
         [sys.executable, "-m", "supervisor.cli", "--config", str(daemon.config_path), "events", "--topic", "worker.exit", "--count", "1", "--timeout", "20"],
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    time.sleep(1.0)  # the subscription must reach the daemon before the event happens
+    assert watcher.stderr.readline().startswith("watching")  # the subscription is in place
     os.kill(worker_pid(daemon, "f"), signal.SIGKILL)
     out, _ = watcher.communicate(timeout=30)
     assert "worker.exit" in out and "signal=SIGKILL" in out and "worker_id=f.1" in out

@@ -12,6 +12,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
+from . import protocol
 from .protocol import ErrorCode
 
 # Engine kind -> module implementing it.  Adding an engine is one more module
@@ -71,10 +72,10 @@ class GenerateRequest:
     request_id: str
     prompt: str | None = None
     messages: list[dict[str, str]] | None = None
-    max_tokens: int = 256
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 40
+    max_tokens: int = protocol.DEFAULT_MAX_TOKENS
+    temperature: float = protocol.DEFAULT_TEMPERATURE
+    top_p: float = protocol.DEFAULT_TOP_P
+    top_k: int = protocol.DEFAULT_TOP_K
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     ignore_eos: bool = False

@@ -41,6 +41,13 @@ FINISH_STOP = "stop"  # end-of-generation token or a stop string
 FINISH_LENGTH = "length"  # max_tokens reached (or the context is full)
 FINISH_CANCELLED = "cancelled"  # a cancel op, or the client went away
 
+# What a generate op's sampling fields are when the client leaves them out:
+# the daemon fills them in, and a worker given a partial "params" uses them too.
+DEFAULT_MAX_TOKENS = 256
+DEFAULT_TEMPERATURE = 0.8
+DEFAULT_TOP_P = 0.95
+DEFAULT_TOP_K = 40
+
 
 # --- error codes (client-facing; docs/PROTOCOL.md lists each) ---------------
 

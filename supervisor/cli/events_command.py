@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import zmq
@@ -12,15 +13,19 @@ from workers import protocol as p
 
 from ..config import Settings
 
+TOPIC_FEED_SUBSCRIBED = "feed.subscribed"  # the daemon's answer to each new subscription
+
 
 def watch_events(settings: Settings, args: argparse.Namespace) -> int:
-    """Print events from the daemon's PUB socket as they happen."""
+    """Print events from the daemon's feed as they happen; "watching" on stderr once the subscription is in place."""
     context = zmq.Context()
     sub = context.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
-    for topic in args.topic or [""]:
+    topics = args.topic or [""]
+    for topic in [*topics, TOPIC_FEED_SUBSCRIBED]:
         sub.setsockopt_string(zmq.SUBSCRIBE, topic)
     sub.connect(settings.events_endpoint or "")
+    watching = False
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     seen = 0
     try:
@@ -30,6 +35,12 @@ def watch_events(settings: Settings, args: argparse.Namespace) -> int:
                 break
             topic, payload = sub.recv_multipart()
             event = p.decode(payload)
+            if topic.decode() == TOPIC_FEED_SUBSCRIBED:
+                if not watching:  # the daemon has our subscription: nothing from now on is missed
+                    watching = True
+                    print(f"watching {settings.events_endpoint}", file=sys.stderr, flush=True)
+                if not any(TOPIC_FEED_SUBSCRIBED.startswith(t) for t in topics):
+                    continue
             seen += 1
             if args.json:
                 print(json.dumps(event, ensure_ascii=False), flush=True)

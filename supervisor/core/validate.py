@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from workers import protocol as p
 from workers.protocol import CLIENT_OPS, OP_GENERATE, ErrorCode, field_label, invalid_text_path, is_text
 
 MAX_ID_LENGTH = 128
@@ -95,10 +96,10 @@ def parse_generate(message: dict[str, Any], max_tokens_limit: int) -> GeneratePa
         engine=_optional_str(message, "engine"),
         deadline_ms=_int(message, "deadline_ms", None, 1, 24 * 3600 * 1000, nullable=True),
         sampling={
-            "max_tokens": _int(message, "max_tokens", 256, 1, max_tokens_limit),
-            "temperature": _number(message, "temperature", 0.8, 0.0, 5.0),
-            "top_p": _number(message, "top_p", 0.95, 0.0, 1.0),
-            "top_k": _int(message, "top_k", 40, 0, 1_000_000),
+            "max_tokens": _int(message, "max_tokens", min(p.DEFAULT_MAX_TOKENS, max_tokens_limit), 1, max_tokens_limit),
+            "temperature": _number(message, "temperature", p.DEFAULT_TEMPERATURE, 0.0, 5.0),
+            "top_p": _number(message, "top_p", p.DEFAULT_TOP_P, 0.0, 1.0),
+            "top_k": _int(message, "top_k", p.DEFAULT_TOP_K, 0, 1_000_000),
             "stop": _stop(message),
             "seed": _int(message, "seed", None, 0, 2**32 - 1, nullable=True),
             "ignore_eos": _bool(message, "ignore_eos", False),

@@ -80,7 +80,10 @@ class Daemon:
             zmq.MAXMSGSIZE: max(4 * limit, 16 << 20),  # a worker's largest message is a token or a status
         })  # fmt: skip
         self.worker_endpoint = self.worker_socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.events = EventPublisher(bind_socket(self.context, zmq.PUB, settings.events_endpoint, {zmq.SNDHWM: 10_000}))
+        self.events = EventPublisher(bind_socket(self.context, zmq.XPUB, settings.events_endpoint, {
+            zmq.SNDHWM: 10_000,
+            zmq.XPUB_VERBOSE: 1,  # every subscription is told, not only a topic's first
+        }))
 
     def _engine(self, name: str) -> EngineState:
         config = self.settings.engines[name]
@@ -109,6 +112,8 @@ class Daemon:
         self.supervisor.start(time.monotonic())
         self.clients.reader.start(self._loop)
         self.workers.reader.start(self._loop)
+        assert self.events.reader is not None
+        self.events.reader.start(self._loop)
         ticker = asyncio.ensure_future(self._tick_loop())
         log.info("daemon serving", client_endpoint=self.settings.client_endpoint, events_endpoint=self.settings.events_endpoint,
                  pid=os.getpid(), engines=list(self.engines.by_name))  # fmt: skip

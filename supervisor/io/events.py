@@ -15,15 +15,30 @@ import zmq
 from workers import protocol as p
 
 from ..logs import get_logger
+from .transport import SocketReader
+
+TOPIC_FEED_SUBSCRIBED = "feed.subscribed"  # prefix: a subscription reached the daemon
 
 log = get_logger("supervisor.events")
 
 
 class EventPublisher:
+    """Publishes on an XPUB socket, which also tells it of each new subscription:
+    it answers each with a ``feed.subscribed`` event, so a watcher knows when
+    its subscription is in place (ZeroMQ's "slow joiner") instead of guessing."""
+
     def __init__(self, socket: zmq.Socket | None) -> None:
         self._socket = socket
+        self.reader = SocketReader(socket, self._on_subscription) if socket is not None else None
+
+    def _on_subscription(self, frames: list[bytes]) -> None:
+        message = frames[-1]
+        if message[:1] == b"\x01":  # subscribe (\x00 is unsubscribe)
+            self.publish(TOPIC_FEED_SUBSCRIBED, prefix=message[1:].decode("utf-8", "replace"))
 
     def close(self) -> None:
+        if self.reader is not None:
+            self.reader.stop()
         if self._socket is not None:
             self._socket.close()
 
