@@ -171,6 +171,34 @@ def make_daemon(shared_state: dict[str, Path]) -> Iterator[Any]:
 LLAMA = {"kind": "llamacpp", "n_ctx": 2048, "n_threads": 2, "priority": 10}
 
 
+def fake_engine(tmp_path: Path, name: str = "f", priority: int = 10, **options: Any) -> tuple[dict[str, Any], Path]:
+    """A fake engine's config, and the control file that changes its behaviour while it runs."""
+    control = tmp_path / f"{name}.json"
+    return {"kind": "fake", "priority": priority, "options": {"token_delay_s": 0.01, "control_file": str(control), **options}}, control
+
+
+def wait_until(predicate: Any, timeout: float, what: str) -> Any:
+    """Poll until predicate() is truthy (and return it); fail naming what never happened."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    pytest.fail(f"not reached in {timeout}s: {what}")
+
+
+def checkout_worker_environ(secret: str | None = None) -> dict[str, str]:
+    """The environment of a worker started by a test: this checkout's workers/ only, and a spawn secret if given."""
+    from workers.protocol import WORKER_SECRET_ENV
+
+    environ = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", WORKER_SECRET_ENV)}
+    environ.update(PYTHONPATH=str(REPO), PYTHONNOUSERSITE="1", PYTHONUNBUFFERED="1")
+    if secret is not None:
+        environ[WORKER_SECRET_ENV] = secret
+    return environ
+
+
 def collect(events: Iterator[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """(token events, the terminal event)."""
     everything = list(events)

@@ -22,10 +22,6 @@ def first_error(client, request_id=None):
     return event
 
 
-# Behaviour that needs the daemon's op table to call supervisor.requests.check_bare
-# and reply_id (supervisor/node.py); strict, so the marks go once it does.
-
-
 def llama_worker(daemon):
     """(pid, restarts) of the llama engine's worker."""
     worker = daemon.engine("llama")["workers"][0]

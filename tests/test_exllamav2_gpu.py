@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import REPO, shared_settings
+from .conftest import checkout_worker_environ, shared_settings
 
 pytestmark = pytest.mark.cuda
 
@@ -90,11 +90,7 @@ with open(out_path, "w") as f:
 """.replace("N_CTX", str(N_CTX)).replace("CANCEL_AFTER", str(CANCEL_AFTER))
 
 
-def worker_env() -> dict[str, str]:
-    """The environment a worker gets: its own packages and this checkout's workers/."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-    env.update(PYTHONPATH=str(REPO), PYTHONNOUSERSITE="1")
-    return env
+worker_env = checkout_worker_environ
 
 
 @lru_cache(maxsize=1)

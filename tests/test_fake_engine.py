@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 
-from .conftest import collect
+from .conftest import collect, fake_engine
 
 
 def fake(tmp_path, priority=10, **options):
-    control = tmp_path / f"control-{priority}.json"
-    return {"kind": "fake", "priority": priority, "options": {"token_delay_s": 0.01, "control_file": str(control), **options}}, control
+    return fake_engine(tmp_path, f"control-{priority}", priority, **options)
 
 
 def test_crash_mid_stream_gives_engine_failed_then_the_worker_is_restarted(make_daemon, tmp_path):

@@ -5,26 +5,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 
 import psutil
-import pytest
 import zmq
 
-from .conftest import collect
+from .conftest import collect, wait_until
 
 FAST_FAKE = {"kind": "fake", "priority": 10, "options": {"token_delay_s": 0}}
 BACKLOG_LIMIT = 100_000  # docs/PROTOCOL.md: events held for a client that does not read
-
-
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    pytest.fail(f"not reached in {timeout}s: {what}")
 
 
 def request_end_lines(daemon):

@@ -17,7 +17,7 @@ import zmq
 
 from workers import protocol as p
 
-from .conftest import LLAMA, assert_nothing_after, collect
+from .conftest import LLAMA, assert_nothing_after, collect, fake_engine
 
 LONG = {"prompt": "Once upon a time", "ignore_eos": True, "temperature": 0.0, "seed": 7}
 FAST = {
@@ -167,16 +167,10 @@ def test_corrupt_model_opens_the_circuit_traffic_fails_over_and_the_fixed_file_b
     events.close()
 
 
-def fake(tmp_path, name, priority, **options):
-    control = tmp_path / f"{name}.json"
-    engine = {"kind": "fake", "priority": priority, "options": {"token_delay_s": 0.01, "control_file": str(control), **options}}
-    return engine, control
-
-
 def test_latency_switch_moves_traffic_without_flapping_and_returns_on_recovery(make_daemon, tmp_path):
-    a, a_control = fake(tmp_path, "a", 10)
+    a, a_control = fake_engine(tmp_path, "a", 10)
     a["slo_ttft_ms"] = 150.0
-    b, _ = fake(tmp_path, "b", 20)
+    b, _ = fake_engine(tmp_path, "b", 20)
     daemon = make_daemon(
         {"a": a, "b": b},
         heartbeat_interval_s=0.3,
@@ -217,7 +211,7 @@ def test_latency_switch_moves_traffic_without_flapping_and_returns_on_recovery(m
 def test_chaos_every_request_gets_exactly_one_terminal_event(make_daemon, tmp_path):
     engines = {}
     for name, priority in (("a", 10), ("b", 20)):
-        engine, _ = fake(tmp_path, name, priority, token_delay_s=0.004)
+        engine, _ = fake_engine(tmp_path, name, priority, token_delay_s=0.004)
         engines[name] = engine
     daemon = make_daemon(
         engines,
@@ -313,7 +307,7 @@ def test_chaos_every_request_gets_exactly_one_terminal_event(make_daemon, tmp_pa
 
 
 def test_events_command_prints_restarts_live(make_daemon, tmp_path):
-    engine, _ = fake(tmp_path, "f", 10)
+    engine, _ = fake_engine(tmp_path, "f", 10)
     daemon = make_daemon({"f": engine}, **FAST)
     watcher = subprocess.Popen(
         [sys.executable, "-m", "supervisor.cli", "--config", str(daemon.config_path), "events", "--topic", "worker.exit", "--count", "1", "--timeout", "20"],
@@ -326,7 +320,7 @@ def test_events_command_prints_restarts_live(make_daemon, tmp_path):
 
 
 def test_worker_that_heartbeats_but_cannot_generate_is_replaced_after_a_failed_probe(make_daemon, tmp_path):
-    engine, control = fake(tmp_path, "f", 10)
+    engine, control = fake_engine(tmp_path, "f", 10)
     daemon = make_daemon({"f": engine}, heartbeat_interval_s=0.3, supervision={"probe_interval_s": 0.5, "probe_timeout_s": 1.0, "kill_grace_s": 0.3})
     events = Events(daemon)
     events.wait("probe.result", lambda e: e["ok"] and e["worker_id"] == "f.1")
@@ -342,7 +336,7 @@ def test_worker_that_heartbeats_but_cannot_generate_is_replaced_after_a_failed_p
 
 
 def test_request_on_a_stuck_worker_ends_at_the_stall_timeout_not_never(make_daemon, tmp_path):
-    engine, control = fake(tmp_path, "f", 10, stuck_after_tokens=2)
+    engine, control = fake_engine(tmp_path, "f", 10, stuck_after_tokens=2)
     daemon = make_daemon({"f": engine}, heartbeat_interval_s=0.3, supervision={"stall_timeout_s": 1.0, "kill_grace_s": 0.3, "probe_interval_s": 0})
     client = daemon.client()
     started = time.monotonic()
@@ -354,8 +348,8 @@ def test_request_on_a_stuck_worker_ends_at_the_stall_timeout_not_never(make_daem
 
 def test_cold_standby_starts_on_demand_after_the_gpu_engine_before_it_has_exited(make_daemon, tmp_path):
     # Both count as GPU engines (n_gpu_layers != 0): their memory must never overlap.
-    warm, _ = fake(tmp_path, "warm", 10)
-    cold, _ = fake(tmp_path, "cold", 20)
+    warm, _ = fake_engine(tmp_path, "warm", 10)
+    cold, _ = fake_engine(tmp_path, "cold", 20)
     warm["n_gpu_layers"] = -1
     cold.update(n_gpu_layers=-1, standby="cold")
     daemon = make_daemon({"warm": warm, "cold": cold}, start=False, heartbeat_interval_s=0.3, supervision={"probe_interval_s": 0})

@@ -11,7 +11,6 @@ and token messages that count tokens, not messages.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import tempfile
@@ -26,7 +25,7 @@ import zmq
 from supervisor.envs import create_env, env_is_current, env_python
 from workers import protocol as p
 
-from .conftest import REPO, shared_settings
+from .conftest import checkout_worker_environ, shared_settings
 
 WORKER_ID = "w.1"
 SECRET = "s3cr3t-7f1c9a"
@@ -42,13 +41,7 @@ def fake_env_python() -> Path:
     return env_python(settings.envs_dir / "fake")
 
 
-def worker_environ(secret: str | None) -> dict[str, str]:
-    """A worker's environment: this checkout's workers/, and the secret when there is one."""
-    environ = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", p.WORKER_SECRET_ENV)}
-    environ.update(PYTHONPATH=str(REPO), PYTHONNOUSERSITE="1", PYTHONUNBUFFERED="1")
-    if secret is not None:
-        environ[p.WORKER_SECRET_ENV] = secret
-    return environ
+worker_environ = checkout_worker_environ
 
 
 class FakeDaemon:
