@@ -54,3 +54,18 @@ def test_unavailable_engine_is_not_restarted_and_traffic_goes_to_the_next(make_d
     _, pinned = collect(daemon.client().generate(prompt="hi", max_tokens=3, engine="first"))
     assert pinned["code"] == "engine_unavailable"
     assert daemon.engine("first")["workers"][0]["restarts"] == 0  # started once, never again
+
+
+def test_tokens_are_counted_not_token_events(make_daemon, tmp_path):
+    """An engine that sends several tokens per event: usage, the request-end log and the per-token latency count tokens."""
+    engine, _ = fake(tmp_path, tokens_per_event=4, token_delay_s=0.01)
+    daemon = make_daemon({"f": engine})
+    client = daemon.client()
+    for _ in range(3):
+        tokens, done = collect(client.generate(prompt="hi", max_tokens=40))
+        assert len(tokens) == 10 and done["usage"]["completion_tokens"] == 40, (len(tokens), done)
+    latency = daemon.engine("f")["latency"]["per_token_ms"]
+    # 10 ms a token; counting events would make it 40 ms (sleeps only ever run long, so the bound is one-sided).
+    assert latency["samples"] == 3 and 9.0 <= latency["p50"] < 25.0, latency
+    ends = [line for line in daemon.log_text().splitlines() if '"request end"' in line]
+    assert len(ends) == 3 and all('"tokens": 40' in line for line in ends), ends

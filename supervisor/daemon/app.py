@@ -59,7 +59,9 @@ class Daemon:
         self.router = Router(self.engines, self.switch, self, supervision.probe_interval_s)
         self.supervisor = Supervisor(self.engines, self.router, self.switch, settings, self)
         self.clients = ClientFront(self.client_socket, self.router, self.status, settings.max_message_bytes, settings.max_tokens_limit)
-        self.workers = WorkerLink(self.worker_socket, self.engines, self.supervisor, self.router, self.publish)
+        self.workers = WorkerLink(self.worker_socket, self.supervisor, self.router, self.publish)
+        # Every token goes through send_client: the front's own method, without a hop through this class.
+        self.send_client = self.clients.send  # type: ignore[method-assign]
 
     # --- building ------------------------------------------------------------------
 
@@ -171,7 +173,7 @@ class Daemon:
         command = worker_command(python, launch, self.worker_endpoint, self.settings.heartbeat_interval_s)
         process = WorkerProcess(launch, command, self._environ, self._on_worker_exit)
         self.processes[launch.worker_id] = process
-        self.workers.admit(launch.worker_id, process.routing_id)
+        self.workers.admit(launch.worker_id, process.routing_id, self.engines[launch.engine])
         asyncio.ensure_future(process.run())
 
     def _on_worker_exit(self, worker_id: str, returncode: int | None, info: dict[str, Any]) -> None:

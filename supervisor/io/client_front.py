@@ -72,12 +72,14 @@ class ClientFront:
             mid = message_id(message)
             handler = self.ops[message_op(message)]
             if self.router.in_use(envelope, mid):
-                # Answering with this id would look like a second end of the running request.
-                self._error(envelope, None, ErrorCode.DUPLICATE_ID, f"id {mid!r} is still in use by a running request", rejected_id=mid)
-                return
+                raise InvalidMessage(ErrorCode.DUPLICATE_ID, f"id {mid!r} is still in use by a running request")
             handler(envelope, mid, message, now)
         except InvalidMessage as exc:
-            self._error(envelope, mid, exc.code, exc.message)
+            if exc.code == ErrorCode.DUPLICATE_ID:
+                # Answering with this id would look like a second end of the running request.
+                self._error(envelope, None, exc.code, exc.message, rejected_id=mid)
+            else:
+                self._error(envelope, mid, exc.code, exc.message)
 
     def _generate(self, envelope: list[bytes], mid: str, message: dict[str, Any], now: float) -> None:
         self.router.submit(envelope, mid, parse_generate(message, self.max_tokens_limit), now)

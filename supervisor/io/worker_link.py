@@ -16,7 +16,7 @@ import zmq
 
 from workers import protocol as p
 
-from ..core.engines import Engines, EngineState
+from ..core.engines import EngineState
 from ..core.router import Router
 from ..core.supervisor import Supervisor
 from ..logs import get_logger
@@ -29,14 +29,13 @@ REFUSAL_LOG_INTERVAL_S = 10.0  # refused peers are logged at most this often (wi
 
 
 class WorkerLink:
-    def __init__(self, sock: zmq.Socket, engines: Engines, supervisor: Supervisor, router: Router, publish: Callable[..., None]) -> None:
+    def __init__(self, sock: zmq.Socket, supervisor: Supervisor, router: Router, publish: Callable[..., None]) -> None:
         self.sock = sock
-        self.engines = engines
         self.supervisor = supervisor
         self.router = router
         self.publish = publish
         self.reader = SocketReader(sock, self.on_frames)
-        self._peers: dict[bytes, str] = {}  # routing id (main or watchdog socket) -> worker id
+        self._peers: dict[bytes, tuple[str, EngineState]] = {}  # routing id (main or watchdog socket) -> (worker id, engine)
         self._routes: dict[str, bytes] = {}  # worker id -> routing id of its main socket
         self._refused_since_log = 0
         self._refusal_logged_at = float("-inf")
@@ -53,11 +52,10 @@ class WorkerLink:
 
     # --- who may speak ---------------------------------------------------------------
 
-    def admit(self, worker_id: str, routing_id: bytes) -> None:
-        """A worker is being spawned with this routing id: its frames will be accepted."""
+    def admit(self, worker_id: str, routing_id: bytes, engine: EngineState) -> None:
+        """A worker of ``engine`` is being spawned with this routing id: its frames will be accepted."""
         self._routes[worker_id] = routing_id
-        self._peers[routing_id] = worker_id
-        self._peers[routing_id + p.WATCHDOG_SUFFIX.encode()] = worker_id
+        self._peers[routing_id] = self._peers[routing_id + p.WATCHDOG_SUFFIX.encode()] = (worker_id, engine)
 
     def forget(self, worker_id: str) -> None:
         routing_id = self._routes.pop(worker_id, None)
@@ -96,15 +94,15 @@ class WorkerLink:
     def on_frames(self, frames: list[bytes]) -> None:
         now = time.monotonic()
         routing_id, payload = frames[0], frames[-1]
-        worker_id = self._peers.get(routing_id)
-        if worker_id is None:
+        peer = self._peers.get(routing_id)
+        if peer is None:
             self._refuse(routing_id, now)
             return
+        worker_id, engine = peer
         if len(frames) != 2:
             log.error("multi-frame message from a worker dropped", worker_id=worker_id, frames=len(frames))
             return
-        engine = self.engines.owning(worker_id)
-        if engine is None:  # a worker of an earlier generation: it has no business here
+        if engine.worker.worker_id != worker_id:  # a worker of an earlier generation: it has no business here
             self._send(routing_id, p.encode({"type": p.S_SHUTDOWN}))
             return
         if payload.startswith(p.TOKEN_FRAME_START) and self._fast_token(engine, payload, now):
