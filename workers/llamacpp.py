@@ -22,6 +22,7 @@ from .engine import (
     GenerateRequest,
     GenerateResult,
     ModelError,
+    OutOfGpuMemory,
     ProgressFn,
     RequestError,
     StopFn,
@@ -49,10 +50,13 @@ class _LlamaLog:
     # llama-cpp-python's own table predates DEBUG and shifts them all by one.
     LEVEL_DEBUG, LEVEL_WARN, LEVEL_ERROR, LEVEL_CONT = 1, 3, 4, 5
     OFFLOADED = re.compile(rb"offloaded (\d+)/(\d+) layers to GPU")
+    # What ggml's CUDA/Vulkan/Metal backends print when a buffer does not fit.
+    OUT_OF_MEMORY = re.compile(rb"out of memory|failed to allocate .*buffer|cudaMalloc failed", re.IGNORECASE)
 
     def __init__(self) -> None:
         self.quiet = False  # after loading: warnings and errors only
         self.offloaded: tuple[int, int] | None = None
+        self.out_of_memory: str | None = None  # the first line of a load that said so
         self._last_level = 2
         self._callback = llama_cpp.llama_log_callback(self._on_log)  # kept referenced: C holds the pointer
         llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
@@ -62,6 +66,8 @@ class _LlamaLog:
         self._last_level = level
         if (found := self.OFFLOADED.search(text)) is not None:
             self.offloaded = (int(found.group(1)), int(found.group(2)))
+        if self.out_of_memory is None and not self.quiet and self.OUT_OF_MEMORY.search(text):
+            self.out_of_memory = text.decode("utf-8", "replace").strip()
         if level == self.LEVEL_DEBUG or (self.quiet and level not in (self.LEVEL_WARN, self.LEVEL_ERROR)):
             return
         try:
@@ -154,11 +160,13 @@ class LlamaCppEngine:
         if spec.get("n_threads"):
             kwargs["n_threads"] = spec["n_threads"]
         progress(0.0, f"loading {model_path.name}")
-        _LOG.quiet, _LOG.offloaded = False, None
+        _LOG.quiet, _LOG.offloaded, _LOG.out_of_memory = False, None, None
         try:
             with _load_progress(progress):
                 self._llm = llama_cpp.Llama(**kwargs)
         except ValueError as exc:  # llama-cpp-python's way of saying "could not load"
+            if _LOG.out_of_memory:
+                raise OutOfGpuMemory(f"not enough GPU memory to load {model_path}: {_LOG.out_of_memory}") from exc
             raise ModelError(f"cannot load {model_path}: {exc}") from exc
         finally:
             _LOG.quiet = True
