@@ -203,3 +203,20 @@ def test_generate_command_streams_text(llama_daemon):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
     assert "12 tokens" in result.stderr or "stop:" in result.stderr
+
+
+def test_worker_reports_what_llama_cpp_offloaded_and_its_devices(llama_daemon):
+    """What llama.cpp did, not what was asked: on this CPU-only build nothing is offloaded, and it says so."""
+    worker = llama_daemon.engine("llama")["workers"][0]
+    model = worker["model"]
+    assert model["gpu_offload"] is False and model["offloaded_layers"] == 0, model
+    assert model["offloadable_layers"] == 19  # Gemma 3 270M: 18 blocks and the output layer
+    assert [d["type"] for d in model["devices"]] == ["cpu"] and model["devices"][0]["total_bytes"] > 0
+
+
+def test_llama_cpp_debug_lines_stay_out_of_the_log(llama_daemon):
+    """llama.cpp's log keeps its levels: the ~1,200 debug lines of a load are not relayed at info."""
+    worker_id = llama_daemon.engine("llama")["workers"][0]["id"]
+    relayed = [line for line in llama_daemon.log_text().splitlines() if '"worker.output"' in line and f'"{worker_id}"' in line]
+    assert 0 < len(relayed) < 400, len(relayed)
+    assert not any("llama_graph_n_input_tensors" in line for line in relayed)  # a debug line, 558 times per load

@@ -56,6 +56,14 @@ class ModelError(Exception):
         self.code = ErrorCode.MODEL_NOT_FOUND if missing else ErrorCode.MODEL_LOAD_FAILED
 
 
+class OutOfGpuMemory(ModelError):
+    """The load ran out of GPU memory: the daemon plans a smaller variant or fewer layers, it is no crash."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.code = ErrorCode.GPU_OUT_OF_MEMORY
+
+
 class RequestError(Exception):
     """A request this engine cannot serve; ``code`` is a protocol ErrorCode."""
 

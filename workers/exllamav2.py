@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .engine import EmitFn, EngineUnavailable, GenerateRequest, GenerateResult, ModelError, ProgressFn, RequestError, StopFn
+from .engine import EmitFn, EngineUnavailable, GenerateRequest, GenerateResult, ModelError, OutOfGpuMemory, ProgressFn, RequestError, StopFn
 from .protocol import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, ErrorCode
 
 
@@ -111,6 +111,8 @@ class ExLlamaV2Engine:
             # runs unpaged, one sequence at a time, which is all a worker serves.
             paged = bool(options.get("paged", has_flash_attn_with_paged and not config.no_flash_attn))
             self._generator = ExLlamaV2DynamicGenerator(model=model, cache=cache, tokenizer=tokenizer, paged=paged)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise OutOfGpuMemory(f"not enough GPU memory to load {model_dir}: {_one_line(exc)}") from exc
         except _LOAD_ERRORS as exc:
             raise ModelError(f"cannot load {model_dir}: {_one_line(exc)}") from exc
         self._tokenizer, self._n_ctx = tokenizer, n_ctx

@@ -13,6 +13,7 @@ Options:
                      text (stop strings) does; the last one of a request
                      holds fewer when max_tokens is not a multiple of it
   fail_load          "model" -> ModelError, "unavailable" -> EngineUnavailable, "crash" -> exit 1
+  oom_above_layers   a load asked for more GPU layers than this (-1: all) fails as out of GPU memory
   crash_after_tokens exit(1) abruptly after this many tokens of a request
   hang_after_tokens  stop responding (the whole process blocks) after this many tokens
   stuck_after_tokens generation blocks after this many tokens, heartbeats go on
@@ -36,6 +37,7 @@ from .engine import (
     GenerateRequest,
     GenerateResult,
     ModelError,
+    OutOfGpuMemory,
     ProgressFn,
     StopFn,
 )
@@ -75,6 +77,9 @@ class FakeEngine:
             raise EngineUnavailable("fake: engine unavailable")
         if failure == "crash":
             os._exit(1)
+        limit, layers = options.get("oom_above_layers"), int(spec.get("n_gpu_layers") or 0)
+        if limit is not None and (layers < 0 or layers > int(limit)):
+            raise OutOfGpuMemory(f"fake: {layers} GPU layers do not fit (at most {limit})")
         steps = 5
         for step in range(steps):
             progress(step / steps, "fake loading")

@@ -62,6 +62,7 @@ class ErrorCode:
     UNKNOWN_ENGINE = "unknown_engine"  # "engine" names no configured engine
     MODEL_NOT_FOUND = "model_not_found"  # the engine's model file does not exist
     MODEL_LOAD_FAILED = "model_load_failed"  # the model file exists but the engine cannot load it
+    GPU_OUT_OF_MEMORY = "gpu_out_of_memory"  # a load found too little GPU memory (a worker's load_failed code; the daemon plans smaller)
     ENGINE_UNAVAILABLE = "engine_unavailable"  # the engine cannot serve (failed, unavailable)
     NO_ENGINE = "no_engine_available"  # no configured engine can serve at all
     BUSY = "busy"  # the engine's queue is full
