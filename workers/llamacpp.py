@@ -11,23 +11,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
-from .engine import (
-    EmitFn,
-    EngineUnavailable,
-    GenerateRequest,
-    GenerateResult,
-    ModelError,
-    OutOfGpuMemory,
-    ProgressFn,
-    RequestError,
-    StopFn,
-)
+from .engine import EmitFn, EngineUnavailable, GenerateRequest, GenerateResult, ModelError, OutOfGpuMemory, ProgressFn, RequestError, StopFn
 from .protocol import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, ErrorCode
+from .llamacpp_native import LlamaLog, backend_devices
 from .textstream import TextAssembler
 
 try:
@@ -37,76 +27,7 @@ except Exception as exc:  # a broken build fails here (missing libllama, bad ABI
     raise EngineUnavailable(f"llama_cpp failed to import: {exc}") from exc
 
 
-class _LlamaLog:
-    """llama.cpp's log, through a callback of ours instead of llama-cpp-python's.
-
-    Levels are kept: debug lines (over a thousand for Gemma 3 at load) are
-    dropped, and once the model is loaded only warnings and errors go on to
-    stderr, where the daemon logs each line.  Facts the load prints and no
-    API returns are kept: how many layers went to the GPU.
-    """
-
-    # ggml_log_level (ggml.h): NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continues the previous line).
-    # llama-cpp-python's own table predates DEBUG and shifts them all by one.
-    LEVEL_DEBUG, LEVEL_WARN, LEVEL_ERROR, LEVEL_CONT = 1, 3, 4, 5
-    OFFLOADED = re.compile(rb"offloaded (\d+)/(\d+) layers to GPU")
-    # What ggml's CUDA/Vulkan/Metal backends print when a buffer does not fit.
-    OUT_OF_MEMORY = re.compile(rb"out of memory|failed to allocate .*buffer|cudaMalloc failed", re.IGNORECASE)
-
-    def __init__(self) -> None:
-        self.quiet = False  # after loading: warnings and errors only
-        self.offloaded: tuple[int, int] | None = None
-        self.out_of_memory: str | None = None  # the first line of a load that said so
-        self._last_level = 2
-        self._callback = llama_cpp.llama_log_callback(self._on_log)  # kept referenced: C holds the pointer
-        llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
-
-    def _on_log(self, level: int, text: bytes, _user_data: Any) -> None:
-        level = self._last_level if level == self.LEVEL_CONT else level
-        self._last_level = level
-        if (found := self.OFFLOADED.search(text)) is not None:
-            self.offloaded = (int(found.group(1)), int(found.group(2)))
-        if self.out_of_memory is None and not self.quiet and self.OUT_OF_MEMORY.search(text):
-            self.out_of_memory = text.decode("utf-8", "replace").strip()
-        if level == self.LEVEL_DEBUG or (self.quiet and level not in (self.LEVEL_WARN, self.LEVEL_ERROR)):
-            return
-        try:
-            sys.stderr.write(text.decode("utf-8", "replace"))
-            sys.stderr.flush()
-        except Exception:  # noqa: BLE001 - never raise into C
-            pass
-
-
-_LOG = _LlamaLog()
-
-
-def backend_devices() -> list[dict[str, Any]]:
-    """The compute devices llama.cpp's backends see (name, description, kind, memory), for status.
-
-    Read through ggml's device registry (libggml / libggml-base), which
-    llama-cpp-python does not wrap; an empty list where the libraries cannot
-    be read that way (another platform's names).
-    """
-    lib_dir = Path(llama_cpp.__file__).parent / "lib"
-    try:
-        ggml, base = ctypes.CDLL(str(lib_dir / "libggml.so")), ctypes.CDLL(str(lib_dir / "libggml-base.so"))
-    except OSError:
-        return []
-    ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
-    ggml.ggml_backend_dev_get.restype, ggml.ggml_backend_dev_get.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-    for name in ("ggml_backend_dev_name", "ggml_backend_dev_description"):
-        getattr(base, name).restype, getattr(base, name).argtypes = ctypes.c_char_p, [ctypes.c_void_p]
-    base.ggml_backend_dev_type.restype, base.ggml_backend_dev_type.argtypes = ctypes.c_int, [ctypes.c_void_p]
-    size = ctypes.c_size_t
-    base.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(size), ctypes.POINTER(size)]
-    devices = []
-    for index in range(ggml.ggml_backend_dev_count()):
-        dev, free, total = ggml.ggml_backend_dev_get(index), size(0), size(0)
-        base.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
-        kind = {0: "cpu", 1: "gpu", 2: "accel"}.get(base.ggml_backend_dev_type(dev), "other")
-        devices.append({"name": base.ggml_backend_dev_name(dev).decode(), "description": base.ggml_backend_dev_description(dev).decode(),
-                        "type": kind, "free_bytes": free.value, "total_bytes": total.value})  # fmt: skip
-    return devices
+_LOG = LlamaLog(llama_cpp)
 
 
 def build_facts() -> dict[str, Any]:
@@ -175,6 +96,10 @@ class LlamaCppEngine:
         self._llm.verbose = False
         self._chat_formatter = self._make_chat_formatter(spec.get("chat_format"))
         progress(1.0, "loaded")
+        return self._facts(model_path, kwargs["n_gpu_layers"])
+
+    def _facts(self, model_path: Path, n_gpu_layers: int) -> dict[str, Any]:
+        """What was loaded, and where: what llama.cpp did, not what was asked."""
         llm = self._llm
         return {
             "model": str(model_path),
@@ -183,12 +108,12 @@ class LlamaCppEngine:
             "n_ctx": llm.n_ctx(),
             "n_vocab": llm.n_vocab(),
             "chat_template": self._chat_formatter.name if self._chat_formatter else None,
-            "n_gpu_layers": kwargs["n_gpu_layers"],
-            # What llama.cpp did, not what was asked: layers offloaded / layers (the output layer counts as one).
+            "n_gpu_layers": n_gpu_layers,
+            # layers offloaded / layers (the output layer counts as one more)
             "offloaded_layers": _LOG.offloaded[0] if _LOG.offloaded else 0,
             "offloadable_layers": _LOG.offloaded[1] if _LOG.offloaded else llama_cpp.llama_model_n_layer(llm._model.model) + 1,
             "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
-            "devices": backend_devices(),
+            "devices": backend_devices(Path(llama_cpp.__file__).parent / "lib"),
         }
 
     def _make_chat_formatter(self, chat_format: str | None) -> "ChatFormatter | None":
