@@ -26,6 +26,7 @@ class RecordingEffects:
         self.calls: list[tuple[str, Any]] = []
         self.refusing_clients: set[bytes] = set()  # clients whose sends fail (gone, too far behind)
         self.missing_models: set[str] = set()
+        self.planners: dict[str, Any] = {}  # engine -> (previous plan, after_oom) -> plan: how a test's GPU looks
 
     def start_worker(self, launch: WorkerLaunch) -> None:
         self.calls.append(("start", launch.worker_id))
@@ -58,6 +59,11 @@ class RecordingEffects:
 
     def model_present(self, path: str) -> bool:
         return path not in self.missing_models
+
+    def plan_load(self, engine: str, previous: Any, after_oom: bool) -> Any:
+        self.calls.append(("plan", (engine, after_oom)))
+        planner = self.planners.get(engine)
+        return planner(previous, after_oom) if planner else None
 
     # --- reading what happened ---------------------------------------------------
 

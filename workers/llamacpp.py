@@ -8,16 +8,14 @@ re-detokenizes the whole completion at every token).
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
-import sys
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 from .engine import EmitFn, EngineUnavailable, GenerateRequest, GenerateResult, ModelError, OutOfGpuMemory, ProgressFn, RequestError, StopFn
 from .protocol import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, ErrorCode
-from .llamacpp_native import LlamaLog, backend_devices
+from .llamacpp_native import LlamaLog, backend_devices, load_progress
 from .textstream import TextAssembler
 
 try:
@@ -51,6 +49,14 @@ def build_facts() -> dict[str, Any]:
     }
 
 
+def _cache_kwargs(cache_type: str) -> dict[str, Any]:
+    """Llama() arguments for a KV cache type; a quantized V cache needs flash attention in llama.cpp."""
+    ggml_type = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}.get(cache_type)
+    if ggml_type is None:
+        raise ModelError(f"cache_type {cache_type!r} is not one of f16, q8_0, q4_0")
+    return {} if cache_type == "f16" else {"type_k": ggml_type, "type_v": ggml_type, "flash_attn": True}
+
+
 class LlamaCppEngine:
     kind = "llamacpp"
 
@@ -80,10 +86,11 @@ class LlamaCppEngine:
         )
         if spec.get("n_threads"):
             kwargs["n_threads"] = spec["n_threads"]
+        kwargs.update(_cache_kwargs(spec.get("cache_type") or "f16"))
         progress(0.0, f"loading {model_path.name}")
         _LOG.quiet, _LOG.offloaded, _LOG.out_of_memory = False, None, None
         try:
-            with _load_progress(progress):
+            with load_progress(llama_cpp, progress):
                 self._llm = llama_cpp.Llama(**kwargs)
         except ValueError as exc:  # llama-cpp-python's way of saying "could not load"
             if _LOG.out_of_memory:
@@ -258,37 +265,6 @@ class _BuiltinTemplate:
                 return buf.raw[:n].decode("utf-8", "replace"), False, []
             size = n  # the buffer was too small: n is what it needs
         raise ValueError("chat template output kept growing")
-
-
-@contextlib.contextmanager
-def _load_progress(progress: ProgressFn) -> Iterator[None]:
-    """Report llama.cpp's load progress, which the Llama constructor does not expose.
-
-    Llama() builds its model parameters from ``llama_model_default_params()``;
-    wrapping that function for the duration of the load lets llama.cpp call
-    our progress callback.  The callback object must outlive the load.
-    """
-    original = llama_cpp.llama_cpp.llama_model_default_params
-    last = [-1.0]
-
-    @llama_cpp.llama_progress_callback
-    def on_progress(fraction: float, _user_data: Any) -> bool:
-        if fraction - last[0] >= 0.1 or fraction >= 1.0:
-            last[0] = fraction
-            progress(float(fraction), "loading tensors")
-        return True
-
-    def params_with_progress() -> Any:
-        params = original()
-        params.progress_callback = on_progress
-        return params
-
-    llama_cpp.llama_cpp.llama_model_default_params = params_with_progress
-    try:
-        yield
-    finally:
-        llama_cpp.llama_cpp.llama_model_default_params = original
-        sys.stderr.flush()
 
 
 def create_engine() -> LlamaCppEngine:

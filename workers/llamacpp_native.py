@@ -1,4 +1,4 @@
-"""llama.cpp's log callback and ggml's device registry, through ctypes.
+"""llama.cpp's log callback, load progress and ggml's device registry, through ctypes.
 
 Helpers of workers/llamacpp.py, which hands them the ``llama_cpp`` module:
 this module never imports it, so that one engine module stays the only
@@ -7,11 +7,12 @@ importer of its library.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 
 class LlamaLog:
@@ -82,3 +83,34 @@ def backend_devices(lib_dir: Path) -> list[dict[str, Any]]:
         devices.append({"name": base.ggml_backend_dev_name(dev).decode(), "description": base.ggml_backend_dev_description(dev).decode(),
                         "type": kind, "free_bytes": free.value, "total_bytes": total.value})  # fmt: skip
     return devices
+
+
+@contextlib.contextmanager
+def load_progress(llama_cpp: Any, progress: Callable[[float, str], None]) -> Iterator[None]:
+    """Report llama.cpp's load progress, which the Llama constructor does not expose.
+
+    Llama() builds its model parameters from ``llama_model_default_params()``;
+    wrapping that function for the duration of the load lets llama.cpp call
+    our progress callback.  The callback object must outlive the load.
+    """
+    original = llama_cpp.llama_cpp.llama_model_default_params
+    last = [-1.0]
+
+    @llama_cpp.llama_progress_callback
+    def on_progress(fraction: float, _user_data: Any) -> bool:
+        if fraction - last[0] >= 0.1 or fraction >= 1.0:
+            last[0] = fraction
+            progress(float(fraction), "loading tensors")
+        return True
+
+    def params_with_progress() -> Any:
+        params = original()
+        params.progress_callback = on_progress
+        return params
+
+    llama_cpp.llama_cpp.llama_model_default_params = params_with_progress
+    try:
+        yield
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = original
+        sys.stderr.flush()

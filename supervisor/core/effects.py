@@ -50,6 +50,11 @@ class Effects(Protocol):
     def model_present(self, path: str) -> bool:
         """Whether a model file exists now (a missing one may be put in place later)."""
 
+    def plan_load(self, engine: str, previous: Any, after_oom: bool) -> Any:
+        """Plan the engine's next load against the GPU as it is now (core/plan.py's Plan for this
+        engine), or None when the engine is not planned (no model facts: it loads as configured).
+        ``previous`` is the plan in force; ``after_oom``: its choice just ran out of GPU memory."""
+
 
 # Topics of the event feed (docs/PROTOCOL.md lists their fields).
 TOPIC_WORKER_STATE = "worker.state"  # engine, worker_id, old, new, reason
@@ -60,3 +65,4 @@ TOPIC_ENGINE_CIRCUIT = "engine.circuit"  # engine, state, code, reason
 TOPIC_ENGINE_SWITCH = "engine.switch"  # from, to, reason
 TOPIC_PROBE = "probe.result"  # engine, worker_id, ok, ttft_ms, error
 TOPIC_REQUEST_RETRY = "request.retry"  # request_id, from_worker, engine, cause
+TOPIC_ENGINE_PLAN = "engine.plan"  # engine, chosen (variant, layers, n_ctx, cache type, device), reasons, warnings, after_oom

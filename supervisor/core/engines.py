@@ -7,12 +7,24 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
+from workers.protocol import ErrorCode
+
 from ..config import EngineConfig, SupervisionConfig
-from .effects import Effects, WorkerLaunch
+from ..logs import get_logger
+from .effects import TOPIC_ENGINE_PLAN, Effects, WorkerLaunch
 from .latency import EngineLatency
 from .lifecycle import StateListener, Worker, WorkerState
 from .policy import Backoff, CircuitBreaker, LatencyVerdict
 from .request import ClientRequest, Generation
+
+log = get_logger("supervisor.engines")
+
+
+def _describe(chosen: Any) -> dict[str, Any] | None:
+    if chosen is None:
+        return None
+    return {"model": chosen.path, "n_gpu_layers": chosen.n_gpu_layers, "layers": chosen.layers_text, "n_ctx": chosen.n_ctx,
+            "cache_type": chosen.cache_type, "device": chosen.device, "gpu_bytes": chosen.gpu_bytes}  # fmt: skip
 
 
 class EngineState:
@@ -31,6 +43,31 @@ class EngineState:
         self.failed = 0
         # Set when retrying cannot help (no CUDA, missing environment): (error code, reason).
         self.hard_failure: tuple[str, str] | None = None
+        self.plan: Any = None  # core.plan.Plan for this engine, in force since its last start; None: as configured
+        self.oom_step = False  # the last load ran out of GPU memory: the next plan steps down
+
+    @property
+    def chosen(self) -> Any:
+        """The plan's choice in force (core.plan.Candidate), if the engine is planned."""
+        return self.plan.engines[0].chosen if self.plan is not None else None
+
+    @property
+    def uses_gpu(self) -> bool:
+        """Holds GPU memory when running: "auto" engines as planned, others as configured."""
+        if self.config.n_gpu_layers == "auto" and self.config.kind != "exllamav2":
+            return self.chosen is not None and self.chosen.n_gpu_layers != 0
+        return self.config.uses_gpu
+
+    def load_spec(self) -> dict[str, Any]:
+        """What the worker loads: the plan's choice where there is one, else the configuration."""
+        config, chosen = self.config, self.chosen
+        spec = {"model": self.model_path, "n_ctx": config.n_ctx, "n_threads": config.n_threads, "n_gpu_layers": config.n_gpu_layers,
+                "cache_type": config.cache_type, "chat_format": config.chat_format, "options": config.options}  # fmt: skip
+        if spec["n_gpu_layers"] == "auto":
+            spec["n_gpu_layers"] = 0
+        if chosen is not None:
+            spec.update(model=chosen.path, n_ctx=chosen.n_ctx, n_gpu_layers=chosen.n_gpu_layers, cache_type=chosen.cache_type)
+        return spec
 
     @property
     def refusal(self) -> tuple[str, str] | None:
@@ -131,8 +168,10 @@ class Engines:
         worker = engine.worker
         if worker.alive or self.stopping:
             return
-        if engine.config.uses_gpu:
-            holders = [e for e in self if e is not engine and e.config.uses_gpu and e.worker.alive]
+        if not self._plan(engine, now):
+            return
+        if engine.uses_gpu:
+            holders = [e for e in self if e is not engine and e.uses_gpu and e.worker.alive]
             if holders:
                 # Two GPU engines loading at once is how VRAM runs out: wait until
                 # the other one has exited and its memory is released.
@@ -144,6 +183,25 @@ class Engines:
         worker_id = worker.begin(now)
         worker.transition(WorkerState.SPAWNING, reason)
         self.effects.start_worker(WorkerLaunch(engine.name, engine.config.kind, engine.config.env_name, worker_id))
+
+    def _plan(self, engine: EngineState, now: float) -> bool:
+        """Plan the load against the GPU as it is now; False when nothing can be loaded."""
+        plan = self.effects.plan_load(engine.name, engine.plan, engine.oom_step)
+        after_oom, engine.oom_step = engine.oom_step, False
+        if plan is None:
+            return True
+        engine.plan = plan
+        chosen, detail = engine.chosen, plan.engines[0]
+        log.info("load planned", engine=engine.name, chosen=_describe(chosen), reasons=list(detail.reasons), warnings=list(detail.warnings))
+        self.effects.publish(TOPIC_ENGINE_PLAN, engine=engine.name, chosen=_describe(chosen), reasons=list(detail.reasons),
+                             warnings=list(detail.warnings), after_oom=after_oom)  # fmt: skip
+        if chosen is not None:
+            return True
+        reason = "; ".join(detail.reasons) or "no variant fits this node"
+        engine.hard_failure = (ErrorCode.ENGINE_UNAVAILABLE, f"nothing to load: {reason}")
+        if engine.worker.state is not WorkerState.FAILED:
+            engine.worker.transition(WorkerState.FAILED, f"nothing to load: {reason}")
+        return False
 
     def gpu_released(self, now: float) -> None:
         for name in list(self._gpu_waiting):

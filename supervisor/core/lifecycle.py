@@ -44,8 +44,8 @@ ALLOWED: dict[WorkerState, frozenset[WorkerState]] = {
     S.READY: frozenset({S.BACKOFF, S.FAILED, S.STOPPING}),
     # exited as asked
     S.STOPPING: frozenset({S.STOPPED}),
-    # backoff over: start again / stop asked while waiting
-    S.BACKOFF: frozenset({S.SPAWNING, S.STOPPED}),
+    # backoff over: start again / stop asked while waiting / a new plan finds nothing to load
+    S.BACKOFF: frozenset({S.SPAWNING, S.STOPPED, S.FAILED}),
     # retried / stop asked
     S.FAILED: frozenset({S.SPAWNING, S.STOPPED}),
 }

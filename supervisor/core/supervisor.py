@@ -56,16 +56,7 @@ class Supervisor:
         if worker.state is not WorkerState.SPAWNING:
             return
         worker.transition(WorkerState.LOADING, "hello received")
-        config = engine.config
-        spec = {
-            "model": engine.model_path,
-            "n_ctx": config.n_ctx,
-            "n_threads": config.n_threads,
-            "n_gpu_layers": config.n_gpu_layers,
-            "chat_format": config.chat_format,
-            "options": config.options,
-        }
-        self.effects.send_worker(worker.worker_id, {"type": p.S_LOAD, "protocol": p.PROTOCOL_VERSION, "spec": spec})
+        self.effects.send_worker(worker.worker_id, {"type": p.S_LOAD, "protocol": p.PROTOCOL_VERSION, "spec": engine.load_spec()})
 
     def on_loading(self, engine: EngineState, message: dict[str, Any], now: float) -> None:
         worker = engine.worker
@@ -141,6 +132,13 @@ class Supervisor:
         failure = engine.worker.report.load_failure or {}
         code = failure.get("code") or ErrorCode.ENGINE_FAILED
         reason = failure.get("message") or cause
+        if code == ErrorCode.GPU_OUT_OF_MEMORY and engine.plan is not None:
+            # A planned step, not a crash: the next plan never repeats this choice, so it cannot loop.
+            engine.oom_step = True
+            engine.worker.times.restart_at = now
+            engine.worker.transition(WorkerState.BACKOFF, f"out of GPU memory ({reason}); planning a smaller load")
+            self.effects.wake_at(now)
+            return
         if returncode == p.ExitCode.MODEL_ERROR:
             engine.breaker.trip(now, code, reason)  # the same file fails the same way: no point counting
             opened = True

@@ -214,5 +214,12 @@ class Daemon:
     def model_present(self, path: str) -> bool:
         return Path(path).exists()
 
+    def plan_load(self, engine: str, previous: Any, after_oom: bool) -> Any:
+        return self.planning.plan_load(self.engines[engine], previous, after_oom, self._own_pids(engine))
+
+    def _own_pids(self, engine: str) -> frozenset[int]:
+        """The engine's worker processes still alive (a restart reuses their GPU memory once they exit)."""
+        return frozenset(p.pid for p in self.processes.values() if p.launch.engine == engine and p.pid is not None)
+
     def status(self) -> dict[str, Any]:
         return daemon_status(self)
