@@ -60,6 +60,9 @@ class RecordingEffects:
     def model_present(self, path: str) -> bool:
         return path not in self.missing_models
 
+    def build_warning(self, kind: str, versions: dict[str, Any]) -> str | None:
+        return None
+
     def plan_load(self, engine: str, previous: Any, after_oom: bool) -> Any:
         self.calls.append(("plan", (engine, after_oom)))
         planner = self.planners.get(engine)

@@ -50,6 +50,9 @@ class Effects(Protocol):
     def model_present(self, path: str) -> bool:
         """Whether a model file exists now (a missing one may be put in place later)."""
 
+    def build_warning(self, kind: str, versions: dict[str, Any]) -> str | None:
+        """What is wrong with a worker's engine build on this node (a CPU-only llama.cpp on a GPU node), with the fix."""
+
     def plan_load(self, engine: str, previous: Any, after_oom: bool) -> Any:
         """Plan the engine's next load against the GPU as it is now (core/plan.py's Plan for this
         engine), or None when the engine is not planned (no model facts: it loads as configured).

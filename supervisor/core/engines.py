@@ -45,6 +45,7 @@ class EngineState:
         self.hard_failure: tuple[str, str] | None = None
         self.plan: Any = None  # core.plan.Plan for this engine, in force since its last start; None: as configured
         self.oom_step = False  # the last load ran out of GPU memory: the next plan steps down
+        self.build_warnings: list[str] = []  # what the worker's build cannot do on this node, with the fix
 
     @property
     def chosen(self) -> Any:

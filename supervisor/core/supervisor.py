@@ -53,6 +53,10 @@ class Supervisor:
         worker.report.hello = message
         worker.times.last_progress_at = now
         log.info("worker hello", engine=engine.name, worker_id=worker.worker_id, pid=message.get("pid"), packages=message.get("packages"))
+        warning = self.effects.build_warning(engine.config.kind, message.get("versions") or {})
+        engine.build_warnings = [warning] if warning else []
+        if warning:
+            log.warning("engine build cannot use this node's GPU", engine=engine.name, warning=warning)
         if worker.state is not WorkerState.SPAWNING:
             return
         worker.transition(WorkerState.LOADING, "hello received")

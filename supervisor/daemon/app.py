@@ -30,6 +30,8 @@ from ..core.supervisor import Supervisor
 from ..envs import env_dir, env_is_current, env_python, worker_environ
 from ..io.client_front import ClientFront
 from ..io.events import EventPublisher
+from ..io.planning import STATUS_SNAPSHOT_AGE_S, Planning
+from ..gpu_probe import cpu_only_build_on_gpu_node
 from ..io.transport import bind_socket
 from ..io.worker_link import WorkerLink
 from ..io.worker_process import WorkerProcess, worker_command
@@ -52,6 +54,7 @@ class Daemon:
         self.processes: dict[str, WorkerProcess] = {}
         self._stop = asyncio.Event()
         self._environ = worker_environ(settings)
+        self.planning = Planning(settings)
         self._bind()
         supervision = settings.supervision
         self.engines = Engines({name: self._engine(name) for name in settings.engines}, self)
@@ -213,6 +216,11 @@ class Daemon:
 
     def model_present(self, path: str) -> bool:
         return Path(path).exists()
+
+    def build_warning(self, kind: str, versions: dict[str, Any]) -> str | None:
+        if kind != "llamacpp":
+            return None
+        return cpu_only_build_on_gpu_node(versions, self.planning.snapshot(STATUS_SNAPSHOT_AGE_S))
 
     def plan_load(self, engine: str, previous: Any, after_oom: bool) -> Any:
         return self.planning.plan_load(self.engines[engine], previous, after_oom, self._own_pids(engine))

@@ -11,6 +11,8 @@ from workers import protocol as p
 
 from .. import __version__
 from ..core.engines import EngineState
+from ..gpu_probe import snapshot_to_dict
+from ..io.planning import STATUS_SNAPSHOT_AGE_S, worker_gpu_bytes
 
 if TYPE_CHECKING:
     from .app import Daemon
@@ -18,6 +20,7 @@ if TYPE_CHECKING:
 
 def daemon_status(daemon: "Daemon") -> dict[str, Any]:
     now = time.monotonic()
+    snapshot = daemon.planning.snapshot(STATUS_SNAPSHOT_AGE_S)
     settings = daemon.settings
     return {
         "daemon": {
@@ -32,11 +35,22 @@ def daemon_status(daemon: "Daemon") -> dict[str, Any]:
             "active_engine": daemon.switch.active,
             "requests_in_progress": len(daemon.router.requests),
         },
-        "engines": [{**engine.describe(now), "workers": [_worker(daemon, engine, now)]} for engine in daemon.engines.by_priority()],
+        "gpu": snapshot_to_dict(snapshot),
+        "engines": [{**engine.describe(now), **_plan(engine, snapshot), "workers": [_worker(daemon, engine, now, snapshot)]}
+                    for engine in daemon.engines.by_priority()],  # fmt: skip
     }
 
 
-def _worker(daemon: "Daemon", engine: EngineState, now: float) -> dict[str, Any]:
+def _plan(engine: EngineState, snapshot: Any) -> dict[str, Any]:
+    """The plan in force (its choice, reasons and warnings; `node-supervisor plan` shows the whole table)."""
+    warnings = list(engine.build_warnings)
+    if engine.plan is None:
+        return {"plan": None, "warnings": warnings}
+    detail = engine.plan.engines[0].to_dict()
+    return {"plan": {k: detail[k] for k in ("chosen", "reasons", "warnings", "device", "failed")}, "warnings": warnings + detail["warnings"]}
+
+
+def _worker(daemon: "Daemon", engine: EngineState, now: float, snapshot: Any) -> dict[str, Any]:
     worker, report, times = engine.worker, engine.worker.report, engine.worker.times
     process = daemon.processes.get(worker.worker_id) if worker.alive else None
     current = worker.current
@@ -57,6 +71,7 @@ def _worker(daemon: "Daemon", engine: EngineState, now: float) -> dict[str, Any]
         "request_id": getattr(current, "id", None),
         "last_heartbeat_age_ms": round((now - times.last_heard) * 1000, 1) if times.last_heard and worker.alive else None,
         "rss_bytes": process.rss() if process else None,
+        "gpu_memory_bytes": worker_gpu_bytes(snapshot, process.pid if process else None),
         "last_exit": worker.last_exit,
     }
     if report.load_failure:

@@ -1,0 +1,83 @@
+"""Planning a load: the GPU as the probe sees it now, each model variant's facts
+as read from disk, and the pure planner (core/plan.py) deciding.
+
+Used by the daemon before every worker start (through Effects.plan_load) and by
+`node-supervisor plan`.  Facts are cached by file identity, so a restart does
+not read a multi-GB header again; the probe is asked afresh for every plan (a
+neighbour may have grown since the last start).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+
+from ..config import EngineConfig, Settings
+from ..core.estimate import estimate_exl2, estimate_llamacpp
+from ..core.plan import EngineRequest, Estimators, GpuPolicy, Plan, PlanInputs, engine_request, make_plan, plan_again, replan_after_oom
+from ..gpu_probe import GpuSnapshot, probe
+from ..model_facts import ModelFactsError, read_model_facts
+from ..models import model_variants_for
+
+ESTIMATORS = Estimators(llamacpp=estimate_llamacpp, exl2=estimate_exl2)
+PLANNED_KINDS = ("llamacpp", "exllamav2")  # engines whose models have facts to plan with
+STATUS_SNAPSHOT_AGE_S = 2.0  # status may show a probe this old: NVML is cheap, but not free per status call
+
+
+class Planning:
+    def __init__(self, settings: Settings, probe_gpus: Callable[[], GpuSnapshot] = probe) -> None:
+        self.settings = settings
+        self._probe = probe_gpus
+        self._facts: dict[tuple[str, int, int], Any] = {}
+        self._snapshot: GpuSnapshot | None = None
+        self._snapshot_at = float("-inf")
+
+    def snapshot(self, max_age_s: float = 0.0) -> GpuSnapshot:
+        """The GPUs now (or as seen at most ``max_age_s`` ago)."""
+        now = time.monotonic()
+        if self._snapshot is None or now - self._snapshot_at > max_age_s:
+            self._snapshot, self._snapshot_at = self._probe(), now
+        return self._snapshot
+
+    def request(self, name: str, config: EngineConfig, own_pids: frozenset[int] = frozenset()) -> EngineRequest:
+        """The engine's request to the planner, with each variant's facts; unreadable variants become notes."""
+        facts, notes = [], []
+        for path in model_variants_for(self.settings, config):
+            try:
+                facts.append(self._read(path))
+            except (ModelFactsError, OSError, ValueError) as exc:
+                notes.append(f"variant {path} skipped: {exc}")
+        return engine_request(name, config, facts, self.settings.gpu.min_ctx, own_pids, notes)
+
+    def _read(self, path: Path) -> Any:
+        stat = path.stat()
+        key = (str(path), stat.st_mtime_ns, stat.st_size)
+        if key not in self._facts:
+            self._facts[key] = read_model_facts(path)
+        return self._facts[key]
+
+    def plan_load(self, engine: Any, previous: Plan | None, after_oom: bool, own_pids: frozenset[int]) -> Plan | None:
+        """The next load of ``engine`` (core EngineState); None when it is not planned."""
+        config = engine.config
+        if config.kind not in PLANNED_KINDS:
+            return None
+        request = self.request(engine.name, config, own_pids)
+        if not request.variants:
+            return None  # no model facts: the worker loads as configured and reports what is wrong
+        snapshot = self.snapshot()
+        if previous is not None and after_oom:
+            return replan_after_oom(previous, engine.name, snapshot)
+        if previous is not None:
+            return plan_again(previous, snapshot, request)  # earlier out-of-memory choices stay excluded
+        policy = GpuPolicy.from_config(self.settings.gpu)
+        return make_plan(PlanInputs(snapshot, (request,), policy, ESTIMATORS, psutil.virtual_memory().available))
+
+
+def worker_gpu_bytes(snapshot: GpuSnapshot, pid: int | None) -> int | None:
+    """GPU memory a process holds across devices, as NVML reports it; None without a GPU or pid."""
+    if pid is None or not snapshot.devices:
+        return None
+    return sum(p.used_bytes or 0 for d in snapshot.devices for p in d.processes if p.pid == pid)
