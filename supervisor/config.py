@@ -14,7 +14,7 @@ import sys
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Literal, get_origin
+from typing import Annotated, Any, ClassVar, Literal, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError, TomlConfigSettingsSource
@@ -30,6 +30,9 @@ ENV_PREFIX = "NODESUP_"
 NON_SETTING_VARIABLES = frozenset({"NODESUP_CONFIG", "NODESUP_TEST_STATE", "NODESUP_EXL2_MODEL_DIR", "NODESUP_EXL2_PYTHON"})
 
 ENGINE_KINDS = ("llamacpp", "exllamav2", "fake")
+# KV cache types, largest first (llama.cpp's names; the planner maps them for ExLlamaV2).
+KV_CACHE_TYPES = ("f16", "q8_0", "q4_0")
+CacheType = Literal["f16", "q8_0", "q4_0"]
 _ENGINE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
@@ -55,10 +58,12 @@ class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: Literal["llamacpp", "exllamav2", "fake"]
-    model: Path | None = Field(None, description="model file (GGUF) or directory (EXL2); unset: the default model")
+    model: Path | Annotated[list[Path], Field(min_length=1)] | None = Field(None, description="model path, or a list of them (variants, best first); unset: the default model")
     n_ctx: int = Field(2048, gt=0, le=1 << 20)
     n_threads: int | None = Field(None, gt=0, le=1024)
-    n_gpu_layers: int = Field(0, ge=-1)
+    n_gpu_layers: Annotated[int, Field(ge=-1)] | Literal["auto"] = Field(0, description='layers on the GPU; -1 all; "auto": planned')
+    cache_type: CacheType = Field("f16", description="KV cache type the planner tries first")
+    cache_types_allowed: list[CacheType] = Field(default_factory=list, description="smaller KV cache types the planner may step down to")
     chat_format: str | None = None
     priority: int = Field(100, description="lower is preferred when a request names no engine")
     standby: Literal["warm", "cold"] = Field("warm", description="warm: started with the daemon; cold: started when traffic needs it")
@@ -74,6 +79,7 @@ class EngineConfig(BaseModel):
 
     @property
     def uses_gpu(self) -> bool:
+        """May it hold GPU memory ("auto" may)?  Such engines never load at the same time."""
         return self.kind == "exllamav2" or self.n_gpu_layers != 0
 
 
@@ -99,6 +105,18 @@ class SupervisionConfig(BaseModel):
     latency_hysteresis: float = Field(0.8, gt=0, le=1, description="recovered: p95 under objective x this")
     switch_breach_for_s: float = Field(10.0, ge=0)
     switch_min_dwell_s: float = Field(30.0, ge=0)
+
+
+class GpuConfig(BaseModel):
+    """``[gpu]``: how much of each GPU the planner may use; the node shares it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reserve_mib: int = Field(0, ge=0, description="held back on every device for the node's other services")
+    reserve_percent: float = Field(0.0, ge=0, lt=100, description="this share of each device's total is left free, too")
+    safety_margin: float = Field(0.10, ge=0, le=1, description="added to every estimate: 0.10 plans 10 % more than estimated")
+    cuda_overhead_mib: int = Field(600, ge=0, description="CUDA context and allocator slack per process on a device")
+    min_ctx: int = Field(512, gt=0, description="the planner never shrinks a context below this")
 
 
 def _default_engines() -> dict[str, EngineConfig]:
@@ -131,6 +149,7 @@ class Settings(BaseSettings):
     create_envs: bool = True
     pip_args: list[str] = Field(default_factory=list, description="extra arguments for pip when creating environments")
     supervision: SupervisionConfig = Field(default_factory=SupervisionConfig)
+    gpu: GpuConfig = Field(default_factory=GpuConfig)
     engines: dict[str, EngineConfig] = Field(default_factory=_default_engines)
 
     @field_validator("engines")

@@ -30,12 +30,19 @@ DEFAULT_EXL2_DIR = "exl2"  # no EXL2 model ships as a package: the operator puts
 
 
 def model_path_for(settings: Settings, engine: EngineConfig) -> Path:
-    """The model an engine serves: its configured path, else the default for its kind."""
-    if engine.model:
-        return engine.model.expanduser()
+    """The model an engine serves: its configured path (the first, best, of a list
+    of variants), else the default for its kind."""
+    return model_variants_for(settings, engine)[0]
+
+
+def model_variants_for(settings: Settings, engine: EngineConfig) -> list[Path]:
+    """Every model an engine may serve, best first: the planner picks the best that fits."""
+    if engine.model is not None:
+        variants = engine.model if isinstance(engine.model, list) else [engine.model]
+        return [path.expanduser() for path in variants]
     if engine.kind == "exllamav2":
-        return settings.models_dir / DEFAULT_EXL2_DIR
-    return default_model_path(settings)
+        return [settings.models_dir / DEFAULT_EXL2_DIR]
+    return [default_model_path(settings)]
 
 
 def ensure_default_model(settings: Settings, on_line: LineFn) -> Path:

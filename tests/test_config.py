@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.config import ConfigError, EngineConfig, load_settings, unknown_environment_variables
+from supervisor.config import ConfigError, EngineConfig, GpuConfig, load_settings, unknown_environment_variables
+from supervisor.models import model_path_for, model_variants_for
 from workers.protocol import ExitCode
 
 CLI = [sys.executable, "-m", "supervisor.cli"]
@@ -133,3 +134,62 @@ def test_exit_codes_have_one_definition():
 
     assert config.EX_CONFIG == ExitCode.CONFIG == 78
     assert (ExitCode.TEMPFAIL, ExitCode.UNAVAILABLE) == (75, 69)
+
+
+def test_gpu_table_model_variants_auto_layers_and_cache_types(tmp_path):
+    path = write(
+        tmp_path,
+        '[gpu]\nreserve_mib = 2048\nreserve_percent = 5\n'
+        '[engines.a]\nkind = "llamacpp"\nmodel = ["~/m/q6.gguf", "/m/q4.gguf"]\nn_gpu_layers = "auto"\ncache_type = "q8_0"\ncache_types_allowed = ["q4_0"]\n'
+        '[engines.b]\nkind = "llamacpp"\nmodel = "/m/one.gguf"\nn_gpu_layers = 20\n',
+    )
+    settings = load_settings(path)
+    a, b = settings.engines["a"], settings.engines["b"]
+    assert settings.gpu == GpuConfig(reserve_mib=2048, reserve_percent=5)
+    assert (settings.gpu.safety_margin, settings.gpu.cuda_overhead_mib, settings.gpu.min_ctx) == (0.10, 600, 512)
+    assert (a.n_gpu_layers, a.uses_gpu, a.cache_type, a.cache_types_allowed) == ("auto", True, "q8_0", ["q4_0"])
+    assert model_variants_for(settings, a) == [Path.home() / "m" / "q6.gguf", Path("/m/q4.gguf")]
+    assert model_path_for(settings, a) == Path.home() / "m" / "q6.gguf"  # a list serves its first variant
+    assert model_variants_for(settings, b) == [Path("/m/one.gguf")] == [model_path_for(settings, b)] and b.n_gpu_layers == 20
+    assert (b.cache_type, b.cache_types_allowed) == ("f16", [])
+    assert model_variants_for(settings, EngineConfig(kind="exllamav2")) == [settings.models_dir / "exl2"]
+    assert not EngineConfig(kind="llamacpp").uses_gpu and EngineConfig(kind="llamacpp", n_gpu_layers=-1).uses_gpu
+
+
+def test_gpu_and_variant_keys_from_the_environment(monkeypatch):
+    monkeypatch.setenv("NODESUP_ENGINES__A__KIND", "llamacpp")
+    monkeypatch.setenv("NODESUP_ENGINES__A__N_GPU_LAYERS", "auto")
+    monkeypatch.setenv("NODESUP_ENGINES__A__MODEL", '["/m/a.gguf", "/m/b.gguf"]')
+    monkeypatch.setenv("NODESUP_ENGINES__B__KIND", "llamacpp")
+    monkeypatch.setenv("NODESUP_ENGINES__B__N_GPU_LAYERS", "7")
+    monkeypatch.setenv("NODESUP_ENGINES__B__MODEL", "/m/plain.gguf")
+    monkeypatch.setenv("NODESUP_GPU__RESERVE_MIB", "1024")
+    settings = load_settings(None)
+    assert settings.engines["a"].model == [Path("/m/a.gguf"), Path("/m/b.gguf")] and settings.engines["a"].n_gpu_layers == "auto"
+    assert settings.engines["b"].model == Path("/m/plain.gguf") and settings.engines["b"].n_gpu_layers == 7
+    assert settings.gpu.reserve_mib == 1024
+    assert unknown_environment_variables({"NODESUP_GPU__RESERVE_MIB": "1", "NODESUP_GPU__MIN_CTX": "1"}) == []
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ('[engines.llama]\nkind = "llamacpp"\nn_gpu_layers = "all"\n', "engines.llama.n_gpu_layers"),
+        ('[engines.llama]\nkind = "llamacpp"\nn_gpu_layers = -2\n', "engines.llama.n_gpu_layers"),
+        ('[engines.llama]\nkind = "llamacpp"\nmodel = []\n', "engines.llama.model"),
+        ('[engines.llama]\nkind = "llamacpp"\ncache_type = "q5_1"\n', "engines.llama.cache_type"),
+        ('[engines.llama]\nkind = "llamacpp"\ncache_types_allowed = ["q2"]\n', "engines.llama.cache_types_allowed"),
+        ("[gpu]\nsafety_margin = 2\n", "gpu.safety_margin"),
+        ("[gpu]\nreserve_percent = 100\n", "gpu.reserve_percent"),
+        ("[gpu]\nmin_ctx = 0\n", "gpu.min_ctx"),
+        ("[gpu]\nreserve = 1\n", "gpu.reserve"),
+    ],
+)
+def test_invalid_gpu_and_planning_values_name_the_key(tmp_path, text, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_settings(write(tmp_path, text))
+
+
+def test_example_config_gpu_table_is_the_defaults():
+    example = Path(__file__).resolve().parent.parent / "config" / "node-supervisor.example.toml"
+    assert load_settings(example).gpu == GpuConfig()

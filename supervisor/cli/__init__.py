@@ -1,6 +1,6 @@
 """node-supervisor: the one console command.
 
-    node-supervisor [--config FILE] [global flags] run | generate | status | ping | envs create|check
+    node-supervisor [--config FILE] [global flags] run | generate | status | ping | plan | envs create|check
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     events.add_argument("--timeout", type=float, help="exit after this many seconds")
     ping = commands.add_parser("ping", help="check that the daemon answers")
     ping.add_argument("--timeout", type=float, default=CONNECT_TIMEOUT_S)
+    _add_plan(commands.add_parser("plan", help="what each engine would get on this node's GPU, and why (starts nothing)"))
     envs = commands.add_parser("envs", help="per-engine virtual environments")
     env_commands = envs.add_subparsers(dest="envs_command", required=True)
     for name, text in (("create", "create or update environments"), ("check", "report what each environment has")):
@@ -62,6 +63,20 @@ def _add_generate(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--json", action="store_true", help="print every event as a JSON line")
     gen.add_argument("--connect-timeout", type=float, default=CONNECT_TIMEOUT_S, help="seconds to wait for the daemon to answer at all")
     gen.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each event once the daemon answered")
+
+
+def _mib(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
+def _add_plan(plan: argparse.ArgumentParser) -> None:
+    plan.add_argument("--engine", help="only this engine")
+    plan.add_argument("--gpu-memory", type=_mib, metavar="MIB", help="plan for one hypothetical GPU of this size with nothing on it")
+    plan.add_argument("--reserve", type=_mib, metavar="MIB", help="MiB held back per GPU for other services (overrides [gpu] reserve_mib)")
+    plan.add_argument("--json", action="store_true")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,6 +110,12 @@ def _events(settings: Settings, args: argparse.Namespace) -> int:
     return watch_events(settings, args)
 
 
+def _plan(settings: Settings, args: argparse.Namespace) -> int:
+    from .plan_command import plan_command
+
+    return plan_command(settings, args)
+
+
 def _client(settings: Settings, args: argparse.Namespace) -> int:
     from .client_commands import client_command
 
@@ -102,7 +123,7 @@ def _client(settings: Settings, args: argparse.Namespace) -> int:
 
 
 # One entry per command; each command's code lives in its own module.
-COMMANDS = {"run": _run, "envs": _envs, "events": _events, "generate": _client, "status": _client, "ping": _client}
+COMMANDS = {"run": _run, "envs": _envs, "events": _events, "plan": _plan, "generate": _client, "status": _client, "ping": _client}
 
 
 def _settings(args: argparse.Namespace) -> Settings:
