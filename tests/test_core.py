@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 
+from supervisor.config import load_settings
 from supervisor.core.lifecycle import WorkerState
 from supervisor.core.validate import InvalidMessage
 from workers import protocol as p
@@ -230,3 +231,64 @@ def test_shutdown_refuses_new_requests():
     with pytest.raises(InvalidMessage) as refused:
         core.submit("late")
     assert refused.value.code == p.ErrorCode.SHUTTING_DOWN
+
+
+# --- planned loads: the plan in force shapes the load, and out of GPU memory is a planned step ---------
+
+
+def _planner(snapshots, variants, **engine):
+    """Effects.plan_load for one engine: the real planner over recorded GPUs (one snapshot per plan), a stand-in estimate."""
+    from supervisor.core.plan import Estimators, GpuPolicy, PlanInputs, engine_request, make_plan, plan_again, replan_after_oom
+
+    from . import plan_fixtures as fx
+
+    config = load_settings(None, {"state_dir": "/nonexistent", "engines": {"a": {"kind": "llamacpp", **engine}}}).engines["a"]
+    shots = iter(snapshots)
+
+    def plan_load(previous, after_oom):
+        snapshot, request = next(shots), engine_request("a", config, variants, 512)
+        if previous is not None:
+            return replan_after_oom(previous, "a", snapshot) if after_oom else plan_again(previous, snapshot, request)
+        inputs = PlanInputs(snapshot, (request,), GpuPolicy(), Estimators(fx.estimate_llamacpp, fx.estimate_exl2))
+        return make_plan(inputs)
+
+    return plan_load
+
+
+def test_an_auto_engine_loads_what_the_plan_chose_and_a_load_out_of_gpu_memory_steps_down_without_a_crash():
+    from . import plan_fixtures as fx
+
+    variants = [fx.gguf("/m/q6.gguf", 2500), fx.gguf("/m/q4.gguf", 1900)]
+    gpu = fx.snapshot(fx.device(0, 12288, neighbours_mib=5120))
+    core = Core({"a": {"kind": "llamacpp", "n_gpu_layers": "auto", "model": ["/m/q6.gguf", "/m/q4.gguf"]}})
+    core.effects.planners["a"] = _planner([gpu, gpu, gpu], variants, n_gpu_layers="auto", model=["/m/q6.gguf", "/m/q4.gguf"])
+    core.supervisor.start(core.now)
+    core.supervisor.on_hello(core.engine("a"), {"pid": 1}, core.now)
+    (load,) = core.effects.worker_messages("a.1", p.S_LOAD)
+    assert load["spec"]["model"].endswith("q6.gguf") and load["spec"]["n_gpu_layers"] == -1
+    assert core.engine("a").uses_gpu
+    # The worker says the GPU could not take it, and exits with the model-error code.
+    core.supervisor.on_load_failed(core.engine("a"), {"code": p.ErrorCode.GPU_OUT_OF_MEMORY, "message": "cudaMalloc failed", "exit_code": 65}, core.now)
+    core.exit("a", p.ExitCode.MODEL_ERROR)
+    assert core.engine("a").breaker.state.value == "closed" and core.engine("a").worker.restarts == 0
+    core.advance(0.01)
+    (second,) = core.effects.worker_messages("a.2", p.S_LOAD) or [None]
+    assert second is None  # not before its hello
+    core.supervisor.on_hello(core.engine("a"), {"pid": 2}, core.now)
+    (second,) = core.effects.worker_messages("a.2", p.S_LOAD)
+    assert (second["spec"]["model"], second["spec"]["n_ctx"]) != (load["spec"]["model"], load["spec"]["n_ctx"])  # never the same again
+    plans = core.effects.topics("engine.plan")
+    assert len(plans) == 2 and plans[1]["after_oom"] is True
+
+
+def test_an_engine_whose_plan_finds_nothing_to_load_fails_once_with_the_reason():
+    from . import plan_fixtures as fx
+
+    variants = [fx.exl2("/m/exl2-6bpw", 3000, 6.0)]
+    tiny = fx.snapshot(fx.device(0, 2048, neighbours_mib=1800))
+    core = Core({"a": {"kind": "exllamav2", "model": "/m/exl2-6bpw"}})
+    core.effects.planners["a"] = _planner([tiny], variants, model="/m/exl2-6bpw")
+    core.supervisor.start(core.now)
+    assert core.effects.named("start") == []
+    assert core.engine("a").worker.state is WorkerState.FAILED
+    assert core.engine("a").refusal[0] == p.ErrorCode.ENGINE_UNAVAILABLE and "nothing to load" in core.engine("a").refusal[1]

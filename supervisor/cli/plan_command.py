@@ -18,10 +18,9 @@ import zmq
 
 from ..client import Client, ClientTimeout
 from ..config import EngineConfig, Settings
-from ..core.plan import MIB, Estimators, GpuPolicy, Plan, PlanInputs, engine_request, make_plan
+from ..core.plan import MIB, Estimators, GpuPolicy, Plan, PlanInputs, make_plan
 from ..core.plan_explain import describe
 from ..core.plan_search import mib, variant_name
-from ..models import model_variants_for
 from .output import print_json
 
 DAEMON_TIMEOUT_S = 0.5  # asking a daemon for its workers' pids: it answers in milliseconds or is not there
@@ -63,15 +62,9 @@ def _snapshot(gpu_memory_mib: int | None) -> Any:
 
 def _request(settings: Settings, name: str, config: EngineConfig, own_pids: frozenset[int]) -> Any:
     """The engine's request, with each variant's facts; unreadable variants become notes."""
-    from ..model_facts import ModelFactsError, read_model_facts
+    from ..io.planning import Planning
 
-    facts, notes = [], []
-    for path in model_variants_for(settings, config):
-        try:
-            facts.append(read_model_facts(path))
-        except (ModelFactsError, OSError, ValueError) as exc:
-            notes.append(f"variant {path} skipped: {exc}")
-    return engine_request(name, config, facts, settings.gpu.min_ctx, own_pids, notes)
+    return Planning(settings).request(name, config, own_pids)
 
 
 def _daemon_worker_pids(settings: Settings) -> dict[str, frozenset[int]]:

@@ -229,6 +229,14 @@ def replan_after_oom(previous: Plan, engine: str, snapshot: Any = None) -> Plan:
     return Plan(engines, inputs.snapshot.reason, inputs)
 
 
+def plan_again(previous: Plan, snapshot: Any, request: EngineRequest) -> Plan:
+    """A restart: plan the engine afresh against ``snapshot`` (a neighbour may have grown
+    or shrunk), keeping every choice that ran out of GPU memory excluded."""
+    old = previous.engine(request.name)
+    inputs = replace(previous.inputs, snapshot=snapshot, requests=(request,))
+    return Plan((_plan_engine(request, inputs, old.failed),), snapshot.reason, inputs)
+
+
 def _plan_engine(request: EngineRequest, inputs: PlanInputs, failed: tuple[Candidate, ...]) -> EnginePlan:
     # The ladder and its explanation use this module's types: imported here, not at the top.
     from .plan_explain import explain
