@@ -119,6 +119,16 @@ class GpuConfig(BaseModel):
     min_ctx: int = Field(512, gt=0, description="the planner never shrinks a context below this")
 
 
+class EnvConfig(BaseModel):
+    """``[envs.<name>]``: how one engine environment is built (by environment name)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    system_site_packages: bool = Field(
+        False, description="see the node's own packages: a CUDA torch installed there is used, not installed again"
+    )
+
+
 def _default_engines() -> dict[str, EngineConfig]:
     """llama.cpp on the default model first; ExLlamaV2 as the fallback on NVIDIA GPUs
     (without CUDA it reports itself unavailable and llama.cpp serves)."""
@@ -148,6 +158,8 @@ class Settings(BaseSettings):
     max_tokens_limit: int = Field(8192, gt=0)
     create_envs: bool = True
     pip_args: list[str] = Field(default_factory=list, description="extra arguments for pip when creating environments")
+    llama_cuda: Literal["auto", "on", "off"] = Field("auto", description="llama.cpp with CUDA; auto: when an NVIDIA driver and nvcc are present")
+    envs: dict[str, EnvConfig] = Field(default_factory=dict, description="per-environment build options")
     supervision: SupervisionConfig = Field(default_factory=SupervisionConfig)
     gpu: GpuConfig = Field(default_factory=GpuConfig)
     engines: dict[str, EngineConfig] = Field(default_factory=_default_engines)
