@@ -21,7 +21,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from workers.protocol import ExitCode
 
-EX_CONFIG = ExitCode.CONFIG  # kept for importers; workers.protocol.ExitCode is the definition
+
 
 ENV_PREFIX = "NODESUP_"
 # NODESUP_* variables that are not settings but are read by name elsewhere:

@@ -9,6 +9,8 @@ costs nothing, and reading its facts must not touch it.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import os
 import struct
 import time
@@ -269,3 +271,21 @@ def test_truncated_gguf_is_refused(tmp_path):
         (tmp_path / name).write_bytes(data[:cut])
         with pytest.raises(ModelFactsError, match="truncated"):
             read_model_facts(tmp_path / name)
+
+
+def test_the_format_numbers_written_out_are_the_gguf_packages():
+    """The daemon reads headers without importing `gguf` (and NumPy): its tables must be the package's."""
+    import gguf
+
+    from supervisor.model_facts import _ggml_types as ggml
+
+    assert {v.name: int(v) for v in gguf.GGUFValueType} == {v.name: int(v) for v in ggml.ValueType}
+    assert {int(t): tuple(size) for t, size in gguf.GGML_QUANT_SIZES.items()} == ggml.QUANT_SIZES
+    assert {t.name: int(t) for t in gguf.GGMLQuantizationType} == ggml.TYPE_NAMES
+    assert {int(t): t.name for t in gguf.LlamaFileType} == ggml.FILE_TYPE_NAMES
+
+
+def test_reading_model_facts_imports_no_numpy():
+    code = "import sys; from supervisor.model_facts import read_model_facts; from supervisor.io.planning import Planning; print('numpy' in sys.modules, 'gguf' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.split() == ["False", "False"], result

@@ -18,11 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import gguf
-
+from . import _ggml_types as ggml
 from ._common import ModelFacts, ModelFactsError
 
-_V = gguf.GGUFValueType
+_V = ggml.ValueType
 _SCALAR_FORMATS = {
     _V.UINT8: "B", _V.INT8: "b", _V.UINT16: "H", _V.INT16: "h", _V.UINT32: "I", _V.INT32: "i",
     _V.FLOAT32: "f", _V.BOOL: "?", _V.UINT64: "Q", _V.INT64: "q", _V.FLOAT64: "d",
@@ -46,7 +45,7 @@ _BLOCK_RE = re.compile(r"blk\.(\d+)\.")
 # Types ggml's CPU backend repacks for AVX2 matrix products when the row count
 # is a multiple of 8 (ggml_repack_get_optimal_repack_type in ggml-cpu/repack.cpp):
 # such a block weighs twice in RAM, the mapped file plus the CPU_REPACK copy.
-_REPACKED = {int(gguf.GGMLQuantizationType[name]) for name in ("Q4_0", "Q4_K", "IQ4_NL", "MXFP4")}
+_REPACKED = {ggml.TYPE_NAMES[name] for name in ("Q4_0", "Q4_K", "IQ4_NL", "MXFP4")}
 
 
 @dataclass(frozen=True)
@@ -172,7 +171,7 @@ def _tensor_table(header: _Header, n_tensors: int) -> dict[str, _Tensor]:
         dims = tuple(header.scalar("Q") for _ in range(header.scalar("I")))
         ttype, offset = header.scalar("I"), header.scalar("Q")
         try:
-            block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
+            block, type_size = ggml.QUANT_SIZES[ttype]
         except (ValueError, KeyError):
             raise ModelFactsError(f"{header.path}: tensor {name} has unknown ggml type {ttype}") from None
         elements = 1
@@ -283,9 +282,8 @@ def _file_type(value: Any) -> str | None:
     """general.file_type as llama.cpp names it: 15 -> "Q4_K_M", 1 -> "F16"."""
     if value is None:
         return None
-    try:
-        name = gguf.LlamaFileType(int(value)).name
-    except ValueError:
+    name = ggml.FILE_TYPE_NAMES.get(int(value))
+    if name is None:
         return str(value)
     return name.removeprefix("MOSTLY_").removeprefix("ALL_")
 
