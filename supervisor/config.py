@@ -19,10 +19,6 @@ from typing import Annotated, Any, ClassVar, Literal, get_origin
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError, TomlConfigSettingsSource
 
-from workers.protocol import ExitCode
-
-
-
 ENV_PREFIX = "NODESUP_"
 # NODESUP_* variables that are not settings but are read by name elsewhere:
 # the config file's path (find_config_file), and the test suite's shared
@@ -124,18 +120,13 @@ class EnvConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    system_site_packages: bool = Field(
-        False, description="see the node's own packages: a CUDA torch installed there is used, not installed again"
-    )
+    system_site_packages: bool = Field(False, description="see the node's own packages: a CUDA torch there is used, not installed again")
 
 
 def _default_engines() -> dict[str, EngineConfig]:
     """llama.cpp on the default model first; ExLlamaV2 as the fallback on NVIDIA GPUs
     (without CUDA it reports itself unavailable and llama.cpp serves)."""
-    return {
-        "llama": EngineConfig(kind="llamacpp", priority=10),
-        "exllamav2": EngineConfig(kind="exllamav2", priority=20),
-    }
+    return {"llama": EngineConfig(kind="llamacpp", priority=10), "exllamav2": EngineConfig(kind="exllamav2", priority=20)}
 
 
 class Settings(BaseSettings):

@@ -29,24 +29,18 @@ HEADER = ("variant", "layers", "n_ctx", "cache", "needs GPU MiB", "needs RAM MiB
 
 
 class Stand:
-    """Stand-in modules for the reader, the probe and the estimator, installed in sys.modules."""
+    """Recorded facts, GPUs and the stand-in estimate put in place of the real reader, probe and estimator."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from supervisor.model_facts import ModelFactsError
+
         self.facts: dict[str, fx.ModelFacts] = {}
         self.snapshot = fx.snapshot(reason="stand-in: no GPU")
-        reader = types.ModuleType("supervisor.model_facts")
-        reader.ModelFactsError = type("ModelFactsError", (Exception,), {})
-        reader.ModelFacts = fx.ModelFacts
-        reader.read_model_facts = self._read
-        self.error = reader.ModelFactsError
-        probe = types.ModuleType("supervisor.gpu_probe")
-        probe.GpuDevice, probe.GpuProcess, probe.GpuSnapshot = fx.GpuDevice, fx.GpuProcess, fx.GpuSnapshot
-        probe.probe = lambda source=None: self.snapshot
-        probe.snapshot_to_dict = dataclasses.asdict
-        estimate = types.ModuleType("supervisor.core.estimate")
-        estimate.estimate_llamacpp, estimate.estimate_exl2 = fx.estimate_llamacpp, fx.estimate_exl2
-        for name, module in (("supervisor.model_facts", reader), ("supervisor.gpu_probe", probe), ("supervisor.core.estimate", estimate)):
-            monkeypatch.setitem(sys.modules, name, module)
+        self.error = ModelFactsError
+        monkeypatch.setattr("supervisor.io.planning.read_model_facts", self._read)
+        monkeypatch.setattr("supervisor.gpu_probe.probe", lambda source=None: self.snapshot)
+        monkeypatch.setattr("supervisor.core.estimate.estimate_llamacpp", fx.estimate_llamacpp)
+        monkeypatch.setattr("supervisor.core.estimate.estimate_exl2", fx.estimate_exl2)
 
     def _read(self, path: Path) -> fx.ModelFacts:
         if str(path) not in self.facts:

@@ -53,7 +53,11 @@ class Planning:
         return engine_request(name, config, facts, self.settings.gpu.min_ctx, own_pids, notes)
 
     def _read(self, path: Path) -> Any:
-        stat = path.stat()
+        """Facts of one variant, read again only when the file changed (the reader says what is wrong)."""
+        try:
+            stat = path.stat()
+        except OSError:
+            return read_model_facts(path)
         key = (str(path), stat.st_mtime_ns, stat.st_size)
         if key not in self._facts:
             self._facts[key] = read_model_facts(path)
