@@ -1,7 +1,7 @@
 """Reading a model's shape and sizes from its file: GGUF headers, EXL2 directories, broken files.
 
-The default model (shared test state, ``NODESUP_TEST_STATE``) is read when it
-is there; everything else is written here with ``gguf.GGUFWriter``: the
+The default model (shared test state, installed by the session's fixture) is
+read; everything else is written here with tests/gguf_writer.py: the
 tensor data of those files is a hole (a sparse file), so a "1 GiB" model
 costs nothing, and reading its facts must not touch it.
 """
@@ -9,61 +9,23 @@ costs nothing, and reading its facts must not touch it.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
-import os
 import struct
 import time
 from pathlib import Path
 from typing import Any
 
-import gguf
-import numpy as np
 import pytest
 
 from supervisor.model_facts import ModelFacts, ModelFactsError, read_model_facts, swa_layer_count
 
+from .gguf_writer import Q, tensor_bytes, write_gguf
+
 REPO = Path(__file__).resolve().parent.parent
 TEST_STATE = Path(os.environ.get("NODESUP_TEST_STATE") or REPO / ".state")
 DEFAULT_MODEL = TEST_STATE / "data" / "models" / "gemma-3-270m-q4_k_m.gguf"
-Q = gguf.GGMLQuantizationType
-
-
-def tensor_bytes(dims: tuple[int, ...], qtype: Q) -> int:
-    block, size = gguf.GGML_QUANT_SIZES[qtype]
-    return int(np.prod(dims)) // block * size
-
-
-def write_gguf(path: Path, arch: str, kv: dict[str, Any], tensors: list[tuple[str, tuple[int, ...], Q]]) -> int:
-    """A GGUF whose tensor data is a hole: header and tensor table written, the file
-    then extended to its full length.  ``tensors`` use ggml's dimension order.
-    Returns the total tensor bytes."""
-    writer = gguf.GGUFWriter(path, arch)
-    for key, value in kv.items():
-        if isinstance(value, bool):
-            writer.add_bool(key, value)
-        elif isinstance(value, int):
-            writer.add_uint32(key, value)
-        elif isinstance(value, float):
-            writer.add_float32(key, value)
-        elif isinstance(value, str):
-            writer.add_string(key, value)
-        else:
-            writer.add_array(key, value)
-    total = 0
-    for name, dims, qtype in tensors:
-        nbytes = tensor_bytes(dims, qtype)
-        writer.add_tensor_info(name, tuple(reversed(dims)), np.dtype(np.float32), nbytes, raw_dtype=qtype)
-        total += gguf.GGUFWriter.ggml_pad(nbytes, writer.data_alignment)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    start = gguf.GGUFWriter.ggml_pad(writer.fout[0].tell(), writer.data_alignment)
-    writer.close()
-    os.truncate(path, start + total)
-    return total
-
-
 def llama_like(
     n_layer: int = 2,
     n_embd: int = 2048,
@@ -71,7 +33,7 @@ def llama_like(
     n_head_kv: int = 8,
     n_ff: int = 5632,
     n_vocab: int = 32000,
-    qtype: Q = Q.Q8_0,
+    qtype: str = Q.Q8_0,
     tied: bool = False,
 ) -> tuple[dict[str, Any], list[tuple[str, tuple[int, ...], Q]]]:
     """Metadata and tensor table of a Llama-shaped model (TinyLlama 1.1B's widths by default)
@@ -102,7 +64,7 @@ def llama_like(
     return kv, tensors
 
 
-needs_default_model = pytest.mark.skipif(not DEFAULT_MODEL.is_file(), reason=f"no default model at {DEFAULT_MODEL}")
+needs_default_model = pytest.mark.usefixtures("shared_state")  # installs the default model if it is missing
 
 
 @needs_default_model
@@ -273,16 +235,23 @@ def test_truncated_gguf_is_refused(tmp_path):
             read_model_facts(tmp_path / name)
 
 
-def test_the_format_numbers_written_out_are_the_gguf_packages():
-    """The daemon reads headers without importing `gguf` (and NumPy): its tables must be the package's."""
-    import gguf
-
+def test_the_format_numbers_written_out_are_ggmls_own(shared_state):
+    """The daemon reads headers with the format's numbers written out: each type's block and size
+    must be what the ggml library that loads the models says (asked in the llama.cpp environment)."""
     from supervisor.model_facts import _ggml_types as ggml
 
-    assert {v.name: int(v) for v in gguf.GGUFValueType} == {v.name: int(v) for v in ggml.ValueType}
-    assert {int(t): tuple(size) for t, size in gguf.GGML_QUANT_SIZES.items()} == ggml.QUANT_SIZES
-    assert {t.name: int(t) for t in gguf.GGMLQuantizationType} == ggml.TYPE_NAMES
-    assert {int(t): t.name for t in gguf.LlamaFileType} == ggml.FILE_TYPE_NAMES
+    code = (
+        "import ctypes, json, pathlib, llama_cpp; lib = ctypes.CDLL(str(pathlib.Path(llama_cpp.__file__).parent / 'lib' / 'libggml-base.so'));"
+        "lib.ggml_type_size.restype = ctypes.c_size_t; lib.ggml_blck_size.restype = ctypes.c_int64; lib.ggml_type_name.restype = ctypes.c_char_p;"
+        f"print(json.dumps({{t: [lib.ggml_blck_size(t), lib.ggml_type_size(t), lib.ggml_type_name(t).decode()] for t in {sorted(ggml.QUANT_SIZES)}}}))"
+    )
+    result = subprocess.run([str(shared_state["envs_dir"] / "llamacpp" / "bin" / "python"), "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    from_ggml = {int(t): v for t, v in json.loads(result.stdout.strip().splitlines()[-1]).items()}
+    names = {number: name for name, number in ggml.TYPE_NAMES.items()}
+    for number, (block, size) in ggml.QUANT_SIZES.items():
+        assert from_ggml[number][:2] == [block, size], (names[number], from_ggml[number])
+        assert from_ggml[number][2].upper() == names[number].upper(), (number, from_ggml[number])
 
 
 def test_reading_model_facts_imports_no_numpy():

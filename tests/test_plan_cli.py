@@ -2,20 +2,16 @@
 
 Two kinds of test.  In-process ones replace the model reader, the GPU probe and
 the estimator by the stand-ins of tests/plan_fixtures.py, so they pin what the
-command prints.  End-to-end ones run the real command on a tiny GGUF written
-with the ``gguf`` package; they need the real modules (supervisor.model_facts,
-supervisor.gpu_probe, supervisor.core.estimate) and skip where those are absent.
+command prints.  End-to-end ones run the real command (the real reader, probe
+and estimator) on a tiny GGUF written by tests/gguf_writer.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import json
 import re
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -23,6 +19,7 @@ import pytest
 from supervisor.cli import main
 
 from . import plan_fixtures as fx
+from .gguf_writer import write_gguf
 
 CLI = [sys.executable, "-m", "supervisor.cli"]
 HEADER = ("variant", "layers", "n_ctx", "cache", "needs GPU MiB", "needs RAM MiB", "free MiB", "fits")
@@ -126,47 +123,20 @@ def test_an_engine_with_nothing_to_run_exits_1(stand, tmp_path, capsys):
 # --- end to end: the real reader, probe and estimator --------------------------------------
 
 
-@pytest.fixture
-def real_modules() -> None:
-    for name in ("supervisor.model_facts", "supervisor.gpu_probe", "supervisor.core.estimate", "gguf"):
-        try:
-            importlib.import_module(name)
-        except ImportError as exc:
-            pytest.skip(f"{name} is not available here ({exc})")
-
-
 def write_tiny_gguf(path: Path) -> None:
-    """A 2-layer Llama with zero weights: enough for the reader (shapes, sizes, metadata)."""
-    import gguf
-    import numpy as np
-
+    """A 2-layer Llama (F32, data a hole): enough for the reader (shapes, sizes, metadata)."""
     embd, ffn, heads, kv_heads, vocab = 64, 128, 4, 2, 32
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(2)
-    writer.add_context_length(2048)
-    writer.add_embedding_length(embd)
-    writer.add_feed_forward_length(ffn)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
-    writer.add_rope_dimension_count(embd // heads)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_file_type(0)  # all F32
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list([f"t{i}".encode() for i in range(vocab)])
-    writer.add_token_scores([0.0] * vocab)
-    writer.add_token_types([1] * vocab)
-    kv = kv_heads * embd // heads
-    shapes = {"token_embd.weight": (vocab, embd), "output_norm.weight": (embd,), "output.weight": (vocab, embd)}
+    kv = {"llama.block_count": 2, "llama.context_length": 2048, "llama.embedding_length": embd, "llama.feed_forward_length": ffn,
+          "llama.attention.head_count": heads, "llama.attention.head_count_kv": kv_heads, "llama.rope.dimension_count": embd // heads,
+          "llama.attention.layer_norm_rms_epsilon": 1e-5, "general.file_type": 0, "tokenizer.ggml.model": "llama",
+          "tokenizer.ggml.tokens": [f"t{i}" for i in range(vocab)]}  # fmt: skip
+    kv_dim = kv_heads * embd // heads
+    shapes = {"token_embd.weight": (embd, vocab), "output_norm.weight": (embd,), "output.weight": (embd, vocab)}
     for i in range(2):
-        shapes |= {f"blk.{i}.attn_norm.weight": (embd,), f"blk.{i}.attn_q.weight": (embd, embd), f"blk.{i}.attn_k.weight": (kv, embd),
-                   f"blk.{i}.attn_v.weight": (kv, embd), f"blk.{i}.attn_output.weight": (embd, embd), f"blk.{i}.ffn_norm.weight": (embd,),
-                   f"blk.{i}.ffn_gate.weight": (ffn, embd), f"blk.{i}.ffn_up.weight": (ffn, embd), f"blk.{i}.ffn_down.weight": (embd, ffn)}  # fmt: skip
-    for name, shape in shapes.items():
-        writer.add_tensor(name, np.zeros(shape, dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+        shapes |= {f"blk.{i}.attn_norm.weight": (embd,), f"blk.{i}.attn_q.weight": (embd, embd), f"blk.{i}.attn_k.weight": (embd, kv_dim),
+                   f"blk.{i}.attn_v.weight": (embd, kv_dim), f"blk.{i}.attn_output.weight": (embd, embd), f"blk.{i}.ffn_norm.weight": (embd,),
+                   f"blk.{i}.ffn_gate.weight": (embd, ffn), f"blk.{i}.ffn_up.weight": (embd, ffn), f"blk.{i}.ffn_down.weight": (ffn, embd)}  # fmt: skip
+    write_gguf(path, "llama", kv, [(name, dims, "F32") for name, dims in shapes.items()])
 
 
 def real_config(tmp_path: Path) -> list[str]:
@@ -175,7 +145,7 @@ def real_config(tmp_path: Path) -> list[str]:
     return configure(tmp_path, f'[engines.tiny]\nkind = "llamacpp"\nn_ctx = 1024\nn_gpu_layers = "auto"\nmodel = "{model}"\n')
 
 
-def test_real_plan_json_and_text_on_an_8gb_card(real_modules, tmp_path):
+def test_real_plan_json_and_text_on_an_8gb_card(tmp_path):
     argv = [*CLI, *real_config(tmp_path), "plan", "--gpu-memory", "8192"]
     result = subprocess.run([*argv, "--json"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
@@ -190,7 +160,7 @@ def test_real_plan_json_and_text_on_an_8gb_card(real_modules, tmp_path):
     assert "chosen: tiny.gguf, all layers, n_ctx 1024, f16 KV cache, on GPU 0 because" in text.stdout
 
 
-def test_real_plan_without_a_gpu_plans_the_cpu_and_says_why(real_modules, tmp_path):
+def test_real_plan_without_a_gpu_plans_the_cpu_and_says_why(tmp_path):
     from supervisor.gpu_probe import probe
 
     found = probe()

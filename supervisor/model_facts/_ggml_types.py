@@ -1,8 +1,9 @@
-"""The GGUF format's numbers the header reader needs, as the `gguf` package
-(0.19.0) defines them.  Written out here so that the daemon's process, which
-reads model facts before every start, never imports the `gguf` package and
-with it NumPy (the daemon keeps no engine stack; tests/test_isolation.py).
-tests/test_model_facts.py checks every entry against the package."""
+"""The GGUF format's numbers the header reader needs: value types, and each
+ggml tensor type's block and size.  Written out here (from the `gguf` package,
+0.19.0) so that the daemon's environment needs neither that package nor the
+NumPy it brings (the daemon keeps no engine stack: tests/test_isolation.py).
+tests/test_model_facts.py checks the tensor types against the ggml library
+that loads the models."""
 
 from enum import IntEnum
 
@@ -32,7 +33,7 @@ QUANT_SIZES: dict[int, tuple[int, int]] = {
     6: (32, 22),  # Q5_0
     7: (32, 24),  # Q5_1
     8: (32, 34),  # Q8_0
-    9: (32, 40),  # Q8_1
+    9: (32, 36),  # Q8_1 (the gguf package says 40; ggml itself, which loads the files, 36)
     10: (256, 84),  # Q2_K
     11: (256, 110),  # Q3_K
     12: (256, 144),  # Q4_K
