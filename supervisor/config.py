@@ -57,7 +57,7 @@ class EngineConfig(BaseModel):
     model: Path | Annotated[list[Path], Field(min_length=1)] | None = Field(None, description="model path, or a list of them (variants, best first); unset: the default model")
     n_ctx: int = Field(2048, gt=0, le=1 << 20)
     n_threads: int | None = Field(None, gt=0, le=1024)
-    n_gpu_layers: Annotated[int, Field(ge=-1)] | Literal["auto"] = Field(0, description='layers on the GPU; -1 all; "auto": planned')
+    n_gpu_layers: Annotated[int, Field(ge=-1)] | Literal["auto"] = Field("auto", description='layers on the GPU; -1 all; "auto": planned')
     cache_type: CacheType = Field("f16", description="KV cache type the planner tries first")
     cache_types_allowed: list[CacheType] = Field(default_factory=list, description="smaller KV cache types the planner may step down to")
     chat_format: str | None = None

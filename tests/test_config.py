@@ -85,7 +85,7 @@ def test_example_config_is_valid():
     example = Path(__file__).resolve().parent.parent / "config" / "node-supervisor.example.toml"
     settings = load_settings(example)
     # The file's table replaces the defaults: only its one engine, with its values.
-    assert settings.engines == {"llama": EngineConfig(kind="llamacpp", n_ctx=2048, n_gpu_layers=0, priority=10, max_queue=16)}
+    assert settings.engines == {"llama": EngineConfig(kind="llamacpp", n_ctx=2048, n_gpu_layers="auto", priority=10, max_queue=16)}
     assert (settings.log_level, settings.heartbeat_interval_s, settings.shutdown_grace_s) == ("info", 1.0, 5.0)
 
 
@@ -153,7 +153,9 @@ def test_gpu_table_model_variants_auto_layers_and_cache_types(tmp_path):
     assert model_variants_for(settings, b) == [Path("/m/one.gguf")] == [model_path_for(settings, b)] and b.n_gpu_layers == 20
     assert (b.cache_type, b.cache_types_allowed) == ("f16", [])
     assert model_variants_for(settings, EngineConfig(kind="exllamav2")) == [settings.models_dir / "exl2"]
-    assert not EngineConfig(kind="llamacpp").uses_gpu and EngineConfig(kind="llamacpp", n_gpu_layers=-1).uses_gpu
+    # "auto" (the default) may use the GPU; the plan in force decides (core.engines.EngineState.uses_gpu).
+    assert EngineConfig(kind="llamacpp").n_gpu_layers == "auto" and EngineConfig(kind="llamacpp").uses_gpu
+    assert not EngineConfig(kind="llamacpp", n_gpu_layers=0).uses_gpu and EngineConfig(kind="llamacpp", n_gpu_layers=-1).uses_gpu
 
 
 def test_gpu_and_variant_keys_from_the_environment(monkeypatch):

@@ -220,3 +220,17 @@ def test_llama_cpp_debug_lines_stay_out_of_the_log(llama_daemon):
     relayed = [line for line in llama_daemon.log_text().splitlines() if '"worker.output"' in line and f'"{worker_id}"' in line]
     assert 0 < len(relayed) < 400, len(relayed)
     assert not any("llama_graph_n_input_tensors" in line for line in relayed)  # a debug line, 558 times per load
+
+
+def test_an_auto_engine_is_planned_for_the_cpu_here_and_says_why(llama_daemon):
+    """n_gpu_layers is "auto" by default: on a machine without a usable GPU the plan in force is the CPU, with the probe's reason."""
+    status = llama_daemon.status()
+    assert status["gpu"]["devices"] == [] and status["gpu"]["reason"], status["gpu"]
+    engine = next(e for e in status["engines"] if e["name"] == "llama")
+    plan = engine["plan"]
+    assert plan is not None and plan["chosen"]["n_gpu_layers"] == 0 and plan["chosen"]["n_ctx"] == 2048, plan
+    assert any(status["gpu"]["reason"] in reason for reason in plan["reasons"]), plan["reasons"]
+    worker = engine["workers"][0]
+    assert worker["gpu_memory_bytes"] is None and worker["model"]["n_gpu_layers"] == 0
+    planned = [line for line in llama_daemon.log_text().splitlines() if '"load planned"' in line and '"llama"' in line]
+    assert len(planned) == 1, planned
