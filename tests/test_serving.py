@@ -190,6 +190,7 @@ def test_status_command_shows_the_worker_ready(llama_daemon):
     assert result.returncode == 0, result.stderr
     assert "engine llama (llamacpp, priority 10, warm): ready" in result.stdout
     assert "worker llama.1: ready" in result.stdout
+    assert "plan: gemma-3-270m-q4_k_m.gguf on CPU, n_ctx 2048, f16 KV cache" in result.stdout
 
 
 def test_generate_command_streams_text(llama_daemon):

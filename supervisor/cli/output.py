@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 
@@ -22,6 +23,11 @@ def format_status(reply: dict[str, Any]) -> str:
             + (f" - {engine['reason']}" if engine["reason"] else "")
         )
         lines.append(f"  model {engine['model']}")
+        chosen = (engine.get("plan") or {}).get("chosen")
+        if chosen:
+            where = f"GPU {chosen['device']}, {chosen['layers']} layers" if chosen["n_gpu_layers"] else "CPU"
+            lines.append(f"  plan: {Path(chosen['path']).name} on {where}, n_ctx {chosen['n_ctx']}, {chosen['cache_type']} KV cache")
+        lines += [f"  warning: {warning}" for warning in engine.get("warnings", [])]
         lines.append(
             f"  queue {engine['queue_depth']}/{engine['max_queue']}  in flight {engine['in_flight']}  served {engine['served']}  failed {engine['failed']}"
         )
@@ -31,6 +37,8 @@ def format_status(reply: dict[str, Any]) -> str:
         )
         for worker in engine["workers"]:
             rss = f"{worker['rss_bytes'] / 2**20:.0f} MiB" if worker["rss_bytes"] else "-"
+            if worker.get("gpu_memory_bytes"):
+                rss += f"  gpu {worker['gpu_memory_bytes'] / 2**20:.0f} MiB"
             lines.append(
                 f"  worker {worker['id'] or '-'}: {worker['state']}  pid {worker['pid'] or '-'}  rss {rss}  uptime {worker['uptime_s'] or '-'}s  restarts {worker['restarts']}"
             )

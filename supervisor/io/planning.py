@@ -24,7 +24,7 @@ from ..models import model_variants_for
 
 ESTIMATORS = Estimators(llamacpp=estimate_llamacpp, exl2=estimate_exl2)
 PLANNED_KINDS = ("llamacpp", "exllamav2")  # engines whose models have facts to plan with
-STATUS_SNAPSHOT_AGE_S = 2.0  # status may show a probe this old: NVML is cheap, but not free per status call
+STATUS_SNAPSHOT_AGE_S = 1.0  # status may show a probe this old: NVML is cheap, but not free per status call
 
 
 class Planning:
@@ -36,8 +36,11 @@ class Planning:
         self._snapshot_at = float("-inf")
 
     def snapshot(self, max_age_s: float = 0.0) -> GpuSnapshot:
-        """The GPUs now (or as seen at most ``max_age_s`` ago)."""
+        """The GPUs now, or, for status, as seen by status at most ``max_age_s`` ago (a plan's
+        snapshot is never reused: it was taken before the worker it planned for had loaded)."""
         now = time.monotonic()
+        if max_age_s <= 0:
+            return self._probe()
         if self._snapshot is None or now - self._snapshot_at > max_age_s:
             self._snapshot, self._snapshot_at = self._probe(), now
         return self._snapshot
