@@ -187,9 +187,7 @@ p.ftype, p.nthread, p.allow_requantize = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, 2, T
 sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))
 """
 
-needs_llamacpp = pytest.mark.skipif(
-    not (LLAMA_PYTHON.exists() and DEFAULT_MODEL.is_file()), reason=f"no llamacpp environment or model in {TEST_STATE}"
-)
+needs_llamacpp = pytest.mark.usefixtures("shared_state")  # the llama.cpp environment and the default model, made if missing
 
 
 def reported(model: Path, n_ctx: int) -> dict[str, float]:
@@ -206,7 +204,7 @@ def reported(model: Path, n_ctx: int) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def q8_model(tmp_path_factory) -> Path:
+def q8_model(tmp_path_factory, shared_state) -> Path:
     """The default model requantized to Q8_0 by llama.cpp's own quantizer."""
     out = tmp_path_factory.mktemp("q8") / "gemma-3-270m-q8_0.gguf"
     proc = subprocess.run(
