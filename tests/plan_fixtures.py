@@ -2,71 +2,19 @@
 simple memory estimate, so the tests do not depend on the real estimator's
 calibration (core/estimate.py has its own tests against llama.cpp's figures).
 
-The GPU and model-facts types come from their modules when those are there;
-until then these stand-ins, with the same fields, take their place.
+The GPU, model-facts and estimate types are the real ones.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 MIB = 1 << 20
 GIB = 1 << 30
 
-try:
-    from supervisor.gpu_probe import GpuDevice, GpuProcess, GpuSnapshot
-except ImportError:  # the probe is built on another branch
-
-    @dataclass(frozen=True)
-    class GpuProcess:  # type: ignore[no-redef]
-        pid: int
-        used_bytes: int | None
-
-    @dataclass(frozen=True)
-    class GpuDevice:  # type: ignore[no-redef]
-        index: int
-        name: str
-        uuid: str
-        total_bytes: int
-        free_bytes: int
-        used_bytes: int
-        processes: tuple[GpuProcess, ...]
-
-    @dataclass(frozen=True)
-    class GpuSnapshot:  # type: ignore[no-redef]
-        devices: tuple[GpuDevice, ...]
-        driver_version: str | None
-        cuda_version: str | None
-        reason: str
-
-
-try:
-    from supervisor.model_facts import ModelFacts
-except ImportError:  # the reader is built on another branch
-
-    @dataclass(frozen=True)
-    class ModelFacts:  # type: ignore[no-redef]
-        path: str
-        format: str
-        architecture: str
-        n_layer: int
-        n_embd: int
-        n_head: int
-        n_head_kv: int
-        head_dim_k: int
-        head_dim_v: int
-        n_ctx_train: int
-        n_vocab: int
-        sliding_window: int | None
-        swa_layers: int
-        file_type: str | None
-        file_bytes: int
-        layer_bytes: tuple[int, ...]
-        token_embd_bytes: int
-        output_bytes: int
-        other_bytes: int
-        bits: float | None = None
-        head_bits: int | None = None
+from supervisor.core.estimate import MemoryEstimate as Estimate
+from supervisor.gpu_probe import GpuDevice, GpuProcess, GpuSnapshot
+from supervisor.model_facts import ModelFacts
 
 
 def device(index: int, total_mib: int, neighbours_mib: int = 0, own: dict[int, int] | None = None, name: str = "NVIDIA GeForce RTX") -> GpuDevice:
@@ -109,24 +57,6 @@ QWEN_3B = (Q6_K, Q4_K_M, Q3_K_M)
 QWEN_7B = gguf("qwen2.5-7b-instruct-q4_k_m.gguf", 4680, n_layer=28, n_embd=3584, n_head=28, n_head_kv=4, n_vocab=152064)
 
 KV_BYTES_PER_VALUE = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "fp16": 2.0, "q8": 34 / 32, "q4": 18 / 32}
-
-
-@dataclass(frozen=True)
-class Estimate:
-    weights_gpu: int
-    weights_cpu: int
-    kv_gpu: int
-    kv_cpu: int
-    compute_gpu: int
-    compute_cpu: int
-
-    @property
-    def gpu_bytes(self) -> int:
-        return self.weights_gpu + self.kv_gpu + self.compute_gpu
-
-    @property
-    def ram_bytes(self) -> int:
-        return self.weights_cpu + self.kv_cpu + self.compute_cpu
 
 
 def kv_bytes(facts: ModelFacts, n_ctx: int, cache_type: str, layers: int) -> int:

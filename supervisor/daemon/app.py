@@ -223,7 +223,11 @@ class Daemon:
         return cpu_only_build_on_gpu_node(versions, self.planning.snapshot(STATUS_SNAPSHOT_AGE_S))
 
     def plan_load(self, engine: str, previous: Any, after_oom: bool) -> Any:
-        return self.planning.plan_load(self.engines[engine], previous, after_oom, self._own_pids(engine))
+        try:
+            return self.planning.plan_load(self.engines[engine], previous, after_oom, self._own_pids(engine))
+        except Exception:  # a planning bug must not keep an engine from starting: it loads as configured
+            log.exception("planning failed; loading as configured", engine=engine)
+            return None
 
     def _own_pids(self, engine: str) -> frozenset[int]:
         """The engine's worker processes still alive (a restart reuses their GPU memory once they exit)."""
