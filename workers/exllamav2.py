@@ -94,7 +94,8 @@ class ExLlamaV2Engine:
         if not (model_dir / "config.json").is_file():
             raise ModelError(f"not an EXL2 model directory (no config.json): {model_dir}")
         options = dict(spec.get("options") or {})
-        cache_type = str(options.get("cache_type", "fp16"))
+        # The option names ExLlamaV2's own type; the spec's (the plan's) uses llama.cpp's names.
+        cache_type = str(options.get("cache_type") or {"q8_0": "q8", "q4_0": "q4"}.get(spec.get("cache_type") or "", "fp16"))
         if cache_type not in CACHE_TYPES:
             raise ModelError(f"cache_type {cache_type!r} is not one of {', '.join(CACHE_TYPES)}")
         # Round up to whole cache pages rather than refuse an n_ctx like 2000.
