@@ -36,7 +36,7 @@ from ..io.transport import bind_socket
 from ..io.worker_link import WorkerLink
 from ..io.worker_process import WorkerProcess, worker_command
 from ..logs import get_logger
-from ..models import model_path_for
+from ..models import model_path_for, model_variants_for
 from .status import daemon_status
 
 log = get_logger("supervisor.daemon")
@@ -96,7 +96,7 @@ class Daemon:
         engine = EngineState(name, config, str(model), self.settings.supervision, self._on_transition)
         if not env_is_current(self.settings, config.env_name, config.kind):
             engine.hard_failure = (ErrorCode.ENGINE_UNAVAILABLE, f"environment {config.env_name!r} is missing or stale; run: node-supervisor envs create {config.env_name}")
-        elif config.kind == "llamacpp" and not model.exists():
+        elif config.kind == "llamacpp" and not any(path.exists() for path in model_variants_for(self.settings, config)):
             # The circuit's probe looks again later: the file may appear.
             engine.breaker.trip(time.monotonic(), ErrorCode.MODEL_NOT_FOUND, f"model file not found: {model}")
         return engine
