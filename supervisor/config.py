@@ -148,6 +148,7 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(1 << 20, ge=1024, le=64 << 20)
     max_tokens_limit: int = Field(8192, gt=0)
     create_envs: bool = True
+    systemd_ready: Literal["serving", "bound"] = Field("serving", description="READY=1 once an engine can generate, or once the client socket is bound")
     pip_args: list[str] = Field(default_factory=list, description="extra arguments for pip when creating environments")
     llama_cuda: Literal["auto", "on", "off"] = Field("auto", description="llama.cpp with CUDA; auto: when an NVIDIA driver and nvcc are present")
     envs: dict[str, EnvConfig] = Field(default_factory=dict, description="per-environment build options")

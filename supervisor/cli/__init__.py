@@ -39,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     ping = commands.add_parser("ping", help="check that the daemon answers")
     ping.add_argument("--timeout", type=float, default=CONNECT_TIMEOUT_S)
     _add_plan(commands.add_parser("plan", help="what each engine would get on this node's GPU, and why (starts nothing)"))
+    service = commands.add_parser("install-service", help="write the systemd unit for this checkout and print the systemctl commands")
+    service.add_argument("--dry-run", action="store_true", help="print the unit instead of writing it")
+    service.add_argument("--user", help="the user the daemon runs as (default: the current user)")
+    service.add_argument("--unit-dir", default="/etc/systemd/system")
+    service.add_argument("--unit-config", default="/etc/node-supervisor/config.toml", help="the config file the unit passes to the daemon")
     envs = commands.add_parser("envs", help="per-engine virtual environments")
     env_commands = envs.add_subparsers(dest="envs_command", required=True)
     for name, text in (("create", "create or update environments"), ("check", "report what each environment has")):
@@ -122,8 +127,14 @@ def _client(settings: Settings, args: argparse.Namespace) -> int:
     return client_command(settings, args)
 
 
+def _install_service(settings: Settings, args: argparse.Namespace) -> int:
+    from .service_command import install_service
+
+    return install_service(args)
+
+
 # One entry per command; each command's code lives in its own module.
-COMMANDS = {"run": _run, "envs": _envs, "events": _events, "plan": _plan, "generate": _client, "status": _client, "ping": _client}
+COMMANDS = {"run": _run, "envs": _envs, "events": _events, "plan": _plan, "generate": _client, "status": _client, "ping": _client, "install-service": _install_service}
 
 
 def _settings(args: argparse.Namespace) -> Settings:

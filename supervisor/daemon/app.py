@@ -31,12 +31,14 @@ from ..envs import env_dir, env_is_current, env_python, worker_environ
 from ..io.client_front import ClientFront
 from ..io.events import EventPublisher
 from ..io.planning import STATUS_SNAPSHOT_AGE_S, Planning
+from ..io.sd_notify import Notifier
 from ..gpu_probe import cpu_only_build_on_gpu_node
 from ..io.transport import bind_socket
 from ..io.worker_link import WorkerLink
 from ..io.worker_process import WorkerProcess, worker_command
 from ..logs import get_logger
 from ..models import model_path_for, model_variants_for
+from .notices import ServiceNotices
 from .status import daemon_status
 
 log = get_logger("supervisor.daemon")
@@ -55,6 +57,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._environ = worker_environ(settings)
         self.planning = Planning(settings)
+        self.notices = ServiceNotices(self, Notifier())
         self._bind()
         supervision = settings.supervision
         self.engines = Engines({name: self._engine(name) for name in settings.engines}, self)
@@ -134,12 +137,14 @@ class Daemon:
     def _tick(self) -> None:
         try:
             self.supervisor.tick(time.monotonic())
+            self.notices.tick(time.monotonic())
         except Exception:  # a bug must not stop supervision
             log.exception("internal error in the supervisor's tick")
 
     async def _shutdown(self) -> None:
         """Queued requests end at once, running ones get the grace period, then workers are stopped."""
         self.engines.stopping = True
+        self.notices.stopping()
         now = time.monotonic()
         for engine in self.engines:
             while engine.queue:

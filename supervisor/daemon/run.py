@@ -13,12 +13,14 @@ from workers.protocol import ExitCode
 
 from ..config import Settings
 from ..envs import EnvError, create_env, env_is_current
+from ..io.sd_notify import Notifier
 from ..io.transport import BindError
 from ..logs import get_logger, setup_logging
 from ..models import ensure_default_model
 from . import preflight
 
 log = get_logger("supervisor.daemon")
+ENV_BUILD_EXTENSION_S = 600.0  # each line of a build pushes systemd's start timeout this far ahead
 
 def run_daemon(settings: Settings, create_envs: bool) -> int:
     if (code := preflight.check_before_logging(settings)) is not None:
@@ -32,7 +34,7 @@ def run_daemon(settings: Settings, create_envs: bool) -> int:
         return code
     log.info("daemon starting", pid=os.getpid(), log_file=str(log_file), state_dir=str(settings.state_dir))
     try:
-        prepare(settings, create_envs)
+        prepare(settings, create_envs, Notifier())
     except EnvError as exc:
         log.error("preparation failed", error=str(exc))
         return ExitCode.UNAVAILABLE
@@ -45,12 +47,13 @@ def run_daemon(settings: Settings, create_envs: bool) -> int:
     return 0
 
 
-def prepare(settings: Settings, create_envs: bool) -> None:
+def prepare(settings: Settings, create_envs: bool, notifier: Notifier | None = None) -> None:
     """Environments and the default model, created if missing (pip's output goes to the log line by line).
 
     An engine whose environment is still missing afterwards is reported by
     the node as unavailable; the other engines serve.
     """
+    notifier = notifier or Notifier({})
     kinds = {config.env_name: config.kind for config in settings.engines.values()}
     for name, kind in kinds.items():
         if env_is_current(settings, name, kind):
@@ -59,9 +62,12 @@ def prepare(settings: Settings, create_envs: bool) -> None:
             log.warning("environment missing; not creating it (--no-create-envs)", env=name)
             continue
         pip_log = get_logger(f"envs.{name}")
-        create_env(settings, name, kind, lambda line: pip_log.info(line))
+        # Under systemd: a build (llama.cpp compiles for minutes) must not count as a start that hangs.
+        notifier.send(f"EXTEND_TIMEOUT_USEC={int(ENV_BUILD_EXTENSION_S * 1e6)}", f"STATUS=building the {name} environment")
+        create_env(settings, name, kind, lambda line: (pip_log.info(line), notifier.extend_timeout(ENV_BUILD_EXTENSION_S)))
     if any(config.model is None and config.kind == "llamacpp" for config in settings.engines.values()):
         model_log = get_logger("models")
+        notifier.send(f"EXTEND_TIMEOUT_USEC={int(ENV_BUILD_EXTENSION_S * 1e6)}", "STATUS=installing the default model")
         ensure_default_model(settings, lambda line: model_log.info(line))
 
 
