@@ -25,7 +25,6 @@ After=network.target
 Type=notify
 NotifyAccess=main
 ExecStart={exec_start} --config {config} --state-dir {state_dir} --data-dir {state_dir}/data run
-ExecReload=/bin/kill -HUP $MAINPID
 User={user}
 # READY=1 comes once an engine can generate; environment builds and model loads extend the start.
 TimeoutStartSec=300
