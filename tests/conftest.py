@@ -83,7 +83,11 @@ class Daemon:
 
     def start(self, wait_ready: bool = True, timeout: float = 120.0) -> "Daemon":
         output = open(self.output_path, "wb")
-        self.process = subprocess.Popen([*CLI, "--config", str(self.config_path), "run"], stdout=output, stderr=subprocess.STDOUT)
+        # A test daemon never talks to the service manager the tests may run under; only to a test's own listener.
+        environ = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+        if os.environ.get("NOTIFY_SOCKET", "").startswith("@ns-test-"):
+            environ.update({k: os.environ[k] for k in ("NOTIFY_SOCKET", "WATCHDOG_USEC") if k in os.environ})
+        self.process = subprocess.Popen([*CLI, "--config", str(self.config_path), "run"], stdout=output, stderr=subprocess.STDOUT, env=environ)
         if wait_ready:
             self.wait_for(lambda s: all(e["state"] == "ready" or e["state"] in ("model_not_found", "engine_unavailable", "failed") for e in s["engines"]), timeout)
         return self
