@@ -70,10 +70,6 @@ class RecordingEffects:
 
     # --- reading what happened ---------------------------------------------------
 
-    def take(self) -> list[tuple[str, Any]]:
-        calls, self.calls = self.calls, []
-        return calls
-
     def named(self, name: str) -> list[Any]:
         return [details for kind, details in self.calls if kind == name]
 

@@ -36,7 +36,9 @@ def plan_command(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     snapshot = _snapshot(args.gpu_memory)
     own_pids = {} if args.gpu_memory else _daemon_worker_pids(settings)
-    skipped = {name: "the fake engine has no model" for name, config in engines.items() if config.kind == "fake"}
+    from ..io.planning import PLANNED_KINDS
+
+    skipped = {name: f"the {config.kind} engine has no model" for name, config in engines.items() if config.kind not in PLANNED_KINDS}
     requests = [_request(settings, name, config, own_pids.get(name, frozenset())) for name, config in engines.items() if name not in skipped]
     estimators = Estimators(llamacpp=estimate_llamacpp, exl2=estimate_exl2)
     policy = GpuPolicy.from_config(settings.gpu, args.reserve)

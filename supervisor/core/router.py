@@ -179,11 +179,8 @@ class Router:
         request = self.requests.get((b"".join(envelope), target))
         if request is None:
             return False
-        engine = self.engines[request.engine]
-        if engine.remove(request):
+        if self._withdraw(request):
             self.done(request, p.FINISH_CANCELLED, {"prompt_tokens": 0, "completion_tokens": 0}, {}, now)
-        else:
-            self._stop_on_worker(engine, request)
         return True
 
     def expire(self, now: float) -> None:
@@ -192,22 +189,26 @@ class Router:
             deadline_at = generation.deadline_at
             if deadline_at is None or now < deadline_at or generation.finished:
                 continue
-            engine = self.engines[generation.engine]
-            self.fail(generation, ErrorCode.DEADLINE, f"deadline of {generation.params.deadline_ms} ms passed", now)
-            if not engine.remove(generation):
-                self._stop_on_worker(engine, generation)
+            self._deadline_passed(generation, now)
+            self._withdraw(generation)
 
     def client_gone(self, client: bytes, now: float) -> None:
         """Nobody will read the answers: end the client's requests and stop spending compute on them."""
         for request in [r for r in self.requests.values() if r.client == client]:
             self.fail(request, CLIENT_GONE, "the client disconnected or fell too far behind", now, reply=False)
-            engine = self.engines[request.engine]
-            if not engine.remove(request):
-                self._stop_on_worker(engine, request)
+            self._withdraw(request)
 
-    def _stop_on_worker(self, engine: EngineState, generation: Generation) -> None:
+    def _withdraw(self, generation: Generation) -> bool:
+        """Take a generation out of its engine's queue (True), or tell the worker running it to stop."""
+        engine = self.engines[generation.engine]
+        if engine.remove(generation):
+            return True
         if engine.worker.current is generation:
             self.effects.send_worker(engine.worker.worker_id, {"type": p.S_CANCEL, "request_id": generation.wire_id})
+        return False
+
+    def _deadline_passed(self, generation: Generation, now: float) -> None:
+        self.fail(generation, ErrorCode.DEADLINE, f"deadline of {generation.params.deadline_ms} ms passed", now)
 
     # --- what the worker sends back -------------------------------------------------
 
@@ -243,7 +244,7 @@ class Router:
         deadline_at = generation.deadline_at
         if deadline_at is not None and now >= deadline_at:
             # The worker stops at the deadline too; its "cancelled" must not win over the daemon's verdict.
-            self.fail(generation, ErrorCode.DEADLINE, f"deadline of {generation.params.deadline_ms} ms passed", now)
+            self._deadline_passed(generation, now)
         if message.get("type") == p.W_DONE:
             if not generation.finished and generation.first_token_at is not None:
                 engine.latency.record(now, generation.engine_ttft_ms(), (now - generation.first_token_at) * 1000, generation.tokens)

@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, Callable
 
 from workers.protocol import ExitCode
 
@@ -61,14 +61,23 @@ def prepare(settings: Settings, create_envs: bool, notifier: Notifier | None = N
         if not create_envs:
             log.warning("environment missing; not creating it (--no-create-envs)", env=name)
             continue
-        pip_log = get_logger(f"envs.{name}")
         # Under systemd: a build (llama.cpp compiles for minutes) must not count as a start that hangs.
         notifier.send(f"EXTEND_TIMEOUT_USEC={int(ENV_BUILD_EXTENSION_S * 1e6)}", f"STATUS=building the {name} environment")
-        create_env(settings, name, kind, lambda line: (pip_log.info(line), notifier.extend_timeout(ENV_BUILD_EXTENSION_S)))
+        create_env(settings, name, kind, _build_line_logger(get_logger(f"envs.{name}"), notifier))
     if any(config.model is None and config.kind == "llamacpp" for config in settings.engines.values()):
         model_log = get_logger("models")
         notifier.send(f"EXTEND_TIMEOUT_USEC={int(ENV_BUILD_EXTENSION_S * 1e6)}", "STATUS=installing the default model")
         ensure_default_model(settings, lambda line: model_log.info(line))
+
+
+def _build_line_logger(pip_log: Any, notifier: Notifier) -> Callable[[str], None]:
+    """Each line of a build goes to the log, and keeps systemd waiting for the start a while longer."""
+
+    def on_line(line: str) -> None:
+        pip_log.info(line)
+        notifier.extend_timeout(ENV_BUILD_EXTENSION_S)
+
+    return on_line
 
 
 async def _serve(settings: Settings) -> None:
