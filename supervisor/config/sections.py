@@ -1,0 +1,88 @@
+"""The tables inside the settings: one engine, supervision, GPU planning, one environment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ENGINE_KINDS = ("llamacpp", "exllamav2", "fake")
+# KV cache types, largest first (llama.cpp's names; the planner maps them for ExLlamaV2).
+KV_CACHE_TYPES = ("f16", "q8_0", "q4_0")
+CacheType = Literal["f16", "q8_0", "q4_0"]
+
+
+class EngineConfig(BaseModel):
+    """One named engine instance: ``[engines.<name>]``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["llamacpp", "exllamav2", "fake"]
+    model: Path | Annotated[list[Path], Field(min_length=1)] | None = Field(None, description="model path, or a list of them (variants, best first); unset: the default model")
+    n_ctx: int = Field(2048, gt=0, le=1 << 20)
+    n_threads: int | None = Field(None, gt=0, le=1024)
+    n_gpu_layers: Annotated[int, Field(ge=-1)] | Literal["auto"] = Field("auto", description='layers on the GPU; -1 all; "auto": planned')
+    cache_type: CacheType = Field("f16", description="KV cache type the planner tries first")
+    cache_types_allowed: list[CacheType] = Field(default_factory=list, description="smaller KV cache types the planner may step down to")
+    chat_format: str | None = None
+    priority: int = Field(100, description="lower is preferred when a request names no engine")
+    standby: Literal["warm", "cold"] = Field("warm", description="warm: started with the daemon; cold: started when traffic needs it")
+    slo_ttft_ms: float | None = Field(None, gt=0, description="p95 time to first token objective")
+    slo_per_token_ms: float | None = Field(None, gt=0, description="p95 per-token time objective")
+    max_queue: int = Field(16, ge=0, le=100_000)
+    env: str | None = Field(None, description="name of the virtual environment; default: the kind")
+    options: dict[str, Any] = Field(default_factory=dict, description="passed through to the engine")
+
+    @property
+    def env_name(self) -> str:
+        return self.env or self.kind
+
+    @property
+    def uses_gpu(self) -> bool:
+        """May it hold GPU memory ("auto" may)?  Such engines never load at the same time."""
+        return self.kind == "exllamav2" or self.n_gpu_layers != 0
+
+
+class SupervisionConfig(BaseModel):
+    """``[supervision]``: restarts, hang detection, circuit breaker, probes, latency switching."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    restart_backoff_base_s: float = Field(1.0, gt=0)
+    restart_backoff_cap_s: float = Field(30.0, gt=0)
+    stable_after_s: float = Field(60.0, ge=0, description="healthy this long: the backoff starts over")
+    hang_missed_heartbeats: int = Field(3, ge=2, le=100)
+    stall_timeout_s: float = Field(30.0, gt=0, description="a request in flight with no token for this long: hang")
+    load_stall_s: float = Field(120.0, gt=0, description="loading with no progress report for this long: hang")
+    kill_grace_s: float = Field(2.0, ge=0, description="between SIGTERM and SIGKILL for a hung worker")
+    circuit_failures: int = Field(3, ge=1)
+    circuit_window_s: float = Field(60.0, gt=0)
+    circuit_open_s: float = Field(30.0, gt=0, description="time before the half-open probe")
+    probe_interval_s: float = Field(30.0, ge=0, description="idle workers get a one-token probe this often; 0: never")
+    probe_timeout_s: float = Field(10.0, gt=0)
+    latency_window_s: float = Field(60.0, gt=0)
+    latency_min_samples: int = Field(3, ge=1)
+    latency_hysteresis: float = Field(0.8, gt=0, le=1, description="recovered: p95 under objective x this")
+    switch_breach_for_s: float = Field(10.0, ge=0)
+    switch_min_dwell_s: float = Field(30.0, ge=0)
+
+
+class GpuConfig(BaseModel):
+    """``[gpu]``: how much of each GPU the planner may use; the node shares it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reserve_mib: int = Field(0, ge=0, description="held back on every device for the node's other services")
+    reserve_percent: float = Field(0.0, ge=0, lt=100, description="this share of each device's total is left free, too")
+    safety_margin: float = Field(0.10, ge=0, le=1, description="added to every estimate: 0.10 plans 10 % more than estimated")
+    cuda_overhead_mib: int = Field(600, ge=0, description="CUDA context and allocator slack per process on a device")
+    min_ctx: int = Field(512, gt=0, description="the planner never shrinks a context below this")
+
+
+class EnvConfig(BaseModel):
+    """``[envs.<name>]``: how one engine environment is built (by environment name)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    system_site_packages: bool = Field(False, description="see the node's own packages: a CUDA torch there is used, not installed again")
