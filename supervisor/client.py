@@ -103,6 +103,10 @@ class Client:
     def status(self) -> dict[str, Any]:
         return self.receive(self.send({"op": p.OP_STATUS}))
 
+    def reload(self) -> dict[str, Any]:
+        """The daemon reads its configuration again: a "reloaded" event, or an "error" (invalid_config)."""
+        return self.receive(self.send({"op": p.OP_RELOAD}))
+
     def ping(self) -> dict[str, Any]:
         return self.receive(self.send({"op": p.OP_PING}))
 

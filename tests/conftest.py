@@ -63,10 +63,20 @@ class Daemon:
         # Short paths: ipc socket paths are limited to about 100 characters.
         self.state_dir = Path(tempfile.mkdtemp(prefix="ns-"))
         self.config_path = self.state_dir / "config.toml"
+        self.shared = shared
+        self.write_config(engines, **settings)
+        self.endpoint = f"ipc://{self.state_dir}/run/client.sock"
+        self.output_path = self.state_dir / "daemon.out"
+        self.process: subprocess.Popen[bytes] | None = None
+        self._clients: list[Client] = []
+        self.worker_pids: set[int] = set()
+
+    def write_config(self, engines: dict[str, dict[str, Any]], **settings: Any) -> None:
+        """The daemon's config file (again, for a reload)."""
         lines = [
             f"state_dir = {toml_value(self.state_dir)}",
-            f"data_dir = {toml_value(shared['data_dir'])}",
-            f"envs_dir = {toml_value(shared['envs_dir'])}",
+            f"data_dir = {toml_value(self.shared['data_dir'])}",
+            f"envs_dir = {toml_value(self.shared['envs_dir'])}",
             'log_format = "json"',
             "create_envs = false",
         ]
@@ -75,11 +85,6 @@ class Daemon:
             lines.append(f"[engines.{name}]")
             lines += [f"{key} = {toml_value(value)}" for key, value in engine.items()]
         self.config_path.write_text("\n".join(lines) + "\n")
-        self.endpoint = f"ipc://{self.state_dir}/run/client.sock"
-        self.output_path = self.state_dir / "daemon.out"
-        self.process: subprocess.Popen[bytes] | None = None
-        self._clients: list[Client] = []
-        self.worker_pids: set[int] = set()
 
     def start(self, wait_ready: bool = True, timeout: float = 120.0) -> "Daemon":
         output = open(self.output_path, "wb")

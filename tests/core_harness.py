@@ -13,6 +13,7 @@ from supervisor.config import load_settings
 from supervisor.core.effects import WorkerLaunch
 from supervisor.core.engines import Engines, EngineState
 from supervisor.core.policy import LatencySwitch
+from supervisor.core.reload import ReloadChanges, apply_reload, compare, effective_settings
 from supervisor.core.router import Router
 from supervisor.core.supervisor import Supervisor
 from supervisor.core.validate import parse_generate
@@ -96,6 +97,15 @@ class Core:
         self.switch = LatencySwitch(self.settings.supervision.switch_min_dwell_s, self.settings.supervision.switch_breach_for_s)
         self.router = Router(self.engines, self.switch, self.effects, self.settings.supervision.probe_interval_s)
         self.supervisor = Supervisor(self.engines, self.router, self.switch, self.settings, self.effects)
+
+    def reload(self, engines: dict[str, dict[str, Any]], **settings: Any) -> ReloadChanges:
+        """Apply a new configuration as the daemon does (models at /models/<name>.gguf)."""
+        new = load_settings(None, {"state_dir": "/nonexistent/state", "engines": engines, **settings})
+        changes = compare(self.settings, new)
+        self.settings = effective_settings(self.settings, new)
+        fresh = lambda name: EngineState(name, self.settings.engines[name], f"/models/{name}.gguf", self.settings.supervision, lambda *_: None)  # noqa: E731
+        apply_reload(self.supervisor, self.settings, changes, fresh, self.now)
+        return changes
 
     def advance(self, seconds: float) -> None:
         self.now += seconds

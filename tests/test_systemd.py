@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import signal
 import socket
@@ -132,3 +133,18 @@ def test_the_unit_passes_systemd_analyze_verify(tmp_path):
 def test_the_shipped_unit_is_what_install_service_writes_for_the_default_paths():
     shipped = (REPO / "systemd" / "node-supervisor.service").read_text()
     assert shipped == render_unit("/opt/node-supervisor/.venv/bin/node-supervisor", "node-supervisor")
+
+
+def test_a_reload_is_announced_to_systemd_with_reloading_then_ready(make_daemon, listener, monkeypatch):
+    address, sock = listener
+    monkeypatch.setenv("NOTIFY_SOCKET", address)
+    engine = {"kind": "fake", "priority": 10}
+    daemon = make_daemon({"f": engine})
+    received(sock, time.monotonic() + 0.2)  # what start-up sent
+    daemon.write_config({"f": {**engine, "priority": 5}})
+    daemon.process.send_signal(signal.SIGHUP)
+    texts = [m for _, m in received(sock, time.monotonic() + 1.5)]
+    reloading = next(i for i, m in enumerate(texts) if m.startswith("RELOADING=1"))
+    assert re.search(r"^MONOTONIC_USEC=\d+$", texts[reloading], re.M), texts[reloading]
+    assert any(m.startswith("READY=1") for m in texts[reloading + 1:]), texts
+    assert daemon.engine("f")["priority"] == 5

@@ -27,7 +27,8 @@ OP_GENERATE = "generate"
 OP_CANCEL = "cancel"
 OP_STATUS = "status"
 OP_PING = "ping"
-CLIENT_OPS = (OP_GENERATE, OP_CANCEL, OP_STATUS, OP_PING)
+OP_RELOAD = "reload"  # read the configuration again and apply it (as SIGHUP)
+CLIENT_OPS = (OP_GENERATE, OP_CANCEL, OP_STATUS, OP_PING, OP_RELOAD)
 
 EVENT_TOKEN = "token"
 EVENT_DONE = "done"
@@ -35,6 +36,7 @@ EVENT_ERROR = "error"
 EVENT_STATUS = "status"
 EVENT_PONG = "pong"
 EVENT_CANCEL_ACK = "cancel_ack"
+EVENT_RELOADED = "reloaded"
 TERMINAL_EVENTS = (EVENT_DONE, EVENT_ERROR)
 
 FINISH_STOP = "stop"  # end-of-generation token or a stop string
@@ -70,6 +72,7 @@ class ErrorCode:
     ENGINE_FAILED = "engine_failed"  # the worker died or failed during the request
     CONTEXT_OVERFLOW = "context_overflow"  # the prompt does not fit the context window
     SHUTTING_DOWN = "shutting_down"  # the daemon is stopping
+    INVALID_CONFIG = "invalid_config"  # a reload found the configuration invalid; the running one stays
     INTERNAL = "internal_error"  # a bug: reported, logged, and the daemon goes on
 
 

@@ -1,6 +1,6 @@
 """node-supervisor: the one console command.
 
-    node-supervisor [--config FILE] [global flags] run | generate | status | ping | plan | envs create|check
+    node-supervisor [--config FILE] [global flags] run | generate | status | ping | reload | plan | events | envs create|check | install-service
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     events.add_argument("--timeout", type=float, help="exit after this many seconds")
     ping = commands.add_parser("ping", help="check that the daemon answers")
     ping.add_argument("--timeout", type=float, default=CONNECT_TIMEOUT_S)
+    reload = commands.add_parser("reload", help="read the configuration again; engines whose settings changed restart without losing requests")
+    reload.add_argument("--json", action="store_true")
+    reload.add_argument("--timeout", type=float, default=CONNECT_TIMEOUT_S)
     _add_plan(commands.add_parser("plan", help="what each engine would get on this node's GPU, and why (starts nothing)"))
     service = commands.add_parser("install-service", help="write the systemd unit for this checkout and print the systemctl commands")
     service.add_argument("--dry-run", action="store_true", help="print the unit instead of writing it")
@@ -90,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = _settings(args)
     except ConfigError as exc:
         print(f"node-supervisor: config error: {exc}", file=sys.stderr)
+        if args.command == "reload":
+            print("node-supervisor: reload refused: the running daemon was not asked and keeps its configuration", file=sys.stderr)
         return ExitCode.CONFIG
     if args.command != "run":  # the daemon logs these itself
         for name in unknown_environment_variables(os.environ):
@@ -134,7 +139,7 @@ def _install_service(settings: Settings, args: argparse.Namespace) -> int:
 
 
 # One entry per command; each command's code lives in its own module.
-COMMANDS = {"run": _run, "envs": _envs, "events": _events, "plan": _plan, "generate": _client, "status": _client, "ping": _client, "install-service": _install_service}
+COMMANDS = {"run": _run, "envs": _envs, "events": _events, "plan": _plan, "generate": _client, "status": _client, "ping": _client, "reload": _client, "install-service": _install_service}
 
 
 def _settings(args: argparse.Namespace) -> Settings:

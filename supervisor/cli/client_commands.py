@@ -1,4 +1,4 @@
-"""`node-supervisor generate|status|ping`: the CLI side of the Python client."""
+"""`node-supervisor generate|status|ping|reload`: the CLI side of the Python client."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from workers.protocol import ExitCode
 
 from ..client import Client, ClientTimeout
 from ..config import Settings
-from .output import format_status, print_json
+from .output import format_reload, format_status, print_json
 
 def client_command(settings: Settings, args: argparse.Namespace) -> int:
     try:
@@ -23,12 +23,28 @@ def client_command(settings: Settings, args: argparse.Namespace) -> int:
                 reply = client.status()
                 print_json(reply) if args.json else print(format_status(reply))
                 return 0
+            if args.command == "reload":
+                return _reload(client, args)
             reply = client.ping()
             print(f"pong: daemon {reply.get('version')}, protocol {reply.get('protocol')}")
             return 0
     except ClientTimeout as exc:
         print(f"node-supervisor: {exc}", file=sys.stderr)
         return ExitCode.UNAVAILABLE
+
+
+def _reload(client: Client, args: argparse.Namespace) -> int:
+    """Exit 0 when applied; 78 (as at start-up) when the file is invalid and nothing changed."""
+    reply = client.reload()
+    if args.json:
+        print_json(reply)
+    elif reply["event"] == p.EVENT_RELOADED:
+        print(format_reload(reply))
+    else:
+        print(f"node-supervisor: reload refused, the running configuration stays: {reply['message']}", file=sys.stderr)
+    if reply["event"] == p.EVENT_RELOADED:
+        return 0
+    return ExitCode.CONFIG if reply.get("code") == p.ErrorCode.INVALID_CONFIG else 1
 
 
 def _generate(client: Client, args: argparse.Namespace) -> int:

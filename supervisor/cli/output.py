@@ -45,3 +45,14 @@ def format_status(reply: dict[str, Any]) -> str:
             if worker.get("last_exit"):
                 lines.append(f"    last exit: {worker['last_exit']['cause']}")
     return "\n".join(lines)
+
+
+def format_reload(reply: dict[str, Any]) -> str:
+    """What a reload did, one line per kind of change that happened."""
+    labels = (("restarted", "restarting (load settings changed)"), ("updated", "updated in place"), ("added", "added"),
+              ("removed", "removed (draining)"), ("unchanged", "unchanged"), ("applied", "settings applied"))  # fmt: skip
+    lines = ["configuration reloaded"]
+    lines += [f"  {label}: {', '.join(reply[key])}" for key, label in labels if reply.get(key)]
+    if reply.get("needs_restart"):
+        lines.append(f"  needs a daemon restart to change: {', '.join(reply['needs_restart'])}")
+    return "\n".join(lines)

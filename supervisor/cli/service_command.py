@@ -1,7 +1,9 @@
 """`node-supervisor install-service [--dry-run]`: the systemd unit for this checkout.
 
 The unit is Type=notify with a watchdog (the daemon sends READY=1, STATUS=,
-WATCHDOG=1, EXTEND_TIMEOUT_USEC= and STOPPING=1), keeps exit code 78 from
+WATCHDOG=1, EXTEND_TIMEOUT_USEC=, RELOADING=1 and STOPPING=1), reloads
+through `node-supervisor reload` (which waits for the verdict, so `systemctl
+reload` fails on an invalid file), keeps exit code 78 from
 restarting, and is hardened without hiding the GPU: /dev/nvidia* stay
 reachable (no PrivateDevices).  systemd/node-supervisor.service is this
 command's output for the default paths.
@@ -25,6 +27,7 @@ After=network.target
 Type=notify
 NotifyAccess=main
 ExecStart={exec_start} --config {config} --state-dir {state_dir} --data-dir {state_dir}/data run
+ExecReload={exec_start} --config {config} --state-dir {state_dir} --data-dir {state_dir}/data reload
 User={user}
 # READY=1 comes once an engine can generate; environment builds and model loads extend the start.
 TimeoutStartSec=300

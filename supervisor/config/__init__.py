@@ -24,7 +24,7 @@ from .sections import ENGINE_KINDS, KV_CACHE_TYPES, CacheType, EngineConfig, Env
 
 __all__ = [
     "ENGINE_KINDS", "KV_CACHE_TYPES", "CacheType", "ConfigError", "EngineConfig", "EnvConfig", "GpuConfig", "Settings",
-    "SupervisionConfig", "find_config_file", "load_settings", "unknown_environment_variables",
+    "SupervisionConfig", "find_config_file", "load_settings", "reload_settings", "unknown_environment_variables",
 ]
 
 ENV_PREFIX = "NODESUP_"
@@ -60,6 +60,7 @@ def _default_engines() -> dict[str, EngineConfig]:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid")
     config_file: ClassVar[Path | None] = None  # the TOML file, set by load_settings
+    overrides: ClassVar[dict[str, Any]] = {}  # the command line's settings, set by load_settings
 
     state_dir: Path = Field(default_factory=lambda: _xdg("XDG_STATE_HOME", ".local/state") / "node-supervisor")
     data_dir: Path = Field(default_factory=lambda: _xdg("XDG_DATA_HOME", ".local/share") / "node-supervisor")
@@ -166,6 +167,7 @@ def load_settings(config_file: Path | None, overrides: dict[str, Any] | None = N
         pass
 
     FileSettings.config_file = config_file
+    FileSettings.overrides = dict(overrides or {})
 
     try:
         return FileSettings(**(overrides or {}))
@@ -179,6 +181,12 @@ def load_settings(config_file: Path | None, overrides: dict[str, Any] | None = N
         raise ConfigError(f"{config_file}: not UTF-8 (TOML files must be): {exc}") from None
     except OSError as exc:
         raise ConfigError(f"{config_file or 'configuration'}: cannot read: {exc.strerror or exc}") from None
+
+
+def reload_settings(current: Settings) -> Settings:
+    """The configuration read again from where ``current`` came from: the same file, the same
+    command-line settings, the process environment.  ConfigError as load_settings."""
+    return load_settings(type(current).config_file, type(current).overrides)
 
 
 def _environment_error(exc: SettingsError) -> str:

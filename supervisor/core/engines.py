@@ -46,6 +46,23 @@ class EngineState:
         self.plan: Any = None  # core.plan.Plan for this engine, in force since its last start; None: as configured
         self.oom_step = False  # the last load ran out of GPU memory: the next plan steps down
         self.build_warnings: list[str] = []  # what the worker's build cannot do on this node, with the fix
+        # A configuration reload: the worker finishes what it runs, then goes (core/reload.py).
+        self.reload_pending = False  # ... and a worker with the new settings follows
+        self.retired = False  # ... and the engine is dropped
+
+    def take_config(self, fresh: "EngineState") -> None:
+        """A reload changed what this engine loads: the new settings, health and figures, the
+        queue, counters and running worker kept."""
+        self.config, self.model_path, self.hard_failure = fresh.config, fresh.model_path, fresh.hard_failure
+        self.latency, self.backoff, self.breaker = fresh.latency, fresh.backoff, fresh.breaker
+        self.plan, self.oom_step, self.build_warnings = None, False, []
+
+    def apply_supervision(self, supervision: SupervisionConfig) -> None:
+        """New restart, breaker and latency parameters; what they have counted so far stays."""
+        backoff, breaker = self.backoff, self.breaker
+        backoff.base_s, backoff.cap_s, backoff.stable_after_s = supervision.restart_backoff_base_s, supervision.restart_backoff_cap_s, supervision.stable_after_s
+        breaker.threshold, breaker.window_s, breaker.open_s = supervision.circuit_failures, supervision.circuit_window_s, supervision.circuit_open_s
+        self.latency.ttft.window_s = self.latency.per_token.window_s = supervision.latency_window_s
 
     @property
     def chosen(self) -> Any:
@@ -81,8 +98,8 @@ class EngineState:
 
     @property
     def healthy(self) -> bool:
-        """Can take unpinned traffic now: ready, or cold and startable."""
-        if self.refusal:
+        """Can take unpinned traffic now: ready, or cold and startable (and not about to restart for a reload)."""
+        if self.refusal or self.reload_pending:
             return False
         if self.worker.state is WorkerState.READY:
             return True
@@ -155,6 +172,10 @@ class Engines:
     def by_priority(self) -> list[EngineState]:
         return sorted(self.by_name.values(), key=lambda e: e.config.priority)
 
+    def add(self, engine: EngineState) -> EngineState:
+        self.by_name[engine.name] = engine
+        return engine
+
     def owning(self, worker_id: str) -> EngineState | None:
         """The engine whose live worker has this id."""
         return next((e for e in self if e.worker.worker_id == worker_id and e.worker.alive), None)
@@ -167,7 +188,7 @@ class Engines:
     def start(self, engine: EngineState, reason: str, now: float) -> None:
         """Start the engine's worker, first making room on the GPU if it needs one."""
         worker = engine.worker
-        if worker.alive or self.stopping:
+        if worker.alive or self.stopping or engine.retired:
             return
         if not self._plan(engine, now):
             return
@@ -203,6 +224,28 @@ class Engines:
         if engine.worker.state is not WorkerState.FAILED:
             engine.worker.transition(WorkerState.FAILED, f"nothing to load: {reason}")
         return False
+
+    def draining(self, engine: EngineState, now: float) -> bool:
+        """True while a reload keeps the engine's worker from taking requests; it is stopped
+        as soon as it runs nothing, and the engine restarted or dropped once it has gone."""
+        if not (engine.reload_pending or engine.retired):
+            return False
+        if engine.worker.current is None:
+            self.stop(engine, "configuration reloaded", now)
+            if not engine.worker.alive:
+                self.drained(engine, now)
+        return True
+
+    def drained(self, engine: EngineState, now: float) -> None:
+        """The worker a reload waited for has gone (stopped, or crashed while draining)."""
+        if engine.retired:
+            if not engine.worker.alive:
+                del self.by_name[engine.name]
+                self._gpu_waiting.discard(engine.name)
+            return
+        engine.reload_pending = False
+        if engine.worker.state is WorkerState.STOPPED and (engine.config.standby == "warm" or engine.queue):
+            self.ensure_running(engine, "configuration reloaded", now)
 
     def gpu_released(self, now: float) -> None:
         for name in list(self._gpu_waiting):

@@ -108,7 +108,9 @@ class Router:
         return True
 
     def pump(self, engine: EngineState, now: float) -> None:
-        """Give the engine's idle worker the oldest waiting request."""
+        """Give the engine's idle worker the oldest waiting request (none while a reload drains it)."""
+        if self.engines.draining(engine, now):
+            return
         while engine.worker.idle and engine.queue:
             generation = engine.queue.popleft()
             if not generation.finished:
@@ -125,14 +127,8 @@ class Router:
         worker.current = generation
         deadline_at = generation.deadline_at
         params = generation.params
-        message = {
-            "type": p.S_GENERATE,
-            "request_id": generation.wire_id,
-            "prompt": params.prompt,
-            "messages": params.messages,
-            "params": params.sampling,
-            "deadline_ms": None if deadline_at is None else max(1, int((deadline_at - now) * 1000)),
-        }
+        message = {"type": p.S_GENERATE, "request_id": generation.wire_id, "prompt": params.prompt, "messages": params.messages,
+                   "params": params.sampling, "deadline_ms": None if deadline_at is None else max(1, int((deadline_at - now) * 1000))}  # fmt: skip
         self.effects.send_worker(worker.worker_id, message)
 
     # --- requests leaving an engine ----------------------------------------------------

@@ -38,6 +38,14 @@ class Supervisor:
         self._probe_ids = itertools.count(1)
         router.on_probe_end = self._on_probe_end
 
+    def reconfigure(self, settings: Settings) -> None:
+        """A reload's supervision settings, from now on."""
+        self.settings, self.config = settings, settings.supervision
+        self.router.probe_interval_s = self.config.probe_interval_s
+        self.switch.min_dwell_s, self.switch.breach_for_s = self.config.switch_min_dwell_s, self.config.switch_breach_for_s
+        for engine in self.engines:
+            engine.apply_supervision(self.config)
+
     def start(self, now: float) -> None:
         for engine in self.engines:
             if engine.refusal is not None:
@@ -120,6 +128,8 @@ class Supervisor:
             self._after_failure(engine, returncode, cause, now)
         if generation is not None and not generation.finished:
             self.router.worker_lost(engine, generation, cause, now)
+        if engine.reload_pending or engine.retired:
+            self.engines.drained(engine, now)
         if engine.refusal is not None:
             self.router.reroute_queue(engine, now)
         self.route(now)
@@ -254,7 +264,7 @@ class Supervisor:
     def _maybe_probe_liveness(self, engine: EngineState, now: float) -> None:
         """Honest liveness: an idle worker must still produce a token, not just heartbeats."""
         due = engine.worker.times.probe_due_at
-        if self.config.probe_interval_s <= 0 or not engine.worker.idle or engine.queue or due is None or now < due:
+        if self.config.probe_interval_s <= 0 or not engine.worker.idle or engine.queue or due is None or now < due or engine.retired:
             return
         engine.worker.times.probe_due_at = now + self.config.probe_interval_s
         params = GenerateParams(prompt="Hello", messages=None, stream=True, engine=engine.name,

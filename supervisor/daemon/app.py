@@ -27,6 +27,7 @@ from ..core.lifecycle import Worker, WorkerState
 from ..core.policy import LatencySwitch
 from ..core.router import Router
 from ..core.supervisor import Supervisor
+from ..core.validate import InvalidMessage
 from ..envs import env_dir, env_is_current, env_python, worker_environ
 from ..io.client_front import ClientFront
 from ..io.events import EventPublisher
@@ -39,6 +40,7 @@ from ..io.worker_process import WorkerProcess, worker_command
 from ..logs import get_logger
 from ..models import model_path_for, model_variants_for
 from .notices import ServiceNotices
+from .reloading import reload_config
 from .status import daemon_status
 
 log = get_logger("supervisor.daemon")
@@ -60,11 +62,11 @@ class Daemon:
         self.notices = ServiceNotices(self, Notifier())
         self._bind()
         supervision = settings.supervision
-        self.engines = Engines({name: self._engine(name) for name in settings.engines}, self)
+        self.engines = Engines({name: self.engine_state(name) for name in settings.engines}, self)
         self.switch = LatencySwitch(min_dwell_s=supervision.switch_min_dwell_s, breach_for_s=supervision.switch_breach_for_s)
         self.router = Router(self.engines, self.switch, self, supervision.probe_interval_s)
         self.supervisor = Supervisor(self.engines, self.router, self.switch, settings, self)
-        self.clients = ClientFront(self.client_socket, self.router, self.status, settings.max_message_bytes, settings.max_tokens_limit)
+        self.clients = ClientFront(self.client_socket, self.router, self.status, self.reload, settings.max_message_bytes, settings.max_tokens_limit)
         self.workers = WorkerLink(self.worker_socket, self.supervisor, self.router, self.publish)
         # Every token goes through send_client: the front's own method, without a hop through this class.
         self.send_client = self.clients.send  # type: ignore[method-assign]
@@ -93,7 +95,8 @@ class Daemon:
             zmq.XPUB_VERBOSE: 1,  # every subscription is told, not only a topic's first
         }))
 
-    def _engine(self, name: str) -> EngineState:
+    def engine_state(self, name: str) -> EngineState:
+        """A configured engine's state, with what can be known before its worker starts."""
         config = self.settings.engines[name]
         model = model_path_for(self.settings, config)
         engine = EngineState(name, config, str(model), self.settings.supervision, self._on_transition)
@@ -114,6 +117,22 @@ class Daemon:
         if not self._stop.is_set():
             log.info("stop requested", reason=reason)
             self._stop.set()
+
+    def reload(self, reason: str) -> dict[str, Any]:
+        """Read the configuration again and apply it (daemon/reloading.py)."""
+        return reload_config(self, reason)
+
+    def request_reload(self, reason: str) -> None:
+        """From a signal handler: reload on the loop's next turn (a bad file is logged there)."""
+        asyncio.get_running_loop().call_soon(self._reload_quietly, reason)
+
+    def _reload_quietly(self, reason: str) -> None:
+        try:
+            self.reload(reason)
+        except InvalidMessage:
+            pass  # logged and published by the reload
+        except Exception:
+            log.exception("internal error reloading the configuration")
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()

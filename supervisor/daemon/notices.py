@@ -10,6 +10,7 @@ loop stops feeding it, and systemd restarts the daemon.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from ..core.lifecycle import WorkerState
@@ -60,6 +61,16 @@ class ServiceNotices:
         parts = [f"{e.name} {e.refusal[0] if e.refusal else e.worker.state.value}" for e in engines]
         waiting = sum(len(e.queue) for e in engines)
         return f"engines: {', '.join(parts)}; requests {len(self.daemon.router.requests)}, waiting {waiting}"
+
+    def reloading(self) -> None:
+        if self.notifier.enabled:
+            self.notifier.reloading(time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000)
+
+    def reloaded(self) -> None:
+        """READY=1 again: systemd's reload job ends (the engines may still be restarting)."""
+        if self.notifier.enabled:
+            self._last_status = self.status_line()
+            self.notifier.ready(self._last_status)
 
     def stopping(self) -> None:
         self.notifier.stopping("stopping: finishing requests, stopping workers")

@@ -85,12 +85,13 @@ async def _serve(settings: Settings) -> None:
 
     daemon = Daemon(settings)
     loop = asyncio.get_running_loop()
-    # Handlers only record the signal; the daemon stops in order from its loop.
-    for sig in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", None)):
-        if sig is None:
-            continue
+    # Handlers only record the signal; the daemon stops (or reloads) from its loop.
+    handlers = [(signal.SIGTERM, daemon.request_stop), (signal.SIGINT, daemon.request_stop)]
+    if hasattr(signal, "SIGHUP"):
+        handlers.append((signal.SIGHUP, daemon.request_reload))
+    for sig, handler in handlers:
         try:
-            loop.add_signal_handler(sig, daemon.request_stop, signal.Signals(sig).name)
+            loop.add_signal_handler(sig, handler, signal.Signals(sig).name)
         except (NotImplementedError, RuntimeError):  # Windows: the service wrapper calls request_stop
             pass
     await daemon.run()

@@ -29,10 +29,12 @@ Handler = Callable[[list[bytes], str, dict[str, Any], float], None]
 
 
 class ClientFront:
-    def __init__(self, sock: zmq.Socket, router: Router, status: Callable[[], dict[str, Any]], max_message_bytes: int, max_tokens_limit: int) -> None:
+    def __init__(self, sock: zmq.Socket, router: Router, status: Callable[[], dict[str, Any]], reload: Callable[[str], dict[str, Any]],
+                 max_message_bytes: int, max_tokens_limit: int) -> None:  # fmt: skip
         self.sock = sock
         self.router = router
         self.status = status
+        self.reload = reload  # the reply's fields; raises InvalidMessage(invalid_config) for a bad file
         self.max_message_bytes = max_message_bytes
         self.max_tokens_limit = max_tokens_limit
         self.reader = SocketReader(sock, self.on_frames)
@@ -41,6 +43,7 @@ class ClientFront:
             p.OP_CANCEL: self._cancel,
             p.OP_STATUS: self._status,
             p.OP_PING: self._ping,
+            p.OP_RELOAD: self._reload,
         }
 
     def send(self, envelope: list[bytes], frame: bytes) -> bool:
@@ -99,6 +102,10 @@ class ClientFront:
     def _ping(self, envelope: list[bytes], mid: str, message: dict[str, Any], now: float) -> None:
         check_bare(message)
         self._reply(envelope, {"id": mid, "event": p.EVENT_PONG, "protocol": p.PROTOCOL_VERSION, "version": __version__})
+
+    def _reload(self, envelope: list[bytes], mid: str, message: dict[str, Any], now: float) -> None:
+        check_bare(message)
+        self._reply(envelope, {"id": mid, "event": p.EVENT_RELOADED, **self.reload("reload op")})
 
     def _error(self, envelope: list[bytes], mid: str | None, code: str, message: str, **extra: Any) -> None:
         self._reply(envelope, {"id": mid, "event": p.EVENT_ERROR, "code": code, "message": message, **extra})

@@ -1,7 +1,7 @@
 """systemd's notify protocol: one datagram per message to ``$NOTIFY_SOCKET``.
 
 A few lines of standard library instead of a dependency: READY=1, STATUS=…,
-WATCHDOG=1, EXTEND_TIMEOUT_USEC=…, STOPPING=1.  Abstract socket names (a
+WATCHDOG=1, EXTEND_TIMEOUT_USEC=…, RELOADING=1, STOPPING=1.  Abstract socket names (a
 leading ``@``) are supported.  Without ``$NOTIFY_SOCKET`` (not run by systemd
 with Type=notify) every call does nothing.  A notify that fails is logged
 once and never stops the daemon.
@@ -61,6 +61,10 @@ class Notifier:
 
     def watchdog(self) -> bool:
         return self.send("WATCHDOG=1")
+
+    def reloading(self, monotonic_usec: int) -> bool:
+        """A reload begins; READY=1 ends it.  systemd wants the CLOCK_MONOTONIC time with it."""
+        return self.send("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec}", "STATUS=reloading the configuration")
 
     def stopping(self, status: str = "stopping") -> bool:
         return self.send("STOPPING=1", f"STATUS={status}")
