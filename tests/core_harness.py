@@ -124,13 +124,18 @@ class Core:
         self.supervisor.on_ready(engine, {"type": p.W_READY, "model": {}}, self.now)
         return worker_id
 
-    def tokens(self, name: str, count: int, per_event: int = 1) -> None:
-        for _ in range(count):
-            self.router.on_token(self.engines[name], p.encode_string("x"), per_event, self.now)
+    def current(self, name: str) -> Any:
+        """What the engine's worker generates (the first, when it runs several), or None."""
+        return next(iter(self.engines[name].worker.running.values()), None)
 
-    def finish_current(self, name: str, finish_reason: str = p.FINISH_STOP) -> None:
+    def tokens(self, name: str, count: int, per_event: int = 1, wire_id: str | None = None) -> None:
+        wire_id = wire_id or self.current(name).wire_id
+        for _ in range(count):
+            self.router.on_token(self.engines[name], wire_id, p.encode_string("x"), per_event, self.now)
+
+    def finish_current(self, name: str, finish_reason: str = p.FINISH_STOP, wire_id: str | None = None) -> None:
         engine = self.engines[name]
-        current = engine.worker.current
+        current = engine.worker.running[wire_id] if wire_id else self.current(name)
         assert current is not None, f"{name} runs nothing"
         message = {"type": p.W_DONE, "request_id": current.wire_id, "finish_reason": finish_reason, "usage": {"prompt_tokens": 3, "completion_tokens": current.tokens}}
         self.router.on_result(engine, message, self.now)

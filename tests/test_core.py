@@ -68,7 +68,7 @@ def test_a_request_whose_worker_dies_before_a_token_is_retried_first_on_the_rest
     core.advance(restart_at - core.now + 0.01)
     assert core.effects.named("start") == ["a.1", "a.2"]
     core.bring_up("a")
-    assert core.engine("a").worker.current.id == "first"
+    assert core.current("a").id == "first"
 
 
 def test_a_request_that_streamed_tokens_fails_with_the_tokens_it_got():
@@ -95,7 +95,7 @@ def test_deadlines_end_queued_and_running_requests_once():
     assert core.terminal("running") == []
     core.advance(0.5)
     assert core.terminal("running")[0]["code"] == p.ErrorCode.DEADLINE
-    wire_id = core.engine("a").worker.current.wire_id
+    wire_id = core.current("a").wire_id
     assert core.effects.worker_messages("a.1", p.S_CANCEL) == [{"type": p.S_CANCEL, "request_id": wire_id}]
     core.finish_current("a", p.FINISH_CANCELLED)  # the worker confirms: no second end
     assert len(core.terminal("running")) == 1
@@ -129,7 +129,7 @@ def test_repeated_crashes_open_the_circuit_and_traffic_moves_to_the_next_engine(
     core.exit("a", 1)
     assert core.engine("a").breaker.state.value == "open"
     assert core.switch.active == "b"
-    assert core.engine("b").worker.current.id == "r"
+    assert core.current("b").id == "r"
     assert core.effects.topics("engine.circuit")[-1]["state"] == "open"
 
 
@@ -169,7 +169,7 @@ def test_an_idle_worker_gets_a_liveness_probe_and_is_replaced_when_it_fails():
     for _ in range(6):
         core.advance(1.0)
         core.supervisor.heard_from(core.engine("a"), core.now)
-    probe = core.engine("a").worker.current
+    probe = core.current("a")
     assert probe is not None and probe.id.startswith("probe-")
     assert core.router.requests == {}  # not a client request
     core.advance(1.0)
@@ -219,7 +219,7 @@ def test_a_traffic_switch_moves_waiting_unpinned_requests_but_not_pinned_ones():
     core.bring_up("b")
     core.exit("a", 1)  # a restarts: not healthy, traffic switches to b
     assert core.switch.active == "b"
-    assert core.engine("b").worker.current.id == "busy"  # retried on b
+    assert core.current("b").id == "busy"  # retried on b
     assert [r.id for r in core.engine("b").queue] == ["unpinned"]
     assert [r.id for r in core.engine("a").queue] == ["pinned"]
 
@@ -292,3 +292,42 @@ def test_an_engine_whose_plan_finds_nothing_to_load_fails_once_with_the_reason()
     assert core.effects.named("start") == []
     assert core.engine("a").worker.state is WorkerState.FAILED
     assert core.engine("a").refusal[0] == p.ErrorCode.ENGINE_UNAVAILABLE and "nothing to load" in core.engine("a").refusal[1]
+
+
+def test_a_worker_with_slots_runs_that_many_requests_at_once_and_each_token_reaches_its_own_request():
+    core = Core({"a": FAKE})
+    core.supervisor.start(core.now)
+    core.supervisor.on_hello(core.engine("a"), {"pid": 1}, core.now)
+    core.supervisor.on_ready(core.engine("a"), {"model": {}, "slots": 2}, core.now)
+    for rid in ("r1", "r2", "r3"):
+        core.submit(rid)
+    first, second = core.engine("a").worker.running.values()
+    assert (first.id, second.id) == ("r1", "r2") and [g.id for g in core.engine("a").queue] == ["r3"]
+    assert core.engine("a").describe(core.now)["in_flight"] == 2
+    core.tokens("a", 3, wire_id=second.wire_id)
+    core.tokens("a", 1, wire_id=first.wire_id)
+    core.finish_current("a", wire_id=second.wire_id)
+    (done,) = core.terminal("r2")
+    assert done["usage"]["completion_tokens"] == 3
+    assert [g.id for g in core.engine("a").worker.running.values()] == ["r1", "r3"]  # the freed slot took r3
+    core.submit("r4")
+    third = core.engine("a").worker.running
+    r3_wire = next(w for w, g in third.items() if g.id == "r3")
+    core.router.cancel([b"c"], "r3", core.now)
+    assert core.effects.worker_messages("a.1", p.S_CANCEL)[-1]["request_id"] == r3_wire
+    # The worker dies before confirming: r1 streamed a token and fails; r3 ends as the client asked;
+    # r4, still waiting, is served by the restart.
+    core.exit("a", 1)
+    (failed,) = core.terminal("r1")
+    assert failed["code"] == p.ErrorCode.ENGINE_FAILED and failed["usage"]["completion_tokens"] == 1
+    (cancelled,) = core.terminal("r3")
+    assert cancelled["finish_reason"] == p.FINISH_CANCELLED
+    assert [g.id for g in core.engine("a").queue] == ["r4"]
+
+
+def test_a_ready_message_with_a_nonsense_slot_count_gets_one_slot():
+    core = Core({"a": FAKE})
+    core.supervisor.start(core.now)
+    core.supervisor.on_hello(core.engine("a"), {"pid": 1}, core.now)
+    core.supervisor.on_ready(core.engine("a"), {"model": {}, "slots": 10_000}, core.now)
+    assert core.engine("a").worker.slots == 1

@@ -64,7 +64,7 @@ MARK = "~mark"
 STORED_FRAME_BYTES = 4_096  # generate frames kept to blame the errors that end accepted requests
 
 PROMPTS = ("Hi", "Hello", "The sky is", "1, 2, 3,", "Once upon a time", "é😀\u4e2d", "\x00\x01\x7f")
-OPS = ("generate", "cancel", "status", "ping")
+OPS = ("generate", "cancel", "status", "ping", "reload")
 FieldPath = Any  # a field name, or a tuple path into messages / stop
 FIELDS: dict[str, list[FieldPath]] = {
     "generate": ["op", "id", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed",
@@ -73,12 +73,14 @@ FIELDS: dict[str, list[FieldPath]] = {
     "cancel": ["op", "id", "target"],
     "status": ["op", "id"],
     "ping": ["op", "id"],
+    "reload": ["op", "id"],
 }  # fmt: skip
 STRING_FIELDS: dict[str, list[FieldPath]] = {
     "generate": ["op", "id", "prompt", "engine", "stop", ("stop", 0), ("messages", 0, "role"), ("messages", 0, "content")],
     "cancel": ["op", "id", "target"],
     "status": ["op", "id"],
     "ping": ["op", "id"],
+    "reload": ["op", "id"],
 }
 SURROGATES = ("\udc00", "\ud800", "\udfff", "\udbff")
 WORKER_TYPES = ("hello", "loading", "ready", "load_failed", "heartbeat", "token", "done", "error")

@@ -67,7 +67,7 @@ def test_settings_that_do_not_touch_the_load_are_applied_in_place_and_can_move_t
     assert core.effects.named("stop") == []
     assert core.engine("a").config.max_queue == 2
     core.submit("r1")
-    assert core.terminal("r1") == [] and core.engine("b").worker.current.id == "r1"  # b is first by priority now
+    assert core.terminal("r1") == [] and core.current("b").id == "r1"  # b is first by priority now
 
 
 def test_a_removed_engine_drains_and_goes_its_pinned_waiters_end_with_unknown_engine():

@@ -123,6 +123,26 @@ class Engine(Protocol):
         and checking ``should_stop`` between tokens."""
 
 
+class BatchEngine(Engine, Protocol):
+    """An engine that generates for several requests at once (sequences in one
+    llama.cpp context, decoded as one batch).  The runtime drives it step by
+    step (workers/batch.py) when ``slots`` is above 1 after the load; with one
+    slot it is driven through ``generate`` like any engine."""
+
+    slots: int  # requests it can run at once, set by load (the spec's "parallel")
+
+    def begin(self, request: GenerateRequest, emit: EmitFn) -> None:
+        """Take a request into a free slot (its prompt is read in the next step);
+        RequestError when it cannot be served (the prompt does not fit, …)."""
+
+    def step(self) -> list[tuple[str, GenerateResult]]:
+        """One decode step for every running request: each gets its next piece of
+        text through its emit; return the requests that ended in this step."""
+
+    def end(self, request_id: str) -> GenerateResult:
+        """Stop a running request now (cancel, deadline, shutdown) and free its slot."""
+
+
 def load_engine(kind: str) -> Engine:
     """Import the engine module for ``kind`` (and so its library) and build the engine."""
     try:

@@ -19,6 +19,10 @@ Options:
   stuck_after_tokens generation blocks after this many tokens, heartbeats go on
                      (a worker that looks alive but cannot generate)
   control_file       path of a JSON file whose keys override the options above
+
+With ``parallel`` above 1 in the load spec it is a BatchEngine: each step
+waits ``token_delay_s`` once and gives every running request one token, as
+a batched decode does.
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ class FakeEngine:
 
     def __init__(self) -> None:
         self._options: dict[str, Any] = {}
+        self.slots = 1
+        self._batch: dict[str, list[Any]] = {}  # request id -> [request, emit, tokens produced]
 
     def versions(self) -> dict[str, Any]:
         # Whether engine code can still read the worker's secret (it must not:
@@ -80,6 +86,7 @@ class FakeEngine:
         limit, layers = options.get("oom_above_layers"), int(spec.get("n_gpu_layers") or 0)
         if limit is not None and (layers < 0 or layers > int(limit)):
             raise OutOfGpuMemory(f"fake: {layers} GPU layers do not fit (at most {limit})")
+        self.slots = max(1, int(spec.get("parallel") or 1))
         steps = 5
         for step in range(steps):
             progress(step / steps, "fake loading")
@@ -103,6 +110,32 @@ class FakeEngine:
             produced += count
         prompt_tokens = len((request.prompt or "").split()) or 1
         return GenerateResult(finish_reason=finish, prompt_tokens=prompt_tokens, completion_tokens=produced)
+
+
+    # --- several requests at once (BatchEngine) ---------------------------------------
+
+    def begin(self, request: GenerateRequest, emit: EmitFn) -> None:
+        self._batch[request.request_id] = [request, emit, 0]
+
+    def step(self) -> list[tuple[str, GenerateResult]]:
+        options = self._current()
+        time.sleep(float(options.get("token_delay_s", 0.0)))
+        ended = []
+        for request_id, entry in list(self._batch.items()):
+            request, emit, produced = entry
+            _misbehave(options, produced)
+            emit(WORDS[produced % len(WORDS)] + " ", 1)
+            entry[2] = produced + 1
+            if entry[2] >= request.max_tokens:
+                ended.append((request_id, self._result(request_id, FINISH_LENGTH)))
+        return ended
+
+    def end(self, request_id: str) -> GenerateResult:
+        return self._result(request_id, FINISH_CANCELLED)
+
+    def _result(self, request_id: str, finish: str) -> GenerateResult:
+        request, _emit, produced = self._batch.pop(request_id)
+        return GenerateResult(finish_reason=finish, prompt_tokens=len((request.prompt or "").split()) or 1, completion_tokens=produced)
 
 
 def _misbehave(options: dict[str, Any], produced: int) -> None:

@@ -46,6 +46,7 @@ FINISH_CANCELLED = "cancelled"  # a cancel op, or the client went away
 # What a generate op's sampling fields are when the client leaves them out:
 # the daemon fills them in, and a worker given a partial "params" uses them too.
 DEFAULT_MAX_TOKENS = 256
+MAX_SLOTS = 64  # the most requests one worker may generate at once (an engine's `parallel`)
 DEFAULT_TEMPERATURE = 0.8
 DEFAULT_TOP_P = 0.95
 DEFAULT_TOP_K = 40
@@ -81,7 +82,7 @@ class ErrorCode:
 # worker -> daemon
 W_HELLO = "hello"  # protocol, engine, worker_id, pid, versions, gpu_offload
 W_LOADING = "loading"  # progress 0..1, message
-W_READY = "ready"  # model facts
+W_READY = "ready"  # model facts; slots: requests it generates at once (1 when absent)
 W_LOAD_FAILED = "load_failed"  # code, message; the worker then exits
 W_HEARTBEAT = "heartbeat"  # phase, request_id, last_token_age_ms
 W_TOKEN = "token"  # request_id, text
@@ -178,6 +179,7 @@ def encode(message: dict[str, Any]) -> bytes:
 
 
 TOKEN_FRAME_START = b'{"type":"token",'
+_TOKEN_FRAME_ID_START = TOKEN_FRAME_START + b'"request_id":"'
 
 
 def token_frame_prefix(request_id: str) -> bytes:
@@ -186,6 +188,15 @@ def token_frame_prefix(request_id: str) -> bytes:
     messages with it, so the commonest message costs no JSON work either side;
     a token message in any other (valid JSON) form is still understood."""
     return encode({"type": W_TOKEN, "request_id": request_id, "text": ""})[:-3]
+
+
+def token_frame_request_id(frame: bytes) -> str | None:
+    """The request id of a fast-form token frame, not decoded (wire ids are plain ASCII:
+    it ends at the next quote); None for other frames.  Callers check the whole prefix."""
+    if not frame.startswith(_TOKEN_FRAME_ID_START):
+        return None
+    end = frame.find(b'"', len(_TOKEN_FRAME_ID_START))
+    return frame[len(_TOKEN_FRAME_ID_START) : end].decode("ascii", "replace") if end > 0 else None
 
 
 def token_event_prefix(request_id: str) -> bytes:

@@ -35,7 +35,8 @@ from typing import Any
 import zmq
 
 from . import protocol as p
-from .engine import EngineUnavailable, GenerateRequest, ModelError, PreparedEngine, RequestError
+from .batch import BatchLoop
+from .engine import EngineUnavailable, GenerateRequest, GenerateResult, ModelError, PreparedEngine, RequestError
 from .process import die_orphaned, name_this_thread
 
 log = logging.getLogger("worker")
@@ -114,8 +115,12 @@ class WorkerRuntime:
         except EngineUnavailable as exc:
             return self._fail(p.ExitCode.UNAVAILABLE, "unavailable", str(exc))
         self._activity["phase"] = "idle"
-        self._send(type=p.W_READY, model=facts)
-        log.info("ready: %s", facts.get("model_name"))
+        slots = getattr(engine, "slots", 1)
+        self._send(type=p.W_READY, model=facts, slots=slots)
+        log.info("ready: %s (%d at once)", facts.get("model_name"), slots)
+        if slots > 1:
+            BatchLoop(self, engine).run()
+            return p.ExitCode.OK
         while (message := self._next_command()) is not None:
             if message.get("type") == p.S_GENERATE:
                 self._serve(engine, message)
@@ -193,18 +198,21 @@ class WorkerRuntime:
             traceback.print_exc()
             self._send(type=p.W_ERROR, request_id=rid, code=p.ErrorCode.INTERNAL, message=f"{type(exc).__name__}: {exc}")
         else:
-            ended = time.monotonic()
-            first_token_at = getattr(emit, "first_token_at", None) or ended
-            self._send(
-                type=p.W_DONE,
-                request_id=rid,
-                finish_reason=result.finish_reason,
-                usage={"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
-                timings={"prefill_ms": round((first_token_at - started) * 1000, 3), "generate_ms": round((ended - started) * 1000, 3)},
-            )
+            self._send_done(rid, result, started, emit)
         finally:
             self._cancelled.discard(rid)
             self._activity.update(phase="idle", request_id=None)
+
+    def _send_done(self, rid: str, result: GenerateResult, started: float, emit: Any) -> None:
+        ended = time.monotonic()
+        first_token_at = getattr(emit, "first_token_at", None) or ended
+        self._send(
+            type=p.W_DONE,
+            request_id=rid,
+            finish_reason=result.finish_reason,
+            usage={"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
+            timings={"prefill_ms": round((first_token_at - started) * 1000, 3), "generate_ms": round((ended - started) * 1000, 3)},
+        )
 
     def _emitter(self, rid: str) -> Any:
         """The request's emit function: sends from this thread, no other thread wakes for a token."""

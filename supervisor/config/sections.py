@@ -20,7 +20,8 @@ class EngineConfig(BaseModel):
 
     kind: Literal["llamacpp", "exllamav2", "fake"]
     model: Path | Annotated[list[Path], Field(min_length=1)] | None = Field(None, description="model path, or a list of them (variants, best first); unset: the default model")
-    n_ctx: int = Field(2048, gt=0, le=1 << 20)
+    n_ctx: int = Field(2048, gt=0, le=1 << 20, description="context of one request")
+    parallel: int = Field(1, ge=1, le=64, description="requests one worker generates at once (llama.cpp: sequences in one context, batched decode)")
     n_threads: int | None = Field(None, gt=0, le=1024)
     n_gpu_layers: Annotated[int, Field(ge=-1)] | Literal["auto"] = Field("auto", description='layers on the GPU; -1 all; "auto": planned')
     cache_type: CacheType = Field("f16", description="KV cache type the planner tries first")

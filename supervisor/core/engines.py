@@ -80,7 +80,7 @@ class EngineState:
         """What the worker loads: the plan's choice where there is one, else the configuration."""
         config, chosen = self.config, self.chosen
         spec = {"model": self.model_path, "n_ctx": config.n_ctx, "n_threads": config.n_threads, "n_gpu_layers": config.n_gpu_layers,
-                "cache_type": config.cache_type, "chat_format": config.chat_format, "options": config.options}  # fmt: skip
+                "cache_type": config.cache_type, "chat_format": config.chat_format, "options": config.options, "parallel": config.parallel}  # fmt: skip
         if spec["n_gpu_layers"] == "auto":
             spec["n_gpu_layers"] = 0
         if chosen is not None:
@@ -115,7 +115,7 @@ class EngineState:
     @property
     def has_room(self) -> bool:
         """The queue bound: an idle worker takes a request even with max_queue 0."""
-        return len(self.queue) < self.config.max_queue or self.worker.idle
+        return len(self.queue) < self.config.max_queue or self.worker.free_slots > 0
 
     def remove(self, generation: Generation) -> bool:
         try:
@@ -126,7 +126,6 @@ class EngineState:
 
     def describe(self, now: float) -> dict[str, Any]:
         refusal = self.refusal
-        current = self.worker.current
         return {
             "name": self.name,
             "kind": self.config.kind,
@@ -138,7 +137,8 @@ class EngineState:
             "circuit": self.breaker.state.value,
             "queue_depth": len(self.queue),
             "max_queue": self.config.max_queue,
-            "in_flight": 1 if isinstance(current, ClientRequest) else 0,
+            "in_flight": sum(isinstance(g, ClientRequest) for g in self.worker.running.values()),
+            "slots": self.worker.slots,
             "served": self.served,
             "failed": self.failed,
             "latency": self.latency.summary(now),
@@ -230,7 +230,7 @@ class Engines:
         as soon as it runs nothing, and the engine restarted or dropped once it has gone."""
         if not (engine.reload_pending or engine.retired):
             return False
-        if engine.worker.current is None:
+        if not engine.worker.running:
             self.stop(engine, "configuration reloaded", now)
             if not engine.worker.alive:
                 self.drained(engine, now)

@@ -99,7 +99,8 @@ class Worker:
         self.generation = 0
         self.worker_id = ""
         self.alive = False  # a process exists (from start until its exit is reported)
-        self.current: Generation | None = None
+        self.running: dict[str, Generation] = {}  # what it generates now, by wire id, in dispatch order
+        self.slots = 1  # how many it generates at once (its ready message says; llama.cpp's parallel sequences)
         self.hang_reason: str | None = None  # set when killed as hung
         self.restarts = 0
         self.last_exit: dict[str, Any] | None = None
@@ -118,14 +119,19 @@ class Worker:
         """A new process is about to start: a new id, a clean report."""
         self.generation += 1
         self.worker_id = f"{self.engine}.{self.generation}"
-        self.alive, self.hang_reason = True, None
+        self.alive, self.hang_reason, self.slots = True, None, 1
         self.report = WorkerReport()
         self.times = WorkerTimes(started_at=now, last_heard=now, last_progress_at=now)
         return self.worker_id
 
     @property
     def idle(self) -> bool:
-        return self.state is WorkerState.READY and self.current is None
+        return self.state is WorkerState.READY and not self.running
+
+    @property
+    def free_slots(self) -> int:
+        """Requests it can take now."""
+        return self.slots - len(self.running) if self.state is WorkerState.READY else 0
 
     @property
     def connected(self) -> bool:

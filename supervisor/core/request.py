@@ -30,6 +30,7 @@ class Generation:
     tokens: int = 0  # tokens generated (an event may carry several)
     token_events: int = 0  # token events sent to the client (their "index")
     attempts: int = 0
+    cancelled: bool = False  # the client cancelled it while it ran: it ends cancelled, never retried
     finished: bool = False
 
     @property

@@ -81,7 +81,7 @@ class Router:
 
     def running(self) -> int:
         """Client requests being generated now."""
-        return sum(isinstance(e.worker.current, ClientRequest) and not e.worker.current.finished for e in self.engines)
+        return sum(isinstance(g, ClientRequest) and not g.finished for e in self.engines for g in e.worker.running.values())
 
     def target_for_unpinned(self) -> EngineState | None:
         """The engine the latency switch chose, else the first by priority that serves."""
@@ -111,7 +111,7 @@ class Router:
         """Give the engine's idle worker the oldest waiting request (none while a reload drains it)."""
         if self.engines.draining(engine, now):
             return
-        while engine.worker.idle and engine.queue:
+        while engine.worker.free_slots and engine.queue:
             generation = engine.queue.popleft()
             if not generation.finished:
                 self._dispatch(engine, generation, now)
@@ -124,7 +124,7 @@ class Router:
         generation.attempts += 1
         generation.wire_id = f"r{next(self._wire_ids)}"
         generation.worker_token_prefix = p.token_frame_prefix(generation.wire_id)
-        worker.current = generation
+        worker.running[generation.wire_id] = generation
         deadline_at = generation.deadline_at
         params = generation.params
         message = {"type": p.S_GENERATE, "request_id": generation.wire_id, "prompt": params.prompt, "messages": params.messages,
@@ -152,6 +152,9 @@ class Router:
 
     def worker_lost(self, engine: EngineState, generation: Generation, cause: str, now: float) -> None:
         """The worker running ``generation`` died: retried once, elsewhere if possible, if nothing was streamed yet."""
+        if generation.cancelled:
+            self.done(generation, p.FINISH_CANCELLED, {"prompt_tokens": None, "completion_tokens": generation.tokens}, {}, now)
+            return
         if isinstance(generation, ClientRequest) and generation.tokens == 0 and generation.attempts < 2 and not self.engines.stopping:
             target = self._target_for(engine, generation)
             generation.dispatched_at = None
@@ -175,6 +178,7 @@ class Router:
         request = self.requests.get((b"".join(envelope), target))
         if request is None:
             return False
+        request.cancelled = True
         if self._withdraw(request):
             self.done(request, p.FINISH_CANCELLED, {"prompt_tokens": 0, "completion_tokens": 0}, {}, now)
         return True
@@ -199,7 +203,7 @@ class Router:
         engine = self.engines[generation.engine]
         if engine.remove(generation):
             return True
-        if engine.worker.current is generation:
+        if engine.worker.running.get(generation.wire_id) is generation:
             self.effects.send_worker(engine.worker.worker_id, {"type": p.S_CANCEL, "request_id": generation.wire_id})
         return False
 
@@ -208,9 +212,9 @@ class Router:
 
     # --- what the worker sends back -------------------------------------------------
 
-    def on_token(self, engine: EngineState, text_literal: bytes, tokens: int, now: float) -> None:
-        """Tokens of the running request; ``text_literal`` is their text as a JSON string literal."""
-        generation = engine.worker.current
+    def on_token(self, engine: EngineState, wire_id: str, text_literal: bytes, tokens: int, now: float) -> None:
+        """Tokens of a running request; ``text_literal`` is their text as a JSON string literal."""
+        generation = engine.worker.running.get(wire_id)
         engine.worker.times.last_heard = now
         if generation is None:
             return
@@ -232,10 +236,9 @@ class Router:
 
     def on_result(self, engine: EngineState, message: dict[str, Any], now: float) -> None:
         """The worker's done or error for its running request."""
-        generation = engine.worker.current
-        if generation is None or generation.wire_id != message.get("request_id"):
+        generation = engine.worker.running.pop(message.get("request_id"), None)  # type: ignore[arg-type]
+        if generation is None:
             return  # the end of a request already retried elsewhere
-        engine.worker.current = None
         engine.worker.times.probe_due_at = now + self.probe_interval_s
         deadline_at = generation.deadline_at
         if deadline_at is not None and now >= deadline_at:

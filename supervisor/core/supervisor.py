@@ -80,6 +80,8 @@ class Supervisor:
         if worker.state is not WorkerState.LOADING:
             return  # a stop was asked meanwhile
         worker.report.model = message.get("model", {})
+        slots = message.get("slots", 1)
+        worker.slots = slots if isinstance(slots, int) and not isinstance(slots, bool) and 1 <= slots <= p.MAX_SLOTS else 1
         worker.times.ready_at = now
         worker.times.probe_due_at = now + self.config.probe_interval_s
         worker.transition(WorkerState.READY, "model loaded")
@@ -108,7 +110,7 @@ class Supervisor:
         if engine is None:
             return
         worker = engine.worker
-        generation, worker.current = worker.current, None
+        lost, worker.running = list(worker.running.values()), {}
         worker.alive = False
         if worker.hang_reason:
             exit_info = {**exit_info, "cause": f"hung ({worker.hang_reason}); {exit_info['cause']}"}
@@ -126,8 +128,9 @@ class Supervisor:
             engine.hard_failure = (ErrorCode.ENGINE_UNAVAILABLE, reason)
         else:
             self._after_failure(engine, returncode, cause, now)
-        if generation is not None and not generation.finished:
-            self.router.worker_lost(engine, generation, cause, now)
+        for generation in reversed(lost):  # retries go in front: the first dispatched ends up first
+            if not generation.finished:
+                self.router.worker_lost(engine, generation, cause, now)
         if engine.reload_pending or engine.retired:
             self.engines.drained(engine, now)
         if engine.refusal is not None:
@@ -233,8 +236,8 @@ class Supervisor:
             # Before its hello a worker is importing its engine library (torch takes
             # seconds), and heartbeats start after that: judged by load time below.
             return f"no heartbeat for {silent:.1f}s"
-        elif worker.current is not None and worker.current.dispatched_at is not None:
-            last = worker.current.last_token_at or worker.current.dispatched_at
+        elif worker.running:
+            last = max(g.last_token_at or g.dispatched_at or now for g in worker.running.values())
             if now - last > config.stall_timeout_s:
                 return f"no token for {now - last:.1f}s with a request in flight"
         elif worker.state in (WorkerState.SPAWNING, WorkerState.LOADING):

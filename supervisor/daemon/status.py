@@ -53,7 +53,6 @@ def _plan(engine: EngineState, snapshot: Any) -> dict[str, Any]:
 def _worker(daemon: "Daemon", engine: EngineState, now: float, snapshot: Any) -> dict[str, Any]:
     worker, report, times = engine.worker, engine.worker.report, engine.worker.times
     process = daemon.processes.get(worker.worker_id) if worker.alive else None
-    current = worker.current
     info: dict[str, Any] = {
         "id": worker.worker_id,
         "state": worker.state.value,
@@ -68,7 +67,7 @@ def _worker(daemon: "Daemon", engine: EngineState, now: float, snapshot: Any) ->
         "model": report.model,
         "load_progress": report.load_progress,
         "phase": report.heartbeat.get("phase"),
-        "request_id": getattr(current, "id", None),
+        "requests": [g.id for g in worker.running.values()],
         "last_heartbeat_age_ms": round((now - times.last_heard) * 1000, 1) if times.last_heard and worker.alive else None,
         "rss_bytes": process.rss() if process else None,
         "gpu_memory_bytes": worker_gpu_bytes(snapshot, process.pid if process else None),

@@ -113,12 +113,13 @@ class WorkerLink:
             log.exception("internal error handling a worker message", worker_id=worker_id)
 
     def _fast_token(self, engine: EngineState, payload: bytes, now: float) -> bool:
-        """A token of the running request in the runtime's own form; False: take the general path."""
-        current = engine.worker.current
-        prefix = current.worker_token_prefix if current is not None else b"-"
+        """A token of a running request in the runtime's own form; False: take the general path."""
+        wire_id = p.token_frame_request_id(payload)
+        generation = engine.worker.running.get(wire_id) if wire_id is not None else None
+        prefix = generation.worker_token_prefix if generation is not None else b"-"
         if not (payload.startswith(prefix) and payload.endswith(b'"}') and payload[len(prefix) : len(prefix) + 1] == b'"'):
             return False
-        self.router.on_token(engine, payload[len(prefix) : -1], 1, now)
+        self.router.on_token(engine, wire_id, payload[len(prefix) : -1], 1, now)  # type: ignore[arg-type]
         return True
 
     def _on_message(self, engine: EngineState, payload: bytes, now: float) -> None:
@@ -137,10 +138,9 @@ class WorkerLink:
         handler(engine, message, now)
 
     def _on_token(self, engine: EngineState, message: dict[str, Any], now: float) -> None:
-        current = engine.worker.current
-        text, tokens = message.get("text"), message.get("tokens", 1)
-        if current is None or message.get("request_id") != current.wire_id or not isinstance(text, str):
+        wire_id, text, tokens = message.get("request_id"), message.get("text"), message.get("tokens", 1)
+        if not isinstance(wire_id, str) or not isinstance(text, str):
             return
         # 0: text held back from tokens already counted (a stop string that did not complete)
         count = tokens if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 0 else 1
-        self.router.on_token(engine, p.encode_string(text), count, now)
+        self.router.on_token(engine, wire_id, p.encode_string(text), count, now)

@@ -1,0 +1,102 @@
+"""Serving several requests at once on a BatchEngine, step by step.
+
+The main thread alternates: take in what the daemon sent (new requests,
+cancels, a shutdown), start waiting requests while slots are free, end the
+cancelled and the overdue, then one decode step for all running requests.
+Between two steps nothing blocks, so a request arriving mid-generation joins
+at the next step instead of waiting for the others to finish.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from . import protocol as p
+from .engine import BatchEngine, GenerateRequest, GenerateResult, RequestError
+
+if TYPE_CHECKING:
+    from .runtime import WorkerRuntime
+
+
+@dataclass
+class _Running:
+    emit: Any  # the request's emitter (runtime._emitter), which records its first token's time
+    started: float
+    deadline: float | None
+
+
+class BatchLoop:
+    def __init__(self, runtime: "WorkerRuntime", engine: BatchEngine) -> None:
+        self.runtime = runtime
+        self.engine = engine
+        self.running: dict[str, _Running] = {}
+
+    def run(self) -> None:
+        runtime = self.runtime
+        while True:
+            if not self.running:
+                message = runtime._next_command()  # nothing to generate: wait for the daemon
+                if message is None:
+                    break
+                runtime._waiting.appendleft(message)
+            else:
+                runtime._read_commands()
+            if runtime._stopping:
+                break
+            self._admit()
+            self._end_stopped()
+            if self.running:
+                self._step()
+        for request_id in list(self.running):  # shutting down: what runs ends as cancelled
+            self._finish(request_id, self.engine.end(request_id))
+
+    def _admit(self) -> None:
+        waiting = self.runtime._waiting
+        while waiting and len(self.running) < self.engine.slots:
+            message = waiting.popleft()
+            if message.get("type") != p.S_GENERATE:
+                continue  # a second load: nothing to do with it
+            request = GenerateRequest.from_message(message)
+            started = time.monotonic()
+            emit = self.runtime._emitter(request.request_id)
+            try:
+                self.engine.begin(request, emit)
+            except RequestError as exc:
+                self.runtime._send(type=p.W_ERROR, request_id=request.request_id, code=exc.code, message=exc.message)
+                continue
+            deadline = started + message["deadline_ms"] / 1000 if message.get("deadline_ms") else None
+            self.running[request.request_id] = _Running(emit, started, deadline)
+        self._activity()
+
+    def _end_stopped(self) -> None:
+        now, cancelled = time.monotonic(), self.runtime._cancelled
+        for request_id, running in list(self.running.items()):
+            if request_id in cancelled or (running.deadline is not None and now >= running.deadline):
+                self._finish(request_id, self.engine.end(request_id))
+
+    def _step(self) -> None:
+        try:
+            ended = self.engine.step()
+        except Exception as exc:  # the batch is lost: every request in it gets the error
+            traceback.print_exc()
+            for request_id in list(self.running):
+                self.running.pop(request_id)
+                self.runtime._send(type=p.W_ERROR, request_id=request_id, code=p.ErrorCode.INTERNAL, message=f"{type(exc).__name__}: {exc}")
+            self._activity()
+            return
+        for request_id, result in ended:
+            self._finish(request_id, result)
+
+    def _finish(self, request_id: str, result: GenerateResult) -> None:
+        running = self.running.pop(request_id, None)
+        if running is not None:
+            self.runtime._send_done(request_id, result, running.started, running.emit)
+        self.runtime._cancelled.discard(request_id)
+        self._activity()
+
+    def _activity(self) -> None:
+        first = next(iter(self.running), None)
+        self.runtime._activity.update(phase="generating" if first else "idle", request_id=first)
