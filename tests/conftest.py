@@ -21,9 +21,10 @@ from typing import Any, Iterator
 import psutil
 import pytest
 
-from supervisor.client import Client, ClientTimeout
+from supervisor.client import Client, ClientTimeout, CurveKeys
 from supervisor.config import load_settings
 from supervisor.envs import create_env, env_is_current
+from supervisor.keys import KeysError, local_curve
 from supervisor.models import ensure_default_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,7 +76,8 @@ class Daemon:
             lines.append(f"[engines.{name}]")
             lines += [f"{key} = {toml_value(value)}" for key, value in engine.items()]
         self.config_path.write_text("\n".join(lines) + "\n")
-        self.endpoint = f"ipc://{self.state_dir}/run/client.sock"
+        self.endpoint = settings.get("client_endpoint") or f"ipc://{self.state_dir}/run/client.sock"
+        self._curve: CurveKeys | None = None
         self.output_path = self.state_dir / "daemon.out"
         self.process: subprocess.Popen[bytes] | None = None
         self._clients: list[Client] = []
@@ -92,13 +94,19 @@ class Daemon:
             self.wait_for(lambda s: all(e["state"] == "ready" or e["state"] in ("model_not_found", "engine_unavailable", "failed") for e in s["engines"]), timeout)
         return self
 
+    def curve(self) -> CurveKeys | None:
+        """On a tcp client endpoint, this node's own client keys (KeysError until the daemon has made them)."""
+        if self._curve is None and self.endpoint.startswith("tcp://"):
+            self._curve = local_curve(load_settings(self.config_path), self.endpoint)
+        return self._curve
+
     def client(self, timeout_s: float = 60.0) -> Client:
-        client = Client(self.endpoint, timeout_s=timeout_s)
+        client = Client(self.endpoint, timeout_s=timeout_s, curve=self.curve())
         self._clients.append(client)
         return client
 
     def status(self) -> dict[str, Any]:
-        with Client(self.endpoint, timeout_s=5.0) as client:
+        with Client(self.endpoint, timeout_s=5.0, curve=self.curve()) as client:
             status = client.status()
         assert status["event"] == "status", status
         for engine in status["engines"]:
@@ -120,7 +128,7 @@ class Daemon:
                 last = self.status()
                 if predicate(last):
                     return last
-            except ClientTimeout:
+            except (ClientTimeout, KeysError):  # not serving yet (or, on tcp, its keys not made yet)
                 pass
             time.sleep(0.05)
         pytest.fail(f"condition not reached in {timeout}s; last status: {last}\n{self.log_tail()}")
