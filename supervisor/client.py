@@ -9,25 +9,62 @@
 One client holds one DEALER socket; replies are matched to requests by id,
 so a stream can be cancelled from the same client while it is being read.
 A client is not thread-safe: use one per thread.
+
+A tcp endpoint takes CURVE: pass ``curve=CurveKeys.from_files(server.key,
+NAME.key_secret)`` (docs/CONFIG.md, Security).
 """
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections import defaultdict, deque
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import zmq
+from zmq.auth import load_certificate
+from zmq.utils.monitor import recv_monitor_message
 
 from workers import protocol as p
+
+_HANDSHAKE_FAILURES = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 
 
 class ClientTimeout(TimeoutError):
     """The daemon did not answer in time (is it running? is the endpoint right?)."""
 
 
+class ClientRefused(ClientTimeout):
+    """No answer because the daemon refused the connection's CURVE handshake."""
+
+
+@dataclass(frozen=True)
+class CurveKeys:
+    """What a client presents on a tcp endpoint: the daemon's public key and its own pair (Z85 text)."""
+
+    server_public: bytes
+    public: bytes
+    secret: bytes
+
+    @classmethod
+    def from_files(cls, server_key_file: str | os.PathLike[str], client_key_file: str | os.PathLike[str]) -> "CurveKeys":
+        """From ZeroMQ certificate files: the daemon's ``server.key`` and a client's ``NAME.key_secret``."""
+        server_public, _ = load_certificate(server_key_file)
+        public, secret = load_certificate(client_key_file)
+        if secret is None:
+            raise ValueError(f"{client_key_file} holds no secret key")
+        return cls(server_public, public, secret)
+
+    def apply(self, sock: zmq.Socket) -> None:
+        """Make ``sock`` a CURVE client of the daemon (before it connects)."""
+        sock.setsockopt(zmq.CURVE_SERVERKEY, self.server_public)
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, self.public)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, self.secret)
+
+
 class Client:
-    def __init__(self, endpoint: str, timeout_s: float | None = 60.0, context: zmq.Context | None = None) -> None:
+    def __init__(self, endpoint: str, timeout_s: float | None = 60.0, context: zmq.Context | None = None, curve: CurveKeys | None = None) -> None:
         """``timeout_s`` bounds each wait for the next event, not a whole generation."""
         self.endpoint = endpoint
         self.timeout_s = timeout_s
@@ -35,6 +72,11 @@ class Client:
         self._context = context or zmq.Context()
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        self._monitor: zmq.Socket | None = None
+        if curve is not None:
+            curve.apply(self._socket)
+            # A refused handshake is silent on the socket itself: the monitor tells a refusal from a daemon that is not there.
+            self._monitor = self._socket.get_monitor_socket(_HANDSHAKE_FAILURES)
         self._socket.connect(endpoint)
         self._pending: dict[str, deque[dict[str, Any]]] = defaultdict(deque)
         self._receive_timeout_ms = -1  # RCVTIMEO as last set (-1: wait forever, zmq's default)
@@ -46,6 +88,9 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        if self._monitor is not None and not self._socket.closed:
+            self._socket.disable_monitor()
+            self._monitor.close(0)
         self._socket.close(0)
         if self._own_context:
             self._context.term()
@@ -130,10 +175,22 @@ class Client:
             try:
                 event = p.decode(self._socket.recv())
             except zmq.Again:
-                raise ClientTimeout(f"no answer from {self.endpoint} within {timeout}s") from None
+                raise self._no_answer(timeout) from None
             if event.get("id") == request_id:
                 return event
             self._pending[event.get("id")].append(event)  # type: ignore[index]
+
+    def _no_answer(self, timeout: float | None) -> ClientTimeout:
+        refusal = None
+        while self._monitor is not None and self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)["event"]
+            if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                refusal = "the daemon refused this client's key (it is not among the authorized keys)"
+            elif refusal is None:
+                refusal = "the CURVE handshake failed (is the server key the daemon's current one, and does the endpoint take CURVE?)"
+        if refusal is not None:
+            return ClientRefused(f"{self.endpoint}: {refusal}")
+        return ClientTimeout(f"no answer from {self.endpoint} within {timeout}s")
 
     def _set_receive_timeout(self, timeout: float | None) -> None:
         milliseconds = -1 if timeout is None else max(0, int(timeout * 1000))

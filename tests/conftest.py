@@ -21,9 +21,10 @@ from typing import Any, Iterator
 import psutil
 import pytest
 
-from supervisor.client import Client, ClientTimeout
+from supervisor.client import Client, ClientTimeout, CurveKeys
 from supervisor.config import load_settings
 from supervisor.envs import create_env, env_is_current
+from supervisor.keys import KeysError, local_curve
 from supervisor.models import ensure_default_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -65,7 +66,8 @@ class Daemon:
         self.config_path = self.state_dir / "config.toml"
         self.shared = shared
         self.write_config(engines, **settings)
-        self.endpoint = f"ipc://{self.state_dir}/run/client.sock"
+        self.endpoint = settings.get("client_endpoint") or f"ipc://{self.state_dir}/run/client.sock"
+        self._curve: CurveKeys | None = None
         self.output_path = self.state_dir / "daemon.out"
         self.process: subprocess.Popen[bytes] | None = None
         self._clients: list[Client] = []
@@ -97,13 +99,19 @@ class Daemon:
             self.wait_for(lambda s: all(e["state"] == "ready" or e["state"] in ("model_not_found", "engine_unavailable", "failed") for e in s["engines"]), timeout)
         return self
 
+    def curve(self) -> CurveKeys | None:
+        """On a tcp client endpoint, this node's own client keys (KeysError until the daemon has made them)."""
+        if self._curve is None and self.endpoint.startswith("tcp://"):
+            self._curve = local_curve(load_settings(self.config_path), self.endpoint)
+        return self._curve
+
     def client(self, timeout_s: float = 60.0) -> Client:
-        client = Client(self.endpoint, timeout_s=timeout_s)
+        client = Client(self.endpoint, timeout_s=timeout_s, curve=self.curve())
         self._clients.append(client)
         return client
 
     def status(self) -> dict[str, Any]:
-        with Client(self.endpoint, timeout_s=5.0) as client:
+        with Client(self.endpoint, timeout_s=5.0, curve=self.curve()) as client:
             status = client.status()
         assert status["event"] == "status", status
         for engine in status["engines"]:
@@ -125,7 +133,7 @@ class Daemon:
                 last = self.status()
                 if predicate(last):
                     return last
-            except ClientTimeout:
+            except (ClientTimeout, KeysError):  # not serving yet (or, on tcp, its keys not made yet)
                 pass
             time.sleep(0.05)
         pytest.fail(f"condition not reached in {timeout}s; last status: {last}\n{self.log_tail()}")

@@ -1,10 +1,11 @@
 """python -m workers --engine KIND --endpoint ENDPOINT --worker-id ID [--heartbeat-interval S]
 
 Started by the daemon with the interpreter of the engine's own environment,
-with its per-spawn secret in NODESUP_WORKER_SECRET (see protocol.py).
+with its per-spawn secret in NODESUP_WORKER_SECRET (see protocol.py) and, on
+a tcp worker endpoint, its CURVE keys in NODESUP_WORKER_CURVE.
 Never writes protocol to stdout: llama.cpp and engine libraries print there.
 
-Order matters: the secret leaves the environment before any engine code
+Order matters: the secret and the keys leave the environment before any engine code
 runs, and the engine library is imported before pyzmq (runtime.py imports
 it), because a CUDA build of llama.cpp crashed when a ZeroMQ context existed
 before it was loaded.
@@ -17,12 +18,12 @@ import logging
 import sys
 
 from .engine import prepare_engine
-from .process import exit_with_parent, take_secret
+from .process import exit_with_parent, take_curve_keys, take_secret
 from .protocol import ExitCode
 
 
 def main(argv: list[str] | None = None) -> int:
-    secret = take_secret()
+    secret, curve = take_secret(), take_curve_keys()
     parser = argparse.ArgumentParser(prog="python -m workers")
     parser.add_argument("--engine", required=True, help="engine kind, e.g. llamacpp")
     parser.add_argument("--endpoint", required=True, help="the daemon's worker endpoint")
@@ -42,9 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     exit_with_parent()  # before the engine's import, which can take seconds
     prepared = prepare_engine(args.engine)
 
-    from .runtime import WorkerRuntime  # pyzmq: only now
+    import zmq  # only now, with the engine loaded
 
-    runtime = WorkerRuntime(prepared, args.endpoint, args.worker_id, args.heartbeat_interval, secret=secret)
+    from .runtime import WorkerRuntime
+
+    if curve is not None and not zmq.has("curve"):
+        sys.stderr.write("worker: the tcp worker endpoint takes CURVE, and this environment's pyzmq has no CURVE support\n")
+        return ExitCode.UNAVAILABLE
+
+    runtime = WorkerRuntime(prepared, args.endpoint, args.worker_id, args.heartbeat_interval, secret=secret, curve=curve)
     return runtime.run()
 
 

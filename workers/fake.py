@@ -45,7 +45,7 @@ from .engine import (
     ProgressFn,
     StopFn,
 )
-from .protocol import FINISH_CANCELLED, FINISH_LENGTH, WORKER_SECRET_ENV
+from .protocol import FINISH_CANCELLED, FINISH_LENGTH, WORKER_CURVE_ENV, WORKER_SECRET_ENV
 
 WORDS = "the quick brown fox jumps over the lazy dog".split()
 
@@ -59,9 +59,9 @@ class FakeEngine:
         self._batch: dict[str, list[Any]] = {}  # request id -> [request, emit, tokens produced]
 
     def versions(self) -> dict[str, Any]:
-        # Whether engine code can still read the worker's secret (it must not:
-        # the runtime takes it out of the environment first); tests check it.
-        return {"fake_engine": "1", "sees_worker_secret": _environment_has(WORKER_SECRET_ENV)}
+        # Whether engine code can still read the worker's secret or CURVE keys (it
+        # must not: the runtime takes them out of the environment first); tests check it.
+        return {"fake_engine": "1", "sees_worker_secret": _environment_has(WORKER_SECRET_ENV), "sees_worker_curve": _environment_has(WORKER_CURVE_ENV)}
 
     def _current(self) -> dict[str, Any]:
         options = dict(self._options)

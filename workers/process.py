@@ -14,7 +14,7 @@ import signal
 import sys
 from typing import Any
 
-from .protocol import WORKER_SECRET_ENV, ExitCode
+from .protocol import WORKER_CURVE_ENV, WORKER_SECRET_ENV, ExitCode
 
 
 def take_secret() -> str | None:
@@ -25,6 +25,12 @@ def take_secret() -> str | None:
     variable means no secret, and the worker uses its plain id.
     """
     return os.environ.pop(WORKER_SECRET_ENV, None) or None
+
+
+def take_curve_keys() -> tuple[str, str, str] | None:
+    """The CURVE keys for a tcp worker endpoint (server public, own public, own secret), removed from the environment like the secret."""
+    keys = (os.environ.pop(WORKER_CURVE_ENV, None) or "").split()
+    return (keys[0], keys[1], keys[2]) if len(keys) == 3 else None
 
 
 def die_orphaned(silence: float) -> None:

@@ -113,6 +113,8 @@ def watchdog_identity(worker_id: str) -> str:
 # ``watchdog_identity(worker_routing_id(...))``.
 WORKER_SECRET_ENV = "NODESUP_WORKER_SECRET"
 SECRET_SEPARATOR = "#"
+# On a tcp worker endpoint (CURVE), also: "<server public> <worker public> <worker secret>", Z85.
+WORKER_CURVE_ENV = "NODESUP_WORKER_CURVE"
 
 
 def worker_routing_id(worker_id: str, secret: str | None) -> str:

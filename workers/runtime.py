@@ -50,9 +50,11 @@ class WorkerRuntime:
         worker_id: str,
         heartbeat_interval: float,
         secret: str | None = None,
+        curve: tuple[str, str, str] | None = None,
     ) -> None:
         """``secret``: the daemon's per-spawn secret, which goes into both
-        sockets' routing ids so the daemon knows them for this worker's."""
+        sockets' routing ids so the daemon knows them for this worker's.
+        ``curve``: (server public, own public, own secret) for a tcp endpoint."""
         self.prepared = prepared
         self.engine_kind = prepared.kind
         self.endpoint = endpoint
@@ -60,6 +62,7 @@ class WorkerRuntime:
         self.heartbeat_interval = heartbeat_interval
         self.orphan_after = 3 * heartbeat_interval
         self._routing_id = p.worker_routing_id(worker_id, secret)
+        self._curve = curve
         self._context = zmq.Context()
         self._socket = self._connect(self._routing_id)
         self._waiting: deque[dict[str, Any]] = deque()  # commands read between tokens, for later
@@ -73,6 +76,9 @@ class WorkerRuntime:
         sock = self._context.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, identity.encode())
         sock.setsockopt(zmq.LINGER, 2000)  # let the last messages (load_failed, done) leave
+        if self._curve is not None:
+            for option, key in zip((zmq.CURVE_SERVERKEY, zmq.CURVE_PUBLICKEY, zmq.CURVE_SECRETKEY), self._curve):
+                sock.setsockopt(option, key.encode("ascii"))
         sock.connect(self.endpoint)
         return sock
 

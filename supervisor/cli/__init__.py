@@ -1,6 +1,6 @@
 """node-supervisor: the one console command.
 
-    node-supervisor [--config FILE] [global flags] run | generate | status | ping | reload | plan | events | envs create|check | install-service
+    node-supervisor [--config FILE] [global flags] run | generate | status | ping | reload | events | plan | keys | envs create|check | install-service
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     reload.add_argument("--json", action="store_true")
     reload.add_argument("--timeout", type=float, default=CONNECT_TIMEOUT_S)
     _add_plan(commands.add_parser("plan", help="what each engine would get on this node's GPU, and why (starts nothing)"))
+    _add_keys(commands.add_parser("keys", help="CURVE keys of tcp endpoints: the server's key and the authorized clients; add, make, remove"))
     service = commands.add_parser("install-service", help="write the systemd unit for this checkout and print the systemctl commands")
     service.add_argument("--dry-run", action="store_true", help="print the unit instead of writing it")
     service.add_argument("--user", help="the user the daemon runs as (default: the current user)")
@@ -71,6 +72,15 @@ def _add_generate(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--json", action="store_true", help="print every event as a JSON line")
     gen.add_argument("--connect-timeout", type=float, default=CONNECT_TIMEOUT_S, help="seconds to wait for the daemon to answer at all")
     gen.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each event once the daemon answered")
+
+
+def _add_keys(keys: argparse.ArgumentParser) -> None:
+    sub = keys.add_subparsers(dest="keys_command")
+    add = sub.add_parser("add", help="authorize a client's public key")
+    add.add_argument("name", help="a name for the client (letters, digits, '.', '-', '_')")
+    add.add_argument("public_key", metavar="KEY", help="its public key (40 characters of Z85), or a file holding it (NAME.key or NAME.key_secret)")
+    sub.add_parser("new", help="make a client key pair and authorize it; prints where its secret file is").add_argument("name")
+    sub.add_parser("remove", help="stop accepting a client's key").add_argument("name")
 
 
 def _mib(text: str) -> int:
@@ -132,6 +142,12 @@ def _client(settings: Settings, args: argparse.Namespace) -> int:
     return client_command(settings, args)
 
 
+def _keys(settings: Settings, args: argparse.Namespace) -> int:
+    from .keys_command import keys_command
+
+    return keys_command(settings, args)
+
+
 def _install_service(settings: Settings, args: argparse.Namespace) -> int:
     from .service_command import install_service
 
@@ -139,7 +155,8 @@ def _install_service(settings: Settings, args: argparse.Namespace) -> int:
 
 
 # One entry per command; each command's code lives in its own module.
-COMMANDS = {"run": _run, "envs": _envs, "events": _events, "plan": _plan, "generate": _client, "status": _client, "ping": _client, "reload": _client, "install-service": _install_service}
+COMMANDS = {"run": _run, "envs": _envs, "events": _events, "plan": _plan, "generate": _client, "status": _client, "ping": _client, "reload": _client,
+            "keys": _keys, "install-service": _install_service}
 
 
 def _settings(args: argparse.Namespace) -> Settings:

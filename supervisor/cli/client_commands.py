@@ -12,11 +12,17 @@ from workers.protocol import ExitCode
 
 from ..client import Client, ClientTimeout
 from ..config import Settings
+from ..keys import KeysError, local_curve
 from .output import format_reload, format_status, print_json
 
 def client_command(settings: Settings, args: argparse.Namespace) -> int:
     try:
-        with Client(settings.client_endpoint or "", timeout_s=args.timeout) as client:
+        curve = local_curve(settings, settings.client_endpoint)  # tcp: CURVE with this node's keys
+    except KeysError as exc:
+        print(f"node-supervisor: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG
+    try:
+        with Client(settings.client_endpoint or "", timeout_s=args.timeout, curve=curve) as client:
             if args.command == "generate":
                 return _generate(client, args)
             if args.command == "status":

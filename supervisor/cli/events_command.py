@@ -10,21 +10,36 @@ import time
 import zmq
 
 from workers import protocol as p
+from workers.protocol import ExitCode
 
+from ..client import CurveKeys
 from ..config import Settings
+from ..keys import KeysError, local_curve
 
 TOPIC_FEED_SUBSCRIBED = "feed.subscribed"  # the daemon's answer to each new subscription
 
 
-def watch_events(settings: Settings, args: argparse.Namespace) -> int:
-    """Print events from the daemon's feed as they happen; "watching" on stderr once the subscription is in place."""
-    context = zmq.Context()
+def _subscribe(context: zmq.Context, endpoint: str, topics: list[str], curve: CurveKeys | None) -> zmq.Socket:
     sub = context.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
-    topics = args.topic or [""]
-    for topic in [*topics, TOPIC_FEED_SUBSCRIBED]:
+    if curve is not None:
+        curve.apply(sub)
+    for topic in topics:
         sub.setsockopt_string(zmq.SUBSCRIBE, topic)
-    sub.connect(settings.events_endpoint or "")
+    sub.connect(endpoint)
+    return sub
+
+
+def watch_events(settings: Settings, args: argparse.Namespace) -> int:
+    """Print events from the daemon's feed as they happen; "watching" on stderr once the subscription is in place."""
+    try:
+        curve = local_curve(settings, settings.events_endpoint)  # tcp: CURVE with this node's keys
+    except KeysError as exc:
+        print(f"node-supervisor: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG
+    context = zmq.Context()
+    topics = args.topic or [""]
+    sub = _subscribe(context, settings.events_endpoint or "", [*topics, TOPIC_FEED_SUBSCRIBED], curve)
     watching = False
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     seen = 0

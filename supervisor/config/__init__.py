@@ -20,11 +20,11 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError, TomlConfigSettingsSource
 
 # The tables live in their own module; they are part of this module's interface.
-from .sections import ENGINE_KINDS, KV_CACHE_TYPES, CacheType, EngineConfig, EnvConfig, GpuConfig, SupervisionConfig
+from .sections import ENGINE_KINDS, KV_CACHE_TYPES, CacheType, EngineConfig, EnvConfig, GpuConfig, SecurityConfig, SupervisionConfig
 
 __all__ = [
-    "ENGINE_KINDS", "KV_CACHE_TYPES", "CacheType", "ConfigError", "EngineConfig", "EnvConfig", "GpuConfig", "Settings",
-    "SupervisionConfig", "find_config_file", "load_settings", "reload_settings", "unknown_environment_variables",
+    "ENGINE_KINDS", "KV_CACHE_TYPES", "CacheType", "ConfigError", "EngineConfig", "EnvConfig", "GpuConfig", "SecurityConfig",
+    "Settings", "SupervisionConfig", "find_config_file", "load_settings", "reload_settings", "unknown_environment_variables",
 ]
 
 ENV_PREFIX = "NODESUP_"
@@ -83,6 +83,7 @@ class Settings(BaseSettings):
     envs: dict[str, EnvConfig] = Field(default_factory=dict, description="per-environment build options")
     supervision: SupervisionConfig = Field(default_factory=SupervisionConfig)
     gpu: GpuConfig = Field(default_factory=GpuConfig)
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
     engines: dict[str, EngineConfig] = Field(default_factory=_default_engines)
 
     @field_validator("engines")
@@ -116,6 +117,11 @@ class Settings(BaseSettings):
             self.worker_endpoint = _local_endpoint(self.state_dir, "workers.sock", 0)
         if self.events_endpoint is None:
             self.events_endpoint = _local_endpoint(self.state_dir, "events.sock", 5558)
+        security = self.security
+        security.keys_dir = security.keys_dir or self.state_dir / "keys"
+        security.authorized_keys_dir = security.authorized_keys_dir or security.keys_dir / "authorized"
+        security.server_key_file = security.server_key_file or security.keys_dir / "server.key"
+        security.client_key_file = security.client_key_file or security.keys_dir / "clients" / "local.key_secret"
         return self
 
     @property

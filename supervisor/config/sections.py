@@ -1,4 +1,4 @@
-"""The tables inside the settings: one engine, supervision, GPU planning, one environment."""
+"""The tables inside the settings: one engine, supervision, GPU planning, one environment, security."""
 
 from __future__ import annotations
 
@@ -87,3 +87,18 @@ class EnvConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     system_site_packages: bool = Field(False, description="see the node's own packages: a CUDA torch there is used, not installed again")
+
+
+class SecurityConfig(BaseModel):
+    """``[security]``: who may connect.  tcp endpoints take CURVE keys; ipc endpoints file modes and a group.
+
+    The paths left unset are filled in from ``state_dir`` by the settings (see docs/CONFIG.md).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    keys_dir: Path | None = Field(None, description="the daemon's CURVE key pair and client key pairs; default <state_dir>/keys")
+    authorized_keys_dir: Path | None = Field(None, description="public key files of the clients tcp endpoints accept; default <keys_dir>/authorized")
+    server_key_file: Path | None = Field(None, description="the daemon's public key as a client checks it; default <keys_dir>/server.key")
+    client_key_file: Path | None = Field(None, description="the key pair this client presents; default <keys_dir>/clients/local.key_secret")
+    socket_group: str | None = Field(None, min_length=1, description="the group given the run directory and the ipc sockets; members may connect")

@@ -34,7 +34,7 @@ from ..io.events import EventPublisher
 from ..io.planning import STATUS_SNAPSHOT_AGE_S, Planning
 from ..io.sd_notify import Notifier
 from ..gpu_probe import cpu_only_build_on_gpu_node
-from ..io.transport import bind_socket
+from ..io.access import CLIENTS_DOMAIN, WORKERS_DOMAIN, LocalAccess
 from ..io.worker_link import WorkerLink
 from ..io.worker_process import WorkerProcess, worker_command
 from ..logs import get_logger
@@ -57,6 +57,7 @@ class Daemon:
         self.context = zmq.Context()
         self.processes: dict[str, WorkerProcess] = {}
         self._stop = asyncio.Event()
+        self.access = LocalAccess(settings, self.context)  # before any bind: run directory, CURVE keys, ZAP handler
         self._environ = worker_environ(settings)
         self.planning = Planning(settings)
         self.notices = ServiceNotices(self, Notifier())
@@ -77,23 +78,23 @@ class Daemon:
         """Every socket option before its bind: libzmq gives later connections the options of bind time."""
         settings, limit = self.settings, self.settings.max_message_bytes
         assert settings.client_endpoint and settings.worker_endpoint and settings.events_endpoint
-        settings.run_dir.mkdir(parents=True, exist_ok=True)
-        self.client_socket = bind_socket(self.context, zmq.ROUTER, settings.client_endpoint, {
+        self.client_socket = self.access.bind(zmq.ROUTER, settings.client_endpoint, {
             zmq.ROUTER_MANDATORY: 1,  # a vanished client raises instead of dropping silently
             # Frames up to 4x the limit still get a proper message_too_large reply;
             # beyond that libzmq drops the connection before the frame is read.
             zmq.MAXMSGSIZE: max(4 * limit, 16 << 20),
             zmq.SNDHWM: CLIENT_BACKLOG_LIMIT,  # a client this far behind counts as gone
-        })  # fmt: skip
-        self.worker_socket = bind_socket(self.context, zmq.ROUTER, settings.worker_endpoint, {
+        }, CLIENTS_DOMAIN)  # fmt: skip
+        self.worker_socket = self.access.bind(zmq.ROUTER, settings.worker_endpoint, {
             zmq.ROUTER_MANDATORY: 1,
             zmq.MAXMSGSIZE: max(4 * limit, 16 << 20),  # a worker's largest message is a token or a status
-        })  # fmt: skip
+        }, WORKERS_DOMAIN)  # fmt: skip
         self.worker_endpoint = self.worker_socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.events = EventPublisher(bind_socket(self.context, zmq.XPUB, settings.events_endpoint, {
+        self._environ.update(self.access.worker_environ(self.worker_endpoint))
+        self.events = EventPublisher(self.access.bind(zmq.XPUB, settings.events_endpoint, {
             zmq.SNDHWM: 10_000,
             zmq.XPUB_VERBOSE: 1,  # every subscription is told, not only a topic's first
-        }))
+        }, CLIENTS_DOMAIN))  # fmt: skip
 
     def engine_state(self, name: str) -> EngineState:
         """A configured engine's state, with what can be known before its worker starts."""
@@ -181,6 +182,7 @@ class Daemon:
         for sock in (self.client_socket, self.worker_socket):
             sock.close()
         self.events.close()
+        self.access.close()
         self.context.term()
         log.info("daemon stopped")
 

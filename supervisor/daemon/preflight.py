@@ -21,6 +21,7 @@ from pathlib import Path
 from workers.protocol import ExitCode
 
 from ..config import ConfigError, Settings, unknown_environment_variables
+from ..io.access import socket_group_id
 from ..logs import get_logger
 
 log = get_logger("supervisor.preflight")
@@ -166,6 +167,7 @@ def check_before_logging(settings: Settings) -> int | None:
     try:
         check_state_dir(settings)
         check_tcp_endpoints(settings)
+        socket_group_id(settings)  # a group that does not exist, or that this user cannot give files to
     except ConfigError as exc:
         print(f"node-supervisor: config error: {exc}", file=sys.stderr)
         return ExitCode.CONFIG

@@ -11,10 +11,11 @@ from typing import IO, Any, Callable
 
 from workers.protocol import ExitCode
 
-from ..config import Settings
+from ..config import ConfigError, Settings
 from ..envs import EnvError, create_env, env_is_current
 from ..io.sd_notify import Notifier
 from ..io.transport import BindError
+from ..keys import KeysError
 from ..logs import get_logger, setup_logging
 from ..models import ensure_default_model
 from . import preflight
@@ -40,7 +41,7 @@ def run_daemon(settings: Settings, create_envs: bool) -> int:
         return ExitCode.UNAVAILABLE
     try:
         asyncio.run(_serve(settings))
-    except BindError as exc:
+    except (BindError, KeysError, ConfigError) as exc:  # an endpoint, a key file, the socket group
         log.error("cannot serve", error=str(exc))
         print(f"node-supervisor: {exc}", file=sys.stderr)
         return ExitCode.CONFIG

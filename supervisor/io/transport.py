@@ -92,12 +92,13 @@ class BindError(Exception):
     """An endpoint could not be bound; the message names it and says why."""
 
 
-def bind_socket(context: zmq.Context, kind: int, endpoint: str, options: dict[int, int]) -> zmq.Socket:
-    """A socket with ``options`` set, then bound.
+def bind_socket(context: zmq.Context, kind: int, endpoint: str, options: dict[int, int | bytes], group: int | None = None) -> zmq.Socket:
+    """A socket with ``options`` set, then bound; an ipc socket file gets mode 0660 (and ``group``).
 
     Options must come first: libzmq copies them into the listener at bind
     time, and connections accepted later get the listener's copy (a
-    MAXMSGSIZE or SNDHWM set after bind never reaches a client's pipe).
+    MAXMSGSIZE or SNDHWM set after bind never reaches a client's pipe, and
+    CURVE_SERVER set after bind is never asked for).
     """
     sock = context.socket(kind)
     sock.setsockopt(zmq.LINGER, 1000)
@@ -108,10 +109,18 @@ def bind_socket(context: zmq.Context, kind: int, endpoint: str, options: dict[in
     except zmq.ZMQError as exc:
         sock.close(0)
         raise BindError(f"cannot bind {endpoint}: {exc}") from None
-    if endpoint.startswith("ipc://"):
-        # Only the daemon's user (and group) may connect.
+    # ipc://@name is Linux's abstract namespace: no file, no permissions.
+    if endpoint.startswith("ipc://") and not endpoint.startswith("ipc://@"):
         try:
-            os.chmod(endpoint[len("ipc://") :], 0o660)
-        except OSError:
-            pass
+            _restrict_socket_file(endpoint[len("ipc://") :], group)
+        except OSError as exc:
+            sock.close(0)
+            raise BindError(f"cannot set the permissions of {endpoint}: {exc.strerror or exc}") from None
     return sock
+
+
+def _restrict_socket_file(path: str, group: int | None) -> None:
+    """Only the daemon's user and its group (``group``, or the user's own) may connect."""
+    os.chmod(path, 0o660)
+    if group is not None:
+        os.chown(path, -1, group)
