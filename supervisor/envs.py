@@ -225,15 +225,15 @@ def worker_code_dir(settings: Settings) -> Path:
     copy appears only when the code changes.
     """
     source = Path(workers.__file__).resolve().parent
-    files = sorted(source.glob("*.py"))
-    digest = _digest("".join(f.name + f.read_text(encoding="utf-8") for f in files))
+    files = sorted(f.relative_to(source) for f in source.rglob("*.py"))  # subpackages too (workers/protocol/)
+    digest = _digest("".join(str(f) + (source / f).read_text(encoding="utf-8") for f in files))
     target = settings.state_dir / "runtime" / digest
     if not (target / "workers" / "__init__.py").is_file():
         staging = target.with_name(f"{digest}.tmp{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
-        (staging / "workers").mkdir(parents=True)
         for f in files:
-            shutil.copy2(f, staging / "workers" / f.name)
+            (staging / "workers" / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / f, staging / "workers" / f)
         try:
             staging.rename(target)
         except OSError:  # another process won the race with identical content

@@ -1,7 +1,7 @@
 """python -m workers --engine KIND --endpoint ENDPOINT --worker-id ID [--heartbeat-interval S]
 
 Started by the daemon with the interpreter of the engine's own environment,
-with its per-spawn secret in NODESUP_WORKER_SECRET (see protocol.py) and, on
+with its per-spawn secret in NODESUP_WORKER_SECRET (see protocol/) and, on
 a tcp worker endpoint, its CURVE keys in NODESUP_WORKER_CURVE.
 Never writes protocol to stdout: llama.cpp and engine libraries print there.
 
