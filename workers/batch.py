@@ -33,6 +33,7 @@ class BatchLoop:
         self.runtime = runtime
         self.engine = engine
         self.running: dict[str, _Running] = {}
+        self._step_frames: list[bytes] = []  # the tokens of one step: they leave together
 
     def run(self) -> None:
         runtime = self.runtime
@@ -61,7 +62,7 @@ class BatchLoop:
                 continue  # a second load: nothing to do with it
             request = GenerateRequest.from_message(message)
             started = time.monotonic()
-            emit = self.runtime._emitter(request.request_id)
+            emit = self.runtime._emitter(request.request_id, self._step_frames.append)
             try:
                 self.engine.begin(request, emit)
             except RequestError as exc:
@@ -81,14 +82,22 @@ class BatchLoop:
         try:
             ended = self.engine.step()
         except Exception as exc:  # the batch is lost: every request in it gets the error
+            self._flush()
             traceback.print_exc()
             for request_id in list(self.running):
                 self.running.pop(request_id)
                 self.runtime._send(type=p.W_ERROR, request_id=request_id, code=p.ErrorCode.INTERNAL, message=f"{type(exc).__name__}: {exc}")
             self._activity()
             return
+        self._flush()
         for request_id, result in ended:
             self._finish(request_id, result)
+
+    def _flush(self) -> None:
+        """A step's token frames as one message: one send, one wake-up of the daemon, whatever the batch size."""
+        if self._step_frames:
+            self.runtime._socket.send_multipart(self._step_frames)
+            self._step_frames.clear()
 
     def _finish(self, request_id: str, result: GenerateResult) -> None:
         running = self.running.pop(request_id, None)

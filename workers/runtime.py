@@ -76,6 +76,9 @@ class WorkerRuntime:
         sock = self._context.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, identity.encode())
         sock.setsockopt(zmq.LINGER, 2000)  # let the last messages (load_failed, done) leave
+        # A DEALER blocks its sender at the high-water mark: the generating thread must never
+        # wait on a slow daemon (a silent one is left by the watchdog: the process ends).
+        sock.setsockopt(zmq.SNDHWM, 0)
         if self._curve is not None:
             for option, key in zip((zmq.CURVE_SERVERKEY, zmq.CURVE_PUBLICKEY, zmq.CURVE_SECRETKEY), self._curve):
                 sock.setsockopt(option, key.encode("ascii"))
@@ -220,9 +223,10 @@ class WorkerRuntime:
             timings={"prefill_ms": round((first_token_at - started) * 1000, 3), "generate_ms": round((ended - started) * 1000, 3)},
         )
 
-    def _emitter(self, rid: str) -> Any:
-        """The request's emit function: sends from this thread, no other thread wakes for a token."""
-        activity, send, encode_string = self._activity, self._socket.send, p.encode_string
+    def _emitter(self, rid: str, send: Any = None) -> Any:
+        """The request's emit function: sends from this thread, no other thread wakes for a token.
+        ``send``: where its frames go instead of the socket (the batch loop gathers a step's)."""
+        activity, send, encode_string = self._activity, send or self._socket.send, p.encode_string
         token_prefix = p.token_frame_prefix(rid)
 
         def emit(text: str, tokens: int = 1) -> None:

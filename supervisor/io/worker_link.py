@@ -93,24 +93,23 @@ class WorkerLink:
 
     def on_frames(self, frames: list[bytes]) -> None:
         now = time.monotonic()
-        routing_id, payload = frames[0], frames[-1]
+        routing_id = frames[0]
         peer = self._peers.get(routing_id)
         if peer is None:
             self._refuse(routing_id, now)
             return
         worker_id, engine = peer
-        if len(frames) != 2:
-            log.error("multi-frame message from a worker dropped", worker_id=worker_id, frames=len(frames))
-            return
         if engine.worker.worker_id != worker_id:  # a worker of an earlier generation: it has no business here
             self._send(routing_id, p.encode({"type": p.S_SHUTDOWN}))
             return
-        if payload.startswith(p.TOKEN_FRAME_START) and self._fast_token(engine, payload, now):
-            return
-        try:
-            self._on_message(engine, payload, now)
-        except Exception:  # a bug must not take the daemon down
-            log.exception("internal error handling a worker message", worker_id=worker_id)
+        # Usually one message per frame list; a worker serving several requests sends a step's tokens together.
+        for payload in frames[1:]:
+            if payload.startswith(p.TOKEN_FRAME_START) and self._fast_token(engine, payload, now):
+                continue
+            try:
+                self._on_message(engine, payload, now)
+            except Exception:  # a bug must not take the daemon down
+                log.exception("internal error handling a worker message", worker_id=worker_id)
 
     def _fast_token(self, engine: EngineState, payload: bytes, now: float) -> bool:
         """A token of a running request in the runtime's own form; False: take the general path."""
