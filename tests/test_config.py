@@ -52,6 +52,8 @@ def test_file_then_environment_then_flags(tmp_path, monkeypatch):
         ("max_message_bytes = 'big'\n", "max_message_bytes"),
         ('["engines"."bad name"]\nkind = "fake"\n', "engines"),
         ("no_such_key = 1\n", "no_such_key"),
+        ("log_max_bytes = -1\n", "log_max_bytes"),
+        ("log_backups = 'five'\n", "log_backups"),
     ],
 )
 def test_invalid_value_exits_78_with_one_line_naming_the_key(tmp_path, text, key):

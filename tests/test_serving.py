@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from typing import Any
@@ -215,12 +216,39 @@ def test_worker_reports_what_llama_cpp_offloaded_and_its_devices(llama_daemon):
     assert [d["type"] for d in model["devices"]] == ["cpu"] and model["devices"][0]["total_bytes"] > 0
 
 
-def test_llama_cpp_debug_lines_stay_out_of_the_log(llama_daemon):
-    """llama.cpp's log keeps its levels: the ~1,200 debug lines of a load are not relayed at info."""
+def worker_output(daemon, worker_id: str) -> list[dict[str, Any]]:
+    """What a worker printed, as the daemon logged it (its JSON console output)."""
+    records = []
+    for line in daemon.log_text().splitlines():
+        if '"worker.output"' in line and f'"{worker_id}"' in line:
+            records.append(json.loads(line))
+    return records
+
+
+def test_a_worker_start_logs_at_most_50_lines_at_info(llama_daemon):
+    """llama.cpp's load detail (the metadata dump, hyper-parameters, vocabulary, scheduler
+    internals: ~1,350 lines) is debug; what was loaded, its context and buffers stay at info."""
     worker_id = llama_daemon.engine("llama")["workers"][0]["id"]
-    relayed = [line for line in llama_daemon.log_text().splitlines() if '"worker.output"' in line and f'"{worker_id}"' in line]
-    assert 0 < len(relayed) < 400, len(relayed)
-    assert not any("llama_graph_n_input_tensors" in line for line in relayed)  # a debug line, 558 times per load
+    relayed = worker_output(llama_daemon, worker_id)
+    assert 0 < len(relayed) <= 50, "\n".join(r["event"] for r in relayed)
+    assert {r["level"] for r in relayed} <= {"info", "warning", "error"}
+    llama_cpp = [r["event"] for r in relayed if r.get("source") == "llama.cpp"]
+    assert any(line.startswith("llama_model_loader: loaded meta data") and "gemma-3-270m" in line for line in llama_cpp), llama_cpp
+    assert any("model buffer size" in line for line in llama_cpp) and any("compute buffer size" in line for line in llama_cpp)
+    assert any(line.startswith("llama_context: n_ctx ") and line.endswith("= 2048") for line in llama_cpp)
+    assert not any(" - kv " in line or line.startswith("print_info: n_head") for line in llama_cpp)
+    assert not any("llama_graph_n_input_tensors" in r["event"] for r in relayed)  # a debug line, 558 times per load
+
+
+def test_at_debug_the_load_detail_is_logged_at_debug(make_daemon):
+    daemon = make_daemon({"llama": LLAMA}, log_level="debug")
+    worker = daemon.engine("llama")["workers"][0]
+    relayed = worker_output(daemon, worker["id"])
+    by_level = {level: [r["event"] for r in relayed if r.get("source") == "llama.cpp" and r["level"] == level] for level in ("debug", "info")}
+    assert any(" - kv " in line and "general.architecture" in line for line in by_level["debug"]), len(relayed)
+    assert any(line.startswith("print_info: n_head ") for line in by_level["debug"])
+    assert not any(" - kv " in line for line in by_level["info"]) and 0 < len(by_level["info"]) <= 50
+    assert worker["model"]["offloadable_layers"] == 19  # the load's report is the same at any level
 
 
 def test_an_auto_engine_is_planned_for_the_cpu_here_and_says_why(llama_daemon):

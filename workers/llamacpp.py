@@ -15,7 +15,8 @@ from typing import Any, Protocol
 
 from .engine import EmitFn, EngineUnavailable, GenerateRequest, GenerateResult, ModelError, OutOfGpuMemory, ProgressFn, RequestError, StopFn
 from .protocol import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, ErrorCode
-from .llamacpp_native import LlamaLog, backend_devices, load_progress
+from .llamacpp_log import LlamaLog, python_prints
+from .llamacpp_native import backend_devices, load_progress
 from .textstream import TextAssembler
 
 try:
@@ -79,9 +80,9 @@ class LlamaCppEngine:
             model_path=str(model_path),
             n_ctx=spec.get("n_ctx", 2048),
             n_gpu_layers=spec.get("n_gpu_layers", 0),
-            # verbose=True keeps llama.cpp's log on stderr, which the daemon
-            # captures line by line; verbose=False would point the whole
-            # process's fd 1 and 2 at /dev/null while loading.
+            # verbose=True keeps llama.cpp's log (workers/llamacpp_log.py);
+            # verbose=False would point the whole process's fd 1 and 2 at
+            # /dev/null while loading.
             verbose=True,
         )
         if spec.get("n_threads"):
@@ -90,13 +91,14 @@ class LlamaCppEngine:
         progress(0.0, f"loading {model_path.name}")
         _LOG.quiet, _LOG.offloaded, _LOG.out_of_memory = False, None, None
         try:
-            with load_progress(llama_cpp, progress):
+            with load_progress(llama_cpp, progress), python_prints():
                 self._llm = llama_cpp.Llama(**kwargs)
         except ValueError as exc:  # llama-cpp-python's way of saying "could not load"
             if _LOG.out_of_memory:
                 raise OutOfGpuMemory(f"not enough GPU memory to load {model_path}: {_LOG.out_of_memory}") from exc
             raise ModelError(f"cannot load {model_path}: {exc}") from exc
         finally:
+            _LOG.flush()
             _LOG.quiet = True
         # Loading is over: no per-request chatter ("prefix-match hit") on stderr,
         # which would wake the daemon's log relay in the middle of every prefill.

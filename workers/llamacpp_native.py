@@ -1,4 +1,4 @@
-"""llama.cpp's log callback, load progress and ggml's device registry, through ctypes.
+"""llama.cpp's load progress and ggml's device registry, through ctypes.
 
 Helpers of workers/llamacpp.py, which hands them the ``llama_cpp`` module:
 this module never imports it, so that one engine module stays the only
@@ -9,52 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
-
-
-class LlamaLog:
-    """llama.cpp's log, through a callback of ours instead of llama-cpp-python's.
-
-    Levels are kept: debug lines (over a thousand for Gemma 3 at load) are
-    dropped, and once the model is loaded only warnings and errors go on to
-    stderr, where the daemon logs each line.  Facts the load prints and no
-    API returns are kept: how many layers went to the GPU.
-    """
-
-    # ggml_log_level (ggml.h): NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continues the previous line).
-    # llama-cpp-python's own table predates DEBUG and shifts them all by one.
-    LEVEL_DEBUG, LEVEL_WARN, LEVEL_ERROR, LEVEL_CONT = 1, 3, 4, 5
-    OFFLOADED = re.compile(rb"offloaded (\d+)/(\d+) layers to GPU")
-    # What ggml's CUDA/Vulkan/Metal backends print when a buffer does not fit.
-    OUT_OF_MEMORY = re.compile(rb"out of memory|failed to allocate .*buffer|cudaMalloc failed", re.IGNORECASE)
-
-    def __init__(self, llama_cpp: Any) -> None:
-        self.quiet = False  # after loading: warnings and errors only
-        self.offloaded: tuple[int, int] | None = None
-        self.out_of_memory: str | None = None  # the first line of a load that said so
-        self._last_level = 2
-        self._callback = llama_cpp.llama_log_callback(self._on_log)  # kept referenced: C holds the pointer
-        llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
-
-    def _on_log(self, level: int, text: bytes, _user_data: Any) -> None:
-        level = self._last_level if level == self.LEVEL_CONT else level
-        self._last_level = level
-        if (found := self.OFFLOADED.search(text)) is not None:
-            self.offloaded = (int(found.group(1)), int(found.group(2)))
-        if self.out_of_memory is None and not self.quiet and self.OUT_OF_MEMORY.search(text):
-            self.out_of_memory = text.decode("utf-8", "replace").strip()
-        if level == self.LEVEL_DEBUG or (self.quiet and level not in (self.LEVEL_WARN, self.LEVEL_ERROR)):
-            return
-        try:
-            sys.stderr.write(text.decode("utf-8", "replace"))
-            sys.stderr.flush()
-        except Exception:  # noqa: BLE001 - never raise into C
-            pass
-
-
 
 
 def backend_devices(lib_dir: Path) -> list[dict[str, Any]]:

@@ -1,6 +1,6 @@
 """node-supervisor: the one console command.
 
-    node-supervisor [--config FILE] [global flags] run | generate | status | ping | reload | events | plan | keys | envs create|check | install-service
+    node-supervisor [--config FILE] [global flags] run | generate | status | ping | reload | events | logs | plan | keys | envs create|check | install-service
 """
 
 from __future__ import annotations
@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
+from datetime import datetime
 from typing import Any
 
 from workers.protocol import ExitCode
@@ -36,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     events.add_argument("--json", action="store_true", help="one JSON object per line")
     events.add_argument("--count", type=int, help="exit after this many events")
     events.add_argument("--timeout", type=float, help="exit after this many seconds")
+    _add_logs(commands.add_parser("logs", help="the daemon's log: filter it, follow it (-f), as readable lines or JSON"))
     ping = commands.add_parser("ping", help="check that the daemon answers")
     ping.add_argument("--timeout", type=float, default=CONNECT_TIMEOUT_S)
     reload = commands.add_parser("reload", help="read the configuration again; engines whose settings changed restart without losing requests")
@@ -97,6 +100,25 @@ def _add_plan(plan: argparse.ArgumentParser) -> None:
     plan.add_argument("--json", action="store_true")
 
 
+def _add_logs(logs: argparse.ArgumentParser) -> None:
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines, across rotations (Ctrl-C stops)")
+    logs.add_argument("--engine", metavar="NAME", help="lines about this engine (their engine field, or a worker id NAME.N)")
+    logs.add_argument("--worker", metavar="ID", help="lines about this worker (worker_id, e.g. llama.1), its own output included")
+    logs.add_argument("--level", choices=["debug", "info", "warning", "error", "critical"], help="this level and above")
+    logs.add_argument("--request", metavar="ID", help="lines about this request (request_id)")
+    logs.add_argument("--since", type=_since, metavar="TIME", help="an ISO time (no zone: local time) or an age: 30s, 10m, 2h, 1d, 1w")
+    logs.add_argument("--json", action="store_true", help="the JSON lines exactly as written, for tools")
+
+
+def _since(text: str) -> datetime:
+    from ..logs_reader import parse_since
+
+    try:
+        return parse_since(text, time.time())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -130,6 +152,12 @@ def _events(settings: Settings, args: argparse.Namespace) -> int:
     return watch_events(settings, args)
 
 
+def _logs(settings: Settings, args: argparse.Namespace) -> int:
+    from .logs_command import logs_command
+
+    return logs_command(settings, args)
+
+
 def _plan(settings: Settings, args: argparse.Namespace) -> int:
     from .plan_command import plan_command
 
@@ -155,8 +183,8 @@ def _install_service(settings: Settings, args: argparse.Namespace) -> int:
 
 
 # One entry per command; each command's code lives in its own module.
-COMMANDS = {"run": _run, "envs": _envs, "events": _events, "plan": _plan, "generate": _client, "status": _client, "ping": _client, "reload": _client,
-            "keys": _keys, "install-service": _install_service}
+COMMANDS = {"run": _run, "envs": _envs, "events": _events, "logs": _logs, "plan": _plan, "generate": _client, "status": _client, "ping": _client,
+            "reload": _client, "keys": _keys, "install-service": _install_service}
 
 
 def _settings(args: argparse.Namespace) -> Settings:

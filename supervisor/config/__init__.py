@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     events_endpoint: str | None = None  # default: ipc://<state_dir>/run/events.sock (tcp on Windows)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "console", "json"] = "auto"
+    log_max_bytes: int = Field(50 << 20, ge=0, description="the JSON log file is rotated at this size; 0: never (an external logrotate may)")
+    log_backups: int = Field(5, ge=0, le=1000, description="rotated files kept: <file>.1 (newest) ... <file>.N")
     heartbeat_interval_s: float = Field(1.0, gt=0, le=60)
     load_timeout_s: float = Field(600.0, gt=0)
     shutdown_grace_s: float = Field(5.0, ge=0, le=600)

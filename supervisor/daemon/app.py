@@ -199,7 +199,7 @@ class Daemon:
 
     def start_worker(self, launch: WorkerLaunch) -> None:
         python = env_python(env_dir(self.settings, launch.env_name))
-        command = worker_command(python, launch, self.worker_endpoint, self.settings.heartbeat_interval_s)
+        command = worker_command(python, launch, self.worker_endpoint, self.settings.heartbeat_interval_s, self.settings.log_level)
         process = WorkerProcess(launch, command, self._environ, self._on_worker_exit)
         self.processes[launch.worker_id] = process
         self.workers.admit(launch.worker_id, process.routing_id, self.engines[launch.engine])

@@ -26,7 +26,7 @@ ENV_BUILD_EXTENSION_S = 600.0  # each line of a build pushes systemd's start tim
 def run_daemon(settings: Settings, create_envs: bool) -> int:
     if (code := preflight.check_before_logging(settings)) is not None:
         return code
-    log_file = setup_logging(settings.log_level, settings.log_dir, settings.log_format)
+    log_file = setup_logging(settings.log_level, settings.log_dir, settings.log_format, settings.log_max_bytes, settings.log_backups)
     lock = _take_lock(settings.run_dir)
     if lock is None:
         log.error("another daemon is running with this state directory", state_dir=str(settings.state_dir))

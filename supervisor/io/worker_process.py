@@ -9,6 +9,8 @@ local process that merely knows a worker id cannot speak for that worker.
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import secrets
 import signal
 import sys
@@ -26,6 +28,8 @@ from ..logs import get_logger
 
 log = get_logger("supervisor.worker_process")
 
+# The worker's logging format, "%(levelname)s %(name)s: %(message)s" (workers/__main__.py).
+WORKER_LOG_LINE = re.compile(r"(DEBUG|INFO|WARNING|ERROR|CRITICAL) ([\w.-]+): (.*)", re.DOTALL)
 TAIL_LINES = 20  # last lines a worker printed, kept for crash reports
 ExitFn = Callable[[str, "int | None", dict[str, Any]], None]  # worker id, return code, exit description
 
@@ -97,7 +101,9 @@ class WorkerProcess:
             line = raw.decode("utf-8", "replace").rstrip()
             if line:
                 self.tail.append(line)
-                log.info(line, event_kind="worker.output", stream=name, engine=self.launch.engine, worker_id=self.worker_id, pid=pid)
+                level, source, text = parse_worker_line(line)
+                origin = {"source": source} if source else {}  # the worker's logger, e.g. llama.cpp
+                log.log(level, text, event_kind="worker.output", stream=name, **origin, engine=self.launch.engine, worker_id=self.worker_id, pid=pid)
 
     def signal(self, sig: int) -> None:
         if self.process is None:
@@ -131,6 +137,20 @@ class WorkerProcess:
             return None
 
 
+def parse_worker_line(line: str) -> tuple[int, str | None, str]:
+    """(level, the worker's logger, the text) of a line a worker printed.
+
+    Workers log one line per record as ``LEVEL logger: text`` (workers/__main__.py),
+    llama.cpp's log included (workers/llamacpp_log.py); such a line is logged at
+    its own level.  Anything else a worker prints (a traceback, a library's own
+    print) is logged at info as it is.
+    """
+    match = WORKER_LOG_LINE.match(line)
+    if match is None:
+        return logging.INFO, None, line
+    return logging.getLevelName(match.group(1)), match.group(2), match.group(3)
+
+
 def describe_exit(returncode: int | None) -> dict[str, Any]:
     """Exit code or signal, in words an operator can act on."""
     if returncode is None:
@@ -144,13 +164,15 @@ def describe_exit(returncode: int | None) -> dict[str, Any]:
     return {"exit_code": returncode, "signal": None, "cause": f"exited with code {returncode}"}
 
 
-def worker_command(python: Path, launch: WorkerLaunch, endpoint: str, heartbeat_interval: float) -> list[str]:
+def worker_command(python: Path, launch: WorkerLaunch, endpoint: str, heartbeat_interval: float, log_level: str = "info") -> list[str]:
+    """A worker logs at the daemon's level: debug lines cross the pipe only when they will be kept."""
     return [
         str(python), "-m", "workers",
         "--engine", launch.kind,
         "--endpoint", endpoint,
         "--worker-id", launch.worker_id,
         "--heartbeat-interval", str(heartbeat_interval),
+        "--log-level", log_level.upper(),
     ]  # fmt: skip
 
 

@@ -140,6 +140,7 @@ class ExitCode:
     CRASH = 1  # uncaught exception: restart may help
     USAGE = 64  # bad command line (EX_USAGE)
     MODEL_ERROR = 65  # model file missing or unloadable (EX_DATAERR): the circuit opens at once
+    NO_INPUT = 66  # cli: what it was to read is not there, e.g. no log directory (EX_NOINPUT)
     UNAVAILABLE = 69  # engine cannot run here, e.g. no CUDA (EX_UNAVAILABLE): do not retry
     PROTOCOL_MISMATCH = 76  # daemon speaks another protocol version (EX_PROTOCOL)
     CONFIG = 78  # invalid configuration (EX_CONFIG): do not retry
