@@ -45,7 +45,7 @@ def test_the_core_imports_no_io():
 
 def test_modules_and_functions_stay_small():
     too_long = []
-    for path in sorted([*REPO.glob("supervisor/**/*.py"), *REPO.glob("workers/*.py")]):
+    for path in sorted([*REPO.glob("supervisor/**/*.py"), *REPO.glob("workers/*.py"), *REPO.glob("winservice/*.py")]):
         text = path.read_text()
         if len(text.splitlines()) > MAX_MODULE_LINES:
             too_long.append(f"{path.relative_to(REPO)}: {len(text.splitlines())} lines")

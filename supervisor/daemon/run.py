@@ -23,7 +23,16 @@ from . import preflight
 log = get_logger("supervisor.daemon")
 ENV_BUILD_EXTENSION_S = 600.0  # each line of a build pushes systemd's start timeout this far ahead
 
-def run_daemon(settings: Settings, create_envs: bool) -> int:
+def run_daemon(
+    settings: Settings, create_envs: bool, notifier: Notifier | None = None, on_serving: Callable[["DaemonHandle"], None] | None = None
+) -> int:
+    """Prepare, then serve until stopped; the exit code.
+
+    A host that runs the daemon in its own process (the Windows service)
+    passes ``notifier`` to hear of start-up progress, and ``on_serving`` to
+    get a :class:`DaemonHandle` once the daemon serves: its ``stop`` is the
+    service's stop control.  Without them this is ``node-supervisor run``.
+    """
     if (code := preflight.check_before_logging(settings)) is not None:
         return code
     log_file = setup_logging(settings.log_level, settings.log_dir, settings.log_format, settings.log_max_bytes, settings.log_backups)
@@ -35,12 +44,12 @@ def run_daemon(settings: Settings, create_envs: bool) -> int:
         return code
     log.info("daemon starting", pid=os.getpid(), log_file=str(log_file), state_dir=str(settings.state_dir))
     try:
-        prepare(settings, create_envs, Notifier())
+        prepare(settings, create_envs, notifier or Notifier())
     except EnvError as exc:
         log.error("preparation failed", error=str(exc))
         return ExitCode.UNAVAILABLE
     try:
-        asyncio.run(_serve(settings))
+        asyncio.run(_serve(settings, on_serving))
     except (BindError, KeysError, ConfigError) as exc:  # an endpoint, a key file, the socket group
         log.error("cannot serve", error=str(exc))
         print(f"node-supervisor: {exc}", file=sys.stderr)
@@ -81,7 +90,23 @@ def _build_line_logger(pip_log: Any, notifier: Notifier) -> Callable[[str], None
     return on_line
 
 
-async def _serve(settings: Settings) -> None:
+class DaemonHandle:
+    """A serving daemon, stoppable from any thread: a Windows service's stop
+    control arrives on the service manager's thread, not the event loop's."""
+
+    def __init__(self, daemon: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._daemon = daemon
+        self._loop = loop
+
+    def stop(self, reason: str) -> None:
+        """The daemon's one ordered stop (``request_stop``), run on its own loop."""
+        try:
+            self._loop.call_soon_threadsafe(self._daemon.request_stop, reason)
+        except RuntimeError:  # the loop has closed: the daemon has already stopped
+            pass
+
+
+async def _serve(settings: Settings, on_serving: Callable[[DaemonHandle], None] | None = None) -> None:
     from .app import Daemon  # pyzmq and the core load only when serving
 
     daemon = Daemon(settings)
@@ -95,6 +120,9 @@ async def _serve(settings: Settings) -> None:
             loop.add_signal_handler(sig, handler, signal.Signals(sig).name)
         except (NotImplementedError, RuntimeError):  # Windows: the service wrapper calls request_stop
             pass
+    if on_serving is not None:
+        # Runs once daemon.run() has reached its wait: sockets bound, readers started.
+        loop.call_soon(on_serving, DaemonHandle(daemon, loop))
     await daemon.run()
 
 

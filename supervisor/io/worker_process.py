@@ -25,6 +25,7 @@ from workers import protocol as p
 
 from ..core.effects import WorkerLaunch
 from ..logs import get_logger
+from . import job_object
 
 log = get_logger("supervisor.worker_process")
 
@@ -47,6 +48,7 @@ class WorkerProcess:
         self.process: asyncio.subprocess.Process | None = None
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
         self._pending_signal: int | None = None  # asked before the process existed
+        self._spawn_ended = asyncio.Event()  # the spawn succeeded or failed: self.process is final
         self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
@@ -66,9 +68,12 @@ class WorkerProcess:
                 stderr=asyncio.subprocess.PIPE, env=self._environ, **_new_process_group(),
             )  # fmt: skip
         except OSError as exc:
+            self._spawn_ended.set()
             log.error("worker could not be started", worker_id=self.worker_id, error=str(exc))
             self._on_exit(self.worker_id, None, {"exit_code": None, "signal": None, "cause": f"could not start: {exc}", "last_lines": [], "at": time.time()})
             return
+        self._spawn_ended.set()
+        job_object.contain(self.process.pid)  # Windows: it dies with this process, whatever ends it
         log.info("worker started", engine=self.launch.engine, worker_id=self.worker_id, pid=self.process.pid)
         if self._pending_signal is not None:
             self.signal(self._pending_signal)
@@ -120,10 +125,15 @@ class WorkerProcess:
         asyncio.get_running_loop().call_later(grace_s, self.signal, signal.SIGKILL if sys.platform != "win32" else signal.SIGTERM)
 
     async def wait_exit(self, timeout: float) -> bool:
-        if self.process is None:
-            return True  # never spawned (or still spawning: its pending signal ends it)
+        """Has it exited within ``timeout``?  A spawn still under way is waited
+        for: a stop that came first reaches the process as it starts (the
+        pending signal), and the process must be gone before the daemon is."""
+        deadline = time.monotonic() + timeout
         try:
-            await asyncio.wait_for(asyncio.shield(self.process.wait()), timeout)
+            await asyncio.wait_for(self._spawn_ended.wait(), timeout)
+            if self.process is None:
+                return True  # the spawn failed
+            await asyncio.wait_for(asyncio.shield(self.process.wait()), max(0.0, deadline - time.monotonic()))
             return True
         except asyncio.TimeoutError:
             return False
