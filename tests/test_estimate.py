@@ -175,7 +175,8 @@ def test_exl2_cache_types_and_weight_split():
 _BUFFER = re.compile(r"(\S+)\s+(model|KV|output|compute) buffer size =\s+([\d.]+) MiB")
 # The worker's own loader, run in the llamacpp environment: the settings measured are the daemon's.
 _LOAD = """
-import sys
+import logging, sys
+logging.basicConfig(level=logging.INFO)  # llama.cpp's buffer sizes are logged at info (workers/llamacpp_log.py)
 sys.path.insert(0, sys.argv[1])
 from workers.llamacpp import create_engine
 create_engine().load({"model": sys.argv[2], "n_ctx": int(sys.argv[3]), "n_gpu_layers": 0}, lambda f, m: None)
