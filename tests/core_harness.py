@@ -107,9 +107,10 @@ class Core:
         apply_reload(self.supervisor, self.settings, changes, fresh, self.now)
         return changes
 
-    def advance(self, seconds: float) -> None:
+    def advance(self, seconds: float, day: str | None = None) -> None:
+        """Move the clock and tick; ``day``: the date the daemon would pass (the accounting day)."""
         self.now += seconds
-        self.supervisor.tick(self.now)
+        self.supervisor.tick(self.now, day)
 
     def engine(self, name: str) -> EngineState:
         return self.engines[name]

@@ -197,3 +197,33 @@ def test_invalid_gpu_and_planning_values_name_the_key(tmp_path, text, key):
 def test_example_config_gpu_table_is_the_defaults():
     example = Path(__file__).resolve().parent.parent / "config" / "node-supervisor.example.toml"
     assert load_settings(example).gpu == GpuConfig()
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ('[engines.remote]\nkind = "fake"\nprice_input_per_mtok = -0.5\n', "engines.remote.price_input_per_mtok"),
+        ('[engines.remote]\nkind = "fake"\nprice_output_per_mtok = -1\n', "engines.remote.price_output_per_mtok"),
+        ('[engines.remote]\nkind = "fake"\nprice_output_per_mtok = nan\n', "engines.remote.price_output_per_mtok"),
+        ('[engines.remote]\nkind = "fake"\ndaily_budget = 0\n', "engines.remote.daily_budget"),
+        ('[engines.remote]\nkind = "fake"\ndaily_budget = "lots"\n', "engines.remote.daily_budget"),
+        ('[metrics]\nlisten = "0.0.0.0:9464"\n', "metrics.listen"),
+        ('[metrics]\nlisten = "127.0.0.1"\n', "metrics.listen"),
+        ('[metrics]\nlisten = "127.0.0.1:70000"\n', "metrics.listen"),
+        ("[metrics]\nport = 9464\n", "metrics.port"),
+    ],
+)
+def test_invalid_accounting_and_metrics_values_name_the_key(tmp_path, text, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_settings(write(tmp_path, text))
+
+
+def test_accounting_and_metrics_keys_and_their_defaults(tmp_path):
+    settings = load_settings(write(tmp_path, '[metrics]\nlisten = "[::1]:9464"\n[engines.remote]\nkind = "fake"\n'
+                                             "price_input_per_mtok = 0.5\nprice_output_per_mtok = 1.5\ndaily_budget = 2\n"))  # fmt: skip
+    remote = settings.engines["remote"]
+    assert (remote.price_input_per_mtok, remote.price_output_per_mtok, remote.daily_budget) == (0.5, 1.5, 2.0)
+    assert settings.metrics.listen == "[::1]:9464"
+    defaults = load_settings(None, {"state_dir": tmp_path})
+    assert defaults.metrics.listen is None  # off unless asked for
+    assert all((e.price_input_per_mtok, e.price_output_per_mtok, e.daily_budget) == (0, 0, None) for e in defaults.engines.values())

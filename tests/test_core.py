@@ -35,7 +35,7 @@ def test_a_request_on_a_cold_engine_starts_it_and_is_dispatched_once_it_is_ready
     core.finish_current("b")
     (done,) = core.terminal("r1")
     assert done["event"] == "done" and done["usage"]["completion_tokens"] == 2 and done["worker"] == "b.1"
-    assert core.engine("b").served == 1
+    assert core.engine("b").stats.served == 1
 
 
 def test_one_queue_bound_for_new_and_retried_requests():
@@ -99,7 +99,7 @@ def test_deadlines_end_queued_and_running_requests_once():
     assert core.effects.worker_messages("a.1", p.S_CANCEL) == [{"type": p.S_CANCEL, "request_id": wire_id}]
     core.finish_current("a", p.FINISH_CANCELLED)  # the worker confirms: no second end
     assert len(core.terminal("running")) == 1
-    assert core.engine("a").failed == 2
+    assert core.engine("a").stats.failed == 2
 
 
 def test_a_client_that_cannot_be_reached_ends_its_requests_through_the_terminal_path():
@@ -112,7 +112,7 @@ def test_a_client_that_cannot_be_reached_ends_its_requests_through_the_terminal_
     core.effects.refusing_clients.add(b"slow")
     core.tokens("a", 1)
     assert core.router.requests.keys() == {(b"fine", "other")}
-    assert core.engine("a").failed == 2  # counted, like every end
+    assert core.engine("a").stats.failed == 2  # counted, like every end
     assert core.effects.worker_messages("a.1", p.S_CANCEL)  # no compute spent on it
     assert [r.id for r in core.engine("a").queue] == ["other"]
 

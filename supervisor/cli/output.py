@@ -16,6 +16,8 @@ def format_status(reply: dict[str, Any]) -> str:
     lines = [f"daemon pid {daemon['pid']}  version {daemon['version']}  uptime {daemon['uptime_s']}s  endpoint {daemon['client_endpoint']}"]
     if daemon.get("active_engine"):
         lines.append(f"unpinned traffic goes to: {daemon['active_engine']}")
+    if daemon.get("metrics_url"):
+        lines.append(f"metrics: {daemon['metrics_url']}")
     for engine in reply["engines"]:
         latency = engine["latency"]
         lines.append(
@@ -31,6 +33,7 @@ def format_status(reply: dict[str, Any]) -> str:
         lines.append(
             f"  queue {engine['queue_depth']}/{engine['max_queue']}  in flight {engine['in_flight']}  served {engine['served']}  failed {engine['failed']}"
         )
+        lines.append(_accounting(engine["tokens"], engine["cost"]))
         lines.append(
             f"  ttft p50/p95 {latency['ttft_ms']['p50']}/{latency['ttft_ms']['p95']} ms  "
             f"per-token p50/p95 {latency['per_token_ms']['p50']}/{latency['per_token_ms']['p95']} ms  ({latency['ttft_ms']['samples']} samples)"
@@ -45,6 +48,16 @@ def format_status(reply: dict[str, Any]) -> str:
             if worker.get("last_exit"):
                 lines.append(f"    last exit: {worker['last_exit']['cause']}")
     return "\n".join(lines)
+
+
+def _accounting(tokens: dict[str, int], cost: dict[str, Any]) -> str:
+    """Tokens since start and today; what they cost, for an engine with prices or a budget."""
+    line = f"  tokens prompt/generated {tokens['prompt']}/{tokens['completion']}, today {tokens['prompt_today']}/{tokens['completion_today']}"
+    if cost["price_input_per_mtok"] or cost["price_output_per_mtok"] or cost["daily_budget"] is not None:
+        line += f"  cost today {cost['today']:g}, total {cost['total']:g}"
+        if cost["daily_budget"] is not None:
+            line += f"  budget {cost['daily_budget']:g}" + (" spent: takes no traffic until the day turns" if cost["budget_exhausted"] else "")
+    return line
 
 
 def format_reload(reply: dict[str, Any]) -> str:

@@ -20,11 +20,11 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError, TomlConfigSettingsSource
 
 # The tables live in their own module; they are part of this module's interface.
-from .sections import ENGINE_KINDS, KV_CACHE_TYPES, CacheType, EngineConfig, EnvConfig, GpuConfig, SecurityConfig, SupervisionConfig
+from .sections import ENGINE_KINDS, KV_CACHE_TYPES, CacheType, EngineConfig, EnvConfig, GpuConfig, MetricsConfig, SecurityConfig, SupervisionConfig, split_host_port
 
 __all__ = [
-    "ENGINE_KINDS", "KV_CACHE_TYPES", "CacheType", "ConfigError", "EngineConfig", "EnvConfig", "GpuConfig", "SecurityConfig",
-    "Settings", "SupervisionConfig", "find_config_file", "load_settings", "reload_settings", "unknown_environment_variables",
+    "ENGINE_KINDS", "KV_CACHE_TYPES", "CacheType", "ConfigError", "EngineConfig", "EnvConfig", "GpuConfig", "MetricsConfig", "SecurityConfig",
+    "Settings", "SupervisionConfig", "find_config_file", "load_settings", "reload_settings", "split_host_port", "unknown_environment_variables",
 ]
 
 ENV_PREFIX = "NODESUP_"
@@ -86,6 +86,7 @@ class Settings(BaseSettings):
     supervision: SupervisionConfig = Field(default_factory=SupervisionConfig)
     gpu: GpuConfig = Field(default_factory=GpuConfig)
     security: SecurityConfig = Field(default_factory=SecurityConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     engines: dict[str, EngineConfig] = Field(default_factory=_default_engines)
 
     @field_validator("engines")

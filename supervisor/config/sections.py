@@ -1,11 +1,11 @@
-"""The tables inside the settings: one engine, supervision, GPU planning, one environment, security."""
+"""The tables inside the settings: one engine, supervision, GPU planning, one environment, security, metrics."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 ENGINE_KINDS = ("llamacpp", "exllamav2", "fake")
 # KV cache types, largest first (llama.cpp's names; the planner maps them for ExLlamaV2).
@@ -34,6 +34,10 @@ class EngineConfig(BaseModel):
     max_queue: int = Field(16, ge=0, le=100_000)
     env: str | None = Field(None, description="name of the virtual environment; default: the kind")
     options: dict[str, Any] = Field(default_factory=dict, description="passed through to the engine")
+    # Accounting (docs/METRICS.md): currency-neutral prices, meant for engines that are paid per token.
+    price_input_per_mtok: float = Field(0.0, ge=0, allow_inf_nan=False, description="price of a million prompt tokens")
+    price_output_per_mtok: float = Field(0.0, ge=0, allow_inf_nan=False, description="price of a million generated tokens")
+    daily_budget: float | None = Field(None, gt=0, allow_inf_nan=False, description="spent today at or past this: unpinned requests go to the next engine until the day turns")
 
     @property
     def env_name(self) -> str:
@@ -102,3 +106,31 @@ class SecurityConfig(BaseModel):
     server_key_file: Path | None = Field(None, description="the daemon's public key as a client checks it; default <keys_dir>/server.key")
     client_key_file: Path | None = Field(None, description="the key pair this client presents; default <keys_dir>/clients/local.key_secret")
     socket_group: str | None = Field(None, min_length=1, description="the group given the run directory and the ipc sockets; members may connect")
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6 host]:port`` -> (host, port); ValueError naming what is wrong."""
+    host, colon, port = value.rpartition(":")
+    if not colon or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not host:port (port 0-65535)")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    return host, int(port)
+
+
+class MetricsConfig(BaseModel):
+    """``[metrics]``: the Prometheus exposition on a loopback port of its own (docs/METRICS.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    listen: str | None = Field(None, description='loopback "host:port" serving GET /metrics; port 0: any free port; unset: off')
+
+    @field_validator("listen")
+    @classmethod
+    def _loopback(cls, value: str | None) -> str | None:
+        if value is not None and split_host_port(value)[0] not in LOOPBACK_HOSTS:
+            # The exposition has no access control: it names engines, models and spend.
+            raise ValueError(f"must be a loopback address ({', '.join(LOOPBACK_HOSTS)}) with a port, e.g. 127.0.0.1:9464")
+        return value

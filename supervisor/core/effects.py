@@ -66,6 +66,7 @@ TOPIC_WORKER_HANG = "worker.hang"  # engine, worker_id, reason
 TOPIC_WORKER_REFUSED = "worker.refused"  # a process that is not one of this daemon's workers: routing_id
 TOPIC_ENGINE_CIRCUIT = "engine.circuit"  # engine, state, code, reason
 TOPIC_ENGINE_SWITCH = "engine.switch"  # from, to, reason
+TOPIC_ENGINE_BUDGET = "engine.budget"  # engine, exhausted, day, spent_today, daily_budget
 TOPIC_PROBE = "probe.result"  # engine, worker_id, ok, ttft_ms, error
 TOPIC_REQUEST_RETRY = "request.retry"  # request_id, from_worker, engine, cause
 TOPIC_ENGINE_PLAN = "engine.plan"  # engine, chosen (variant, layers, n_ctx, cache type, device), reasons, warnings, after_oom

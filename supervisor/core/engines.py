@@ -16,6 +16,7 @@ from .latency import EngineLatency
 from .lifecycle import StateListener, Worker, WorkerState
 from .policy import Backoff, CircuitBreaker, LatencyVerdict
 from .request import ClientRequest, Generation
+from .stats import EngineStats
 
 log = get_logger("supervisor.engines")
 
@@ -39,8 +40,7 @@ class EngineState:
         self.latency = EngineLatency(supervision.latency_window_s)
         self.backoff = Backoff(supervision.restart_backoff_base_s, supervision.restart_backoff_cap_s, supervision.stable_after_s)
         self.breaker = CircuitBreaker(supervision.circuit_failures, supervision.circuit_window_s, supervision.circuit_open_s)
-        self.served = 0
-        self.failed = 0
+        self.stats = EngineStats()  # kept across reloads, like the queue
         # Set when retrying cannot help (no CUDA, missing environment): (error code, reason).
         self.hard_failure: tuple[str, str] | None = None
         self.plan: Any = None  # core.plan.Plan for this engine, in force since its last start; None: as configured
@@ -94,7 +94,27 @@ class EngineState:
             return self.hard_failure
         if not self.breaker.allows_traffic:
             return (self.breaker.code, f"circuit {self.breaker.state.value}: {self.breaker.reason}")
+        if self.budget_exhausted:
+            return (ErrorCode.BUDGET_EXHAUSTED, f"daily budget {self.config.daily_budget:g} spent ({self.stats.spent_today:.6g}); serving again when the day turns")
         return None
+
+    @property
+    def budget_exhausted(self) -> bool:
+        return self.stats.budget_exhausted(self.config)
+
+    def record_end(self, generation: Generation, event: dict[str, Any], now: float) -> bool:
+        """A client request ended here: count it; True when its cost used up the daily budget."""
+        exhausted = self.budget_exhausted
+        self.stats.record_end(generation, event, now, self.config)
+        return self.budget_exhausted and not exhausted
+
+    def waiting(self) -> int:
+        """Client requests in the queue."""
+        return sum(isinstance(g, ClientRequest) and not g.finished for g in self.queue)
+
+    def in_flight(self) -> int:
+        """Client requests its worker generates now."""
+        return sum(isinstance(g, ClientRequest) for g in self.worker.running.values())
 
     @property
     def healthy(self) -> bool:
@@ -137,10 +157,11 @@ class EngineState:
             "circuit": self.breaker.state.value,
             "queue_depth": len(self.queue),
             "max_queue": self.config.max_queue,
-            "in_flight": sum(isinstance(g, ClientRequest) for g in self.worker.running.values()),
+            "in_flight": self.in_flight(),
             "slots": self.worker.slots,
-            "served": self.served,
-            "failed": self.failed,
+            "served": self.stats.served,
+            "failed": self.stats.failed,
+            **self.stats.describe(self.config),
             "latency": self.latency.summary(now),
             "slo": {"ttft_ms": self.config.slo_ttft_ms, "per_token_ms": self.config.slo_per_token_ms},
         }
@@ -158,6 +179,7 @@ class Engines:
         self.by_name = engines
         self.effects = effects
         self.stopping = False
+        self.refused_unrouted: dict[str, int] = {}  # generate ops refused before an engine was known, by code
         self._gpu_waiting: set[str] = set()  # GPU engines waiting for another's memory
 
     def __iter__(self) -> Any:
@@ -171,6 +193,12 @@ class Engines:
 
     def by_priority(self) -> list[EngineState]:
         return sorted(self.by_name.values(), key=lambda e: e.config.priority)
+
+    def count_refusal(self, engine: EngineState | None, code: str) -> None:
+        if engine is not None:
+            engine.stats.record_refusal(code)
+        else:
+            self.refused_unrouted[code] = self.refused_unrouted.get(code, 0) + 1
 
     def add(self, engine: EngineState) -> EngineState:
         self.by_name[engine.name] = engine

@@ -102,6 +102,7 @@ class Worker:
         self.running: dict[str, Generation] = {}  # what it generates now, by wire id, in dispatch order
         self.slots = 1  # how many it generates at once (its ready message says; llama.cpp's parallel sequences)
         self.hang_reason: str | None = None  # set when killed as hung
+        self.kill_cause: str | None = None  # and why, in a word (core/stats.py RESTART_CAUSES): hang, probe_failure
         self.restarts = 0
         self.last_exit: dict[str, Any] | None = None
         self.report = WorkerReport()
@@ -119,7 +120,7 @@ class Worker:
         """A new process is about to start: a new id, a clean report."""
         self.generation += 1
         self.worker_id = f"{self.engine}.{self.generation}"
-        self.alive, self.hang_reason, self.slots = True, None, 1
+        self.alive, self.hang_reason, self.kill_cause, self.slots = True, None, None, 1
         self.report = WorkerReport()
         self.times = WorkerTimes(started_at=now, last_heard=now, last_progress_at=now)
         return self.worker_id

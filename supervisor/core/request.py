@@ -10,7 +10,9 @@ workers, deadlines and cancels do at the same time.  Pure: time is an argument.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
+from workers import protocol as p
 from workers.protocol import token_event_prefix
 
 from .validate import GenerateParams
@@ -54,6 +56,29 @@ class Generation:
             "ttft_ms": ms(self.received_at, self.first_token_at),
             "total_ms": ms(self.received_at, now),
         }
+
+    def done_event(self, finish_reason: str, usage: dict[str, Any], worker_timings: dict[str, Any], now: float) -> dict[str, Any]:
+        """The terminal event of a generation that ended well (or cancelled)."""
+        prompt_tokens = usage.get("prompt_tokens", 0)
+        completion_tokens = usage.get("completion_tokens", self.tokens)
+        event: dict[str, Any] = {
+            "event": p.EVENT_DONE,
+            "finish_reason": finish_reason,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": (prompt_tokens or 0) + (completion_tokens or 0)},
+            "timings": self.timings(now),
+        }  # fmt: skip
+        if "prefill_ms" in worker_timings:
+            event["timings"]["prefill_ms"] = worker_timings["prefill_ms"]
+        if isinstance(self, ClientRequest) and not self.params.stream:
+            event["text"] = "".join(self.text)
+        return event
+
+    def error_event(self, code: str, message: str, now: float, usage: dict[str, Any] | None = None) -> dict[str, Any]:
+        event: dict[str, Any] = {"event": p.EVENT_ERROR, "code": code, "message": message, "timings": self.timings(now)}
+        if usage is not None:
+            event["usage"] = usage
+        return event
 
     def engine_ttft_ms(self) -> float | None:
         """Dispatch to first token: the engine's own latency, without the queue."""

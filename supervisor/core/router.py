@@ -42,20 +42,26 @@ class Router:
         self.requests: dict[tuple[bytes, str], ClientRequest] = {}
         self.probes: set[Probe] = set()
         self.on_probe_end: ProbeHook = lambda *_: None  # the supervisor judges probes
+        self.on_budget_spent: Callable[[EngineState, float], None] = lambda *_: None  # core/budget.py reacts
         self._wire_ids = itertools.count(1)
 
     # --- arrivals ----------------------------------------------------------------
 
     def submit(self, envelope: list[bytes], mid: str, params: GenerateParams, now: float) -> None:
-        """A validated generate op: queue it or refuse it (InvalidMessage)."""
-        if self.engines.stopping:
-            raise InvalidMessage(ErrorCode.SHUTTING_DOWN, "the daemon is stopping")
-        request = ClientRequest(client=b"".join(envelope), id=mid, envelope=envelope, params=params, received_at=now)
-        if request.key in self.requests:
-            raise InvalidMessage(ErrorCode.DUPLICATE_ID, f"id {mid!r} is still in use by a running request")
-        engine = self._choose_engine(params.engine)
-        if not engine.has_room:
-            raise InvalidMessage(ErrorCode.BUSY, f"engine {engine.name!r} has {len(engine.queue)} requests waiting (max_queue)")
+        """A validated generate op: queue it or refuse it (InvalidMessage, counted by engine and code)."""
+        engine = self.engines.get(params.engine)  # a client's name for an engine is counted only if it names one
+        try:
+            if self.engines.stopping:
+                raise InvalidMessage(ErrorCode.SHUTTING_DOWN, "the daemon is stopping")
+            request = ClientRequest(client=b"".join(envelope), id=mid, envelope=envelope, params=params, received_at=now)
+            if request.key in self.requests:
+                raise InvalidMessage(ErrorCode.DUPLICATE_ID, f"id {mid!r} is still in use by a running request")
+            engine = self._choose_engine(params.engine)
+            if not engine.has_room:
+                raise InvalidMessage(ErrorCode.BUSY, f"engine {engine.name!r} has {len(engine.queue)} requests waiting (max_queue)")
+        except InvalidMessage as refused:
+            self.engines.count_refusal(engine, refused.code)
+            raise
         self.requests[request.key] = request
         self.enqueue(request, engine, "a request arrived", now)
         if request.deadline_at is not None:
@@ -218,7 +224,7 @@ class Router:
         engine.worker.times.last_heard = now
         if generation is None:
             return
-        generation.last_token_at = now
+        previous_at, generation.last_token_at = generation.last_token_at, now
         if generation.finished:
             return
         generation.tokens += tokens
@@ -226,6 +232,7 @@ class Router:
             generation.first_token_at = now
         if not isinstance(generation, ClientRequest):
             return
+        engine.stats.record_tokens(generation, previous_at, tokens, now)
         if generation.params.stream:
             event = b'%s%s,"index":%d}' % (generation.token_event_prefix, text_literal, generation.token_events)
             generation.token_events += 1
@@ -255,26 +262,10 @@ class Router:
     # --- the one terminal path ---------------------------------------------------------
 
     def done(self, generation: Generation, finish_reason: str, usage: dict[str, Any], worker_timings: dict[str, Any], now: float) -> None:
-        prompt_tokens = usage.get("prompt_tokens", 0)
-        completion_tokens = usage.get("completion_tokens", generation.tokens)
-        event: dict[str, Any] = {
-            "event": p.EVENT_DONE,
-            "finish_reason": finish_reason,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": (prompt_tokens or 0) + (completion_tokens or 0)},
-            "timings": generation.timings(now),
-        }  # fmt: skip
-        if "prefill_ms" in worker_timings:
-            event["timings"]["prefill_ms"] = worker_timings["prefill_ms"]
-        if isinstance(generation, ClientRequest) and not generation.params.stream:
-            event["text"] = "".join(generation.text)
-        self.finish(generation, event, now)
+        self.finish(generation, generation.done_event(finish_reason, usage, worker_timings, now), now)
 
     def fail(self, generation: Generation, code: str, message: str, now: float, usage: dict[str, Any] | None = None, reply: bool = True) -> None:
-        event: dict[str, Any] = {"event": p.EVENT_ERROR, "code": code, "message": message, "timings": generation.timings(now)}
-        if usage is not None:
-            event["usage"] = usage
-        self.finish(generation, event, now, reply=reply)
+        self.finish(generation, generation.error_event(code, message, now, usage), now, reply=reply)
 
     def finish(self, generation: Generation, event: dict[str, Any], now: float, reply: bool = True) -> None:
         """Every end of every generation: exactly once, whatever its cause."""
@@ -287,9 +278,7 @@ class Router:
             return
         assert isinstance(generation, ClientRequest)
         engine = self.engines.get(generation.engine)
-        if engine is not None:
-            engine.served += ok
-            engine.failed += not ok
+        budget_spent = engine is not None and engine.record_end(generation, event, now)
         self.requests.pop(generation.key, None)
         event = {"id": generation.id, **event, "engine": generation.engine or None, "worker": generation.worker_id}
         if reply and not self.effects.send_client(generation.envelope, p.encode(event)):
@@ -297,3 +286,6 @@ class Router:
         log.info("request end", request_id=generation.id, engine=generation.engine, worker_id=generation.worker_id,
                  outcome=event["event"], code=event.get("code"), finish_reason=event.get("finish_reason"),
                  tokens=generation.tokens, attempts=generation.attempts, **event["timings"])  # fmt: skip
+        if budget_spent:
+            assert engine is not None
+            self.on_budget_spent(engine, now)

@@ -14,12 +14,14 @@ from workers.protocol import ErrorCode
 
 from ..config import Settings
 from ..logs import get_logger
+from .budget import DailyBudgets
 from .effects import Effects, TOPIC_ENGINE_CIRCUIT, TOPIC_ENGINE_SWITCH, TOPIC_PROBE, TOPIC_WORKER_EXIT, TOPIC_WORKER_HANG
 from .engines import Engines, EngineState
 from .lifecycle import WorkerState
 from .policy import Circuit, LatencySwitch, retry_can_help
 from .request import Probe
 from .router import Router
+from .stats import restart_cause
 from .validate import GenerateParams
 
 log = get_logger("supervisor.supervisor")
@@ -37,6 +39,7 @@ class Supervisor:
         self.effects = effects
         self._probe_ids = itertools.count(1)
         router.on_probe_end = self._on_probe_end
+        self.budgets = DailyBudgets(engines, router, effects)
 
     def reconfigure(self, settings: Settings) -> None:
         """A reload's supervision settings, from now on."""
@@ -149,6 +152,7 @@ class Supervisor:
         failure = engine.worker.report.load_failure or {}
         code = failure.get("code") or ErrorCode.ENGINE_FAILED
         reason = failure.get("message") or cause
+        engine.stats.record_restart(restart_cause(engine.worker.kill_cause, failure))
         if code == ErrorCode.GPU_OUT_OF_MEMORY and engine.plan is not None:
             # A planned step, not a crash: the next plan never repeats this choice, so it cannot loop.
             engine.oom_step = True
@@ -196,7 +200,10 @@ class Supervisor:
 
     # --- the periodic look at every worker ------------------------------------------------
 
-    def tick(self, now: float) -> None:
+    def tick(self, now: float, day: str | None = None) -> None:
+        """The periodic look; ``day``: the daemon's date (the accounting day), when it tells it."""
+        if day is not None:
+            self.budgets.turn_day(day, now)
         self.router.expire(now)
         for engine in self.engines:
             worker = engine.worker
@@ -223,7 +230,7 @@ class Supervisor:
         if reason is not None and worker.hang_reason is None:
             log.error("worker hung; killing it", engine=engine.name, worker_id=worker.worker_id, reason=reason)
             self.effects.publish(TOPIC_WORKER_HANG, engine=engine.name, worker_id=worker.worker_id, reason=reason)
-            self._kill(engine, reason)
+            self._kill(engine, reason, "hang")
 
     def _hang_reason(self, engine: EngineState, now: float) -> str | None:
         """Why this worker counts as hung now, if it does.  Slow is not dead: loading is judged by its own progress."""
@@ -247,10 +254,10 @@ class Supervisor:
                 return f"still loading after {self.settings.load_timeout_s:.0f}s"
         return None
 
-    def _kill(self, engine: EngineState, reason: str) -> None:
+    def _kill(self, engine: EngineState, reason: str, cause: str) -> None:
         worker = engine.worker
         if worker.hang_reason is None and worker.alive:
-            worker.hang_reason = reason
+            worker.hang_reason, worker.kill_cause = reason, cause
             self.effects.kill_worker(worker.worker_id, self.config.kill_grace_s)
 
     def _maybe_probe_circuit(self, engine: EngineState, now: float) -> None:
@@ -279,4 +286,4 @@ class Supervisor:
         self.effects.publish(TOPIC_PROBE, engine=engine.name, worker_id=probe.worker_id, ok=ok, ttft_ms=probe.engine_ttft_ms(), error=None if ok else detail)
         if not ok and engine.worker.worker_id == probe.worker_id and engine.worker.alive:
             log.error("liveness probe failed; replacing the worker", engine=engine.name, worker_id=probe.worker_id, error=detail)
-            self._kill(engine, f"liveness probe failed: {detail}")
+            self._kill(engine, f"liveness probe failed: {detail}", "probe_failure")

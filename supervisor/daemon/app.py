@@ -12,6 +12,7 @@ import asyncio
 import os
 import signal
 import time
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import zmq
 from workers import protocol as p
 from workers.protocol import ErrorCode
 
-from ..config import Settings
+from ..config import Settings, split_host_port
 from ..core.effects import TOPIC_WORKER_STATE, WorkerLaunch
 from ..core.engines import Engines, EngineState
 from ..core.lifecycle import Worker, WorkerState
@@ -31,6 +32,8 @@ from ..core.validate import InvalidMessage
 from ..envs import env_dir, env_is_current, env_python, worker_environ
 from ..io.client_front import ClientFront
 from ..io.events import EventPublisher
+from ..io.metrics import MetricsExporter, NodeCollector
+from ..io.metrics_server import MetricsServer
 from ..io.planning import STATUS_SNAPSHOT_AGE_S, Planning
 from ..io.sd_notify import Notifier
 from ..gpu_probe import cpu_only_build_on_gpu_node
@@ -69,6 +72,10 @@ class Daemon:
         self.supervisor = Supervisor(self.engines, self.router, self.switch, settings, self)
         self.clients = ClientFront(self.client_socket, self.router, self.status, self.reload, settings.max_message_bytes, settings.max_tokens_limit)
         self.workers = WorkerLink(self.worker_socket, self.supervisor, self.router, self.publish)
+        # The Prometheus exposition: served on [metrics] listen, and by an HTTP front through render().
+        self.metrics = MetricsExporter(NodeCollector(self.engines, self.planning, self.processes))
+        self.metrics_server: MetricsServer | None = None
+        self.metrics_url: str | None = None
         # Every token goes through send_client: the front's own method, without a hop through this class.
         self.send_client = self.clients.send  # type: ignore[method-assign]
 
@@ -137,6 +144,10 @@ class Daemon:
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
+        if self.settings.metrics.listen is not None:  # first: a port in use stops the daemon before any worker starts
+            self.metrics_server = MetricsServer(self.metrics, *split_host_port(self.settings.metrics.listen))
+            self.metrics_url = await self.metrics_server.start()
+            log.info("metrics serving", url=self.metrics_url)
         self.supervisor.start(time.monotonic())
         self.clients.reader.start(self._loop)
         self.workers.reader.start(self._loop)
@@ -156,7 +167,8 @@ class Daemon:
 
     def _tick(self) -> None:
         try:
-            self.supervisor.tick(time.monotonic())
+            # The accounting day is the local date: daily budgets renew at local midnight.
+            self.supervisor.tick(time.monotonic(), date.today().isoformat())
             self.notices.tick(time.monotonic())
         except Exception:  # a bug must not stop supervision
             log.exception("internal error in the supervisor's tick")
@@ -177,6 +189,8 @@ class Daemon:
         for engine in self.engines:
             self.engines.stop(engine, "daemon stopping", time.monotonic())
         await asyncio.gather(*(self._reap(process) for process in list(self.processes.values())))
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
         self.clients.reader.stop()
         self.workers.reader.stop()
         for sock in (self.client_socket, self.worker_socket):

@@ -34,6 +34,8 @@ def daemon_status(daemon: "Daemon") -> dict[str, Any]:
             "stopping": daemon.engines.stopping,
             "active_engine": daemon.switch.active,
             "requests_in_progress": len(daemon.router.requests),
+            "metrics_url": daemon.metrics_url,
+            "accounting_day": daemon.supervisor.budgets.day,
         },
         "gpu": snapshot_to_dict(snapshot),
         "engines": [{**engine.describe(now), **_plan(engine, snapshot), "workers": [_worker(daemon, engine, now, snapshot)]}

@@ -71,6 +71,7 @@ class ErrorCode:
     ENGINE_UNAVAILABLE = "engine_unavailable"  # the engine cannot serve (failed, unavailable)
     NO_ENGINE = "no_engine_available"  # no configured engine can serve at all
     BUSY = "busy"  # the engine's queue is full
+    BUDGET_EXHAUSTED = "budget_exhausted"  # the engine spent its daily_budget today; unpinned requests go to the next engine
     DEADLINE = "deadline_exceeded"  # deadline_ms passed before the request finished
     ENGINE_FAILED = "engine_failed"  # the worker died or failed during the request
     CONTEXT_OVERFLOW = "context_overflow"  # the prompt does not fit the context window
