@@ -1,11 +1,12 @@
-"""The tables inside the settings: one engine, supervision, GPU planning, one environment, security."""
+"""The tables inside the settings: one engine, supervision, GPU planning, one environment, security, HTTP."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 ENGINE_KINDS = ("llamacpp", "exllamav2", "fake")
 # KV cache types, largest first (llama.cpp's names; the planner maps them for ExLlamaV2).
@@ -34,6 +35,8 @@ class EngineConfig(BaseModel):
     max_queue: int = Field(16, ge=0, le=100_000)
     env: str | None = Field(None, description="name of the virtual environment; default: the kind")
     options: dict[str, Any] = Field(default_factory=dict, description="passed through to the engine")
+    aliases: list[Annotated[str, Field(pattern=r"^\S{1,128}$")]] = Field(
+        default_factory=list, description="other names the HTTP front's `model` field accepts for this engine")
 
     @property
     def env_name(self) -> str:
@@ -102,3 +105,33 @@ class SecurityConfig(BaseModel):
     server_key_file: Path | None = Field(None, description="the daemon's public key as a client checks it; default <keys_dir>/server.key")
     client_key_file: Path | None = Field(None, description="the key pair this client presents; default <keys_dir>/clients/local.key_secret")
     socket_group: str | None = Field(None, min_length=1, description="the group given the run directory and the ipc sockets; members may connect")
+
+
+# "host:port" or "[ipv6]:port"; the port 0 means any free port (the log names the one bound).
+_LISTEN = re.compile(r"^(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[^\s:\[\]]+)):(?P<port>\d{1,5})$")
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """(host, port) of an HTTP listen address; ValueError naming the expected form."""
+    match = _LISTEN.match(listen)
+    if match is None or int(match["port"]) > 65535:
+        raise ValueError('must be "host:port" (or "[ipv6]:port") with a port of 0 to 65535')
+    return match["ipv6"] or match["host"], int(match["port"])
+
+
+class HttpConfig(BaseModel):
+    """``[http]``: the OpenAI-compatible HTTP front (docs/HTTP.md); off unless ``listen`` is set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    listen: str | None = Field(None, description='"host:port" to serve HTTP on; unset: no HTTP front')
+    api_keys_file: Path | None = Field(None, description="a file of bearer keys, one a line (# comments); required beyond loopback")
+    api_keys_env: list[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]] = Field(
+        default_factory=list, description="names of environment variables each holding one bearer key")
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            split_listen(value)
+        return value
