@@ -29,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the daemon in the foreground")
     run.add_argument("--no-create-envs", action="store_true", help="do not create missing engine environments")
+    run.add_argument("--http", metavar="HOST:PORT", help="serve the OpenAI-compatible HTTP API there (overrides [http] listen; see docs/HTTP.md)")
     _add_generate(commands.add_parser("generate", help="generate text, streaming it to the terminal"))
     status = commands.add_parser("status", help="engines, workers, queues, latency")
     status.add_argument("--json", action="store_true")
@@ -193,5 +194,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         value = getattr(args, flag)
         if value is not None:
             overrides[flag] = value
+    if getattr(args, "http", None) is not None:  # run --http: merged into the file's [http] table
+        overrides["http"] = {"listen": args.http}
     return load_settings(find_config_file(args.config), overrides)
 

@@ -20,11 +20,12 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError, TomlConfigSettingsSource
 
 # The tables live in their own module; they are part of this module's interface.
-from .sections import ENGINE_KINDS, KV_CACHE_TYPES, CacheType, EngineConfig, EnvConfig, GpuConfig, MetricsConfig, SecurityConfig, SupervisionConfig, split_host_port
+from .sections import ENGINE_KINDS, KV_CACHE_TYPES, CacheType, EngineConfig, EnvConfig, GpuConfig, HttpConfig, MetricsConfig, SecurityConfig, SupervisionConfig, split_listen
 
 __all__ = [
-    "ENGINE_KINDS", "KV_CACHE_TYPES", "CacheType", "ConfigError", "EngineConfig", "EnvConfig", "GpuConfig", "MetricsConfig", "SecurityConfig",
-    "Settings", "SupervisionConfig", "find_config_file", "load_settings", "reload_settings", "split_host_port", "unknown_environment_variables",
+    "ENGINE_KINDS", "KV_CACHE_TYPES", "CacheType", "ConfigError", "EngineConfig", "EnvConfig", "GpuConfig", "HttpConfig", "MetricsConfig",
+    "SecurityConfig", "Settings", "SupervisionConfig", "find_config_file", "load_settings", "reload_settings", "split_listen",
+    "unknown_environment_variables",
 ]
 
 ENV_PREFIX = "NODESUP_"
@@ -87,6 +88,7 @@ class Settings(BaseSettings):
     gpu: GpuConfig = Field(default_factory=GpuConfig)
     security: SecurityConfig = Field(default_factory=SecurityConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
     engines: dict[str, EngineConfig] = Field(default_factory=_default_engines)
 
     @field_validator("engines")
@@ -99,6 +101,7 @@ class Settings(BaseSettings):
             # An absent table means the defaults; an empty one would serve nothing
             # (or, as it once did, silently the defaults the file meant to replace).
             raise ValueError("at least one engine is needed; leave the table out for the defaults")
+        _check_aliases(engines)
         return engines
 
     @field_validator("client_endpoint", "worker_endpoint", "events_endpoint")
@@ -149,6 +152,18 @@ class Settings(BaseSettings):
         if toml_file is not None:
             sources += (TomlConfigSettingsSource(settings_cls, toml_file=toml_file),)
         return sources
+
+
+def _check_aliases(engines: dict[str, EngineConfig]) -> None:
+    """An HTTP `model` names one engine: aliases are unique and never another engine's name."""
+    owner: dict[str, str] = {}
+    for name, config in engines.items():
+        for alias in config.aliases:
+            if alias in engines:
+                raise ValueError(f"engines.{name}.aliases: {alias!r} is the name of an engine")
+            if alias in owner:
+                raise ValueError(f"engines.{name}.aliases: {alias!r} is also an alias of engine {owner[alias]!r}")
+            owner[alias] = name
 
 
 def _local_endpoint(state_dir: Path, socket_name: str, tcp_port: int) -> str:

@@ -1,7 +1,8 @@
-"""The tables inside the settings: one engine, supervision, GPU planning, one environment, security, metrics."""
+"""The tables inside the settings: one engine, supervision, GPU planning, one environment, security, metrics, HTTP."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -38,6 +39,8 @@ class EngineConfig(BaseModel):
     price_input_per_mtok: float = Field(0.0, ge=0, allow_inf_nan=False, description="price of a million prompt tokens")
     price_output_per_mtok: float = Field(0.0, ge=0, allow_inf_nan=False, description="price of a million generated tokens")
     daily_budget: float | None = Field(None, gt=0, allow_inf_nan=False, description="spent today at or past this: unpinned requests go to the next engine until the day turns")
+    aliases: list[Annotated[str, Field(pattern=r"^\S{1,128}$")]] = Field(
+        default_factory=list, description="other names the HTTP front's `model` field accepts for this engine")
 
     @property
     def env_name(self) -> str:
@@ -111,13 +114,16 @@ class SecurityConfig(BaseModel):
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 
-def split_host_port(value: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6 host]:port`` -> (host, port); ValueError naming what is wrong."""
-    host, colon, port = value.rpartition(":")
-    if not colon or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{value!r} is not host:port (port 0-65535)")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    return host, int(port)
+# "host:port" or "[ipv6]:port"; the port 0 means any free port (the log names the one bound).
+_LISTEN = re.compile(r"^(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[^\s:\[\]]+)):(?P<port>\d{1,5})$")
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """(host, port) of an HTTP listen address; ValueError naming the expected form."""
+    match = _LISTEN.match(listen)
+    if match is None or int(match["port"]) > 65535:
+        raise ValueError('must be "host:port" (or "[ipv6]:port") with a port of 0 to 65535')
+    return match["ipv6"] or match["host"], int(match["port"])
 
 
 class MetricsConfig(BaseModel):
@@ -130,7 +136,25 @@ class MetricsConfig(BaseModel):
     @field_validator("listen")
     @classmethod
     def _loopback(cls, value: str | None) -> str | None:
-        if value is not None and split_host_port(value)[0] not in LOOPBACK_HOSTS:
+        if value is not None and split_listen(value)[0] not in LOOPBACK_HOSTS:
             # The exposition has no access control: it names engines, models and spend.
             raise ValueError(f"must be a loopback address ({', '.join(LOOPBACK_HOSTS)}) with a port, e.g. 127.0.0.1:9464")
+        return value
+
+
+class HttpConfig(BaseModel):
+    """``[http]``: the OpenAI-compatible HTTP front (docs/HTTP.md); off unless ``listen`` is set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    listen: str | None = Field(None, description='"host:port" to serve HTTP on; unset: no HTTP front')
+    api_keys_file: Path | None = Field(None, description="a file of bearer keys, one a line (# comments); required beyond loopback")
+    api_keys_env: list[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]] = Field(
+        default_factory=list, description="names of environment variables each holding one bearer key")
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            split_listen(value)
         return value

@@ -21,7 +21,7 @@ import zmq
 from workers import protocol as p
 from workers.protocol import ErrorCode
 
-from ..config import Settings, split_host_port
+from ..config import Settings, split_listen
 from ..core.effects import TOPIC_WORKER_STATE, WorkerLaunch
 from ..core.engines import Engines, EngineState
 from ..core.lifecycle import Worker, WorkerState
@@ -78,6 +78,17 @@ class Daemon:
         self.metrics_url: str | None = None
         # Every token goes through send_client: the front's own method, without a hop through this class.
         self.send_client = self.clients.send  # type: ignore[method-assign]
+        self.http = self._http_front() if settings.http.listen else None
+
+    def _http_front(self) -> Any:
+        """The OpenAI-compatible HTTP front, a client of the client front (docs/HTTP.md)."""
+        from ..io.http_access import load_api_keys
+        from ..io.http_front import HttpFront, OpenAIRoutes  # starlette and uvicorn load only when it is on
+
+        settings = self.settings
+        keys = load_api_keys(settings.http, warn=True)
+        routes = OpenAIRoutes(self.clients, lambda: self.settings.engines, keys, settings.max_tokens_limit, settings.max_message_bytes)
+        return HttpFront(settings.http, routes, settings.shutdown_grace_s, [routes.metrics_route(self.metrics.render)])
 
     # --- building ------------------------------------------------------------------
 
@@ -145,7 +156,7 @@ class Daemon:
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
         if self.settings.metrics.listen is not None:  # first: a port in use stops the daemon before any worker starts
-            self.metrics_server = MetricsServer(self.metrics, *split_host_port(self.settings.metrics.listen))
+            self.metrics_server = MetricsServer(self.metrics, *split_listen(self.settings.metrics.listen))
             self.metrics_url = await self.metrics_server.start()
             log.info("metrics serving", url=self.metrics_url)
         self.supervisor.start(time.monotonic())
@@ -153,6 +164,8 @@ class Daemon:
         self.workers.reader.start(self._loop)
         assert self.events.reader is not None
         self.events.reader.start(self._loop)
+        if self.http is not None:
+            self.http.start()
         ticker = asyncio.ensure_future(self._tick_loop())
         log.info("daemon serving", client_endpoint=self.settings.client_endpoint, events_endpoint=self.settings.events_endpoint,
                  pid=os.getpid(), engines=list(self.engines.by_name))  # fmt: skip
@@ -177,6 +190,8 @@ class Daemon:
         """Queued requests end at once, running ones get the grace period, then workers are stopped."""
         self.engines.stopping = True
         self.notices.stopping()
+        if self.http is not None:
+            self.http.stop_accepting()
         now = time.monotonic()
         for engine in self.engines:
             while engine.queue:
@@ -186,6 +201,8 @@ class Daemon:
             await asyncio.sleep(0.05)
         for request in list(self.router.requests.values()):
             self.router.fail(request, ErrorCode.SHUTTING_DOWN, "the daemon is stopping", time.monotonic())
+        if self.http is not None:
+            await self.http.stopped()  # every request has ended: its answer is written, or the client went away
         for engine in self.engines:
             self.engines.stop(engine, "daemon stopping", time.monotonic())
         await asyncio.gather(*(self._reap(process) for process in list(self.processes.values())))

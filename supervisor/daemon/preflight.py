@@ -20,8 +20,9 @@ from pathlib import Path
 
 from workers.protocol import ExitCode
 
-from ..config import ConfigError, Settings, unknown_environment_variables
+from ..config import ConfigError, Settings, split_listen, unknown_environment_variables
 from ..io.access import socket_group_id
+from ..io.http_access import load_api_keys
 from ..logs import get_logger
 
 log = get_logger("supervisor.preflight")
@@ -101,6 +102,16 @@ def _try_bind(key: str, host: str, port: int) -> None:
             raise ConfigError(f"{key}: cannot bind tcp://{host}:{port}: {exc.strerror or exc}") from None
 
 
+def check_http(settings: Settings) -> None:
+    """The HTTP front's address can be bound, and its keys read (at least one beyond loopback)."""
+    if settings.http.listen is None:
+        return
+    load_api_keys(settings.http)
+    host, port = split_listen(settings.http.listen)
+    if port:
+        _try_bind("http.listen", host, port)
+
+
 def claim_ipc_endpoints(settings: Settings) -> list[Path]:
     """Make every ipc endpoint's path free to bind; return the stale socket files removed.
 
@@ -167,6 +178,7 @@ def check_before_logging(settings: Settings) -> int | None:
     try:
         check_state_dir(settings)
         check_tcp_endpoints(settings)
+        check_http(settings)
         socket_group_id(settings)  # a group that does not exist, or that this user cannot give files to
     except ConfigError as exc:
         print(f"node-supervisor: config error: {exc}", file=sys.stderr)

@@ -1,0 +1,86 @@
+"""The bodies of OpenAI's answers: whole responses, and the server-sent events of a stream.
+
+A token event of the protocol becomes one SSE chunk without being decoded:
+the text's JSON string literal is copied from the event into a chunk whose
+beginning and end were built once for the request, so a streamed token
+costs two slices and one concatenation here.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from workers import protocol as p
+
+from .http_openai import CHAT, ApiError
+
+DONE = b"data: [DONE]\n\n"
+_INDEX = b',"index":'  # what follows the text literal in a token event
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    # json.dumps escapes line breaks inside strings: one event is one `data:` line.
+    return b"data: " + json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n\n"
+
+
+def sse_error(error: ApiError) -> bytes:
+    """An error in the middle of a stream: the last event (OpenAI's clients raise it as an APIError)."""
+    return _sse(error.body())
+
+
+class Answer:
+    """How one request is answered: its completion id, the `model` it names, chat or completions."""
+
+    def __init__(self, kind: str, request_id: str, model: str, created: int, include_usage: bool) -> None:
+        self.kind, self.request_id, self.model, self.created, self.include_usage = kind, request_id, model, created, include_usage
+        self.event_prefix = p.token_event_prefix(request_id)
+        self._object = "chat.completion" if kind == CHAT else "text_completion"
+        chunk_object = "chat.completion.chunk" if kind == CHAT else "text_completion"
+        head = b'data: {"id":%s,"object":"%s","created":%d,"model":%s,"choices":[{"index":0,' % (
+            p.encode_string(request_id), chunk_object.encode(), created, p.encode_string(model))
+        if kind == CHAT:
+            self._token_head, self._token_tail = head + b'"delta":{"content":', b'},"logprobs":null,"finish_reason":null}]}\n\n'
+        else:
+            self._token_head, self._token_tail = head + b'"text":', b',"logprobs":null,"finish_reason":null}]}\n\n'
+
+    def token_chunk(self, event: bytes) -> bytes:
+        """A protocol token event (``event_prefix``, the text literal, ``,"index":N}``) as one SSE chunk."""
+        return self._token_head + event[len(self.event_prefix) : event.rindex(_INDEX)] + self._token_tail
+
+    def opening(self) -> bytes:
+        """Before the first token: chat streams name the role first, as OpenAI's do."""
+        if self.kind != CHAT:
+            return b""
+        return _sse(self._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]))
+
+    def closing(self, done: dict[str, Any]) -> bytes:
+        """After the last token: the finish reason, the usage when asked for, ``[DONE]``."""
+        reason = done.get("finish_reason")
+        choice: dict[str, Any] = {"index": 0, "delta": {}} if self.kind == CHAT else {"index": 0, "text": ""}
+        parts = [_sse(self._chunk([{**choice, "logprobs": None, "finish_reason": reason}]))]
+        if self.include_usage:
+            parts.append(_sse({**self._chunk([]), "usage": usage(done)}))
+        parts.append(DONE)
+        return b"".join(parts)
+
+    def whole(self, done: dict[str, Any]) -> dict[str, Any]:
+        """The answer of a request that did not stream: the protocol's done event with its ``text``."""
+        text, reason = done.get("text", ""), done.get("finish_reason")
+        if self.kind == CHAT:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+        return {"id": self.request_id, "object": self._object, "created": self.created, "model": self.model,
+                "choices": [choice], "usage": usage(done)}  # fmt: skip
+
+    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        kind = "chat.completion.chunk" if self.kind == CHAT else "text_completion"
+        return {"id": self.request_id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
+
+
+def usage(done: dict[str, Any]) -> dict[str, int]:
+    """OpenAI's usage from the done event's (a count the daemon could not know is 0)."""
+    counts = done.get("usage") or {}
+    prompt, completion = counts.get("prompt_tokens") or 0, counts.get("completion_tokens") or 0
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

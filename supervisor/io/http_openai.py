@@ -1,0 +1,222 @@
+"""OpenAI's HTTP API in the protocol's terms: a request body becomes a generate
+op, the daemon's error codes become OpenAI errors.  No I/O.
+
+Everything the protocol can check (ranges, types, stop strings, Unicode) is
+left to the protocol's own validation (core/validate.py), whose messages
+name the field; this module only translates names and shapes, and refuses
+what OpenAI's API has and the daemon does not do (``n`` > 1, log
+probabilities, tools, ...) with a 400 naming the parameter.  docs/HTTP.md
+lists every field.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from workers import protocol as p
+from workers.protocol import ErrorCode
+
+from ..config import EngineConfig
+
+CHAT = "chat"
+COMPLETIONS = "completions"
+DEFAULT_MODEL = "default"  # the `model` that lets the daemon choose (as an absent one does)
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat uses the protocol's
+
+# Passed to the generate op as they are (null: the protocol's default); the last three are the protocol's own extensions.
+PASSED = ("temperature", "top_p", "seed", "stop", "top_k", "ignore_eos", "deadline_ms")
+# Known to OpenAI's API and refused unless null or one of these values (which change nothing).
+REFUSED_UNLESS: dict[str, tuple[Any, ...]] = {
+    "n": (1,), "best_of": (1,), "logprobs": (False,), "top_logprobs": (), "echo": (False,), "suffix": (),
+    "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "tools": ([],), "tool_choice": ("none",),
+    "functions": ([],), "function_call": ("none",), "parallel_tool_calls": (), "response_format": ({"type": "text"},),
+    "modalities": (["text"],), "audio": (), "prediction": (), "web_search_options": (), "reasoning_effort": (),
+}  # fmt: skip
+COMMON = frozenset({"model", "max_tokens", "stream", "stream_options", "user", *PASSED})
+FIELDS = {
+    CHAT: COMMON | {"messages", "max_completion_tokens"} | (REFUSED_UNLESS.keys() - {"best_of", "echo", "suffix"}),
+    COMPLETIONS: COMMON | {"prompt", "n", "best_of", "logprobs", "echo", "suffix", "presence_penalty", "frequency_penalty", "logit_bias"},
+}
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+# The daemon's error codes as HTTP statuses, as OpenAI's API uses them.
+STATUS = {
+    ErrorCode.INVALID_REQUEST: 400, ErrorCode.MALFORMED: 400, ErrorCode.TOO_LARGE: 400, ErrorCode.UNKNOWN_OP: 400,
+    ErrorCode.DUPLICATE_ID: 400, ErrorCode.CONTEXT_OVERFLOW: 400, ErrorCode.UNKNOWN_ENGINE: 404, ErrorCode.BUSY: 429,
+    ErrorCode.NO_ENGINE: 503, ErrorCode.ENGINE_UNAVAILABLE: 503, ErrorCode.MODEL_NOT_FOUND: 503, ErrorCode.MODEL_LOAD_FAILED: 503,
+    ErrorCode.SHUTTING_DOWN: 503, ErrorCode.ENGINE_FAILED: 503, ErrorCode.DEADLINE: 504, ErrorCode.INTERNAL: 500,
+}  # fmt: skip
+# Where OpenAI's API has a code of its own for the same condition, clients look for that one.
+OPENAI_CODES = {ErrorCode.UNKNOWN_ENGINE: "model_not_found", ErrorCode.CONTEXT_OVERFLOW: "context_length_exceeded"}
+_FIELD = re.compile(r"^([A-Za-z_][\w.\[\]]*): ")  # the protocol's messages begin with the field they are about
+
+
+class ApiError(Exception):
+    """An error answer: the HTTP status and OpenAI's ``{"error": {message, type, param, code}}``."""
+
+    def __init__(self, status: int, message: str, code: str | None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+    def body(self) -> dict[str, Any]:
+        kind = "rate_limit_error" if self.status == 429 else "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+def bad_request(param: str | None, problem: str, code: str = ErrorCode.INVALID_REQUEST) -> ApiError:
+    return ApiError(400, f"{param}: {problem}" if param else problem, code, param)
+
+
+def error_from_event(event: dict[str, Any], renamed: dict[str, str]) -> ApiError:
+    """The protocol's error event as an OpenAI error; ``renamed`` maps protocol fields back to the request's names."""
+    code, message = str(event.get("code")), str(event.get("message", ""))
+    status = STATUS.get(code, 500)
+    param = None
+    if status == 400 and (match := _FIELD.match(message)):
+        param = match.group(1)
+        base = re.split(r"[.\[]", param, maxsplit=1)[0]
+        if base in renamed:
+            param = renamed[base] + param[len(base) :]
+            message = param + message[match.end() - 2 :]
+    elif code == ErrorCode.UNKNOWN_ENGINE:
+        param = "model"
+    return ApiError(status, message, OPENAI_CODES.get(code, code), param)
+
+
+@dataclass
+class Request:
+    """A request body as a generate op, and what its answer needs."""
+
+    message: dict[str, Any]  # the generate op, without its id
+    model: str  # what the answer's `model` says: the name asked for
+    stream: bool
+    include_usage: bool
+    renamed: dict[str, str]  # protocol field -> the request's name for it, for error params
+
+
+def resolve_model(model: Any, engines: dict[str, EngineConfig]) -> str | None:
+    """The engine a `model` names (its name or an alias); None: the daemon chooses."""
+    if model is None or (model == DEFAULT_MODEL and DEFAULT_MODEL not in engines):
+        return None
+    if not isinstance(model, str):
+        raise bad_request("model", "must be a string")
+    if model in engines:
+        return model
+    for name, config in engines.items():
+        if model in config.aliases:
+            return name
+    raise unknown_model(model, engines)
+
+
+def unknown_model(model: str, engines: dict[str, EngineConfig]) -> ApiError:
+    known = ", ".join(model_names(engines))
+    return ApiError(404, f"The model {ascii(model[:128])} does not exist; the models are: {known} (or {DEFAULT_MODEL!r})", "model_not_found", "model")
+
+
+def model_names(engines: dict[str, EngineConfig]) -> list[str]:
+    return [*engines, *(alias for config in engines.values() for alias in config.aliases)]
+
+
+def parse_request(kind: str, body: dict[str, Any], engines: dict[str, EngineConfig], max_tokens_limit: int) -> Request:
+    """A chat or completions body as a generate op; ApiError for what the daemon does not do."""
+    _check_fields(kind, body)
+    engine = resolve_model(body.get("model"), engines)
+    stream = _stream(body)
+    message: dict[str, Any] = {"op": p.OP_GENERATE, "stream": stream}
+    if engine is not None:
+        message["engine"] = engine
+    renamed: dict[str, str] = {}
+    if kind == CHAT:
+        message["messages"] = [_chat_message(i, item) for i, item in enumerate(_non_empty_list(body.get("messages"), "messages"))]
+        max_tokens = body.get("max_completion_tokens")
+        if max_tokens is not None:
+            renamed["max_tokens"] = "max_completion_tokens"
+        else:
+            max_tokens = body.get("max_tokens")
+    else:
+        message["prompt"] = _prompt(body.get("prompt"))
+        max_tokens = body.get("max_tokens", min(COMPLETIONS_DEFAULT_MAX_TOKENS, max_tokens_limit))
+    if max_tokens is not None:
+        message["max_tokens"] = max_tokens
+    message.update((key, body[key]) for key in PASSED if body.get(key) is not None)
+    model = body.get("model") or DEFAULT_MODEL
+    return Request(message, model, stream, stream and _include_usage(body), renamed)
+
+
+def _check_fields(kind: str, body: dict[str, Any]) -> None:
+    for key, value in body.items():
+        if key not in FIELDS[kind]:
+            raise bad_request(ascii(key)[1:-1], "unrecognized request argument")
+        accepted = REFUSED_UNLESS.get(key)
+        if accepted is not None and value is not None and not any(_same(value, a) for a in accepted):
+            raise bad_request(key, "not supported by this server")
+
+
+def _same(value: Any, accepted: Any) -> bool:
+    """Equal and of the same kind (JSON true is not the number 1)."""
+    return value == accepted and isinstance(value, bool) == isinstance(accepted, bool)
+
+
+def _stream(body: dict[str, Any]) -> bool:
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise bad_request("stream", "must be true or false")
+    if not stream and body.get("stream_options") is not None:
+        raise bad_request("stream_options", "only allowed when stream is true")
+    return bool(stream)
+
+
+def _include_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict) or set(options) - {"include_usage"}:
+        raise bad_request("stream_options", "must be an object with at most include_usage")
+    include = options.get("include_usage", False)
+    if not isinstance(include, bool):
+        raise bad_request("stream_options.include_usage", "must be true or false")
+    return include
+
+
+def _non_empty_list(value: Any, param: str) -> list[Any]:
+    if not isinstance(value, list) or not value:
+        raise bad_request(param, "must be a non-empty array")
+    return value
+
+
+def _chat_message(i: int, item: Any) -> dict[str, str]:
+    """One chat message: a role the daemon knows (developer is system) and text content."""
+    if not isinstance(item, dict):
+        raise bad_request(f"messages[{i}]", "must be an object with role and content")
+    role = CHAT_ROLES.get(item.get("role")) if isinstance(item.get("role"), str) else None
+    if role is None:
+        raise bad_request(f"messages[{i}].role", "must be system, developer, user or assistant (tool messages are not supported)")
+    for key, value in item.items():
+        if key not in ("role", "content") and value is not None:
+            raise bad_request(f"messages[{i}].{ascii(key)[1:-1]}", "not supported by this server")
+    return {"role": role, "content": _content(i, item.get("content"))}
+
+
+def _content(i: int, content: Any) -> str:
+    """A string, or an array of text parts (joined by newlines); images and audio are refused."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise bad_request(f"messages[{i}].content", "must be a string or an array of text parts")
+    texts = []
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str) or set(part) != {"type", "text"}:
+            raise bad_request(f"messages[{i}].content[{j}]", 'only {"type": "text", "text": ...} parts are supported')
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def _prompt(prompt: Any) -> str:
+    """A string, or an array holding one string; several prompts and token arrays are refused."""
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise bad_request("prompt", "must be a string (several prompts and token arrays are not supported)")
+    return prompt
