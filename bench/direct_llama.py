@@ -10,8 +10,10 @@ runs without reloading:
 
 Two ways of calling the library:
   generate    Llama.generate token by token, detokenizing each token: the
-              same loop the worker runs, so the comparison isolates the
-              daemon's own cost (process hop, ZeroMQ, scheduling).
+              loop the worker ran before it drove llama.cpp's C API itself
+              (workers/llamacpp_loop.py), so the daemon's ratio to it is the
+              daemon's own cost (process hop, ZeroMQ, scheduling) less what
+              the worker's tighter loop saves.
   completion  Llama.create_completion(stream=True): what most programs call.
 """
 
@@ -63,10 +65,8 @@ def run_completion(llm: llama_cpp.Llama, prompt: str, max_tokens: int, seed: int
 
 
 def main() -> None:
-    model, n_ctx, n_threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    # n_threads 0: llama-cpp-python's default, as the daemon's engine with n_threads unset.
-    threads = {"n_threads": n_threads} if n_threads > 0 else {}
-    llm = llama_cpp.Llama(model_path=model, n_ctx=n_ctx, verbose=False, **threads)
+    model, n_ctx, n_threads, n_threads_batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    llm = llama_cpp.Llama(model_path=model, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads_batch, verbose=False)
     ready = {"ready": True, "llama_cpp_python": llama_cpp.__version__, "n_threads": llm.context_params.n_threads}
     print(json.dumps(ready), flush=True)
     for line in sys.stdin:

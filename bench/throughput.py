@@ -3,14 +3,15 @@
     make bench        (or: .venv/bin/python bench/throughput.py [--rounds 16] [--threads N])
 
 Same prompt, greedy (temperature 0), fixed seed, 128 tokens, on the default
-model, with the engine's default settings on both paths unless --threads is
-given.  Each round runs one measured request on every path, each after a
-short unmeasured one on the same path (WARM_UP_TOKENS), in an order that
-rotates from round to round: the baseline (bench/direct_llama.py, run by the
-llama.cpp environment's interpreter, Llama.generate), the same library's
-create_completion(stream=True), and the daemon (the Python client).  The
-baseline's model and the daemon's worker are loaded once and stay loaded.
-All paths must produce the same text, or the run says MISMATCH and fails.
+model, with the threads the daemon's worker reports in force (its defaults,
+or --threads) on both paths.  Each round runs one measured request on every
+path, each after a short unmeasured one on the same path (WARM_UP_TOKENS), in
+an order that rotates from round to round: the baseline
+(bench/direct_llama.py, run by the llama.cpp environment's interpreter,
+Llama.generate), the same library's create_completion(stream=True), and the
+daemon (the Python client).  The baseline's model and the daemon's worker are
+loaded once and stay loaded.  All paths must produce the same text, or the
+run says MISMATCH and fails.
 
 Tokens/s is tokens / total request time (prefill included); the ratio is of
 the medians.  TTFT is from the call (or the client's send) to the first text;
@@ -88,22 +89,30 @@ def machine() -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=16, help="measured requests per path")
-    parser.add_argument("--threads", type=int, default=0, help="llama.cpp n_threads on both paths (default: the engine's default)")
+    parser.add_argument("--threads", type=int, default=0, help="llama.cpp n_threads and n_threads_batch on both paths (default: the engine's default)")
     args = parser.parse_args()
 
     settings = shared_settings()
     model = ensure_default_model(settings, print)
     shared = {"envs_dir": settings.envs_dir, "data_dir": settings.data_dir, "model": model}
-    direct = subprocess.Popen(
-        [str(env_python(settings.envs_dir / "llamacpp")), str(REPO / "bench" / "direct_llama.py"), str(model), str(N_CTX), str(args.threads)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert direct.stdin and direct.stdout
-    ready = json.loads(direct.stdout.readline())
-    version, n_threads = ready["llama_cpp_python"], ready["n_threads"]
     engine = {"kind": "llamacpp", "n_ctx": N_CTX, **({"n_threads": args.threads} if args.threads else {})}
     daemon = Daemon(shared, {"llama": engine}, supervision={"probe_interval_s": 0})
     daemon.start()
+    # The baseline runs with the threads the worker reports in force (its
+    # defaults, unless --threads), so both paths compute alike.
+    in_force = daemon.engine("llama")["workers"][0]["model"]
+    threads = [str(args.threads or in_force["n_threads"]), str(args.threads or in_force["n_threads_batch"])]
+    try:
+        direct = subprocess.Popen(
+            [str(env_python(settings.envs_dir / "llamacpp")), str(REPO / "bench" / "direct_llama.py"), str(model), str(N_CTX), *threads],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+    except BaseException:
+        daemon.stop()
+        raise
+    assert direct.stdin and direct.stdout
+    ready = json.loads(direct.stdout.readline())
+    version, n_threads = ready["llama_cpp_python"], ready["n_threads"]
 
     def ask_direct(mode: str, reps: int, max_tokens: int = MAX_TOKENS) -> list[dict]:
         direct.stdin.write(json.dumps({"prompt": PROMPT, "max_tokens": max_tokens, "seed": SEED, "reps": reps, "mode": mode}) + "\n")

@@ -47,6 +47,8 @@ def test_file_then_environment_then_flags(tmp_path, monkeypatch):
         ('[engines.llama]\nkind = "llamacpp"\nn_ctx = -5\n', "engines.llama.n_ctx"),
         ('[engines.llama]\nkind = "vllm"\n', "engines.llama.kind"),
         ('[engines.llama]\nkind = "llamacpp"\nn_ctxx = 5\n', "engines.llama.n_ctxx"),
+        ('[engines.llama]\nkind = "llamacpp"\nn_batch = 0\n', "engines.llama.n_batch"),
+        ('[engines.llama]\nkind = "llamacpp"\nflash_attn = "maybe"\n', "engines.llama.flash_attn"),
         ("heartbeat_interval_s = 0\n", "heartbeat_interval_s"),
         ('client_endpoint = "http://x"\n', "client_endpoint"),
         ("max_message_bytes = 'big'\n", "max_message_bytes"),

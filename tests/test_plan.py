@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import pytest
 
-from supervisor.config import GpuConfig, load_settings
+from supervisor.config import EngineConfig, GpuConfig, load_settings
 from supervisor.core.plan import EngineRequest, Estimators, GpuPolicy, engine_request, plan, replan_after_oom
 from supervisor.core.plan_search import ctx_steps
 
@@ -240,3 +240,11 @@ def test_engine_request_from_config(tmp_path):
     assert (policy.reserve_bytes, policy.safety_margin, policy.cuda_overhead_bytes) == (1500 * MIB, 0.10, 600 * MIB)
     assert GpuPolicy.from_config(GpuConfig(), reserve_mib=100).reserve_bytes == 100 * MIB
     assert replace(req, variants=(Q3_K_M,)).variants == (Q3_K_M,)
+
+
+def test_engine_request_batch_sizes_from_the_keys_before_the_options():
+    """The planner estimates with the batch sizes the worker loads with: the key, else the option, else 512."""
+    keyed = engine_request("a", EngineConfig(kind="llamacpp", n_batch=1024, n_ubatch=256, options={"n_batch": 64, "n_ubatch": 32}), [Q4_K_M], 512)
+    assert (keyed.n_batch, keyed.n_ubatch) == (1024, 256)
+    optioned = engine_request("a", EngineConfig(kind="llamacpp", options={"n_ubatch": 128}), [Q4_K_M], 512)
+    assert (optioned.n_batch, optioned.n_ubatch) == (512, 128)

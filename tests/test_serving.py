@@ -54,6 +54,18 @@ def test_non_streamed_matches_streamed(llama_daemon):
     assert done["usage"]["completion_tokens"] == done_streamed["usage"]["completion_tokens"]
 
 
+def test_a_stop_string_ends_the_text_before_it(llama_daemon):
+    client = llama_daemon.client()
+    request = {"prompt": "The capital of France is", "max_tokens": 24, "temperature": 0.0, "seed": 3}
+    tokens, full = collect(client.generate(**request))
+    text = "".join(t["text"] for t in tokens)
+    stop = text.split()[2]  # a word a few tokens in, which may span tokens
+    tokens, done = collect(client.generate(stop=[stop], **request))
+    assert done["event"] == "done" and done["finish_reason"] == "stop", done
+    assert "".join(t["text"] for t in tokens) == text[: text.index(stop)]
+    assert done["usage"]["completion_tokens"] < full["usage"]["completion_tokens"]
+
+
 def test_cancel_mid_stream_ends_within_two_tokens(llama_daemon):
     client = llama_daemon.client()
     request_id = client.send({"op": "generate", "max_tokens": 500, **LONG})
@@ -191,6 +203,7 @@ def test_status_command_shows_the_worker_ready(llama_daemon):
     assert result.returncode == 0, result.stderr
     assert "engine llama (llamacpp, priority 10, warm): ready" in result.stdout
     assert "worker llama.1: ready" in result.stdout
+    assert "llama.cpp: 2 threads, 2 for prompts, n_batch 512, n_ubatch 512, flash attention off" in result.stdout
     assert "plan: gemma-3-270m-q4_k_m.gguf on CPU, n_ctx 2048, f16 KV cache" in result.stdout
 
 
@@ -214,6 +227,13 @@ def test_worker_reports_what_llama_cpp_offloaded_and_its_devices(llama_daemon):
     assert model["gpu_offload"] is False and model["offloaded_layers"] == 0, model
     assert model["offloadable_layers"] == 19  # Gemma 3 270M: 18 blocks and the output layer
     assert [d["type"] for d in model["devices"]] == ["cpu"] and model["devices"][0]["total_bytes"] > 0
+
+
+def test_worker_reports_the_threads_batches_and_flash_attention_in_force(llama_daemon):
+    """The configured threads (conftest's LLAMA), the CPU's batch sizes, flash attention off on the CPU."""
+    model = llama_daemon.engine("llama")["workers"][0]["model"]
+    in_force = {k: model[k] for k in ("n_threads", "n_threads_batch", "n_batch", "n_ubatch", "flash_attn")}
+    assert in_force == {"n_threads": LLAMA["n_threads"], "n_threads_batch": LLAMA["n_threads"], "n_batch": 512, "n_ubatch": 512, "flash_attn": False}
 
 
 def worker_output(daemon, worker_id: str) -> list[dict[str, Any]]:

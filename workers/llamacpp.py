@@ -1,9 +1,11 @@
 """The llama.cpp engine, through llama-cpp-python.  The only module importing llama_cpp.
 
-Generation drives ``Llama.generate`` token by token rather than
-``create_completion``: that gives exact token counts, a stop check between
-every two tokens, and incremental detokenization (create_completion's stream
-re-detokenizes the whole completion at every token).
+``Llama`` loads the model and context and tokenizes; generation runs on
+llama.cpp's C API (llamacpp_loop.py), not ``Llama.generate`` or
+``create_completion``: a native sampler chain, no per-token NumPy or logits
+copy, exact token counts, a stop check between every two tokens, and
+incremental detokenization (create_completion's stream re-detokenizes the
+whole completion at every token).
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .engine import EmitFn, EngineUnavailable, GenerateRequest, GenerateResult, ModelError, OutOfGpuMemory, ProgressFn, RequestError, StopFn
-from .protocol import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, ErrorCode
+from .protocol import ErrorCode
 from .llamacpp_log import LlamaLog, python_prints
-from .llamacpp_native import backend_devices, load_progress
+from .llamacpp_loop import TokenLoop
+from .llamacpp_native import backend_devices, context_flash_attn, load_progress
+from .llamacpp_settings import FLASH_ATTN_ENABLED, LoadSettings, choose
 from .textstream import TextAssembler
 
 try:
@@ -51,11 +55,11 @@ def build_facts() -> dict[str, Any]:
 
 
 def _cache_kwargs(cache_type: str) -> dict[str, Any]:
-    """Llama() arguments for a KV cache type; a quantized V cache needs flash attention in llama.cpp."""
+    """Llama() arguments for a KV cache type (a quantized V cache needs flash attention: llamacpp_settings)."""
     ggml_type = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}.get(cache_type)
     if ggml_type is None:
         raise ModelError(f"cache_type {cache_type!r} is not one of f16, q8_0, q4_0")
-    return {} if cache_type == "f16" else {"type_k": ggml_type, "type_v": ggml_type, "flash_attn": True}
+    return {} if cache_type == "f16" else {"type_k": ggml_type, "type_v": ggml_type}
 
 
 class LlamaCppEngine:
@@ -63,8 +67,8 @@ class LlamaCppEngine:
 
     def __init__(self) -> None:
         self._llm: Any = None
+        self._loop: TokenLoop | None = None
         self._chat_formatter: Any = None
-        self._eog_tokens: list[int] | None = None  # computed on first ignore_eos request
 
     def versions(self) -> dict[str, Any]:
         import numpy
@@ -75,23 +79,26 @@ class LlamaCppEngine:
         model_path = Path(spec["model"])
         if not model_path.is_file():
             raise ModelError(f"model file not found: {model_path}", missing=True)
-        kwargs: dict[str, Any] = dict(spec.get("options") or {})
+        options: dict[str, Any] = dict(spec.get("options") or {})
+        cache_type = spec.get("cache_type") or "f16"
+        n_gpu_layers = spec.get("n_gpu_layers", 0)
+        on_gpu = n_gpu_layers != 0 and bool(llama_cpp.llama_supports_gpu_offload())
+        settings = choose(spec, options, layers_on_gpu=on_gpu, quantized_cache=cache_type != "f16")
+        options.pop("flash_attn", None)  # set through the context parameters below, "auto" included
+        kwargs = {**options, **settings.llama_kwargs(), **_cache_kwargs(cache_type)}
         kwargs.update(
             model_path=str(model_path),
             n_ctx=spec.get("n_ctx", 2048),
-            n_gpu_layers=spec.get("n_gpu_layers", 0),
+            n_gpu_layers=n_gpu_layers,
             # verbose=True keeps llama.cpp's log (workers/llamacpp_log.py);
             # verbose=False would point the whole process's fd 1 and 2 at
             # /dev/null while loading.
             verbose=True,
         )
-        if spec.get("n_threads"):
-            kwargs["n_threads"] = spec["n_threads"]
-        kwargs.update(_cache_kwargs(spec.get("cache_type") or "f16"))
         progress(0.0, f"loading {model_path.name}")
-        _LOG.quiet, _LOG.offloaded, _LOG.out_of_memory = False, None, None
+        _LOG.quiet, _LOG.offloaded, _LOG.out_of_memory, _LOG.flash_attn = False, None, None, None
         try:
-            with load_progress(llama_cpp, progress), python_prints():
+            with load_progress(llama_cpp, progress), python_prints(), context_flash_attn(llama_cpp, settings.flash_attn):
                 self._llm = llama_cpp.Llama(**kwargs)
         except ValueError as exc:  # llama-cpp-python's way of saying "could not load"
             if _LOG.out_of_memory:
@@ -100,12 +107,11 @@ class LlamaCppEngine:
         finally:
             _LOG.flush()
             _LOG.quiet = True
-        # Loading is over: no per-request chatter ("prefix-match hit") on stderr,
-        # which would wake the daemon's log relay in the middle of every prefill.
-        self._llm.verbose = False
+        llm = self._llm
+        self._loop = TokenLoop(llama_cpp, llm.model, llm.ctx, llama_cpp.llama_n_batch(llm.ctx))
         self._chat_formatter = self._make_chat_formatter(spec.get("chat_format"))
         progress(1.0, "loaded")
-        return self._facts(model_path, kwargs["n_gpu_layers"])
+        return {**self._facts(model_path, n_gpu_layers), **self._in_force(settings)}
 
     def _facts(self, model_path: Path, n_gpu_layers: int) -> dict[str, Any]:
         """What was loaded, and where: what llama.cpp did, not what was asked."""
@@ -124,6 +130,13 @@ class LlamaCppEngine:
             "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
             "devices": backend_devices(Path(llama_cpp.__file__).parent / "lib"),
         }
+
+    def _in_force(self, asked: LoadSettings) -> dict[str, Any]:
+        """The threads, batch sizes and flash attention the context runs with, read back from llama.cpp."""
+        ctx = self._llm.ctx
+        flash_attn = _LOG.flash_attn if _LOG.flash_attn is not None else asked.flash_attn == FLASH_ATTN_ENABLED
+        return {"n_threads": llama_cpp.llama_n_threads(ctx), "n_threads_batch": llama_cpp.llama_n_threads_batch(ctx),
+                "n_batch": llama_cpp.llama_n_batch(ctx), "n_ubatch": llama_cpp.llama_n_ubatch(ctx), "flash_attn": flash_attn}  # fmt: skip
 
     def _make_chat_formatter(self, chat_format: str | None) -> "ChatFormatter | None":
         """How chat messages become a prompt, in order of preference:
@@ -150,19 +163,6 @@ class LlamaCppEngine:
         family = _ARCHITECTURE_TEMPLATES.get(llm.metadata.get("general.architecture", ""))
         return _BuiltinTemplate(family) if family else None
 
-    def _ban_eog(self) -> Any:
-        """A logits processor that makes end-of-generation tokens impossible (ignore_eos)."""
-        if self._eog_tokens is None:
-            vocab = self._llm._model.vocab
-            self._eog_tokens = [t for t in range(self._llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)]
-        eog = self._eog_tokens
-
-        def ban_eog(_input_ids: Any, scores: Any) -> Any:
-            scores[eog] = -float("inf")
-            return scores
-
-        return llama_cpp.LogitsProcessorList([ban_eog])
-
     def _prompt_tokens(self, request: GenerateRequest) -> tuple[list[int], list[str]]:
         """Tokens to evaluate and any stop strings the chat format adds."""
         llm = self._llm
@@ -180,42 +180,26 @@ class LlamaCppEngine:
         return llm.tokenize(prompt.encode("utf-8"), add_bos=not has_bos, special=True), stop
 
     def generate(self, request: GenerateRequest, emit: EmitFn, should_stop: StopFn) -> GenerateResult:
-        llm = self._llm
         tokens, chat_stop = self._prompt_tokens(request)
-        n_ctx = llm.n_ctx()
+        if not tokens:  # an empty prompt to a model that adds no start token: no logits to sample from
+            raise RequestError(ErrorCode.INVALID_REQUEST, "the prompt is empty and this model adds no start token to continue from")
+        n_ctx = self._llm.n_ctx()
         if len(tokens) >= n_ctx:
             raise RequestError(
                 ErrorCode.CONTEXT_OVERFLOW, f"prompt is {len(tokens)} tokens; the context holds {n_ctx}"
             )
         # Same seeding rule as create_completion: an explicit seed, else a fresh one.
-        llm.set_seed(request.seed if request.seed is not None else int.from_bytes(os.urandom(4), "little"))
+        seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(4), "little")
         text = TextAssembler(list(request.stop) + chat_stop)
-        budget = min(request.max_tokens, n_ctx - len(tokens))
-        generated = 0
-        finish = FINISH_LENGTH
-        vocab = llm._model.vocab
-        for token in llm.generate(
-            tokens,
-            temp=request.temperature,
-            top_p=request.top_p,
-            top_k=request.top_k,
-            logits_processor=self._ban_eog() if request.ignore_eos else None,
-        ):
-            if should_stop():
-                finish = FINISH_CANCELLED
-                break
-            if not request.ignore_eos and llama_cpp.llama_vocab_is_eog(vocab, token):
-                finish = FINISH_STOP
-                break
-            generated += 1
-            piece = text.feed(llm.detokenize([token]))
-            if piece:  # may hold several tokens: text held back for a stop string or a split character
-                emit(piece, text.take_tokens())
-            if text.stopped:
-                finish = FINISH_STOP
-                break
-            if generated >= budget:
-                break
+        loop = self._loop
+        assert loop is not None, "generate before load"
+        sampler = loop.sampler(request.temperature, request.top_p, request.top_k, seed, ban_eog=request.ignore_eos)
+        try:
+            loop.prefill(tokens)
+            budget = min(request.max_tokens, n_ctx - len(tokens))
+            generated, finish = loop.run(sampler, budget, not request.ignore_eos, should_stop, text, emit)
+        finally:
+            loop.free(sampler)
         tail = text.flush()
         if tail:
             emit(tail, text.take_tokens())

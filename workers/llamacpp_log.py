@@ -55,16 +55,20 @@ class LlamaLog:
     Fragments are joined into lines (llama.cpp continues lines with CONT);
     once the model is loaded only warnings and errors are logged.  Facts the
     load prints and no API returns are kept: how many layers went to the GPU,
-    and whether a buffer did not fit.
+    whether flash attention is on, and whether a buffer did not fit.
     """
 
     OFFLOADED = re.compile(rb"offloaded (\d+)/(\d+) layers to GPU")
+    # The context's setting ("flash_attn = auto"), then, for auto, what llama.cpp
+    # resolved it to ("Flash Attention enabled" / "Flash Attention not supported, set to disabled").
+    FLASH_ATTN = re.compile(rb"flash_attn\s+= (enabled|disabled)|Flash Attention (enabled|not supported)")
     # What ggml's CUDA/Vulkan/Metal backends print when a buffer does not fit.
     OUT_OF_MEMORY = re.compile(rb"out of memory|failed to allocate .*buffer|cudaMalloc failed", re.IGNORECASE)
 
     def __init__(self, llama_cpp: Any) -> None:
         self.quiet = False  # after loading: warnings and errors only
         self.offloaded: tuple[int, int] | None = None
+        self.flash_attn: bool | None = None  # as the context was created; None: not said
         self.out_of_memory: str | None = None  # the first line of a load that said so
         self._level = LEVEL_INFO
         self._partial = ""  # a line llama.cpp has not finished yet
@@ -76,6 +80,8 @@ class LlamaLog:
         try:
             if (found := self.OFFLOADED.search(text)) is not None:
                 self.offloaded = (int(found.group(1)), int(found.group(2)))
+            if (found := self.FLASH_ATTN.search(text)) is not None:
+                self.flash_attn = (found.group(1) or found.group(2)) == b"enabled"
             if self.out_of_memory is None and not self.quiet and self.OUT_OF_MEMORY.search(text):
                 self.out_of_memory = text.decode("utf-8", "replace").strip()
             with self._lock:

@@ -71,3 +71,26 @@ def load_progress(llama_cpp: Any, progress: Callable[[float, str], None]) -> Ite
     finally:
         llama_cpp.llama_cpp.llama_model_default_params = original
         sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def context_flash_attn(llama_cpp: Any, flash_attn_type: int) -> Iterator[None]:
+    """Create the load's context with this ``llama_flash_attn_type``.
+
+    Llama() only knows on and off (its ``flash_attn`` bool), not llama.cpp's
+    "auto", which turns flash attention on only where the device running
+    the layers supports it: the context's parameters are set on their way to
+    ``llama_init_from_model``, which llama-cpp-python calls through the
+    module attribute wrapped here for the duration of the load.
+    """
+    original = llama_cpp.llama_cpp.llama_init_from_model
+
+    def init_with_flash_attn(model: Any, params: Any) -> Any:
+        params.flash_attn_type = flash_attn_type
+        return original(model, params)
+
+    llama_cpp.llama_cpp.llama_init_from_model = init_with_flash_attn
+    try:
+        yield
+    finally:
+        llama_cpp.llama_cpp.llama_init_from_model = original

@@ -45,6 +45,7 @@ def format_status(reply: dict[str, Any]) -> str:
             lines.append(
                 f"  worker {worker['id'] or '-'}: {worker['state']}  pid {worker['pid'] or '-'}  rss {rss}  uptime {worker['uptime_s'] or '-'}s  restarts {worker['restarts']}"
             )
+            lines += _llama_settings(worker.get("model") or {})
             if worker.get("last_exit"):
                 lines.append(f"    last exit: {worker['last_exit']['cause']}")
     return "\n".join(lines)
@@ -69,3 +70,11 @@ def format_reload(reply: dict[str, Any]) -> str:
     if reply.get("needs_restart"):
         lines.append(f"  needs a daemon restart to change: {', '.join(reply['needs_restart'])}")
     return "\n".join(lines)
+
+
+def _llama_settings(model: dict[str, Any]) -> list[str]:
+    """llama.cpp's threads, batch sizes and flash attention as the worker reports them in force."""
+    if model.get("n_threads") is None:
+        return []
+    return [f"    llama.cpp: {model['n_threads']} threads, {model['n_threads_batch']} for prompts, n_batch {model['n_batch']}, "
+            f"n_ubatch {model['n_ubatch']}, flash attention {'on' if model['flash_attn'] else 'off'}"]  # fmt: skip

@@ -79,8 +79,11 @@ class EngineState:
     def load_spec(self) -> dict[str, Any]:
         """What the worker loads: the plan's choice where there is one, else the configuration."""
         config, chosen = self.config, self.chosen
-        spec = {"model": self.model_path, "n_ctx": config.n_ctx, "n_threads": config.n_threads, "n_gpu_layers": config.n_gpu_layers,
-                "cache_type": config.cache_type, "chat_format": config.chat_format, "options": config.options, "parallel": config.parallel}  # fmt: skip
+        spec = {"model": self.model_path, "n_ctx": config.n_ctx, "n_gpu_layers": config.n_gpu_layers, "cache_type": config.cache_type,
+                "chat_format": config.chat_format, "options": config.options, "parallel": config.parallel,
+                # unset (None): the worker's default for where the layers run
+                "n_threads": config.n_threads, "n_threads_batch": config.n_threads_batch, "n_batch": config.n_batch,
+                "n_ubatch": config.n_ubatch, "flash_attn": config.flash_attn}  # fmt: skip
         if spec["n_gpu_layers"] == "auto":
             spec["n_gpu_layers"] = 0
         if chosen is not None:

@@ -194,11 +194,19 @@ def cache_ladder(configured: str, allowed: Sequence[str]) -> tuple[str, ...]:
 
 
 def engine_request(name: str, config: Any, variants: Sequence[Any], min_ctx: int, own_pids: frozenset[int] = frozenset(), notes: Sequence[str] = ()) -> EngineRequest:
-    """What an engine's config (config.EngineConfig) asks of the planner; llama.cpp's
-    batch sizes come from its options, as the worker passes them to Llama()."""
-    batch, ubatch = int(config.options.get("n_batch", 512)), int(config.options.get("n_ubatch", 512))
+    """What an engine's config (config.EngineConfig) asks of the planner.
+
+    llama.cpp's batch sizes as the worker sets them: the key, else its options,
+    else 512.  Where the worker's default batch is larger (2048 with layers on
+    a GPU), the micro-batch, min(n_ubatch, n_batch), and so the estimate, are the same.
+    """
+    batch, ubatch = (int(_first_set(getattr(config, key, None), config.options.get(key), 512)) for key in ("n_batch", "n_ubatch"))
     cache_types = cache_ladder(config.cache_type, config.cache_types_allowed)
     return EngineRequest(name, tuple(variants), config.n_ctx, min_ctx, config.n_gpu_layers, cache_types, frozenset(own_pids), batch, ubatch, tuple(notes))
+
+
+def _first_set(*values: Any) -> Any:
+    return next(value for value in values if value is not None)
 
 
 def make_plan(inputs: PlanInputs) -> Plan:

@@ -1,0 +1,144 @@
+"""The worker's llama.cpp engine next to llama-cpp-python's own create_completion, as JSON.
+
+Run by tests/test_llamacpp_loop.py with the llama.cpp environment's
+interpreter (the daemon's cannot import llama_cpp):
+
+    python tests/llamacpp_reference.py REPO MODEL
+
+Prints one JSON object: the engine's facts with its default settings and
+with explicit ones; for each case, what the engine produced (twice: once with
+a piece buffer of one byte, so that nearly every piece takes the long-piece
+path), what create_completion produced, and how many prompt tokens the engine
+evaluated; a cancelled and a stopped run; and what the engine's sampler
+chains pick when end-of-generation tokens have the highest logits (the
+default model all but never ends a text by itself, so ignore_eos is checked
+on the chain).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import sys
+from typing import Any
+
+REPO, MODEL = sys.argv[1], sys.argv[2]
+sys.path.insert(0, REPO)
+
+import llama_cpp  # noqa: E402
+
+from workers import llamacpp_loop  # noqa: E402
+from workers.engine import GenerateRequest  # noqa: E402
+from workers.llamacpp import create_engine  # noqa: E402
+from workers.llamacpp_loop import TokenLoop  # noqa: E402
+from workers.llamacpp_settings import physical_cores  # noqa: E402
+
+# In this order: later prompts share beginnings with earlier ones, so both
+# sides reuse what their context holds, as a served sequence of requests does.
+CASES = [
+    {"prompt": "The capital of France is", "max_tokens": 32, "temperature": 0.0, "seed": 1},
+    {"prompt": "The capital of France is Paris. The capital of Germany is", "max_tokens": 32, "temperature": 0.0, "seed": 1},
+    {"prompt": "The capital of France is", "max_tokens": 32, "temperature": 0.0, "seed": 1},
+    {"prompt": "Écris une phrase sur les élèves et l'été :", "max_tokens": 24, "temperature": 0.0, "seed": 1},
+    {"prompt": "日本の首都は", "max_tokens": 24, "temperature": 0.0, "seed": 1},
+    {"prompt": "Once upon a time", "max_tokens": 32, "temperature": 0.8, "top_p": 0.95, "top_k": 40, "seed": 42},
+]
+THREADS = {"n_threads": 1, "n_threads_batch": 1}  # the compared runs: one thread computes as fast here and leaves a core to others
+
+decoded: list[int] = []  # tokens per llama_decode call
+sampled_after: list[int] = []  # tokens decoded before each sampling
+_decode, _sample = llama_cpp.llama_decode, llama_cpp.llama_sampler_sample
+
+
+def counting_decode(ctx: Any, batch: Any) -> int:
+    decoded.append(batch.n_tokens)
+    return _decode(ctx, batch)
+
+
+def counting_sample(chain: Any, ctx: Any, index: int) -> int:
+    sampled_after.append(sum(decoded))
+    return _sample(chain, ctx, index)
+
+
+# The engine's loop calls the module's functions.
+llama_cpp.llama_decode, llama_cpp.llama_sampler_sample = counting_decode, counting_sample
+
+
+def load(**spec: Any) -> tuple[Any, dict[str, Any]]:
+    engine = create_engine()
+    facts = engine.load({"model": MODEL, "n_ctx": 2048, "n_gpu_layers": 0, **spec}, lambda fraction, message: None)
+    return engine, facts
+
+
+def ours(engine: Any, stop_after: int | None = None, **params: Any) -> dict[str, Any]:
+    """One request; ``stop_after``: should_stop() says yes at its call after that many tokens."""
+    pieces: list[str] = []
+    sent = [0]
+    calls = [0]
+
+    def emit(text: str, tokens: int = 1) -> None:
+        pieces.append(text)
+        sent[0] += tokens
+
+    def should_stop() -> bool:
+        calls[0] += 1
+        return stop_after is not None and calls[0] > stop_after
+
+    decoded.clear()
+    sampled_after.clear()
+    result = engine.generate(GenerateRequest(request_id="r", **params), emit, should_stop)
+    return {"text": "".join(pieces), "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "finish": result.finish_reason, "tokens_sent": sent[0], "prompt_evaluated": sampled_after[0]}  # fmt: skip
+
+
+def reference(llm: Any, prompt: str, **params: Any) -> dict[str, Any]:
+    out = llm.create_completion(prompt, **params)
+    choice = out["choices"][0]
+    return {"text": choice["text"], "prompt_tokens": out["usage"]["prompt_tokens"],
+            "completion_tokens": out["usage"]["completion_tokens"], "finish": choice["finish_reason"]}  # fmt: skip
+
+
+def eog_picks(llm: Any, loop: TokenLoop) -> dict[str, list[int]]:
+    """The token each sampler chain picks among candidates whose highest logits are end-of-generation tokens."""
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    eog = [token for token in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, token)]
+    candidates = [(token, 10.0) for token in eog] + [(1000, 5.0), (2000, 4.0)]
+    picks: dict[str, list[int]] = {}
+    for name, temperature, ban_eog in (("greedy", 0.0, False), ("greedy_ignore_eos", 0.0, True), ("sampled", 1.0, False), ("sampled_ignore_eos", 1.0, True)):
+        picks[name] = []
+        for seed in range(8):
+            data = (llama_cpp.llama_token_data * len(candidates))(*(llama_cpp.llama_token_data(t, logit, 0.0) for t, logit in candidates))
+            array = llama_cpp.llama_token_data_array(data, len(candidates), -1, False)
+            chain = loop.sampler(temperature, 1.0, 0, seed, ban_eog)
+            llama_cpp.llama_sampler_apply(chain, ctypes.byref(array))
+            loop.free(chain)
+            picks[name].append(data[array.selected].id)
+    picks["eog"] = eog
+    return picks
+
+
+def main() -> None:
+    _, defaults = load()
+    _, explicit = load(n_threads=1, n_threads_batch=2, n_batch=256, n_ubatch=128, flash_attn=True)
+    engine, _ = load(**THREADS)
+    llamacpp_loop.PIECE_BUFFER_BYTES = 1
+    small_buffer, _ = load(**THREADS)
+    llm = llama_cpp.Llama(model_path=MODEL, n_ctx=2048, verbose=False, **THREADS)
+    cases = []
+    for case in CASES:
+        cases.append({"case": case, "ours": ours(engine, **case), "small_buffer": ours(small_buffer, **case), "reference": reference(llm, **case)})
+    stop = {**CASES[0], "stop": ["country of"]}
+    out = {
+        "physical_cores": physical_cores(),
+        "defaults": defaults,
+        "explicit": explicit,
+        "cases": cases,
+        "cancelled": ours(engine, stop_after=5, **CASES[0]),
+        "stopped": {"ours": ours(engine, **stop), "reference": reference(llm, **stop)},
+        "eog_picks": eog_picks(llm, TokenLoop(llama_cpp, llm.model, llm.ctx, 512)),
+    }
+    print(json.dumps(out, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()

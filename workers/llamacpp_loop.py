@@ -1,0 +1,165 @@
+"""The generation loop on llama.cpp's C API: prompt, sampler chain, token by token.
+
+A helper of workers/llamacpp.py, which hands it the ``llama_cpp`` module (that
+engine module stays the only importer of its library) and the model and
+context of a loaded ``Llama``.  ``Llama.generate`` is not used: per token it
+runs Python bookkeeping and NumPy writes, and its stop checks and
+detokenizing sit on top of that.  Here a token costs one
+``llama_sampler_sample`` (a native chain that samples and accepts: the logits,
+262 144 floats for Gemma, are never copied out), one end-of-generation check
+on the vocabulary, one ``llama_token_to_piece`` into a buffer kept for the
+load, and one ``llama_decode`` of a one-token batch built once.
+
+The context keeps the previous request's keys and values; a prompt that
+starts the same way (a chat's history, a fixed system prompt) is only
+evaluated from where it differs, as ``Llama.generate`` did.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any, Callable
+
+from .protocol import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP
+from .textstream import TextAssembler
+
+# Kept from llama-cpp-python's sampling defaults, which served requests
+# before this loop (min_p 0.05; typical_p 1 and repeat penalty 1 do nothing):
+# a request with a seed samples the same text as it did then.
+MIN_P = 0.05
+PIECE_BUFFER_BYTES = 256  # longer pieces (rare) get a buffer of their own
+
+
+class TokenLoop:
+    """One llama.cpp context, driven token by token; one request at a time."""
+
+    def __init__(self, llama_cpp: Any, model: Any, ctx: Any, n_batch: int) -> None:
+        self._c = c = llama_cpp
+        self._ctx = ctx
+        self._vocab = c.llama_model_get_vocab(model)
+        self._n_vocab = c.llama_vocab_n_tokens(self._vocab)
+        self._memory = c.llama_get_memory(ctx)
+        self._n_batch = max(1, n_batch)
+        self._n_swa = c.llama_model_n_swa(model)
+        self._held: list[int] = []  # the tokens whose keys and values the context holds, in order
+        self._eog: list[int] | None = None  # end-of-generation tokens, found on the first ignore_eos request
+        self._piece = ctypes.create_string_buffer(PIECE_BUFFER_BYTES)
+        # One token, decoded at the position after the last one held (llama_decode counts them).
+        self._one = (c.llama_token * 1)()
+        self._one_batch = c.llama_batch_get_one(self._one, 1)
+
+    # --- a request -------------------------------------------------------------
+
+    def sampler(self, temperature: float, top_p: float, top_k: int, seed: int, ban_eog: bool) -> Any:
+        """A native sampler chain for one request; ``free`` it after.
+
+        Temperature 0 is greedy.  ``ban_eog`` (ignore_eos) biases every
+        end-of-generation token to minus infinity first, so none is ever drawn.
+        """
+        c = self._c
+        params = c.llama_sampler_chain_default_params()
+        params.no_perf = True
+        chain = c.llama_sampler_chain_init(params)
+        links = []
+        if ban_eog:
+            eog = self._eog_tokens()
+            bias = (c.llama_logit_bias * len(eog))(*(c.llama_logit_bias(token, float("-inf")) for token in eog))
+            links.append(c.llama_sampler_init_logit_bias(self._n_vocab, len(eog), bias))  # copies the array
+        if temperature == 0:
+            links.append(c.llama_sampler_init_greedy())
+        else:
+            links += [c.llama_sampler_init_top_k(top_k), c.llama_sampler_init_top_p(top_p, 1), c.llama_sampler_init_min_p(MIN_P, 1),
+                      c.llama_sampler_init_temp(temperature), c.llama_sampler_init_dist(seed)]  # fmt: skip
+        for link in links:
+            c.llama_sampler_chain_add(chain, link)  # the chain owns it from here
+        return chain
+
+    def free(self, sampler: Any) -> None:
+        self._c.llama_sampler_free(sampler)
+
+    def prefill(self, tokens: list[int]) -> None:
+        """Evaluate the prompt from where it differs from what the context holds."""
+        keep = self._reusable_prefix(tokens)
+        del self._held[keep:]
+        for start in range(keep, len(tokens), self._n_batch):
+            chunk = tokens[start : start + self._n_batch]
+            array = (self._c.llama_token * len(chunk))(*chunk)
+            self._decode(self._c.llama_batch_get_one(array, len(chunk)))
+            self._held += chunk
+
+    def run(self, sampler: Any, budget: int, stop_at_eog: bool, should_stop: Callable[[], bool], text: TextAssembler, emit: Any) -> tuple[int, str]:
+        """Sample, check, emit, decode, token by token: (tokens generated, finish reason).
+
+        A token ends the request before it is counted when ``should_stop()``
+        says so (cancelled) or it is an end-of-generation token; after it is
+        counted, when its text completes a stop string or it is the
+        ``budget``-th.  The last token is never decoded: nothing reads its logits.
+        """
+        c = self._c
+        sample, decode, to_piece, is_eog = c.llama_sampler_sample, c.llama_decode, c.llama_token_to_piece, c.llama_vocab_is_eog
+        ctx, vocab, buffer, size, one, batch, held = self._ctx, self._vocab, self._piece, len(self._piece), self._one, self._one_batch, self._held
+        feed, take_tokens = text.feed, text.take_tokens
+        generated = 0
+        while True:
+            token = sample(sampler, ctx, -1)
+            if should_stop():
+                return generated, FINISH_CANCELLED
+            if stop_at_eog and is_eog(vocab, token):
+                return generated, FINISH_STOP
+            generated += 1
+            length = to_piece(vocab, token, buffer, size, 0, False)
+            piece = feed(buffer[:length] if length >= 0 else self._long_piece(token, -length))
+            if piece:  # may hold several tokens: text held back for a stop string or a split character
+                emit(piece, take_tokens())
+            if text.stopped:
+                return generated, FINISH_STOP
+            if generated >= budget:
+                return generated, FINISH_LENGTH
+            one[0] = token
+            if (code := decode(ctx, batch)) != 0:
+                self._decode_failed(code)
+            held.append(token)
+
+    # --- the context's memory --------------------------------------------------
+
+    def _reusable_prefix(self, tokens: list[int]) -> int:
+        """How many leading prompt tokens keep their cache entries; later entries are dropped."""
+        common = 0
+        for held, wanted in zip(self._held, tokens):
+            if held != wanted:
+                break
+            common += 1
+        keep = min(common, len(tokens) - 1)  # the last prompt token is decoded again: sampling reads its logits
+        c, memory = self._c, self._memory
+        if keep > 0 and c.llama_memory_seq_rm(memory, -1, keep, -1) and self._window_intact(keep):
+            return keep
+        if not c.llama_memory_seq_rm(memory, -1, 0, -1):  # a recurrent model's state cannot be cut: start over
+            c.llama_memory_clear(memory, True)
+        return 0
+
+    def _window_intact(self, keep: int) -> bool:
+        """A sliding-window cache that is not full-size drops entries the window
+        has passed; a token at ``keep`` must still see the window before it
+        (llama-server's check; llama.cpp's default full-size cache always can)."""
+        pos_min = self._c.llama_memory_seq_pos_min(self._memory, 0)
+        return pos_min <= max(0, keep - max(1, self._n_swa))
+
+    def _decode(self, batch: Any) -> None:
+        if (code := self._c.llama_decode(self._ctx, batch)) != 0:
+            self._decode_failed(code)
+
+    def _decode_failed(self, code: int) -> None:
+        """What the cache holds after a failed decode is not known: nothing is reused."""
+        self._c.llama_memory_clear(self._memory, True)
+        self._held.clear()
+        raise RuntimeError(f"llama_decode returned {code}")
+
+    def _long_piece(self, token: int, length: int) -> bytes:
+        buffer = ctypes.create_string_buffer(length)
+        return buffer[: self._c.llama_token_to_piece(self._vocab, token, buffer, length, 0, False)]
+
+    def _eog_tokens(self) -> list[int]:
+        if self._eog is None:
+            is_eog, vocab = self._c.llama_vocab_is_eog, self._vocab
+            self._eog = [token for token in range(self._n_vocab) if is_eog(vocab, token)]
+        return self._eog
