@@ -248,3 +248,15 @@ def test_engine_request_batch_sizes_from_the_keys_before_the_options():
     assert (keyed.n_batch, keyed.n_ubatch) == (1024, 256)
     optioned = engine_request("a", EngineConfig(kind="llamacpp", options={"n_ubatch": 128}), [Q4_K_M], 512)
     assert (optioned.n_batch, optioned.n_ubatch) == (512, 128)
+
+
+def test_parallel_requests_each_get_the_context_so_the_cache_is_planned_for_all_of_them():
+    """parallel = 4 holds n_ctx for each of four sequences: what fits one at 32k on the 12 GB card does not fit four."""
+    assert engine_request("a", EngineConfig(kind="llamacpp", parallel=4), [Q4_K_M], 512).sequences == 4
+    assert engine_request("x", EngineConfig(kind="exllamav2", parallel=4), [Q4_K_M], 512).sequences == 1  # one request at a time there
+    alone = plan(snapshot(device(0, 12288, neighbours_mib=5120)), [request()], POLICY, ESTIMATORS).engine("llama").chosen
+    four = plan(snapshot(device(0, 12288, neighbours_mib=5120)), [request(sequences=4)], POLICY, ESTIMATORS).engine("llama").chosen
+    assert (alone.n_ctx, alone.path) == (32768, Q6_K.path)
+    facts = next(f for f in QWEN_3B if f.path == four.path)
+    assert four.gpu_bytes / MIB == pytest.approx(needs_mib(facts, four.n_ctx * 4, four.n_gpu_layers, four.cache_type), abs=1)
+    assert (four.path, four.n_ctx) != (alone.path, alone.n_ctx)  # a smaller variant or context, for the 4x cache

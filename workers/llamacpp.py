@@ -19,7 +19,8 @@ from .engine import EmitFn, EngineUnavailable, GenerateRequest, GenerateResult, 
 from .protocol import ErrorCode
 from .llamacpp_log import LlamaLog, python_prints
 from .llamacpp_loop import TokenLoop
-from .llamacpp_native import backend_devices, context_flash_attn, load_progress
+from .llamacpp_batch import SequenceBatch
+from .llamacpp_native import backend_devices, context_params, load_progress
 from .llamacpp_settings import FLASH_ATTN_ENABLED, LoadSettings, choose
 from .textstream import TextAssembler
 
@@ -69,6 +70,8 @@ class LlamaCppEngine:
         self._llm: Any = None
         self._loop: TokenLoop | None = None
         self._chat_formatter: Any = None
+        self.slots = 1  # requests generated at once: the spec's "parallel" (BatchEngine, workers/batch.py)
+        self._batch: SequenceBatch | None = None
 
     def versions(self) -> dict[str, Any]:
         import numpy
@@ -86,9 +89,13 @@ class LlamaCppEngine:
         settings = choose(spec, options, layers_on_gpu=on_gpu, quantized_cache=cache_type != "f16")
         options.pop("flash_attn", None)  # set through the context parameters below, "auto" included
         kwargs = {**options, **settings.llama_kwargs(), **_cache_kwargs(cache_type)}
+        self.slots = max(1, int(spec.get("parallel") or 1))
+        n_ctx = int(spec.get("n_ctx") or 2048)
+        # parallel: one sequence per request in one context, n_ctx cells each (not shared: kv_unified off).
+        several = {"n_seq_max": self.slots, "n_ctx": n_ctx * self.slots, "kv_unified": False} if self.slots > 1 else {}
         kwargs.update(
             model_path=str(model_path),
-            n_ctx=spec.get("n_ctx", 2048),
+            n_ctx=n_ctx,
             n_gpu_layers=n_gpu_layers,
             # verbose=True keeps llama.cpp's log (workers/llamacpp_log.py);
             # verbose=False would point the whole process's fd 1 and 2 at
@@ -98,7 +105,7 @@ class LlamaCppEngine:
         progress(0.0, f"loading {model_path.name}")
         _LOG.quiet, _LOG.offloaded, _LOG.out_of_memory, _LOG.flash_attn = False, None, None, None
         try:
-            with load_progress(llama_cpp, progress), python_prints(), context_flash_attn(llama_cpp, settings.flash_attn):
+            with load_progress(llama_cpp, progress), python_prints(), context_params(llama_cpp, flash_attn_type=settings.flash_attn, **several):
                 self._llm = llama_cpp.Llama(**kwargs)
         except ValueError as exc:  # llama-cpp-python's way of saying "could not load"
             if _LOG.out_of_memory:
@@ -109,6 +116,8 @@ class LlamaCppEngine:
             _LOG.quiet = True
         llm = self._llm
         self._loop = TokenLoop(llama_cpp, llm.model, llm.ctx, llama_cpp.llama_n_batch(llm.ctx))
+        if self.slots > 1:
+            self._batch = SequenceBatch(llama_cpp, llm.model, llm.ctx, self.slots, llama_cpp.llama_n_batch(llm.ctx), self._loop.free)
         self._chat_formatter = self._make_chat_formatter(spec.get("chat_format"))
         progress(1.0, "loaded")
         return {**self._facts(model_path, n_gpu_layers), **self._in_force(settings)}
@@ -120,7 +129,8 @@ class LlamaCppEngine:
             "model": str(model_path),
             "model_name": llm.metadata.get("general.name", model_path.stem),
             "architecture": llm.metadata.get("general.architecture"),
-            "n_ctx": llm.n_ctx(),
+            "n_ctx": llama_cpp.llama_n_ctx_seq(llm.ctx),  # what one request can use
+            "parallel": self.slots,
             "n_vocab": llm.n_vocab(),
             "chat_template": self._chat_formatter.name if self._chat_formatter else None,
             "n_gpu_layers": n_gpu_layers,
@@ -179,21 +189,42 @@ class LlamaCppEngine:
             raise RequestError(ErrorCode.INVALID_REQUEST, f"chat template rejected the messages: {exc}") from exc
         return llm.tokenize(prompt.encode("utf-8"), add_bos=not has_bos, special=True), stop
 
-    def generate(self, request: GenerateRequest, emit: EmitFn, should_stop: StopFn) -> GenerateResult:
+    def _prepare(self, request: GenerateRequest) -> tuple[list[int], TextAssembler, Any]:
+        """The request's prompt tokens (checked against one request's context), text assembler and sampler chain."""
         tokens, chat_stop = self._prompt_tokens(request)
         if not tokens:  # an empty prompt to a model that adds no start token: no logits to sample from
             raise RequestError(ErrorCode.INVALID_REQUEST, "the prompt is empty and this model adds no start token to continue from")
-        n_ctx = self._llm.n_ctx()
+        n_ctx = llama_cpp.llama_n_ctx_seq(self._llm.ctx)
         if len(tokens) >= n_ctx:
-            raise RequestError(
-                ErrorCode.CONTEXT_OVERFLOW, f"prompt is {len(tokens)} tokens; the context holds {n_ctx}"
-            )
+            raise RequestError(ErrorCode.CONTEXT_OVERFLOW, f"prompt is {len(tokens)} tokens; the context holds {n_ctx}")
         # Same seeding rule as create_completion: an explicit seed, else a fresh one.
         seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(4), "little")
-        text = TextAssembler(list(request.stop) + chat_stop)
+        assert self._loop is not None, "generate before load"
+        sampler = self._loop.sampler(request.temperature, request.top_p, request.top_k, seed, ban_eog=request.ignore_eos)
+        return tokens, TextAssembler(list(request.stop) + chat_stop), sampler
+
+    # --- several requests at once (parallel > 1) ---------------------------------------------
+
+    def begin(self, request: GenerateRequest, emit: EmitFn) -> None:
+        assert self._batch is not None, "begin without parallel"
+        tokens, text, sampler = self._prepare(request)
+        self._batch.begin(request.request_id, tokens, sampler, text, emit, request.max_tokens, not request.ignore_eos)
+
+    def step(self) -> list[tuple[str, GenerateResult]]:
+        assert self._batch is not None
+        return self._batch.step()
+
+    def end(self, request_id: str) -> GenerateResult:
+        assert self._batch is not None
+        return self._batch.end(request_id)
+
+    # --- one request at a time ------------------------------------------------------------
+
+    def generate(self, request: GenerateRequest, emit: EmitFn, should_stop: StopFn) -> GenerateResult:
+        tokens, text, sampler = self._prepare(request)
         loop = self._loop
-        assert loop is not None, "generate before load"
-        sampler = loop.sampler(request.temperature, request.top_p, request.top_k, seed, ban_eog=request.ignore_eos)
+        assert loop is not None
+        n_ctx = self._llm.n_ctx()
         try:
             loop.prefill(tokens)
             budget = min(request.max_tokens, n_ctx - len(tokens))

@@ -74,22 +74,24 @@ def load_progress(llama_cpp: Any, progress: Callable[[float, str], None]) -> Ite
 
 
 @contextlib.contextmanager
-def context_flash_attn(llama_cpp: Any, flash_attn_type: int) -> Iterator[None]:
-    """Create the load's context with this ``llama_flash_attn_type``.
+def context_params(llama_cpp: Any, **fields: Any) -> Iterator[None]:
+    """Create the load's context with these ``llama_context_params`` fields.
 
-    Llama() only knows on and off (its ``flash_attn`` bool), not llama.cpp's
-    "auto", which turns flash attention on only where the device running
-    the layers supports it: the context's parameters are set on their way to
-    ``llama_init_from_model``, which llama-cpp-python calls through the
+    Llama() has no argument for some of them: llama.cpp's "auto" flash
+    attention (it turns it on only where the device running the layers
+    supports it; Llama() knows on and off), or several sequences in one
+    context (``n_seq_max``, for ``parallel``).  They are set on the parameters'
+    way to ``llama_init_from_model``, which llama-cpp-python calls through the
     module attribute wrapped here for the duration of the load.
     """
     original = llama_cpp.llama_cpp.llama_init_from_model
 
-    def init_with_flash_attn(model: Any, params: Any) -> Any:
-        params.flash_attn_type = flash_attn_type
+    def init_with(model: Any, params: Any) -> Any:
+        for name, value in fields.items():
+            setattr(params, name, value)
         return original(model, params)
 
-    llama_cpp.llama_cpp.llama_init_from_model = init_with_flash_attn
+    llama_cpp.llama_cpp.llama_init_from_model = init_with
     try:
         yield
     finally:

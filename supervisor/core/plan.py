@@ -95,6 +95,7 @@ class EngineRequest:
     n_batch: int = 512
     n_ubatch: int = 512
     notes: tuple[str, ...] = ()  # e.g. variants whose facts could not be read
+    sequences: int = 1  # requests loaded together (llama.cpp's parallel): the KV cache holds n_ctx for each
 
 
 @dataclass(frozen=True)
@@ -202,7 +203,8 @@ def engine_request(name: str, config: Any, variants: Sequence[Any], min_ctx: int
     """
     batch, ubatch = (int(_first_set(getattr(config, key, None), config.options.get(key), 512)) for key in ("n_batch", "n_ubatch"))
     cache_types = cache_ladder(config.cache_type, config.cache_types_allowed)
-    return EngineRequest(name, tuple(variants), config.n_ctx, min_ctx, config.n_gpu_layers, cache_types, frozenset(own_pids), batch, ubatch, tuple(notes))
+    return EngineRequest(name, tuple(variants), config.n_ctx, min_ctx, config.n_gpu_layers, cache_types, frozenset(own_pids), batch, ubatch, tuple(notes),
+                         sequences=config.parallel if config.kind == "llamacpp" else 1)  # fmt: skip
 
 
 def _first_set(*values: Any) -> Any:

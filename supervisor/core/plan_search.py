@@ -168,7 +168,7 @@ class Search:
             estimate = self.estimators.exl2(facts, n_ctx=n_ctx, cache_type=EXL2_CACHE_NAMES.get(cache, cache))
         else:
             estimate = self.estimators.llamacpp(
-                facts, n_gpu_layers=layers, n_ctx=n_ctx, cache_type=cache, n_batch=self.request.n_batch, n_ubatch=self.request.n_ubatch
+                facts, n_gpu_layers=layers, n_ctx=n_ctx * self.request.sequences, cache_type=cache, n_batch=self.request.n_batch, n_ubatch=self.request.n_ubatch
             )
         return int(estimate.gpu_bytes), int(estimate.ram_bytes)
 

@@ -1,0 +1,70 @@
+"""Run in the llama.cpp environment by tests/test_llamacpp_parallel.py: the
+worker's engine serving requests one at a time, then the same requests as
+sequences of one context (``parallel``); prints a JSON report.
+
+    python llamacpp_parallel_reference.py REPO MODEL
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+sys.path.insert(0, sys.argv[1])
+
+from workers.engine import GenerateRequest  # noqa: E402
+from workers.llamacpp import create_engine  # noqa: E402
+
+MODEL = sys.argv[2]
+PROMPTS = ["The capital of France is", "Once upon a time", "1, 2, 3, 4,", "def fibonacci(n):"]
+MAX_TOKENS = 20
+
+
+def request(i: int, **fields: object) -> GenerateRequest:
+    return GenerateRequest(request_id=f"r{i}", prompt=PROMPTS[i % len(PROMPTS)], max_tokens=MAX_TOKENS, temperature=0.0, **fields)  # type: ignore[arg-type]
+
+
+def one_at_a_time() -> list[dict[str, object]]:
+    engine = create_engine()
+    engine.load({"model": MODEL, "n_ctx": 512, "n_threads": 2}, lambda *_: None)
+    out = []
+    for i in range(len(PROMPTS)):
+        pieces: list[tuple[str, int]] = []
+        result = engine.generate(request(i), lambda text, tokens=1: pieces.append((text, tokens)), lambda: False)
+        out.append({"pieces": pieces, "completion_tokens": result.completion_tokens, "finish": result.finish_reason})
+    return out
+
+
+def together(engine: object, requests: list[GenerateRequest], cancel_after: dict[str, int]) -> tuple[dict[str, dict[str, object]], int]:
+    """Run ``requests`` as sequences, all begun before the first step; cancel some after n steps."""
+    pieces: dict[str, list[tuple[str, int]]] = {}
+    for r in requests:
+        pieces[r.request_id] = []
+        engine.begin(r, lambda text, tokens=1, rid=r.request_id: pieces[rid].append((text, tokens)))  # type: ignore[attr-defined]
+    ended: dict[str, dict[str, object]] = {}
+    steps = 0
+    while len(ended) < len(requests):
+        steps += 1
+        results = list(engine.step())  # type: ignore[attr-defined]
+        results += [(rid, engine.end(rid)) for rid, n in cancel_after.items() if n == steps and rid not in ended]  # type: ignore[attr-defined]
+        for rid, result in results:
+            ended[rid] = {"pieces": pieces[rid], "completion_tokens": result.completion_tokens, "finish": result.finish_reason,
+                          "prompt_tokens": result.prompt_tokens}  # fmt: skip
+    return ended, steps
+
+
+def main() -> None:
+    solo = one_at_a_time()
+    engine = create_engine()
+    facts = engine.load({"model": MODEL, "n_ctx": 512, "n_threads": 2, "parallel": 4}, lambda *_: None)
+    alone, _ = together(engine, [request(0)], {})
+    four, steps = together(engine, [request(i) for i in range(4)], {})
+    # Slots are reused: more requests than slots, one cancelled, one ending at a stop string.
+    again, _ = together(engine, [request(1), request(2, stop=["7,"]), request(3)], {"r3": 5})
+    print(json.dumps({"solo": solo, "facts": {k: facts[k] for k in ("n_ctx", "parallel")}, "slots": engine.slots,
+                      "alone": alone["r0"], "four": [four[f"r{i}"] for i in range(4)], "four_steps": steps,
+                      "again": again}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

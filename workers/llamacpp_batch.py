@@ -1,0 +1,153 @@
+"""Several requests decoded together in one llama.cpp context (``parallel``).
+
+A helper of workers/llamacpp.py, handed the ``llama_cpp`` module.  Each
+running request owns one sequence of the context (as a slot of
+``llama-server -np`` does); the context holds ``n_ctx`` cells for each, not
+shared (``kv_unified`` off), so one long request cannot starve the others.
+A step is one ``llama_decode`` of one batch holding, for every sequence, its
+last sampled token, or the next chunk of its prompt (a new request joins the
+running ones at the next step, its prompt read alongside their tokens); then
+every sequence whose logits came back samples its next token with its own
+native sampler chain at its index in the batch.  Per token, as in
+llamacpp_loop.py: no logits copy, no NumPy, one piece into a buffer.
+
+A sequence's cache is cleared when its request ends: prompts are not reused
+across requests in this mode (the single-request loop reuses them).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from typing import Any
+
+from .engine import EmitFn, GenerateResult
+from .protocol import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP
+from .textstream import TextAssembler
+
+PIECE_BUFFER_BYTES = 256
+
+
+@dataclass
+class _Sequence:
+    seq_id: int
+    prompt: list[int]  # prompt tokens not yet decoded
+    prompt_tokens: int
+    sampler: Any
+    text: TextAssembler
+    emit: EmitFn
+    budget: int  # tokens it may generate
+    stop_at_eog: bool
+    position: int = 0  # the position of the next token fed to the context
+    next_token: int | None = None  # sampled, not yet decoded
+    logits_at: int = -1  # its row in the last batch's logits; -1: none asked
+    generated: int = 0
+
+
+class SequenceBatch:
+    def __init__(self, llama_cpp: Any, model: Any, ctx: Any, slots: int, n_batch: int, free_sampler: Any) -> None:
+        self._c = c = llama_cpp
+        self._ctx = ctx
+        self._vocab = c.llama_model_get_vocab(model)
+        self._memory = c.llama_get_memory(ctx)
+        self._free_sampler = free_sampler
+        self.n_ctx_seq = c.llama_n_ctx_seq(ctx)
+        # A step holds at most n_batch tokens, and always one per generating sequence.
+        self._capacity = max(n_batch, slots)
+        self._batch = c.llama_batch_init(self._capacity, 0, 1)
+        self._free_ids = list(range(slots))
+        self._running: dict[str, _Sequence] = {}
+        self._piece = ctypes.create_string_buffer(PIECE_BUFFER_BYTES)
+
+    def close(self) -> None:
+        for request_id in list(self._running):
+            self.end(request_id)
+        self._c.llama_batch_free(self._batch)
+
+    # --- requests ---------------------------------------------------------------------
+
+    def begin(self, request_id: str, prompt: list[int], sampler: Any, text: TextAssembler, emit: EmitFn, max_tokens: int, stop_at_eog: bool) -> None:
+        seq_id = self._free_ids.pop(0)
+        self._c.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+        budget = min(max_tokens, self.n_ctx_seq - len(prompt))
+        self._running[request_id] = _Sequence(seq_id, list(prompt), len(prompt), sampler, text, emit, budget, stop_at_eog)
+
+    def end(self, request_id: str, finish: str = FINISH_CANCELLED) -> GenerateResult:
+        """Take a request out (ended or stopped): its text held back is sent, its slot freed."""
+        sequence = self._running.pop(request_id)
+        tail = sequence.text.flush()
+        if tail:  # as the single-request loop does, cancelled or not
+            sequence.emit(tail, sequence.text.take_tokens())
+        self._free_sampler(sequence.sampler)
+        self._c.llama_memory_seq_rm(self._memory, sequence.seq_id, -1, -1)
+        self._free_ids.append(sequence.seq_id)
+        return GenerateResult(finish_reason=finish, prompt_tokens=sequence.prompt_tokens, completion_tokens=sequence.generated)
+
+    # --- one step ----------------------------------------------------------------------
+
+    def step(self) -> list[tuple[str, GenerateResult]]:
+        """Decode one batch for every running request, then sample each one's next token."""
+        if self._fill() == 0:
+            return []
+        if (code := self._c.llama_decode(self._ctx, self._batch)) != 0:
+            raise RuntimeError(f"llama_decode returned {code}")
+        ended = []
+        for request_id, sequence in list(self._running.items()):
+            if sequence.logits_at >= 0:
+                finish = self._sample(sequence)
+                if finish is not None:
+                    ended.append((request_id, self.end(request_id, finish)))
+        return ended
+
+    def _fill(self) -> int:
+        """The batch: each generating sequence's token first (one each), then prompt chunks in the room left."""
+        batch, count = self._batch, 0
+        for sequence in self._running.values():
+            sequence.logits_at = -1
+            if sequence.next_token is not None:
+                self._add(count, sequence.next_token, sequence, logits=True)
+                sequence.next_token = None
+                count += 1
+        for sequence in self._running.values():
+            room = self._capacity - count
+            if not sequence.prompt or room <= 0:
+                continue
+            chunk, sequence.prompt = sequence.prompt[:room], sequence.prompt[room:]
+            for i, token in enumerate(chunk):
+                self._add(count, token, sequence, logits=not sequence.prompt and i == len(chunk) - 1)
+                count += 1
+        batch.n_tokens = count
+        return count
+
+    def _add(self, index: int, token: int, sequence: _Sequence, logits: bool) -> None:
+        batch = self._batch
+        batch.token[index] = token
+        batch.pos[index] = sequence.position
+        batch.n_seq_id[index] = 1
+        batch.seq_id[index][0] = sequence.seq_id
+        batch.logits[index] = logits
+        sequence.position += 1
+        if logits:
+            sequence.logits_at = index
+
+    def _sample(self, sequence: _Sequence) -> str | None:
+        """Its next token: sent, and fed to the next step; a finish reason when the request ends here."""
+        c = self._c
+        token = c.llama_sampler_sample(sequence.sampler, self._ctx, sequence.logits_at)
+        if sequence.stop_at_eog and c.llama_vocab_is_eog(self._vocab, token):
+            return FINISH_STOP
+        sequence.generated += 1
+        length = c.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, False)
+        piece = sequence.text.feed(self._piece[:length] if length >= 0 else self._long_piece(token, -length))
+        if piece:
+            sequence.emit(piece, sequence.text.take_tokens())
+        if sequence.text.stopped:
+            return FINISH_STOP
+        if sequence.generated >= sequence.budget:
+            return FINISH_LENGTH
+        sequence.next_token = token
+        return None
+
+    def _long_piece(self, token: int, length: int) -> bytes:
+        buffer = ctypes.create_string_buffer(length)
+        return buffer[: self._c.llama_token_to_piece(self._vocab, token, buffer, length, 0, False)]
