@@ -46,7 +46,9 @@ def format_status(reply: dict[str, Any]) -> str:
                 f"  worker {worker['id'] or '-'}: {worker['state']}  pid {worker['pid'] or '-'}  rss {rss}  uptime {worker['uptime_s'] or '-'}s  restarts {worker['restarts']}"
             )
             if worker.get("last_exit"):
-                lines.append(f"    last exit: {worker['last_exit']['cause']}")
+                failure = worker.get("failure") or worker.get("load_failure")
+                why = f" ({failure['message']})" if failure and failure.get("message") else ""
+                lines.append(f"    last exit: {worker['last_exit']['cause']}{why}")
     return "\n".join(lines)
 
 

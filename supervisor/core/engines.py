@@ -80,7 +80,8 @@ class EngineState:
         """What the worker loads: the plan's choice where there is one, else the configuration."""
         config, chosen = self.config, self.chosen
         spec = {"model": self.model_path, "n_ctx": config.n_ctx, "n_threads": config.n_threads, "n_gpu_layers": config.n_gpu_layers,
-                "cache_type": config.cache_type, "chat_format": config.chat_format, "options": config.options, "parallel": config.parallel}  # fmt: skip
+                "cache_type": config.cache_type, "chat_format": config.chat_format, "options": config.options, "parallel": config.parallel,
+                "upstream": config.upstream.model_dump() if config.upstream else None}  # fmt: skip
         if spec["n_gpu_layers"] == "auto":
             spec["n_gpu_layers"] = 0
         if chosen is not None:

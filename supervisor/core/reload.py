@@ -26,7 +26,7 @@ from .engines import EngineState
 from .supervisor import Supervisor
 
 # What a worker was loaded with: a change needs a new worker.
-LOAD_FIELDS = frozenset({"kind", "model", "n_ctx", "parallel", "n_threads", "n_gpu_layers", "cache_type", "cache_types_allowed", "chat_format", "env", "options"})
+LOAD_FIELDS = frozenset({"kind", "model", "n_ctx", "parallel", "n_threads", "n_gpu_layers", "cache_type", "cache_types_allowed", "chat_format", "env", "options", "upstream"})
 # Top-level settings a reload applies; the others hold until the daemon restarts.
 LIVE_SETTINGS = ("engines", "supervision", "gpu", "log_level")
 
