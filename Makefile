@@ -22,7 +22,7 @@ run: install
 
 test: install
 	NODESUP_STATE_DIR=$(TEST_STATE) NODESUP_DATA_DIR=$(TEST_STATE)/data \
-		$(BIN)/node-supervisor envs create llamacpp exllamav2 fake
+		$(BIN)/node-supervisor envs create llamacpp exllamav2 fake openai
 	NODESUP_TEST_STATE=$(TEST_STATE) $(BIN)/python -m pytest -v -rs
 
 bench: install

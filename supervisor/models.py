@@ -35,6 +35,14 @@ def model_path_for(settings: Settings, engine: EngineConfig) -> Path:
     return model_variants_for(settings, engine)[0]
 
 
+def model_label(settings: Settings, engine: EngineConfig) -> str:
+    """What an engine serves, as status, metrics and the log name it: its model path, or a
+    remote engine's upstream model and server (it has no file here)."""
+    if engine.upstream is not None:
+        return f"{engine.upstream.model or '(the first listed)'} at {engine.upstream.base_url}"
+    return str(model_path_for(settings, engine))
+
+
 def model_variants_for(settings: Settings, engine: EngineConfig) -> list[Path]:
     """Every model an engine may serve, best first: the planner picks the best that fits."""
     if engine.model is not None:

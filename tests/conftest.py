@@ -40,7 +40,7 @@ def shared_settings():
 def shared_state() -> dict[str, Path]:
     """The engine environments and the default model, created if missing."""
     settings = shared_settings()
-    for kind in ("llamacpp", "exllamav2", "fake"):
+    for kind in ("llamacpp", "exllamav2", "fake", "openai"):
         if not env_is_current(settings, kind, kind):
             create_env(settings, kind, kind, lambda line: print(line, flush=True))
     model = ensure_default_model(settings, lambda line: print(line, flush=True))

@@ -133,6 +133,36 @@ def test_repeated_crashes_open_the_circuit_and_traffic_moves_to_the_next_engine(
     assert core.effects.topics("engine.circuit")[-1]["state"] == "open"
 
 
+def test_a_worker_that_loads_and_then_fails_every_time_still_opens_the_circuit():
+    # A remote engine whose upstream answers 429: each worker loads fine, reports why it cannot go on, and exits 1.
+    core = Core({"a": {**FAKE, "priority": 1}, "b": {**FAKE, "priority": 2}}, supervision={"circuit_failures": 2})
+    core.supervisor.start(core.now)
+    core.bring_up("b")
+    for attempt in (1, 2):
+        core.bring_up("a")
+        assert core.engine("a").breaker.state.value == "closed"
+        core.supervisor.on_failed(core.engine("a"), {"code": "engine_failed", "message": "upstream answered 429 Too Many Requests"}, core.now)
+        core.exit("a", 1)
+        if attempt == 1:
+            core.advance(core.engine("a").worker.times.restart_at - core.now + 0.01)
+    assert core.engine("a").breaker.state.value == "open" and core.switch.active == "b"
+    assert core.engine("a").refusal == ("engine_failed", "circuit open: upstream answered 429 Too Many Requests")
+    assert core.engine("a").stats.restarts["crash"] == 2  # a crash, not a load failure
+
+
+def test_a_retry_after_in_a_failure_report_delays_the_restart():
+    core = Core({"a": FAKE}, supervision={"restart_backoff_base_s": 1.0})
+    core.supervisor.start(core.now)
+    core.bring_up("a")
+    core.supervisor.on_failed(core.engine("a"), {"code": "engine_failed", "message": "429", "retry_after_s": 20}, core.now)
+    core.exit("a", 1)
+    assert core.engine("a").worker.times.restart_at == core.now + 20
+    core.advance(19.9)
+    assert core.effects.named("start") == ["a.1"]
+    core.advance(0.2)
+    assert core.effects.named("start") == ["a.1", "a.2"]
+
+
 def test_an_engine_that_cannot_run_here_fails_once_and_refuses_pinned_requests():
     core = Core({"a": {**FAKE, "priority": 1}, "b": {**FAKE, "priority": 2}})
     core.supervisor.start(core.now)

@@ -115,6 +115,14 @@ def test_circuit_opens_after_threshold_failures_within_the_window_only():
     assert breaker.state is Circuit.OPEN and not breaker.allows_traffic
 
 
+def test_a_load_between_failures_does_not_clear_the_count_of_a_closed_circuit():
+    breaker = CircuitBreaker(threshold=2, window_s=10.0, open_s=5.0)
+    assert not breaker.record_failure(0.0, "engine_failed", "upstream answered 429")
+    assert not breaker.record_success()  # the worker loaded again: nothing to close
+    assert breaker.record_failure(1.0, "engine_failed", "upstream answered 429")
+    assert breaker.state is Circuit.OPEN
+
+
 def test_half_open_probe_closes_on_success_and_reopens_on_failure():
     breaker = CircuitBreaker(threshold=1, window_s=10.0, open_s=5.0)
     breaker.record_failure(0.0, "model_load_failed", "bad file")

@@ -21,6 +21,7 @@ ENGINE_MODULES = {
     "llamacpp": "workers.llamacpp",
     "exllamav2": "workers.exllamav2",
     "fake": "workers.fake",
+    "openai": "workers.openai_remote",
 }
 
 ProgressFn = Callable[[float, str], None]  # fraction 0..1, what is happening
@@ -62,6 +63,24 @@ class OutOfGpuMemory(ModelError):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.code = ErrorCode.GPU_OUT_OF_MEMORY
+
+
+class EngineFailed(Exception):
+    """The engine cannot go on serving: a remote engine's upstream is unreachable,
+    refuses (429, 5xx) or died in the middle of an answer.
+
+    Handled as a crash: the worker reports why (``failed``, or ``load_failed``
+    while loading) and exits with ExitCode.CRASH, so the daemon's crash path
+    runs: the request is retried elsewhere or ends ``engine_failed`` with its
+    tokens, the worker restarts after backoff, the circuit breaker counts it.
+    ``retry_after_s``: the upstream's Retry-After, the earliest the daemon
+    starts the worker again.
+    """
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.code = ErrorCode.ENGINE_FAILED
+        self.retry_after_s = retry_after_s
 
 
 class RequestError(Exception):

@@ -36,7 +36,7 @@ import zmq
 
 from . import protocol as p
 from .batch import BatchLoop
-from .engine import EngineUnavailable, GenerateRequest, GenerateResult, ModelError, PreparedEngine, RequestError
+from .engine import EngineFailed, EngineUnavailable, GenerateRequest, GenerateResult, ModelError, PreparedEngine, RequestError
 from .process import die_orphaned, name_this_thread
 
 log = logging.getLogger("worker")
@@ -111,11 +111,8 @@ class WorkerRuntime:
         if load is None:
             return p.ExitCode.OK
         if load.get("protocol") != p.PROTOCOL_VERSION:
-            return self._fail(
-                p.ExitCode.PROTOCOL_MISMATCH,
-                "protocol_mismatch",
-                f"worker speaks protocol {p.PROTOCOL_VERSION}, daemon {load.get('protocol')}",
-            )
+            mismatch = f"worker speaks protocol {p.PROTOCOL_VERSION}, daemon {load.get('protocol')}"
+            return self._fail(p.ExitCode.PROTOCOL_MISMATCH, "protocol_mismatch", mismatch)
         self._activity["phase"] = "loading"
         try:
             facts = engine.load(load["spec"], self._report_progress)
@@ -123,6 +120,8 @@ class WorkerRuntime:
             return self._fail(p.ExitCode.MODEL_ERROR, exc.code, str(exc))
         except EngineUnavailable as exc:
             return self._fail(p.ExitCode.UNAVAILABLE, "unavailable", str(exc))
+        except EngineFailed as exc:  # a remote engine's upstream unreachable or refusing: a crash, retried with backoff
+            return self._fail(p.ExitCode.CRASH, exc.code, str(exc), exc.retry_after_s)
         self._activity["phase"] = "idle"
         slots = getattr(engine, "slots", 1)
         self._send(type=p.W_READY, model=facts, slots=slots)
@@ -130,9 +129,14 @@ class WorkerRuntime:
         if slots > 1:
             BatchLoop(self, engine).run()
             return p.ExitCode.OK
-        while (message := self._next_command()) is not None:
-            if message.get("type") == p.S_GENERATE:
-                self._serve(engine, message)
+        try:
+            while (message := self._next_command()) is not None:
+                if message.get("type") == p.S_GENERATE:
+                    self._serve(engine, message)
+        except EngineFailed as exc:  # the request it ran is the daemon's to retry or fail, as after a crash
+            log.error("%s: %s", exc.code, exc)
+            self._send(type=p.W_FAILED, code=exc.code, message=str(exc), retry_after_s=exc.retry_after_s)
+            return p.ExitCode.CRASH
         return p.ExitCode.OK
 
     def _send_hello(self) -> None:
@@ -179,9 +183,9 @@ class WorkerRuntime:
         else:
             log.error("unknown message type from daemon: %r", kind)
 
-    def _fail(self, exit_code: int, code: str, message: str) -> int:
+    def _fail(self, exit_code: int, code: str, message: str, retry_after_s: float | None = None) -> int:
         log.error("%s: %s", code, message)
-        self._send(type=p.W_LOAD_FAILED, code=code, message=message, exit_code=exit_code)
+        self._send(type=p.W_LOAD_FAILED, code=code, message=message, exit_code=exit_code, retry_after_s=retry_after_s)
         return exit_code
 
     def _report_progress(self, fraction: float, message: str) -> None:
@@ -203,6 +207,8 @@ class WorkerRuntime:
             result = engine.generate(request, emit, should_stop)
         except RequestError as exc:
             self._send(type=p.W_ERROR, request_id=rid, code=exc.code, message=exc.message)
+        except EngineFailed:
+            raise  # no answer for the request: the worker exits (_main)
         except Exception as exc:
             traceback.print_exc()
             self._send(type=p.W_ERROR, request_id=rid, code=p.ErrorCode.INTERNAL, message=f"{type(exc).__name__}: {exc}")

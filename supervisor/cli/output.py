@@ -47,7 +47,9 @@ def format_status(reply: dict[str, Any]) -> str:
             )
             lines += _llama_settings(worker.get("model") or {})
             if worker.get("last_exit"):
-                lines.append(f"    last exit: {worker['last_exit']['cause']}")
+                failure = worker.get("failure") or worker.get("load_failure")
+                why = f" ({failure['message']})" if failure and failure.get("message") else ""
+                lines.append(f"    last exit: {worker['last_exit']['cause']}{why}")
     return "\n".join(lines)
 
 

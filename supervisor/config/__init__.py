@@ -20,11 +20,12 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError, TomlConfigSettingsSource
 
 # The tables live in their own module; they are part of this module's interface.
-from .sections import ENGINE_KINDS, KV_CACHE_TYPES, CacheType, EngineConfig, EnvConfig, GpuConfig, HttpConfig, MetricsConfig, SecurityConfig, SupervisionConfig, split_listen
+from .sections import (ENGINE_KINDS, KV_CACHE_TYPES, REMOTE_KINDS, CacheType, EngineConfig, EnvConfig, GpuConfig, HttpConfig, MetricsConfig, SecurityConfig,
+                       SupervisionConfig, UpstreamConfig, split_listen)
 
 __all__ = [
-    "ENGINE_KINDS", "KV_CACHE_TYPES", "CacheType", "ConfigError", "EngineConfig", "EnvConfig", "GpuConfig", "HttpConfig", "MetricsConfig",
-    "SecurityConfig", "Settings", "SupervisionConfig", "find_config_file", "load_settings", "reload_settings", "split_listen",
+    "ENGINE_KINDS", "KV_CACHE_TYPES", "REMOTE_KINDS", "CacheType", "ConfigError", "EngineConfig", "EnvConfig", "GpuConfig", "HttpConfig", "MetricsConfig",
+    "SecurityConfig", "Settings", "SupervisionConfig", "UpstreamConfig", "find_config_file", "load_settings", "reload_settings", "split_listen",
     "unknown_environment_variables",
 ]
 
@@ -253,6 +254,8 @@ def _first_error(exc: ValidationError, config_file: Path | None) -> str:
     key = ".".join(str(part) for part in error["loc"]) or "(top level)"
     where = f"{config_file}: " if config_file else ""
     value = error.get("input")
-    shown = "" if isinstance(value, dict) or value is None else f" (got {value!r})"
+    # A key's value is never echoed: an API key written where a variable's name belongs would reach the journal.
+    secret = any("key" in str(part) for part in error["loc"])
+    shown = "" if isinstance(value, dict) or value is None or secret else f" (got {value!r})"
     more = f" [and {exc.error_count() - 1} more]" if exc.error_count() > 1 else ""
     return f"{where}{key}: {error['msg']}{shown}{more}"

@@ -1,17 +1,49 @@
-"""The tables inside the settings: one engine, supervision, GPU planning, one environment, security, metrics, HTTP."""
+"""The tables inside the settings: one engine (and a remote engine's upstream), supervision, GPU planning, one environment, security, metrics, HTTP."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-ENGINE_KINDS = ("llamacpp", "exllamav2", "fake")
+ENGINE_KINDS = ("llamacpp", "exllamav2", "fake", "openai")
+REMOTE_KINDS = ("openai",)  # engines that forward to an upstream server: no model file, no GPU, no plan
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 # KV cache types, largest first (llama.cpp's names; the planner maps them for ExLlamaV2).
 KV_CACHE_TYPES = ("f16", "q8_0", "q4_0")
 CacheType = Literal["f16", "q8_0", "q4_0"]
+
+
+class UpstreamConfig(BaseModel):
+    """``[engines.<name>.upstream]``: the OpenAI-compatible server a remote engine (kind ``openai``) forwards to.
+
+    The API key is never part of the configuration: ``api_key_env`` names the
+    environment variable that holds it, which the worker reads.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_url: str = Field(description="the API root the upstream serves, e.g. http://10.0.0.5:8000/v1")
+    model: str | None = Field(None, min_length=1, max_length=256, description="the upstream's model name; unset: the first it lists")
+    api_key_env: str | None = Field(None, pattern=ENV_NAME_PATTERN, description="environment variable holding the API key; unset: none sent")
+    connect_timeout_s: float = Field(5.0, gt=0, le=300)
+    read_timeout_s: float = Field(30.0, gt=0, le=3600, description="the longest wait for the upstream's next bytes")
+    send_top_k: bool = Field(False, description="pass top_k on (vLLM, llama-server, Ollama take it; OpenAI's API does not)")
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in value):
+            raise ValueError("must be an http:// or https:// URL, e.g. http://10.0.0.5:8000/v1")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("must not hold credentials: name the variable holding the key in api_key_env")
+        if parts.query or parts.fragment:
+            raise ValueError("must not have a query or fragment: paths are appended to it")
+        return value.rstrip("/")
 
 
 class EngineConfig(BaseModel):
@@ -19,7 +51,7 @@ class EngineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["llamacpp", "exllamav2", "fake"]
+    kind: Literal["llamacpp", "exllamav2", "fake", "openai"]
     model: Path | Annotated[list[Path], Field(min_length=1)] | None = Field(None, description="model path, or a list of them (variants, best first); unset: the default model")
     n_ctx: int = Field(2048, gt=0, le=1 << 20, description="context of one request")
     parallel: int = Field(1, ge=1, le=64, description="requests one worker generates at once (llama.cpp: sequences in one context, batched decode)")
@@ -45,15 +77,31 @@ class EngineConfig(BaseModel):
     daily_budget: float | None = Field(None, gt=0, allow_inf_nan=False, description="spent today at or past this: unpinned requests go to the next engine until the day turns")
     aliases: list[Annotated[str, Field(pattern=r"^\S{1,128}$")]] = Field(
         default_factory=list, description="other names the HTTP front's `model` field accepts for this engine")
+    upstream: UpstreamConfig | None = Field(None, description="kind openai: the server it forwards to")
+
+    @model_validator(mode="after")
+    def _upstream_for_remote_kinds(self) -> "EngineConfig":
+        if self.kind in REMOTE_KINDS and self.upstream is None:
+            raise ValueError(f'upstream: required for kind "{self.kind}" (a table with base_url)')
+        if self.kind not in REMOTE_KINDS and self.upstream is not None:
+            raise ValueError(f'upstream: only for kind {" or ".join(REMOTE_KINDS)}, not "{self.kind}"')
+        if self.kind in REMOTE_KINDS and self.model is not None:
+            raise ValueError(f'model: a "{self.kind}" engine has no model file; the upstream\'s model is upstream.model')
+        return self
 
     @property
     def env_name(self) -> str:
         return self.env or self.kind
 
     @property
+    def is_remote(self) -> bool:
+        """Forwards to an upstream server: nothing to load here, no model file, no GPU."""
+        return self.kind in REMOTE_KINDS
+
+    @property
     def uses_gpu(self) -> bool:
         """May it hold GPU memory ("auto" may)?  Such engines never load at the same time."""
-        return self.kind == "exllamav2" or self.n_gpu_layers != 0
+        return not self.is_remote and (self.kind == "exllamav2" or self.n_gpu_layers != 0)
 
 
 class SupervisionConfig(BaseModel):
@@ -153,7 +201,7 @@ class HttpConfig(BaseModel):
 
     listen: str | None = Field(None, description='"host:port" to serve HTTP on; unset: no HTTP front')
     api_keys_file: Path | None = Field(None, description="a file of bearer keys, one a line (# comments); required beyond loopback")
-    api_keys_env: list[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]] = Field(
+    api_keys_env: list[Annotated[str, Field(pattern=ENV_NAME_PATTERN)]] = Field(
         default_factory=list, description="names of environment variables each holding one bearer key")
 
     @field_validator("listen")

@@ -83,7 +83,8 @@ class EngineState:
                 "chat_format": config.chat_format, "options": config.options, "parallel": config.parallel,
                 # unset (None): the worker's default for where the layers run
                 "n_threads": config.n_threads, "n_threads_batch": config.n_threads_batch, "n_batch": config.n_batch,
-                "n_ubatch": config.n_ubatch, "flash_attn": config.flash_attn}  # fmt: skip
+                "n_ubatch": config.n_ubatch, "flash_attn": config.flash_attn,
+                "upstream": config.upstream.model_dump() if config.upstream else None}  # fmt: skip
         if spec["n_gpu_layers"] == "auto":
             spec["n_gpu_layers"] = 0
         if chosen is not None:

@@ -69,6 +69,7 @@ class WorkerReport:
     heartbeat: dict[str, Any] = field(default_factory=dict)
     load_progress: float | None = None
     load_failure: dict[str, Any] | None = None
+    failure: dict[str, Any] | None = None  # why a ready worker could not go on (its ``failed`` message)
 
 
 @dataclass

@@ -10,8 +10,11 @@ import random
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from workers.protocol import NO_RETRY_EXIT_CODES
+
+MAX_RETRY_AFTER_S = 3600.0  # a Retry-After beyond this is read as this
 
 
 @dataclass
@@ -35,6 +38,15 @@ class Backoff:
 def retry_can_help(exit_code: int | None) -> bool:
     """Exit codes that say the same start would fail the same way mark the engine failed."""
     return exit_code not in NO_RETRY_EXIT_CODES
+
+
+def retry_after(failure: dict[str, Any]) -> float:
+    """How long a worker's failure report asked the restart to wait (a remote engine's
+    upstream said Retry-After), at most an hour; 0 when it did not say."""
+    value = failure.get("retry_after_s")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        return 0.0
+    return min(float(value), MAX_RETRY_AFTER_S)
 
 
 class Circuit(str, Enum):
@@ -87,11 +99,14 @@ class CircuitBreaker:
         return False
 
     def record_success(self) -> bool:
-        """The engine served (or loaded) again; True when this closed the circuit."""
-        was_open = self.state is not Circuit.CLOSED
+        """A worker loaded: an open or half-open circuit closes (True).  A closed one keeps
+        the failures it counted until they leave the window: a worker that loads and then
+        fails every time (a remote engine whose upstream answers 429) is still failing."""
+        if self.state is Circuit.CLOSED:
+            return False
         self.state, self.opened_at, self.reason, self.code = Circuit.CLOSED, None, "", ""
         self._failures.clear()
-        return was_open
+        return True
 
     @property
     def allows_traffic(self) -> bool:

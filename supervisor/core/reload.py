@@ -27,7 +27,7 @@ from .supervisor import Supervisor
 
 # What a worker was loaded with: a change needs a new worker.
 LOAD_FIELDS = frozenset({"kind", "model", "n_ctx", "parallel", "n_threads", "n_threads_batch", "n_batch", "n_ubatch", "flash_attn", "n_gpu_layers",
-                         "cache_type", "cache_types_allowed", "chat_format", "env", "options"})  # fmt: skip
+                         "cache_type", "cache_types_allowed", "chat_format", "env", "options", "upstream"})  # fmt: skip
 # Top-level settings a reload applies; the others hold until the daemon restarts.
 LIVE_SETTINGS = ("engines", "supervision", "gpu", "log_level")
 

@@ -18,7 +18,7 @@ from .budget import DailyBudgets
 from .effects import Effects, TOPIC_ENGINE_CIRCUIT, TOPIC_ENGINE_SWITCH, TOPIC_PROBE, TOPIC_WORKER_EXIT, TOPIC_WORKER_HANG
 from .engines import Engines, EngineState
 from .lifecycle import WorkerState
-from .policy import Circuit, LatencySwitch, retry_can_help
+from .policy import Circuit, LatencySwitch, retry_after, retry_can_help
 from .request import Probe
 from .router import Router
 from .stats import restart_cause
@@ -95,9 +95,15 @@ class Supervisor:
         self.router.pump(engine, now)
 
     def on_load_failed(self, engine: EngineState, message: dict[str, Any], now: float) -> None:
-        failure = {k: message.get(k) for k in ("code", "message", "exit_code")}
+        failure = {k: message.get(k) for k in ("code", "message", "exit_code", "retry_after_s")}
         engine.worker.report.load_failure = failure
         log.error("worker could not load", engine=engine.name, worker_id=engine.worker.worker_id, **failure)
+
+    def on_failed(self, engine: EngineState, message: dict[str, Any], now: float) -> None:
+        """The engine cannot go on (a remote engine's upstream failed); its exit, a crash, follows."""
+        failure = {k: message.get(k) for k in ("code", "message", "retry_after_s")}
+        engine.worker.report.failure = failure
+        log.error("worker cannot go on serving", engine=engine.name, worker_id=engine.worker.worker_id, **failure)
 
     def on_heartbeat(self, engine: EngineState, message: dict[str, Any], now: float) -> None:
         engine.worker.report.heartbeat = message
@@ -149,10 +155,11 @@ class Supervisor:
 
     def _after_failure(self, engine: EngineState, returncode: int | None, cause: str, now: float) -> None:
         """An unexpected exit: back off and restart, or open the circuit."""
-        failure = engine.worker.report.load_failure or {}
+        report = engine.worker.report
+        failure = report.load_failure or report.failure or {}
         code = failure.get("code") or ErrorCode.ENGINE_FAILED
         reason = failure.get("message") or cause
-        engine.stats.record_restart(restart_cause(engine.worker.kill_cause, failure))
+        engine.stats.record_restart(restart_cause(engine.worker.kill_cause, report.load_failure))
         if code == ErrorCode.GPU_OUT_OF_MEMORY and engine.plan is not None:
             # A planned step, not a crash: the next plan never repeats this choice, so it cannot loop.
             engine.oom_step = True
@@ -171,7 +178,7 @@ class Supervisor:
             log.error("circuit open", engine=engine.name, reason=reason)
             self.effects.publish(TOPIC_ENGINE_CIRCUIT, engine=engine.name, state=Circuit.OPEN.value, code=code, reason=reason)
             return
-        delay = engine.backoff.next_delay(engine.worker.times.ready_at, now)
+        delay = max(engine.backoff.next_delay(engine.worker.times.ready_at, now), retry_after(failure))
         engine.worker.times.restart_at = now + delay
         engine.worker.transition(WorkerState.BACKOFF, f"{cause}; restarting in {delay:.1f}s")
         self.effects.wake_at(now + delay)

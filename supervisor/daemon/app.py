@@ -41,7 +41,7 @@ from ..io.access import CLIENTS_DOMAIN, WORKERS_DOMAIN, LocalAccess
 from ..io.worker_link import WorkerLink
 from ..io.worker_process import WorkerProcess, worker_command
 from ..logs import get_logger
-from ..models import model_path_for, model_variants_for
+from ..models import model_label, model_variants_for
 from .notices import ServiceNotices
 from .reloading import reload_config
 from .status import daemon_status
@@ -117,8 +117,8 @@ class Daemon:
     def engine_state(self, name: str) -> EngineState:
         """A configured engine's state, with what can be known before its worker starts."""
         config = self.settings.engines[name]
-        model = model_path_for(self.settings, config)
-        engine = EngineState(name, config, str(model), self.settings.supervision, self._on_transition)
+        model = model_label(self.settings, config)
+        engine = EngineState(name, config, model, self.settings.supervision, self._on_transition)
         if not env_is_current(self.settings, config.env_name, config.kind):
             engine.hard_failure = (ErrorCode.ENGINE_UNAVAILABLE, f"environment {config.env_name!r} is missing or stale; run: node-supervisor envs create {config.env_name}")
         elif config.kind == "llamacpp" and not any(path.exists() for path in model_variants_for(self.settings, config)):

@@ -77,4 +77,6 @@ def _worker(daemon: "Daemon", engine: EngineState, now: float, snapshot: Any) ->
     }
     if report.load_failure:
         info["load_failure"] = report.load_failure
+    if report.failure:
+        info["failure"] = report.failure
     return info

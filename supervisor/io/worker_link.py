@@ -44,6 +44,7 @@ class WorkerLink:
             p.W_LOADING: supervisor.on_loading,
             p.W_READY: supervisor.on_ready,
             p.W_LOAD_FAILED: supervisor.on_load_failed,
+            p.W_FAILED: supervisor.on_failed,
             p.W_HEARTBEAT: supervisor.on_heartbeat,
             p.W_TOKEN: self._on_token,
             p.W_DONE: router.on_result,

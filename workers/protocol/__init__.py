@@ -86,7 +86,8 @@ class ErrorCode:
 W_HELLO = "hello"  # protocol, engine, worker_id, pid, versions, gpu_offload
 W_LOADING = "loading"  # progress 0..1, message
 W_READY = "ready"  # model facts; slots: requests it generates at once (1 when absent)
-W_LOAD_FAILED = "load_failed"  # code, message; the worker then exits
+W_LOAD_FAILED = "load_failed"  # code, message, exit_code (retry_after_s); the worker then exits
+W_FAILED = "failed"  # code, message, retry_after_s: the engine cannot go on serving (its upstream failed); the worker then exits 1
 W_HEARTBEAT = "heartbeat"  # phase, request_id, last_token_age_ms
 W_TOKEN = "token"  # request_id, text
 W_DONE = "done"  # request_id, finish_reason, usage, timings
