@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # so that llama.cpp is compiled once.
 TEST_STATE := $(CURDIR)/.state
 
-.PHONY: install run test bench bench-overhead bench-failover clean
+.PHONY: install run test bench bench-throughput bench-routing bench-overhead bench-failover clean
 
 $(BIN)/node-supervisor: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,10 +25,23 @@ test: install
 		$(BIN)/node-supervisor envs create llamacpp exllamav2 fake openai
 	NODESUP_TEST_STATE=$(TEST_STATE) $(BIN)/python -m pytest -v -rs
 
+# The report (bench/compare.py): the daemon beside llama-cpp-python and llama-server
+# (built once from the same llama.cpp), routing capacity; options in BENCH_ARGS,
+# e.g. make bench BENCH_ARGS="--rounds 6 --tokens 64 --threads 2" (or "--gpu").
 bench: install
 	NODESUP_STATE_DIR=$(TEST_STATE) NODESUP_DATA_DIR=$(TEST_STATE)/data \
+		$(BIN)/node-supervisor envs create llamacpp fake
+	NODESUP_TEST_STATE=$(TEST_STATE) $(BIN)/python bench/compare.py $(BENCH_ARGS)
+
+bench-throughput: install
+	NODESUP_STATE_DIR=$(TEST_STATE) NODESUP_DATA_DIR=$(TEST_STATE)/data \
 		$(BIN)/node-supervisor envs create llamacpp
-	NODESUP_TEST_STATE=$(TEST_STATE) $(BIN)/python bench/throughput.py
+	NODESUP_TEST_STATE=$(TEST_STATE) $(BIN)/python bench/throughput.py $(BENCH_ARGS)
+
+bench-routing: install
+	NODESUP_STATE_DIR=$(TEST_STATE) NODESUP_DATA_DIR=$(TEST_STATE)/data \
+		$(BIN)/node-supervisor envs create fake
+	NODESUP_TEST_STATE=$(TEST_STATE) $(BIN)/python bench/routing.py $(BENCH_ARGS)
 
 bench-overhead: install
 	NODESUP_STATE_DIR=$(TEST_STATE) NODESUP_DATA_DIR=$(TEST_STATE)/data \

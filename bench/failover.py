@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import signal
 import statistics
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.common import machine  # noqa: E402
 from tests.conftest import LLAMA, Daemon, shared_settings  # noqa: E402
 from tests.test_supervision import Events  # noqa: E402
 from supervisor.models import ensure_default_model  # noqa: E402
@@ -119,9 +119,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
     figures = measure(args.runs)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
     print()
-    print(f"machine: {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    print(f"machine: {machine()}")
     print(f"{'measure':<42} {'median':>9} {'min':>9} {'max':>9}")
     for key, label in (
         ("detect", "SIGKILL -> exit detected"),

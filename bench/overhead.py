@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.throughput import MAX_TOKENS, N_CTX, PROMPT, SEED  # noqa: E402
+from bench.common import MAX_TOKENS, N_CTX, PROMPT, SEED  # noqa: E402
 from supervisor.models import ensure_default_model  # noqa: E402
 from tests.conftest import Daemon, shared_settings  # noqa: E402
 

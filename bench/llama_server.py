@@ -1,0 +1,91 @@
+"""llama.cpp's ``llama-server`` as a benchmark path: the process and its arguments.
+
+The server computes with what the daemon's worker has in force, so that only
+the serving differs: the same model, context per slot, threads
+(``-t``/``-tb``), batch sizes, flash attention and GPU layers, and a
+full-size sliding-window cache as llama.cpp's library default (llama-server's
+own default is the smaller one).  It keeps no prompt cache in RAM
+(``--cache-ram 0``) and requests ask ``cache_prompt: false``
+(bench/http_stream.py).
+"""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.http_stream import LlamaServerClient
+
+
+class ServerError(Exception):
+    """llama-server did not start."""
+
+
+def server_command(binary: Path, model: Path, port: int, n_ctx: int, settings: dict[str, Any], slots: int) -> list[str]:
+    """llama-server's arguments: ``n_ctx`` per slot (the server divides ``-c`` among its slots, each
+    its own cells as the worker's parallel sequences), the rest as ``settings`` (common.in_force)."""
+    layers = int(settings["n_gpu_layers"])
+    return [
+        str(binary), "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
+        "--ctx-size", str(n_ctx * slots), "--parallel", str(slots), "--no-kv-unified",
+        "--threads", str(settings["n_threads"]), "--threads-batch", str(settings["n_threads_batch"]),
+        "--batch-size", str(settings["n_batch"]), "--ubatch-size", str(settings["n_ubatch"]),
+        "--n-gpu-layers", "all" if layers < 0 else str(layers), "--flash-attn", "on" if settings["flash_attn"] else "off",
+        "--swa-full", "--fit", "off", "--cache-ram", "0", "--no-webui",
+    ]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class LlamaServer:
+    """One llama-server process on a free loopback port; its output goes to ``log``."""
+
+    def __init__(self, binary: Path, model: Path, n_ctx: int, settings: dict[str, Any], slots: int, log: Path) -> None:
+        self.port = free_port()
+        self.slots = slots
+        self.command = server_command(binary, model, self.port, n_ctx, settings, slots)
+        self.log = log
+        self._output = open(log, "wb")
+        self.process = subprocess.Popen(self.command, stdout=self._output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        """Until GET /health answers 200 (503 while the model loads)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(f"llama-server exited with {self.process.returncode}:\n{self.log_tail()}")
+            connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+            try:
+                connection.request("GET", "/health")
+                if connection.getresponse().status == 200:
+                    return
+            except OSError:
+                pass
+            finally:
+                connection.close()
+            time.sleep(0.1)
+        raise ServerError(f"llama-server not ready after {timeout:.0f}s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def client(self) -> LlamaServerClient:
+        return LlamaServerClient(self.port)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._output.close()
