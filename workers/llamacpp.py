@@ -117,7 +117,7 @@ class LlamaCppEngine:
         llm = self._llm
         self._loop = TokenLoop(llama_cpp, llm.model, llm.ctx, llama_cpp.llama_n_batch(llm.ctx))
         if self.slots > 1:
-            self._batch = SequenceBatch(llama_cpp, llm.model, llm.ctx, self.slots, llama_cpp.llama_n_batch(llm.ctx), self._loop.free)
+            self._batch = SequenceBatch(llama_cpp, llm.model, llm.ctx, self.slots, llama_cpp.llama_n_batch(llm.ctx), self._loop)
         self._chat_formatter = self._make_chat_formatter(spec.get("chat_format"))
         progress(1.0, "loaded")
         return {**self._facts(model_path, n_gpu_layers), **self._in_force(settings)}

@@ -9,7 +9,8 @@ last sampled token, or the next chunk of its prompt (a new request joins the
 running ones at the next step, its prompt read alongside their tokens); then
 every sequence whose logits came back samples its next token with its own
 native sampler chain at its index in the batch.  Per token, as in
-llamacpp_loop.py: no logits copy, no NumPy, one piece into a buffer.
+llamacpp_loop.py (whose sampler chains and piece buffer it uses): no logits
+copy, no NumPy, one piece into a buffer.
 
 A sequence's cache is cleared when its request ends: prompts are not reused
 across requests in this mode (the single-request loop reuses them).
@@ -17,15 +18,15 @@ across requests in this mode (the single-request loop reuses them).
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .engine import EmitFn, GenerateResult
 from .protocol import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP
 from .textstream import TextAssembler
 
-PIECE_BUFFER_BYTES = 256
+if TYPE_CHECKING:
+    from .llamacpp_loop import TokenLoop
 
 
 @dataclass
@@ -45,19 +46,18 @@ class _Sequence:
 
 
 class SequenceBatch:
-    def __init__(self, llama_cpp: Any, model: Any, ctx: Any, slots: int, n_batch: int, free_sampler: Any) -> None:
+    def __init__(self, llama_cpp: Any, model: Any, ctx: Any, slots: int, n_batch: int, loop: "TokenLoop") -> None:
         self._c = c = llama_cpp
         self._ctx = ctx
         self._vocab = c.llama_model_get_vocab(model)
         self._memory = c.llama_get_memory(ctx)
-        self._free_sampler = free_sampler
+        self._loop = loop  # the same context's single-request loop: sampler chains and token pieces
         self.n_ctx_seq = c.llama_n_ctx_seq(ctx)
         # A step holds at most n_batch tokens, and always one per generating sequence.
         self._capacity = max(n_batch, slots)
         self._batch = c.llama_batch_init(self._capacity, 0, 1)
         self._free_ids = list(range(slots))
         self._running: dict[str, _Sequence] = {}
-        self._piece = ctypes.create_string_buffer(PIECE_BUFFER_BYTES)
 
     def close(self) -> None:
         for request_id in list(self._running):
@@ -78,7 +78,7 @@ class SequenceBatch:
         tail = sequence.text.flush()
         if tail:  # as the single-request loop does, cancelled or not
             sequence.emit(tail, sequence.text.take_tokens())
-        self._free_sampler(sequence.sampler)
+        self._loop.free(sequence.sampler)
         self._c.llama_memory_seq_rm(self._memory, sequence.seq_id, -1, -1)
         self._free_ids.append(sequence.seq_id)
         return GenerateResult(finish_reason=finish, prompt_tokens=sequence.prompt_tokens, completion_tokens=sequence.generated)
@@ -137,8 +137,7 @@ class SequenceBatch:
         if sequence.stop_at_eog and c.llama_vocab_is_eog(self._vocab, token):
             return FINISH_STOP
         sequence.generated += 1
-        length = c.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, False)
-        piece = sequence.text.feed(self._piece[:length] if length >= 0 else self._long_piece(token, -length))
+        piece = sequence.text.feed(self._loop.piece(token))
         if piece:
             sequence.emit(piece, sequence.text.take_tokens())
         if sequence.text.stopped:
@@ -147,7 +146,3 @@ class SequenceBatch:
             return FINISH_LENGTH
         sequence.next_token = token
         return None
-
-    def _long_piece(self, token: int, length: int) -> bytes:
-        buffer = ctypes.create_string_buffer(length)
-        return buffer[: self._c.llama_token_to_piece(self._vocab, token, buffer, length, 0, False)]

@@ -154,6 +154,11 @@ class TokenLoop:
         self._held.clear()
         raise RuntimeError(f"llama_decode returned {code}")
 
+    def piece(self, token: int) -> bytes:
+        """A token's text bytes, into the buffer kept for the load (``run`` does the same inline)."""
+        length = self._c.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, False)
+        return self._piece[:length] if length >= 0 else self._long_piece(token, -length)
+
     def _long_piece(self, token: int, length: int) -> bytes:
         buffer = ctypes.create_string_buffer(length)
         return buffer[: self._c.llama_token_to_piece(self._vocab, token, buffer, length, 0, False)]
