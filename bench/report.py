@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import REPO, machine_facts, paired_ratio, paired_ttft_ms, summarize
+from bench.routing import describe as describe_routing
 
 RESULTS = REPO / "bench" / "results"
 # What the project aims at; the report shows each beside its figure.
@@ -118,9 +119,8 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"{name:<14} {figures['aggregate_tokens_per_s']:>16.2f} {figures['per_request_tokens_per_s']:>18.2f} {figures['ttft_ms_median']:>15.1f} {figures['ttft_ms_max']:>12.1f}")
     print("ratio (aggregate tokens/s): " + ", ".join(f"{k} {v:.3f}" for k, v in together["ratios"].items()))
     routing = report["routing"]
-    trip = routing["round_trip_ms"]
-    print(f"\nrouting capacity (null engine, 1-token requests, {routing['clients']} client processes, {routing['seconds']:.0f} s): "
-          f"{routing['requests_per_s']:.0f} requests/s; round trip p50 {trip['p50']:.2f} ms, p99 {trip['p99']:.2f} ms, max {trip['max']:.2f} ms")  # fmt: skip
+    print(f"\nrouting capacity (null engine with {routing['parallel']} sequences, 1-token requests, {routing['clients']} client processes, {routing['seconds']:.0f} s each)")
+    print("\n".join(describe_routing(routing)))
     print("\ntargets")
     for name, target in report["targets"].items():
         print(f"  {name:<44} {target['value']:>10.3f}  target {target['rule']:<9} {'met' if target['met'] else 'MISSED'}")

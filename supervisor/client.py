@@ -180,6 +180,21 @@ class Client:
                 return event
             self._pending[event.get("id")].append(event)  # type: ignore[index]
 
+    def receive_any(self, timeout_s: float | None = ...) -> dict[str, Any]:  # type: ignore[assignment]
+        """The next event of any request (one buffered by an earlier :meth:`receive` first): for a caller
+        that keeps several requests outstanding and takes their events as they come."""
+        timeout = self.timeout_s if timeout_s is ... else timeout_s
+        for request_id, queue in self._pending.items():
+            event = queue.popleft()
+            if not queue:
+                del self._pending[request_id]
+            return event
+        self._set_receive_timeout(timeout)
+        try:
+            return p.decode(self._socket.recv())
+        except zmq.Again:
+            raise self._no_answer(timeout) from None
+
     def _no_answer(self, timeout: float | None) -> ClientTimeout:
         refusal = None
         while self._monitor is not None and self._monitor.poll(0):

@@ -42,9 +42,9 @@ def setup_logging(level: str = "info", log_dir: Path | None = None, console_form
     root.setLevel(level.upper())
 
     use_console = console_format == "console" or (console_format == "auto" and sys.stderr.isatty())
-    console_renderer: Any = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()) if use_console else structlog.processors.JSONRenderer()
+    json_lines = _JsonLines()  # one instance for both handlers: a record is rendered once
     console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(_formatter(console_renderer))
+    console.setFormatter(_formatter(structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())) if use_console else json_lines)
     root.addHandler(console)
 
     log_file = None
@@ -52,7 +52,7 @@ def setup_logging(level: str = "info", log_dir: Path | None = None, console_form
         log_dir.mkdir(parents=True, exist_ok=True)
         log_file = log_dir / LOG_FILE
         file_handler = RotatingLogFile(log_file, max_bytes, backups)
-        file_handler.setFormatter(_formatter(structlog.processors.JSONRenderer()))
+        file_handler.setFormatter(json_lines)
         root.addHandler(file_handler)
     return log_file
 
@@ -78,15 +78,18 @@ class RotatingLogFile(logging.FileHandler):
         super().__init__(path, mode="a", encoding="utf-8")
         self.max_bytes, self.backups = max_bytes, backups
         self._identity = self._opened_identity()
+        self._bytes = self._size()  # what the file holds, counted as written rather than asked of the kernel per line
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             line = self.format(record) + self.terminator
             if self.stream is None or self._moved():  # closed (at exit), or logrotate moved it
                 self._reopen()
-            if self.max_bytes > 0 and 0 < (size := self._size()) and size + len(line.encode("utf-8")) > self.max_bytes:
+            length = len(line.encode("utf-8"))
+            if self.max_bytes > 0 and 0 < self._bytes and self._bytes + length > self.max_bytes:
                 self._rotate()
             self.stream.write(line)
+            self._bytes += length
             self.flush()
         except RecursionError:
             raise
@@ -126,6 +129,7 @@ class RotatingLogFile(logging.FileHandler):
             self.stream.close()
         self.stream = self._open()
         self._identity = self._opened_identity()
+        self._bytes = self._size()
 
 
 def _formatter(renderer: Any) -> structlog.stdlib.ProcessorFormatter:
@@ -137,6 +141,22 @@ def _formatter(renderer: Any) -> structlog.stdlib.ProcessorFormatter:
             renderer,
         ],
     )
+
+
+class _JsonLines(structlog.stdlib.ProcessorFormatter):
+    """The JSON line of a record, rendered once however many handlers write it (stderr and the file)."""
+
+    def __init__(self) -> None:
+        super().__init__(foreign_pre_chain=_SHARED, processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta, structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ])  # fmt: skip
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = record.__dict__.get("_json_line")
+        if line is None:
+            line = record.__dict__["_json_line"] = super().format(record)
+        return line
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

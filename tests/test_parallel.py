@@ -46,3 +46,22 @@ def test_a_parallel_worker_that_crashes_fails_or_retries_every_request_it_ran(ma
     control.write_text("{}")
     daemon.wait_for(lambda s: s["engines"][0]["state"] == "ready" and s["engines"][0]["workers"][0]["id"] == "f.2", timeout=60)
     assert client.complete(prompt="hi", max_tokens=3)["usage"]["completion_tokens"] == 3
+
+
+def test_a_client_keeping_requests_outstanding_takes_their_events_as_they_come(make_daemon, tmp_path):
+    """Client.receive_any: a pipelining caller reads every request's events off one connection, in arrival order,
+    the ones an earlier receive(id) set aside included."""
+    engine, _ = fake_engine(tmp_path, "f", token_delay_s=0.01)
+    daemon = make_daemon({"f": {**engine, "parallel": 4}})
+    client = daemon.client(timeout_s=30)
+    ids = [client.send({"op": p.OP_GENERATE, "prompt": "hi", "max_tokens": 3 + i}) for i in range(6)]
+    first_of_last = client.receive(ids[-1])  # the others' events that came before it wait in the client
+    assert first_of_last["event"] in (p.EVENT_TOKEN, p.EVENT_DONE)
+    seen: dict[str, list[str]] = {rid: [] for rid in ids}
+    seen[ids[-1]].append(first_of_last["event"])
+    while any(not events or events[-1] not in p.TERMINAL_EVENTS for events in seen.values()):
+        event = client.receive_any()
+        seen[event["id"]].append(event["event"])
+    for index, rid in enumerate(ids):
+        assert seen[rid] == [p.EVENT_TOKEN] * (3 + index) + [p.EVENT_DONE], rid  # stream true: every token, one end
+        assert_nothing_after(client, rid)
