@@ -25,8 +25,9 @@ test: install
 		$(BIN)/node-supervisor envs create llamacpp exllamav2 fake openai
 	NODESUP_TEST_STATE=$(TEST_STATE) $(BIN)/python -m pytest -v -rs
 
-# The report (bench/compare.py): the daemon beside llama-cpp-python and llama-server
-# (built once from the same llama.cpp), routing capacity; options in BENCH_ARGS,
+# The report (bench/compare.py): the daemon beside llama-cpp-python, llama-server
+# (built once from the same llama.cpp) and llama-cpp-python's own server (its
+# environment made once with the same build), routing capacity; options in BENCH_ARGS,
 # e.g. make bench BENCH_ARGS="--rounds 6 --tokens 64 --threads 2" (or "--gpu").
 bench: install
 	NODESUP_STATE_DIR=$(TEST_STATE) NODESUP_DATA_DIR=$(TEST_STATE)/data \

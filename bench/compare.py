@@ -7,9 +7,13 @@ request (``ignore_eos``: every path generates exactly that many):
 
 * single stream: llama-cpp-python called in its own process
   (bench/direct_llama.py, the baseline), the daemon through the Python client
-  over ZeroMQ, the daemon's HTTP front (/v1/completions), and llama-server
+  over ZeroMQ, the daemon's HTTP front (/v1/completions), llama-server
   (built by bench/llama_server_build.py from the llama.cpp the installed
-  llama-cpp-python vendors, with the same flags) over HTTP.  Each round runs
+  llama-cpp-python vendors, with the same flags) over HTTP, and
+  llama-cpp-python's own server (``python -m llama_cpp.server``, in an
+  environment bench/llama_cpp_python_server.py makes with the installed
+  build; /v1/completions; left out, with a line saying why, when that
+  environment cannot be made).  Each round runs
   one measured request on every path, each after a short unmeasured one on
   the same path, in an order that rotates from round to round, so drift hits
   every path alike; the figures are medians, and the TTFT overhead is the
@@ -17,6 +21,8 @@ request (``ignore_eos``: every path generates exactly that many):
 * N concurrent clients (``--clients``, 4), one request each per round: the
   daemon's engine with ``parallel = N`` over ZeroMQ and over HTTP, and
   llama-server with N slots; aggregate tokens/s over the round's wall time.
+  Not llama-cpp-python's server: it serves one request at a time, and a
+  request arriving while one streams ends that one (``interrupt_requests``).
 * routing capacity (bench/routing.py): the daemon with an engine that answers
   at once (the fake engine, no delay), 1-token requests from N client
   processes: requests/s and the round trip's p50/p99.
@@ -43,6 +49,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.common import MAX_TOKENS, N_CTX, PROMPT, WARM_UP_PROMPT, WARM_UP_TOKENS, Direct, daemon_run, in_force, rotated  # noqa: E402
 from bench.http_stream import FrontClient  # noqa: E402
+from bench.llama_cpp_python_server import LlamaCppPythonServer, ServerEnvError, ensure_server_env  # noqa: E402
 from bench.llama_server import LlamaServer, free_port  # noqa: E402
 from bench.llama_server_build import ServerBuildError, ensure_llama_server  # noqa: E402
 from bench.report import concurrent_figures, print_report, single_figures, write_report  # noqa: E402
@@ -116,6 +123,15 @@ def server_version(binary: Path) -> str:
     return " ".join((found.stdout + found.stderr).split())[-200:]
 
 
+def server_env(settings: Any) -> dict[str, Any] | None:
+    """llama-cpp-python's server environment (made once), or None, said in one line, when it cannot be made."""
+    try:
+        return ensure_server_env(settings, lambda line: print(line, flush=True))
+    except ServerEnvError as exc:
+        print(f"llama-cpp-python's server is left out: {' '.join(str(exc).split())[:500]}", flush=True)
+        return None
+
+
 def engines(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """One engine per load shape: "llama" for single streams, "llama4" with a sequence per client."""
     base = {"kind": "llamacpp", "n_ctx": N_CTX, "n_gpu_layers": -1 if args.gpu else 0, **({"n_threads": args.threads} if args.threads else {})}
@@ -124,13 +140,15 @@ def engines(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 class Paths:
     """Every path, loaded once and kept loaded: the daemon (ZeroMQ and its HTTP front), llama-cpp-python
-    in-process with what the daemon's worker has in force, and llama-server (1 slot, N slots) likewise."""
+    in-process with what the daemon's worker has in force, llama-server (1 slot, N slots) likewise, and
+    llama-cpp-python's server (``lcp_env``: its environment's record; None leaves it out) likewise."""
 
-    def __init__(self, args: argparse.Namespace, shared: dict[str, Path], binary: Path, logs: Path) -> None:
+    def __init__(self, args: argparse.Namespace, shared: dict[str, Path], binary: Path, lcp_env: dict[str, Any] | None, logs: Path) -> None:
         self.http_port = free_port()
         self.daemon = Daemon(shared, engines(args), supervision={"probe_interval_s": 0}, http={"listen": f"127.0.0.1:{self.http_port}"})
         self.direct: Direct | None = None
         self.servers: list[LlamaServer] = []
+        self.lcp_server: LlamaCppPythonServer | None = None
         try:
             self.daemon.start()
             self.settings = in_force(self.daemon, "llama")
@@ -138,7 +156,9 @@ class Paths:
                 raise RuntimeError(f"the engines compute differently: {self.settings} vs {in_force(self.daemon, 'llama4')}")
             self.direct = Direct(shared["envs_dir"], shared["model"], N_CTX, self.settings)
             self.servers = [LlamaServer(binary, shared["model"], N_CTX, self.settings, slots, logs / f"llama-server-np{slots}.log") for slots in (1, args.clients)]
-            for server in self.servers:
+            if lcp_env is not None:
+                self.lcp_server = LlamaCppPythonServer(lcp_env, shared["model"], N_CTX, self.settings, logs / "llama-cpp-python-server.log")
+            for server in [*self.servers, *([self.lcp_server] if self.lcp_server else [])]:
                 server.wait_ready()
         except BaseException:
             self.close()
@@ -152,6 +172,7 @@ class Paths:
             "daemon": lambda prompt, n: daemon_run(self.clients[0], prompt, n, engine="llama"),
             "http-front": FrontClient(self.http_port, "llama").run,
             "llama-server": self.servers[0].client().run,
+            **({"llama-cpp-python-server": self.lcp_server.client().run} if self.lcp_server else {}),
         }
 
     def together(self) -> dict[str, list[RunFn]]:
@@ -163,15 +184,15 @@ class Paths:
 
     def close(self) -> None:
         self.daemon.stop()
-        for server in self.servers:
+        for server in [*self.servers, *([self.lcp_server] if self.lcp_server else [])]:
             server.stop()
         if self.direct is not None:
             self.direct.close()
 
 
-def run_llm(args: argparse.Namespace, shared: dict[str, Path], binary: Path, logs: Path) -> dict[str, Any]:
+def run_llm(args: argparse.Namespace, shared: dict[str, Path], binary: Path, lcp_env: dict[str, Any] | None, logs: Path) -> dict[str, Any]:
     """Single stream and concurrent rounds, every path side by side."""
-    paths = Paths(args, shared, binary, logs)
+    paths = Paths(args, shared, binary, lcp_env, logs)
     try:
         print(f"single stream: {args.rounds} rounds of {args.tokens} tokens", flush=True)
         single = single_stream(paths.single(), args.rounds, args.tokens)
@@ -183,6 +204,9 @@ def run_llm(args: argparse.Namespace, shared: dict[str, Path], binary: Path, log
     return {
         "ready": paths.direct.ready, "in_force": paths.settings, "single": single, "concurrent": together,
         "server_commands": {f"np{s.slots}": s.command for s in paths.servers},
+        "llama_cpp_python_server": None if paths.lcp_server is None or lcp_env is None else {
+            **{key: value for key, value in lcp_env.items() if key != "settings"}, "command": paths.lcp_server.command,
+        },
     }  # fmt: skip
 
 
@@ -206,10 +230,11 @@ def main() -> int:
     except ServerBuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    lcp_env = server_env(settings)
     shared = {"envs_dir": settings.envs_dir, "data_dir": settings.data_dir, "model": ensure_default_model(settings, print)}
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     with tempfile.TemporaryDirectory(prefix="bench-") as logs:
-        llm = run_llm(args, shared, binary, Path(logs))
+        llm = run_llm(args, shared, binary, lcp_env, Path(logs))
     print(f"routing capacity: {args.clients} client processes, {args.routing_seconds:.0f} s", flush=True)
     routing = measure_routing(shared, args.clients, args.routing_seconds)
     report = {

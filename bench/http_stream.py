@@ -11,9 +11,12 @@ header says), and both HTTP paths are measured alike, so connecting (about
 * llama-server: ``POST /completion`` with ``stream: true``; the last chunk
   has ``"stop": true`` and the server's own counts (``tokens_predicted``,
   ``timings``).  ``cache_prompt: false``: no prompt cache skews its figures.
-* the HTTP front: ``POST /v1/completions`` (OpenAI's), the engine named as
-  ``model``, ``stream_options.include_usage`` for the token count, ending
-  with ``data: [DONE]``.
+* OpenAI's ``POST /v1/completions`` (OpenAICompletions), ending with
+  ``data: [DONE]``: the daemon's HTTP front (FrontClient: the engine named as
+  ``model``, ``ignore_eos``, ``stream_options.include_usage`` for the token
+  count) and llama-cpp-python's own server (bench/llama_cpp_python_server.py:
+  it takes neither, so the count comes from the finish, see
+  ``length_finish_tokens``).
 """
 
 from __future__ import annotations
@@ -92,19 +95,47 @@ class LlamaServerClient:
         return {**run, "tokens": final["tokens_predicted"], "server_timings": final.get("timings")}
 
 
-class FrontClient:
-    """The daemon's HTTP front, /v1/completions, pinned to one engine."""
+def usage_tokens(chunks: list[dict], max_tokens: int) -> int:
+    """The count the server reports in its usage chunk (``stream_options.include_usage``)."""
+    usage = next((chunk["usage"] for chunk in chunks if chunk.get("usage")), None)
+    if usage is None:
+        raise StreamError("the stream ended without its usage chunk")
+    return usage["completion_tokens"]
 
-    def __init__(self, port: int, engine: str) -> None:
-        self.port, self.engine = port, engine
 
-    def run(self, prompt: str, max_tokens: int, ignore_eos: bool = True) -> dict:
-        body = {
-            "model": self.engine, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "seed": SEED,
-            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": ignore_eos,
-        }  # fmt: skip
+def length_finish_tokens(chunks: list[dict], max_tokens: int) -> int:
+    """``max_tokens``, when the stream finished for its length; else StreamError.
+
+    For a server whose stream carries no usage and whose chunks may hold more
+    than one token (llama-cpp-python's holds back incomplete UTF-8): its loop
+    adds one token a step and finishes with "length" once it has
+    ``max_tokens``, so that finish means exactly ``max_tokens`` tokens.  Any
+    other ("stop": an end-of-generation token came first) leaves the count
+    unknown, and the run is refused rather than counted wrong.
+    """
+    finishes = [choice.get("finish_reason") for chunk in chunks for choice in chunk.get("choices") or () if choice.get("finish_reason")]
+    if finishes != ["length"]:
+        raise StreamError(f"the stream finished with {finishes or 'no finish_reason'}, not once for its length: fewer than {max_tokens} tokens (an end of generation came first)")
+    return max_tokens
+
+
+class OpenAICompletions:
+    """OpenAI's streamed /v1/completions as the other paths' generate request (greedy, fixed seed).
+
+    ``extra``: what this server needs besides OpenAI's fields; ``count(chunks, max_tokens)``: the tokens generated.
+    """
+
+    def __init__(self, port: int, model: str, extra: dict[str, Any], count: Callable[[list[dict], int], int]) -> None:
+        self.port, self.model, self.extra, self.count = port, model, extra, count
+
+    def run(self, prompt: str, max_tokens: int) -> dict:
+        body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "seed": SEED, "stream": True, **self.extra}
         run, chunks = timed_stream(self.port, "/v1/completions", body, lambda chunk: "".join(c.get("text") or "" for c in chunk.get("choices") or ()))
-        usage = next((chunk["usage"] for chunk in chunks if chunk.get("usage")), None)
-        if usage is None:
-            raise StreamError("the HTTP front's stream ended without its usage chunk")
-        return {**run, "tokens": usage["completion_tokens"]}
+        return {**run, "tokens": self.count(chunks, max_tokens)}
+
+
+class FrontClient(OpenAICompletions):
+    """The daemon's HTTP front, pinned to one engine: ``ignore_eos``, and the count from its usage chunk."""
+
+    def __init__(self, port: int, engine: str, ignore_eos: bool = True) -> None:
+        super().__init__(port, engine, {"stream_options": {"include_usage": True}, "ignore_eos": ignore_eos}, usage_tokens)

@@ -22,7 +22,7 @@ from bench.http_stream import LlamaServerClient
 
 
 class ServerError(Exception):
-    """llama-server did not start."""
+    """A server (llama-server, llama-cpp-python's) did not start."""
 
 
 def server_command(binary: Path, model: Path, port: int, n_ctx: int, settings: dict[str, Any], slots: int) -> list[str]:
@@ -45,26 +45,27 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-class LlamaServer:
-    """One llama-server process on a free loopback port; its output goes to ``log``."""
+class ServerProcess:
+    """One server process on the loopback port ``port`` its ``command`` names, its output going to ``log``;
+    ready once GET ``ready_path`` answers 200."""
 
-    def __init__(self, binary: Path, model: Path, n_ctx: int, settings: dict[str, Any], slots: int, log: Path) -> None:
-        self.port = free_port()
-        self.slots = slots
-        self.command = server_command(binary, model, self.port, n_ctx, settings, slots)
-        self.log = log
+    name = "server"
+    ready_path = "/health"
+
+    def __init__(self, command: list[str], port: int, log: Path, environ: dict[str, str] | None = None) -> None:
+        self.command, self.port, self.log = command, port, log
         self._output = open(log, "wb")
-        self.process = subprocess.Popen(self.command, stdout=self._output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.process = subprocess.Popen(command, stdout=self._output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environ)
 
     def wait_ready(self, timeout: float = 300.0) -> None:
-        """Until GET /health answers 200 (503 while the model loads)."""
+        """Until GET ``ready_path`` answers 200 (llama-server: 503 while the model loads; others: no connection yet)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise ServerError(f"llama-server exited with {self.process.returncode}:\n{self.log_tail()}")
+                raise ServerError(f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
             connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
             try:
-                connection.request("GET", "/health")
+                connection.request("GET", self.ready_path)
                 if connection.getresponse().status == 200:
                     return
             except OSError:
@@ -72,13 +73,10 @@ class LlamaServer:
             finally:
                 connection.close()
             time.sleep(0.1)
-        raise ServerError(f"llama-server not ready after {timeout:.0f}s:\n{self.log_tail()}")
+        raise ServerError(f"{self.name} not ready after {timeout:.0f}s:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-
-    def client(self) -> LlamaServerClient:
-        return LlamaServerClient(self.port)
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -89,3 +87,17 @@ class LlamaServer:
                 self.process.kill()
                 self.process.wait()
         self._output.close()
+
+
+class LlamaServer(ServerProcess):
+    """llama-server with ``slots`` slots on a free loopback port."""
+
+    name = "llama-server"
+
+    def __init__(self, binary: Path, model: Path, n_ctx: int, settings: dict[str, Any], slots: int, log: Path) -> None:
+        port = free_port()
+        self.slots = slots
+        super().__init__(server_command(binary, model, port, n_ctx, settings, slots), port, log)
+
+    def client(self) -> LlamaServerClient:
+        return LlamaServerClient(self.port)

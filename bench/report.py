@@ -27,10 +27,12 @@ TARGETS = {
     "routing requests/s": (">=", 10000.0, ("routing", "requests_per_s")),
     "routing p99 round trip (ms)": ("<=", 5.0, ("routing", "round_trip_ms", "p99")),
 }
-# (path, baseline): each path against the baseline, and the daemon's paths against llama-server.
+LCP_SERVER = "llama-cpp-python-server"
+# (path, baseline): each path against the baseline, and the daemon's paths against llama-server and
+# llama-cpp-python's server (when that path ran).
 SINGLE_PAIRS = (
-    ("daemon", "direct"), ("http-front", "direct"), ("llama-server", "direct"),
-    ("daemon", "llama-server"), ("http-front", "llama-server"),
+    ("daemon", "direct"), ("http-front", "direct"), ("llama-server", "direct"), (LCP_SERVER, "direct"),
+    ("daemon", "llama-server"), ("http-front", "llama-server"), ("daemon", LCP_SERVER), ("http-front", LCP_SERVER),
 )  # fmt: skip
 
 
@@ -93,27 +95,31 @@ def write_report(report: dict[str, Any], out: Path | None) -> Path:
     return out
 
 
+def _print_single(single: dict[str, Any], rounds: int) -> None:
+    print(f"\nsingle stream, {rounds} rounds in rotation (medians)")
+    print(f"{'path':<23} {'tokens':>7} {'tokens/s':>9} {'min-max tokens/s':>17} {'TTFT ms':>8}  same text as direct")
+    for name, figures in single["paths"].items():
+        counts = "/".join(str(c) for c in figures["token_counts"])
+        low, high = figures["tokens_per_s_range"]
+        print(f"{name:<23} {counts:>7} {figures['tokens_per_s']:>9.2f} {f'{low:.1f}-{high:.1f}':>17} {figures['ttft_ms']:>8.2f}  {'yes' if figures['same_text_as_direct'] else 'no'}")
+    print("ratios of the medians (tokens/s): " + ", ".join(f"{k} {v:.3f}" for k, v in single["ratios"].items()))
+    print("paired ratios (median over rounds): " + ", ".join(f"{k} {v:.3f}" for k, v in single["paired_ratios"].items()))
+    print("paired TTFT difference (median over rounds): " + ", ".join(f"{k} {v:+.2f} ms" for k, v in single["paired_ttft_ms"].items()))
+
+
 def print_report(report: dict[str, Any]) -> None:
     machine, args, settings = report["machine"], report["args"], report["in_force"]
-    build = report["llama_server"]["build"]
+    build, lcp = report["llama_server"]["build"], report.get("llama_cpp_python_server")
     print()
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['system']}, Python {machine['python']}")
     print(f"llama-cpp-python {report['versions']['llama_cpp_python']}; llama-server {report['versions']['llama_server']} "
           f"({'CUDA' if build['cuda'] else 'CPU'} build, {' '.join(build['cmake_flags'])}; CFLAGS {build['CFLAGS']!r})")  # fmt: skip
-    print(f"node-supervisor {report['versions']['node_supervisor']}; model {Path(report['model']).name}; "
-          f"{args['tokens']} tokens, temperature 0, ignore_eos; in force on every path: " + ", ".join(f"{k} {v}" for k, v in settings.items()))  # fmt: skip
-    single = report["single_figures"]
-    print(f"\nsingle stream, {args['rounds']} rounds in rotation (medians)")
-    print(f"{'path':<14} {'tokens':>7} {'tokens/s':>9} {'min-max tokens/s':>17} {'TTFT ms':>8}  same text as direct")
-    for name, figures in single["paths"].items():
-        counts = "/".join(str(c) for c in figures["token_counts"])
-        low, high = figures["tokens_per_s_range"]
-        print(f"{name:<14} {counts:>7} {figures['tokens_per_s']:>9.2f} {f'{low:.1f}-{high:.1f}':>17} {figures['ttft_ms']:>8.2f}  {'yes' if figures['same_text_as_direct'] else 'no'}")
-    print("ratios of the medians (tokens/s): " + ", ".join(f"{k} {v:.3f}" for k, v in single["ratios"].items()))
-    print("paired ratios (median over rounds): " + ", ".join(f"{k} {v:.3f}" for k, v in single["paired_ratios"].items()))
-    print("paired TTFT difference (median over rounds): " + ", ".join(f"{k} {v:+.2f} ms" for k, v in single["paired_ttft_ms"].items()))
+    print(f"{LCP_SERVER}: " + (f"python -m llama_cpp.server {lcp['version']} (the same build), " + ", ".join(f"{k} {v}" for k, v in lcp["packages"].items()) if lcp else "left out (why: above)"))
+    print(f"node-supervisor {report['versions']['node_supervisor']}; model {Path(report['model']).name}; {args['tokens']} tokens, temperature 0, "
+          f"ignore_eos ({LCP_SERVER}: none there, every stream checked to finish for its length); in force on every path: " + ", ".join(f"{k} {v}" for k, v in settings.items()))  # fmt: skip
+    _print_single(report["single_figures"], args["rounds"])
     together = report["concurrent_figures"]
-    print(f"\n{args['clients']} concurrent clients, {args['concurrent_rounds']} rounds (the daemon's engine parallel = {args['clients']}; llama-server --parallel {args['clients']})")
+    print(f"\n{args['clients']} concurrent clients, {args['concurrent_rounds']} rounds (the daemon's engine parallel = {args['clients']}; llama-server --parallel {args['clients']}; not {LCP_SERVER}: one request at a time)")
     print(f"{'path':<14} {'aggregate tok/s':>16} {'per request tok/s':>18} {'TTFT ms median':>15} {'TTFT ms max':>12}")
     for name, figures in together["paths"].items():
         print(f"{name:<14} {figures['aggregate_tokens_per_s']:>16.2f} {figures['per_request_tokens_per_s']:>18.2f} {figures['ttft_ms_median']:>15.1f} {figures['ttft_ms_max']:>12.1f}")

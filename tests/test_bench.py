@@ -1,6 +1,6 @@
 """The benchmark's parts that run without building llama-server: the HTTP stream reader and clients
-(llama-server's and the HTTP front's), llama-server's arguments, and the build flags derived from how
-the llama.cpp environment was built."""
+(llama-server's, the HTTP front's, llama-cpp-python's server's), the servers' arguments, the build flags
+derived from how the llama.cpp environment was built, and the report's pairs of paths."""
 
 from __future__ import annotations
 
@@ -14,8 +14,12 @@ from typing import Any, Iterator
 import pytest
 
 from bench.common import rotated
-from bench.http_stream import FrontClient, LlamaServerClient, StreamError, parse_sse
+from bench.http_stream import FrontClient, LlamaServerClient, StreamError, length_finish_tokens, parse_sse
+from bench.llama_cpp_python_server import completions_client, server_environ
+from bench.llama_cpp_python_server import reuse_reason as env_reuse_reason
+from bench.llama_cpp_python_server import server_command as lcp_server_command
 from bench.llama_server import server_command
+from bench.report import single_figures
 from bench.llama_server_build import LLAMA_CPP_PYTHON_FLAGS, ServerBuildError, build_settings, ensure_llama_server, reuse_reason
 from supervisor.builds import NO_AMX
 from tests.conftest import shared_settings
@@ -48,7 +52,9 @@ def test_sse_error_payload_raises_with_the_servers_message() -> None:
 
 class _StubServer(BaseHTTPRequestHandler):
     """Answers as llama-server's /completion and the HTTP front's /v1/completions do: chunked SSE, one
-    token per chunk, then llama-server's final chunk, or the front's finish, usage and [DONE]."""
+    token per chunk, then llama-server's final chunk, or the front's finish, usage and [DONE].  Without
+    ``stream_options`` it answers as llama-cpp-python's server: no usage chunk, and a prompt starting
+    "eos" ends early, finishing with "stop" as at an end-of-generation token."""
 
     protocol_version = "HTTP/1.1"  # chunked transfer encoding, as llama-server streams
     bodies: list[dict[str, Any]] = []
@@ -65,9 +71,11 @@ class _StubServer(BaseHTTPRequestHandler):
             events: list[Any] = [{"content": f"w{i} ", "stop": False} for i in range(n)]
             events.append({"content": "", "stop": True, "tokens_predicted": n, "timings": {"predicted_n": n}})
         else:
-            n = body["max_tokens"]
+            early = body["prompt"].startswith("eos")
+            n = body["max_tokens"] - 1 if early else body["max_tokens"]
             events = [{"choices": [{"index": 0, "text": f"w{i} ", "finish_reason": None}]} for i in range(n)]
-            events += [{"choices": [{"index": 0, "text": "", "finish_reason": "length"}]}, {"choices": [], "usage": {"completion_tokens": n}}, "[DONE]"]
+            events.append({"choices": [{"index": 0, "text": "", "finish_reason": "stop" if early else "length"}]})
+            events += [{"choices": [], "usage": {"completion_tokens": n}}, "[DONE]"] if "stream_options" in body else ["[DONE]"]
         for event in events:
             data = f"data: {event if event == '[DONE]' else json.dumps(event)}\n\n".encode()
             self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
@@ -108,6 +116,22 @@ def test_front_client_reads_the_openai_stream_and_counts_its_usage(stub_server: 
     assert asked["ignore_eos"] is True and asked["temperature"] == 0.0 and asked["max_tokens"] == 4
 
 
+def test_llama_cpp_python_server_client_asks_greedy_without_penalty_and_counts_a_stream_that_ran_its_length(stub_server: ThreadingHTTPServer) -> None:
+    run = completions_client(stub_server.server_address[1], "gemma").run("The capital of France is", 5)
+    assert run["text"] == "w0 w1 w2 w3 w4 " and run["tokens"] == 5
+    asked = _StubServer.bodies[0]
+    assert asked["model"] == "gemma" and asked["stream"] is True and asked["max_tokens"] == 5
+    assert asked["temperature"] == 0.0 and asked["repeat_penalty"] == 1.0  # the server's own default is 1.1
+    assert "ignore_eos" not in asked and "stream_options" not in asked  # it takes neither
+
+
+def test_a_stream_that_stopped_before_its_length_is_refused_rather_than_counted(stub_server: ThreadingHTTPServer) -> None:
+    with pytest.raises(StreamError, match="fewer than 5 tokens"):
+        completions_client(stub_server.server_address[1], "gemma").run("eos soon", 5)
+    with pytest.raises(StreamError, match="no finish_reason"):
+        length_finish_tokens([{"choices": [{"text": "a", "finish_reason": None}]}], 1)
+
+
 def _arguments(command: list[str]) -> dict[str, str]:
     """Each option of a command line with its value (a flag without one maps to "")."""
     found, options = {}, command[1:]
@@ -129,6 +153,50 @@ def test_server_computes_with_what_the_worker_has_in_force_and_the_context_per_s
     cpu = _arguments(server_command(Path("/x/llama-server"), Path("/m.gguf"), 8080, 2048, {**settings, "flash_attn": False, "n_gpu_layers": 0}, 1))
     assert cpu["--n-gpu-layers"] == "0" and cpu["--flash-attn"] == "off" and cpu["--ctx-size"] == "2048"
     assert "--swa-full" in cpu  # llama.cpp's library default, which the worker's context has
+
+
+def test_llama_cpp_python_server_loads_the_model_as_the_worker_and_the_library_do() -> None:
+    settings = {"n_threads": 2, "n_threads_batch": 3, "n_batch": 1024, "n_ubatch": 256, "flash_attn": True, "n_gpu_layers": -1}
+    command = lcp_server_command(Path("/b/bin/python"), Path("/m.gguf"), "m", 8080, 2048, settings)
+    assert command[:3] == ["/b/bin/python", "-m", "llama_cpp.server"]
+    arguments = _arguments(command)
+    assert (arguments["--model"], arguments["--model_alias"], arguments["--host"], arguments["--port"]) == ("/m.gguf", "m", "127.0.0.1", "8080")
+    assert (arguments["--n_ctx"], arguments["--n_threads"], arguments["--n_threads_batch"]) == ("2048", "2", "3")
+    assert (arguments["--n_batch"], arguments["--n_ubatch"], arguments["--flash_attn"], arguments["--n_gpu_layers"]) == ("1024", "256", "true", "-1")
+    # The server's own defaults that the library's (and the baseline's) are not.
+    assert (arguments["--logits_all"], arguments["--use_mlock"], arguments["--verbose"]) == ("false", "false", "false")
+
+
+def test_llama_cpp_python_server_reads_no_setting_from_the_benchs_environment() -> None:
+    environ = {"PATH": "/usr/bin", "MODEL": "/other.gguf", "n_ctx": "8", "HOST": "0.0.0.0", "PORT": "1", "CONFIG_FILE": "x", "HOME": "/root"}
+    assert server_environ(["model", "n_ctx", "host", "port"], environ) == {"PATH": "/usr/bin", "HOME": "/root"}
+
+
+def test_the_servers_environment_is_reused_only_as_it_was_made(tmp_path: Path) -> None:
+    wanted = {"version": "0.3.36", "record_sha256": "abc", "pins": ["numpy==2.3.5"]}
+    assert env_reuse_reason(tmp_path, wanted) == "not made yet"
+    (tmp_path / "bench-env.json").write_text(json.dumps({**wanted, "packages": {"fastapi": "1"}}))
+    assert env_reuse_reason(tmp_path, wanted) == "its interpreter is missing"
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python").write_text("")
+    assert env_reuse_reason(tmp_path, wanted) is None
+    assert env_reuse_reason(tmp_path, {**wanted, "record_sha256": "def"}) == "made with another record_sha256"
+    assert env_reuse_reason(tmp_path, {**wanted, "version": "0.3.37", "pins": []}) == "made with another version, pins"
+
+
+def _runs(tokens_per_s: float, ttft_s: float, text: str = "same") -> list[dict]:
+    return [{"text": text, "tokens": 10, "total_s": 10 / tokens_per_s, "ttft_s": ttft_s}] * 3
+
+
+def test_the_report_sets_the_http_front_against_llama_cpp_pythons_server_when_it_ran() -> None:
+    single = {"direct": _runs(50, 0.020), "daemon": _runs(50, 0.020), "http-front": _runs(40, 0.025), "llama-server": _runs(50, 0.021)}
+    without = single_figures(single)
+    assert not any("llama-cpp-python-server" in key for key in without["ratios"])
+    figures = single_figures({**single, "llama-cpp-python-server": _runs(20, 0.030, "other")})
+    assert figures["ratios"]["http-front/llama-cpp-python-server"] == pytest.approx(2.0)
+    assert figures["paired_ttft_ms"]["http-front - llama-cpp-python-server"] == pytest.approx(-5.0)
+    assert figures["paired_ttft_ms"]["llama-cpp-python-server - direct"] == pytest.approx(10.0)
+    assert figures["paths"]["llama-cpp-python-server"]["same_text_as_direct"] is False
 
 
 def test_cpu_build_flags_are_llama_cpp_pythons_own_and_the_projects_cflags() -> None:
