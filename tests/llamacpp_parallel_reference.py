@@ -53,6 +53,23 @@ def together(engine: object, requests: list[GenerateRequest], cancel_after: dict
     return ended, steps
 
 
+def batch_order(engine: object) -> dict[str, object]:
+    """Sequence ids after a request ended out of order, and the ids of a generating step's batch, in batch order."""
+    sequences = engine._batch  # type: ignore[attr-defined]
+    for i in range(3):
+        engine.begin(request(i), lambda *_: None)  # type: ignore[attr-defined]
+    engine.step()  # type: ignore[attr-defined]  # prompts read: all three generate from here
+    engine.end("r0")  # type: ignore[attr-defined]  # its sequence id is free again
+    engine.begin(request(3), lambda *_: None)  # type: ignore[attr-defined]
+    engine.step()  # type: ignore[attr-defined]  # r3's prompt read
+    ids = {rid: seq.seq_id for rid, seq in sequences._running.items()}
+    count = sequences._fill()
+    in_batch = [sequences._batch.seq_id[i][0] for i in range(count)]
+    for rid in list(ids):
+        engine.end(rid)  # type: ignore[attr-defined]
+    return {"ids": ids, "generating_step": in_batch}
+
+
 def main() -> None:
     solo = one_at_a_time()
     engine = create_engine()
@@ -61,7 +78,8 @@ def main() -> None:
     four, steps = together(engine, [request(i) for i in range(4)], {})
     # Slots are reused: more requests than slots, one cancelled, one ending at a stop string.
     again, _ = together(engine, [request(1), request(2, stop=["7,"]), request(3)], {"r3": 5})
-    print(json.dumps({"solo": solo, "facts": {k: facts[k] for k in ("n_ctx", "parallel")}, "slots": engine.slots,
+    order = batch_order(engine)
+    print(json.dumps({"solo": solo, "order": order, "facts": {k: facts[k] for k in ("n_ctx", "parallel")}, "slots": engine.slots,
                       "alone": alone["r0"], "four": [four[f"r{i}"] for i in range(4)], "four_steps": steps,
                       "again": again}))  # fmt: skip
 

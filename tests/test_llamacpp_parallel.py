@@ -50,6 +50,14 @@ def test_four_requests_advance_together_each_with_its_own_stream(report):
     assert len({text(r) for r in four}) == 4
 
 
+def test_a_step_decodes_its_sequences_in_ascending_id_order_from_the_lowest_free_ids(report):
+    """llama.cpp splits a batch of separate per-sequence caches into micro-batches of consecutive sequence ids:
+    in any other order a step costs several decodes (measured: 4 concurrent requests 70-98 tokens/s instead of 108)."""
+    order = report["order"]
+    assert order["ids"] == {"r1": 1, "r2": 2, "r3": 0}  # r3 takes r0's freed id 0, not id 3
+    assert order["generating_step"] == [0, 1, 2]
+
+
 def test_slots_are_reused_and_stop_strings_and_cancels_end_only_their_own_sequence(report):
     again, solo = report["again"], report["solo"]
     assert again["r1"]["finish"] == "length" and again["r1"]["completion_tokens"] == 20

@@ -67,7 +67,8 @@ class SequenceBatch:
     # --- requests ---------------------------------------------------------------------
 
     def begin(self, request_id: str, prompt: list[int], sampler: Any, text: TextAssembler, emit: EmitFn, max_tokens: int, stop_at_eog: bool) -> None:
-        seq_id = self._free_ids.pop(0)
+        seq_id = min(self._free_ids)  # the lowest: running ids stay consecutive where they can (see _fill)
+        self._free_ids.remove(seq_id)
         self._c.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
         budget = min(max_tokens, self.n_ctx_seq - len(prompt))
         self._running[request_id] = _Sequence(seq_id, list(prompt), len(prompt), sampler, text, emit, budget, stop_at_eog)
@@ -102,13 +103,16 @@ class SequenceBatch:
     def _fill(self) -> int:
         """The batch: each generating sequence's token first (one each), then prompt chunks in the room left."""
         batch, count = self._batch, 0
-        for sequence in self._running.values():
+        # In ascending sequence id: with a cache per sequence (kv_unified off) llama.cpp splits a batch into
+        # micro-batches of consecutive ids, so any other order costs a decode per run of ids, not one per step.
+        sequences = sorted(self._running.values(), key=lambda sequence: sequence.seq_id)
+        for sequence in sequences:
             sequence.logits_at = -1
             if sequence.next_token is not None:
                 self._add(count, sequence.next_token, sequence, logits=True)
                 sequence.next_token = None
                 count += 1
-        for sequence in self._running.values():
+        for sequence in sequences:
             room = self._capacity - count
             if not sequence.prompt or room <= 0:
                 continue
