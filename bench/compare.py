@@ -24,8 +24,11 @@ request (``ignore_eos``: every path generates exactly that many):
   Not llama-cpp-python's server: it serves one request at a time, and a
   request arriving while one streams ends that one (``interrupt_requests``).
 * routing capacity (bench/routing.py): the daemon with an engine that answers
-  at once (the fake engine, no delay), 1-token requests from N client
-  processes: requests/s and the round trip's p50/p99.
+  at once (the fake engine, no delay, 64 sequences), 1-token requests from N
+  client processes, one at a time and pipelined (8 in flight per client):
+  requests/s and the round trip's p50/p99.
+* the HTTP front against the ZeroMQ path with the engine's spread taken out
+  (bench/front.py): a fake engine at 2 ms per token, paired rounds.
 
 Every path computes with what the daemon's worker reports in force (its
 defaults, or ``--threads``): threads, batch sizes, flash attention, GPU
@@ -53,6 +56,7 @@ from bench.llama_cpp_python_server import LlamaCppPythonServer, ServerEnvError, 
 from bench.llama_server import LlamaServer, free_port  # noqa: E402
 from bench.llama_server_build import ServerBuildError, ensure_llama_server  # noqa: E402
 from bench.report import concurrent_figures, print_report, single_figures, write_report  # noqa: E402
+from bench.front import measure_front  # noqa: E402
 from bench.routing import measure_routing  # noqa: E402
 from supervisor.gpu_probe import probe  # noqa: E402
 from supervisor.models import ensure_default_model  # noqa: E402
@@ -61,6 +65,8 @@ from tests.conftest import Daemon, shared_settings  # noqa: E402
 RunFn = Callable[[str, int], dict]
 # Concurrent clients ask different prompts (differing from the first word), so
 # the daemon's one worker cannot reuse the previous request's prompt.
+FRONT_ROUNDS = 30
+FRONT_TOKEN_DELAY_S = 0.002  # a small model on a GPU: where what the path costs per token shows most
 CLIENT_PROMPTS = [PROMPT, "In the beginning", "My favourite food is", "Water boils at", "A good book", "Yesterday we went", "Small dogs are", "Every morning I"]
 
 
@@ -237,10 +243,13 @@ def main() -> int:
         llm = run_llm(args, shared, binary, lcp_env, Path(logs))
     print(f"routing capacity: {args.clients} client processes, {args.routing_seconds:.0f} s", flush=True)
     routing = measure_routing(shared, args.clients, args.routing_seconds)
+    print(f"HTTP front vs ZeroMQ with a fake engine: {FRONT_ROUNDS} rounds", flush=True)
+    front = measure_front(shared, FRONT_ROUNDS, args.tokens, FRONT_TOKEN_DELAY_S)
     report = {
         "started": started, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "model": str(shared["model"]), "llama_server": {"binary": str(binary), "version": server_version(binary), "build": build},
-        **llm, "single_figures": single_figures(llm["single"]), "concurrent_figures": concurrent_figures(llm["concurrent"]), "routing": routing,
+        **llm, "single_figures": single_figures(llm["single"]), "concurrent_figures": concurrent_figures(llm["concurrent"]),
+        "front": front, "routing": routing,
     }  # fmt: skip
     out = write_report(report, args.out)
     print_report(report)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import REPO, machine_facts, paired_ratio, paired_ttft_ms, summarize
+from bench.front import describe as describe_front
 from bench.routing import describe as describe_routing
 
 RESULTS = REPO / "bench" / "results"
@@ -24,6 +25,10 @@ TARGETS = {
     "TTFT overhead http-front - direct (ms)": ("<=", 1.0, ("single_figures", "paired_ttft_ms", "http-front - direct")),
     "concurrent daemon/llama-server aggregate": (">=", 1.0, ("concurrent_figures", "ratios", "daemon/llama-server")),
     "concurrent http-front/llama-server aggregate": (">=", 1.0, ("concurrent_figures", "ratios", "http-front/llama-server")),
+    "HTTP front/ZeroMQ tokens/s, fake engine": (">=", 0.98, ("front", "ratio")),
+    "TTFT HTTP front - ZeroMQ, fake engine (ms)": ("<=", 2.0, ("front", "paired_ttft_ms")),
+    "single http-front/daemon tokens/s": (">=", 0.98, ("single_figures", "ratios", "http-front/daemon")),
+    "TTFT http-front - daemon (ms)": ("<=", 2.0, ("single_figures", "paired_ttft_ms", "http-front - daemon")),
     "routing requests/s": (">=", 10000.0, ("routing", "requests_per_s")),
     "routing p99 round trip (ms)": ("<=", 5.0, ("routing", "round_trip_ms", "p99")),
 }
@@ -33,6 +38,7 @@ LCP_SERVER = "llama-cpp-python-server"
 SINGLE_PAIRS = (
     ("daemon", "direct"), ("http-front", "direct"), ("llama-server", "direct"), (LCP_SERVER, "direct"),
     ("daemon", "llama-server"), ("http-front", "llama-server"), ("daemon", LCP_SERVER), ("http-front", LCP_SERVER),
+    ("http-front", "daemon"),
 )  # fmt: skip
 
 
@@ -124,6 +130,9 @@ def print_report(report: dict[str, Any]) -> None:
     for name, figures in together["paths"].items():
         print(f"{name:<14} {figures['aggregate_tokens_per_s']:>16.2f} {figures['per_request_tokens_per_s']:>18.2f} {figures['ttft_ms_median']:>15.1f} {figures['ttft_ms_max']:>12.1f}")
     print("ratio (aggregate tokens/s): " + ", ".join(f"{k} {v:.3f}" for k, v in together["ratios"].items()))
+    front = report["front"]
+    print(f"\nHTTP front vs ZeroMQ, fake engine at {front['token_delay_s'] * 1000:g} ms per token, {front['tokens']} tokens, {front['rounds']} rounds")
+    print("\n".join(describe_front(front)))
     routing = report["routing"]
     print(f"\nrouting capacity (null engine with {routing['parallel']} sequences, 1-token requests, {routing['clients']} client processes, {routing['seconds']:.0f} s each)")
     print("\n".join(describe_routing(routing)))
