@@ -25,7 +25,7 @@ request (``ignore_eos``: every path generates exactly that many):
   request arriving while one streams ends that one (``interrupt_requests``).
 * routing capacity (bench/routing.py): the daemon with an engine that answers
   at once (the fake engine, no delay, 64 sequences), 1-token requests from N
-  client processes, one at a time and pipelined (8 in flight per client):
+  client processes, one at a time and pipelined (2 in flight per client):
   requests/s and the round trip's p50/p99.
 * the HTTP front against the ZeroMQ path with the engine's spread taken out
   (bench/front.py): a fake engine at 2 ms per token, paired rounds.

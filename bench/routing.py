@@ -1,6 +1,6 @@
 """Routing capacity: how many requests the daemon carries when the engine costs nothing.
 
-    .venv/bin/python bench/routing.py [--clients 4] [--in-flight 8] [--parallel 64] [--seconds 10]
+    .venv/bin/python bench/routing.py [--clients 4] [--in-flight 2] [--parallel 64] [--seconds 10]
     (also part of make bench)
 
 The daemon serves one engine of the fake kind with no token delay and
@@ -92,7 +92,7 @@ def _load(endpoint: str, clients: int, seconds: float, in_flight: int) -> dict[s
     }  # fmt: skip
 
 
-def measure_routing(shared: dict[str, Path], clients: int, seconds: float, in_flight: int = 8, parallel: int = 64) -> dict[str, Any]:
+def measure_routing(shared: dict[str, Path], clients: int, seconds: float, in_flight: int = 2, parallel: int = 64) -> dict[str, Any]:
     """Both loads on one daemon; the pipelined one's figures are the capacity (top-level keys)."""
     daemon = Daemon(shared, {"null": null_engine(parallel)}, supervision={"probe_interval_s": 0})
     try:
@@ -118,7 +118,7 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--in-flight", type=int, default=8, help="requests each client keeps outstanding in the pipelined load")
+    parser.add_argument("--in-flight", type=int, default=2, help="requests each client keeps outstanding in the pipelined load")
     parser.add_argument("--parallel", type=int, default=64, help="the null engine's sequences at once")
     parser.add_argument("--seconds", type=float, default=10.0)
     args = parser.parse_args()
