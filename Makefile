@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # so that llama.cpp is compiled once.
 TEST_STATE := $(CURDIR)/.state
 
-.PHONY: install run test bench bench-throughput bench-routing bench-overhead bench-failover clean
+.PHONY: install run test bench bench-throughput bench-routing bench-front bench-overhead bench-failover clean
 
 $(BIN)/node-supervisor: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,7 @@ test: install
 
 # The report (bench/compare.py): the daemon beside llama-cpp-python, llama-server
 # (built once from the same llama.cpp) and llama-cpp-python's own server (its
-# environment made once with the same build), routing capacity; options in BENCH_ARGS,
+# environment made once with the same build), the HTTP front's own cost, routing capacity; options in BENCH_ARGS,
 # e.g. make bench BENCH_ARGS="--rounds 6 --tokens 64 --threads 2" (or "--gpu").
 bench: install
 	NODESUP_STATE_DIR=$(TEST_STATE) NODESUP_DATA_DIR=$(TEST_STATE)/data \
@@ -43,6 +43,12 @@ bench-routing: install
 	NODESUP_STATE_DIR=$(TEST_STATE) NODESUP_DATA_DIR=$(TEST_STATE)/data \
 		$(BIN)/node-supervisor envs create fake
 	NODESUP_TEST_STATE=$(TEST_STATE) $(BIN)/python bench/routing.py $(BENCH_ARGS)
+
+# What the HTTP front adds over ZeroMQ, with a fake engine of fixed token time (bench/front.py).
+bench-front: install
+	NODESUP_STATE_DIR=$(TEST_STATE) NODESUP_DATA_DIR=$(TEST_STATE)/data \
+		$(BIN)/node-supervisor envs create fake
+	NODESUP_TEST_STATE=$(TEST_STATE) $(BIN)/python bench/front.py $(BENCH_ARGS)
 
 bench-overhead: install
 	NODESUP_STATE_DIR=$(TEST_STATE) NODESUP_DATA_DIR=$(TEST_STATE)/data \

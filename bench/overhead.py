@@ -1,6 +1,6 @@
 """What carrying tokens costs each process, in CPU time and wake-ups per token.
 
-    .venv/bin/python bench/overhead.py [--requests 20] [--threads N | --fake TOKEN_DELAY_S]
+    .venv/bin/python bench/overhead.py [--requests 20] [--threads N | --fake TOKEN_DELAY_S] [--http]
 
 Wall-clock throughput on a small shared machine moves by several percent from
 run to run; the cost of the daemon's path does not.  This reads the kernel's
@@ -8,7 +8,9 @@ per-thread scheduler accounting (/proc/<pid>/task/<tid>/schedstat: time on a
 CPU, time waiting for one, and the number of times it ran) for the daemon, the
 worker and this client, around a series of 128-token requests on the real
 llama.cpp worker, and prints it per generated token.  The worker's compute
-threads are shown apart from the threads that only carry messages.  Linux only.
+threads are shown apart from the threads that only carry messages.  With
+``--http`` the requests go through the daemon's HTTP front (/v1/completions,
+streamed, bench/http_stream.py) instead of the Python client.  Linux only.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.common import MAX_TOKENS, N_CTX, PROMPT, SEED  # noqa: E402
+from bench.http_stream import FrontClient  # noqa: E402
+from bench.llama_server import free_port  # noqa: E402
 from supervisor.models import ensure_default_model  # noqa: E402
 from tests.conftest import Daemon, shared_settings  # noqa: E402
 
@@ -52,6 +56,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=20)
     parser.add_argument("--threads", type=int, default=0, help="llama.cpp n_threads (default: the engine's default)")
     parser.add_argument("--fake", type=float, metavar="TOKEN_DELAY_S", help="the fake engine at this token delay instead of llama.cpp: the carrying path alone")
+    parser.add_argument("--http", action="store_true", help="through the daemon's HTTP front instead of the Python client over ZeroMQ")
     args = parser.parse_args()
 
     settings = shared_settings()
@@ -60,24 +65,27 @@ def main() -> int:
     engine = {"kind": "llamacpp", "n_ctx": N_CTX, **({"n_threads": args.threads} if args.threads else {})}
     if args.fake is not None:
         engine = {"kind": "fake", "options": {"token_delay_s": args.fake}}
-    daemon = Daemon(shared, {"llama": engine}, supervision={"probe_interval_s": 0})
+    port = free_port()
+    daemon = Daemon(shared, {"llama": engine}, supervision={"probe_interval_s": 0}, **({"http": {"listen": f"127.0.0.1:{port}"}} if args.http else {}))
     daemon.start()
     try:
         client = daemon.client(timeout_s=120)
         worker_pid = daemon.engine("llama")["workers"][0]["pid"]
         pids = {"daemon": daemon.process.pid, "worker": worker_pid, "client": os.getpid()}
-        request = {"op": "generate", "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0.0, "seed": SEED}
-        client.complete(**{k: v for k, v in request.items() if k != "op"}, stream=True)  # warm-up
+        if args.http:
+            front = FrontClient(port, "llama", ignore_eos=False)
+            generate = lambda: front.run(PROMPT, MAX_TOKENS)["tokens"]  # noqa: E731
+        else:
+            request = {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0.0, "seed": SEED, "stream": True}
+            generate = lambda: client.complete(**request)["usage"]["completion_tokens"]  # noqa: E731
+        generate()  # warm-up
         before = {role: thread_stats(pid) for role, pid in pids.items()}
-        tokens = 0
-        for _ in range(args.requests):
-            done = client.complete(**{k: v for k, v in request.items() if k != "op"}, stream=True)
-            tokens += done["usage"]["completion_tokens"]
+        tokens = sum(generate() for _ in range(args.requests))
         after = {role: thread_stats(pid) for role, pid in pids.items()}
     finally:
         daemon.stop()
 
-    print(f"{args.requests} requests, {tokens} tokens, {engine['kind']} engine; per generated token:")
+    print(f"{args.requests} requests, {tokens} tokens, {engine['kind']} engine, {'HTTP front' if args.http else 'ZeroMQ'}; per generated token:")
     print(f"{'process':<8} {'thread':<16} {'tid':>7} {'CPU us':>9} {'wait us':>9} {'runs':>7}")
     totals = {}
     for role in pids:

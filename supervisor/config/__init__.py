@@ -21,11 +21,11 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 # The tables live in their own module; they are part of this module's interface.
 from .sections import (ENGINE_KINDS, KV_CACHE_TYPES, REMOTE_KINDS, CacheType, EngineConfig, EnvConfig, GpuConfig, HttpConfig, MetricsConfig, SecurityConfig,
-                       SupervisionConfig, UpstreamConfig, split_listen)
+                       SupervisionConfig, UpstreamConfig, is_loopback, split_listen)
 
 __all__ = [
     "ENGINE_KINDS", "KV_CACHE_TYPES", "REMOTE_KINDS", "CacheType", "ConfigError", "EngineConfig", "EnvConfig", "GpuConfig", "HttpConfig", "MetricsConfig",
-    "SecurityConfig", "Settings", "SupervisionConfig", "UpstreamConfig", "find_config_file", "load_settings", "reload_settings", "split_listen",
+    "SecurityConfig", "Settings", "SupervisionConfig", "UpstreamConfig", "find_config_file", "is_loopback", "load_settings", "reload_settings", "split_listen",
     "unknown_environment_variables",
 ]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -163,7 +164,14 @@ class SecurityConfig(BaseModel):
     socket_group: str | None = Field(None, min_length=1, description="the group given the run directory and the ipc sockets; members may connect")
 
 
-LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+def is_loopback(host: str) -> bool:
+    """Only this machine can connect: localhost or a loopback address (a host name is not trusted to be one)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 # "host:port" or "[ipv6]:port"; the port 0 means any free port (the log names the one bound).
@@ -188,9 +196,9 @@ class MetricsConfig(BaseModel):
     @field_validator("listen")
     @classmethod
     def _loopback(cls, value: str | None) -> str | None:
-        if value is not None and split_listen(value)[0] not in LOOPBACK_HOSTS:
+        if value is not None and not is_loopback(split_listen(value)[0]):
             # The exposition has no access control: it names engines, models and spend.
-            raise ValueError(f"must be a loopback address ({', '.join(LOOPBACK_HOSTS)}) with a port, e.g. 127.0.0.1:9464")
+            raise ValueError("must be a loopback address (localhost, 127.0.0.0/8, ::1) with a port, e.g. 127.0.0.1:9464")
         return value
 
 

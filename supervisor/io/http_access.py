@@ -9,25 +9,14 @@ should hold a key.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from ..config import ConfigError, HttpConfig, split_listen
+from ..config import ConfigError, HttpConfig, is_loopback, split_listen
 from ..logs import get_logger
 
 log = get_logger("supervisor.http")
-
-
-def is_loopback(host: str) -> bool:
-    """Only this machine can connect: localhost or a loopback address (a host name is not trusted to be one)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def load_api_keys(config: HttpConfig, environ: Mapping[str, str] | None = None, warn: bool = False) -> frozenset[bytes]:
