@@ -75,7 +75,17 @@ def concurrent_figures(together: dict[str, list[dict]]) -> dict[str, Any]:
             "token_counts": sorted({r["tokens"] for r in runs}),
         }
     server = paths["llama-server"]["aggregate_tokens_per_s"]
-    return {"paths": paths, "ratios": {f"{name}/llama-server": figures["aggregate_tokens_per_s"] / server for name, figures in paths.items() if name != "llama-server"}}
+    others = [name for name in paths if name != "llama-server"]
+
+    def aggregate(round_: dict) -> float:
+        return sum(r["tokens"] for r in round_["runs"]) / round_["wall_s"]
+
+    return {
+        "paths": paths, "ratios": {f"{name}/llama-server": paths[name]["aggregate_tokens_per_s"] / server for name in others},
+        # Each round's ratio to llama-server's round next to it: what the machine's drift between rounds does not move.
+        "paired_ratios": {f"{name}/llama-server": statistics.median(aggregate(a) / aggregate(b) for a, b in zip(together[name], together["llama-server"]))
+                          for name in others},
+    }  # fmt: skip
 
 
 def _git_commit() -> str:
@@ -130,6 +140,7 @@ def print_report(report: dict[str, Any]) -> None:
     for name, figures in together["paths"].items():
         print(f"{name:<14} {figures['aggregate_tokens_per_s']:>16.2f} {figures['per_request_tokens_per_s']:>18.2f} {figures['ttft_ms_median']:>15.1f} {figures['ttft_ms_max']:>12.1f}")
     print("ratio (aggregate tokens/s): " + ", ".join(f"{k} {v:.3f}" for k, v in together["ratios"].items()))
+    print("paired ratio (median over rounds): " + ", ".join(f"{k} {v:.3f}" for k, v in together["paired_ratios"].items()))
     front = report["front"]
     print(f"\nHTTP front vs ZeroMQ, fake engine at {front['token_delay_s'] * 1000:g} ms per token, {front['tokens']} tokens, {front['rounds']} rounds")
     print("\n".join(describe_front(front)))
