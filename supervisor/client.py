@@ -8,7 +8,9 @@
 
 One client holds one DEALER socket; replies are matched to requests by id,
 so a stream can be cancelled from the same client while it is being read.
-A client is not thread-safe: use one per thread.
+A client is not thread-safe: use one per thread.  Several requests may be
+outstanding on one client: ``send`` each, then take their events as they come
+with ``receive_any`` (each event names its request in ``id``).
 
 A tcp endpoint takes CURVE: pass ``curve=CurveKeys.from_files(server.key,
 NAME.key_secret)`` (docs/CONFIG.md, Security).
