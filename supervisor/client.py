@@ -166,32 +166,36 @@ class Client:
     def receive(self, request_id: str | None, timeout_s: float | None = ...) -> dict[str, Any]:  # type: ignore[assignment]
         """The next event for ``request_id`` (None: errors the daemon could not tie to an id)."""
         timeout = self.timeout_s if timeout_s is ... else timeout_s
-        queue = self._pending.get(request_id)
-        if queue:
-            event = queue.popleft()
-            if not queue:
-                del self._pending[request_id]
+        event = self._take_buffered(request_id)
+        if event is not None:
             return event
         self._set_receive_timeout(timeout)
-        while True:
-            try:
-                event = p.decode(self._socket.recv())
-            except zmq.Again:
-                raise self._no_answer(timeout) from None
-            if event.get("id") == request_id:
-                return event
+        while (event := self._receive_event(timeout)).get("id") != request_id:
             self._pending[event.get("id")].append(event)  # type: ignore[index]
+        return event
 
     def receive_any(self, timeout_s: float | None = ...) -> dict[str, Any]:  # type: ignore[assignment]
         """The next event of any request (one buffered by an earlier :meth:`receive` first): for a caller
         that keeps several requests outstanding and takes their events as they come."""
         timeout = self.timeout_s if timeout_s is ... else timeout_s
-        for request_id, queue in self._pending.items():
-            event = queue.popleft()
-            if not queue:
-                del self._pending[request_id]
+        event = self._take_buffered(next(iter(self._pending))) if self._pending else None
+        if event is not None:
             return event
         self._set_receive_timeout(timeout)
+        return self._receive_event(timeout)
+
+    def _take_buffered(self, request_id: str | None) -> dict[str, Any] | None:
+        """The oldest event set aside for ``request_id``, if any."""
+        queue = self._pending.get(request_id)
+        if not queue:
+            return None
+        event = queue.popleft()
+        if not queue:
+            del self._pending[request_id]
+        return event
+
+    def _receive_event(self, timeout: float | None) -> dict[str, Any]:
+        """One event off the socket, within the receive timeout already set."""
         try:
             return p.decode(self._socket.recv())
         except zmq.Again:

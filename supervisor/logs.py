@@ -132,25 +132,22 @@ class RotatingLogFile(logging.FileHandler):
         self._bytes = self._size()
 
 
+def _formatter_settings(renderer: Any) -> dict[str, Any]:
+    return {
+        "foreign_pre_chain": _SHARED,
+        "processors": [structlog.stdlib.ProcessorFormatter.remove_processors_meta, structlog.processors.format_exc_info, renderer],
+    }
+
+
 def _formatter(renderer: Any) -> structlog.stdlib.ProcessorFormatter:
-    return structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=_SHARED,
-        processors=[
-            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-    )
+    return structlog.stdlib.ProcessorFormatter(**_formatter_settings(renderer))
 
 
 class _JsonLines(structlog.stdlib.ProcessorFormatter):
     """The JSON line of a record, rendered once however many handlers write it (stderr and the file)."""
 
     def __init__(self) -> None:
-        super().__init__(foreign_pre_chain=_SHARED, processors=[
-            structlog.stdlib.ProcessorFormatter.remove_processors_meta, structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
-        ])  # fmt: skip
+        super().__init__(**_formatter_settings(structlog.processors.JSONRenderer()))
 
     def format(self, record: logging.LogRecord) -> str:
         line = record.__dict__.get("_json_line")
