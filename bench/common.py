@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -35,6 +35,8 @@ WARM_UP_TOKENS = 4
 # prefix of the last prompt; llama-server is asked not to cache prompts).
 WARM_UP_PROMPT = "Once upon a time"
 SEED = 42
+# A path: run(prompt, max_tokens) -> one measured request (the module's docstring).
+RunFn = Callable[[str, int], dict]
 N_CTX = 2048
 
 
@@ -89,6 +91,19 @@ def rotated(paths: list[str], round_: int) -> list[str]:
     """The order of the paths in one round: each takes every place in turn, so drift hits all alike."""
     shift = round_ % len(paths)
     return paths[shift:] + paths[:shift]
+
+
+def single_stream(paths: dict[str, RunFn], rounds: int, tokens: int) -> dict[str, list[dict]]:
+    """``rounds`` measured requests on every path, each after a short one on the same path, in rotating order."""
+    results: dict[str, list[dict]] = {name: [] for name in paths}
+    for run in paths.values():
+        run(PROMPT, tokens)  # not measured: the first request of a path pages the model in
+    for round_ in range(rounds):
+        for name in rotated(list(paths), round_):
+            paths[name](WARM_UP_PROMPT, WARM_UP_TOKENS)  # not measured: see WARM_UP_TOKENS
+            results[name].append(paths[name](PROMPT, tokens))
+        print(f"  single stream round {round_ + 1}/{rounds}: " + ", ".join(f"{n} {results[n][-1]['tokens'] / results[n][-1]['total_s']:.1f} tok/s" for n in paths), flush=True)
+    return results
 
 
 def request_fields(prompt: str, max_tokens: int, ignore_eos: bool = True) -> dict[str, Any]:

@@ -45,15 +45,15 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import MAX_TOKENS, N_CTX, PROMPT, WARM_UP_PROMPT, WARM_UP_TOKENS, Direct, daemon_run, in_force, rotated  # noqa: E402
+from bench.common import MAX_TOKENS, N_CTX, PROMPT, WARM_UP_PROMPT, WARM_UP_TOKENS, Direct, RunFn, daemon_run, in_force, rotated, single_stream  # noqa: E402
 from bench.http_stream import FrontClient  # noqa: E402
 from bench.llama_cpp_python_server import LlamaCppPythonServer, ServerEnvError, ensure_server_env  # noqa: E402
-from bench.llama_server import LlamaServer, free_port  # noqa: E402
+from bench.llama_server import LlamaServer, ServerProcess, free_port  # noqa: E402
 from bench.llama_server_build import ServerBuildError, ensure_llama_server  # noqa: E402
 from bench.report import concurrent_figures, print_report, single_figures, write_report  # noqa: E402
 from bench.front import measure_front  # noqa: E402
@@ -62,24 +62,11 @@ from supervisor.gpu_probe import probe  # noqa: E402
 from supervisor.models import ensure_default_model  # noqa: E402
 from tests.conftest import Daemon, shared_settings  # noqa: E402
 
-RunFn = Callable[[str, int], dict]
-# Concurrent clients ask different prompts (differing from the first word), so
-# the daemon's one worker cannot reuse the previous request's prompt.
 FRONT_ROUNDS = 30
 FRONT_TOKEN_DELAY_S = 0.002  # a small model on a GPU: where what the path costs per token shows most
+# Concurrent clients ask different prompts (differing from the first word), so
+# the daemon's one worker cannot reuse the previous request's prompt.
 CLIENT_PROMPTS = [PROMPT, "In the beginning", "My favourite food is", "Water boils at", "A good book", "Yesterday we went", "Small dogs are", "Every morning I"]
-
-
-def single_stream(paths: dict[str, RunFn], rounds: int, tokens: int) -> dict[str, list[dict]]:
-    results: dict[str, list[dict]] = {name: [] for name in paths}
-    for run in paths.values():
-        run(PROMPT, tokens)  # not measured: the first request of a path pages the model in
-    for round_ in range(rounds):
-        for name in rotated(list(paths), round_):
-            paths[name](WARM_UP_PROMPT, WARM_UP_TOKENS)  # not measured: see WARM_UP_TOKENS
-            results[name].append(paths[name](PROMPT, tokens))
-        print(f"  single stream round {round_ + 1}/{rounds}: " + ", ".join(f"{n} {results[n][-1]['tokens'] / results[n][-1]['total_s']:.1f} tok/s" for n in paths), flush=True)
-    return results
 
 
 def concurrent_round(clients: list[RunFn], tokens: int) -> dict:
@@ -164,7 +151,7 @@ class Paths:
             self.servers = [LlamaServer(binary, shared["model"], N_CTX, self.settings, slots, logs / f"llama-server-np{slots}.log") for slots in (1, args.clients)]
             if lcp_env is not None:
                 self.lcp_server = LlamaCppPythonServer(lcp_env, shared["model"], N_CTX, self.settings, logs / "llama-cpp-python-server.log")
-            for server in [*self.servers, *([self.lcp_server] if self.lcp_server else [])]:
+            for server in self._server_processes():
                 server.wait_ready()
         except BaseException:
             self.close()
@@ -188,9 +175,12 @@ class Paths:
             "llama-server": [self.servers[1].client().run for _ in self.clients],
         }
 
+    def _server_processes(self) -> list[ServerProcess]:
+        return [*self.servers, *([self.lcp_server] if self.lcp_server else [])]
+
     def close(self) -> None:
         self.daemon.stop()
-        for server in [*self.servers, *([self.lcp_server] if self.lcp_server else [])]:
+        for server in self._server_processes():
             server.stop()
         if self.direct is not None:
             self.direct.close()

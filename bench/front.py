@@ -26,7 +26,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import daemon_run, paired_ratio, paired_ttft_ms, rotated  # noqa: E402
+from bench.common import daemon_run, paired_ratio, paired_ttft_ms, single_stream  # noqa: E402
 from bench.http_stream import FrontClient  # noqa: E402
 from bench.llama_server import free_port  # noqa: E402
 from tests.conftest import Daemon  # noqa: E402
@@ -42,13 +42,7 @@ def measure_front(shared: dict[str, Path], rounds: int, tokens: int, token_delay
         daemon.start()
         client = daemon.client(timeout_s=60)
         run = {"zeromq": lambda prompt, n: daemon_run(client, prompt, n, engine="fake"), "http-front": FrontClient(port, "fake").run}
-        runs: dict[str, list[dict]] = {name: [] for name in PATHS}
-        for round_ in range(rounds + 1):
-            for name in rotated(list(PATHS), round_):
-                run[name]("warm up", 4)
-                measured = run[name]("ping", tokens)
-                if round_ > 0:  # the first round pages everything in
-                    runs[name].append(measured)
+        runs = single_stream(run, rounds, tokens)
     finally:
         daemon.stop()
     rate = {name: statistics.median(r["tokens"] / r["total_s"] for r in runs[name]) for name in PATHS}

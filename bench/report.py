@@ -61,10 +61,15 @@ def single_figures(single: dict[str, list[dict]]) -> dict[str, Any]:
     }
 
 
+def _aggregate(round_: dict) -> float:
+    """A concurrent round's tokens/s: every client's tokens over the round's wall time."""
+    return sum(r["tokens"] for r in round_["runs"]) / round_["wall_s"]
+
+
 def concurrent_figures(together: dict[str, list[dict]]) -> dict[str, Any]:
     paths = {}
     for name, rounds in together.items():
-        aggregate = [sum(r["tokens"] for r in round_["runs"]) / round_["wall_s"] for round_ in rounds]
+        aggregate = [_aggregate(round_) for round_ in rounds]
         runs = [r for round_ in rounds for r in round_["runs"]]
         paths[name] = {
             "aggregate_tokens_per_s": statistics.median(aggregate),
@@ -76,14 +81,10 @@ def concurrent_figures(together: dict[str, list[dict]]) -> dict[str, Any]:
         }
     server = paths["llama-server"]["aggregate_tokens_per_s"]
     others = [name for name in paths if name != "llama-server"]
-
-    def aggregate(round_: dict) -> float:
-        return sum(r["tokens"] for r in round_["runs"]) / round_["wall_s"]
-
     return {
         "paths": paths, "ratios": {f"{name}/llama-server": paths[name]["aggregate_tokens_per_s"] / server for name in others},
         # Each round's ratio to llama-server's round next to it: what the machine's drift between rounds does not move.
-        "paired_ratios": {f"{name}/llama-server": statistics.median(aggregate(a) / aggregate(b) for a, b in zip(together[name], together["llama-server"]))
+        "paired_ratios": {f"{name}/llama-server": statistics.median(_aggregate(a) / _aggregate(b) for a, b in zip(together[name], together["llama-server"]))
                           for name in others},
     }  # fmt: skip
 

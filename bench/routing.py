@@ -37,11 +37,11 @@ sys.path.insert(0, str(REPO))
 
 from bench.common import percentile  # noqa: E402
 from supervisor.client import Client  # noqa: E402
+from workers import protocol as p  # noqa: E402
 from tests.conftest import Daemon  # noqa: E402
 
 WARM_UP_REQUESTS = 50
-REQUEST = {"op": "generate", "prompt": "ping", "max_tokens": 1, "stream": False}
-TERMINAL = ("done", "error")
+REQUEST = {"op": p.OP_GENERATE, "prompt": "ping", "max_tokens": 1, "stream": False}
 
 
 def null_engine(parallel: int) -> dict[str, Any]:
@@ -62,11 +62,11 @@ def _client(endpoint: str, seconds: float, in_flight: int, start: Any, results: 
             sent[client.send(REQUEST)] = time.perf_counter()
         while sent:
             event = client.receive_any()
-            if event.get("event") not in TERMINAL:
+            if event.get("event") not in p.TERMINAL_EVENTS:
                 continue  # a token of a request (none with stream false) or a status
             began = sent.pop(event["id"])
             latencies.append(time.perf_counter() - began)
-            errors += event["event"] != "done"
+            errors += event["event"] != p.EVENT_DONE
             if time.monotonic() < end:
                 sent[client.send(REQUEST)] = time.perf_counter()
     results.put({"latencies": latencies, "errors": errors})
