@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from supervisor.client import Client  # noqa: E402
-from supervisor.envs import env_python  # noqa: E402
+from supervisor.node.envs import env_python  # noqa: E402
 
 PROMPT = "The capital of France is"
 MAX_TOKENS = 128

@@ -58,8 +58,8 @@ from bench.llama_server_build import ServerBuildError, ensure_llama_server  # no
 from bench.report import concurrent_figures, print_report, single_figures, write_report  # noqa: E402
 from bench.front import measure_front  # noqa: E402
 from bench.routing import measure_routing  # noqa: E402
-from supervisor.gpu_probe import probe  # noqa: E402
-from supervisor.models import ensure_default_model  # noqa: E402
+from supervisor.planning.measure.gpu import probe  # noqa: E402
+from supervisor.node.models import ensure_default_model  # noqa: E402
 from tests.conftest import Daemon, shared_settings  # noqa: E402
 
 FRONT_ROUNDS = 30

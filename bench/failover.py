@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 from bench.common import machine  # noqa: E402
 from tests.conftest import LLAMA, Daemon, shared_settings  # noqa: E402
 from tests.test_supervision import Events  # noqa: E402
-from supervisor.models import ensure_default_model  # noqa: E402
+from supervisor.node.models import ensure_default_model  # noqa: E402
 
 
 def first_token_after(daemon: Daemon, start: float) -> tuple[float, dict]:

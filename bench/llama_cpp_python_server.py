@@ -35,7 +35,7 @@ from bench.http_stream import OpenAICompletions, length_finish_tokens
 from bench.llama_server import ServerProcess, free_port
 from bench.llama_server_build import ServerBuildError, installed_llama
 from supervisor.config import Settings
-from supervisor.envs import env_python
+from supervisor.node.envs import env_python
 
 LineFn = Callable[[str], None]
 DIST = "llama-cpp-python"

@@ -13,7 +13,7 @@ environment's own build used:
   ``GGML_NATIVE`` is left to llama.cpp's default (on: ``-march=native``), as
   there;
 * the environment's recorded ``CMAKE_ARGS`` (its marker: CUDA or not, the GPU
-  architectures), and CFLAGS/CXXFLAGS as supervisor/builds.py sets them (the
+  architectures), and CFLAGS/CXXFLAGS as supervisor/node/builds.py sets them (the
   AMX kernels left out on x86-64);
 * and, for the build only, switches that change no code in llama-server's
   path: no tests or examples, no web UI (it would be downloaded).
@@ -41,9 +41,9 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from supervisor.builds import BuildChoice, cpu_digest, environ_for  # noqa: E402
+from supervisor.node.builds import BuildChoice, cpu_digest, environ_for  # noqa: E402
 from supervisor.config import Settings  # noqa: E402
-from supervisor.envs import env_dir, env_python, read_marker  # noqa: E402
+from supervisor.node.envs import env_dir, env_python, read_marker  # noqa: E402
 
 LineFn = Callable[[str], None]
 DIST = "llama-cpp-python"

@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 from bench.common import MAX_TOKENS, N_CTX, PROMPT, SEED  # noqa: E402
 from bench.http_stream import FrontClient  # noqa: E402
 from bench.llama_server import free_port  # noqa: E402
-from supervisor.models import ensure_default_model  # noqa: E402
+from supervisor.node.models import ensure_default_model  # noqa: E402
 from tests.conftest import Daemon, shared_settings  # noqa: E402
 
 

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.common import MAX_TOKENS, N_CTX, PROMPT, SEED, WARM_UP_TOKENS, Direct, daemon_runs, in_force, machine, paired_ttft_ms, rotated, summarize  # noqa: E402
-from supervisor.models import ensure_default_model  # noqa: E402
+from supervisor.node.models import ensure_default_model  # noqa: E402
 from tests.conftest import Daemon, shared_settings  # noqa: E402
 
 

@@ -23,9 +23,9 @@ import pytest
 
 from supervisor.client import Client, ClientTimeout, CurveKeys
 from supervisor.config import load_settings
-from supervisor.envs import create_env, env_is_current
-from supervisor.keys import KeysError, local_curve
-from supervisor.models import ensure_default_model
+from supervisor.node.envs import create_env, env_is_current
+from supervisor.node.keys import KeysError, local_curve
+from supervisor.node.models import ensure_default_model
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_STATE = Path(os.environ.get("NODESUP_TEST_STATE") or REPO / ".state")

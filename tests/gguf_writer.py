@@ -13,7 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from supervisor.model_facts._ggml_types import QUANT_SIZES, TYPE_NAMES, ValueType
+from supervisor.planning.measure.model_facts._ggml_types import QUANT_SIZES, TYPE_NAMES, ValueType
 
 ALIGNMENT = 32  # general.alignment's default
 Q = SimpleNamespace(**{name: name for name in TYPE_NAMES})  # Q.Q8_0 == "Q8_0": ggml type names

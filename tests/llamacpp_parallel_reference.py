@@ -13,7 +13,7 @@ import sys
 sys.path.insert(0, sys.argv[1])
 
 from workers.engine import GenerateRequest  # noqa: E402
-from workers.llamacpp import create_engine  # noqa: E402
+from workers.llamacpp.engine import create_engine  # noqa: E402
 
 MODEL = sys.argv[2]
 PROMPTS = ["The capital of France is", "Once upon a time", "1, 2, 3, 4,", "def fibonacci(n):"]

@@ -27,11 +27,11 @@ sys.path.insert(0, REPO)
 
 import llama_cpp  # noqa: E402
 
-from workers import llamacpp_loop  # noqa: E402
+from workers.llamacpp import loop as llamacpp_loop  # noqa: E402
 from workers.engine import GenerateRequest  # noqa: E402
-from workers.llamacpp import create_engine  # noqa: E402
-from workers.llamacpp_loop import TokenLoop  # noqa: E402
-from workers.llamacpp_settings import physical_cores  # noqa: E402
+from workers.llamacpp.engine import create_engine  # noqa: E402
+from workers.llamacpp.loop import TokenLoop  # noqa: E402
+from workers.llamacpp.settings import physical_cores  # noqa: E402
 
 # In this order: later prompts share beginnings with earlier ones, so both
 # sides reuse what their context holds, as a served sequence of requests does.

@@ -1,6 +1,6 @@
 """Shared by the planner's tests: realistic model shapes, GPU snapshots and a
 simple memory estimate, so the tests do not depend on the real estimator's
-calibration (core/estimate.py has its own tests against llama.cpp's figures).
+calibration (planning/decide/estimate.py has its own tests against llama.cpp's figures).
 
 The GPU, model-facts and estimate types are the real ones.
 """
@@ -12,9 +12,9 @@ from dataclasses import replace
 MIB = 1 << 20
 GIB = 1 << 30
 
-from supervisor.core.estimate import MemoryEstimate as Estimate
-from supervisor.gpu_probe import GpuDevice, GpuProcess, GpuSnapshot
-from supervisor.model_facts import ModelFacts
+from supervisor.planning.decide.estimate import MemoryEstimate as Estimate
+from supervisor.planning.measure.gpu import GpuDevice, GpuProcess, GpuSnapshot
+from supervisor.planning.measure.model_facts import ModelFacts
 
 
 def device(index: int, total_mib: int, neighbours_mib: int = 0, own: dict[int, int] | None = None, name: str = "NVIDIA GeForce RTX") -> GpuDevice:

@@ -12,8 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grimp
+
 REPO = Path(__file__).resolve().parent.parent
-CORE = REPO / "supervisor" / "core"
+# The pure floors: the core's decisions and the planner's.
+PURE = [REPO / "supervisor" / "core", REPO / "supervisor" / "planning" / "decide"]
 # The core decides; it never touches the event loop, sockets, processes, files or the clock (nor the
 # metrics library: the exporter in io/metrics.py reads the core's figures).
 CORE_FORBIDDEN = {"asyncio", "zmq", "os", "time", "subprocess", "socket", "signal", "threading", "psutil", "pathlib", "shutil", "datetime", "prometheus_client"}
@@ -40,8 +43,59 @@ def test_import_contracts_hold():
 
 
 def test_the_core_imports_no_io():
-    offenders = {path.name: sorted(_imported_roots(path) & CORE_FORBIDDEN) for path in CORE.glob("*.py")}
+    paths = [path for folder in PURE for path in folder.glob("*.py")]
+    assert len(paths) > 10
+    offenders = {str(path.relative_to(REPO)): sorted(_imported_roots(path) & CORE_FORBIDDEN) for path in paths}
     assert {name: found for name, found in offenders.items() if found} == {}
+
+
+def import_cycles(*packages: str) -> list[list[str]]:
+    """Every set of modules that import each other in a circle (Tarjan's strongly connected
+    components over grimp's graph), TYPE_CHECKING and function-level imports included."""
+    graph = grimp.build_graph(*packages, exclude_type_checking_imports=False)
+    imports = {module: sorted(graph.find_modules_directly_imported_by(module)) for module in graph.modules}
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for other in imports.get(module, ()):
+            if other not in index:
+                visit(other)
+                low[module] = min(low[module], low[other])
+            elif other in stack:
+                low[module] = min(low[module], index[other])
+        if low[module] == index[module]:
+            component = [stack.pop()]
+            while component[-1] != module:
+                component.append(stack.pop())
+            if len(component) > 1 or module in imports.get(module, ()):
+                cycles.append(sorted(component))
+
+    for module in sorted(imports):
+        if module not in index:
+            visit(module)
+    return cycles
+
+
+def test_no_module_imports_itself_through_others():
+    assert import_cycles("supervisor", "workers", "winservice") == []
+
+
+def test_the_cycle_check_finds_a_cycle(tmp_path, monkeypatch):
+    package = tmp_path / "circle"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("from . import b\n")
+    (package / "b.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import a\n")
+    (package / "c.py").write_text("from . import d\n")
+    (package / "d.py").write_text("def late():\n    from . import c\n")
+    (package / "e.py").write_text("from . import a, c\n")  # imports into circles without closing one
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert sorted(import_cycles("circle")) == [["circle.a", "circle.b"], ["circle.c", "circle.d"]]
 
 
 def test_modules_and_functions_stay_small():

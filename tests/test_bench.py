@@ -21,7 +21,7 @@ from bench.llama_cpp_python_server import server_command as lcp_server_command
 from bench.llama_server import server_command
 from bench.report import single_figures
 from bench.llama_server_build import LLAMA_CPP_PYTHON_FLAGS, ServerBuildError, build_settings, ensure_llama_server, reuse_reason
-from supervisor.builds import NO_AMX
+from supervisor.node.builds import NO_AMX
 from tests.conftest import shared_settings
 
 # A stream as llama-server's /completion writes it (stream: true), trimmed to the fields read.

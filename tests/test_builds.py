@@ -11,10 +11,10 @@ import pytest
 from pathlib import Path
 from typing import Any
 
-from supervisor import builds, envs
-from supervisor.builds import BuildChoice, NodeFacts
+from supervisor.node import builds, envs
+from supervisor.node.builds import BuildChoice, NodeFacts
 from supervisor.config import load_settings
-from supervisor.envs import MARKER, create_env, env_is_current, env_python, requirements_file, stale_reason
+from supervisor.node.envs import MARKER, create_env, env_is_current, env_python, requirements_file, stale_reason
 
 from .conftest import shared_settings
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from supervisor.config import ConfigError, EngineConfig, GpuConfig, load_settings, unknown_environment_variables
-from supervisor.models import model_path_for, model_variants_for
+from supervisor.node.models import model_path_for, model_variants_for
 from workers.protocol import ExitCode
 
 CLI = [sys.executable, "-m", "supervisor.cli"]

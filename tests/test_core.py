@@ -268,7 +268,8 @@ def test_shutdown_refuses_new_requests():
 
 def _planner(snapshots, variants, **engine):
     """Effects.plan_load for one engine: the real planner over recorded GPUs (one snapshot per plan), a stand-in estimate."""
-    from supervisor.core.plan import Estimators, GpuPolicy, PlanInputs, engine_request, make_plan, plan_again, replan_after_oom
+    from supervisor.planning.decide.plan import engine_request, make_plan, plan_again, replan_after_oom
+    from supervisor.planning.decide.types import Estimators, GpuPolicy, PlanInputs
 
     from . import plan_fixtures as fx
 

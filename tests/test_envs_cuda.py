@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import envs
+from supervisor.node import envs
 from supervisor.cli.envs_command import _print_check
 from supervisor.config import ConfigError, load_settings
-from supervisor.envs import MARKER, create_env, env_is_current, env_python, stale_reason
+from supervisor.node.envs import MARKER, create_env, env_is_current, env_python, stale_reason
 
 from .test_builds import FakeVenv, recorded, settings_in, toolchain  # noqa: F401  (toolchain is a fixture)
 from .test_gpu_probe import CPU_BUILD_FACTS, NO_GPU

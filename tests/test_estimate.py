@@ -1,7 +1,7 @@
 """The memory estimate: unit rules with hand-made facts, then llama.cpp's own figures.
 
 The acceptance tests load the default model (and a Q8_0 copy made here with
-llama.cpp's quantizer) through the worker's own loader (workers/llamacpp.py,
+llama.cpp's quantizer) through the worker's own loader (workers/llamacpp/engine.py,
 in the llamacpp environment) and compare the estimate with what llama.cpp
 reports it allocated: model buffers, KV buffers, compute (and output) buffers.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.core.estimate import (
+from supervisor.planning.decide.estimate import (
     CACHE_TYPES,
     MIB,
     MemoryEstimate,
@@ -23,7 +23,7 @@ from supervisor.core.estimate import (
     estimate_llamacpp,
     place_layers,
 )
-from supervisor.model_facts import ModelFacts, read_model_facts
+from supervisor.planning.measure.model_facts import ModelFacts, read_model_facts
 from tests.test_model_facts import DEFAULT_MODEL, REPO, TEST_STATE
 
 LLAMA_PYTHON = TEST_STATE / "envs" / "llamacpp" / "bin" / "python"
@@ -176,9 +176,9 @@ _BUFFER = re.compile(r"(\S+)\s+(model|KV|output|compute) buffer size =\s+([\d.]+
 # The worker's own loader, run in the llamacpp environment: the settings measured are the daemon's.
 _LOAD = """
 import logging, sys
-logging.basicConfig(level=logging.INFO)  # llama.cpp's buffer sizes are logged at info (workers/llamacpp_log.py)
+logging.basicConfig(level=logging.INFO)  # llama.cpp's buffer sizes are logged at info (workers/llamacpp/log.py)
 sys.path.insert(0, sys.argv[1])
-from workers.llamacpp import create_engine
+from workers.llamacpp.engine import create_engine
 create_engine().load({"model": sys.argv[2], "n_ctx": int(sys.argv[3]), "n_gpu_layers": 0}, lambda f, m: None)
 """
 _QUANTIZE = """

@@ -13,8 +13,8 @@ from typing import Any
 import pynvml
 import pytest
 
-from supervisor import gpu_probe
-from supervisor.gpu_probe import GpuDevice, GpuProcess, GpuSnapshot, cpu_only_build_on_gpu_node, probe, snapshot_from_dict, snapshot_to_dict
+from supervisor.planning.measure import gpu as gpu_probe
+from supervisor.planning.measure.gpu import GpuDevice, GpuProcess, GpuSnapshot, cpu_only_build_on_gpu_node, probe, snapshot_from_dict, snapshot_to_dict
 
 from .conftest import REPO
 
@@ -150,7 +150,7 @@ def test_the_real_probe_on_this_machine_never_raises():
 
 
 def test_without_a_driver_a_fresh_interpreter_prints_the_reason_and_no_traceback():
-    code = "from supervisor.gpu_probe import probe; s = probe(); print(len(s.devices), s.reason or 'ok')"
+    code = "from supervisor.planning.measure.gpu import probe; s = probe(); print(len(s.devices), s.reason or 'ok')"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert result.returncode == 0 and result.stderr == ""
     count, reason = result.stdout.strip().split(" ", 1)

@@ -13,7 +13,7 @@ from typing import Any
 import psutil
 import pytest
 
-from supervisor.envs import env_python
+from supervisor.node.envs import env_python
 
 from .conftest import REPO
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from supervisor.envs import env_python
+from supervisor.node.envs import env_python
 from workers import protocol as p
 
 from .conftest import LLAMA, REPO, collect

@@ -1,4 +1,4 @@
-"""llama.cpp's threads, batch sizes and flash attention per load (workers/llamacpp_settings.py): pure, no llama_cpp."""
+"""llama.cpp's threads, batch sizes and flash attention per load (workers/llamacpp/settings.py): pure, no llama_cpp."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from workers import llamacpp_settings as s
+from workers.llamacpp import settings as s
 
 
 def sysfs(root: Path, siblings: dict[int, str]) -> Path:

@@ -16,7 +16,7 @@ from supervisor.cli import main
 from supervisor.io.worker_process import parse_worker_line
 from supervisor.logs import LOG_FILE, backup_path, get_logger, setup_logging
 from supervisor.logs_reader import follow_lines, log_files
-from workers.llamacpp_log import logging_level
+from workers.llamacpp.log import logging_level
 from workers.protocol import ExitCode
 
 from .conftest import CLI, collect, fake_engine, wait_until

@@ -16,9 +16,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from supervisor.core.validate import InvalidMessage
-from supervisor.gpu_probe import GpuDevice, GpuProcess, GpuSnapshot
+from supervisor.planning.measure.gpu import GpuDevice, GpuProcess, GpuSnapshot
 from supervisor.io.metrics import MetricsExporter, NodeCollector
-from supervisor.io.planning import Planning
+from supervisor.planning.measure.inputs import Planning
 from workers import protocol as p
 
 from .conftest import CLI, collect, fake_engine

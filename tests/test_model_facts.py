@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from supervisor.model_facts import ModelFacts, ModelFactsError, read_model_facts, swa_layer_count
+from supervisor.planning.measure.model_facts import ModelFacts, ModelFactsError, read_model_facts, swa_layer_count
 
 from .gguf_writer import Q, tensor_bytes, write_gguf
 
@@ -238,7 +238,7 @@ def test_truncated_gguf_is_refused(tmp_path):
 def test_the_format_numbers_written_out_are_ggmls_own(shared_state):
     """The daemon reads headers with the format's numbers written out: each type's block and size
     must be what the ggml library that loads the models says (asked in the llama.cpp environment)."""
-    from supervisor.model_facts import _ggml_types as ggml
+    from supervisor.planning.measure.model_facts import _ggml_types as ggml
 
     code = (
         "import ctypes, json, pathlib, llama_cpp; lib = ctypes.CDLL(str(pathlib.Path(llama_cpp.__file__).parent / 'lib' / 'libggml-base.so'));"
@@ -255,6 +255,6 @@ def test_the_format_numbers_written_out_are_ggmls_own(shared_state):
 
 
 def test_reading_model_facts_imports_no_numpy():
-    code = "import sys; from supervisor.model_facts import read_model_facts; from supervisor.io.planning import Planning; print('numpy' in sys.modules, 'gguf' in sys.modules)"
+    code = "import sys; from supervisor.planning.measure.model_facts import read_model_facts; from supervisor.planning.measure.inputs import Planning; print('numpy' in sys.modules, 'gguf' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.stdout.split() == ["False", "False"], result

@@ -11,7 +11,7 @@ import psutil
 import pytest
 import zmq
 
-from supervisor.envs import env_python, worker_environ
+from supervisor.node.envs import env_python, worker_environ
 from workers import protocol as p
 
 from .conftest import LLAMA, shared_settings

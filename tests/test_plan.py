@@ -1,4 +1,4 @@
-"""The GPU planner (core/plan.py): recorded shapes and snapshots in, choices and reasons out.
+"""The GPU planner (planning/decide/plan.py): recorded shapes and snapshots in, choices and reasons out.
 
 The estimate is the simple stand-in of tests/plan_fixtures.py (weights by layer
 bytes, KV cache by formula), so these tests pin the planner's logic, not the
@@ -13,8 +13,9 @@ from dataclasses import replace
 import pytest
 
 from supervisor.config import EngineConfig, GpuConfig, load_settings
-from supervisor.core.plan import EngineRequest, Estimators, GpuPolicy, engine_request, plan, replan_after_oom
-from supervisor.core.plan_search import ctx_steps
+from supervisor.planning.decide.plan import engine_request, plan, replan_after_oom
+from supervisor.planning.decide.types import EngineRequest, Estimators, GpuPolicy
+from supervisor.planning.decide.search import ctx_steps
 
 from .plan_fixtures import MIB, Q3_K_M, Q4_K_M, Q6_K, QWEN_3B, QWEN_7B, EXL2_CALLS, device, estimate_exl2, estimate_llamacpp, exl2, snapshot
 

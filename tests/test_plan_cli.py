@@ -29,15 +29,15 @@ class Stand:
     """Recorded facts, GPUs and the stand-in estimate put in place of the real reader, probe and estimator."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        from supervisor.model_facts import ModelFactsError
+        from supervisor.planning.measure.model_facts import ModelFactsError
 
         self.facts: dict[str, fx.ModelFacts] = {}
         self.snapshot = fx.snapshot(reason="stand-in: no GPU")
         self.error = ModelFactsError
-        monkeypatch.setattr("supervisor.io.planning.read_model_facts", self._read)
-        monkeypatch.setattr("supervisor.gpu_probe.probe", lambda source=None: self.snapshot)
-        monkeypatch.setattr("supervisor.core.estimate.estimate_llamacpp", fx.estimate_llamacpp)
-        monkeypatch.setattr("supervisor.core.estimate.estimate_exl2", fx.estimate_exl2)
+        monkeypatch.setattr("supervisor.planning.measure.inputs.read_model_facts", self._read)
+        monkeypatch.setattr("supervisor.planning.measure.gpu.probe", lambda source=None: self.snapshot)
+        monkeypatch.setattr("supervisor.planning.decide.estimate.estimate_llamacpp", fx.estimate_llamacpp)
+        monkeypatch.setattr("supervisor.planning.decide.estimate.estimate_exl2", fx.estimate_exl2)
 
     def _read(self, path: Path) -> fx.ModelFacts:
         if str(path) not in self.facts:
@@ -161,7 +161,7 @@ def test_real_plan_json_and_text_on_an_8gb_card(tmp_path):
 
 
 def test_real_plan_without_a_gpu_plans_the_cpu_and_says_why(tmp_path):
-    from supervisor.gpu_probe import probe
+    from supervisor.planning.measure.gpu import probe
 
     found = probe()
     if found.devices:

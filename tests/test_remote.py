@@ -20,7 +20,7 @@ import pytest
 from supervisor.cli.output import format_status
 from supervisor.config import ConfigError, load_settings
 from supervisor.core.reload import LOAD_FIELDS
-from workers.openai_http import retry_after
+from workers.remote.http import retry_after
 
 from .conftest import LLAMA, Daemon, collect, wait_until
 from .test_http import base_url, fake_words, free_port, request_end

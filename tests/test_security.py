@@ -14,7 +14,7 @@ import zmq
 from supervisor.cli import main
 from supervisor.client import Client, ClientRefused, ClientTimeout, CurveKeys
 from supervisor.config import load_settings
-from supervisor.keys import local_curve
+from supervisor.node.keys import local_curve
 from tests.conftest import CLI, fake_engine
 
 pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="this pyzmq has no CURVE support")

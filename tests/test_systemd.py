@@ -64,8 +64,7 @@ def test_notify_sends_one_datagram_per_message_to_an_abstract_or_path_socket(lis
 def test_the_watchdog_is_fed_only_while_the_event_loop_runs(listener):
     address, sock = listener
     notifier = Notifier({"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "200000", "WATCHDOG_PID": str(os.getpid())})
-    daemon = SimpleNamespace(engines=_NoEngines(), router=SimpleNamespace(requests={}), settings=SimpleNamespace(systemd_ready="bound"))
-    notices = ServiceNotices(daemon, notifier)
+    notices = ServiceNotices(notifier, _NoEngines(), SimpleNamespace(requests={}), ready_when_bound=True)
 
     async def run() -> None:
         async def ticker() -> None:

@@ -27,7 +27,7 @@ import supervisor.io.job_object as job_object
 import winservice.runner
 from supervisor.client import Client, ClientTimeout, CurveKeys
 from supervisor.config import ConfigError
-from supervisor.envs import EnvError
+from supervisor.node.envs import EnvError
 from winservice.paths import load_service_settings
 from workers.protocol import ExitCode
 

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import pytest
 import zmq
 
-from supervisor.envs import create_env, env_is_current, env_python
+from supervisor.node.envs import create_env, env_is_current, env_python
 from workers import protocol as p
 
 from .conftest import checkout_worker_environ, shared_settings

@@ -12,40 +12,38 @@ from __future__ import annotations
 import time
 import traceback
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import protocol as p
+from .conversation import Conversation
 from .engine import BatchEngine, GenerateRequest, GenerateResult, RequestError
-
-if TYPE_CHECKING:
-    from .runtime import WorkerRuntime
 
 
 @dataclass
 class _Running:
-    emit: Any  # the request's emitter (runtime._emitter), which records its first token's time
+    emit: Any  # the request's emitter (Conversation.emitter), which records its first token's time
     started: float
     deadline: float | None
 
 
 class BatchLoop:
-    def __init__(self, runtime: "WorkerRuntime", engine: BatchEngine) -> None:
-        self.runtime = runtime
+    def __init__(self, conversation: Conversation, engine: BatchEngine) -> None:
+        self.conversation = conversation
         self.engine = engine
         self.running: dict[str, _Running] = {}
         self._step_frames: list[bytes] = []  # the tokens of one step: they leave together
 
     def run(self) -> None:
-        runtime = self.runtime
+        conversation = self.conversation
         while True:
             if not self.running:
-                message = runtime._next_command()  # nothing to generate: wait for the daemon
+                message = conversation.next_command()  # nothing to generate: wait for the daemon
                 if message is None:
                     break
-                runtime._waiting.appendleft(message)
+                conversation.put_back(message)
             else:
-                runtime._read_commands()
-            if runtime._stopping:
+                conversation.read_commands()
+            if conversation.stopping:
                 break
             self._admit()
             self._end_stopped()
@@ -55,25 +53,25 @@ class BatchLoop:
             self._finish(request_id, self.engine.end(request_id))
 
     def _admit(self) -> None:
-        waiting = self.runtime._waiting
+        waiting = self.conversation.waiting
         while waiting and len(self.running) < self.engine.slots:
             message = waiting.popleft()
             if message.get("type") != p.S_GENERATE:
                 continue  # a second load: nothing to do with it
             request = GenerateRequest.from_message(message)
             started = time.monotonic()
-            emit = self.runtime._emitter(request.request_id, self._step_frames.append)
+            emit = self.conversation.emitter(request.request_id, self._step_frames.append)
             try:
                 self.engine.begin(request, emit)
             except RequestError as exc:
-                self.runtime._send(type=p.W_ERROR, request_id=request.request_id, code=exc.code, message=exc.message)
+                self.conversation.send_error(request.request_id, exc.code, exc.message)
                 continue
             deadline = started + message["deadline_ms"] / 1000 if message.get("deadline_ms") else None
             self.running[request.request_id] = _Running(emit, started, deadline)
         self._activity()
 
     def _end_stopped(self) -> None:
-        now, cancelled = time.monotonic(), self.runtime._cancelled
+        now, cancelled = time.monotonic(), self.conversation.cancelled
         for request_id, running in list(self.running.items()):
             if request_id in cancelled or (running.deadline is not None and now >= running.deadline):
                 self._finish(request_id, self.engine.end(request_id))
@@ -86,7 +84,7 @@ class BatchLoop:
             traceback.print_exc()
             for request_id in list(self.running):
                 self.running.pop(request_id)
-                self.runtime._send(type=p.W_ERROR, request_id=request_id, code=p.ErrorCode.INTERNAL, message=f"{type(exc).__name__}: {exc}")
+                self.conversation.send_error(request_id, p.ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
             self._activity()
             return
         self._flush()
@@ -96,16 +94,16 @@ class BatchLoop:
     def _flush(self) -> None:
         """A step's token frames as one message: one send, one wake-up of the daemon, whatever the batch size."""
         if self._step_frames:
-            self.runtime._socket.send_multipart(self._step_frames)
+            self.conversation.send_frames(self._step_frames)
             self._step_frames.clear()
 
     def _finish(self, request_id: str, result: GenerateResult) -> None:
         running = self.running.pop(request_id, None)
         if running is not None:
-            self.runtime._send_done(request_id, result, running.started, running.emit)
-        self.runtime._cancelled.discard(request_id)
+            self.conversation.send_done(request_id, result, running.started, running.emit)
+        self.conversation.forget(request_id)
         self._activity()
 
     def _activity(self) -> None:
         first = next(iter(self.running), None)
-        self.runtime._activity.update(phase="generating" if first else "idle", request_id=first)
+        self.conversation.activity.update(phase="generating" if first else "idle", request_id=first)

@@ -18,10 +18,10 @@ from .protocol import ErrorCode
 # Engine kind -> module implementing it.  Adding an engine is one more module
 # here, one more requirements file in config/requirements/, and docs/ENGINES.md.
 ENGINE_MODULES = {
-    "llamacpp": "workers.llamacpp",
-    "exllamav2": "workers.exllamav2",
+    "llamacpp": "workers.llamacpp.engine",
+    "exllamav2": "workers.exllamav2.engine",
     "fake": "workers.fake",
-    "openai": "workers.openai_remote",
+    "openai": "workers.remote.engine",
 }
 
 ProgressFn = Callable[[float, str], None]  # fraction 0..1, what is happening

@@ -29,14 +29,14 @@ import sys
 import threading
 import time
 import traceback
-from collections import deque
 from typing import Any
 
 import zmq
 
 from . import protocol as p
 from .batch import BatchLoop
-from .engine import EngineFailed, EngineUnavailable, GenerateRequest, GenerateResult, ModelError, PreparedEngine, RequestError
+from .conversation import Conversation
+from .engine import EngineFailed, EngineUnavailable, GenerateRequest, ModelError, PreparedEngine, RequestError
 from .process import die_orphaned, name_this_thread
 
 log = logging.getLogger("worker")
@@ -64,12 +64,7 @@ class WorkerRuntime:
         self._routing_id = p.worker_routing_id(worker_id, secret)
         self._curve = curve
         self._context = zmq.Context()
-        self._socket = self._connect(self._routing_id)
-        self._waiting: deque[dict[str, Any]] = deque()  # commands read between tokens, for later
-        self._cancelled: set[str] = set()
-        self._stopping = False
-        # What heartbeats report; written by the main thread, read by the watchdog.
-        self._activity: dict[str, Any] = {"phase": "starting", "request_id": None, "tokens": 0, "last_token_at": None}
+        self.conversation = Conversation(self._connect(self._routing_id))
         self._watchdog = threading.Thread(target=self._watchdog_loop, name="watchdog", daemon=True)
 
     def _connect(self, identity: str) -> zmq.Socket:
@@ -94,7 +89,7 @@ class WorkerRuntime:
         except Exception:
             traceback.print_exc()
             code = p.ExitCode.CRASH
-        self._socket.close()
+        self.conversation.socket.close()
         # Waits (up to the linger) until the last messages are out; the
         # watchdog's wait ends with ContextTerminated and it closes its socket.
         self._context.term()
@@ -107,13 +102,13 @@ class WorkerRuntime:
         engine = self.prepared.engine
         if engine is None:
             return self._fail(p.ExitCode.UNAVAILABLE, "unavailable", self.prepared.unavailable or "engine unavailable")
-        load = self._next_command()
+        load = self.conversation.next_command()
         if load is None:
             return p.ExitCode.OK
         if load.get("protocol") != p.PROTOCOL_VERSION:
             mismatch = f"worker speaks protocol {p.PROTOCOL_VERSION}, daemon {load.get('protocol')}"
             return self._fail(p.ExitCode.PROTOCOL_MISMATCH, "protocol_mismatch", mismatch)
-        self._activity["phase"] = "loading"
+        self.conversation.activity["phase"] = "loading"
         try:
             facts = engine.load(load["spec"], self._report_progress)
         except ModelError as exc:
@@ -122,15 +117,15 @@ class WorkerRuntime:
             return self._fail(p.ExitCode.UNAVAILABLE, "unavailable", str(exc))
         except EngineFailed as exc:  # a remote engine's upstream unreachable or refusing: a crash, retried with backoff
             return self._fail(p.ExitCode.CRASH, exc.code, str(exc), exc.retry_after_s)
-        self._activity["phase"] = "idle"
+        self.conversation.activity["phase"] = "idle"
         slots = getattr(engine, "slots", 1)
         self._send(type=p.W_READY, model=facts, slots=slots)
         log.info("ready: %s (%d at once)", facts.get("model_name"), slots)
         if slots > 1:
-            BatchLoop(self, engine).run()
+            BatchLoop(self.conversation, engine).run()
             return p.ExitCode.OK
         try:
-            while (message := self._next_command()) is not None:
+            while (message := self.conversation.next_command()) is not None:
                 if message.get("type") == p.S_GENERATE:
                     self._serve(engine, message)
         except EngineFailed as exc:  # the request it ran is the daemon's to retry or fail, as after a crash
@@ -153,36 +148,6 @@ class WorkerRuntime:
             versions=self.prepared.versions,
         )
 
-    def _next_command(self) -> dict[str, Any] | None:
-        """Wait for the next load or generate; None once asked to shut down."""
-        while not self._stopping:
-            if self._waiting:
-                return self._waiting.popleft()
-            self._on_command(self._socket.recv())
-        return None
-
-    def _read_commands(self) -> None:
-        """Take in what the daemon sent meanwhile (a cancel, a shutdown) without waiting."""
-        sock = self._socket
-        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            self._on_command(sock.recv(zmq.NOBLOCK))
-
-    def _on_command(self, frame: bytes) -> None:
-        try:
-            message = p.decode(frame)
-        except p.DecodeError as exc:
-            log.error("undecodable message from daemon: %s", exc)
-            return
-        kind = message.get("type")
-        if kind == p.S_CANCEL:
-            self._cancelled.add(message.get("request_id"))
-        elif kind == p.S_SHUTDOWN:
-            self._stopping = True
-        elif kind in (p.S_LOAD, p.S_GENERATE):
-            self._waiting.append(message)
-        else:
-            log.error("unknown message type from daemon: %r", kind)
-
     def _fail(self, exit_code: int, code: str, message: str, retry_after_s: float | None = None) -> int:
         log.error("%s: %s", code, message)
         self._send(type=p.W_LOAD_FAILED, code=code, message=message, exit_code=exit_code, retry_after_s=retry_after_s)
@@ -192,66 +157,35 @@ class WorkerRuntime:
         self._send(type=p.W_LOADING, progress=round(fraction, 3), message=message)
 
     def _serve(self, engine: Any, message: dict[str, Any]) -> None:
+        conversation = self.conversation
         request = GenerateRequest.from_message(message)
         rid = request.request_id
         started = time.monotonic()
         deadline = started + message["deadline_ms"] / 1000 if message.get("deadline_ms") else None
-        self._activity.update(phase="generating", request_id=rid, tokens=0, last_token_at=started)
-        emit = self._emitter(rid)
+        conversation.activity.update(phase="generating", request_id=rid, tokens=0, last_token_at=started)
+        emit = conversation.emitter(rid)
 
         def should_stop() -> bool:
-            self._read_commands()
-            return self._stopping or rid in self._cancelled or (deadline is not None and time.monotonic() >= deadline)
+            conversation.read_commands()
+            return conversation.stopping or rid in conversation.cancelled or (deadline is not None and time.monotonic() >= deadline)
 
         try:
             result = engine.generate(request, emit, should_stop)
         except RequestError as exc:
-            self._send(type=p.W_ERROR, request_id=rid, code=exc.code, message=exc.message)
+            conversation.send_error(rid, exc.code, exc.message)
         except EngineFailed:
             raise  # no answer for the request: the worker exits (_main)
         except Exception as exc:
             traceback.print_exc()
-            self._send(type=p.W_ERROR, request_id=rid, code=p.ErrorCode.INTERNAL, message=f"{type(exc).__name__}: {exc}")
+            conversation.send_error(rid, p.ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
         else:
-            self._send_done(rid, result, started, emit)
+            conversation.send_done(rid, result, started, emit)
         finally:
-            self._cancelled.discard(rid)
-            self._activity.update(phase="idle", request_id=None)
-
-    def _send_done(self, rid: str, result: GenerateResult, started: float, emit: Any) -> None:
-        ended = time.monotonic()
-        first_token_at = getattr(emit, "first_token_at", None) or ended
-        self._send(
-            type=p.W_DONE,
-            request_id=rid,
-            finish_reason=result.finish_reason,
-            usage={"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
-            timings={"prefill_ms": round((first_token_at - started) * 1000, 3), "generate_ms": round((ended - started) * 1000, 3)},
-        )
-
-    def _emitter(self, rid: str, send: Any = None) -> Any:
-        """The request's emit function: sends from this thread, no other thread wakes for a token.
-        ``send``: where its frames go instead of the socket (the batch loop gathers a step's)."""
-        activity, send, encode_string = self._activity, send or self._socket.send, p.encode_string
-        token_prefix = p.token_frame_prefix(rid)
-
-        def emit(text: str, tokens: int = 1) -> None:
-            """The fast form (no JSON work here or in the daemon) for one token, ``"tokens": N`` for any other count."""
-            now = time.monotonic()
-            if emit.first_token_at is None:  # type: ignore[attr-defined]
-                emit.first_token_at = now  # type: ignore[attr-defined]
-            activity["tokens"] += tokens
-            activity["last_token_at"] = now
-            if tokens == 1:
-                send(token_prefix + encode_string(text) + b"}")
-            else:
-                send(p.encode({"type": p.W_TOKEN, "request_id": rid, "text": text, "tokens": tokens}))
-
-        emit.first_token_at = None  # type: ignore[attr-defined]
-        return emit
+            conversation.forget(rid)
+            conversation.activity.update(phase="idle", request_id=None)
 
     def _send(self, **message: Any) -> None:
-        self._socket.send(p.encode(message))
+        self.conversation.send(**message)
 
     # --- watchdog thread -----------------------------------------------------
 
@@ -279,7 +213,7 @@ class WorkerRuntime:
             sock.close(linger=0)
 
     def _heartbeat(self, now: float) -> dict[str, Any]:
-        activity = dict(self._activity)
+        activity = dict(self.conversation.activity)
         last_token_at = activity.pop("last_token_at")
         age_ms = None if last_token_at is None else round((now - last_token_at) * 1000, 1)
         return {"type": p.W_HEARTBEAT, **activity, "last_token_age_ms": age_ms}

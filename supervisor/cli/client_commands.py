@@ -12,7 +12,7 @@ from workers.protocol import ExitCode
 
 from ..client import Client, ClientTimeout
 from ..config import Settings
-from ..keys import KeysError, local_curve
+from ..node.keys import KeysError, local_curve
 from .output import format_reload, format_status, print_json
 
 def client_command(settings: Settings, args: argparse.Namespace) -> int:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import ENGINE_KINDS, Settings
-from ..envs import EnvError, check_env, create_env
-from ..gpu_probe import GpuSnapshot, cpu_only_build_on_gpu_node, probe
+from ..node.envs import EnvError, check_env, create_env
+from ..planning.measure.gpu import GpuSnapshot, cpu_only_build_on_gpu_node, probe
 
 
 def _kinds_for(settings: Settings, names: list[str]) -> dict[str, str]:

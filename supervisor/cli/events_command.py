@@ -14,7 +14,7 @@ from workers.protocol import ExitCode
 
 from ..client import CurveKeys
 from ..config import Settings
-from ..keys import KeysError, local_curve
+from ..node.keys import KeysError, local_curve
 
 TOPIC_FEED_SUBSCRIBED = "feed.subscribed"  # the daemon's answer to each new subscription
 

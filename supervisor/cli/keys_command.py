@@ -13,7 +13,7 @@ from pathlib import Path
 from workers.protocol import ExitCode
 
 from ..config import Settings
-from ..keys import KeysError, authorize, authorized_keys, new_client_key, revoke, server_keypair
+from ..node.keys import KeysError, authorize, authorized_keys, new_client_key, revoke, server_keypair
 
 
 def keys_command(settings: Settings, args: argparse.Namespace) -> int:

@@ -18,9 +18,10 @@ import zmq
 
 from ..client import Client, ClientTimeout
 from ..config import EngineConfig, Settings
-from ..core.plan import MIB, Estimators, GpuPolicy, Plan, PlanInputs, make_plan
-from ..core.plan_explain import describe
-from ..core.plan_search import mib, variant_name
+from ..planning.decide.plan import make_plan
+from ..planning.decide.types import MIB, Estimators, GpuPolicy, Plan, PlanInputs
+from ..planning.decide.explain import describe
+from ..planning.decide.search import mib, variant_name
 from .output import print_json
 
 DAEMON_TIMEOUT_S = 0.5  # asking a daemon for its workers' pids: it answers in milliseconds or is not there
@@ -28,7 +29,7 @@ COLUMNS = ("variant", "layers", "n_ctx", "cache", "needs GPU MiB", "needs RAM Mi
 
 
 def plan_command(settings: Settings, args: argparse.Namespace) -> int:
-    from ..core.estimate import estimate_exl2, estimate_llamacpp  # the estimator, probe and model readers load only here
+    from ..planning.decide.estimate import estimate_exl2, estimate_llamacpp  # the estimator, probe and model readers load only here
 
     engines = {name: config for name, config in settings.engines.items() if args.engine in (None, name)}
     if not engines:
@@ -36,7 +37,7 @@ def plan_command(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     snapshot = _snapshot(args.gpu_memory)
     own_pids = {} if args.gpu_memory else _daemon_worker_pids(settings)
-    from ..io.planning import PLANNED_KINDS
+    from ..planning.measure.inputs import PLANNED_KINDS
 
     skipped = {name: f"the {config.kind} engine has no model" for name, config in engines.items() if config.kind not in PLANNED_KINDS}
     requests = [_request(settings, name, config, own_pids.get(name, frozenset())) for name, config in engines.items() if name not in skipped]
@@ -52,7 +53,7 @@ def plan_command(settings: Settings, args: argparse.Namespace) -> int:
 
 def _snapshot(gpu_memory_mib: int | None) -> Any:
     """The probe's view, or one hypothetical empty device ("what would run on an 8 GB card")."""
-    from ..gpu_probe import GpuDevice, GpuSnapshot, probe
+    from ..planning.measure.gpu import GpuDevice, GpuSnapshot, probe
 
     if gpu_memory_mib is None:
         return probe()
@@ -64,7 +65,7 @@ def _snapshot(gpu_memory_mib: int | None) -> Any:
 
 def _request(settings: Settings, name: str, config: EngineConfig, own_pids: frozenset[int]) -> Any:
     """The engine's request, with each variant's facts; unreadable variants become notes."""
-    from ..io.planning import Planning
+    from ..planning.measure.inputs import Planning
 
     return Planning(settings).request(name, config, own_pids)
 
@@ -119,7 +120,7 @@ def _table(candidates: Any) -> list[str]:
 
 
 def _as_dict(plan: Plan, skipped: dict[str, str], own_pids: dict[str, frozenset[int]]) -> dict[str, Any]:
-    from ..gpu_probe import snapshot_to_dict
+    from ..planning.measure.gpu import snapshot_to_dict
 
     policy = plan.inputs.policy
     return {

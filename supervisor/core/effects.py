@@ -54,7 +54,7 @@ class Effects(Protocol):
         """What is wrong with a worker's engine build on this node (a CPU-only llama.cpp on a GPU node), with the fix."""
 
     def plan_load(self, engine: str, previous: Any, after_oom: bool) -> Any:
-        """Plan the engine's next load against the GPU as it is now (core/plan.py's Plan for this
+        """Plan the engine's next load against the GPU as it is now (planning/decide/plan.py's Plan for this
         engine), or None when the engine is not planned (no model facts: it loads as configured).
         ``previous`` is the plan in force; ``after_oom``: its choice just ran out of GPU memory."""
 

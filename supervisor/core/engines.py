@@ -43,7 +43,7 @@ class EngineState:
         self.stats = EngineStats()  # kept across reloads, like the queue
         # Set when retrying cannot help (no CUDA, missing environment): (error code, reason).
         self.hard_failure: tuple[str, str] | None = None
-        self.plan: Any = None  # core.plan.Plan for this engine, in force since its last start; None: as configured
+        self.plan: Any = None  # planning.decide.plan.Plan for this engine, in force since its last start; None: as configured
         self.oom_step = False  # the last load ran out of GPU memory: the next plan steps down
         self.build_warnings: list[str] = []  # what the worker's build cannot do on this node, with the fix
         # A configuration reload: the worker finishes what it runs, then goes (core/reload.py).
@@ -66,7 +66,7 @@ class EngineState:
 
     @property
     def chosen(self) -> Any:
-        """The plan's choice in force (core.plan.Candidate), if the engine is planned."""
+        """The plan's choice in force (planning.decide.plan.Candidate), if the engine is planned."""
         return self.plan.engines[0].chosen if self.plan is not None else None
 
     @property

@@ -29,19 +29,19 @@ from ..core.policy import LatencySwitch
 from ..core.router import Router
 from ..core.supervisor import Supervisor
 from ..core.validate import InvalidMessage
-from ..envs import env_dir, env_is_current, env_python, worker_environ
+from ..node.envs import env_dir, env_is_current, env_python, worker_environ
 from ..io.client_front import ClientFront
 from ..io.events import EventPublisher
 from ..io.metrics import MetricsExporter, NodeCollector
 from ..io.metrics_server import MetricsServer
-from ..io.planning import STATUS_SNAPSHOT_AGE_S, Planning
+from ..planning.measure.inputs import STATUS_SNAPSHOT_AGE_S, Planning
 from ..io.sd_notify import Notifier
-from ..gpu_probe import cpu_only_build_on_gpu_node
+from ..planning.measure.gpu import cpu_only_build_on_gpu_node
 from ..io.access import CLIENTS_DOMAIN, WORKERS_DOMAIN, LocalAccess
 from ..io.worker_link import WorkerLink
 from ..io.worker_process import WorkerProcess, worker_command
 from ..logs import get_logger
-from ..models import model_label, model_variants_for
+from ..node.models import model_label, model_variants_for
 from .notices import ServiceNotices
 from .reloading import reload_config
 from .status import daemon_status
@@ -63,13 +63,13 @@ class Daemon:
         self.access = LocalAccess(settings, self.context)  # before any bind: run directory, CURVE keys, ZAP handler
         self._environ = worker_environ(settings)
         self.planning = Planning(settings)
-        self.notices = ServiceNotices(self, Notifier())
         self._bind()
         supervision = settings.supervision
         self.engines = Engines({name: self.engine_state(name) for name in settings.engines}, self)
         self.switch = LatencySwitch(min_dwell_s=supervision.switch_min_dwell_s, breach_for_s=supervision.switch_breach_for_s)
         self.router = Router(self.engines, self.switch, self, supervision.probe_interval_s)
         self.supervisor = Supervisor(self.engines, self.router, self.switch, settings, self)
+        self.notices = ServiceNotices(Notifier(), self.engines, self.router, ready_when_bound=settings.systemd_ready == "bound")
         self.clients = ClientFront(self.client_socket, self.router, self.status, self.reload, settings.max_message_bytes, settings.max_tokens_limit)
         self.workers = WorkerLink(self.worker_socket, self.supervisor, self.router, self.publish)
         # The Prometheus exposition: served on [metrics] listen, and by an HTTP front through render().
@@ -82,8 +82,8 @@ class Daemon:
 
     def _http_front(self) -> Any:
         """The OpenAI-compatible HTTP front, a client of the client front (docs/HTTP.md)."""
-        from ..io.http_access import load_api_keys
-        from ..io.http_front import HttpFront, OpenAIRoutes  # starlette and uvicorn load only when it is on
+        from ..io.http.access import load_api_keys
+        from ..io.http.front import HttpFront, OpenAIRoutes  # starlette and uvicorn load only when it is on
 
         settings = self.settings
         keys = load_api_keys(settings.http, warn=True)
@@ -114,14 +114,16 @@ class Daemon:
             zmq.XPUB_VERBOSE: 1,  # every subscription is told, not only a topic's first
         }, CLIENTS_DOMAIN))  # fmt: skip
 
-    def engine_state(self, name: str) -> EngineState:
-        """A configured engine's state, with what can be known before its worker starts."""
-        config = self.settings.engines[name]
-        model = model_label(self.settings, config)
-        engine = EngineState(name, config, model, self.settings.supervision, self._on_transition)
-        if not env_is_current(self.settings, config.env_name, config.kind):
+    def engine_state(self, name: str, settings: Settings | None = None) -> EngineState:
+        """A configured engine's state, with what can be known before its worker starts
+        (``settings``: a reload's new ones; else those in force)."""
+        settings = settings or self.settings
+        config = settings.engines[name]
+        model = model_label(settings, config)
+        engine = EngineState(name, config, model, settings.supervision, self._on_transition)
+        if not env_is_current(settings, config.env_name, config.kind):
             engine.hard_failure = (ErrorCode.ENGINE_UNAVAILABLE, f"environment {config.env_name!r} is missing or stale; run: node-supervisor envs create {config.env_name}")
-        elif config.kind == "llamacpp" and not any(path.exists() for path in model_variants_for(self.settings, config)):
+        elif config.kind == "llamacpp" and not any(path.exists() for path in model_variants_for(settings, config)):
             # The circuit's probe looks again later: the file may appear.
             engine.breaker.trip(time.monotonic(), ErrorCode.MODEL_NOT_FOUND, f"model file not found: {model}")
         return engine
@@ -139,7 +141,8 @@ class Daemon:
 
     def reload(self, reason: str) -> dict[str, Any]:
         """Read the configuration again and apply it (daemon/reloading.py)."""
-        return reload_config(self, reason)
+        self.settings, summary = reload_config(self.settings, self.supervisor, self.planning, self.engine_state, self.notices, reason)
+        return summary
 
     def request_reload(self, reason: str) -> None:
         """From a signal handler: reload on the loop's next turn (a bad file is logged there)."""
@@ -291,4 +294,4 @@ class Daemon:
         return frozenset(p.pid for p in self.processes.values() if p.launch.engine == engine and p.pid is not None)
 
     def status(self) -> dict[str, Any]:
-        return daemon_status(self)
+        return daemon_status(self.settings, self.supervisor, self.planning, self.processes, self.started_at, self.metrics_url)

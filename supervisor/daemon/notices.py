@@ -11,21 +11,23 @@ loop stops feeding it, and systemd restarts the daemon.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
+from ..core.engines import Engines
 from ..core.lifecycle import WorkerState
+from ..core.router import Router
 from ..io.sd_notify import Notifier
-
-if TYPE_CHECKING:
-    from .app import Daemon
 
 LOAD_EXTENSION_S = 30.0  # each tick while loading pushes systemd's start timeout this far ahead
 
 
 class ServiceNotices:
-    def __init__(self, daemon: "Daemon", notifier: Notifier) -> None:
-        self.daemon = daemon
+    """``ready_when_bound``: READY=1 at once (``systemd_ready = "bound"``), not when an engine serves."""
+
+    def __init__(self, notifier: Notifier, engines: Engines, router: Router, ready_when_bound: bool) -> None:
         self.notifier = notifier
+        self.engines = engines
+        self.router = router
+        self.ready_when_bound = ready_when_bound
         self.ready_sent = False
         self._last_status = ""
         self._last_watchdog = float("-inf")
@@ -50,17 +52,17 @@ class ServiceNotices:
             self.notifier.watchdog()
 
     def _ready(self) -> bool:
-        engines = list(self.daemon.engines)
-        if self.daemon.settings.systemd_ready == "bound":
+        engines = list(self.engines)
+        if self.ready_when_bound:
             return True
         return any(e.worker.state is WorkerState.READY for e in engines) or all(e.refusal is not None for e in engines)
 
     def status_line(self) -> str:
         """One line for `systemctl status`: each engine's state, what waits, what runs."""
-        engines = self.daemon.engines.by_priority()
+        engines = self.engines.by_priority()
         parts = [f"{e.name} {e.refusal[0] if e.refusal else e.worker.state.value}" for e in engines]
         waiting = sum(len(e.queue) for e in engines)
-        return f"engines: {', '.join(parts)}; requests {len(self.daemon.router.requests)}, waiting {waiting}"
+        return f"engines: {', '.join(parts)}; requests {len(self.router.requests)}, waiting {waiting}"
 
     def reloading(self) -> None:
         if self.notifier.enabled:

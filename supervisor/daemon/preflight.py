@@ -22,7 +22,7 @@ from workers.protocol import ExitCode
 
 from ..config import ConfigError, Settings, split_listen, unknown_environment_variables
 from ..io.access import socket_group_id
-from ..io.http_access import load_api_keys
+from ..io.http.access import load_api_keys
 from ..logs import get_logger
 
 log = get_logger("supervisor.preflight")

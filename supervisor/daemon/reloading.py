@@ -10,42 +10,56 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
 from workers.protocol import ErrorCode
 
-from ..config import ConfigError, reload_settings
+from ..config import ConfigError, Settings, reload_settings
 from ..core.effects import TOPIC_RELOAD
+from ..core.engines import EngineState
 from ..core.reload import apply_reload, compare, effective_settings
+from ..core.supervisor import Supervisor
 from ..core.validate import InvalidMessage
 from ..logs import get_logger
-
-if TYPE_CHECKING:
-    from .app import Daemon
+from ..planning.measure.inputs import Planning
+from .notices import ServiceNotices
 
 log = get_logger("supervisor.daemon")
 
 
-def reload_config(daemon: "Daemon", reason: str) -> dict[str, Any]:
-    """Apply the configuration as it is now; the summary of what changed, or InvalidMessage(invalid_config)."""
-    if daemon.engines.stopping:
+def reload_config(
+    running: Settings,
+    supervisor: Supervisor,
+    planning: Planning,
+    fresh_engine: Callable[[Settings, str], EngineState],
+    notices: ServiceNotices,
+    reason: str,
+) -> tuple[Settings, dict[str, Any]]:
+    """Read the configuration again and hand its changes to the core.
+
+    Returns the settings now in force (the new file's live settings over the
+    running ones: the daemon keeps them) and the summary of what changed;
+    raises InvalidMessage(invalid_config) and changes nothing when the file is invalid.
+    ``fresh_engine(settings, name)`` builds an engine's state from the new settings.
+    """
+    if supervisor.engines.stopping:
         raise InvalidMessage(ErrorCode.SHUTTING_DOWN, "the daemon is stopping")
     try:
-        new = reload_settings(daemon.settings)
+        new = reload_settings(running)
     except ConfigError as exc:
         log.error("configuration reload refused; the running configuration stays", reason=reason, error=str(exc))
-        daemon.publish(TOPIC_RELOAD, ok=False, error=str(exc))
+        supervisor.effects.publish(TOPIC_RELOAD, ok=False, error=str(exc))
         raise InvalidMessage(ErrorCode.INVALID_CONFIG, str(exc)) from None
-    daemon.notices.reloading()
-    changes = compare(daemon.settings, new)
-    settings = effective_settings(daemon.settings, new)
-    daemon.settings = daemon.planning.settings = settings
+    notices.reloading()
+    changes = compare(running, new)
+    settings = effective_settings(running, new)
+    planning.settings = settings  # before the engines change: a restarted engine is planned with the new settings
     logging.getLogger().setLevel(settings.log_level.upper())
-    apply_reload(daemon.supervisor, settings, changes, lambda name: daemon.engine_state(name), time.monotonic())
+    apply_reload(supervisor, settings, changes, lambda name: fresh_engine(settings, name), time.monotonic())
     summary = changes.as_dict()
     log.info("configuration reloaded", reason=reason, **summary)
     if changes.needs_restart:
         log.warning("these settings keep their running values until the daemon restarts", keys=changes.needs_restart)
-    daemon.publish(TOPIC_RELOAD, ok=True, **summary)
-    daemon.notices.reloaded()
-    return summary
+    supervisor.effects.publish(TOPIC_RELOAD, ok=True, **summary)
+    notices.reloaded()
+    return settings, summary

@@ -12,12 +12,12 @@ from typing import IO, Any, Callable
 from workers.protocol import ExitCode
 
 from ..config import ConfigError, Settings
-from ..envs import EnvError, create_env, env_is_current
+from ..node.envs import EnvError, create_env, env_is_current
 from ..io.sd_notify import Notifier
 from ..io.transport import BindError
-from ..keys import KeysError
+from ..node.keys import KeysError
 from ..logs import get_logger, setup_logging
-from ..models import ensure_default_model
+from ..node.models import ensure_default_model
 from . import preflight
 
 log = get_logger("supervisor.daemon")

@@ -5,41 +5,48 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Mapping
 
 from workers import protocol as p
 
 from .. import __version__
+from ..config import Settings
 from ..core.engines import EngineState
-from ..gpu_probe import snapshot_to_dict
-from ..io.planning import STATUS_SNAPSHOT_AGE_S, worker_gpu_bytes
+from ..core.supervisor import Supervisor
+from ..io.worker_process import WorkerProcess
+from ..planning.measure.gpu import snapshot_to_dict
+from ..planning.measure.inputs import STATUS_SNAPSHOT_AGE_S, Planning, worker_gpu_bytes
 
-if TYPE_CHECKING:
-    from .app import Daemon
 
-
-def daemon_status(daemon: "Daemon") -> dict[str, Any]:
+def daemon_status(
+    settings: Settings,
+    supervisor: Supervisor,
+    planning: Planning,
+    processes: Mapping[str, WorkerProcess],
+    started_at: float,
+    metrics_url: str | None,
+) -> dict[str, Any]:
     now = time.monotonic()
-    snapshot = daemon.planning.snapshot(STATUS_SNAPSHOT_AGE_S)
-    settings = daemon.settings
+    snapshot = planning.snapshot(STATUS_SNAPSHOT_AGE_S)
+    engines = supervisor.engines
     return {
         "daemon": {
             "pid": os.getpid(),
             "version": __version__,
             "protocol": p.PROTOCOL_VERSION,
-            "uptime_s": round(now - daemon.started_at, 1),
+            "uptime_s": round(now - started_at, 1),
             "client_endpoint": settings.client_endpoint,
             "events_endpoint": settings.events_endpoint,
             "state_dir": str(settings.state_dir),
-            "stopping": daemon.engines.stopping,
-            "active_engine": daemon.switch.active,
-            "requests_in_progress": len(daemon.router.requests),
-            "metrics_url": daemon.metrics_url,
-            "accounting_day": daemon.supervisor.budgets.day,
+            "stopping": engines.stopping,
+            "active_engine": supervisor.switch.active,
+            "requests_in_progress": len(supervisor.router.requests),
+            "metrics_url": metrics_url,
+            "accounting_day": supervisor.budgets.day,
         },
         "gpu": snapshot_to_dict(snapshot),
-        "engines": [{**engine.describe(now), **_plan(engine, snapshot), "workers": [_worker(daemon, engine, now, snapshot)]}
-                    for engine in daemon.engines.by_priority()],  # fmt: skip
+        "engines": [{**engine.describe(now), **_plan(engine, snapshot), "workers": [_worker(processes, engine, now, snapshot)]}
+                    for engine in engines.by_priority()],  # fmt: skip
     }
 
 
@@ -52,9 +59,9 @@ def _plan(engine: EngineState, snapshot: Any) -> dict[str, Any]:
     return {"plan": {k: detail[k] for k in ("chosen", "reasons", "warnings", "device", "failed")}, "warnings": warnings + detail["warnings"]}
 
 
-def _worker(daemon: "Daemon", engine: EngineState, now: float, snapshot: Any) -> dict[str, Any]:
+def _worker(processes: Mapping[str, WorkerProcess], engine: EngineState, now: float, snapshot: Any) -> dict[str, Any]:
     worker, report, times = engine.worker, engine.worker.report, engine.worker.times
-    process = daemon.processes.get(worker.worker_id) if worker.alive else None
+    process = processes.get(worker.worker_id) if worker.alive else None
     info: dict[str, Any] = {
         "id": worker.worker_id,
         "state": worker.state.value,

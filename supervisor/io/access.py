@@ -29,7 +29,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from workers import protocol as p
 
 from ..config import ConfigError, Settings
-from ..keys import any_curve, authorized_public_keys, ensure_local_client_key, server_keypair, uses_curve
+from ..node.keys import any_curve, authorized_public_keys, ensure_local_client_key, server_keypair, uses_curve
 from ..logs import get_logger
 from .transport import bind_socket
 

@@ -21,8 +21,8 @@ from prometheus_client.utils import floatToGoString
 from ..core.engines import Engines, EngineState
 from ..core.policy import Circuit
 from ..core.stats import Histogram
-from ..gpu_probe import GpuSnapshot
-from .planning import STATUS_SNAPSHOT_AGE_S, Planning, worker_gpu_bytes
+from ..planning.measure.gpu import GpuSnapshot
+from ..planning.measure.inputs import STATUS_SNAPSHOT_AGE_S, Planning, worker_gpu_bytes
 from .worker_process import WorkerProcess
 
 # Prometheus reserves colons for recording rules, so vLLM's "vllm:" becomes this.

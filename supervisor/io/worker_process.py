@@ -151,7 +151,7 @@ def parse_worker_line(line: str) -> tuple[int, str | None, str]:
     """(level, the worker's logger, the text) of a line a worker printed.
 
     Workers log one line per record as ``LEVEL logger: text`` (workers/__main__.py),
-    llama.cpp's log included (workers/llamacpp_log.py); such a line is logged at
+    llama.cpp's log included (workers/llamacpp/log.py); such a line is logged at
     its own level.  Anything else a worker prints (a traceback, a library's own
     print) is logged at info as it is.
     """

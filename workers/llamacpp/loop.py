@@ -1,6 +1,6 @@
 """The generation loop on llama.cpp's C API: prompt, sampler chain, token by token.
 
-A helper of workers/llamacpp.py, which hands it the ``llama_cpp`` module (that
+A helper of workers/llamacpp/engine.py, which hands it the ``llama_cpp`` module (that
 engine module stays the only importer of its library) and the model and
 context of a loaded ``Llama``.  ``Llama.generate`` is not used: per token it
 runs Python bookkeeping and NumPy writes, and its stop checks and
@@ -20,8 +20,8 @@ from __future__ import annotations
 import ctypes
 from typing import Any, Callable
 
-from .protocol import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP
-from .textstream import TextAssembler
+from ..protocol import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP
+from ..textstream import TextAssembler
 
 # Kept from llama-cpp-python's sampling defaults, which served requests
 # before this loop (min_p 0.05; typical_p 1 and repeat penalty 1 do nothing):

@@ -18,7 +18,7 @@ from typing import Any
 from workers import protocol as p
 from workers.protocol import ErrorCode
 
-from ..config import EngineConfig
+from ...config import EngineConfig
 
 CHAT = "chat"
 COMPLETIONS = "completions"

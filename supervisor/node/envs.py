@@ -35,9 +35,9 @@ import workers
 
 from .builds import SOURCE_BUILT, BuildChoice, BuildError, build_choice, build_key, build_stale_reason, build_wheel
 from .builds import environ_for, find_nvcc, pinned_requirement, requirements_without
-from .config import EnvConfig, Settings
+from ..config import EnvConfig, Settings
 
-REQUIREMENTS_DIR = Path(__file__).resolve().parent.parent / "config" / "requirements"
+REQUIREMENTS_DIR = Path(__file__).resolve().parents[2] / "config" / "requirements"
 MARKER = "node-supervisor-env.json"
 
 # Run in a new environment after pip.  exllamav2 compiles its CUDA extension

@@ -1,5 +1,5 @@
 """Planning a load: the GPU as the probe sees it now, each model variant's facts
-as read from disk, and the pure planner (core/plan.py) deciding.
+as read from disk, and the pure planner (planning/decide/plan.py) deciding.
 
 Used by the daemon before every worker start (through Effects.plan_load) and by
 `node-supervisor plan`.  Facts are cached by file identity, so a restart does
@@ -15,12 +15,13 @@ from typing import Any, Callable
 
 import psutil
 
-from ..config import EngineConfig, Settings
-from ..core.estimate import estimate_exl2, estimate_llamacpp
-from ..core.plan import EngineRequest, Estimators, GpuPolicy, Plan, PlanInputs, engine_request, make_plan, plan_again, replan_after_oom
-from ..gpu_probe import GpuSnapshot, probe
-from ..model_facts import ModelFactsError, read_model_facts
-from ..models import model_variants_for
+from ...config import EngineConfig, Settings
+from ..decide.estimate import estimate_exl2, estimate_llamacpp
+from ..decide.plan import engine_request, make_plan, plan_again, replan_after_oom
+from ..decide.types import EngineRequest, Estimators, GpuPolicy, Plan, PlanInputs
+from .gpu import GpuSnapshot, probe
+from .model_facts import ModelFactsError, read_model_facts
+from ...node.models import model_variants_for
 
 ESTIMATORS = Estimators(llamacpp=estimate_llamacpp, exl2=estimate_exl2)
 PLANNED_KINDS = ("llamacpp", "exllamav2")  # engines whose models have facts to plan with

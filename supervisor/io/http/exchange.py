@@ -17,9 +17,9 @@ from typing import Any
 
 from workers import protocol as p
 
-from .client_front import ClientFront, LocalEnvelope
-from .http_answers import Answer, sse_error
-from .http_openai import ApiError, error_from_event
+from ..client_front import ClientFront, LocalEnvelope
+from .answers import Answer, sse_error
+from .openai import ApiError, error_from_event
 
 # Events waiting for a reader that does not keep up: beyond this the client counts as gone (as SNDHWM for ZeroMQ clients).
 BACKLOG_LIMIT = 100_000

@@ -41,8 +41,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import Settings
-from .gpu_probe import probe
+from ..config import Settings
+from ..planning.measure.gpu import probe
 
 # engine kind -> the requirement compiled from source, read from its requirements file
 SOURCE_BUILT = {"llamacpp": "llama-cpp-python"}

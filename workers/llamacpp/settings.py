@@ -1,7 +1,7 @@
 """llama.cpp's threads, batch sizes and flash attention for one load: the
 configured value where there is one, else a default chosen for the device.
 
-A helper of workers/llamacpp.py; standard library only (it runs in the
+A helper of workers/llamacpp/engine.py; standard library only (it runs in the
 engine's environment, which has no psutil, and is tested without llama_cpp).
 """
 
@@ -36,7 +36,7 @@ class LoadSettings:
     flash_attn: int  # a FLASH_ATTN_* value: AUTO lets llama.cpp turn it on where the device supports it
 
     def llama_kwargs(self) -> dict[str, Any]:
-        """Llama() keyword arguments (flash attention goes to the context parameters instead: see llamacpp_native)."""
+        """Llama() keyword arguments (flash attention goes to the context parameters instead: see native.py)."""
         return {"n_threads": self.n_threads, "n_threads_batch": self.n_threads_batch, "n_batch": self.n_batch, "n_ubatch": self.n_ubatch}
 
 

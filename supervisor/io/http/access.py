@@ -13,8 +13,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from ..config import ConfigError, HttpConfig, is_loopback, split_listen
-from ..logs import get_logger
+from ...config import ConfigError, HttpConfig, is_loopback, split_listen
+from ...logs import get_logger
 
 log = get_logger("supervisor.http")
 

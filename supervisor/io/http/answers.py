@@ -13,7 +13,7 @@ from typing import Any
 
 from workers import protocol as p
 
-from .http_openai import CHAT, ApiError
+from .openai import CHAT, ApiError
 
 DONE = b"data: [DONE]\n\n"
 _INDEX = b',"index":'  # what follows the text literal in a token event

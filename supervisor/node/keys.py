@@ -27,8 +27,8 @@ from pathlib import Path
 import zmq
 from zmq.auth import load_certificate
 
-from .client import CurveKeys
-from .config import Settings
+from ..client import CurveKeys
+from ..config import Settings
 
 LOCAL_CLIENT = "local"  # the pair this node's own commands present (security.client_key_file's default)
 KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

@@ -1,6 +1,6 @@
 """llama.cpp's log, through a callback of ours, at levels an operator can live with.
 
-A helper of workers/llamacpp.py, which hands it the ``llama_cpp`` module: this
+A helper of workers/llamacpp/engine.py, which hands it the ``llama_cpp`` module: this
 module never imports it.  Every line goes to the worker's ``logging`` (logger
 ``llama.cpp``), whose one-line format the daemon reads back with its level
 (``DEBUG llama.cpp: text``).  llama.cpp prints about 150 lines at INFO on every

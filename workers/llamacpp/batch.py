@@ -1,6 +1,6 @@
 """Several requests decoded together in one llama.cpp context (``parallel``).
 
-A helper of workers/llamacpp.py, handed the ``llama_cpp`` module.  Each
+A helper of workers/llamacpp/engine.py, handed the ``llama_cpp`` module.  Each
 running request owns one sequence of the context (as a slot of
 ``llama-server -np`` does); the context holds ``n_ctx`` cells for each, not
 shared (``kv_unified`` off), so one long request cannot starve the others.
@@ -9,7 +9,7 @@ last sampled token, or the next chunk of its prompt (a new request joins the
 running ones at the next step, its prompt read alongside their tokens); then
 every sequence whose logits came back samples its next token with its own
 native sampler chain at its index in the batch.  Per token, as in
-llamacpp_loop.py (whose sampler chains and piece buffer it uses): no logits
+loop.py (whose sampler chains and piece buffer it uses): no logits
 copy, no NumPy, one piece into a buffer.
 
 A sequence's cache is cleared when its request ends: prompts are not reused
@@ -21,12 +21,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .engine import EmitFn, GenerateResult
-from .protocol import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP
-from .textstream import TextAssembler
+from ..engine import EmitFn, GenerateResult
+from ..protocol import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP
+from ..textstream import TextAssembler
 
 if TYPE_CHECKING:
-    from .llamacpp_loop import TokenLoop
+    from .loop import TokenLoop
 
 
 @dataclass

@@ -2,7 +2,7 @@
 OpenAI-compatible server (vLLM, llama-server, Ollama, another node's HTTP
 front, a cloud API) and its streamed answer comes back token by token.
 
-Standard library only (workers/openai_http.py), so its environment holds the
+Standard library only (workers/remote/http.py), so its environment holds the
 runtime's pyzmq and nothing else.  The upstream takes the place of a model:
 ``load`` asks it for its models, ``generate`` streams one completion.  What a
 failure means (docs/ENGINES.md):
@@ -27,9 +27,9 @@ import platform
 import ssl
 from typing import Any
 
-from .engine import EmitFn, EngineFailed, EngineUnavailable, GenerateRequest, GenerateResult, ModelError, ProgressFn, StopFn
-from .openai_http import DONE, Upstream, describe, events
-from .protocol import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP
+from ..engine import EmitFn, EngineFailed, EngineUnavailable, GenerateRequest, GenerateResult, ModelError, ProgressFn, StopFn
+from .http import DONE, Upstream, describe, events
+from ..protocol import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP
 
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_READ_TIMEOUT_S = 30.0

@@ -2,7 +2,7 @@
 
 A Starlette app under uvicorn, started and stopped by the daemon (which
 keeps the signals: uvicorn's own handlers are off).  Every completion is a
-client of the client front (http_exchange.py), so it meets the router the
+client of the client front (exchange.py), so it meets the router the
 way a ZeroMQ client does.  docs/HTTP.md is the reference.
 
 ``build_app`` takes extra routes, so another endpoint (metrics, say) is one
@@ -32,14 +32,14 @@ from starlette.routing import BaseRoute, Route
 from workers import protocol as p
 from workers.protocol import ErrorCode
 
-from ..config import EngineConfig, HttpConfig, split_listen
-from ..logs import get_logger
-from .client_front import ClientFront, LocalEnvelope
-from .http_access import bearer_allowed
-from .http_answers import Answer
-from .http_exchange import Exchange, GenerationAnswer, json_body
-from .transport import BindError
-from .http_openai import CHAT, COMPLETIONS, ApiError, bad_request, model_names, parse_request, resolve_model, unknown_model
+from ...config import EngineConfig, HttpConfig, split_listen
+from ...logs import get_logger
+from ..client_front import ClientFront, LocalEnvelope
+from .access import bearer_allowed
+from .answers import Answer
+from .exchange import Exchange, GenerationAnswer, json_body
+from ..transport import BindError
+from .openai import CHAT, COMPLETIONS, ApiError, bad_request, model_names, parse_request, resolve_model, unknown_model
 
 log = get_logger("supervisor.http")
 

@@ -1,6 +1,6 @@
 """HTTP to an OpenAI-compatible upstream, standard library only: one kept-alive
 connection, the server-sent event stream read line by line, and what each
-refusal means for the engine (workers/openai_remote.py).
+refusal means for the engine (workers/remote/engine.py).
 
 The API key is sent as ``Authorization: Bearer`` and never written anywhere
 else: every text taken from the upstream (an error body may echo what it was
@@ -18,8 +18,8 @@ from email.utils import parsedate_to_datetime
 from typing import Any, Iterator
 from urllib.parse import urlsplit
 
-from .engine import EngineFailed, ModelError, RequestError
-from .protocol import ErrorCode
+from ..engine import EngineFailed, ModelError, RequestError
+from ..protocol import ErrorCode
 
 DONE = object()  # the stream's `data: [DONE]`
 ERROR_BODY_BYTES = 4096  # of a refusal's body, enough for its message

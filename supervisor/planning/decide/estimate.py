@@ -1,6 +1,6 @@
 """How much GPU memory and RAM an engine will take for a model, before it is started.
 
-Pure arithmetic on a model's facts (``supervisor.model_facts`` reads them):
+Pure arithmetic on a model's facts (``supervisor.planning.measure.model_facts`` reads them):
 deciding whether a model fits the shared GPU must not cost a load.  The
 llama.cpp figures follow what llama.cpp itself allocates (as vendored by
 llama-cpp-python 0.3.36) and are checked against its own "model buffer",
@@ -39,7 +39,7 @@ _OUT_ACTS_FA = 3.0
 
 
 class FactsLike(Protocol):
-    """The fields of supervisor.model_facts.ModelFacts the estimate reads (core imports no I/O layer)."""
+    """The fields of planning.measure.model_facts.ModelFacts the estimate reads (core imports no I/O layer)."""
 
     @property
     def n_layer(self) -> int: ...

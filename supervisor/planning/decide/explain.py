@@ -7,22 +7,17 @@ can be traced to the estimate, the reserve or a neighbour without a debugger.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from .plan_search import ctx_steps, mib, variant_name
-
-if TYPE_CHECKING:
-    from .plan import Candidate
-    from .plan_search import Search
+from .search import Search, ctx_steps, mib, variant_name
+from .types import Candidate
 
 
-def describe(candidate: "Candidate") -> str:
+def describe(candidate: Candidate) -> str:
     """One candidate in a line: variant, layers, context, cache, place."""
     where = "CPU" if candidate.device is None else f"GPU {candidate.device}"
     return f"{variant_name(candidate.path)}, {candidate.layers_text} layers, n_ctx {candidate.n_ctx}, {candidate.cache_type} KV cache, on {where}"
 
 
-def explain(search: "Search", chosen: "Candidate | None") -> tuple[tuple[str, ...], tuple[str, ...]]:
+def explain(search: Search, chosen: Candidate | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(reasons, warnings) for one engine's plan."""
     warnings = list(search.request.notes)
     if chosen is None:
@@ -34,7 +29,7 @@ def explain(search: "Search", chosen: "Candidate | None") -> tuple[tuple[str, ..
     return tuple(reasons), tuple(warnings + _warnings(search, chosen))
 
 
-def _where(search: "Search", chosen: "Candidate") -> str:
+def _where(search: Search, chosen: Candidate) -> str:
     budget = search.budget
     if chosen.device is None or budget is None:
         if search.explicit == 0:
@@ -53,7 +48,7 @@ def _where(search: "Search", chosen: "Candidate") -> str:
     return f"GPU {budget.index} ({budget.name}): {mib(budget.available_bytes)} MiB available ({' '.join(parts)}){most}"
 
 
-def _variant(search: "Search", chosen: "Candidate") -> str:
+def _variant(search: Search, chosen: Candidate) -> str:
     name = variant_name(chosen.path)
     if chosen.variant == 0:
         return f"variant {name}: the first (best) configured" if len(search.request.variants) > 1 else f"variant {name}"
@@ -61,13 +56,13 @@ def _variant(search: "Search", chosen: "Candidate") -> str:
     return f"variant {name}: the better ones do not fit ({better})"
 
 
-def _smallest_need(search: "Search", variant: int) -> str:
+def _smallest_need(search: Search, variant: int) -> str:
     name = variant_name(search.request.variants[variant].path)
     needs = [row.gpu_bytes for row in search.rows if row.variant == variant and row.n_gpu_layers != 0]
     return f"{name} needs at least {mib(min(needs))} MiB" if needs else f"{name} was not tried"
 
 
-def _layers(search: "Search", chosen: "Candidate") -> str:
+def _layers(search: Search, chosen: Candidate) -> str:
     if search.explicit is not None:
         return f"n_gpu_layers = {search.explicit} as configured (an explicit value is kept)"
     if chosen.n_gpu_layers == 0:
@@ -79,7 +74,7 @@ def _layers(search: "Search", chosen: "Candidate") -> str:
     return f"{chosen.layers_text} layers on the GPU: the most that fit ({mib(chosen.gpu_bytes)} of {mib(chosen.free_bytes)} MiB){tail}"
 
 
-def _context(search: "Search", chosen: "Candidate") -> str:
+def _context(search: Search, chosen: Candidate) -> str:
     requested = search.request.n_ctx
     if chosen.n_ctx == requested:
         return f"n_ctx {requested} as requested"
@@ -90,7 +85,7 @@ def _context(search: "Search", chosen: "Candidate") -> str:
     return f"n_ctx {chosen.n_ctx} instead of the requested {requested}{why}"
 
 
-def _cache(search: "Search", chosen: "Candidate") -> str:
+def _cache(search: Search, chosen: Candidate) -> str:
     configured = search.request.cache_types[0]
     if chosen.cache_type == configured:
         return f"{configured} KV cache as configured"
@@ -98,7 +93,7 @@ def _cache(search: "Search", chosen: "Candidate") -> str:
     return f"{chosen.cache_type} KV cache: with {configured} it does not fit even at n_ctx {floor}"
 
 
-def _warnings(search: "Search", chosen: "Candidate") -> list[str]:
+def _warnings(search: Search, chosen: Candidate) -> list[str]:
     warnings = []
     budget = search.budget
     if search.explicit is not None and not chosen.fits:
@@ -117,7 +112,7 @@ def _warnings(search: "Search", chosen: "Candidate") -> list[str]:
     return warnings
 
 
-def _nothing(search: "Search") -> str:
+def _nothing(search: Search) -> str:
     """No placement at all: say which wall was hit."""
     if not search.request.variants:
         return "no model variant could be read"

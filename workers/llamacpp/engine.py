@@ -1,7 +1,7 @@
 """The llama.cpp engine, through llama-cpp-python.  The only module importing llama_cpp.
 
 ``Llama`` loads the model and context and tokenizes; generation runs on
-llama.cpp's C API (llamacpp_loop.py), not ``Llama.generate`` or
+llama.cpp's C API (loop.py), not ``Llama.generate`` or
 ``create_completion``: a native sampler chain, no per-token NumPy or logits
 copy, exact token counts, a stop check between every two tokens, and
 incremental detokenization (create_completion's stream re-detokenizes the
@@ -15,14 +15,14 @@ import os
 from pathlib import Path
 from typing import Any, Protocol
 
-from .engine import EmitFn, EngineUnavailable, GenerateRequest, GenerateResult, ModelError, OutOfGpuMemory, ProgressFn, RequestError, StopFn
-from .protocol import ErrorCode
-from .llamacpp_log import LlamaLog, python_prints
-from .llamacpp_loop import TokenLoop
-from .llamacpp_batch import SequenceBatch
-from .llamacpp_native import backend_devices, context_params, load_progress
-from .llamacpp_settings import FLASH_ATTN_ENABLED, LoadSettings, choose
-from .textstream import TextAssembler
+from ..engine import EmitFn, EngineUnavailable, GenerateRequest, GenerateResult, ModelError, OutOfGpuMemory, ProgressFn, RequestError, StopFn
+from ..protocol import ErrorCode
+from .log import LlamaLog, python_prints
+from .loop import TokenLoop
+from .batch import SequenceBatch
+from .native import backend_devices, context_params, load_progress
+from .settings import FLASH_ATTN_ENABLED, LoadSettings, choose
+from ..textstream import TextAssembler
 
 try:
     import llama_cpp
@@ -56,7 +56,7 @@ def build_facts() -> dict[str, Any]:
 
 
 def _cache_kwargs(cache_type: str) -> dict[str, Any]:
-    """Llama() arguments for a KV cache type (a quantized V cache needs flash attention: llamacpp_settings)."""
+    """Llama() arguments for a KV cache type (a quantized V cache needs flash attention: settings.py)."""
     ggml_type = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}.get(cache_type)
     if ggml_type is None:
         raise ModelError(f"cache_type {cache_type!r} is not one of f16, q8_0, q4_0")
@@ -97,7 +97,7 @@ class LlamaCppEngine:
             model_path=str(model_path),
             n_ctx=n_ctx,
             n_gpu_layers=n_gpu_layers,
-            # verbose=True keeps llama.cpp's log (workers/llamacpp_log.py);
+            # verbose=True keeps llama.cpp's log (workers/llamacpp/log.py);
             # verbose=False would point the whole process's fd 1 and 2 at
             # /dev/null while loading.
             verbose=True,

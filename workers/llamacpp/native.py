@@ -1,6 +1,6 @@
 """llama.cpp's load progress and ggml's device registry, through ctypes.
 
-Helpers of workers/llamacpp.py, which hands them the ``llama_cpp`` module:
+Helpers of workers/llamacpp/engine.py, which hands them the ``llama_cpp`` module:
 this module never imports it, so that one engine module stays the only
 importer of its library.
 """

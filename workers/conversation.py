@@ -1,0 +1,120 @@
+"""The worker's side of the conversation with the daemon on its main socket.
+
+One object owns that DEALER socket and what arrives on it: commands read
+between two tokens wait in order (a load, generate requests), cancels and a
+shutdown are noted at once.  It sends everything the worker says about its
+requests (tokens, done, errors) and keeps the activity the watchdog thread
+reports in heartbeats.  The one-at-a-time serving loop (runtime.py) and the
+batch loop (batch.py) both talk through it, so neither reaches into the other.
+
+Used by the main thread only: ZeroMQ sockets are not thread-safe.  The
+watchdog thread reads ``activity`` (a dict it copies) and nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import Any, Callable
+
+import zmq
+
+from . import protocol as p
+from .engine import GenerateResult
+
+log = logging.getLogger("worker")
+
+
+class Conversation:
+    def __init__(self, sock: zmq.Socket) -> None:
+        self.socket = sock
+        self.waiting: deque[dict[str, Any]] = deque()  # load and generate commands, in order
+        self.cancelled: set[str] = set()
+        self.stopping = False  # the daemon asked for a shutdown
+        # What heartbeats report; written by the main thread, read by the watchdog.
+        self.activity: dict[str, Any] = {"phase": "starting", "request_id": None, "tokens": 0, "last_token_at": None}
+
+    # --- what comes in ---------------------------------------------------------------
+
+    def next_command(self) -> dict[str, Any] | None:
+        """Wait for the next load or generate; None once asked to shut down."""
+        while not self.stopping:
+            if self.waiting:
+                return self.waiting.popleft()
+            self._on_command(self.socket.recv())
+        return None
+
+    def read_commands(self) -> None:
+        """Take in what the daemon sent meanwhile (a cancel, a shutdown) without waiting."""
+        sock = self.socket
+        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._on_command(sock.recv(zmq.NOBLOCK))
+
+    def put_back(self, message: dict[str, Any]) -> None:
+        """A command taken by next_command that is to be served next after all."""
+        self.waiting.appendleft(message)
+
+    def _on_command(self, frame: bytes) -> None:
+        try:
+            message = p.decode(frame)
+        except p.DecodeError as exc:
+            log.error("undecodable message from daemon: %s", exc)
+            return
+        kind = message.get("type")
+        if kind == p.S_CANCEL:
+            self.cancelled.add(message.get("request_id"))
+        elif kind == p.S_SHUTDOWN:
+            self.stopping = True
+        elif kind in (p.S_LOAD, p.S_GENERATE):
+            self.waiting.append(message)
+        else:
+            log.error("unknown message type from daemon: %r", kind)
+
+    def forget(self, request_id: str) -> None:
+        """The request has ended: a cancel for it no longer matters."""
+        self.cancelled.discard(request_id)
+
+    # --- what goes out -----------------------------------------------------------------
+
+    def send(self, **message: Any) -> None:
+        self.socket.send(p.encode(message))
+
+    def send_frames(self, frames: list[bytes]) -> None:
+        """Several token frames as one message: one send, one wake-up of the daemon."""
+        self.socket.send_multipart(frames)
+
+    def send_error(self, request_id: str, code: str, message: str) -> None:
+        self.send(type=p.W_ERROR, request_id=request_id, code=code, message=message)
+
+    def send_done(self, request_id: str, result: GenerateResult, started: float, emit: Any) -> None:
+        ended = time.monotonic()
+        first_token_at = getattr(emit, "first_token_at", None) or ended
+        self.send(
+            type=p.W_DONE,
+            request_id=request_id,
+            finish_reason=result.finish_reason,
+            usage={"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
+            timings={"prefill_ms": round((first_token_at - started) * 1000, 3), "generate_ms": round((ended - started) * 1000, 3)},
+        )
+
+    def emitter(self, request_id: str, send: Callable[[bytes], Any] | None = None) -> Any:
+        """The request's emit function: sends from this thread, no other thread wakes for a token.
+        ``send``: where its frames go instead of the socket (the batch loop gathers a step's)."""
+        activity, send, encode_string = self.activity, send or self.socket.send, p.encode_string
+        token_prefix = p.token_frame_prefix(request_id)
+
+        def emit(text: str, tokens: int = 1) -> None:
+            """The fast form (no JSON work here or in the daemon) for one token, ``"tokens": N`` for any other count."""
+            now = time.monotonic()
+            if emit.first_token_at is None:  # type: ignore[attr-defined]
+                emit.first_token_at = now  # type: ignore[attr-defined]
+            activity["tokens"] += tokens
+            activity["last_token_at"] = now
+            if tokens == 1:
+                send(token_prefix + encode_string(text) + b"}")
+            else:
+                send(p.encode({"type": p.W_TOKEN, "request_id": request_id, "text": text, "tokens": tokens}))
+
+        emit.first_token_at = None  # type: ignore[attr-defined]
+        return emit
