@@ -78,7 +78,9 @@ def paired_ttft_ms(runs: list[dict], baseline: list[dict]) -> float:
 
 def paired_ratio(runs: list[dict], baseline: list[dict]) -> float:
     """Median over rounds of one path's tokens/s over the baseline's in the same round."""
-    return statistics.median((r["tokens"] / r["total_s"]) / (b["tokens"] / b["total_s"]) for r, b in zip(runs, baseline))
+    return statistics.median(
+        (r["tokens"] / r["total_s"]) / (b["tokens"] / b["total_s"]) for r, b in zip(runs, baseline)
+    )
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -102,7 +104,11 @@ def single_stream(paths: dict[str, RunFn], rounds: int, tokens: int) -> dict[str
         for name in rotated(list(paths), round_):
             paths[name](WARM_UP_PROMPT, WARM_UP_TOKENS)  # not measured: see WARM_UP_TOKENS
             results[name].append(paths[name](PROMPT, tokens))
-        print(f"  single stream round {round_ + 1}/{rounds}: " + ", ".join(f"{n} {results[n][-1]['tokens'] / results[n][-1]['total_s']:.1f} tok/s" for n in paths), flush=True)
+        print(
+            f"  single stream round {round_ + 1}/{rounds}: "
+            + ", ".join(f"{n} {results[n][-1]['tokens'] / results[n][-1]['total_s']:.1f} tok/s" for n in paths),
+            flush=True,
+        )
     return results
 
 
@@ -115,7 +121,9 @@ def request_fields(prompt: str, max_tokens: int, ignore_eos: bool = True) -> dic
     return {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "seed": SEED, "ignore_eos": ignore_eos}
 
 
-def daemon_run(client: Client, prompt: str, max_tokens: int, ignore_eos: bool = True, engine: str | None = None) -> dict:
+def daemon_run(
+    client: Client, prompt: str, max_tokens: int, ignore_eos: bool = True, engine: str | None = None
+) -> dict:
     """One streamed request through the daemon (to ``engine``, or the one it chooses), timed from the client's send."""
     started = time.perf_counter()
     first = None
@@ -128,11 +136,18 @@ def daemon_run(client: Client, prompt: str, max_tokens: int, ignore_eos: bool = 
                 first = time.perf_counter() - started
             pieces.append(event["text"])
         elif event["event"] == "done":
-            return {"text": "".join(pieces), "tokens": event["usage"]["completion_tokens"], "ttft_s": first, "total_s": time.perf_counter() - started}
+            return {
+                "text": "".join(pieces),
+                "tokens": event["usage"]["completion_tokens"],
+                "ttft_s": first,
+                "total_s": time.perf_counter() - started,
+            }
     raise RuntimeError(f"daemon error: {event}")
 
 
-def daemon_runs(client: Client, reps: int, max_tokens: int = MAX_TOKENS, prompt: str = PROMPT, ignore_eos: bool = True) -> list[dict]:
+def daemon_runs(
+    client: Client, reps: int, max_tokens: int = MAX_TOKENS, prompt: str = PROMPT, ignore_eos: bool = True
+) -> list[dict]:
     return [daemon_run(client, prompt, max_tokens, ignore_eos) for _ in range(reps)]
 
 
@@ -156,7 +171,13 @@ class Direct:
 
     def __init__(self, envs_dir: Path, model: Path, n_ctx: int, settings: dict[str, Any]) -> None:
         values = [int(settings[key]) for key in LOAD_SETTINGS]  # flash_attn: 0 or 1
-        command = [str(env_python(envs_dir / "llamacpp")), str(REPO / "bench" / "direct_llama.py"), str(model), str(n_ctx), *map(str, values)]
+        command = [
+            str(env_python(envs_dir / "llamacpp")),
+            str(REPO / "bench" / "direct_llama.py"),
+            str(model),
+            str(n_ctx),
+            *map(str, values),
+        ]
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.process.stdin and self.process.stdout
         line = self.process.stdout.readline()
@@ -164,7 +185,9 @@ class Direct:
             raise RuntimeError("bench/direct_llama.py exited before it was ready (its error is above)")
         self.ready: dict[str, Any] = json.loads(line)
 
-    def runs(self, mode: str, reps: int, max_tokens: int = MAX_TOKENS, prompt: str = PROMPT, ignore_eos: bool = True) -> list[dict]:
+    def runs(
+        self, mode: str, reps: int, max_tokens: int = MAX_TOKENS, prompt: str = PROMPT, ignore_eos: bool = True
+    ) -> list[dict]:
         assert self.process.stdin and self.process.stdout
         command = {**request_fields(prompt, max_tokens, ignore_eos), "reps": reps, "mode": mode}
         self.process.stdin.write(json.dumps(command) + "\n")

@@ -50,7 +50,19 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import MAX_TOKENS, N_CTX, PROMPT, WARM_UP_PROMPT, WARM_UP_TOKENS, Direct, RunFn, daemon_run, in_force, rotated, single_stream  # noqa: E402
+from bench.common import (
+    MAX_TOKENS,
+    N_CTX,
+    PROMPT,
+    WARM_UP_PROMPT,
+    WARM_UP_TOKENS,
+    Direct,
+    RunFn,
+    daemon_run,
+    in_force,
+    rotated,
+    single_stream,
+)  # noqa: E402
 from bench.http_stream import FrontClient  # noqa: E402
 from bench.llama_cpp_python_server import LlamaCppPythonServer, ServerEnvError, ensure_server_env  # noqa: E402
 from bench.llama_server import LlamaServer, ServerProcess, free_port  # noqa: E402
@@ -66,7 +78,16 @@ FRONT_ROUNDS = 30
 FRONT_TOKEN_DELAY_S = 0.002  # a small model on a GPU: where what the path costs per token shows most
 # Concurrent clients ask different prompts (differing from the first word), so
 # the daemon's one worker cannot reuse the previous request's prompt.
-CLIENT_PROMPTS = [PROMPT, "In the beginning", "My favourite food is", "Water boils at", "A good book", "Yesterday we went", "Small dogs are", "Every morning I"]
+CLIENT_PROMPTS = [
+    PROMPT,
+    "In the beginning",
+    "My favourite food is",
+    "Water boils at",
+    "A good book",
+    "Yesterday we went",
+    "Small dogs are",
+    "Every morning I",
+]
 
 
 def concurrent_round(clients: list[RunFn], tokens: int) -> dict:
@@ -101,14 +122,23 @@ def concurrent(paths: dict[str, list[RunFn]], rounds: int, tokens: int) -> dict[
         for name in rotated(list(paths), round_):
             paths[name][0](WARM_UP_PROMPT, WARM_UP_TOKENS)
             results[name].append(concurrent_round(paths[name], tokens))
-        print(f"  concurrent round {round_ + 1}/{rounds}: " + ", ".join(f"{n} {sum(r['tokens'] for r in results[n][-1]['runs']) / results[n][-1]['wall_s']:.1f} tok/s" for n in paths), flush=True)
+        print(
+            f"  concurrent round {round_ + 1}/{rounds}: "
+            + ", ".join(
+                f"{n} {sum(r['tokens'] for r in results[n][-1]['runs']) / results[n][-1]['wall_s']:.1f} tok/s"
+                for n in paths
+            ),
+            flush=True,
+        )
     return results
 
 
 def check_gpu() -> None:
     snapshot = probe()
     if not snapshot.devices:
-        raise ServerBuildError(f"--gpu needs an NVIDIA GPU, and this machine has none that NVML can see ({snapshot.reason})")
+        raise ServerBuildError(
+            f"--gpu needs an NVIDIA GPU, and this machine has none that NVML can see ({snapshot.reason})"
+        )
 
 
 def server_version(binary: Path) -> str:
@@ -127,7 +157,12 @@ def server_env(settings: Any) -> dict[str, Any] | None:
 
 def engines(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """One engine per load shape: "llama" for single streams, "llama4" with a sequence per client."""
-    base = {"kind": "llamacpp", "n_ctx": N_CTX, "n_gpu_layers": -1 if args.gpu else 0, **({"n_threads": args.threads} if args.threads else {})}
+    base = {
+        "kind": "llamacpp",
+        "n_ctx": N_CTX,
+        "n_gpu_layers": -1 if args.gpu else 0,
+        **({"n_threads": args.threads} if args.threads else {}),
+    }
     return {"llama": {**base, "priority": 10}, "llama4": {**base, "parallel": args.clients, "priority": 20}}
 
 
@@ -136,9 +171,18 @@ class Paths:
     in-process with what the daemon's worker has in force, llama-server (1 slot, N slots) likewise, and
     llama-cpp-python's server (``lcp_env``: its environment's record; None leaves it out) likewise."""
 
-    def __init__(self, args: argparse.Namespace, shared: dict[str, Path], binary: Path, lcp_env: dict[str, Any] | None, logs: Path) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        shared: dict[str, Path],
+        binary: Path,
+        lcp_env: dict[str, Any] | None,
+        logs: Path,
+    ) -> None:
         self.http_port = free_port()
-        self.daemon = Daemon(shared, engines(args), supervision={"probe_interval_s": 0}, http={"listen": f"127.0.0.1:{self.http_port}"})
+        self.daemon = Daemon(
+            shared, engines(args), supervision={"probe_interval_s": 0}, http={"listen": f"127.0.0.1:{self.http_port}"}
+        )
         self.direct: Direct | None = None
         self.servers: list[LlamaServer] = []
         self.lcp_server: LlamaCppPythonServer | None = None
@@ -146,11 +190,18 @@ class Paths:
             self.daemon.start()
             self.settings = in_force(self.daemon, "llama")
             if in_force(self.daemon, "llama4") != self.settings:
-                raise RuntimeError(f"the engines compute differently: {self.settings} vs {in_force(self.daemon, 'llama4')}")
+                raise RuntimeError(
+                    f"the engines compute differently: {self.settings} vs {in_force(self.daemon, 'llama4')}"
+                )
             self.direct = Direct(shared["envs_dir"], shared["model"], N_CTX, self.settings)
-            self.servers = [LlamaServer(binary, shared["model"], N_CTX, self.settings, slots, logs / f"llama-server-np{slots}.log") for slots in (1, args.clients)]
+            self.servers = [
+                LlamaServer(binary, shared["model"], N_CTX, self.settings, slots, logs / f"llama-server-np{slots}.log")
+                for slots in (1, args.clients)
+            ]
             if lcp_env is not None:
-                self.lcp_server = LlamaCppPythonServer(lcp_env, shared["model"], N_CTX, self.settings, logs / "llama-cpp-python-server.log")
+                self.lcp_server = LlamaCppPythonServer(
+                    lcp_env, shared["model"], N_CTX, self.settings, logs / "llama-cpp-python-server.log"
+                )
             for server in self._server_processes():
                 server.wait_ready()
         except BaseException:
@@ -186,7 +237,9 @@ class Paths:
             self.direct.close()
 
 
-def run_llm(args: argparse.Namespace, shared: dict[str, Path], binary: Path, lcp_env: dict[str, Any] | None, logs: Path) -> dict[str, Any]:
+def run_llm(
+    args: argparse.Namespace, shared: dict[str, Path], binary: Path, lcp_env: dict[str, Any] | None, logs: Path
+) -> dict[str, Any]:
     """Single stream and concurrent rounds, every path side by side."""
     paths = Paths(args, shared, binary, lcp_env, logs)
     try:
@@ -198,21 +251,36 @@ def run_llm(args: argparse.Namespace, shared: dict[str, Path], binary: Path, lcp
         paths.close()
     assert paths.direct is not None
     return {
-        "ready": paths.direct.ready, "in_force": paths.settings, "single": single, "concurrent": together,
+        "ready": paths.direct.ready,
+        "in_force": paths.settings,
+        "single": single,
+        "concurrent": together,
         "server_commands": {f"np{s.slots}": s.command for s in paths.servers},
-        "llama_cpp_python_server": None if paths.lcp_server is None or lcp_env is None else {
-            **{key: value for key, value in lcp_env.items() if key != "settings"}, "command": paths.lcp_server.command,
+        "llama_cpp_python_server": None
+        if paths.lcp_server is None or lcp_env is None
+        else {
+            **{key: value for key, value in lcp_env.items() if key != "settings"},
+            "command": paths.lcp_server.command,
         },
-    }  # fmt: skip
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=16, help="single-stream rounds (one measured request per path each)")
+    parser.add_argument(
+        "--rounds", type=int, default=16, help="single-stream rounds (one measured request per path each)"
+    )
     parser.add_argument("--concurrent-rounds", type=int, default=8, help="rounds of one request per client")
     parser.add_argument("--tokens", type=int, default=MAX_TOKENS, help="tokens per measured request")
-    parser.add_argument("--threads", type=int, default=0, help="llama.cpp n_threads and n_threads_batch on every path (default: the engine's)")
-    parser.add_argument("--clients", type=int, default=4, help="concurrent clients (and llama-server slots; routing clients)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="llama.cpp n_threads and n_threads_batch on every path (default: the engine's)",
+    )
+    parser.add_argument(
+        "--clients", type=int, default=4, help="concurrent clients (and llama-server slots; routing clients)"
+    )
     parser.add_argument("--routing-seconds", type=float, default=10.0, help="length of the routing-capacity window")
     parser.add_argument("--gpu", action="store_true", help="a CUDA build, every layer on the GPU (n_gpu_layers -1)")
     parser.add_argument("--out", type=Path, help="JSON file for every figure (default: bench/results/<time>.json)")
@@ -227,7 +295,11 @@ def main() -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     lcp_env = server_env(settings)
-    shared = {"envs_dir": settings.envs_dir, "data_dir": settings.data_dir, "model": ensure_default_model(settings, print)}
+    shared = {
+        "envs_dir": settings.envs_dir,
+        "data_dir": settings.data_dir,
+        "model": ensure_default_model(settings, print),
+    }
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     with tempfile.TemporaryDirectory(prefix="bench-") as logs:
         llm = run_llm(args, shared, binary, lcp_env, Path(logs))
@@ -236,11 +308,16 @@ def main() -> int:
     print(f"HTTP front vs ZeroMQ with a fake engine: {FRONT_ROUNDS} rounds", flush=True)
     front = measure_front(shared, FRONT_ROUNDS, args.tokens, FRONT_TOKEN_DELAY_S)
     report = {
-        "started": started, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "model": str(shared["model"]), "llama_server": {"binary": str(binary), "version": server_version(binary), "build": build},
-        **llm, "single_figures": single_figures(llm["single"]), "concurrent_figures": concurrent_figures(llm["concurrent"]),
-        "front": front, "routing": routing,
-    }  # fmt: skip
+        "started": started,
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "model": str(shared["model"]),
+        "llama_server": {"binary": str(binary), "version": server_version(binary), "build": build},
+        **llm,
+        "single_figures": single_figures(llm["single"]),
+        "concurrent_figures": concurrent_figures(llm["concurrent"]),
+        "front": front,
+        "routing": routing,
+    }
     out = write_report(report, args.out)
     print_report(report)
     print(f"every figure: {out}")

@@ -74,23 +74,44 @@ def run_completion(llm: llama_cpp.Llama, prompt: str, max_tokens: int, seed: int
 def main() -> None:
     model, n_ctx, n_threads, n_threads_batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     # Batch sizes, flash attention and GPU layers as the worker has them in force (the library's defaults if not given).
-    n_batch, n_ubatch, flash_attn, n_gpu_layers = ([int(a) for a in sys.argv[5:9]] + [512, 512, 0, 0][len(sys.argv[5:9]) :])[:4]
+    n_batch, n_ubatch, flash_attn, n_gpu_layers = (
+        [int(a) for a in sys.argv[5:9]] + [512, 512, 0, 0][len(sys.argv[5:9]) :]
+    )[:4]
     llm = llama_cpp.Llama(
-        model_path=model, n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads_batch,
-        n_batch=n_batch, n_ubatch=n_ubatch, flash_attn=bool(flash_attn), n_gpu_layers=n_gpu_layers, verbose=False,
-    )  # fmt: skip
+        model_path=model,
+        n_ctx=n_ctx,
+        n_threads=n_threads,
+        n_threads_batch=n_threads_batch,
+        n_batch=n_batch,
+        n_ubatch=n_ubatch,
+        flash_attn=bool(flash_attn),
+        n_gpu_layers=n_gpu_layers,
+        verbose=False,
+    )
     ready = {
-        "ready": True, "llama_cpp_python": llama_cpp.__version__, "n_threads": llm.context_params.n_threads,
-        "n_threads_batch": llm.context_params.n_threads_batch, "n_batch": llm.context_params.n_batch,
-        "n_ubatch": llm.context_params.n_ubatch, "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
-    }  # fmt: skip
+        "ready": True,
+        "llama_cpp_python": llama_cpp.__version__,
+        "n_threads": llm.context_params.n_threads,
+        "n_threads_batch": llm.context_params.n_threads_batch,
+        "n_batch": llm.context_params.n_batch,
+        "n_ubatch": llm.context_params.n_ubatch,
+        "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
+    }
     print(json.dumps(ready), flush=True)
     for line in sys.stdin:
         command = json.loads(line)
         if command.get("mode", "generate") == "generate":
-            runs = [run_generate(llm, command["prompt"], command["max_tokens"], command["seed"], bool(command.get("ignore_eos"))) for _ in range(command["reps"])]
+            runs = [
+                run_generate(
+                    llm, command["prompt"], command["max_tokens"], command["seed"], bool(command.get("ignore_eos"))
+                )
+                for _ in range(command["reps"])
+            ]
         else:
-            runs = [run_completion(llm, command["prompt"], command["max_tokens"], command["seed"]) for _ in range(command["reps"])]
+            runs = [
+                run_completion(llm, command["prompt"], command["max_tokens"], command["seed"])
+                for _ in range(command["reps"])
+            ]
         print(json.dumps({"runs": runs}), flush=True)
 
 

@@ -51,17 +51,31 @@ def worker_pid(daemon: Daemon, engine: str) -> int:
 
 
 def wait_ready(daemon: Daemon, engine: str, worker_number: int) -> None:
-    daemon.wait_for(lambda s: any(e["name"] == engine and e["state"] == "ready" and e["workers"][0]["id"] == f"{engine}.{worker_number}" for e in s["engines"]), 120)
+    daemon.wait_for(
+        lambda s: any(
+            e["name"] == engine and e["state"] == "ready" and e["workers"][0]["id"] == f"{engine}.{worker_number}"
+            for e in s["engines"]
+        ),
+        120,
+    )
 
 
 def measure(runs: int) -> dict[str, list[float] | int]:
     settings = shared_settings()
-    shared = {"envs_dir": settings.envs_dir, "data_dir": settings.data_dir, "model": ensure_default_model(settings, print)}
+    shared = {
+        "envs_dir": settings.envs_dir,
+        "data_dir": settings.data_dir,
+        "model": ensure_default_model(settings, print),
+    }
     figures: dict[str, list[float] | int] = {"detect": [], "warm": [], "cold": [], "hang": [], "sent": 0, "terminal": 0}
 
     # Warm standby: two engines on the default model; unpinned traffic on "primary".
     # A short dwell time only so that traffic returns to "primary" between runs.
-    daemon = Daemon(shared, {"primary": {**LLAMA, "priority": 10}, "standby": {**LLAMA, "priority": 20}}, supervision={"switch_min_dwell_s": 2.0})
+    daemon = Daemon(
+        shared,
+        {"primary": {**LLAMA, "priority": 10}, "standby": {**LLAMA, "priority": 20}},
+        supervision={"switch_min_dwell_s": 2.0},
+    )
     daemon.start()
     events = Events(daemon)
     try:
@@ -77,7 +91,9 @@ def measure(runs: int) -> dict[str, list[float] | int]:
             exit_event = events.wait("worker.exit", lambda e, n=run + 1: e["worker_id"] == f"primary.{n}", 30)
             figures["detect"].append(exit_event["time"] - wall_killed)
             figures["warm"].append(ttft)
-            print(f"warm run {run + 1}: first token {ttft * 1000:.0f} ms after SIGKILL, served by {terminal.get('engine')}")
+            print(
+                f"warm run {run + 1}: first token {ttft * 1000:.0f} ms after SIGKILL, served by {terminal.get('engine')}"
+            )
     finally:
         events.close()
         daemon.stop()
@@ -107,7 +123,9 @@ def measure(runs: int) -> dict[str, list[float] | int]:
             os.kill(worker_pid(daemon, "llama"), signal.SIGSTOP)
             hang = events.wait("worker.hang", lambda e, n=runs + run + 1: e["worker_id"] == f"llama.{n}", 60)
             figures["hang"].append(hang["time"] - wall_stopped)
-            print(f"hang run {run + 1}: detected {figures['hang'][-1] * 1000:.0f} ms after SIGSTOP ({time.monotonic() - stopped:.2f}s wall)")
+            print(
+                f"hang run {run + 1}: detected {figures['hang'][-1] * 1000:.0f} ms after SIGSTOP ({time.monotonic() - stopped:.2f}s wall)"
+            )
     finally:
         events.close()
         daemon.stop()

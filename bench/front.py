@@ -41,18 +41,25 @@ def measure_front(shared: dict[str, Path], rounds: int, tokens: int, token_delay
     try:
         daemon.start()
         client = daemon.client(timeout_s=60)
-        run = {"zeromq": lambda prompt, n: daemon_run(client, prompt, n, engine="fake"), "http-front": FrontClient(port, "fake").run}
+        run = {
+            "zeromq": lambda prompt, n: daemon_run(client, prompt, n, engine="fake"),
+            "http-front": FrontClient(port, "fake").run,
+        }
         runs = single_stream(run, rounds, tokens)
     finally:
         daemon.stop()
     rate = {name: statistics.median(r["tokens"] / r["total_s"] for r in runs[name]) for name in PATHS}
     return {
-        "rounds": rounds, "tokens": tokens, "token_delay_s": token_delay_s,
-        "tokens_per_s": rate, "ttft_ms": {name: statistics.median(r["ttft_s"] for r in runs[name]) * 1000 for name in PATHS},
-        "ratio": rate["http-front"] / rate["zeromq"], "paired_ratio": paired_ratio(runs["http-front"], runs["zeromq"]),
+        "rounds": rounds,
+        "tokens": tokens,
+        "token_delay_s": token_delay_s,
+        "tokens_per_s": rate,
+        "ttft_ms": {name: statistics.median(r["ttft_s"] for r in runs[name]) * 1000 for name in PATHS},
+        "ratio": rate["http-front"] / rate["zeromq"],
+        "paired_ratio": paired_ratio(runs["http-front"], runs["zeromq"]),
         "paired_ttft_ms": paired_ttft_ms(runs["http-front"], runs["zeromq"]),
         "same_tokens": {r["tokens"] for name in PATHS for r in runs[name]} == {tokens},
-    }  # fmt: skip
+    }
 
 
 def describe(figures: dict[str, Any]) -> list[str]:
@@ -61,7 +68,7 @@ def describe(figures: dict[str, Any]) -> list[str]:
         f"  ZeroMQ {rate['zeromq']:.1f} tokens/s, TTFT {ttft['zeromq']:.2f} ms; HTTP front {rate['http-front']:.1f} tokens/s, TTFT {ttft['http-front']:.2f} ms",
         f"  HTTP front / ZeroMQ: {figures['ratio']:.3f} (paired {figures['paired_ratio']:.3f}), TTFT {figures['paired_ttft_ms']:+.2f} ms (paired median); "
         f"every request {figures['tokens']} tokens: {'yes' if figures['same_tokens'] else 'NO'}",
-    ]  # fmt: skip
+    ]
 
 
 def main() -> int:
@@ -73,8 +80,12 @@ def main() -> int:
     parser.add_argument("--token-delay", type=float, default=0.002, help="seconds per token of the fake engine")
     args = parser.parse_args()
     settings = shared_settings()
-    figures = measure_front({"envs_dir": settings.envs_dir, "data_dir": settings.data_dir}, args.rounds, args.tokens, args.token_delay)
-    print(f"HTTP front vs ZeroMQ: fake engine at {args.token_delay * 1000:g} ms per token, {args.tokens} tokens, {args.rounds} rounds")
+    figures = measure_front(
+        {"envs_dir": settings.envs_dir, "data_dir": settings.data_dir}, args.rounds, args.tokens, args.token_delay
+    )
+    print(
+        f"HTTP front vs ZeroMQ: fake engine at {args.token_delay * 1000:g} ms per token, {args.tokens} tokens, {args.rounds} rounds"
+    )
     print("\n".join(describe(figures)))
     return 0 if figures["same_tokens"] else 1
 

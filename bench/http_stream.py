@@ -85,9 +85,14 @@ class LlamaServerClient:
 
     def run(self, prompt: str, max_tokens: int, ignore_eos: bool = True) -> dict:
         body = {
-            "prompt": prompt, "n_predict": max_tokens, "temperature": 0.0, "seed": SEED,
-            "stream": True, "cache_prompt": False, "ignore_eos": ignore_eos,
-        }  # fmt: skip
+            "prompt": prompt,
+            "n_predict": max_tokens,
+            "temperature": 0.0,
+            "seed": SEED,
+            "stream": True,
+            "cache_prompt": False,
+            "ignore_eos": ignore_eos,
+        }
         run, chunks = timed_stream(self.port, "/completion", body, lambda chunk: chunk.get("content") or "")
         final = next((chunk for chunk in chunks if chunk.get("stop")), None)
         if final is None:
@@ -113,9 +118,16 @@ def length_finish_tokens(chunks: list[dict], max_tokens: int) -> int:
     other ("stop": an end-of-generation token came first) leaves the count
     unknown, and the run is refused rather than counted wrong.
     """
-    finishes = [choice.get("finish_reason") for chunk in chunks for choice in chunk.get("choices") or () if choice.get("finish_reason")]
+    finishes = [
+        choice.get("finish_reason")
+        for chunk in chunks
+        for choice in chunk.get("choices") or ()
+        if choice.get("finish_reason")
+    ]
     if finishes != ["length"]:
-        raise StreamError(f"the stream finished with {finishes or 'no finish_reason'}, not once for its length: fewer than {max_tokens} tokens (an end of generation came first)")
+        raise StreamError(
+            f"the stream finished with {finishes or 'no finish_reason'}, not once for its length: fewer than {max_tokens} tokens (an end of generation came first)"
+        )
     return max_tokens
 
 
@@ -129,8 +141,21 @@ class OpenAICompletions:
         self.port, self.model, self.extra, self.count = port, model, extra, count
 
     def run(self, prompt: str, max_tokens: int) -> dict:
-        body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "seed": SEED, "stream": True, **self.extra}
-        run, chunks = timed_stream(self.port, "/v1/completions", body, lambda chunk: "".join(c.get("text") or "" for c in chunk.get("choices") or ()))
+        body = {
+            "model": self.model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "seed": SEED,
+            "stream": True,
+            **self.extra,
+        }
+        run, chunks = timed_stream(
+            self.port,
+            "/v1/completions",
+            body,
+            lambda chunk: "".join(c.get("text") or "" for c in chunk.get("choices") or ()),
+        )
         return {**run, "tokens": self.count(chunks, max_tokens)}
 
 
@@ -138,4 +163,6 @@ class FrontClient(OpenAICompletions):
     """The daemon's HTTP front, pinned to one engine: ``ignore_eos``, and the count from its usage chunk."""
 
     def __init__(self, port: int, engine: str, ignore_eos: bool = True) -> None:
-        super().__init__(port, engine, {"stream_options": {"include_usage": True}, "ignore_eos": ignore_eos}, usage_tokens)
+        super().__init__(
+            port, engine, {"stream_options": {"include_usage": True}, "ignore_eos": ignore_eos}, usage_tokens
+        )

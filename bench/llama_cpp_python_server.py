@@ -76,9 +76,13 @@ def _python_json(python: Path, code: str, what: str) -> dict[str, Any]:
 
 def _run(command: list[str], on_line: LineFn, what: str) -> None:
     on_line(f"{what}: {' '.join(command)}")
-    done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", timeout=1800)
+    done = subprocess.run(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", timeout=1800
+    )
     if done.returncode != 0:
-        raise ServerEnvError(f"{what} failed (exit code {done.returncode}):\n" + "\n".join(done.stdout.splitlines()[-20:]))
+        raise ServerEnvError(
+            f"{what} failed (exit code {done.returncode}):\n" + "\n".join(done.stdout.splitlines()[-20:])
+        )
 
 
 def reuse_reason(directory: Path, wanted: dict[str, Any]) -> str | None:
@@ -100,7 +104,11 @@ def ensure_server_env(settings: Settings, on_line: LineFn) -> dict[str, Any]:
     except ServerBuildError as exc:
         raise ServerEnvError(str(exc)) from exc
     source = _python_json(env_python(installed["env"]), LOCATE, f"finding {DIST} in {installed['env']}")
-    wanted = {"version": installed["version"], "record_sha256": hashlib.sha256(source["record"].encode()).hexdigest(), "pins": source["pins"]}
+    wanted = {
+        "version": installed["version"],
+        "record_sha256": hashlib.sha256(source["record"].encode()).hexdigest(),
+        "pins": source["pins"],
+    }
     directory = server_env_dir(settings, installed["version"])
     reason = reuse_reason(directory, wanted)
     if reason is not None:
@@ -109,13 +117,26 @@ def ensure_server_env(settings: Settings, on_line: LineFn) -> dict[str, Any]:
     return {**json.loads((directory / MARKER).read_text()), "python": str(env_python(directory))}
 
 
-def _make(settings: Settings, directory: Path, source_env: Path, source: dict[str, Any], wanted: dict[str, Any], on_line: LineFn) -> None:
+def _make(
+    settings: Settings,
+    directory: Path,
+    source_env: Path,
+    source: dict[str, Any],
+    wanted: dict[str, Any],
+    on_line: LineFn,
+) -> None:
     started = time.monotonic()
     shutil.rmtree(directory, ignore_errors=True)
     # The environment's interpreter makes a virtual environment of its own base interpreter: the same Python.
     _run([str(env_python(source_env)), "-m", "venv", str(directory)], on_line, "making the environment")
     python = env_python(directory)
-    site = Path(_python_json(python, "import json, sysconfig; print(json.dumps({'site': sysconfig.get_path('purelib')}))", "finding site-packages")["site"])
+    site = Path(
+        _python_json(
+            python,
+            "import json, sysconfig; print(json.dumps({'site': sysconfig.get_path('purelib')}))",
+            "finding site-packages",
+        )["site"]
+    )
     for name in source["files"]:
         if name.startswith(".."):
             continue  # nothing of the library's lies outside site-packages; scripts would, and it has none
@@ -124,35 +145,73 @@ def _make(settings: Settings, directory: Path, source_env: Path, source: dict[st
         shutil.copy2(Path(source["site"]) / name, target)
     on_line(f"copied {DIST} {wanted['version']} as installed in {source_env} ({len(source['files'])} files)")
     pip = [str(python), "-m", "pip", "install", "--progress-bar", "off", "--only-binary", DIST]
-    _run([*pip, f"{DIST}[server]=={wanted['version']}", *wanted["pins"], *settings.pip_args], on_line, "installing the server's packages")
+    _run(
+        [*pip, f"{DIST}[server]=={wanted['version']}", *wanted["pins"], *settings.pip_args],
+        on_line,
+        "installing the server's packages",
+    )
     check = _python_json(python, CHECK, "importing llama_cpp.server in the new environment")
     if check["version"] != wanted["version"]:
         raise ServerEnvError(f"the new environment imports llama_cpp {check['version']}, not {wanted['version']}")
     record = {
-        **wanted, "source": source["site"], "packages": check["packages"], "settings": check["settings"],
-        "made_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.monotonic() - started),
-    }  # fmt: skip
+        **wanted,
+        "source": source["site"],
+        "packages": check["packages"],
+        "settings": check["settings"],
+        "made_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": round(time.monotonic() - started),
+    }
     (directory / MARKER).write_text(json.dumps(record, indent=2) + "\n")
-    on_line(f"llama-cpp-python's server environment made in {record['seconds']} s: " + ", ".join(f"{k} {v}" for k, v in record["packages"].items()))
+    on_line(
+        f"llama-cpp-python's server environment made in {record['seconds']} s: "
+        + ", ".join(f"{k} {v}" for k, v in record["packages"].items())
+    )
 
 
 def server_command(python: Path, model: Path, alias: str, port: int, n_ctx: int, settings: dict[str, Any]) -> list[str]:
     """``python -m llama_cpp.server``'s arguments: the model loaded with ``settings`` (common.in_force) and ``n_ctx``."""
     return [
-        str(python), "-m", "llama_cpp.server", "--model", str(model), "--model_alias", alias,
-        "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(n_ctx),
-        "--n_threads", str(settings["n_threads"]), "--n_threads_batch", str(settings["n_threads_batch"]),
-        "--n_batch", str(settings["n_batch"]), "--n_ubatch", str(settings["n_ubatch"]),
-        "--flash_attn", "true" if settings["flash_attn"] else "false", "--n_gpu_layers", str(int(settings["n_gpu_layers"])),
-        "--logits_all", "false", "--use_mlock", "false", "--verbose", "false",
-    ]  # fmt: skip
+        str(python),
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(model),
+        "--model_alias",
+        alias,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_ctx",
+        str(n_ctx),
+        "--n_threads",
+        str(settings["n_threads"]),
+        "--n_threads_batch",
+        str(settings["n_threads_batch"]),
+        "--n_batch",
+        str(settings["n_batch"]),
+        "--n_ubatch",
+        str(settings["n_ubatch"]),
+        "--flash_attn",
+        "true" if settings["flash_attn"] else "false",
+        "--n_gpu_layers",
+        str(int(settings["n_gpu_layers"])),
+        "--logits_all",
+        "false",
+        "--use_mlock",
+        "false",
+        "--verbose",
+        "false",
+    ]
 
 
 def server_environ(setting_names: list[str], environ: dict[str, str] | None = None) -> dict[str, str]:
     """The environment less what the server would read as its settings: pydantic-settings takes any
     variable named as a setting (MODEL, N_CTX, CACHE, ...), and uvicorn's HOST and PORT override the flags."""
     dropped = {name.lower() for name in setting_names} | {"host", "port", "config_file"}
-    return {key: value for key, value in (os.environ if environ is None else environ).items() if key.lower() not in dropped}
+    return {
+        key: value for key, value in (os.environ if environ is None else environ).items() if key.lower() not in dropped
+    }
 
 
 def completions_client(port: int, alias: str) -> OpenAICompletions:

@@ -30,13 +30,37 @@ def server_command(binary: Path, model: Path, port: int, n_ctx: int, settings: d
     its own cells as the worker's parallel sequences), the rest as ``settings`` (common.in_force)."""
     layers = int(settings["n_gpu_layers"])
     return [
-        str(binary), "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
-        "--ctx-size", str(n_ctx * slots), "--parallel", str(slots), "--no-kv-unified",
-        "--threads", str(settings["n_threads"]), "--threads-batch", str(settings["n_threads_batch"]),
-        "--batch-size", str(settings["n_batch"]), "--ubatch-size", str(settings["n_ubatch"]),
-        "--n-gpu-layers", "all" if layers < 0 else str(layers), "--flash-attn", "on" if settings["flash_attn"] else "off",
-        "--swa-full", "--fit", "off", "--cache-ram", "0", "--no-webui",
-    ]  # fmt: skip
+        str(binary),
+        "--model",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--ctx-size",
+        str(n_ctx * slots),
+        "--parallel",
+        str(slots),
+        "--no-kv-unified",
+        "--threads",
+        str(settings["n_threads"]),
+        "--threads-batch",
+        str(settings["n_threads_batch"]),
+        "--batch-size",
+        str(settings["n_batch"]),
+        "--ubatch-size",
+        str(settings["n_ubatch"]),
+        "--n-gpu-layers",
+        "all" if layers < 0 else str(layers),
+        "--flash-attn",
+        "on" if settings["flash_attn"] else "off",
+        "--swa-full",
+        "--fit",
+        "off",
+        "--cache-ram",
+        "0",
+        "--no-webui",
+    ]
 
 
 def free_port() -> int:
@@ -55,7 +79,9 @@ class ServerProcess:
     def __init__(self, command: list[str], port: int, log: Path, environ: dict[str, str] | None = None) -> None:
         self.command, self.port, self.log = command, port, log
         self._output = open(log, "wb")
-        self.process = subprocess.Popen(command, stdout=self._output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environ)
+        self.process = subprocess.Popen(
+            command, stdout=self._output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environ
+        )
 
     def wait_ready(self, timeout: float = 300.0) -> None:
         """Until GET ``ready_path`` answers 200 (llama-server: 503 while the model loads; others: no connection yet)."""

@@ -49,14 +49,27 @@ LineFn = Callable[[str], None]
 DIST = "llama-cpp-python"
 # What llama-cpp-python's CMakeLists.txt forces (BUILD_SHARED_LIBS, LLAMA_CURL,
 # LLAMA_BUILD_COMMON) and scikit-build-core's default build type.
-LLAMA_CPP_PYTHON_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_COMMON=ON")
+LLAMA_CPP_PYTHON_FLAGS = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DBUILD_SHARED_LIBS=ON",
+    "-DLLAMA_CURL=OFF",
+    "-DLLAMA_BUILD_COMMON=ON",
+)
 # Build-only switches: nothing here is compiled into llama-server's token path.
 BUILD_ONLY_FLAGS = (
-    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-    "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_UI=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
     "-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON",  # the binary finds its libraries beside it once copied
-)  # fmt: skip
-RECORDED_CACHE_ENTRIES = ("GGML_NATIVE", "GGML_CUDA", "CMAKE_BUILD_TYPE", "CMAKE_C_COMPILER", "CMAKE_CUDA_ARCHITECTURES")
+)
+RECORDED_CACHE_ENTRIES = (
+    "GGML_NATIVE",
+    "GGML_CUDA",
+    "CMAKE_BUILD_TYPE",
+    "CMAKE_C_COMPILER",
+    "CMAKE_CUDA_ARCHITECTURES",
+)
 
 
 class ServerBuildError(Exception):
@@ -68,14 +81,22 @@ def installed_llama(settings: Settings, env_name: str = "llamacpp") -> dict[str,
     path = env_dir(settings, env_name)
     marker = read_marker(path)
     if marker is None:
-        raise ServerBuildError(f"no finished llama.cpp environment at {path}: run `node-supervisor envs create {env_name}`")
+        raise ServerBuildError(
+            f"no finished llama.cpp environment at {path}: run `node-supervisor envs create {env_name}`"
+        )
     found = subprocess.run(
         [str(env_python(path)), "-c", f"from importlib.metadata import version; print(version({DIST!r}))"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if found.returncode != 0:
         raise ServerBuildError(f"{DIST} is not installed in {path}: {found.stderr.strip()[-300:]}")
-    return {"version": found.stdout.strip(), "build": marker.get("build") or {"cuda": False, "cmake_args": ""}, "env": path}
+    return {
+        "version": found.stdout.strip(),
+        "build": marker.get("build") or {"cuda": False, "cmake_args": ""},
+        "env": path,
+    }
 
 
 def build_settings(build: dict[str, Any], environ: dict[str, str] | None = None) -> dict[str, Any]:
@@ -121,7 +142,9 @@ def ensure_llama_server(settings: Settings, gpu: bool, on_line: LineFn) -> tuple
             'set llama_cuda = "on" (or CMAKE_ARGS="-DGGML_CUDA=on") and run `node-supervisor envs create llamacpp`'
         )
     if not gpu and installed["build"].get("cuda"):
-        raise ServerBuildError(f"{installed['env']} is a CUDA build: run with --gpu (the CPU comparison needs a CPU-only build)")
+        raise ServerBuildError(
+            f"{installed['env']} is a CUDA build: run with --gpu (the CPU comparison needs a CPU-only build)"
+        )
     wanted = build_settings(installed["build"])
     directory = server_dir(settings, installed["version"], gpu)
     reason = reuse_reason(directory, installed["version"], wanted)
@@ -134,9 +157,13 @@ def ensure_llama_server(settings: Settings, gpu: bool, on_line: LineFn) -> tuple
 
 def _build(settings: Settings, directory: Path, version: str, wanted: dict[str, Any], on_line: LineFn) -> None:
     if shutil.which("cmake") is None:
-        raise ServerBuildError("cmake is not on PATH: it is needed to build llama-server (as it was for llama-cpp-python)")
+        raise ServerBuildError(
+            "cmake is not on PATH: it is needed to build llama-server (as it was for llama-cpp-python)"
+        )
     if wanted["cuda"] and not (wanted["CUDACXX"] or shutil.which("nvcc")):
-        raise ServerBuildError("a CUDA build of llama-server needs nvcc (PATH, CUDA_HOME, /usr/local/cuda/bin): install the CUDA toolkit")
+        raise ServerBuildError(
+            "a CUDA build of llama-server needs nvcc (PATH, CUDA_HOME, /usr/local/cuda/bin): install the CUDA toolkit"
+        )
     work = directory.with_name(directory.name + ".work")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -145,7 +172,12 @@ def _build(settings: Settings, directory: Path, version: str, wanted: dict[str, 
     environ = {**os.environ, **{k: wanted[k] for k in ("CFLAGS", "CXXFLAGS", "CUDACXX") if wanted[k]}}
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     started = time.monotonic()
-    _run(["cmake", "-S", str(source), "-B", str(build), *generator, *wanted["cmake_flags"]], environ, on_line, "configuring")
+    _run(
+        ["cmake", "-S", str(source), "-B", str(build), *generator, *wanted["cmake_flags"]],
+        environ,
+        on_line,
+        "configuring",
+    )
     jobs = str(os.cpu_count() or 1)
     _run(["cmake", "--build", str(build), "--target", "llama-server", "-j", jobs], environ, on_line, "building")
     shutil.rmtree(directory, ignore_errors=True)
@@ -154,9 +186,12 @@ def _build(settings: Settings, directory: Path, version: str, wanted: dict[str, 
         if item.name == "llama-server" or ".so" in item.name or item.suffix == ".dll":
             shutil.copy2(item, directory / "bin" / item.name, follow_symlinks=False)
     record = {
-        "version": version, **wanted, "cmake_cache": _cache_entries(build / "CMakeCache.txt"),
-        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "build_seconds": round(time.monotonic() - started),
-    }  # fmt: skip
+        "version": version,
+        **wanted,
+        "cmake_cache": _cache_entries(build / "CMakeCache.txt"),
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "build_seconds": round(time.monotonic() - started),
+    }
     (directory / "build.json").write_text(json.dumps(record, indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)
     on_line(f"llama-server built in {record['build_seconds']} s: {directory / 'bin' / 'llama-server'}")
@@ -169,7 +204,18 @@ def _vendored_source(settings: Settings, version: str, work: Path, on_line: Line
     if not archive.is_file():
         sdists.mkdir(parents=True, exist_ok=True)
         python = env_python(settings.envs_dir / "llamacpp")
-        command = [str(python), "-m", "pip", "download", f"{DIST}=={version}", "--no-deps", "--no-binary", ":all:", "-d", str(sdists)]
+        command = [
+            str(python),
+            "-m",
+            "pip",
+            "download",
+            f"{DIST}=={version}",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "-d",
+            str(sdists),
+        ]
         _run([*command, *settings.pip_args], dict(os.environ), on_line, "downloading the sdist")
     if not archive.is_file():
         raise ServerBuildError(f"pip did not leave {archive.name} in {sdists}")
@@ -184,7 +230,9 @@ def _vendored_source(settings: Settings, version: str, work: Path, on_line: Line
 
 def _run(command: list[str], environ: dict[str, str], on_line: LineFn, what: str) -> None:
     on_line(f"{what}: {shlex.join(command)}")
-    process = subprocess.Popen(command, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+    process = subprocess.Popen(
+        command, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+    )
     assert process.stdout is not None
     tail: list[str] = []
     for line in process.stdout:

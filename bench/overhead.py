@@ -55,8 +55,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=20)
     parser.add_argument("--threads", type=int, default=0, help="llama.cpp n_threads (default: the engine's default)")
-    parser.add_argument("--fake", type=float, metavar="TOKEN_DELAY_S", help="the fake engine at this token delay instead of llama.cpp: the carrying path alone")
-    parser.add_argument("--http", action="store_true", help="through the daemon's HTTP front instead of the Python client over ZeroMQ")
+    parser.add_argument(
+        "--fake",
+        type=float,
+        metavar="TOKEN_DELAY_S",
+        help="the fake engine at this token delay instead of llama.cpp: the carrying path alone",
+    )
+    parser.add_argument(
+        "--http", action="store_true", help="through the daemon's HTTP front instead of the Python client over ZeroMQ"
+    )
     args = parser.parse_args()
 
     settings = shared_settings()
@@ -66,7 +73,12 @@ def main() -> int:
     if args.fake is not None:
         engine = {"kind": "fake", "options": {"token_delay_s": args.fake}}
     port = free_port()
-    daemon = Daemon(shared, {"llama": engine}, supervision={"probe_interval_s": 0}, **({"http": {"listen": f"127.0.0.1:{port}"}} if args.http else {}))
+    daemon = Daemon(
+        shared,
+        {"llama": engine},
+        supervision={"probe_interval_s": 0},
+        **({"http": {"listen": f"127.0.0.1:{port}"}} if args.http else {}),
+    )
     daemon.start()
     try:
         client = daemon.client(timeout_s=120)
@@ -85,7 +97,9 @@ def main() -> int:
     finally:
         daemon.stop()
 
-    print(f"{args.requests} requests, {tokens} tokens, {engine['kind']} engine, {'HTTP front' if args.http else 'ZeroMQ'}; per generated token:")
+    print(
+        f"{args.requests} requests, {tokens} tokens, {engine['kind']} engine, {'HTTP front' if args.http else 'ZeroMQ'}; per generated token:"
+    )
     print(f"{'process':<8} {'thread':<16} {'tid':>7} {'CPU us':>9} {'wait us':>9} {'runs':>7}")
     totals = {}
     for role in pids:
@@ -98,13 +112,17 @@ def main() -> int:
             key = (role, group)
             c, w, r = totals.get(key, (0, 0, 0))
             totals[key] = (c + cpu, w + wait, r + runs)
-            print(f"{role:<8} {name[:16]:<16} {tid:>7} {cpu / tokens / 1000:>9.1f} {wait / tokens / 1000:>9.1f} {runs / tokens:>7.2f}")
+            print(
+                f"{role:<8} {name[:16]:<16} {tid:>7} {cpu / tokens / 1000:>9.1f} {wait / tokens / 1000:>9.1f} {runs / tokens:>7.2f}"
+            )
     print("totals:")
     carry_cpu = 0
     for (role, group), (cpu, wait, runs) in totals.items():
         if group == "carry":
             carry_cpu += cpu
-        print(f"  {role:<8} {group:<8} CPU {cpu / tokens / 1000:8.1f} us  wait {wait / tokens / 1000:8.1f} us  runs {runs / tokens:6.2f}")
+        print(
+            f"  {role:<8} {group:<8} CPU {cpu / tokens / 1000:8.1f} us  wait {wait / tokens / 1000:8.1f} us  runs {runs / tokens:6.2f}"
+        )
     print(f"  carrying tokens (all but the worker's compute threads): {carry_cpu / tokens / 1000:.1f} us CPU per token")
     return 0
 

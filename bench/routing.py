@@ -75,7 +75,9 @@ def _client(endpoint: str, seconds: float, in_flight: int, start: Any, results: 
 def _load(endpoint: str, clients: int, seconds: float, in_flight: int) -> dict[str, Any]:
     context = multiprocessing.get_context("spawn")  # no ZeroMQ context of this process in the children
     start, results = context.Barrier(clients + 1), context.Queue()
-    processes = [context.Process(target=_client, args=(endpoint, seconds, in_flight, start, results)) for _ in range(clients)]
+    processes = [
+        context.Process(target=_client, args=(endpoint, seconds, in_flight, start, results)) for _ in range(clients)
+    ]
     for process in processes:
         process.start()
     start.wait(timeout=120)
@@ -86,13 +88,21 @@ def _load(endpoint: str, clients: int, seconds: float, in_flight: int) -> dict[s
         process.join(timeout=30)
     latencies = [ms * 1000 for answer in answers for ms in answer["latencies"]]
     return {
-        "in_flight": in_flight, "requests": len(latencies), "errors": sum(a["errors"] for a in answers),
+        "in_flight": in_flight,
+        "requests": len(latencies),
+        "errors": sum(a["errors"] for a in answers),
         "requests_per_s": len(latencies) / elapsed,
-        "round_trip_ms": {"p50": percentile(latencies, 0.50), "p99": percentile(latencies, 0.99), "max": max(latencies)},
-    }  # fmt: skip
+        "round_trip_ms": {
+            "p50": percentile(latencies, 0.50),
+            "p99": percentile(latencies, 0.99),
+            "max": max(latencies),
+        },
+    }
 
 
-def measure_routing(shared: dict[str, Path], clients: int, seconds: float, in_flight: int = 2, parallel: int = 64) -> dict[str, Any]:
+def measure_routing(
+    shared: dict[str, Path], clients: int, seconds: float, in_flight: int = 2, parallel: int = 64
+) -> dict[str, Any]:
     """Both loads on one daemon; the pipelined one's figures are the capacity (top-level keys)."""
     daemon = Daemon(shared, {"null": null_engine(parallel)}, supervision={"probe_interval_s": 0})
     try:
@@ -106,10 +116,15 @@ def measure_routing(shared: dict[str, Path], clients: int, seconds: float, in_fl
 
 def describe(figures: dict[str, Any]) -> list[str]:
     lines = []
-    for name, load in (("one at a time", figures["one_at_a_time"]), (f"pipelined, {figures['in_flight']} in flight per client", figures)):
+    for name, load in (
+        ("one at a time", figures["one_at_a_time"]),
+        (f"pipelined, {figures['in_flight']} in flight per client", figures),
+    ):
         trip = load["round_trip_ms"]
-        lines.append(f"  {name}: {load['requests']} requests, {load['errors']} errors: {load['requests_per_s']:.0f} requests/s; "
-                     f"round trip p50 {trip['p50']:.2f} ms, p99 {trip['p99']:.2f} ms, max {trip['max']:.2f} ms")  # fmt: skip
+        lines.append(
+            f"  {name}: {load['requests']} requests, {load['errors']} errors: {load['requests_per_s']:.0f} requests/s; "
+            f"round trip p50 {trip['p50']:.2f} ms, p99 {trip['p99']:.2f} ms, max {trip['max']:.2f} ms"
+        )
     return lines
 
 
@@ -118,14 +133,18 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--in-flight", type=int, default=2, help="requests each client keeps outstanding in the pipelined load")
+    parser.add_argument(
+        "--in-flight", type=int, default=2, help="requests each client keeps outstanding in the pipelined load"
+    )
     parser.add_argument("--parallel", type=int, default=64, help="the null engine's sequences at once")
     parser.add_argument("--seconds", type=float, default=10.0)
     args = parser.parse_args()
     settings = shared_settings()
     shared = {"envs_dir": settings.envs_dir, "data_dir": settings.data_dir}
     figures = measure_routing(shared, args.clients, args.seconds, args.in_flight, args.parallel)
-    print(f"routing capacity: null engine with {args.parallel} sequences, {args.clients} client processes, {args.seconds:.0f} s each load")
+    print(
+        f"routing capacity: null engine with {args.parallel} sequences, {args.clients} client processes, {args.seconds:.0f} s each load"
+    )
     print("\n".join(describe(figures)))
     return 0 if figures["errors"] == 0 and figures["one_at_a_time"]["errors"] == 0 else 1
 

@@ -29,7 +29,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import MAX_TOKENS, N_CTX, PROMPT, SEED, WARM_UP_TOKENS, Direct, daemon_runs, in_force, machine, paired_ttft_ms, rotated, summarize  # noqa: E402
+from bench.common import (
+    MAX_TOKENS,
+    N_CTX,
+    PROMPT,
+    SEED,
+    WARM_UP_TOKENS,
+    Direct,
+    daemon_runs,
+    in_force,
+    machine,
+    paired_ttft_ms,
+    rotated,
+    summarize,
+)  # noqa: E402
 from supervisor.node.models import ensure_default_model  # noqa: E402
 from tests.conftest import Daemon, shared_settings  # noqa: E402
 
@@ -37,7 +50,12 @@ from tests.conftest import Daemon, shared_settings  # noqa: E402
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=16, help="measured requests per path")
-    parser.add_argument("--threads", type=int, default=0, help="llama.cpp n_threads and n_threads_batch on both paths (default: the engine's default)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="llama.cpp n_threads and n_threads_batch on both paths (default: the engine's default)",
+    )
     args = parser.parse_args()
 
     settings = shared_settings()
@@ -76,7 +94,9 @@ def main() -> int:
     same = all(len(t) == 1 for t in texts.values()) and len(set().union(*texts.values())) == 1
     base, comp, served = summarize(results["generate"]), summarize(results["completion"]), summarize(results["daemon"])
     print(f"machine: {machine()}; llama-cpp-python {version}")
-    print(f"prompt {PROMPT!r}, {MAX_TOKENS} tokens, temperature 0, seed {SEED}, n_threads {n_threads}{'' if args.threads else ' (default)'}, {args.rounds} rounds")
+    print(
+        f"prompt {PROMPT!r}, {MAX_TOKENS} tokens, temperature 0, seed {SEED}, n_threads {n_threads}{'' if args.threads else ' (default)'}, {args.rounds} rounds"
+    )
     print(f"{'path':<44} {'tokens':>6} {'tokens/s':>9} {'TTFT ms':>8}")
     for label, figures in (
         ("in-process, Llama.generate loop (baseline)", base),

@@ -30,7 +30,9 @@ from zmq.utils.monitor import recv_monitor_message
 
 from workers import protocol as p
 
-_HANDSHAKE_FAILURES = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+_HANDSHAKE_FAILURES = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
 
 
 class ClientTimeout(TimeoutError):
@@ -50,7 +52,9 @@ class CurveKeys:
     secret: bytes
 
     @classmethod
-    def from_files(cls, server_key_file: str | os.PathLike[str], client_key_file: str | os.PathLike[str]) -> "CurveKeys":
+    def from_files(
+        cls, server_key_file: str | os.PathLike[str], client_key_file: str | os.PathLike[str]
+    ) -> "CurveKeys":
         """From ZeroMQ certificate files: the daemon's ``server.key`` and a client's ``NAME.key_secret``."""
         server_public, _ = load_certificate(server_key_file)
         public, secret = load_certificate(client_key_file)
@@ -66,7 +70,13 @@ class CurveKeys:
 
 
 class Client:
-    def __init__(self, endpoint: str, timeout_s: float | None = 60.0, context: zmq.Context | None = None, curve: CurveKeys | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        timeout_s: float | None = 60.0,
+        context: zmq.Context | None = None,
+        curve: CurveKeys | None = None,
+    ) -> None:
         """``timeout_s`` bounds each wait for the next event, not a whole generation."""
         self.endpoint = endpoint
         self.timeout_s = timeout_s
@@ -110,7 +120,9 @@ class Client:
         """Send bytes as they are: for tests of the daemon's handling of bad input."""
         self._socket.send(frame)
 
-    def generate(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None, **fields: Any) -> Iterator[dict[str, Any]]:
+    def generate(
+        self, prompt: str | None = None, messages: list[dict[str, str]] | None = None, **fields: Any
+    ) -> Iterator[dict[str, Any]]:
         """Yield the request's events: tokens, then exactly one ``done`` or ``error``.
 
         The request id is the ``id`` of every event; ``fields`` are the
@@ -124,7 +136,9 @@ class Client:
         request_id = self.send(message)
         return self.events(request_id)
 
-    def complete(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None, **fields: Any) -> dict[str, Any]:
+    def complete(
+        self, prompt: str | None = None, messages: list[dict[str, str]] | None = None, **fields: Any
+    ) -> dict[str, Any]:
         """Run a request to its end; return the terminal event (``done`` has ``text``)."""
         fields.setdefault("stream", False)
         text: list[str] = []

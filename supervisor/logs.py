@@ -26,7 +26,9 @@ _SHARED: list[Any] = [
 ]
 
 
-def setup_logging(level: str = "info", log_dir: Path | None = None, console_format: str = "auto", max_bytes: int = 0, backups: int = 0) -> Path | None:
+def setup_logging(
+    level: str = "info", log_dir: Path | None = None, console_format: str = "auto", max_bytes: int = 0, backups: int = 0
+) -> Path | None:
     """Configure logging once per process; return the JSON log file's path, if any.
 
     ``max_bytes`` > 0 rotates the file at that size, keeping ``backups`` old files.
@@ -44,7 +46,9 @@ def setup_logging(level: str = "info", log_dir: Path | None = None, console_form
     use_console = console_format == "console" or (console_format == "auto" and sys.stderr.isatty())
     json_lines = _JsonLines()  # one instance for both handlers: a record is rendered once
     console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(_formatter(structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())) if use_console else json_lines)
+    console.setFormatter(
+        _formatter(structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())) if use_console else json_lines
+    )
     root.addHandler(console)
 
     log_file = None
@@ -135,7 +139,11 @@ class RotatingLogFile(logging.FileHandler):
 def _formatter_settings(renderer: Any) -> dict[str, Any]:
     return {
         "foreign_pre_chain": _SHARED,
-        "processors": [structlog.stdlib.ProcessorFormatter.remove_processors_meta, structlog.processors.format_exc_info, renderer],
+        "processors": [
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
     }
 
 

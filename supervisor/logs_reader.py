@@ -31,7 +31,7 @@ def log_files(log_file: Path) -> list[Path]:
     """The rotated backups (``<file>.N`` ... ``<file>.1``) and the current file, oldest first."""
     numbered = []
     for path in log_file.parent.glob(f"{log_file.name}.*"):
-        suffix = path.name[len(log_file.name) + 1:]
+        suffix = path.name[len(log_file.name) + 1 :]
         if suffix.isdigit() and path.is_file():
             numbered.append((int(suffix), path))
     files = [path for _, path in sorted(numbered, reverse=True)]
@@ -84,7 +84,10 @@ class LogFilter:
             return False
         if self.request is not None and record.get("request_id") != self.request:
             return False
-        if self.level is not None and LEVELS.get(str(record.get("level", "")).lower(), LEVELS["info"]) < LEVELS[self.level]:
+        if (
+            self.level is not None
+            and LEVELS.get(str(record.get("level", "")).lower(), LEVELS["info"]) < LEVELS[self.level]
+        ):
             return False
         return self.since is None or _timestamp(record) >= self.since
 
@@ -178,8 +181,13 @@ def read_lines(log_file: Path, newer_than: float | None = None) -> Iterator[byte
         item.close()
 
 
-def follow_lines(log_file: Path, stop: Callable[[], bool], idle: Callable[[], None] = lambda: None,
-                 poll_s: float = 0.1, newer_than: float | None = None) -> Iterator[bytes]:  # fmt: skip
+def follow_lines(
+    log_file: Path,
+    stop: Callable[[], bool],
+    idle: Callable[[], None] = lambda: None,
+    poll_s: float = 0.1,
+    newer_than: float | None = None,
+) -> Iterator[bytes]:
     """Every line of the log, oldest first, then every line written after, until ``stop()``.
 
     ``idle`` is called before each wait for more.  When the current file is
@@ -210,7 +218,9 @@ def follow_lines(log_file: Path, stop: Callable[[], bool], idle: Callable[[], No
         current.close()
 
 
-def _next_file(log_file: Path, current: _Open, stop: Callable[[], bool], poll_s: float) -> Generator[bytes, None, _Open | None]:
+def _next_file(
+    log_file: Path, current: _Open, stop: Callable[[], bool], poll_s: float
+) -> Generator[bytes, None, _Open | None]:
     """After ``log_file`` stopped being ``current``: the rest of it, then the files written
     after it, oldest first; returns the new current file, open (None if stopped).
 

@@ -96,9 +96,17 @@ class Daemon:
         environ = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
         if os.environ.get("NOTIFY_SOCKET", "").startswith("@ns-test-"):
             environ.update({k: os.environ[k] for k in ("NOTIFY_SOCKET", "WATCHDOG_USEC") if k in os.environ})
-        self.process = subprocess.Popen([*CLI, "--config", str(self.config_path), "run"], stdout=output, stderr=subprocess.STDOUT, env=environ)
+        self.process = subprocess.Popen(
+            [*CLI, "--config", str(self.config_path), "run"], stdout=output, stderr=subprocess.STDOUT, env=environ
+        )
         if wait_ready:
-            self.wait_for(lambda s: all(e["state"] == "ready" or e["state"] in ("model_not_found", "engine_unavailable", "failed") for e in s["engines"]), timeout)
+            self.wait_for(
+                lambda s: all(
+                    e["state"] == "ready" or e["state"] in ("model_not_found", "engine_unavailable", "failed")
+                    for e in s["engines"]
+                ),
+                timeout,
+            )
         return self
 
     def curve(self) -> CurveKeys | None:
@@ -193,7 +201,11 @@ LLAMA = {"kind": "llamacpp", "n_ctx": 2048, "n_threads": 2, "priority": 10}
 def fake_engine(tmp_path: Path, name: str = "f", priority: int = 10, **options: Any) -> tuple[dict[str, Any], Path]:
     """A fake engine's config, and the control file that changes its behaviour while it runs."""
     control = tmp_path / f"{name}.json"
-    return {"kind": "fake", "priority": priority, "options": {"token_delay_s": 0.01, "control_file": str(control), **options}}, control
+    return {
+        "kind": "fake",
+        "priority": priority,
+        "options": {"token_delay_s": 0.01, "control_file": str(control), **options},
+    }, control
 
 
 def wait_until(predicate: Any, timeout: float, what: str) -> Any:
@@ -211,7 +223,9 @@ def checkout_worker_environ(secret: str | None = None) -> dict[str, str]:
     """The environment of a worker started by a test: this checkout's workers/ only, and a spawn secret if given."""
     from workers.protocol import WORKER_SECRET_ENV
 
-    environ = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", WORKER_SECRET_ENV)}
+    environ = {
+        k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", WORKER_SECRET_ENV)
+    }
     environ.update(PYTHONPATH=str(REPO), PYTHONNOUSERSITE="1", PYTHONUNBUFFERED="1")
     if secret is not None:
         environ[WORKER_SECRET_ENV] = secret

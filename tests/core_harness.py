@@ -91,10 +91,14 @@ class Core:
         self.settings = load_settings(None, {"state_dir": "/nonexistent/state", "engines": engines, **settings})
         self.effects = RecordingEffects()
         self.now = 1000.0
-        states = {name: EngineState(name, config, f"/models/{name}.gguf", self.settings.supervision, lambda *_: None)
-                  for name, config in self.settings.engines.items()}  # fmt: skip
+        states = {
+            name: EngineState(name, config, f"/models/{name}.gguf", self.settings.supervision, lambda *_: None)
+            for name, config in self.settings.engines.items()
+        }
         self.engines = Engines(states, self.effects)
-        self.switch = LatencySwitch(self.settings.supervision.switch_min_dwell_s, self.settings.supervision.switch_breach_for_s)
+        self.switch = LatencySwitch(
+            self.settings.supervision.switch_min_dwell_s, self.settings.supervision.switch_breach_for_s
+        )
         self.router = Router(self.engines, self.switch, self.effects, self.settings.supervision.probe_interval_s)
         self.supervisor = Supervisor(self.engines, self.router, self.switch, self.settings, self.effects)
 
@@ -103,7 +107,9 @@ class Core:
         new = load_settings(None, {"state_dir": "/nonexistent/state", "engines": engines, **settings})
         changes = compare(self.settings, new)
         self.settings = effective_settings(self.settings, new)
-        fresh = lambda name: EngineState(name, self.settings.engines[name], f"/models/{name}.gguf", self.settings.supervision, lambda *_: None)  # noqa: E731
+        fresh = lambda name: EngineState(
+            name, self.settings.engines[name], f"/models/{name}.gguf", self.settings.supervision, lambda *_: None
+        )  # noqa: E731
         apply_reload(self.supervisor, self.settings, changes, fresh, self.now)
         return changes
 
@@ -138,12 +144,22 @@ class Core:
         engine = self.engines[name]
         current = engine.worker.running[wire_id] if wire_id else self.current(name)
         assert current is not None, f"{name} runs nothing"
-        message = {"type": p.W_DONE, "request_id": current.wire_id, "finish_reason": finish_reason, "usage": {"prompt_tokens": 3, "completion_tokens": current.tokens}}
+        message = {
+            "type": p.W_DONE,
+            "request_id": current.wire_id,
+            "finish_reason": finish_reason,
+            "usage": {"prompt_tokens": 3, "completion_tokens": current.tokens},
+        }
         self.router.on_result(engine, message, self.now)
 
     def exit(self, name: str, returncode: int | None, cause: str = "") -> None:
         engine = self.engines[name]
-        info = {"exit_code": returncode, "signal": None, "cause": cause or f"exited with code {returncode}", "last_lines": []}
+        info = {
+            "exit_code": returncode,
+            "signal": None,
+            "cause": cause or f"exited with code {returncode}",
+            "last_lines": [],
+        }
         self.supervisor.on_exit(engine.worker.worker_id, returncode, info, self.now)
 
     # --- a client's side ---------------------------------------------------------

@@ -37,7 +37,11 @@ def _scalar(value: Any) -> tuple[int, bytes]:
     if isinstance(value, bool):
         return ValueType.BOOL, struct.pack("<?", value)
     if isinstance(value, int):
-        return (ValueType.UINT32, struct.pack("<I", value)) if 0 <= value < 1 << 32 else (ValueType.INT64, struct.pack("<q", value))
+        return (
+            (ValueType.UINT32, struct.pack("<I", value))
+            if 0 <= value < 1 << 32
+            else (ValueType.INT64, struct.pack("<q", value))
+        )
     if isinstance(value, float):
         return ValueType.FLOAT32, struct.pack("<f", value)
     if isinstance(value, str):

@@ -21,7 +21,9 @@ MAX_TOKENS = 20
 
 
 def request(i: int, **fields: object) -> GenerateRequest:
-    return GenerateRequest(request_id=f"r{i}", prompt=PROMPTS[i % len(PROMPTS)], max_tokens=MAX_TOKENS, temperature=0.0, **fields)  # type: ignore[arg-type]
+    return GenerateRequest(
+        request_id=f"r{i}", prompt=PROMPTS[i % len(PROMPTS)], max_tokens=MAX_TOKENS, temperature=0.0, **fields
+    )  # type: ignore[arg-type]
 
 
 def one_at_a_time() -> list[dict[str, object]]:
@@ -35,7 +37,9 @@ def one_at_a_time() -> list[dict[str, object]]:
     return out
 
 
-def together(engine: object, requests: list[GenerateRequest], cancel_after: dict[str, int]) -> tuple[dict[str, dict[str, object]], int]:
+def together(
+    engine: object, requests: list[GenerateRequest], cancel_after: dict[str, int]
+) -> tuple[dict[str, dict[str, object]], int]:
     """Run ``requests`` as sequences, all begun before the first step; cancel some after n steps."""
     pieces: dict[str, list[tuple[str, int]]] = {}
     for r in requests:
@@ -48,8 +52,12 @@ def together(engine: object, requests: list[GenerateRequest], cancel_after: dict
         results = list(engine.step())  # type: ignore[attr-defined]
         results += [(rid, engine.end(rid)) for rid, n in cancel_after.items() if n == steps and rid not in ended]  # type: ignore[attr-defined]
         for rid, result in results:
-            ended[rid] = {"pieces": pieces[rid], "completion_tokens": result.completion_tokens, "finish": result.finish_reason,
-                          "prompt_tokens": result.prompt_tokens}  # fmt: skip
+            ended[rid] = {
+                "pieces": pieces[rid],
+                "completion_tokens": result.completion_tokens,
+                "finish": result.finish_reason,
+                "prompt_tokens": result.prompt_tokens,
+            }
     return ended, steps
 
 
@@ -79,9 +87,20 @@ def main() -> None:
     # Slots are reused: more requests than slots, one cancelled, one ending at a stop string.
     again, _ = together(engine, [request(1), request(2, stop=["7,"]), request(3)], {"r3": 5})
     order = batch_order(engine)
-    print(json.dumps({"solo": solo, "order": order, "facts": {k: facts[k] for k in ("n_ctx", "parallel")}, "slots": engine.slots,
-                      "alone": alone["r0"], "four": [four[f"r{i}"] for i in range(4)], "four_steps": steps,
-                      "again": again}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "solo": solo,
+                "order": order,
+                "facts": {k: facts[k] for k in ("n_ctx", "parallel")},
+                "slots": engine.slots,
+                "alone": alone["r0"],
+                "four": [four[f"r{i}"] for i in range(4)],
+                "four_steps": steps,
+                "again": again,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -37,13 +37,21 @@ from workers.llamacpp.settings import physical_cores  # noqa: E402
 # sides reuse what their context holds, as a served sequence of requests does.
 CASES = [
     {"prompt": "The capital of France is", "max_tokens": 32, "temperature": 0.0, "seed": 1},
-    {"prompt": "The capital of France is Paris. The capital of Germany is", "max_tokens": 32, "temperature": 0.0, "seed": 1},
+    {
+        "prompt": "The capital of France is Paris. The capital of Germany is",
+        "max_tokens": 32,
+        "temperature": 0.0,
+        "seed": 1,
+    },
     {"prompt": "The capital of France is", "max_tokens": 32, "temperature": 0.0, "seed": 1},
     {"prompt": "Écris une phrase sur les élèves et l'été :", "max_tokens": 24, "temperature": 0.0, "seed": 1},
     {"prompt": "日本の首都は", "max_tokens": 24, "temperature": 0.0, "seed": 1},
     {"prompt": "Once upon a time", "max_tokens": 32, "temperature": 0.8, "top_p": 0.95, "top_k": 40, "seed": 42},
 ]
-THREADS = {"n_threads": 1, "n_threads_batch": 1}  # the compared runs: one thread computes as fast here and leaves a core to others
+THREADS = {
+    "n_threads": 1,
+    "n_threads_batch": 1,
+}  # the compared runs: one thread computes as fast here and leaves a core to others
 
 decoded: list[int] = []  # tokens per llama_decode call
 sampled_after: list[int] = []  # tokens decoded before each sampling
@@ -87,15 +95,25 @@ def ours(engine: Any, stop_after: int | None = None, **params: Any) -> dict[str,
     decoded.clear()
     sampled_after.clear()
     result = engine.generate(GenerateRequest(request_id="r", **params), emit, should_stop)
-    return {"text": "".join(pieces), "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-            "finish": result.finish_reason, "tokens_sent": sent[0], "prompt_evaluated": sampled_after[0]}  # fmt: skip
+    return {
+        "text": "".join(pieces),
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "finish": result.finish_reason,
+        "tokens_sent": sent[0],
+        "prompt_evaluated": sampled_after[0],
+    }
 
 
 def reference(llm: Any, prompt: str, **params: Any) -> dict[str, Any]:
     out = llm.create_completion(prompt, **params)
     choice = out["choices"][0]
-    return {"text": choice["text"], "prompt_tokens": out["usage"]["prompt_tokens"],
-            "completion_tokens": out["usage"]["completion_tokens"], "finish": choice["finish_reason"]}  # fmt: skip
+    return {
+        "text": choice["text"],
+        "prompt_tokens": out["usage"]["prompt_tokens"],
+        "completion_tokens": out["usage"]["completion_tokens"],
+        "finish": choice["finish_reason"],
+    }
 
 
 def eog_picks(llm: Any, loop: TokenLoop) -> dict[str, list[int]]:
@@ -104,10 +122,17 @@ def eog_picks(llm: Any, loop: TokenLoop) -> dict[str, list[int]]:
     eog = [token for token in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, token)]
     candidates = [(token, 10.0) for token in eog] + [(1000, 5.0), (2000, 4.0)]
     picks: dict[str, list[int]] = {}
-    for name, temperature, ban_eog in (("greedy", 0.0, False), ("greedy_ignore_eos", 0.0, True), ("sampled", 1.0, False), ("sampled_ignore_eos", 1.0, True)):
+    for name, temperature, ban_eog in (
+        ("greedy", 0.0, False),
+        ("greedy_ignore_eos", 0.0, True),
+        ("sampled", 1.0, False),
+        ("sampled_ignore_eos", 1.0, True),
+    ):
         picks[name] = []
         for seed in range(8):
-            data = (llama_cpp.llama_token_data * len(candidates))(*(llama_cpp.llama_token_data(t, logit, 0.0) for t, logit in candidates))
+            data = (llama_cpp.llama_token_data * len(candidates))(
+                *(llama_cpp.llama_token_data(t, logit, 0.0) for t, logit in candidates)
+            )
             array = llama_cpp.llama_token_data_array(data, len(candidates), -1, False)
             chain = loop.sampler(temperature, 1.0, 0, seed, ban_eog)
             llama_cpp.llama_sampler_apply(chain, ctypes.byref(array))
@@ -126,7 +151,14 @@ def main() -> None:
     llm = llama_cpp.Llama(model_path=MODEL, n_ctx=2048, verbose=False, **THREADS)
     cases = []
     for case in CASES:
-        cases.append({"case": case, "ours": ours(engine, **case), "small_buffer": ours(small_buffer, **case), "reference": reference(llm, **case)})
+        cases.append(
+            {
+                "case": case,
+                "ours": ours(engine, **case),
+                "small_buffer": ours(small_buffer, **case),
+                "reference": reference(llm, **case),
+            }
+        )
     stop = {**CASES[0], "stop": ["country of"]}
     out = {
         "physical_cores": physical_cores(),

@@ -17,31 +17,73 @@ from supervisor.planning.measure.gpu import GpuDevice, GpuProcess, GpuSnapshot
 from supervisor.planning.measure.model_facts import ModelFacts
 
 
-def device(index: int, total_mib: int, neighbours_mib: int = 0, own: dict[int, int] | None = None, name: str = "NVIDIA GeForce RTX") -> GpuDevice:
+def device(
+    index: int,
+    total_mib: int,
+    neighbours_mib: int = 0,
+    own: dict[int, int] | None = None,
+    name: str = "NVIDIA GeForce RTX",
+) -> GpuDevice:
     """A device with ``neighbours_mib`` used by other services and ``own`` {pid: MiB} by our workers."""
     own = own or {}
     used = (neighbours_mib + sum(own.values())) * MIB
     processes = tuple(GpuProcess(pid=pid, used_bytes=mib * MIB) for pid, mib in own.items())
     processes += (GpuProcess(pid=999_999, used_bytes=neighbours_mib * MIB),) if neighbours_mib else ()
-    return GpuDevice(index=index, name=name, uuid=f"GPU-{index}", total_bytes=total_mib * MIB, free_bytes=total_mib * MIB - used, used_bytes=used, processes=processes)
+    return GpuDevice(
+        index=index,
+        name=name,
+        uuid=f"GPU-{index}",
+        total_bytes=total_mib * MIB,
+        free_bytes=total_mib * MIB - used,
+        used_bytes=used,
+        processes=processes,
+    )
 
 
 def snapshot(*devices: GpuDevice, reason: str = "nvml") -> GpuSnapshot:
-    return GpuSnapshot(devices=tuple(devices), driver_version="580.00" if devices else None, cuda_version="13.0" if devices else None, reason=reason)
+    return GpuSnapshot(
+        devices=tuple(devices),
+        driver_version="580.00" if devices else None,
+        cuda_version="13.0" if devices else None,
+        reason=reason,
+    )
 
 
-def gguf(path: str, file_mb: float, n_layer: int = 36, n_embd: int = 2048, n_head: int = 16, n_head_kv: int = 2, n_vocab: int = 151936) -> ModelFacts:
+def gguf(
+    path: str,
+    file_mb: float,
+    n_layer: int = 36,
+    n_embd: int = 2048,
+    n_head: int = 16,
+    n_head_kv: int = 2,
+    n_vocab: int = 151936,
+) -> ModelFacts:
     """A GGUF's facts from its shape and size: the token embedding at ~6.6 bits per
     weight (Q6_K), the rest spread evenly over the layers; the output tied to it."""
     file_bytes = int(file_mb * 1e6)
     embd = n_vocab * n_embd * 66 // 80
     per_layer = (file_bytes - embd) // n_layer
     return ModelFacts(
-        path=f"/srv/models/{path}", format="gguf", architecture="qwen2", n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
-        head_dim_k=n_embd // n_head, head_dim_v=n_embd // n_head, n_ctx_train=32768, n_vocab=n_vocab, sliding_window=None, swa_layers=0,
-        file_type=path.rsplit("-", 1)[-1].removesuffix(".gguf"), file_bytes=file_bytes, layer_bytes=(per_layer,) * n_layer,
-        token_embd_bytes=embd, output_bytes=0, other_bytes=file_bytes - embd - per_layer * n_layer,
-    )  # fmt: skip
+        path=f"/srv/models/{path}",
+        format="gguf",
+        architecture="qwen2",
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        head_dim_k=n_embd // n_head,
+        head_dim_v=n_embd // n_head,
+        n_ctx_train=32768,
+        n_vocab=n_vocab,
+        sliding_window=None,
+        swa_layers=0,
+        file_type=path.rsplit("-", 1)[-1].removesuffix(".gguf"),
+        file_bytes=file_bytes,
+        layer_bytes=(per_layer,) * n_layer,
+        token_embd_bytes=embd,
+        output_bytes=0,
+        other_bytes=file_bytes - embd - per_layer * n_layer,
+    )
 
 
 def exl2(path: str, file_mb: float, bits: float) -> ModelFacts:
@@ -60,7 +102,9 @@ KV_BYTES_PER_VALUE = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "fp16": 2.0,
 
 
 def kv_bytes(facts: ModelFacts, n_ctx: int, cache_type: str, layers: int) -> int:
-    return int(n_ctx * facts.n_head_kv * (facts.head_dim_k + facts.head_dim_v) * KV_BYTES_PER_VALUE[cache_type]) * layers
+    return (
+        int(n_ctx * facts.n_head_kv * (facts.head_dim_k + facts.head_dim_v) * KV_BYTES_PER_VALUE[cache_type]) * layers
+    )
 
 
 def compute_bytes(facts: ModelFacts, n_ctx: int, n_ubatch: int) -> int:
@@ -68,17 +112,24 @@ def compute_bytes(facts: ModelFacts, n_ctx: int, n_ubatch: int) -> int:
     return n_ubatch * (facts.n_vocab + n_ctx * facts.n_head) * 4
 
 
-def estimate_llamacpp(facts: ModelFacts, n_gpu_layers: int, n_ctx: int, cache_type: str = "f16", n_batch: int = 512, n_ubatch: int = 512) -> Estimate:
+def estimate_llamacpp(
+    facts: ModelFacts, n_gpu_layers: int, n_ctx: int, cache_type: str = "f16", n_batch: int = 512, n_ubatch: int = 512
+) -> Estimate:
     """Layers go to the GPU from the back; the output layer is layer n_layer + 1."""
     offload = facts.n_layer + 1 if n_gpu_layers < 0 else min(n_gpu_layers, facts.n_layer + 1)
     repeating = min(offload, facts.n_layer)
-    weights_gpu = sum(facts.layer_bytes[facts.n_layer - repeating:]) + (facts.token_embd_bytes if offload > facts.n_layer else 0)
+    weights_gpu = sum(facts.layer_bytes[facts.n_layer - repeating :]) + (
+        facts.token_embd_bytes if offload > facts.n_layer else 0
+    )
     compute = compute_bytes(facts, n_ctx, n_ubatch)
     return Estimate(
-        weights_gpu=weights_gpu, weights_cpu=facts.file_bytes - weights_gpu,
-        kv_gpu=kv_bytes(facts, n_ctx, cache_type, repeating), kv_cpu=kv_bytes(facts, n_ctx, cache_type, facts.n_layer - repeating),
-        compute_gpu=compute if offload else 0, compute_cpu=0 if offload else compute,
-    )  # fmt: skip
+        weights_gpu=weights_gpu,
+        weights_cpu=facts.file_bytes - weights_gpu,
+        kv_gpu=kv_bytes(facts, n_ctx, cache_type, repeating),
+        kv_cpu=kv_bytes(facts, n_ctx, cache_type, facts.n_layer - repeating),
+        compute_gpu=compute if offload else 0,
+        compute_cpu=0 if offload else compute,
+    )
 
 
 EXL2_CALLS: list[str] = []  # the cache names the planner passed, for the test that checks them

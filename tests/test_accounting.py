@@ -113,7 +113,9 @@ def test_restarts_are_counted_by_cause():
     core.advance(core.engine("a").worker.times.restart_at - core.now + 0.01)
     engine = core.engine("a")
     core.supervisor.on_hello(engine, {"pid": 1}, core.now)
-    core.supervisor.on_load_failed(engine, {"code": p.ErrorCode.GPU_OUT_OF_MEMORY, "message": "out of memory"}, core.now)
+    core.supervisor.on_load_failed(
+        engine, {"code": p.ErrorCode.GPU_OUT_OF_MEMORY, "message": "out of memory"}, core.now
+    )
     core.exit("a", 1)
     assert engine.stats.restarts == {"crash": 1, "hang": 1, "probe_failure": 0, "oom": 1, "load_failure": 0}
     assert engine.worker.restarts == 3

@@ -1,4 +1,5 @@
-"""The shape of the code, checked: imports point one way, the core does no I/O, modules stay small.
+"""The shape of the code, checked: imports point one way and never in a circle, the core does no
+I/O, the code is formatted, and a module or function grown far past its idea sets off an alarm.
 
 docs/ARCHITECTURE.md explains the layers; pyproject.toml's import-linter
 contracts state them.
@@ -19,9 +20,24 @@ REPO = Path(__file__).resolve().parent.parent
 PURE = [REPO / "supervisor" / "core", REPO / "supervisor" / "planning" / "decide"]
 # The core decides; it never touches the event loop, sockets, processes, files or the clock (nor the
 # metrics library: the exporter in io/metrics.py reads the core's figures).
-CORE_FORBIDDEN = {"asyncio", "zmq", "os", "time", "subprocess", "socket", "signal", "threading", "psutil", "pathlib", "shutil", "datetime", "prometheus_client"}
-MAX_MODULE_LINES = 300
-MAX_FUNCTION_LINES = 45
+CORE_FORBIDDEN = {
+    "asyncio",
+    "zmq",
+    "os",
+    "time",
+    "subprocess",
+    "socket",
+    "signal",
+    "threading",
+    "psutil",
+    "pathlib",
+    "shutil",
+    "datetime",
+    "prometheus_client",
+}
+# Smoke alarms, counted on formatted code: modules are cut by meaning, not by these numbers.
+MAX_MODULE_LINES = 500
+MAX_FUNCTION_LINES = 90
 
 
 def _imported_roots(path: Path) -> set[str]:
@@ -100,11 +116,25 @@ def test_the_cycle_check_finds_a_cycle(tmp_path, monkeypatch):
 
 def test_modules_and_functions_stay_small():
     too_long = []
-    for path in sorted([*REPO.glob("supervisor/**/*.py"), *REPO.glob("workers/*.py"), *REPO.glob("winservice/*.py")]):
+    for path in sorted(
+        [*REPO.glob("supervisor/**/*.py"), *REPO.glob("workers/**/*.py"), *REPO.glob("winservice/*.py")]
+    ):
         text = path.read_text()
         if len(text.splitlines()) > MAX_MODULE_LINES:
             too_long.append(f"{path.relative_to(REPO)}: {len(text.splitlines())} lines")
         for node in ast.walk(ast.parse(text)):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= MAX_FUNCTION_LINES:
-                too_long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines")
+            if (
+                isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                and node.end_lineno - node.lineno >= MAX_FUNCTION_LINES
+            ):
+                too_long.append(
+                    f"{path.relative_to(REPO)}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines"
+                )
     assert too_long == []
+
+
+def test_the_code_is_formatted():
+    ruff = shutil.which("ruff", path=str(Path(sys.executable).parent))
+    assert ruff, "ruff is a test dependency (pyproject.toml)"
+    result = subprocess.run([ruff, "format", "--check", "."], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-1000:]

@@ -39,7 +39,9 @@ def llama_worker(daemon):
         (b"", "malformed_message"),
         # Under the test daemon's 64 KiB frame limit, far over json's recursion limit.
         pytest.param(b"[" * 60_000, "malformed_message", id="nested-arrays"),
-        pytest.param(b'{"op":"generate","id":"n1","prompt":' + b'{"a":' * 10_000, "malformed_message", id="nested-in-a-prompt"),
+        pytest.param(
+            b'{"op":"generate","id":"n1","prompt":' + b'{"a":' * 10_000, "malformed_message", id="nested-in-a-prompt"
+        ),
     ],
 )
 def test_malformed_frames(llama_daemon, frame, code):
@@ -82,7 +84,11 @@ def test_oversized_message(llama_daemon):
         ({"op": "generate", "id": "a", "prompt": "x", "max_tokens": None}, "invalid_request", "max_tokens"),
         ({"op": "generate", "id": "a", "prompt": "x", "top_k": None}, "invalid_request", "top_k"),
         ({"op": "generate", "id": "a", "prompt": "x", "stop": None}, "invalid_request", "stop"),
-        ({"op": "generate", "id": "a", "prompt": None, "messages": [{"role": "user", "content": "x"}]}, "invalid_request", "prompt"),
+        (
+            {"op": "generate", "id": "a", "prompt": None, "messages": [{"role": "user", "content": "x"}]},
+            "invalid_request",
+            "prompt",
+        ),
         ({"op": "cancel", "id": "a", "target": "r", "force": True}, "invalid_request", "force"),
         pytest.param({"op": "ping", "id": "a", "verbose": True}, "invalid_request", "verbose"),
         pytest.param({"op": "status", "id": "a", "verbose": True}, "invalid_request", "verbose"),

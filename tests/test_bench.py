@@ -20,18 +20,28 @@ from bench.llama_cpp_python_server import reuse_reason as env_reuse_reason
 from bench.llama_cpp_python_server import server_command as lcp_server_command
 from bench.llama_server import server_command
 from bench.report import single_figures
-from bench.llama_server_build import LLAMA_CPP_PYTHON_FLAGS, ServerBuildError, build_settings, ensure_llama_server, reuse_reason
+from bench.llama_server_build import (
+    LLAMA_CPP_PYTHON_FLAGS,
+    ServerBuildError,
+    build_settings,
+    ensure_llama_server,
+    reuse_reason,
+)
 from supervisor.node.builds import NO_AMX
 from tests.conftest import shared_settings
 
 # A stream as llama-server's /completion writes it (stream: true), trimmed to the fields read.
 RECORDED = [
-    b'data: {"index":0,"content":" Paris","tokens":[9079],"stop":false,"id_slot":0}\n', b"\n",
-    b": keep-alive comment\n", b"\n",
-    b'data: {"index":0,"content":".","tokens":[236761],"stop":false,"id_slot":0}\n', b"\n",
-    b'data: {"index":0,"content":"","tokens":[],"stop":true,"tokens_predicted":2,"tokens_evaluated":6,"stop_type":"limit","timings":{"predicted_n":2}}\n', b"\n",
+    b'data: {"index":0,"content":" Paris","tokens":[9079],"stop":false,"id_slot":0}\n',
+    b"\n",
+    b": keep-alive comment\n",
+    b"\n",
+    b'data: {"index":0,"content":".","tokens":[236761],"stop":false,"id_slot":0}\n',
+    b"\n",
+    b'data: {"index":0,"content":"","tokens":[],"stop":true,"tokens_predicted":2,"tokens_evaluated":6,"stop_type":"limit","timings":{"predicted_n":2}}\n',
+    b"\n",
     b'data: {"content":"never read"}\n',
-]  # fmt: skip
+]
 
 
 def test_sse_stream_yields_each_data_payload_and_ends_at_the_stop_chunk() -> None:
@@ -41,7 +51,13 @@ def test_sse_stream_yields_each_data_payload_and_ends_at_the_stop_chunk() -> Non
 
 
 def test_sse_stream_ends_at_done() -> None:
-    lines = [b'data: {"choices":[{"text":"a"}]}\n', b"\n", b"data: [DONE]\n", b"\n", b'data: {"choices":[{"text":"never"}]}\n']
+    lines = [
+        b'data: {"choices":[{"text":"a"}]}\n',
+        b"\n",
+        b"data: [DONE]\n",
+        b"\n",
+        b'data: {"choices":[{"text":"never"}]}\n',
+    ]
     assert [c["choices"][0]["text"] for c in parse_sse(lines)] == ["a"]
 
 
@@ -75,7 +91,11 @@ class _StubServer(BaseHTTPRequestHandler):
             n = body["max_tokens"] - 1 if early else body["max_tokens"]
             events = [{"choices": [{"index": 0, "text": f"w{i} ", "finish_reason": None}]} for i in range(n)]
             events.append({"choices": [{"index": 0, "text": "", "finish_reason": "stop" if early else "length"}]})
-            events += [{"choices": [], "usage": {"completion_tokens": n}}, "[DONE]"] if "stream_options" in body else ["[DONE]"]
+            events += (
+                [{"choices": [], "usage": {"completion_tokens": n}}, "[DONE]"]
+                if "stream_options" in body
+                else ["[DONE]"]
+            )
         for event in events:
             data = f"data: {event if event == '[DONE]' else json.dumps(event)}\n\n".encode()
             self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
@@ -96,7 +116,9 @@ def stub_server() -> Iterator[ThreadingHTTPServer]:
     server.server_close()
 
 
-def test_llama_server_client_reads_a_chunked_stream_and_counts_what_the_server_reports(stub_server: ThreadingHTTPServer) -> None:
+def test_llama_server_client_reads_a_chunked_stream_and_counts_what_the_server_reports(
+    stub_server: ThreadingHTTPServer,
+) -> None:
     client = LlamaServerClient(stub_server.server_address[1])
     first = client.run("The capital of France is", 5)
     second = client.run("Once upon a time", 3)
@@ -116,7 +138,9 @@ def test_front_client_reads_the_openai_stream_and_counts_its_usage(stub_server: 
     assert asked["ignore_eos"] is True and asked["temperature"] == 0.0 and asked["max_tokens"] == 4
 
 
-def test_llama_cpp_python_server_client_asks_greedy_without_penalty_and_counts_a_stream_that_ran_its_length(stub_server: ThreadingHTTPServer) -> None:
+def test_llama_cpp_python_server_client_asks_greedy_without_penalty_and_counts_a_stream_that_ran_its_length(
+    stub_server: ThreadingHTTPServer,
+) -> None:
     run = completions_client(stub_server.server_address[1], "gemma").run("The capital of France is", 5)
     assert run["text"] == "w0 w1 w2 w3 w4 " and run["tokens"] == 5
     asked = _StubServer.bodies[0]
@@ -125,7 +149,9 @@ def test_llama_cpp_python_server_client_asks_greedy_without_penalty_and_counts_a
     assert "ignore_eos" not in asked and "stream_options" not in asked  # it takes neither
 
 
-def test_a_stream_that_stopped_before_its_length_is_refused_rather_than_counted(stub_server: ThreadingHTTPServer) -> None:
+def test_a_stream_that_stopped_before_its_length_is_refused_rather_than_counted(
+    stub_server: ThreadingHTTPServer,
+) -> None:
     with pytest.raises(StreamError, match="fewer than 5 tokens"):
         completions_client(stub_server.server_address[1], "gemma").run("eos soon", 5)
     with pytest.raises(StreamError, match="no finish_reason"):
@@ -143,32 +169,73 @@ def _arguments(command: list[str]) -> dict[str, str]:
 
 
 def test_server_computes_with_what_the_worker_has_in_force_and_the_context_per_slot() -> None:
-    settings = {"n_threads": 2, "n_threads_batch": 3, "n_batch": 2048, "n_ubatch": 256, "flash_attn": True, "n_gpu_layers": -1}
+    settings = {
+        "n_threads": 2,
+        "n_threads_batch": 3,
+        "n_batch": 2048,
+        "n_ubatch": 256,
+        "flash_attn": True,
+        "n_gpu_layers": -1,
+    }
     arguments = _arguments(server_command(Path("/x/llama-server"), Path("/m.gguf"), 8080, 2048, settings, 4))
     assert arguments["--ctx-size"] == "8192" and arguments["--parallel"] == "4"  # llama-server divides -c among slots
     assert "--no-kv-unified" in arguments  # each slot its own cells, as the worker's sequences
     assert (arguments["--threads"], arguments["--threads-batch"]) == ("2", "3")
     assert (arguments["--batch-size"], arguments["--ubatch-size"]) == ("2048", "256")
     assert arguments["--n-gpu-layers"] == "all" and arguments["--flash-attn"] == "on"
-    cpu = _arguments(server_command(Path("/x/llama-server"), Path("/m.gguf"), 8080, 2048, {**settings, "flash_attn": False, "n_gpu_layers": 0}, 1))
+    cpu = _arguments(
+        server_command(
+            Path("/x/llama-server"),
+            Path("/m.gguf"),
+            8080,
+            2048,
+            {**settings, "flash_attn": False, "n_gpu_layers": 0},
+            1,
+        )
+    )
     assert cpu["--n-gpu-layers"] == "0" and cpu["--flash-attn"] == "off" and cpu["--ctx-size"] == "2048"
     assert "--swa-full" in cpu  # llama.cpp's library default, which the worker's context has
 
 
 def test_llama_cpp_python_server_loads_the_model_as_the_worker_and_the_library_do() -> None:
-    settings = {"n_threads": 2, "n_threads_batch": 3, "n_batch": 1024, "n_ubatch": 256, "flash_attn": True, "n_gpu_layers": -1}
+    settings = {
+        "n_threads": 2,
+        "n_threads_batch": 3,
+        "n_batch": 1024,
+        "n_ubatch": 256,
+        "flash_attn": True,
+        "n_gpu_layers": -1,
+    }
     command = lcp_server_command(Path("/b/bin/python"), Path("/m.gguf"), "m", 8080, 2048, settings)
     assert command[:3] == ["/b/bin/python", "-m", "llama_cpp.server"]
     arguments = _arguments(command)
-    assert (arguments["--model"], arguments["--model_alias"], arguments["--host"], arguments["--port"]) == ("/m.gguf", "m", "127.0.0.1", "8080")
+    assert (arguments["--model"], arguments["--model_alias"], arguments["--host"], arguments["--port"]) == (
+        "/m.gguf",
+        "m",
+        "127.0.0.1",
+        "8080",
+    )
     assert (arguments["--n_ctx"], arguments["--n_threads"], arguments["--n_threads_batch"]) == ("2048", "2", "3")
-    assert (arguments["--n_batch"], arguments["--n_ubatch"], arguments["--flash_attn"], arguments["--n_gpu_layers"]) == ("1024", "256", "true", "-1")
+    assert (
+        arguments["--n_batch"],
+        arguments["--n_ubatch"],
+        arguments["--flash_attn"],
+        arguments["--n_gpu_layers"],
+    ) == ("1024", "256", "true", "-1")
     # The server's own defaults that the library's (and the baseline's) are not.
     assert (arguments["--logits_all"], arguments["--use_mlock"], arguments["--verbose"]) == ("false", "false", "false")
 
 
 def test_llama_cpp_python_server_reads_no_setting_from_the_benchs_environment() -> None:
-    environ = {"PATH": "/usr/bin", "MODEL": "/other.gguf", "n_ctx": "8", "HOST": "0.0.0.0", "PORT": "1", "CONFIG_FILE": "x", "HOME": "/root"}
+    environ = {
+        "PATH": "/usr/bin",
+        "MODEL": "/other.gguf",
+        "n_ctx": "8",
+        "HOST": "0.0.0.0",
+        "PORT": "1",
+        "CONFIG_FILE": "x",
+        "HOME": "/root",
+    }
     assert server_environ(["model", "n_ctx", "host", "port"], environ) == {"PATH": "/usr/bin", "HOME": "/root"}
 
 
@@ -189,7 +256,12 @@ def _runs(tokens_per_s: float, ttft_s: float, text: str = "same") -> list[dict]:
 
 
 def test_the_report_sets_the_http_front_against_llama_cpp_pythons_server_when_it_ran() -> None:
-    single = {"direct": _runs(50, 0.020), "daemon": _runs(50, 0.020), "http-front": _runs(40, 0.025), "llama-server": _runs(50, 0.021)}
+    single = {
+        "direct": _runs(50, 0.020),
+        "daemon": _runs(50, 0.020),
+        "http-front": _runs(40, 0.025),
+        "llama-server": _runs(50, 0.021),
+    }
     without = single_figures(single)
     assert not any("llama-cpp-python-server" in key for key in without["ratios"])
     figures = single_figures({**single, "llama-cpp-python-server": _runs(20, 0.030, "other")})
@@ -209,7 +281,9 @@ def test_cpu_build_flags_are_llama_cpp_pythons_own_and_the_projects_cflags() -> 
 
 
 def test_cuda_build_flags_carry_the_environments_recorded_cmake_args() -> None:
-    wanted = build_settings({"cuda": True, "cmake_args": "-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=89;90"}, environ={"PATH": "/usr/bin"})
+    wanted = build_settings(
+        {"cuda": True, "cmake_args": "-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=89;90"}, environ={"PATH": "/usr/bin"}
+    )
     assert wanted["cuda"] is True
     assert "-DGGML_CUDA=on" in wanted["cmake_flags"] and "-DCMAKE_CUDA_ARCHITECTURES=89;90" in wanted["cmake_flags"]
 
@@ -225,7 +299,9 @@ def test_a_kept_build_is_reused_only_for_the_same_version_and_flags(tmp_path: Pa
     assert reuse_reason(tmp_path, "0.3.36", {**wanted, "CFLAGS": "-O1"}) == "built with other CFLAGS"
 
 
-def test_asking_for_the_other_kind_of_build_than_the_environment_has_is_refused_before_building(shared_state: dict[str, Path]) -> None:
+def test_asking_for_the_other_kind_of_build_than_the_environment_has_is_refused_before_building(
+    shared_state: dict[str, Path],
+) -> None:
     settings = shared_settings()
     marker = json.loads((settings.envs_dir / "llamacpp" / "node-supervisor-env.json").read_text())
     environment_is_cuda = bool((marker.get("build") or {}).get("cuda"))

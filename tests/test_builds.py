@@ -19,7 +19,9 @@ from supervisor.node.envs import MARKER, create_env, env_is_current, env_python,
 from .conftest import shared_settings
 
 GPU_NODE = NodeFacts(driver="NVIDIA driver 580.95.05 (1 GPU)", nvcc="/opt/cuda/bin/nvcc", compute_caps=("86",))
-TWO_ARCH_NODE = NodeFacts(driver="NVIDIA driver (/proc/driver/nvidia/version)", nvcc="/opt/cuda/bin/nvcc", compute_caps=("86", "89"))
+TWO_ARCH_NODE = NodeFacts(
+    driver="NVIDIA driver (/proc/driver/nvidia/version)", nvcc="/opt/cuda/bin/nvcc", compute_caps=("86", "89")
+)
 DRIVER_NO_NVCC = NodeFacts(driver="NVIDIA driver 580.95.05 (1 GPU)", nvcc=None, compute_caps=("86",))
 CPU_NODE = NodeFacts(driver=None, nvcc="/opt/cuda/bin/nvcc", no_driver="no NVIDIA driver (libnvidia-ml not found)")
 REQUIREMENT = "llama-cpp-python==0.3.36"
@@ -71,8 +73,11 @@ def test_llama_cpp_build_has_no_amx_kernels(shared_state):
     python = env_python(shared_state["envs_dir"] / "llamacpp")
     info = subprocess.run(
         [str(python), "-c", "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"],
-        capture_output=True, text=True, timeout=60, check=True,
-    ).stdout  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
     assert "AVX2 = 1" in info or "NEON = 1" in info, info  # the build did use the CPU's vector extensions
     assert "AMX" not in info, info
 
@@ -131,10 +136,14 @@ def recorded(settings, name: str = "llamacpp") -> dict[str, Any]:
 def test_desired_build_follows_the_node_and_llama_cuda():
     auto, on, off = (settings_in(Path("/nonexistent"), llama_cuda=v) for v in ("auto", "on", "off"))
     assert builds.desired_build(auto, GPU_NODE) == BuildChoice(
-        True, "-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=86", "auto: NVIDIA driver 580.95.05 (1 GPU) and nvcc (/opt/cuda/bin/nvcc)"
+        True,
+        "-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=86",
+        "auto: NVIDIA driver 580.95.05 (1 GPU) and nvcc (/opt/cuda/bin/nvcc)",
     )
     assert builds.desired_build(auto, TWO_ARCH_NODE).cmake_args == "-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=86;89"
-    assert builds.desired_build(auto, CPU_NODE) == BuildChoice(False, "", "auto: no NVIDIA driver (libnvidia-ml not found)")
+    assert builds.desired_build(auto, CPU_NODE) == BuildChoice(
+        False, "", "auto: no NVIDIA driver (libnvidia-ml not found)"
+    )
     no_nvcc = builds.desired_build(auto, DRIVER_NO_NVCC)
     assert not no_nvcc.cuda and "no nvcc" in no_nvcc.reason
     assert builds.desired_build(on, CPU_NODE) == BuildChoice(True, "-DGGML_CUDA=on", 'llama_cuda = "on"')
@@ -145,7 +154,9 @@ def test_explicit_cmake_args_win_over_the_node(tmp_path, monkeypatch):
     settings = settings_in(tmp_path)
     monkeypatch.setattr(builds, "node_facts", lambda: GPU_NODE)
     given = builds.build_choice(settings, {"CMAKE_ARGS": "-DGGML_CUDA=ON -DGGML_CUDA_F16=on"})
-    assert given == BuildChoice(True, "-DGGML_CUDA=ON -DGGML_CUDA_F16=on", "CMAKE_ARGS given by the caller", explicit=True)
+    assert given == BuildChoice(
+        True, "-DGGML_CUDA=ON -DGGML_CUDA_F16=on", "CMAKE_ARGS given by the caller", explicit=True
+    )
     assert builds.build_choice(settings, {"CMAKE_ARGS": "-DGGML_CUDA=off"}).cuda is False
     assert builds.build_choice(settings, {"CMAKE_ARGS": "  "}) == builds.desired_build(settings, GPU_NODE)
 
@@ -154,7 +165,10 @@ def test_a_cuda_build_stays_current_when_the_daemon_runs_without_cmake_args(tmp_
     settings = settings_in(tmp_path)
     create_env(settings, "llamacpp", "llamacpp", lambda line: None)
     (wheel_command, environ), (install_command, _) = toolchain
-    assert environ["CMAKE_ARGS"] == "-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=86" and environ["CUDACXX"] == "/opt/cuda/bin/nvcc"
+    assert (
+        environ["CMAKE_ARGS"] == "-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=86"
+        and environ["CUDACXX"] == "/opt/cuda/bin/nvcc"
+    )
     build = recorded(settings)["build"]
     assert build["cuda"] is True and build["explicit"] is False and build["cmake_args"] == environ["CMAKE_ARGS"]
     assert build["cpu"] == builds.cpu_digest()
@@ -167,7 +181,9 @@ def test_a_cuda_environment_recorded_before_build_options_stays_current_without_
     key = builds.build_key(REQUIREMENT, builds.build_environ({"CMAKE_ARGS": "-DGGML_CUDA=on"}))
     FakeVenv().create(settings.envs_dir / "llamacpp")
     sha = envs._digest(requirements_file("llamacpp").read_text())
-    (settings.envs_dir / "llamacpp" / MARKER).write_text(json.dumps({"kind": "llamacpp", "requirements_sha": sha, "build_key": key}))
+    (settings.envs_dir / "llamacpp" / MARKER).write_text(
+        json.dumps({"kind": "llamacpp", "requirements_sha": sha, "build_key": key})
+    )
     monkeypatch.setattr(builds, "node_facts", lambda: GPU_NODE, raising=False)
     for var in ("CMAKE_ARGS", "CFLAGS", "CXXFLAGS"):
         monkeypatch.delenv(var, raising=False)
@@ -194,7 +210,12 @@ def test_explicit_cmake_args_are_recorded_and_respected(tmp_path, toolchain, mon
     create_env(settings, "llamacpp", "llamacpp", lambda line: None)
     assert toolchain[0][1]["CMAKE_ARGS"] == "-DGGML_BLAS=ON -DGGML_BLAS_VENDOR=OpenBLAS"
     build = recorded(settings)["build"]
-    assert build == {**build, "cuda": False, "explicit": True, "cmake_args": "-DGGML_BLAS=ON -DGGML_BLAS_VENDOR=OpenBLAS"}
+    assert build == {
+        **build,
+        "cuda": False,
+        "explicit": True,
+        "cmake_args": "-DGGML_BLAS=ON -DGGML_BLAS_VENDOR=OpenBLAS",
+    }
     monkeypatch.delenv("CMAKE_ARGS")
     assert env_is_current(settings, "llamacpp", "llamacpp")  # the GPU node would want CUDA; the caller chose otherwise
 

@@ -10,8 +10,10 @@ def test_generate_with_no_daemon_gives_up_after_the_connect_timeout(tmp_path):
     """Not the 60 s per-event timeout: a daemon that is not there is known in seconds."""
     result = subprocess.run(
         [sys.executable, "-m", "supervisor.cli", "--state-dir", str(tmp_path), "generate", "Hello"],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 69, result
     assert "within 5.0s" in result.stderr and "Traceback" not in result.stderr
 
@@ -20,7 +22,10 @@ def test_unknown_variable_is_named_by_client_commands(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "NODESUP_LOGLEVEL": "debug"}
     result = subprocess.run(
         [sys.executable, "-m", "supervisor.cli", "--state-dir", str(tmp_path), "ping", "--timeout", "0.5"],
-        capture_output=True, text=True, timeout=30, env=env,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
     assert "NODESUP_LOGLEVEL is not a setting" in result.stderr, result.stderr
     assert result.returncode == 69

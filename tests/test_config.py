@@ -31,7 +31,10 @@ def test_defaults_serve_the_default_model_with_one_llamacpp_engine(tmp_path, mon
 
 
 def test_file_then_environment_then_flags(tmp_path, monkeypatch):
-    path = write(tmp_path, '[engines.a]\nkind = "llamacpp"\nn_ctx = 1024\nn_threads = 2\n[engines.b]\nkind = "fake"\npriority = 5\n')
+    path = write(
+        tmp_path,
+        '[engines.a]\nkind = "llamacpp"\nn_ctx = 1024\nn_threads = 2\n[engines.b]\nkind = "fake"\npriority = 5\n',
+    )
     monkeypatch.setenv("NODESUP_ENGINES__A__N_CTX", "4096")
     monkeypatch.setenv("NODESUP_LOG_LEVEL", "debug")
     settings = load_settings(path, {"log_level": "warning"})
@@ -81,7 +84,9 @@ def test_toml_syntax_error_exits_78(tmp_path):
 
 
 def test_missing_config_file_exits_78(tmp_path):
-    result = subprocess.run([*CLI, "--config", str(tmp_path / "nope.toml"), "run"], capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [*CLI, "--config", str(tmp_path / "nope.toml"), "run"], capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 78 and "nope.toml" in result.stderr
 
 
@@ -89,7 +94,9 @@ def test_example_config_is_valid():
     example = Path(__file__).resolve().parent.parent / "config" / "node-supervisor.example.toml"
     settings = load_settings(example)
     # The file's table replaces the defaults: only its one engine, with its values.
-    assert settings.engines == {"llama": EngineConfig(kind="llamacpp", n_ctx=2048, n_gpu_layers="auto", priority=10, max_queue=16)}
+    assert settings.engines == {
+        "llama": EngineConfig(kind="llamacpp", n_ctx=2048, n_gpu_layers="auto", priority=10, max_queue=16)
+    }
     assert (settings.log_level, settings.heartbeat_interval_s, settings.shutdown_grace_s) == ("info", 1.0, 5.0)
 
 
@@ -143,7 +150,7 @@ def test_exit_codes_have_one_definition():
 def test_gpu_table_model_variants_auto_layers_and_cache_types(tmp_path):
     path = write(
         tmp_path,
-        '[gpu]\nreserve_mib = 2048\nreserve_percent = 5\n'
+        "[gpu]\nreserve_mib = 2048\nreserve_percent = 5\n"
         '[engines.a]\nkind = "llamacpp"\nmodel = ["~/m/q6.gguf", "/m/q4.gguf"]\nn_gpu_layers = "auto"\ncache_type = "q8_0"\ncache_types_allowed = ["q4_0"]\n'
         '[engines.b]\nkind = "llamacpp"\nmodel = "/m/one.gguf"\nn_gpu_layers = 20\n',
     )
@@ -154,12 +161,18 @@ def test_gpu_table_model_variants_auto_layers_and_cache_types(tmp_path):
     assert (a.n_gpu_layers, a.uses_gpu, a.cache_type, a.cache_types_allowed) == ("auto", True, "q8_0", ["q4_0"])
     assert model_variants_for(settings, a) == [Path.home() / "m" / "q6.gguf", Path("/m/q4.gguf")]
     assert model_path_for(settings, a) == Path.home() / "m" / "q6.gguf"  # a list serves its first variant
-    assert model_variants_for(settings, b) == [Path("/m/one.gguf")] == [model_path_for(settings, b)] and b.n_gpu_layers == 20
+    assert (
+        model_variants_for(settings, b) == [Path("/m/one.gguf")] == [model_path_for(settings, b)]
+        and b.n_gpu_layers == 20
+    )
     assert (b.cache_type, b.cache_types_allowed) == ("f16", [])
     assert model_variants_for(settings, EngineConfig(kind="exllamav2")) == [settings.models_dir / "exl2"]
     # "auto" (the default) may use the GPU; the plan in force decides (core.engines.EngineState.uses_gpu).
     assert EngineConfig(kind="llamacpp").n_gpu_layers == "auto" and EngineConfig(kind="llamacpp").uses_gpu
-    assert not EngineConfig(kind="llamacpp", n_gpu_layers=0).uses_gpu and EngineConfig(kind="llamacpp", n_gpu_layers=-1).uses_gpu
+    assert (
+        not EngineConfig(kind="llamacpp", n_gpu_layers=0).uses_gpu
+        and EngineConfig(kind="llamacpp", n_gpu_layers=-1).uses_gpu
+    )
 
 
 def test_gpu_and_variant_keys_from_the_environment(monkeypatch):
@@ -171,7 +184,10 @@ def test_gpu_and_variant_keys_from_the_environment(monkeypatch):
     monkeypatch.setenv("NODESUP_ENGINES__B__MODEL", "/m/plain.gguf")
     monkeypatch.setenv("NODESUP_GPU__RESERVE_MIB", "1024")
     settings = load_settings(None)
-    assert settings.engines["a"].model == [Path("/m/a.gguf"), Path("/m/b.gguf")] and settings.engines["a"].n_gpu_layers == "auto"
+    assert (
+        settings.engines["a"].model == [Path("/m/a.gguf"), Path("/m/b.gguf")]
+        and settings.engines["a"].n_gpu_layers == "auto"
+    )
     assert settings.engines["b"].model == Path("/m/plain.gguf") and settings.engines["b"].n_gpu_layers == 7
     assert settings.gpu.reserve_mib == 1024
     assert unknown_environment_variables({"NODESUP_GPU__RESERVE_MIB": "1", "NODESUP_GPU__MIN_CTX": "1"}) == []
@@ -221,11 +237,19 @@ def test_invalid_accounting_and_metrics_values_name_the_key(tmp_path, text, key)
 
 
 def test_accounting_and_metrics_keys_and_their_defaults(tmp_path):
-    settings = load_settings(write(tmp_path, '[metrics]\nlisten = "[::1]:9464"\n[engines.remote]\nkind = "fake"\n'
-                                             "price_input_per_mtok = 0.5\nprice_output_per_mtok = 1.5\ndaily_budget = 2\n"))  # fmt: skip
+    settings = load_settings(
+        write(
+            tmp_path,
+            '[metrics]\nlisten = "[::1]:9464"\n[engines.remote]\nkind = "fake"\n'
+            "price_input_per_mtok = 0.5\nprice_output_per_mtok = 1.5\ndaily_budget = 2\n",
+        )
+    )
     remote = settings.engines["remote"]
     assert (remote.price_input_per_mtok, remote.price_output_per_mtok, remote.daily_budget) == (0.5, 1.5, 2.0)
     assert settings.metrics.listen == "[::1]:9464"
     defaults = load_settings(None, {"state_dir": tmp_path})
     assert defaults.metrics.listen is None  # off unless asked for
-    assert all((e.price_input_per_mtok, e.price_output_per_mtok, e.daily_budget) == (0, 0, None) for e in defaults.engines.values())
+    assert all(
+        (e.price_input_per_mtok, e.price_output_per_mtok, e.daily_budget) == (0, 0, None)
+        for e in defaults.engines.values()
+    )

@@ -141,7 +141,9 @@ def test_a_worker_that_loads_and_then_fails_every_time_still_opens_the_circuit()
     for attempt in (1, 2):
         core.bring_up("a")
         assert core.engine("a").breaker.state.value == "closed"
-        core.supervisor.on_failed(core.engine("a"), {"code": "engine_failed", "message": "upstream answered 429 Too Many Requests"}, core.now)
+        core.supervisor.on_failed(
+            core.engine("a"), {"code": "engine_failed", "message": "upstream answered 429 Too Many Requests"}, core.now
+        )
         core.exit("a", 1)
         if attempt == 1:
             core.advance(core.engine("a").worker.times.restart_at - core.now + 0.01)
@@ -154,7 +156,9 @@ def test_a_retry_after_in_a_failure_report_delays_the_restart():
     core = Core({"a": FAKE}, supervision={"restart_backoff_base_s": 1.0})
     core.supervisor.start(core.now)
     core.bring_up("a")
-    core.supervisor.on_failed(core.engine("a"), {"code": "engine_failed", "message": "429", "retry_after_s": 20}, core.now)
+    core.supervisor.on_failed(
+        core.engine("a"), {"code": "engine_failed", "message": "429", "retry_after_s": 20}, core.now
+    )
     core.exit("a", 1)
     assert core.engine("a").worker.times.restart_at == core.now + 20
     core.advance(19.9)
@@ -167,7 +171,9 @@ def test_an_engine_that_cannot_run_here_fails_once_and_refuses_pinned_requests()
     core = Core({"a": {**FAKE, "priority": 1}, "b": {**FAKE, "priority": 2}})
     core.supervisor.start(core.now)
     core.supervisor.on_hello(core.engine("a"), {"pid": 1}, core.now)
-    core.supervisor.on_load_failed(core.engine("a"), {"code": "unavailable", "message": "no CUDA", "exit_code": 69}, core.now)
+    core.supervisor.on_load_failed(
+        core.engine("a"), {"code": "unavailable", "message": "no CUDA", "exit_code": 69}, core.now
+    )
     core.exit("a", p.ExitCode.UNAVAILABLE)
     assert core.engine("a").worker.state is WorkerState.FAILED
     with pytest.raises(InvalidMessage) as refused:
@@ -212,7 +218,12 @@ def test_an_idle_worker_gets_a_liveness_probe_and_is_replaced_when_it_fails():
 
 
 def test_a_second_gpu_engine_waits_for_the_first_to_exit():
-    core = Core({"a": {**FAKE, "n_gpu_layers": -1, "priority": 1}, "b": {**FAKE, "n_gpu_layers": -1, "priority": 2, "standby": "cold"}})
+    core = Core(
+        {
+            "a": {**FAKE, "n_gpu_layers": -1, "priority": 1},
+            "b": {**FAKE, "n_gpu_layers": -1, "priority": 2, "standby": "cold"},
+        }
+    )
     core.supervisor.start(core.now)
     core.bring_up("a")
     core.submit("r", engine="b")
@@ -273,7 +284,9 @@ def _planner(snapshots, variants, **engine):
 
     from . import plan_fixtures as fx
 
-    config = load_settings(None, {"state_dir": "/nonexistent", "engines": {"a": {"kind": "llamacpp", **engine}}}).engines["a"]
+    config = load_settings(
+        None, {"state_dir": "/nonexistent", "engines": {"a": {"kind": "llamacpp", **engine}}}
+    ).engines["a"]
     shots = iter(snapshots)
 
     def plan_load(previous, after_oom):
@@ -292,14 +305,20 @@ def test_an_auto_engine_loads_what_the_plan_chose_and_a_load_out_of_gpu_memory_s
     variants = [fx.gguf("/m/q6.gguf", 2500), fx.gguf("/m/q4.gguf", 1900)]
     gpu = fx.snapshot(fx.device(0, 12288, neighbours_mib=5120))
     core = Core({"a": {"kind": "llamacpp", "n_gpu_layers": "auto", "model": ["/m/q6.gguf", "/m/q4.gguf"]}})
-    core.effects.planners["a"] = _planner([gpu, gpu, gpu], variants, n_gpu_layers="auto", model=["/m/q6.gguf", "/m/q4.gguf"])
+    core.effects.planners["a"] = _planner(
+        [gpu, gpu, gpu], variants, n_gpu_layers="auto", model=["/m/q6.gguf", "/m/q4.gguf"]
+    )
     core.supervisor.start(core.now)
     core.supervisor.on_hello(core.engine("a"), {"pid": 1}, core.now)
     (load,) = core.effects.worker_messages("a.1", p.S_LOAD)
     assert load["spec"]["model"].endswith("q6.gguf") and load["spec"]["n_gpu_layers"] == -1
     assert core.engine("a").uses_gpu
     # The worker says the GPU could not take it, and exits with the model-error code.
-    core.supervisor.on_load_failed(core.engine("a"), {"code": p.ErrorCode.GPU_OUT_OF_MEMORY, "message": "cudaMalloc failed", "exit_code": 65}, core.now)
+    core.supervisor.on_load_failed(
+        core.engine("a"),
+        {"code": p.ErrorCode.GPU_OUT_OF_MEMORY, "message": "cudaMalloc failed", "exit_code": 65},
+        core.now,
+    )
     core.exit("a", p.ExitCode.MODEL_ERROR)
     assert core.engine("a").breaker.state.value == "closed" and core.engine("a").worker.restarts == 0
     core.advance(0.01)
@@ -307,7 +326,10 @@ def test_an_auto_engine_loads_what_the_plan_chose_and_a_load_out_of_gpu_memory_s
     assert second is None  # not before its hello
     core.supervisor.on_hello(core.engine("a"), {"pid": 2}, core.now)
     (second,) = core.effects.worker_messages("a.2", p.S_LOAD)
-    assert (second["spec"]["model"], second["spec"]["n_ctx"]) != (load["spec"]["model"], load["spec"]["n_ctx"])  # never the same again
+    assert (second["spec"]["model"], second["spec"]["n_ctx"]) != (
+        load["spec"]["model"],
+        load["spec"]["n_ctx"],
+    )  # never the same again
     plans = core.effects.topics("engine.plan")
     assert len(plans) == 2 and plans[1]["after_oom"] is True
 
@@ -322,7 +344,10 @@ def test_an_engine_whose_plan_finds_nothing_to_load_fails_once_with_the_reason()
     core.supervisor.start(core.now)
     assert core.effects.named("start") == []
     assert core.engine("a").worker.state is WorkerState.FAILED
-    assert core.engine("a").refusal[0] == p.ErrorCode.ENGINE_UNAVAILABLE and "nothing to load" in core.engine("a").refusal[1]
+    assert (
+        core.engine("a").refusal[0] == p.ErrorCode.ENGINE_UNAVAILABLE
+        and "nothing to load" in core.engine("a").refusal[1]
+    )
 
 
 def test_a_worker_with_slots_runs_that_many_requests_at_once_and_each_token_reaches_its_own_request():

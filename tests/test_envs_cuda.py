@@ -34,7 +34,12 @@ def test_pip_args_reach_every_pip_call_including_the_llama_cpp_build(tmp_path, t
     monkeypatch.setattr(envs, "node_packages", lambda path, names, on_line: {"torch": "2.13.0+cu128"})
     settings = settings_in(tmp_path, pip_args=PIP_ARGS)
     create_env(settings, "llamacpp", "llamacpp", lambda line: None)
-    create_env(settings_in(tmp_path, pip_args=PIP_ARGS, envs={"exllamav2": {"system_site_packages": True}}), "exllamav2", "exllamav2", lambda line: None)
+    create_env(
+        settings_in(tmp_path, pip_args=PIP_ARGS, envs={"exllamav2": {"system_site_packages": True}}),
+        "exllamav2",
+        "exllamav2",
+        lambda line: None,
+    )
     commands = pip_commands(toolchain)
     assert [c[3] for c in commands] == ["wheel", "install", "install", "install"]
     assert all(c[-3:] == PIP_ARGS for c in commands), commands
@@ -46,12 +51,18 @@ def test_system_site_packages_leaves_torch_to_the_node_and_pins_the_rest_into_th
     create_env(settings, "exllamav2", "exllamav2", lambda line: None)
     assert FakeVenv.made[-1]["system_site_packages"] is True
     own_only, fill_in = pip_commands(toolchain)
-    assert own_only[3:6] == ["install", "--progress-bar", "off"] and "--ignore-installed" in own_only and "--no-deps" in own_only
+    assert (
+        own_only[3:6] == ["install", "--progress-bar", "off"]
+        and "--ignore-installed" in own_only
+        and "--no-deps" in own_only
+    )
     assert "--ignore-installed" not in fill_in
     used = Path(own_only[own_only.index("-r") + 1])
     assert used == Path(fill_in[fill_in.index("-r") + 1]) and used.parent == settings.envs_dir / "exllamav2"
     lines = used.read_text().splitlines()
-    assert "numpy==1.26.4" in lines and "exllamav2==0.3.2" in lines and not any(line.startswith("torch") for line in lines)
+    assert (
+        "numpy==1.26.4" in lines and "exllamav2==0.3.2" in lines and not any(line.startswith("torch") for line in lines)
+    )
     marker = recorded(settings, "exllamav2")
     assert marker["system_site_packages"] is True and marker["reused"] == {"torch": "2.13.0+cu128"}
     assert env_is_current(settings, "exllamav2", "exllamav2")
@@ -83,7 +94,9 @@ def node_dists() -> dict[str, str]:
         "    if str(d.locate_file('')).startswith(sysconfig.get_paths()['purelib']):\n        found[n] = d.version\n"
         "print(json.dumps(found))"
     )
-    result = subprocess.run([sys._base_executable, "-I", "-c", code, *CANDIDATES], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys._base_executable, "-I", "-c", code, *CANDIDATES], capture_output=True, text=True, timeout=60
+    )
     return json.loads(result.stdout) if result.returncode == 0 else {}
 
 
@@ -94,7 +107,10 @@ def fake_wheel(folder: Path, dist: str, version: str) -> Path:
         f"{dist}-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n",
         f"{dist}-{version}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
     }
-    record = [f"{name},sha256={base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b'=').decode()},{len(text.encode())}" for name, text in files.items()]
+    record = [
+        f"{name},sha256={base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b'=').decode()},{len(text.encode())}"
+        for name, text in files.items()
+    ]
     files[f"{dist}-{version}.dist-info/RECORD"] = "\n".join([*record, f"{dist}-{version}.dist-info/RECORD,,"]) + "\n"
     path = folder / f"{dist}-{version}-py3-none-any.whl"
     with zipfile.ZipFile(path, "w") as wheel:
@@ -121,7 +137,9 @@ def test_the_envs_own_pinned_package_comes_before_the_nodes_copy(tmp_path, monke
     fake_wheel(wheels, shadowed, version)  # the node's very version: pip alone would call it satisfied
     requirements = tmp_path / "requirements"
     requirements.mkdir()
-    (requirements / "fake.txt").write_text(f"{shadowed}=={version}\n{reused}==999.0  # nowhere to install it from: the node's copy serves\n")
+    (requirements / "fake.txt").write_text(
+        f"{shadowed}=={version}\n{reused}==999.0  # nowhere to install it from: the node's copy serves\n"
+    )
     monkeypatch.setattr(envs, "REQUIREMENTS_DIR", requirements)
     monkeypatch.setattr(envs, "REUSED_FROM_NODE", (reused,))
     offline = ["--no-index", "--find-links", str(wheels)]  # an offline node's wheel folder, through pip_args
@@ -137,7 +155,16 @@ def test_the_envs_own_pinned_package_comes_before_the_nodes_copy(tmp_path, monke
     # Control: the same venv made by plain `pip install` keeps the node's copy, the trap the env build avoids.
     control = tmp_path / "control"
     venv.EnvBuilder(system_site_packages=True, with_pip=False).create(control)
-    pip = [sys.executable, "-m", "pip", "--python", str(env_python(control)), "install", *offline, f"{shadowed}=={version}"]
+    pip = [
+        sys.executable,
+        "-m",
+        "pip",
+        "--python",
+        str(env_python(control)),
+        "install",
+        *offline,
+        f"{shadowed}=={version}",
+    ]
     result = subprocess.run(pip, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "already satisfied" in result.stdout, result.stdout + result.stderr
     assert imported(env_python(control), shadowed)[0] == "node"
@@ -146,10 +173,21 @@ def test_the_envs_own_pinned_package_comes_before_the_nodes_copy(tmp_path, monke
 # --- what `envs check` says ----------------------------------------------------------------------------
 
 CHECKED = {
-    **CPU_BUILD_FACTS, "executable": "/srv/envs/llamacpp/bin/python", "python": "3.11.7", "stale": None, "reused": {},
-    "numpy_file": "/srv/envs/llamacpp/lib/python3.11/site-packages/numpy/__init__.py", "numpy_own": True,
-    "build": {"cuda": False, "cmake_args": "", "explicit": False, "reason": "auto: NVIDIA driver 580.95.05 (1 GPU) but no nvcc (PATH, CUDA_HOME, /usr/local/cuda/bin); install the CUDA toolkit", "cpu": "0"},
-}  # fmt: skip
+    **CPU_BUILD_FACTS,
+    "executable": "/srv/envs/llamacpp/bin/python",
+    "python": "3.11.7",
+    "stale": None,
+    "reused": {},
+    "numpy_file": "/srv/envs/llamacpp/lib/python3.11/site-packages/numpy/__init__.py",
+    "numpy_own": True,
+    "build": {
+        "cuda": False,
+        "cmake_args": "",
+        "explicit": False,
+        "reason": "auto: NVIDIA driver 580.95.05 (1 GPU) but no nvcc (PATH, CUDA_HOME, /usr/local/cuda/bin); install the CUDA toolkit",
+        "cpu": "0",
+    },
+}
 
 
 def test_envs_check_on_a_gpu_node_with_a_cpu_only_build_warns_and_names_the_fix(capsys):
@@ -164,7 +202,12 @@ def test_envs_check_on_a_gpu_node_with_a_cpu_only_build_warns_and_names_the_fix(
 
 def test_envs_check_reports_a_cuda_build_without_warning(capsys):
     engine = {**CPU_BUILD_FACTS["engine"], "gpu_offload": True, "gpu_backends_built": ["cuda"]}
-    build = {**CHECKED["build"], "cuda": True, "cmake_args": "-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=86", "reason": "auto: NVIDIA driver 580.95.05 (1 GPU) and nvcc (/usr/local/cuda/bin/nvcc)"}
+    build = {
+        **CHECKED["build"],
+        "cuda": True,
+        "cmake_args": "-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=86",
+        "reason": "auto: NVIDIA driver 580.95.05 (1 GPU) and nvcc (/usr/local/cuda/bin/nvcc)",
+    }
     _print_check("llamacpp", {**CHECKED, "engine": engine, "build": build}, GPU_SNAPSHOT)
     out = capsys.readouterr().out
     assert '  build         CUDA (CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=86"; auto: NVIDIA driver' in out
@@ -172,12 +215,19 @@ def test_envs_check_reports_a_cuda_build_without_warning(capsys):
 
 
 def test_envs_check_without_a_gpu_keeps_the_hint_says_why_stale_and_where_numpy_comes_from(capsys):
-    facts = {**CHECKED, "current": False, "stale": "built on a CPU with other features", "numpy_own": False,
-             "numpy_file": "/usr/lib/python3/dist-packages/numpy/__init__.py"}  # fmt: skip
+    facts = {
+        **CHECKED,
+        "current": False,
+        "stale": "built on a CPU with other features",
+        "numpy_own": False,
+        "numpy_file": "/usr/lib/python3/dist-packages/numpy/__init__.py",
+    }
     _print_check("llamacpp", facts, NO_GPU)
     out = capsys.readouterr().out
     assert "  up to date    no: built on a CPU with other features; run envs create llamacpp" in out
-    assert "numpy         2.3.5 (from /usr/lib/python3/dist-packages/numpy/__init__.py, not the environment's own!)" in out
+    assert (
+        "numpy         2.3.5 (from /usr/lib/python3/dist-packages/numpy/__init__.py, not the environment's own!)" in out
+    )
     assert "  node GPUs     no NVIDIA driver (libnvidia-ml not found)" in out and "WARNING" not in out
     assert 'to use a GPU, recreate with CMAKE_ARGS="-DGGML_CUDA=on"' in out
 

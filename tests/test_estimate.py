@@ -32,19 +32,41 @@ LLAMA_PYTHON = TEST_STATE / "envs" / "llamacpp" / "bin" / "python"
 def facts(**changes) -> ModelFacts:
     """A small Llama-like model: 4 blocks of 1, 2, 4, 8 MiB, untied output."""
     base = ModelFacts(
-        path="hand-made", format="gguf", architecture="llama", n_layer=4, n_embd=1024, n_head=16,
-        n_head_kv=4, head_dim_k=64, head_dim_v=64, n_ctx_train=4096, n_vocab=32000, sliding_window=None,
-        swa_layers=0, file_type="Q8_0", file_bytes=200 * MIB, layer_bytes=(1 * MIB, 2 * MIB, 4 * MIB, 8 * MIB),
-        token_embd_bytes=100 * MIB, output_bytes=50 * MIB, other_bytes=3 * MIB,
-    )  # fmt: skip
+        path="hand-made",
+        format="gguf",
+        architecture="llama",
+        n_layer=4,
+        n_embd=1024,
+        n_head=16,
+        n_head_kv=4,
+        head_dim_k=64,
+        head_dim_v=64,
+        n_ctx_train=4096,
+        n_vocab=32000,
+        sliding_window=None,
+        swa_layers=0,
+        file_type="Q8_0",
+        file_bytes=200 * MIB,
+        layer_bytes=(1 * MIB, 2 * MIB, 4 * MIB, 8 * MIB),
+        token_embd_bytes=100 * MIB,
+        output_bytes=50 * MIB,
+        other_bytes=3 * MIB,
+    )
     return replace(base, **changes)
 
 
 # TinyLlama 1.1B's shape (docs/ENGINES.md): the H100 figures are for this shape.
 LLAMA_1B = facts(
-    n_layer=16, n_embd=2048, n_head=32, n_head_kv=8, n_vocab=32000, layer_bytes=(30 * MIB,) * 16,
-    token_embd_bytes=35 * MIB, output_bytes=52 * MIB, other_bytes=8192,
-)  # fmt: skip
+    n_layer=16,
+    n_embd=2048,
+    n_head=32,
+    n_head_kv=8,
+    n_vocab=32000,
+    layer_bytes=(30 * MIB,) * 16,
+    token_embd_bytes=35 * MIB,
+    output_bytes=52 * MIB,
+    other_bytes=8192,
+)
 
 
 # --- placement and weights ----------------------------------------------------
@@ -188,7 +210,9 @@ p.ftype, p.nthread, p.allow_requantize = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, 2, T
 sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))
 """
 
-needs_llamacpp = pytest.mark.usefixtures("shared_state")  # the llama.cpp environment and the default model, made if missing
+needs_llamacpp = pytest.mark.usefixtures(
+    "shared_state"
+)  # the llama.cpp environment and the default model, made if missing
 
 
 def reported(model: Path, n_ctx: int) -> dict[str, float]:

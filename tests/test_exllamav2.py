@@ -16,7 +16,9 @@ EXL2 = {"kind": "exllamav2", "priority": 5}  # preferred, so the fallback is rea
 
 def cuda_in_exl2_env(shared_state) -> bool:
     python = shared_state["envs_dir"] / "exllamav2" / "bin" / "python"
-    result = subprocess.run([str(python), "-c", "import torch; print(torch.cuda.is_available())"], capture_output=True, text=True)
+    result = subprocess.run(
+        [str(python), "-c", "import torch; print(torch.cuda.is_available())"], capture_output=True, text=True
+    )
     return result.stdout.strip() == "True"
 
 
@@ -60,7 +62,9 @@ def test_default_configuration_starts_reports_exllamav2_unavailable_and_serves(m
     if cuda_in_exl2_env(shared_state):
         pytest.skip("this machine has CUDA: ExLlamaV2 is not unavailable here")
     daemon = make_daemon({})  # no [engines]: the defaults
-    status = daemon.wait_for(lambda s: any(e["name"] == "exllamav2" and e["state"] == "engine_unavailable" for e in s["engines"]), timeout=60)
+    status = daemon.wait_for(
+        lambda s: any(e["name"] == "exllamav2" and e["state"] == "engine_unavailable" for e in s["engines"]), timeout=60
+    )
     assert [e["name"] for e in status["engines"]] == ["llama", "exllamav2"]
     exl2 = next(e for e in status["engines"] if e["name"] == "exllamav2")
     assert "no CUDA" in exl2["reason"]

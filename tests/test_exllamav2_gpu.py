@@ -106,8 +106,11 @@ def exl2_python() -> str:
         pytest.fail(f"no exllamav2 environment at {python}: run `make test` or set NODESUP_EXL2_PYTHON")
     probe = subprocess.run(
         [str(python), "-c", "import torch; print(torch.cuda.is_available())"],
-        capture_output=True, text=True, env=worker_env(), timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=worker_env(),
+        timeout=120,
+    )
     assert probe.returncode == 0, f"{python} cannot import torch:\n{probe.stderr[-2000:]}"
     if probe.stdout.strip() != "True":
         pytest.skip(NO_CUDA)
@@ -132,8 +135,11 @@ def run(request: pytest.FixtureRequest) -> dict[str, Any]:
         # The first import JIT-compiles exllamav2's CUDA extension: minutes.
         result = subprocess.run(
             [python, "-c", SCRIPT, model, request.param, str(out_path)],
-            capture_output=True, text=True, env=worker_env(), timeout=1800,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            env=worker_env(),
+            timeout=1800,
+        )
         assert result.returncode == 0, f"engine script failed:\n{result.stderr[-4000:]}"
         out = json.loads(out_path.read_text())
     out["cache_type"] = request.param

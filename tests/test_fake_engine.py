@@ -22,7 +22,9 @@ def test_crash_mid_stream_gives_engine_failed_then_the_worker_is_restarted(make_
     assert terminal["usage"]["completion_tokens"] == len(tokens)
     assert "exited with code 1" in terminal["message"]
     control.write_text(json.dumps({"crash_after_tokens": None}))
-    status = daemon.wait_for(lambda s: s["engines"][0]["state"] == "ready" and s["engines"][0]["workers"][0]["restarts"] == 1)
+    status = daemon.wait_for(
+        lambda s: s["engines"][0]["state"] == "ready" and s["engines"][0]["workers"][0]["restarts"] == 1
+    )
     worker = status["engines"][0]["workers"][0]
     assert worker["last_exit"]["exit_code"] == 1 and worker["last_exit"]["cause"] == "exited with code 1"
     _, done = collect(client.generate(prompt="hi", max_tokens=5))

@@ -67,16 +67,42 @@ PROMPTS = ("Hi", "Hello", "The sky is", "1, 2, 3,", "Once upon a time", "é😀\
 OPS = ("generate", "cancel", "status", "ping", "reload")
 FieldPath = Any  # a field name, or a tuple path into messages / stop
 FIELDS: dict[str, list[FieldPath]] = {
-    "generate": ["op", "id", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed",
-                 "ignore_eos", "stream", "deadline_ms", "engine", ("messages", 0), ("messages", 0, "role"),
-                 ("messages", 0, "content"), ("stop", 0)],
+    "generate": [
+        "op",
+        "id",
+        "prompt",
+        "messages",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "stop",
+        "seed",
+        "ignore_eos",
+        "stream",
+        "deadline_ms",
+        "engine",
+        ("messages", 0),
+        ("messages", 0, "role"),
+        ("messages", 0, "content"),
+        ("stop", 0),
+    ],
     "cancel": ["op", "id", "target"],
     "status": ["op", "id"],
     "ping": ["op", "id"],
     "reload": ["op", "id"],
-}  # fmt: skip
+}
 STRING_FIELDS: dict[str, list[FieldPath]] = {
-    "generate": ["op", "id", "prompt", "engine", "stop", ("stop", 0), ("messages", 0, "role"), ("messages", 0, "content")],
+    "generate": [
+        "op",
+        "id",
+        "prompt",
+        "engine",
+        "stop",
+        ("stop", 0),
+        ("messages", 0, "role"),
+        ("messages", 0, "content"),
+    ],
     "cancel": ["op", "id", "target"],
     "status": ["op", "id"],
     "ping": ["op", "id"],
@@ -84,8 +110,19 @@ STRING_FIELDS: dict[str, list[FieldPath]] = {
 }
 SURROGATES = ("\udc00", "\ud800", "\udfff", "\udbff")
 WORKER_TYPES = ("hello", "loading", "ready", "load_failed", "heartbeat", "token", "done", "error")
-WORKER_IDS = (b"llama.1", b"llama.2", b"llama.1/watchdog", b"llama.1#deadbeef", b"llama.1#deadbeef/watchdog",
-              b"llama.0", b"broken.1", b"llama.1#", b"#", b"/watchdog", b"llama.1#" + b"0" * 32)  # fmt: skip
+WORKER_IDS = (
+    b"llama.1",
+    b"llama.2",
+    b"llama.1/watchdog",
+    b"llama.1#deadbeef",
+    b"llama.1#deadbeef/watchdog",
+    b"llama.0",
+    b"broken.1",
+    b"llama.1#",
+    b"#",
+    b"/watchdog",
+    b"llama.1#" + b"0" * 32,
+)
 
 
 # --- writing JSON the standard library would not write ------------------------------------
@@ -130,7 +167,9 @@ def label_path(op: str, path: FieldPath) -> str:
 def lone_surrogate_text(rng: random.Random) -> str:
     s, high = rng.choice(SURROGATES), rng.choice(SURROGATES[1::2])
     # a high surrogate followed by a low one would be a valid pair: never written here
-    return rng.choice([s, "a" + s, s + "b", "x" * rng.randint(1, 50) + s, "\udc00\ud800", high + high, "ok " + s + " ok"])
+    return rng.choice(
+        [s, "a" + s, s + "b", "x" * rng.randint(1, 50) + s, "\udc00\ud800", high + high, "ok " + s + " ok"]
+    )
 
 
 def huge_string(rng: random.Random) -> str:
@@ -139,16 +178,39 @@ def huge_string(rng: random.Random) -> str:
 
 
 def huge_number(rng: random.Random) -> Raw:
-    return Raw(rng.choice([
-        "1e999", "-1e999", "1E400", "1e308", "-0", "-0.0", "0e0", "1e-999", "NaN", "Infinity", "-Infinity",
-        str(2**70), str(-(2**70)), str(2**64), str(2**32), str(2**32 - 1), str(2**63),
-        "1" * rng.randint(4_000, 5_000), "9" * rng.randint(20_000, 40_000), "0." + "0" * 5_000 + "1",
-    ]))  # fmt: skip
+    return Raw(
+        rng.choice(
+            [
+                "1e999",
+                "-1e999",
+                "1E400",
+                "1e308",
+                "-0",
+                "-0.0",
+                "0e0",
+                "1e-999",
+                "NaN",
+                "Infinity",
+                "-Infinity",
+                str(2**70),
+                str(-(2**70)),
+                str(2**64),
+                str(2**32),
+                str(2**32 - 1),
+                str(2**63),
+                "1" * rng.randint(4_000, 5_000),
+                "9" * rng.randint(20_000, 40_000),
+                "0." + "0" * 5_000 + "1",
+            ]
+        )
+    )
 
 
 def odd_text(rng: random.Random) -> str:
     """Valid but unusual strings."""
-    return rng.choice(["\x00", "\u2028", "\ufeff", "\U0010ffff", "\U0001f600", "   ", "generate\x00", "ping ", "\\", '"', "llama\n"])
+    return rng.choice(
+        ["\x00", "\u2028", "\ufeff", "\U0010ffff", "\U0001f600", "   ", "generate\x00", "ping ", "\\", '"', "llama\n"]
+    )
 
 
 def nested_value(rng: random.Random) -> Raw:
@@ -157,13 +219,29 @@ def nested_value(rng: random.Random) -> Raw:
 
 
 _BAD_VALUES: list[Callable[[random.Random], Any]] = [
-    lambda r: None, lambda r: True, lambda r: False, lambda r: 0, lambda r: -1, lambda r: 1.5,
-    lambda r: r.randint(-(2**40), 2**40), huge_number, huge_number,
-    lambda r: "", lambda r: "x", lambda r: r.choice(OPS + ("llama", "user", "system", "broken")),
-    lone_surrogate_text, lone_surrogate_text, huge_string, odd_text,
-    lambda r: [], lambda r: [None], lambda r: ["x", 1], lambda r: {}, lambda r: {"role": "user", "content": "x"},
+    lambda r: None,
+    lambda r: True,
+    lambda r: False,
+    lambda r: 0,
+    lambda r: -1,
+    lambda r: 1.5,
+    lambda r: r.randint(-(2**40), 2**40),
+    huge_number,
+    huge_number,
+    lambda r: "",
+    lambda r: "x",
+    lambda r: r.choice(OPS + ("llama", "user", "system", "broken")),
+    lone_surrogate_text,
+    lone_surrogate_text,
+    huge_string,
+    odd_text,
+    lambda r: [],
+    lambda r: [None],
+    lambda r: ["x", 1],
+    lambda r: {},
+    lambda r: {"role": "user", "content": "x"},
     nested_value,
-]  # fmt: skip
+]
 
 
 def bad_value(rng: random.Random) -> Any:
@@ -184,8 +262,16 @@ def tiny_generate(rng: random.Random, mid: str) -> dict[str, Any]:
         message["prompt"] = rng.choice(PROMPTS)
     else:
         message["messages"] = [{"role": rng.choice(["system", "user"]), "content": rng.choice(PROMPTS)}]
-    optional = {"temperature": 0.0, "top_p": 0.5, "top_k": 5, "seed": rng.randrange(2**32), "stop": ["\n"],
-                "stream": rng.random() < 0.5, "ignore_eos": rng.random() < 0.5, "engine": "llama"}  # fmt: skip
+    optional = {
+        "temperature": 0.0,
+        "top_p": 0.5,
+        "top_k": 5,
+        "seed": rng.randrange(2**32),
+        "stop": ["\n"],
+        "stream": rng.random() < 0.5,
+        "ignore_eos": rng.random() < 0.5,
+        "engine": "llama",
+    }
     message.update({k: v for k, v in optional.items() if rng.random() < 0.3})
     return message
 
@@ -246,7 +332,9 @@ def surrogate_field(rng: random.Random, mid: str, op: str, path: FieldPath) -> t
 def truncated_json(rng: random.Random, mid: str) -> tuple[bytes, str]:
     whole = frame_of(valid_message(rng, rng.choice(OPS), mid))
     if rng.random() < 0.2:
-        return whole + rng.choice([b"}", b" x", b"{}", b"\x00", b",", b'{"op":"ping","id":"y"}']), "extra data after JSON"
+        return whole + rng.choice(
+            [b"}", b" x", b"{}", b"\x00", b",", b'{"op":"ping","id":"y"}']
+        ), "extra data after JSON"
     return whole[: rng.randrange(len(whole))], "truncated JSON"
 
 
@@ -266,22 +354,49 @@ def deep_nesting(rng: random.Random, mid: str) -> tuple[bytes, str]:
 
 def wrong_shape(rng: random.Random, mid: str) -> tuple[bytes, str]:
     """Valid JSON that is not an object, or an object of no use."""
-    return rng.choice([
-        b"[]", b"[1,2,3]", b"null", b"true", b"false", b"0", b"-0", b"1e999", b'"ping"', b'""', b"{}", b" {} ",
-        b'[{"op":"ping","id":"x"}]', b'{"":""}', b'{"id":null}', b'{"op":null,"id":null}', b"NaN", b"-Infinity",
-        b'{"op":"ping","id":"a","op":"generate"}', b'{"id":"a","id":"b","op":"ping"}',
-    ]), "wrong shape"  # fmt: skip
+    return rng.choice(
+        [
+            b"[]",
+            b"[1,2,3]",
+            b"null",
+            b"true",
+            b"false",
+            b"0",
+            b"-0",
+            b"1e999",
+            b'"ping"',
+            b'""',
+            b"{}",
+            b" {} ",
+            b'[{"op":"ping","id":"x"}]',
+            b'{"":""}',
+            b'{"id":null}',
+            b'{"op":null,"id":null}',
+            b"NaN",
+            b"-Infinity",
+            b'{"op":"ping","id":"a","op":"generate"}',
+            b'{"id":"a","id":"b","op":"ping"}',
+        ]
+    ), "wrong shape"
 
 
 def bad_encoding(rng: random.Random, mid: str) -> tuple[bytes, str]:
     """Frames that are not UTF-8 JSON, though close to it."""
     text = dump(valid_message(rng, rng.choice(OPS), mid))
-    return rng.choice([
-        b"\xef\xbb\xbf" + text.encode(), text.encode("utf-16"), text.encode("utf-32"),
-        text.replace('"', '"\xed\xb0\x80', 1).encode("latin-1"), text.encode().replace(b'"', b'"\xc0\xaf', 1),
-        text.encode().replace(b'"', b'"\x00', 2), text.encode().replace(b'"', b"\xff", 1), b"\x80" + text.encode(),
-        text.encode().replace(b"}", b"\n\t}"), text.replace('"', "'").encode(),
-    ]), "bad encoding"  # fmt: skip
+    return rng.choice(
+        [
+            b"\xef\xbb\xbf" + text.encode(),
+            text.encode("utf-16"),
+            text.encode("utf-32"),
+            text.replace('"', '"\xed\xb0\x80', 1).encode("latin-1"),
+            text.encode().replace(b'"', b'"\xc0\xaf', 1),
+            text.encode().replace(b'"', b'"\x00', 2),
+            text.encode().replace(b'"', b"\xff", 1),
+            b"\x80" + text.encode(),
+            text.encode().replace(b"}", b"\n\t}"),
+            text.replace('"', "'").encode(),
+        ]
+    ), "bad encoding"
 
 
 def huge_fields(rng: random.Random, mid: str) -> tuple[bytes, str]:
@@ -295,35 +410,90 @@ def huge_fields(rng: random.Random, mid: str) -> tuple[bytes, str]:
 
 def unknown_things(rng: random.Random, mid: str) -> tuple[bytes, str]:
     if rng.random() < 0.4:
-        op = rng.choice(["Generate", "GENERATE", "generate ", "stop", "shutdown", "", "cancel\x00", "status!", "__init__",
-                         "restart", "exit", "ping" * 40, "\U0001f600"])  # fmt: skip
+        op = rng.choice(
+            [
+                "Generate",
+                "GENERATE",
+                "generate ",
+                "stop",
+                "shutdown",
+                "",
+                "cancel\x00",
+                "status!",
+                "__init__",
+                "restart",
+                "exit",
+                "ping" * 40,
+                "\U0001f600",
+            ]
+        )
         return frame_of({"op": op, "id": mid}), "unknown op"
     op = rng.choice(OPS)
     message = valid_message(rng, op, mid)
-    name = rng.choice(["max_token", "prompts", "Op", "ID", "__proto__", "constructor", "", "id ", "op\x00", "x" * 2_000,
-                       "params", "worker", "type", "request_id", "\U0001f600"])  # fmt: skip
+    name = rng.choice(
+        [
+            "max_token",
+            "prompts",
+            "Op",
+            "ID",
+            "__proto__",
+            "constructor",
+            "",
+            "id ",
+            "op\x00",
+            "x" * 2_000,
+            "params",
+            "worker",
+            "type",
+            "request_id",
+            "\U0001f600",
+        ]
+    )
     message[name] = bad_value(rng)
     return frame_of(message), f"{op} unknown field"
 
 
 def oversize(rng: random.Random, mid: str) -> tuple[bytes, str]:
     """Over max_message_bytes, below the hard limit: answered with message_too_large."""
-    size = rng.choice([MAX_MESSAGE_BYTES + 1, MAX_MESSAGE_BYTES + rng.randint(2, 2_000), 4 * MAX_MESSAGE_BYTES + 1,
-                       rng.randint(4 * MAX_MESSAGE_BYTES, 2 << 20)])  # fmt: skip
+    size = rng.choice(
+        [
+            MAX_MESSAGE_BYTES + 1,
+            MAX_MESSAGE_BYTES + rng.randint(2, 2_000),
+            4 * MAX_MESSAGE_BYTES + 1,
+            rng.randint(4 * MAX_MESSAGE_BYTES, 2 << 20),
+        ]
+    )
     prefix = b'{"op":"generate","id":"%s","prompt":"' % mid.encode()
     return prefix + b"x" * (size - len(prefix) - 2) + b'"}', "over max_message_bytes"
 
 
 CLIENT_KINDS: list[tuple[str, int]] = [
-    ("random_bytes", 8), ("truncated_json", 8), ("deep_nesting", 4), ("wrong_shape", 4), ("bad_encoding", 4),
-    ("wrong_field", 30), ("surrogate", 14), ("huge", 5), ("unknown", 8), ("oversize", 1), ("multi_frame", 2),
-    ("tiny_generate", 1), ("cancel", 1), ("reuse_id", 1), ("plain", 3),
-]  # fmt: skip
+    ("random_bytes", 8),
+    ("truncated_json", 8),
+    ("deep_nesting", 4),
+    ("wrong_shape", 4),
+    ("bad_encoding", 4),
+    ("wrong_field", 30),
+    ("surrogate", 14),
+    ("huge", 5),
+    ("unknown", 8),
+    ("oversize", 1),
+    ("multi_frame", 2),
+    ("tiny_generate", 1),
+    ("cancel", 1),
+    ("reuse_id", 1),
+    ("plain", 3),
+]
 SIMPLE_MAKERS: dict[str, Callable[[random.Random, str], tuple[bytes, str]]] = {
-    "truncated_json": truncated_json, "deep_nesting": deep_nesting, "wrong_shape": wrong_shape,
-    "bad_encoding": bad_encoding, "huge": huge_fields, "unknown": unknown_things, "oversize": oversize,
+    "truncated_json": truncated_json,
+    "deep_nesting": deep_nesting,
+    "wrong_shape": wrong_shape,
+    "bad_encoding": bad_encoding,
+    "huge": huge_fields,
+    "unknown": unknown_things,
+    "oversize": oversize,
     "random_bytes": lambda rng, mid: (random_bytes(rng), "random bytes"),
-}  # fmt: skip
+}
 
 
 # --- worker messages ----------------------------------------------------------------------------
@@ -332,18 +502,37 @@ SIMPLE_MAKERS: dict[str, Callable[[random.Random, str], tuple[bytes, str]]] = {
 def worker_message(rng: random.Random, kind: str) -> dict[str, Any]:
     rid = rng.choice(["r1", "r2", f"r{rng.randrange(1_000)}", "", "probe"])
     return {
-        "hello": {"type": "hello", "protocol": rng.choice([1, 2, 0]), "engine": "llama", "worker_id": rng.choice(["llama.1", "llama.2"]),
-                  "pid": rng.randrange(1, 1 << 22), "python": "3.11.7", "executable": "/usr/bin/python3", "packages": {}, "versions": {}},
+        "hello": {
+            "type": "hello",
+            "protocol": rng.choice([1, 2, 0]),
+            "engine": "llama",
+            "worker_id": rng.choice(["llama.1", "llama.2"]),
+            "pid": rng.randrange(1, 1 << 22),
+            "python": "3.11.7",
+            "executable": "/usr/bin/python3",
+            "packages": {},
+            "versions": {},
+        },
         "loading": {"type": "loading", "progress": rng.random(), "message": "loading"},
         "ready": {"type": "ready", "model": {"model_name": "forged", "n_ctx": 2048}},
         "load_failed": {"type": "load_failed", "code": "model_load_failed", "message": "forged", "exit_code": 65},
-        "heartbeat": {"type": "heartbeat", "phase": rng.choice(["starting", "loading", "idle", "generating"]), "request_id": rid,
-                      "tokens": rng.randrange(100), "last_token_age_ms": rng.random() * 1e4},
+        "heartbeat": {
+            "type": "heartbeat",
+            "phase": rng.choice(["starting", "loading", "idle", "generating"]),
+            "request_id": rid,
+            "tokens": rng.randrange(100),
+            "last_token_age_ms": rng.random() * 1e4,
+        },
         "token": {"type": "token", "request_id": rid, "text": rng.choice(PROMPTS), "tokens": rng.randrange(3)},
-        "done": {"type": "done", "request_id": rid, "finish_reason": "stop", "usage": {"prompt_tokens": 3, "completion_tokens": 1},
-                 "timings": {"prefill_ms": 1.0, "generate_ms": 2.0}},
+        "done": {
+            "type": "done",
+            "request_id": rid,
+            "finish_reason": "stop",
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1},
+            "timings": {"prefill_ms": 1.0, "generate_ms": 2.0},
+        },
         "error": {"type": "error", "request_id": rid, "code": "internal_error", "message": "forged"},
-    }[kind]  # fmt: skip
+    }[kind]
 
 
 def worker_frames(rng: random.Random) -> list[bytes]:
@@ -356,9 +545,19 @@ def worker_frames(rng: random.Random) -> list[bytes]:
         return [frame_of(message)]
     if roll < 0.8:  # the token fast path's exact form
         rid = rng.choice([b"r1", b"r2", b"r%d" % rng.randrange(100)])
-        return [b'{"type":"token","request_id":"' + rid + b'","text":' + frame_of(rng.choice(PROMPTS + (lone_surrogate_text(rng),))) + b"}"]
+        return [
+            b'{"type":"token","request_id":"'
+            + rid
+            + b'","text":'
+            + frame_of(rng.choice(PROMPTS + (lone_surrogate_text(rng),)))
+            + b"}"
+        ]
     if roll < 0.95:  # garbage
-        return [rng.choice([random_bytes(rng), truncated_json(rng, "w")[0], deep_nesting(rng, "w")[0], wrong_shape(rng, "w")[0]])]
+        return [
+            rng.choice(
+                [random_bytes(rng), truncated_json(rng, "w")[0], deep_nesting(rng, "w")[0], wrong_shape(rng, "w")[0]]
+            )
+        ]
     return [random_bytes(rng, 0, 20), frame_of(worker_message(rng, rng.choice(WORKER_TYPES)))]
 
 
@@ -635,7 +834,11 @@ def reproduce(endpoint: str, frame: bytes, timeout_s: float) -> list[dict[str, A
     replies: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout_s
     try:
-        while not (marked and (ended or mid is None)) and (left := deadline - time.monotonic()) > 0 and sock.poll(max(1, int(left * 1000))):
+        while (
+            not (marked and (ended or mid is None))
+            and (left := deadline - time.monotonic()) > 0
+            and sock.poll(max(1, int(left * 1000)))
+        ):
             event = json.loads(sock.recv_multipart()[-1])
             if event.get("id") == MARK:
                 marked, ended = True, ended or bool(replies)  # answered before the marker: that was all
@@ -764,7 +967,9 @@ def test_fuzz_client_and_worker_endpoints(make_daemon):
         pass
     fuzz.close()
     context.destroy(0)
-    print(f"sent {dict(fuzz.sent)}\n{fuzz.replies} replies: {dict(fuzz.tally.most_common())}\nfuzzing done at {time.monotonic() - started:.1f}s")
+    print(
+        f"sent {dict(fuzz.sent)}\n{fuzz.replies} replies: {dict(fuzz.tally.most_common())}\nfuzzing done at {time.monotonic() - started:.1f}s"
+    )
 
     alive = daemon.process.poll() is None
     if not alive:
@@ -772,14 +977,16 @@ def test_fuzz_client_and_worker_endpoints(make_daemon):
     if rss_warm is not None and rss_after is not None:
         print(f"daemon RSS after the warm-up {rss_warm >> 20} MiB, after the run {rss_after >> 20} MiB")
         if rss_after - rss_warm > RSS_GROWTH_LIMIT:
-            problems.append(f"daemon RSS grew by {(rss_after - rss_warm) >> 20} MiB after the warm-up (limit {RSS_GROWTH_LIMIT >> 20} MiB)")
+            problems.append(
+                f"daemon RSS grew by {(rss_after - rss_warm) >> 20} MiB after the warm-up (limit {RSS_GROWTH_LIMIT >> 20} MiB)"
+            )
     if fuzz.internal_errors:
         labels = Counter(label for blame in fuzz.internal_errors for label in {s[0] for s in blame.suspects})
         problems.append(
             f"{len(fuzz.internal_errors)} replies with code internal_error, e.g. {fuzz.internal_errors[0].reply}; "
             f"what the frames they answer were (count of replies):\n"
             + "\n".join(f"    {n:5d}  {label}" for label, n in labels.most_common(30))
-        )  # fmt: skip
+        )
     if fuzz.bad_replies:
         problems.append(f"{len(fuzz.bad_replies)} replies that are not JSON objects, e.g. {fuzz.bad_replies[0].reply}")
 
@@ -797,8 +1004,10 @@ def test_fuzz_client_and_worker_endpoints(make_daemon):
             problems.append(f"status after the fuzzing got no answer: {exc}")
         else:
             if worker_after["restarts"] != 0 or worker_after["pid"] != worker_before["pid"]:
-                problems.append(f"the llama worker was restarted: restarts {worker_after['restarts']}, pid {worker_before['pid']} -> "
-                                f"{worker_after['pid']}, last exit {worker_after['last_exit']}")  # fmt: skip
+                problems.append(
+                    f"the llama worker was restarted: restarts {worker_after['restarts']}, pid {worker_before['pid']} -> "
+                    f"{worker_after['pid']}, last exit {worker_after['last_exit']}"
+                )
 
     bad_lines, exception_kinds = log_problems(daemon.log_text())
     if bad_lines:
@@ -806,11 +1015,13 @@ def test_fuzz_client_and_worker_endpoints(make_daemon):
             f"{len(bad_lines)} daemon log lines naming an internal error or holding a traceback; exceptions (count):\n"
             + "\n".join(f"    {n:5d}  {kind}" for kind, n in exception_kinds.most_common())
             + f"\n  first line: {bad_lines[0][:500]}"
-        )  # fmt: skip
+        )
     if problems:
         suspects = [s for blame in fuzz.internal_errors for s in blame.suspects] + list(fuzz.generates.values())
         found = triage(make_daemon({"llama": LLAMA}, max_message_bytes=MAX_MESSAGE_BYTES), suspects, TRIAGE_S)
-        problems.append("on a fresh daemon, for each exception logged, a frame that provokes it alone (made small):\n"
-                        + "\n".join("    " + f for f in found))  # fmt: skip
+        problems.append(
+            "on a fresh daemon, for each exception logged, a frame that provokes it alone (made small):\n"
+            + "\n".join("    " + f for f in found)
+        )
     print(f"fuzz test took {time.monotonic() - started:.1f}s")
     assert not problems, f"seed {SEED}:\n" + "\n".join(problems)

@@ -50,7 +50,13 @@ def base_url(daemon: Daemon) -> str:
 
 
 def openai_client(daemon: Daemon, api_key: str = "unused", **options: Any) -> openai.OpenAI:
-    return openai.OpenAI(base_url=base_url(daemon) + "/v1", api_key=api_key, max_retries=0, timeout=options.pop("timeout", 30.0), **options)
+    return openai.OpenAI(
+        base_url=base_url(daemon) + "/v1",
+        api_key=api_key,
+        max_retries=0,
+        timeout=options.pop("timeout", 30.0),
+        **options,
+    )
 
 
 def get(daemon: Daemon, path: str, key: str | None = None) -> tuple[int, dict[str, Any]]:
@@ -64,7 +70,9 @@ def get(daemon: Daemon, path: str, key: str | None = None) -> tuple[int, dict[st
 
 def scrape(daemon: Daemon, key: str | None = None) -> tuple[int, dict[str, Any]]:
     """GET /metrics on the HTTP front: (status, {family name: type}) parsed by prometheus-client's own parser."""
-    request = urllib.request.Request(base_url(daemon) + "/metrics", headers={"Authorization": f"Bearer {key}"} if key else {})
+    request = urllib.request.Request(
+        base_url(daemon) + "/metrics", headers={"Authorization": f"Bearer {key}"} if key else {}
+    )
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, {f.name: f.type for f in text_string_to_metric_families(response.read().decode())}
@@ -83,14 +91,24 @@ def request_end(daemon: Daemon, request_id: str) -> dict[str, Any] | None:
 
 
 def wait_idle(daemon: Daemon, engine: str = "f") -> None:
-    daemon.wait_for(lambda s: all(not e["in_flight"] and not e["workers"][0]["requests"] for e in s["engines"] if e["name"] == engine))
+    daemon.wait_for(
+        lambda s: all(
+            not e["in_flight"] and not e["workers"][0]["requests"] for e in s["engines"] if e["name"] == engine
+        )
+    )
 
 
 @pytest.fixture(scope="module")
 def daemon(shared_state: dict[str, Path]) -> Iterator[Daemon]:
     """Two fake engines with aliases; "f" (preferred) takes one request and queues none."""
     engines = {
-        "f": {"kind": "fake", "priority": 10, "max_queue": 0, "aliases": ["gpt-4o-mini"], "options": {"token_delay_s": 0.01}},
+        "f": {
+            "kind": "fake",
+            "priority": 10,
+            "max_queue": 0,
+            "aliases": ["gpt-4o-mini"],
+            "options": {"token_delay_s": 0.01},
+        },
         "g": {"kind": "fake", "priority": 20, "aliases": ["other-model"], "options": {"token_delay_s": 0.01}},
     }
     started = Daemon(shared_state, engines, **http_settings())
@@ -104,7 +122,9 @@ def daemon(shared_state: dict[str, Path]) -> Iterator[Daemon]:
 
 
 def test_chat_completion_without_streaming(daemon):
-    reply = openai_client(daemon).chat.completions.create(model="f", messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+    reply = openai_client(daemon).chat.completions.create(
+        model="f", messages=[{"role": "user", "content": "hi"}], max_tokens=5
+    )
     assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-") and reply.model == "f"
     choice = reply.choices[0]
     assert choice.message.role == "assistant" and choice.message.content == fake_words(5)
@@ -115,9 +135,15 @@ def test_chat_completion_without_streaming(daemon):
 
 def test_chat_stream_assembles_the_text_and_ends_with_usage(daemon):
     stream = openai_client(daemon).chat.completions.create(
-        model="f", messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}],
-        max_tokens=6, stream=True, stream_options={"include_usage": True},
-    )  # fmt: skip
+        model="f",
+        messages=[
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        ],
+        max_tokens=6,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == fake_words(6)
@@ -128,7 +154,9 @@ def test_chat_stream_assembles_the_text_and_ends_with_usage(daemon):
 
 def test_the_raw_stream_is_server_sent_events_ending_with_done(daemon):
     body = json.dumps({"model": "f", "prompt": "x", "max_tokens": 3, "stream": True}).encode()
-    request = urllib.request.Request(base_url(daemon) + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        base_url(daemon) + "/v1/completions", data=body, headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=10) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         raw = response.read().decode()
@@ -154,7 +182,9 @@ def test_models_list_engines_and_aliases_and_an_alias_selects_its_engine(daemon)
     listed = {m.id: m.model_extra["root"] for m in client.models.list().data}
     assert listed == {"f": "f", "g": "g", "gpt-4o-mini": "f", "other-model": "g"}
     assert client.models.retrieve("other-model").owned_by == "node-supervisor"
-    reply = client.chat.completions.create(model="other-model", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    reply = client.chat.completions.create(
+        model="other-model", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
     assert reply.model == "other-model"
     assert request_end(daemon, reply.id)["engine"] == "g"
 
@@ -164,22 +194,37 @@ def test_models_list_engines_and_aliases_and_an_alias_selects_its_engine(daemon)
 
 def test_an_unknown_model_is_not_found(daemon):
     with pytest.raises(openai.NotFoundError) as caught:
-        openai_client(daemon).chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
+        openai_client(daemon).chat.completions.create(
+            model="no-such-model", messages=[{"role": "user", "content": "hi"}]
+        )
     assert caught.value.code == "model_not_found" and caught.value.param == "model"
     with pytest.raises(openai.NotFoundError):
         openai_client(daemon).models.retrieve("no-such-model")
 
 
-@pytest.mark.parametrize("fields, param", [
-    ({"temperature": 9}, "temperature"),  # the protocol's own range check, its field named
-    ({"max_completion_tokens": 0}, "max_completion_tokens"),  # the protocol's max_tokens, under the name the request used
-    ({"n": 2}, "n"),
-    ({"logprobs": True}, "logprobs"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, "messages[0].content[0]"),
-    ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "t"}]}, "messages[0].role"),
-    ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"temperature": 9}, "temperature"),  # the protocol's own range check, its field named
+        (
+            {"max_completion_tokens": 0},
+            "max_completion_tokens",
+        ),  # the protocol's max_tokens, under the name the request used
+        ({"n": 2}, "n"),
+        ({"logprobs": True}, "logprobs"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}
+                ]
+            },
+            "messages[0].content[0]",
+        ),
+        ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "t"}]}, "messages[0].role"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream
+    ],
+)
 def test_a_bad_or_unsupported_parameter_is_a_bad_request_naming_it(daemon, fields, param):
     request = {"model": "f", "messages": [{"role": "user", "content": "hi"}], **fields}
     with pytest.raises(openai.BadRequestError) as caught:
@@ -189,8 +234,13 @@ def test_a_bad_or_unsupported_parameter_is_a_bad_request_naming_it(daemon, field
 
 
 def test_a_body_over_the_message_limit_or_not_json_is_a_bad_request(daemon):
-    for body, code in ((b'{"prompt": "' + b"x" * (1 << 20) + b'"}', "message_too_large"), (b"[1, 2]", "malformed_message")):
-        request = urllib.request.Request(base_url(daemon) + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    for body, code in (
+        (b'{"prompt": "' + b"x" * (1 << 20) + b'"}', "message_too_large"),
+        (b"[1, 2]", "malformed_message"),
+    ):
+        request = urllib.request.Request(
+            base_url(daemon) + "/v1/completions", data=body, headers={"Content-Type": "application/json"}
+        )
         with pytest.raises(urllib.error.HTTPError) as caught:
             urllib.request.urlopen(request, timeout=10)
         assert caught.value.code == 400 and json.loads(caught.value.read())["error"]["code"] == code
@@ -212,7 +262,9 @@ def test_a_full_engine_is_rate_limited(daemon):
 
 
 def test_closing_a_stream_cancels_its_request(daemon):
-    stream = openai_client(daemon).chat.completions.create(model="f", messages=[{"role": "user", "content": "hi"}], max_tokens=2000, stream=True)
+    stream = openai_client(daemon).chat.completions.create(
+        model="f", messages=[{"role": "user", "content": "hi"}], max_tokens=2000, stream=True
+    )
     seen = [chunk for _, chunk in zip(range(4), stream)]
     stream.close()
     end = wait_until(lambda: request_end(daemon, seen[0].id), 10, "the request's end logged")
@@ -237,7 +289,10 @@ def test_healthz_and_readyz_when_an_engine_serves(daemon):
     status, body = get(daemon, "/readyz")
     assert status == 200 and body["ready"] is True
     assert {e["name"]: e["state"] for e in body["engines"]} == {"f": "ready", "g": "ready"}
-    assert get(daemon, "/v1/nowhere") == (404, {"error": {"message": "Not Found", "type": "invalid_request_error", "param": None, "code": None}})
+    assert get(daemon, "/v1/nowhere") == (
+        404,
+        {"error": {"message": "Not Found", "type": "invalid_request_error", "param": None, "code": None}},
+    )
     assert get(daemon, "/v1/chat/completions")[0] == 405
     status, families = scrape(daemon)  # the Prometheus exposition rides on the front when it is on
     assert status == 200 and families["node_supervisor_time_to_first_token_seconds"] == "histogram", families
@@ -259,10 +314,14 @@ def test_keys_are_required_when_configured_and_readyz_says_why_nothing_serves(ma
         client.completions.create(model="f", prompt="x", max_tokens=2)
     assert caught.value.status_code == 503 and caught.value.code == "engine_unavailable"
     status, body = get(daemon, "/readyz")
-    assert status == 503 and body["ready"] is False and body["engines"] == [{"name": "f", "state": "engine_unavailable"}]
+    assert (
+        status == 503 and body["ready"] is False and body["engines"] == [{"name": "f", "state": "engine_unavailable"}]
+    )
     status, body = get(daemon, "/readyz", key=KEY)
     assert status == 503 and "reason" in body["engines"][0]
-    assert scrape(daemon)[0] == 401 and scrape(daemon, key=KEY)[0] == 200  # /metrics names engines and spend: keys apply
+    assert (
+        scrape(daemon)[0] == 401 and scrape(daemon, key=KEY)[0] == 200
+    )  # /metrics names engines and spend: keys apply
 
 
 def test_a_worker_failing_mid_stream_ends_the_stream_with_an_error_event(make_daemon):
@@ -279,7 +338,9 @@ def test_a_worker_failing_mid_stream_ends_the_stream_with_an_error_event(make_da
 
 
 def test_shutdown_ends_a_running_stream_with_an_error_event(make_daemon, tmp_path):
-    daemon = make_daemon({"f": {"kind": "fake", "options": {"token_delay_s": 0.01}}}, shutdown_grace_s=0.5, **http_settings())
+    daemon = make_daemon(
+        {"f": {"kind": "fake", "options": {"token_delay_s": 0.01}}}, shutdown_grace_s=0.5, **http_settings()
+    )
     stream = openai_client(daemon).completions.create(model="f", prompt="x", max_tokens=5000, stream=True)
     next(iter(stream))
     daemon.process.send_signal(signal.SIGTERM)
@@ -294,7 +355,13 @@ def test_shutdown_ends_a_running_stream_with_an_error_event(make_daemon, tmp_pat
 
 def test_beyond_loopback_without_a_key_the_daemon_refuses_to_start(tmp_path):
     config = write_config(tmp_path, raw=f'[http]\nlisten = "0.0.0.0:{free_port()}"')
-    result = subprocess.run([*CLI, "--config", str(config), "run", "--no-create-envs"], capture_output=True, text=True, timeout=30, env=clean_environ())
+    result = subprocess.run(
+        [*CLI, "--config", str(config), "run", "--no-create-envs"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=clean_environ(),
+    )
     assert result.returncode == 78, result.stderr
     assert "http.api_keys_file" in result.stderr and "Traceback" not in result.stderr
 
@@ -307,12 +374,18 @@ def test_run_http_flag_overrides_the_listen_address_only(tmp_path):
     assert settings.http.listen == "[::1]:8080" and settings.http.api_keys_env == ["MY_KEY"]
 
 
-@pytest.mark.parametrize("overrides, key", [
-    ({"http": {"listen": "8080"}}, "http.listen"),
-    ({"http": {"listen": "localhost:70000"}}, "http.listen"),
-    ({"engines": {"a": {"kind": "fake", "aliases": ["b"]}, "b": {"kind": "fake"}}}, "engines.a.aliases"),
-    ({"engines": {"a": {"kind": "fake", "aliases": ["m"]}, "b": {"kind": "fake", "aliases": ["m"]}}}, "engines.b.aliases"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ({"http": {"listen": "8080"}}, "http.listen"),
+        ({"http": {"listen": "localhost:70000"}}, "http.listen"),
+        ({"engines": {"a": {"kind": "fake", "aliases": ["b"]}, "b": {"kind": "fake"}}}, "engines.a.aliases"),
+        (
+            {"engines": {"a": {"kind": "fake", "aliases": ["m"]}, "b": {"kind": "fake", "aliases": ["m"]}}},
+            "engines.b.aliases",
+        ),
+    ],
+)
 def test_bad_http_settings_and_clashing_aliases_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_settings(None, overrides)
@@ -325,7 +398,12 @@ def test_bad_http_settings_and_clashing_aliases_name_the_key(overrides, key):
 def test_a_chat_completion_on_the_default_model(make_daemon):
     daemon = make_daemon({"llama": LLAMA}, **http_settings())
     reply = openai_client(daemon, timeout=120.0).chat.completions.create(
-        model="default", messages=[{"role": "user", "content": "Name one colour."}], max_tokens=16, temperature=0, seed=1)
+        model="default",
+        messages=[{"role": "user", "content": "Name one colour."}],
+        max_tokens=16,
+        temperature=0,
+        seed=1,
+    )
     assert reply.choices[0].message.content.strip()
     assert reply.choices[0].finish_reason in ("stop", "length")
     assert 0 < reply.usage.completion_tokens <= 16 and reply.usage.prompt_tokens > 5

@@ -71,9 +71,17 @@ def test_client_library_imports_only_pyzmq_and_the_protocol():
 def test_envs_check_reports_interpreter_library_numpy_and_gpu_support(shared_state):
     import os
 
-    environ = {**os.environ, "NODESUP_ENVS_DIR": str(shared_state["envs_dir"]), "NODESUP_STATE_DIR": str(shared_state["envs_dir"].parent)}
+    environ = {
+        **os.environ,
+        "NODESUP_ENVS_DIR": str(shared_state["envs_dir"]),
+        "NODESUP_STATE_DIR": str(shared_state["envs_dir"].parent),
+    }
     result = subprocess.run(
-        [sys.executable, "-m", "supervisor.cli", "envs", "check", "llamacpp"], capture_output=True, text=True, env=environ, timeout=120
+        [sys.executable, "-m", "supervisor.cli", "envs", "check", "llamacpp"],
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout

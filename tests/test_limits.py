@@ -28,13 +28,17 @@ def test_a_client_that_stops_reading_is_cut_off_at_the_documented_backlog_throug
     slow.connect(daemon.endpoint)
     try:
         slow.send(json.dumps({"op": "generate", "id": "never-read", "prompt": "x", "max_tokens": 300_000}).encode())
-        ended = wait_until(lambda: [e for e in request_end_lines(daemon) if e["request_id"] == "never-read"], 120, "the request's end")
+        ended = wait_until(
+            lambda: [e for e in request_end_lines(daemon) if e["request_id"] == "never-read"], 120, "the request's end"
+        )
     finally:
         slow.close()
         context.term()
     (end,) = ended
     assert end["code"] == "client_gone", end
-    assert BACKLOG_LIMIT <= end["tokens"] < 300_000, end  # cut at the documented limit, not ~2,000, and not run to the end
+    assert BACKLOG_LIMIT <= end["tokens"] < 300_000, (
+        end
+    )  # cut at the documented limit, not ~2,000, and not run to the end
     engine = daemon.engine("f")
     assert engine["failed"] == 1 and engine["served"] == 0
     assert daemon.status()["daemon"]["requests_in_progress"] == 0
@@ -74,7 +78,9 @@ def test_a_local_process_claiming_a_worker_id_is_refused_and_the_real_worker_reg
             rogue.send(json.dumps({"type": "hello", "protocol": 1, "worker_id": identity, "pid": os.getpid()}).encode())
             rogues.append(rogue)
         os.kill(first["pid"], signal.SIGKILL)  # its replacement will be f.2, the id a rogue already holds
-        daemon.wait_for(lambda s: s["engines"][0]["workers"][0]["id"] == "f.2" and s["engines"][0]["state"] == "ready", timeout=30)
+        daemon.wait_for(
+            lambda s: s["engines"][0]["workers"][0]["id"] == "f.2" and s["engines"][0]["state"] == "ready", timeout=30
+        )
         _, done = collect(daemon.client().generate(prompt="x", max_tokens=3))
         assert done["event"] == "done" and done["worker"] == "f.2"
         assert all(rogue.poll(0) == 0 for rogue in rogues)  # told nothing, not even to shut down

@@ -27,8 +27,10 @@ def report(shared_state: dict[str, Path]) -> dict[str, Any]:
     script = REPO / "tests" / "llamacpp_reference.py"
     proc = subprocess.run(
         [str(env_python(shared_state["envs_dir"] / "llamacpp")), str(script), str(REPO), str(shared_state["model"])],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)
 
@@ -48,7 +50,9 @@ def test_greedy_and_seeded_texts_and_token_counts_are_create_completions(report)
 def test_a_prompt_is_evaluated_from_where_it_differs_from_what_the_context_holds(report):
     first, longer, again = (case["ours"] for case in report["cases"][:3])
     assert first["prompt_evaluated"] == first["prompt_tokens"]  # a fresh context
-    assert longer["prompt_evaluated"] == longer["prompt_tokens"] - first["prompt_tokens"]  # it starts with the first prompt
+    assert (
+        longer["prompt_evaluated"] == longer["prompt_tokens"] - first["prompt_tokens"]
+    )  # it starts with the first prompt
     assert again["prompt_evaluated"] == 1  # all held: only the last token again, for its logits
 
 
@@ -62,14 +66,18 @@ def test_cancelling_between_tokens_ends_with_the_tokens_so_far(report):
 def test_a_stop_string_ends_the_text_before_it(report):
     ours, reference = report["stopped"]["ours"], report["stopped"]["reference"]
     assert ours["finish"] == "stop" and ours["text"] == reference["text"]
-    assert "country of" not in ours["text"] and report["cases"][0]["ours"]["text"].startswith(ours["text"] + "country of")
+    assert "country of" not in ours["text"] and report["cases"][0]["ours"]["text"].startswith(
+        ours["text"] + "country of"
+    )
     assert ours["tokens_sent"] < ours["completion_tokens"]  # the stop string's tokens were generated, never sent
 
 
 def test_ignore_eos_chains_never_pick_an_end_of_generation_token(report):
     picks = report["eog_picks"]
     eog = set(picks["eog"])
-    assert eog and all(p in eog for p in picks["greedy"]) and any(p in eog for p in picks["sampled"])  # they lead without the ban
+    assert (
+        eog and all(p in eog for p in picks["greedy"]) and any(p in eog for p in picks["sampled"])
+    )  # they lead without the ban
     assert not eog & set(picks["greedy_ignore_eos"] + picks["sampled_ignore_eos"])
 
 
@@ -77,7 +85,13 @@ def test_settings_in_force_default_to_the_physical_cores_and_cpu_batches(report)
     defaults = {k: report["defaults"][k] for k in IN_FORCE}
     every_cpu = len(os.sched_getaffinity(0)) == os.cpu_count() if hasattr(os, "sched_getaffinity") else True
     cores = psutil.cpu_count(logical=False) if every_cpu else report["physical_cores"]
-    assert defaults == {"n_threads": cores, "n_threads_batch": cores, "n_batch": 512, "n_ubatch": 512, "flash_attn": False}
+    assert defaults == {
+        "n_threads": cores,
+        "n_threads_batch": cores,
+        "n_batch": 512,
+        "n_ubatch": 512,
+        "flash_attn": False,
+    }
 
 
 def test_explicit_settings_are_what_llama_cpp_runs_with(report):

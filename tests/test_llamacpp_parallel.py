@@ -23,8 +23,12 @@ pytestmark = pytest.mark.real_engine
 @pytest.fixture(scope="module")
 def report(shared_state: dict[str, Path]) -> dict[str, Any]:
     script = REPO / "tests" / "llamacpp_parallel_reference.py"
-    proc = subprocess.run([str(env_python(shared_state["envs_dir"] / "llamacpp")), str(script), str(REPO), str(shared_state["model"])],
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [str(env_python(shared_state["envs_dir"] / "llamacpp")), str(script), str(REPO), str(shared_state["model"])],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)
 

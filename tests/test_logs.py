@@ -81,17 +81,28 @@ def test_no_rotation_at_zero_bytes_and_a_moved_file_is_reopened(tmp_path, loggin
 
 def test_the_daemon_rotates_its_log_at_log_max_bytes(make_daemon, tmp_path):
     engine, _ = fake_engine(tmp_path)
-    daemon = make_daemon({"f": engine}, log_max_bytes=2048, log_backups=2, supervision={"probe_interval_s": 0})  # no probes: a quiet log
+    daemon = make_daemon(
+        {"f": engine}, log_max_bytes=2048, log_backups=2, supervision={"probe_interval_s": 0}
+    )  # no probes: a quiet log
     client = daemon.client()
     for _ in range(12):  # each request is one "request end" line of about 350 bytes
         assert collect(client.generate(prompt="hi", max_tokens=2))[1]["event"] == "done"
     log_file = daemon.state_dir / "logs" / LOG_FILE
-    files = wait_until(lambda: len(log_files(log_file)) == 3 and log_files(log_file), 30, "two rotated files and the current one")
+    files = wait_until(
+        lambda: len(log_files(log_file)) == 3 and log_files(log_file), 30, "two rotated files and the current one"
+    )
     assert all(0 < path.stat().st_size <= 2048 for path in files) and not backup_path(log_file, 3).exists()
-    result = subprocess.run([*CLI, "--config", str(daemon.config_path), "logs", "--json"], capture_output=True, timeout=30)
+    result = subprocess.run(
+        [*CLI, "--config", str(daemon.config_path), "logs", "--json"], capture_output=True, timeout=30
+    )
     assert result.returncode == 0 and result.stdout == b"".join(path.read_bytes() for path in files)
     worker_id = daemon.engine("f")["workers"][0]["id"]
-    result = subprocess.run([*CLI, "--config", str(daemon.config_path), "logs", "--worker", worker_id], capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [*CLI, "--config", str(daemon.config_path), "logs", "--worker", worker_id],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 0 and result.stdout.strip(), result.stderr
     assert all(f"worker_id={worker_id}" in line for line in result.stdout.splitlines())
 
@@ -105,9 +116,13 @@ def test_follow_reads_every_line_once_in_order_while_the_file_rotates(tmp_path, 
     assert log_file is not None
     log = get_logger("test.follow")
     log.info("before the reader")
-    reader = subprocess.Popen([*CLI, "--state-dir", str(tmp_path), "logs", "-f", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    reader = subprocess.Popen(
+        [*CLI, "--state-dir", str(tmp_path), "logs", "-f", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     received: list[dict[str, Any]] = []
-    threading.Thread(target=lambda: received.extend(json.loads(line) for line in reader.stdout or []), daemon=True).start()
+    threading.Thread(
+        target=lambda: received.extend(json.loads(line) for line in reader.stdout or []), daemon=True
+    ).start()
 
     def write() -> None:
         for n in range(total):
@@ -147,7 +162,9 @@ def test_follow_finds_its_way_through_several_rotations_between_two_looks(tmp_pa
             for n in range(3, 60):
                 log.info("numbered", n=n, padding="x" * 100)
 
-    lines = follow_lines(log_file, stop=lambda: len(looks) >= 2, idle=while_the_reader_waits, poll_s=0.01)  # the second look ends it
+    lines = follow_lines(
+        log_file, stop=lambda: len(looks) >= 2, idle=while_the_reader_waits, poll_s=0.01
+    )  # the second look ends it
     assert [json.loads(line)["n"] for line in lines] == list(range(60))
     assert looks[0] == 1 and looks[1] > 12, looks  # one file at the first look; many after it
 
@@ -163,19 +180,44 @@ def known_log(tmp_path) -> tuple[Path, bytes]:
     now = datetime.now(timezone.utc)
     older = [
         record(now - timedelta(hours=3), "info", "worker started", engine="llama", worker_id="llama.1", pid=10),
-        record(now - timedelta(hours=2), "debug", "worker.output line", engine="llama", worker_id="llama.1", source="llama.cpp"),
+        record(
+            now - timedelta(hours=2),
+            "debug",
+            "worker.output line",
+            engine="llama",
+            worker_id="llama.1",
+            source="llama.cpp",
+        ),
     ]
     newer = [
-        record(now - timedelta(minutes=20), "warning", "retrying request after worker exit", request_id="r-1", engine="exl2"),
-        record(now - timedelta(minutes=5), "info", "request end", request_id="r-1", engine="exl2", worker_id="exl2.4", tokens=12),
+        record(
+            now - timedelta(minutes=20),
+            "warning",
+            "retrying request after worker exit",
+            request_id="r-1",
+            engine="exl2",
+        ),
+        record(
+            now - timedelta(minutes=5),
+            "info",
+            "request end",
+            request_id="r-1",
+            engine="exl2",
+            worker_id="exl2.4",
+            tokens=12,
+        ),
         record(now - timedelta(minutes=1), "error", "worker did not exit after SIGKILL", worker_id="llama.2", pid=11),
     ]
     log_dir = tmp_path / "logs"
     log_dir.mkdir()
     rotated = b"".join(json.dumps(r).encode() + b"\n" for r in older)
-    current = json.dumps(newer[0], ensure_ascii=False).encode() + b"\n" + b"not json at all \xff\xfe\n" + b"".join(
-        json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in newer[1:]
-    ) + b'[1, 2]\n{"half a record"\n'  # fmt: skip
+    current = (
+        json.dumps(newer[0], ensure_ascii=False).encode()
+        + b"\n"
+        + b"not json at all \xff\xfe\n"
+        + b"".join(json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in newer[1:])
+        + b'[1, 2]\n{"half a record"\n'
+    )
     (log_dir / f"{LOG_FILE}.1").write_bytes(rotated)
     (log_dir / LOG_FILE).write_bytes(current)
     return tmp_path, rotated + current
@@ -210,13 +252,22 @@ def test_readable_lines_and_garbage_shown_as_it_is(known_log, capsysbinary):
 @pytest.mark.parametrize(
     "flags, expected",
     [
-        (["--engine", "llama"], ["worker started", "worker.output line", "worker did not exit after SIGKILL"]),  # llama.2 names no engine
+        (
+            ["--engine", "llama"],
+            ["worker started", "worker.output line", "worker did not exit after SIGKILL"],
+        ),  # llama.2 names no engine
         (["--worker", "llama.1"], ["worker started", "worker.output line"]),
         (["--request", "r-1"], ["retrying request after worker exit", "request end"]),
         (["--level", "warning"], ["retrying request after worker exit", "worker did not exit after SIGKILL"]),
         (["--level", "debug", "--engine", "exl2"], ["retrying request after worker exit", "request end"]),
-        (["--since", "30m"], ["retrying request after worker exit", "request end", "worker did not exit after SIGKILL"]),
-        (["--since", "150m", "--level", "info"], ["retrying request after worker exit", "request end", "worker did not exit after SIGKILL"]),
+        (
+            ["--since", "30m"],
+            ["retrying request after worker exit", "request end", "worker did not exit after SIGKILL"],
+        ),
+        (
+            ["--since", "150m", "--level", "info"],
+            ["retrying request after worker exit", "request end", "worker did not exit after SIGKILL"],
+        ),
     ],
 )
 def test_filters_select_on_the_fields_the_daemon_logs(known_log, capsysbinary, flags, expected):
@@ -226,15 +277,24 @@ def test_filters_select_on_the_fields_the_daemon_logs(known_log, capsysbinary, f
 
 def test_since_takes_an_iso_time(known_log, capsysbinary):
     moment = (datetime.now() - timedelta(minutes=10)).replace(microsecond=0)  # local time, no zone
-    assert events_of(run_logs(known_log[0], capsysbinary, "--json", "--since", moment.isoformat())) == ["request end", "worker did not exit after SIGKILL"]
-    assert events_of(run_logs(known_log[0], capsysbinary, "--json", "--since", "2000-01-01T00:00:00+00:00", "--level", "error")) == ["worker did not exit after SIGKILL"]
+    assert events_of(run_logs(known_log[0], capsysbinary, "--json", "--since", moment.isoformat())) == [
+        "request end",
+        "worker did not exit after SIGKILL",
+    ]
+    assert events_of(
+        run_logs(known_log[0], capsysbinary, "--json", "--since", "2000-01-01T00:00:00+00:00", "--level", "error")
+    ) == ["worker did not exit after SIGKILL"]
 
 
 def test_missing_log_directory_and_bad_since_say_so_in_one_line(tmp_path):
-    result = subprocess.run([*CLI, "--state-dir", str(tmp_path / "none"), "logs"], capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [*CLI, "--state-dir", str(tmp_path / "none"), "logs"], capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == ExitCode.NO_INPUT and result.stdout == ""
     assert result.stderr.strip().count("\n") == 0 and str(tmp_path / "none" / "logs") in result.stderr
-    result = subprocess.run([*CLI, "--state-dir", str(tmp_path), "logs", "--since", "yesterday"], capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [*CLI, "--state-dir", str(tmp_path), "logs", "--since", "yesterday"], capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 2 and "--since" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -260,7 +320,15 @@ def test_llama_cpp_lines_keep_their_level_and_load_detail_is_debug(level, line, 
 
 
 def test_worker_lines_are_logged_at_the_level_the_worker_gave():
-    assert parse_worker_line("DEBUG llama.cpp: print_info: n_head = 4") == (logging.DEBUG, "llama.cpp", "print_info: n_head = 4")
+    assert parse_worker_line("DEBUG llama.cpp: print_info: n_head = 4") == (
+        logging.DEBUG,
+        "llama.cpp",
+        "print_info: n_head = 4",
+    )
     assert parse_worker_line("WARNING worker: slow") == (logging.WARNING, "worker", "slow")
-    assert parse_worker_line("Traceback (most recent call last):") == (logging.INFO, None, "Traceback (most recent call last):")
-    assert parse_worker_line("  File \"x.py\", line 1") == (logging.INFO, None, "  File \"x.py\", line 1")
+    assert parse_worker_line("Traceback (most recent call last):") == (
+        logging.INFO,
+        None,
+        "Traceback (most recent call last):",
+    )
+    assert parse_worker_line('  File "x.py", line 1') == (logging.INFO, None, '  File "x.py", line 1')

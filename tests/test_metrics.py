@@ -79,36 +79,73 @@ def test_a_scrape_shows_what_the_daemon_did(make_daemon, tmp_path):
     ends.append(collect(client.generate(prompt="hi", max_tokens=50)))
     control.write_text(json.dumps({"token_delay_s": 0.01}))
     _, refused = collect(client.generate(prompt="hi", engine="no-such-engine"))
-    status = daemon.wait_for(lambda s: s["engines"][0]["state"] == "ready" and s["engines"][0]["workers"][0]["restarts"] == 1)
+    status = daemon.wait_for(
+        lambda s: s["engines"][0]["state"] == "ready" and s["engines"][0]["workers"][0]["restarts"] == 1
+    )
 
     terminals = [end for _, end in ends]
-    assert [e.get("finish_reason") or e["code"] for e in terminals] == ["length", "cancelled", "cancelled", "deadline_exceeded", "engine_failed"]
+    assert [e.get("finish_reason") or e["code"] for e in terminals] == [
+        "length",
+        "cancelled",
+        "cancelled",
+        "deadline_exceeded",
+        "engine_failed",
+    ]
     assert refused["code"] == p.ErrorCode.UNKNOWN_ENGINE
     families = scrape(url)
-    types = {name[len(PREFIX):]: family.type for name, family in families.items() if name.startswith(PREFIX)}
+    types = {name[len(PREFIX) :]: family.type for name, family in families.items() if name.startswith(PREFIX)}
     assert types == {
-        "num_requests_running": "gauge", "num_requests_waiting": "gauge", "request_success": "counter", "request_errors": "counter",
-        "requests_refused": "counter", "time_to_first_token_seconds": "histogram", "inter_token_latency_seconds": "histogram",
-        "e2e_request_latency_seconds": "histogram", "request_queue_time_seconds": "histogram", "prompt_tokens": "counter",
-        "generation_tokens": "counter", "cost": "counter", "prompt_tokens_today": "gauge", "generation_tokens_today": "gauge",
-        "cost_today": "gauge", "budget_exhausted": "gauge", "daily_budget": "gauge", "worker_restarts": "counter",
-        "circuit_state": "gauge", "engine_info": "gauge", "worker_gpu_memory_bytes": "gauge",
-    }  # fmt: skip
+        "num_requests_running": "gauge",
+        "num_requests_waiting": "gauge",
+        "request_success": "counter",
+        "request_errors": "counter",
+        "requests_refused": "counter",
+        "time_to_first_token_seconds": "histogram",
+        "inter_token_latency_seconds": "histogram",
+        "e2e_request_latency_seconds": "histogram",
+        "request_queue_time_seconds": "histogram",
+        "prompt_tokens": "counter",
+        "generation_tokens": "counter",
+        "cost": "counter",
+        "prompt_tokens_today": "gauge",
+        "generation_tokens_today": "gauge",
+        "cost_today": "gauge",
+        "budget_exhausted": "gauge",
+        "daily_budget": "gauge",
+        "worker_restarts": "counter",
+        "circuit_state": "gauge",
+        "engine_info": "gauge",
+        "worker_gpu_memory_bytes": "gauge",
+    }
 
     # How each request ended, by finish reason and by error code.
     finished = Counter(e["finish_reason"] for e in terminals if e["event"] == "done")
     for reason in (p.FINISH_STOP, p.FINISH_LENGTH, p.FINISH_CANCELLED):
         assert value(families, "request_success", "_total", engine="f", finished_reason=reason) == finished[reason]
     errors = Counter(e["code"] for e in terminals if e["event"] == "error")
-    assert samples(families, "request_errors", "_total") == {(("code", code), ("engine", "f")): n for code, n in errors.items()}
-    assert samples(families, "requests_refused", "_total") == {(("code", p.ErrorCode.UNKNOWN_ENGINE), ("engine", "")): 1}
+    assert samples(families, "request_errors", "_total") == {
+        (("code", code), ("engine", "f")): n for code, n in errors.items()
+    }
+    assert samples(families, "requests_refused", "_total") == {
+        (("code", p.ErrorCode.UNKNOWN_ENGINE), ("engine", "")): 1
+    }
 
     # Tokens: generated ones as streamed (one per token event here), prompt ones as the worker counted them.
     streamed = [len(tokens) for tokens, _ in ends]
     prompt = sum((e.get("usage") or {}).get("prompt_tokens") or 0 for e in terminals)
-    assert value(families, "generation_tokens", "_total", engine="f") == sum(streamed) == value(families, "generation_tokens_today", engine="f")
-    assert value(families, "prompt_tokens", "_total", engine="f") == prompt == value(families, "prompt_tokens_today", engine="f")
-    assert value(families, "cost", "_total", engine="f") == pytest.approx((prompt * 1000.0 + sum(streamed) * 2000.0) / 1e6)
+    assert (
+        value(families, "generation_tokens", "_total", engine="f")
+        == sum(streamed)
+        == value(families, "generation_tokens_today", engine="f")
+    )
+    assert (
+        value(families, "prompt_tokens", "_total", engine="f")
+        == prompt
+        == value(families, "prompt_tokens_today", engine="f")
+    )
+    assert value(families, "cost", "_total", engine="f") == pytest.approx(
+        (prompt * 1000.0 + sum(streamed) * 2000.0) / 1e6
+    )
     assert samples(families, "daily_budget") == {} and value(families, "budget_exhausted", engine="f") == 0
 
     # Histograms: one observation per request end, per first token, per later token.
@@ -116,22 +153,40 @@ def test_a_scrape_shows_what_the_daemon_did(make_daemon, tmp_path):
     assert value(families, "e2e_request_latency_seconds", "_bucket", engine="f", le="+Inf") == len(ends)
     assert value(families, "time_to_first_token_seconds", "_count", engine="f") == sum(1 for n in streamed if n)
     assert value(families, "inter_token_latency_seconds", "_count", engine="f") == sum(n - 1 for n in streamed if n)
-    assert value(families, "request_queue_time_seconds", "_count", engine="f") == len(ends) - 1  # the cancelled waiter never ran
+    assert (
+        value(families, "request_queue_time_seconds", "_count", engine="f") == len(ends) - 1
+    )  # the cancelled waiter never ran
 
-    restarts = {cause: value(families, "worker_restarts", "_total", engine="f", cause=cause) for cause in ("crash", "hang", "probe_failure", "oom", "load_failure")}
+    restarts = {
+        cause: value(families, "worker_restarts", "_total", engine="f", cause=cause)
+        for cause in ("crash", "hang", "probe_failure", "oom", "load_failure")
+    }
     assert restarts == {"crash": 1, "hang": 0, "probe_failure": 0, "oom": 0, "load_failure": 0}
-    assert value(families, "num_requests_running", engine="f") == 0 and value(families, "num_requests_waiting", engine="f") == 0
-    assert {state: value(families, "circuit_state", engine="f", state=state) for state in ("closed", "open", "half_open")} == {"closed": 1, "open": 0, "half_open": 0}
+    assert (
+        value(families, "num_requests_running", engine="f") == 0
+        and value(families, "num_requests_waiting", engine="f") == 0
+    )
+    assert {
+        state: value(families, "circuit_state", engine="f", state=state) for state in ("closed", "open", "half_open")
+    } == {"closed": 1, "open": 0, "half_open": 0}
     assert value(families, "engine_info", engine="f", kind="fake", model=status["engines"][0]["model"]) == 1
     worker = status["engines"][0]["workers"][0]
-    gpu = {} if worker["gpu_memory_bytes"] is None else {(("engine", "f"), ("worker", worker["id"])): worker["gpu_memory_bytes"]}
+    gpu = (
+        {}
+        if worker["gpu_memory_bytes"] is None
+        else {(("engine", "f"), ("worker", worker["id"])): worker["gpu_memory_bytes"]}
+    )
     assert samples(families, "worker_gpu_memory_bytes") == gpu  # none without a GPU probe's devices
     assert "process_resident_memory_bytes" in families or "process_cpu_seconds" in families  # the standard collectors
 
     # The same figures in `node-supervisor status`.
-    shown = subprocess.run([*CLI, "--config", str(daemon.config_path), "status"], capture_output=True, text=True, timeout=30)
+    shown = subprocess.run(
+        [*CLI, "--config", str(daemon.config_path), "status"], capture_output=True, text=True, timeout=30
+    )
     assert f"metrics: {url}" in shown.stdout
-    assert f"tokens prompt/generated {prompt}/{sum(streamed)}, today {prompt}/{sum(streamed)}  cost today " in shown.stdout
+    assert (
+        f"tokens prompt/generated {prompt}/{sum(streamed)}, today {prompt}/{sum(streamed)}  cost today " in shown.stdout
+    )
 
 
 def test_the_metrics_port_answers_only_get_on_its_path(make_daemon, tmp_path):
@@ -171,7 +226,10 @@ def test_budget_and_cost_figures_in_the_exposition():
     body, content_type = MetricsExporter(NodeCollector(core.engines)).render()
     assert content_type.startswith("text/plain")
     families = parse(body.decode())
-    assert value(families, "budget_exhausted", engine="paid") == 1 and value(families, "budget_exhausted", engine="free") == 0
+    assert (
+        value(families, "budget_exhausted", engine="paid") == 1
+        and value(families, "budget_exhausted", engine="free") == 0
+    )
     assert samples(families, "daily_budget") == {(("engine", "paid"),): 5.0}
     assert value(families, "cost_today", engine="paid") == 5.0 == value(families, "cost", "_total", engine="paid")
     assert value(families, "requests_refused", "_total", engine="paid", code=p.ErrorCode.BUDGET_EXHAUSTED) == 1
@@ -203,14 +261,31 @@ def test_gpu_memory_per_worker_comes_from_the_probe():
     core.supervisor.start(core.now)
     core.bring_up("a")
     core.bring_up("b")
-    device = GpuDevice(index=0, name="GPU", uuid="GPU-0", total_bytes=80 << 30, free_bytes=70 << 30, used_bytes=10 << 30,
-                       processes=(GpuProcess(pid=111, used_bytes=6 << 30), GpuProcess(pid=999, used_bytes=4 << 30)))  # fmt: skip
-    second = GpuDevice(index=1, name="GPU", uuid="GPU-1", total_bytes=80 << 30, free_bytes=79 << 30, used_bytes=1 << 30,
-                       processes=(GpuProcess(pid=111, used_bytes=1 << 30),))  # fmt: skip
+    device = GpuDevice(
+        index=0,
+        name="GPU",
+        uuid="GPU-0",
+        total_bytes=80 << 30,
+        free_bytes=70 << 30,
+        used_bytes=10 << 30,
+        processes=(GpuProcess(pid=111, used_bytes=6 << 30), GpuProcess(pid=999, used_bytes=4 << 30)),
+    )
+    second = GpuDevice(
+        index=1,
+        name="GPU",
+        uuid="GPU-1",
+        total_bytes=80 << 30,
+        free_bytes=79 << 30,
+        used_bytes=1 << 30,
+        processes=(GpuProcess(pid=111, used_bytes=1 << 30),),
+    )
     planning = Planning(core.settings, lambda: GpuSnapshot((device, second), "580.00", "13.0", ""))
     processes: dict[str, Any] = {"a.1": SimpleNamespace(pid=111), "b.1": SimpleNamespace(pid=222)}
     families = parse(MetricsExporter(NodeCollector(core.engines, planning, processes)).render()[0].decode())
-    assert samples(families, "worker_gpu_memory_bytes") == {(("engine", "a"), ("worker", "a.1")): 7 << 30, (("engine", "b"), ("worker", "b.1")): 0}
+    assert samples(families, "worker_gpu_memory_bytes") == {
+        (("engine", "a"), ("worker", "a.1")): 7 << 30,
+        (("engine", "b"), ("worker", "b.1")): 0,
+    }
     no_gpu = Planning(core.settings, lambda: GpuSnapshot((), None, None, "no NVIDIA driver"))
     families = parse(MetricsExporter(NodeCollector(core.engines, no_gpu, processes)).render()[0].decode())
     assert samples(families, "worker_gpu_memory_bytes") == {}

@@ -26,6 +26,8 @@ from .gguf_writer import Q, tensor_bytes, write_gguf
 REPO = Path(__file__).resolve().parent.parent
 TEST_STATE = Path(os.environ.get("NODESUP_TEST_STATE") or REPO / ".state")
 DEFAULT_MODEL = TEST_STATE / "data" / "models" / "gemma-3-270m-q4_k_m.gguf"
+
+
 def llama_like(
     n_layer: int = 2,
     n_embd: int = 2048,
@@ -40,12 +42,18 @@ def llama_like(
     that llama.cpp loads: no tokenizer ("none") and ``llama.vocab_size`` dummy tokens."""
     head_dim = n_embd // n_head
     kv: dict[str, Any] = {
-        "llama.block_count": n_layer, "llama.embedding_length": n_embd, "llama.feed_forward_length": n_ff,
-        "llama.attention.head_count": n_head, "llama.attention.head_count_kv": n_head_kv,
-        "llama.context_length": 2048, "llama.rope.dimension_count": head_dim,
-        "llama.attention.layer_norm_rms_epsilon": 1e-5, "llama.vocab_size": n_vocab,
-        "general.file_type": 7, "tokenizer.ggml.model": "none",
-    }  # fmt: skip
+        "llama.block_count": n_layer,
+        "llama.embedding_length": n_embd,
+        "llama.feed_forward_length": n_ff,
+        "llama.attention.head_count": n_head,
+        "llama.attention.head_count_kv": n_head_kv,
+        "llama.context_length": 2048,
+        "llama.rope.dimension_count": head_dim,
+        "llama.attention.layer_norm_rms_epsilon": 1e-5,
+        "llama.vocab_size": n_vocab,
+        "general.file_type": 7,
+        "tokenizer.ggml.model": "none",
+    }
     tensors = [("token_embd.weight", (n_embd, n_vocab), qtype), ("output_norm.weight", (n_embd,), Q.F32)]
     if not tied:
         tensors.append(("output.weight", (n_embd, n_vocab), qtype))
@@ -193,13 +201,24 @@ def _write_safetensors(path: Path, tensors: dict[str, int]) -> None:
 
 def test_exl2_directory(tmp_path):
     config = {
-        "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2, "hidden_size": 256,
-        "num_attention_heads": 8, "num_key_value_heads": 2, "max_position_embeddings": 4096, "vocab_size": 1000,
+        "architectures": ["LlamaForCausalLM"],
+        "num_hidden_layers": 2,
+        "hidden_size": 256,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 4096,
+        "vocab_size": 1000,
         "quantization_config": {"quant_method": "exl2", "bits": 4.25, "head_bits": 6},
-    }  # fmt: skip
+    }
     (tmp_path / "config.json").write_text(json.dumps(config))
-    _write_safetensors(tmp_path / "output-00001.safetensors", {"model.embed_tokens.weight": 512000, "model.layers.0.self_attn.q_proj.q_weight": 3000})
-    _write_safetensors(tmp_path / "output-00002.safetensors", {"model.layers.1.mlp.up_proj.q_weight": 5000, "lm_head.q_weight": 7000, "model.norm.weight": 512})
+    _write_safetensors(
+        tmp_path / "output-00001.safetensors",
+        {"model.embed_tokens.weight": 512000, "model.layers.0.self_attn.q_proj.q_weight": 3000},
+    )
+    _write_safetensors(
+        tmp_path / "output-00002.safetensors",
+        {"model.layers.1.mlp.up_proj.q_weight": 5000, "lm_head.q_weight": 7000, "model.norm.weight": 512},
+    )
     facts = read_model_facts(tmp_path)
     assert isinstance(facts, ModelFacts)
     assert (facts.format, facts.architecture, facts.bits, facts.head_bits) == ("exl2", "LlamaForCausalLM", 4.25, 6)
@@ -245,7 +264,12 @@ def test_the_format_numbers_written_out_are_ggmls_own(shared_state):
         "lib.ggml_type_size.restype = ctypes.c_size_t; lib.ggml_blck_size.restype = ctypes.c_int64; lib.ggml_type_name.restype = ctypes.c_char_p;"
         f"print(json.dumps({{t: [lib.ggml_blck_size(t), lib.ggml_type_size(t), lib.ggml_type_name(t).decode()] for t in {sorted(ggml.QUANT_SIZES)}}}))"
     )
-    result = subprocess.run([str(shared_state["envs_dir"] / "llamacpp" / "bin" / "python"), "-c", code], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [str(shared_state["envs_dir"] / "llamacpp" / "bin" / "python"), "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     from_ggml = {int(t): v for t, v in json.loads(result.stdout.strip().splitlines()[-1]).items()}
     names = {number: name for name, number in ggml.TYPE_NAMES.items()}

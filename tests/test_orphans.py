@@ -29,7 +29,9 @@ def test_sigkill_of_the_daemon_takes_the_worker_down_within_three_heartbeats(mak
     daemon.process.wait()
     while is_alive(worker):
         if time.monotonic() - killed_at > 3 * HEARTBEAT:
-            pytest.fail(f"worker {worker.pid} still alive {time.monotonic() - killed_at:.2f}s after the daemon's SIGKILL")
+            pytest.fail(
+                f"worker {worker.pid} still alive {time.monotonic() - killed_at:.2f}s after the daemon's SIGKILL"
+            )
         time.sleep(0.02)
 
 
@@ -49,10 +51,23 @@ def test_worker_exits_by_itself_when_the_daemon_goes_silent(shared_state):
     router.setsockopt(zmq.LINGER, 0)
     port = router.bind_to_random_port("tcp://127.0.0.1")
     worker = subprocess.Popen(
-        [str(env_python(settings.envs_dir / "fake")), "-m", "workers", "--engine", "fake",
-         "--endpoint", f"tcp://127.0.0.1:{port}", "--worker-id", "w1", "--heartbeat-interval", str(HEARTBEAT)],
-        env=worker_environ(settings), stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            str(env_python(settings.envs_dir / "fake")),
+            "-m",
+            "workers",
+            "--engine",
+            "fake",
+            "--endpoint",
+            f"tcp://127.0.0.1:{port}",
+            "--worker-id",
+            "w1",
+            "--heartbeat-interval",
+            str(HEARTBEAT),
+        ],
+        env=worker_environ(settings),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         # Answer like a daemon for a while: hello -> load -> ready, heartbeats both ways.
         seen: list[str] = []
@@ -63,7 +78,9 @@ def test_worker_exits_by_itself_when_the_daemon_goes_silent(shared_state):
                 message = p.decode(frame)
                 seen.append(message["type"])
                 if message["type"] == p.W_HELLO:
-                    router.send_multipart([identity, p.encode({"type": p.S_LOAD, "protocol": p.PROTOCOL_VERSION, "spec": {}})])
+                    router.send_multipart(
+                        [identity, p.encode({"type": p.S_LOAD, "protocol": p.PROTOCOL_VERSION, "spec": {}})]
+                    )
                 router.send_multipart([identity, p.encode({"type": p.S_HEARTBEAT})])
         assert "ready" in seen and worker.poll() is None, seen
         silent_since = time.monotonic()

@@ -44,7 +44,9 @@ def test_a_parallel_worker_that_crashes_fails_or_retries_every_request_it_ran(ma
     assert [end["usage"]["completion_tokens"] for _, end in streams] == [len(tokens) for tokens, _ in streams]
     assert streams[0][1]["usage"]["completion_tokens"] == 5
     control.write_text("{}")
-    daemon.wait_for(lambda s: s["engines"][0]["state"] == "ready" and s["engines"][0]["workers"][0]["id"] == "f.2", timeout=60)
+    daemon.wait_for(
+        lambda s: s["engines"][0]["state"] == "ready" and s["engines"][0]["workers"][0]["id"] == "f.2", timeout=60
+    )
     assert client.complete(prompt="hi", max_tokens=3)["usage"]["completion_tokens"] == 3
 
 

@@ -54,7 +54,10 @@ def test_a_changed_engine_finishes_its_request_then_restarts_with_the_new_settin
     assert core.effects.worker_messages("a.2", p.S_GENERATE)[0]["prompt"] == "hi"
     core.finish_current("a")
     core.finish_current("b")
-    assert all(len(events) == 1 and events[0]["event"] == "done" for events in _ends(core, "running", "waiting-unpinned", "waiting-pinned").values())
+    assert all(
+        len(events) == 1 and events[0]["event"] == "done"
+        for events in _ends(core, "running", "waiting-unpinned", "waiting-pinned").values()
+    )
     assert core.engine("a").worker.restarts == 0  # a planned restart, not a failure
 
 
@@ -134,7 +137,9 @@ class Load:
         self.stop = threading.Event()
         self.ends: dict[str, list[dict]] = {}
         self.errors: list[BaseException] = []
-        self.threads = [threading.Thread(target=self._run, args=(i, target), daemon=True) for i, target in enumerate(targets)]
+        self.threads = [
+            threading.Thread(target=self._run, args=(i, target), daemon=True) for i, target in enumerate(targets)
+        ]
 
     def __enter__(self) -> "Load":
         for thread in self.threads:
@@ -189,8 +194,16 @@ def test_reloading_under_load_restarts_only_what_changed_and_every_request_ends_
         # 2. SIGHUP: c is added, b removed; b's pinned client gets unknown_engine from then on.
         daemon.write_config({"a": {**a, "n_ctx": 1024}, "c": {**b, "priority": 30}})
         daemon.process.send_signal(signal.SIGHUP)
-        daemon.wait_for(lambda s: [e["name"] for e in s["engines"]] == ["a", "c"] and all(e["state"] == "ready" for e in s["engines"]))
-        wait_until(lambda: any(e and e[-1].get("code") == p.ErrorCode.UNKNOWN_ENGINE for e in list(load.ends.values())), 30, "b refused")
+        daemon.wait_for(
+            lambda s: (
+                [e["name"] for e in s["engines"]] == ["a", "c"] and all(e["state"] == "ready" for e in s["engines"])
+            )
+        )
+        wait_until(
+            lambda: any(e and e[-1].get("code") == p.ErrorCode.UNKNOWN_ENGINE for e in list(load.ends.values())),
+            30,
+            "b refused",
+        )
         # 3. An invalid file: refused with the key named, nothing changes.
         daemon.write_config({"a": {**a, "n_ctx": -1}, "c": b})
         with daemon.client(timeout_s=10) as admin:
@@ -219,7 +232,9 @@ def test_reload_from_the_command_line_says_what_changed_and_exits_78_on_an_inval
     daemon.write_config({"a": {**a, "priority": 5}}, max_tokens_limit=100)
     ok = subprocess.run(cli, capture_output=True, text=True, timeout=30)
     assert ok.returncode == 0, ok.stderr
-    assert "updated in place: a" in ok.stdout and "needs a daemon restart to change: max_tokens_limit" in ok.stdout, ok.stdout
+    assert "updated in place: a" in ok.stdout and "needs a daemon restart to change: max_tokens_limit" in ok.stdout, (
+        ok.stdout
+    )
     assert daemon.engine("a")["priority"] == 5
     daemon.write_config({"a": {**a, "max_queue": "many"}})
     bad = subprocess.run(cli, capture_output=True, text=True, timeout=30)

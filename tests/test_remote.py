@@ -29,18 +29,33 @@ UPSTREAM_KEY = "sk-upstream-3b9e71c04d2a58f6"
 WRONG_KEY = "sk-wrong-0c7d1f2e9a8b6453"
 DEGRADE = {"kind": "fake", "priority": 20, "options": {"token_delay_s": 0.005}}
 # Fast restarts, a breaker that opens after two failures and probes soon, traffic that returns at once.
-FAST_SUPERVISION = {"restart_backoff_base_s": 0.2, "restart_backoff_cap_s": 0.5, "circuit_failures": 2, "circuit_open_s": 2.0,
-                    "switch_min_dwell_s": 0, "probe_interval_s": 0}  # fmt: skip
+FAST_SUPERVISION = {
+    "restart_backoff_base_s": 0.2,
+    "restart_backoff_cap_s": 0.5,
+    "circuit_failures": 2,
+    "circuit_open_s": 2.0,
+    "switch_min_dwell_s": 0,
+    "probe_interval_s": 0,
+}
 
 
-def start_upstream(make_daemon: Any, engines: dict[str, dict[str, Any]], port: int | None = None, http: dict[str, Any] | None = None,
-                   **settings: Any) -> Daemon:  # fmt: skip
+def start_upstream(
+    make_daemon: Any,
+    engines: dict[str, dict[str, Any]],
+    port: int | None = None,
+    http: dict[str, Any] | None = None,
+    **settings: Any,
+) -> Daemon:
     """Another daemon serving its engines on an HTTP front (the remote engine's upstream)."""
     return make_daemon(engines, http={"listen": f"127.0.0.1:{port or free_port()}", **(http or {})}, **settings)
 
 
 def remote_engine(upstream: Daemon, priority: int = 10, **fields: Any) -> dict[str, Any]:
-    return {"kind": "openai", "priority": priority, "upstream": {"base_url": base_url(upstream) + "/v1", "model": "f", **fields}}
+    return {
+        "kind": "openai",
+        "priority": priority,
+        "upstream": {"base_url": base_url(upstream) + "/v1", "model": "f", **fields},
+    }
 
 
 def served_by(event: dict[str, Any]) -> str:
@@ -51,7 +66,9 @@ def served_by(event: dict[str, Any]) -> str:
 # --- streaming -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("request_fields", [{"prompt": "one two three"}, {"messages": [{"role": "user", "content": "hi there"}]}])
+@pytest.mark.parametrize(
+    "request_fields", [{"prompt": "one two three"}, {"messages": [{"role": "user", "content": "hi there"}]}]
+)
 def test_tokens_pass_through_one_by_one_with_the_upstream_usage(make_daemon, request_fields):
     upstream = start_upstream(make_daemon, {"f": {"kind": "fake", "options": {"token_delay_s": 0.01}}})
     front = make_daemon({"remote": remote_engine(upstream), "degrade": DEGRADE}, supervision=FAST_SUPERVISION)
@@ -76,7 +93,10 @@ def test_a_cancel_closes_the_upstream_stream_and_the_upstream_stops_generating(m
     ends = lambda: [json.loads(line) for line in upstream.log_text().splitlines() if '"request end"' in line]  # noqa: E731
     (upstream_end,) = wait_until(ends, 10, "the upstream ended its request")
     assert upstream_end["finish_reason"] == "cancelled" and upstream_end["tokens"] < 5000  # it saw its client leave
-    assert served_by(client.complete("x", max_tokens=3)) == "remote" and front.engine("remote")["workers"][0]["restarts"] == 0
+    assert (
+        served_by(client.complete("x", max_tokens=3)) == "remote"
+        and front.engine("remote")["workers"][0]["restarts"] == 0
+    )
 
 
 def test_a_request_the_upstream_refuses_is_that_requests_error_and_the_engine_serves_on(make_daemon):
@@ -127,14 +147,18 @@ def test_an_upstream_restarted_between_requests_is_reached_on_a_new_connection_w
     assert served_by(client.complete("x", max_tokens=3)) == "remote"  # its connection is kept for the next request
     upstream.stop()
     start_upstream(make_daemon, {"f": {"kind": "fake"}}, port)
-    assert served_by(client.complete("x", max_tokens=3)) == "remote"  # the kept connection is dead: sent again on a new one
+    assert (
+        served_by(client.complete("x", max_tokens=3)) == "remote"
+    )  # the kept connection is dead: sent again on a new one
     assert front.engine("remote")["workers"][0]["restarts"] == 0
 
 
 @pytest.mark.parametrize("answer", ["429", "503"])
 def test_an_upstream_answering_429_or_5xx_opens_the_circuit_and_traffic_degrades(make_daemon, answer):
     if answer == "429":  # the upstream's only engine is busy: one request runs and none may wait
-        upstream = start_upstream(make_daemon, {"f": {"kind": "fake", "max_queue": 0, "options": {"token_delay_s": 0.05}}})
+        upstream = start_upstream(
+            make_daemon, {"f": {"kind": "fake", "max_queue": 0, "options": {"token_delay_s": 0.05}}}
+        )
         blocker = upstream.client()
         first = next(blocker.generate(prompt="x", max_tokens=8000, stream=True))
         assert first["event"] == "token", first
@@ -146,12 +170,19 @@ def test_an_upstream_answering_429_or_5xx_opens_the_circuit_and_traffic_degrades
     retried = client.complete("x", max_tokens=3)
     assert served_by(retried) == "degrade"
     assert wait_until(lambda: request_end(front, retried["id"]), 10, "the request's end logged")["attempts"] == 2
-    pinned = client.complete("x", max_tokens=3, engine="remote")  # the restarted worker is refused too: the circuit opens
+    pinned = client.complete(
+        "x", max_tokens=3, engine="remote"
+    )  # the restarted worker is refused too: the circuit opens
     assert pinned["event"] == "error" and pinned["code"] == "engine_failed", pinned
     remote = front.engine("remote")
     assert remote["circuit"] == "open" and answer in remote["reason"], remote
-    assert remote["workers"][0]["failure"]["code"] == "engine_failed" and answer in remote["workers"][0]["failure"]["message"]
-    assert f"last exit: exited with code 1 (upstream answered {answer}" in format_status(front.status())  # `node-supervisor status`
+    assert (
+        remote["workers"][0]["failure"]["code"] == "engine_failed"
+        and answer in remote["workers"][0]["failure"]["message"]
+    )
+    assert f"last exit: exited with code 1 (upstream answered {answer}" in format_status(
+        front.status()
+    )  # `node-supervisor status`
     assert served_by(client.complete("x", max_tokens=3)) == "degrade"
     if answer == "429":
         blocker.cancel(first["id"])
@@ -166,14 +197,23 @@ def test_the_key_comes_from_the_environment_and_is_never_written_anywhere(make_d
     monkeypatch.setenv("NS_TEST_WRONG_KEY", WRONG_KEY)
     monkeypatch.delenv("NS_TEST_UNSET_KEY", raising=False)
     upstream = start_upstream(make_daemon, {"f": {"kind": "fake"}}, http={"api_keys_env": ["NS_TEST_UPSTREAM_KEYS"]})
-    front = make_daemon({
-        "remote": remote_engine(upstream, api_key_env="NS_TEST_REMOTE_KEY"),
-        "wrong": remote_engine(upstream, 11, api_key_env="NS_TEST_WRONG_KEY"),
-        "unset": remote_engine(upstream, 12, api_key_env="NS_TEST_UNSET_KEY"),
-        "keyless": remote_engine(upstream, 13),
-        "degrade": DEGRADE,
-    }, supervision=FAST_SUPERVISION, start=False).start(wait_ready=False)  # fmt: skip
-    states = {"remote": "ready", "wrong": "model_load_failed", "unset": "engine_unavailable", "keyless": "model_load_failed"}
+    front = make_daemon(
+        {
+            "remote": remote_engine(upstream, api_key_env="NS_TEST_REMOTE_KEY"),
+            "wrong": remote_engine(upstream, 11, api_key_env="NS_TEST_WRONG_KEY"),
+            "unset": remote_engine(upstream, 12, api_key_env="NS_TEST_UNSET_KEY"),
+            "keyless": remote_engine(upstream, 13),
+            "degrade": DEGRADE,
+        },
+        supervision=FAST_SUPERVISION,
+        start=False,
+    ).start(wait_ready=False)
+    states = {
+        "remote": "ready",
+        "wrong": "model_load_failed",
+        "unset": "engine_unavailable",
+        "keyless": "model_load_failed",
+    }
     status = front.wait_for(lambda s: {e["name"]: e["state"] for e in s["engines"] if e["name"] in states} == states)
     reasons = {e["name"]: e["reason"] for e in status["engines"]}
     assert "401" in reasons["wrong"] and "401" in reasons["keyless"], reasons
@@ -182,7 +222,10 @@ def test_the_key_comes_from_the_environment_and_is_never_written_anywhere(make_d
     assert served_by(client.complete("x", max_tokens=3, engine="remote")) == "remote"
     refused = client.complete("x", max_tokens=3, engine="wrong")
     assert refused["event"] == "error" and refused["code"] == "model_load_failed"
-    written = [str(front.status()), *(path.read_text(errors="replace") for path in front.state_dir.rglob("*") if path.is_file())]
+    written = [
+        str(front.status()),
+        *(path.read_text(errors="replace") for path in front.state_dir.rglob("*") if path.is_file()),
+    ]
     assert any("401" in text for text in written[1:])  # the refusals were logged ...
     assert not [text for text in written if UPSTREAM_KEY in text or WRONG_KEY in text]  # ... and no key was
 
@@ -193,8 +236,16 @@ def test_the_key_comes_from_the_environment_and_is_never_written_anywhere(make_d
 @pytest.mark.real_engine
 def test_a_llama_cpp_upstream_streams_through_token_by_token(make_daemon):
     upstream = start_upstream(make_daemon, {"llama": LLAMA})
-    front = make_daemon({"remote": remote_engine(upstream, model="llama"), "degrade": DEGRADE}, supervision=FAST_SUPERVISION)
-    ask = {"messages": [{"role": "user", "content": "Count from one to ten."}], "max_tokens": 24, "temperature": 0.0, "seed": 1, "stream": True}
+    front = make_daemon(
+        {"remote": remote_engine(upstream, model="llama"), "degrade": DEGRADE}, supervision=FAST_SUPERVISION
+    )
+    ask = {
+        "messages": [{"role": "user", "content": "Count from one to ten."}],
+        "max_tokens": 24,
+        "temperature": 0.0,
+        "seed": 1,
+        "stream": True,
+    }
     direct_tokens, direct = collect(upstream.client(timeout_s=120).generate(**ask))
     tokens, done = collect(front.client(timeout_s=120).generate(**ask))
     assert served_by(done) == "remote" and len(tokens) >= 2
@@ -212,22 +263,49 @@ def test_an_upstream_table_configures_the_remote_engine(monkeypatch):
     settings = load_settings(None, {"engines": {"cloud": {"kind": "openai", "upstream": upstream}}})
     cloud = settings.engines["cloud"]
     assert cloud.upstream.base_url == "https://api.example.com/v1"  # paths are appended to it
-    assert (cloud.upstream.read_timeout_s, cloud.upstream.connect_timeout_s, cloud.upstream.send_top_k) == (90.0, 5.0, False)
+    assert (cloud.upstream.read_timeout_s, cloud.upstream.connect_timeout_s, cloud.upstream.send_top_k) == (
+        90.0,
+        5.0,
+        False,
+    )
     assert cloud.is_remote and not cloud.uses_gpu  # never waits for, or makes room on, a GPU
     assert "upstream" in LOAD_FIELDS  # a reload that changes it starts a new worker
 
 
-@pytest.mark.parametrize("engine, key, words", [
-    ({"kind": "openai"}, "engines.r", "upstream: required"),
-    ({"kind": "fake", "upstream": {"base_url": "http://h/v1"}}, "engines.r", "upstream: only for kind openai"),
-    ({"kind": "openai", "model": "/m.gguf", "upstream": {"base_url": "http://h/v1"}}, "engines.r", "upstream.model"),
-    ({"kind": "openai", "upstream": {"base_url": "ftp://h/v1"}}, "engines.r.upstream.base_url", "http://"),
-    ({"kind": "openai", "upstream": {"base_url": "http://user:secret@h/v1"}}, "engines.r.upstream.base_url", "api_key_env"),
-    ({"kind": "openai", "upstream": {"base_url": "http://h/v1?x=1"}}, "engines.r.upstream.base_url", "query"),
-    ({"kind": "openai", "upstream": {"base_url": "http://h/v1", "api_key_env": "sk-1234"}}, "engines.r.upstream.api_key_env", "pattern"),
-    ({"kind": "openai", "upstream": {"base_url": "http://h/v1", "api_key": "sk-1234"}}, "engines.r.upstream.api_key", "Extra inputs"),
-    ({"kind": "openai", "upstream": {"base_url": "http://h/v1", "read_timeout_s": 0}}, "engines.r.upstream.read_timeout_s", "greater than 0"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "engine, key, words",
+    [
+        ({"kind": "openai"}, "engines.r", "upstream: required"),
+        ({"kind": "fake", "upstream": {"base_url": "http://h/v1"}}, "engines.r", "upstream: only for kind openai"),
+        (
+            {"kind": "openai", "model": "/m.gguf", "upstream": {"base_url": "http://h/v1"}},
+            "engines.r",
+            "upstream.model",
+        ),
+        ({"kind": "openai", "upstream": {"base_url": "ftp://h/v1"}}, "engines.r.upstream.base_url", "http://"),
+        (
+            {"kind": "openai", "upstream": {"base_url": "http://user:secret@h/v1"}},
+            "engines.r.upstream.base_url",
+            "api_key_env",
+        ),
+        ({"kind": "openai", "upstream": {"base_url": "http://h/v1?x=1"}}, "engines.r.upstream.base_url", "query"),
+        (
+            {"kind": "openai", "upstream": {"base_url": "http://h/v1", "api_key_env": "sk-1234"}},
+            "engines.r.upstream.api_key_env",
+            "pattern",
+        ),
+        (
+            {"kind": "openai", "upstream": {"base_url": "http://h/v1", "api_key": "sk-1234"}},
+            "engines.r.upstream.api_key",
+            "Extra inputs",
+        ),
+        (
+            {"kind": "openai", "upstream": {"base_url": "http://h/v1", "read_timeout_s": 0}},
+            "engines.r.upstream.read_timeout_s",
+            "greater than 0",
+        ),
+    ],
+)
 def test_a_bad_upstream_table_names_the_key(engine, key, words):
     with pytest.raises(ConfigError) as caught:
         load_settings(None, {"engines": {"r": engine}})

@@ -32,7 +32,9 @@ def tcp_endpoints() -> dict[str, str]:
 
 
 def cli(daemon, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, "--config", str(daemon.config_path), *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [*CLI, "--config", str(daemon.config_path), *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture
@@ -51,10 +53,14 @@ def test_tcp_endpoints_answer_authorized_keys_only(tcp_daemon):
     server_public = tcp_daemon.curve().server_public
 
     stranger_public, stranger_secret = zmq.curve_keypair()
-    with Client(tcp_daemon.endpoint, timeout_s=REFUSAL_WAIT_S, curve=CurveKeys(server_public, stranger_public, stranger_secret)) as stranger:
+    with Client(
+        tcp_daemon.endpoint, timeout_s=REFUSAL_WAIT_S, curve=CurveKeys(server_public, stranger_public, stranger_secret)
+    ) as stranger:
         with pytest.raises(ClientRefused, match="not among the authorized keys"):
             stranger.ping()
-    with Client(tcp_daemon.endpoint, timeout_s=REFUSAL_WAIT_S) as plain:  # no CURVE at all: the handshake cannot even start
+    with Client(
+        tcp_daemon.endpoint, timeout_s=REFUSAL_WAIT_S
+    ) as plain:  # no CURVE at all: the handshake cannot even start
         with pytest.raises(ClientTimeout):
             plain.ping()
     # The worker endpoint has a domain of its own: an authorized client key does not open it.
@@ -84,7 +90,9 @@ def test_keys_added_and_removed_count_from_the_next_connection(tcp_daemon):
 
     bob_public, bob_secret = zmq.curve_keypair()
     assert cli(tcp_daemon, "keys", "add", "bob", bob_public.decode()).returncode == 0
-    with Client(tcp_daemon.endpoint, timeout_s=30, curve=CurveKeys(alice.server_public, bob_public, bob_secret)) as client:
+    with Client(
+        tcp_daemon.endpoint, timeout_s=30, curve=CurveKeys(alice.server_public, bob_public, bob_secret)
+    ) as client:
         assert client.ping()["event"] == "pong"
 
     shown = cli(tcp_daemon, "keys")
@@ -110,11 +118,15 @@ def test_keys_command_files_modes_and_refusals(tmp_path, capsys):
     state = tmp_path / "state"
     assert main(["--state-dir", str(state), "keys", "new", "alice"]) == 0
     keys_dir = state / "keys"
-    modes = {path: stat.S_IMODE(path.stat().st_mode) for path in (keys_dir, keys_dir / "authorized", keys_dir / "clients")}
+    modes = {
+        path: stat.S_IMODE(path.stat().st_mode) for path in (keys_dir, keys_dir / "authorized", keys_dir / "clients")
+    }
     if os.name == "posix":
         assert set(modes.values()) == {0o700}
         assert stat.S_IMODE((keys_dir / "clients" / "alice.key_secret").stat().st_mode) == 0o600
-    assert main(["--state-dir", str(state), "keys"]) == 0  # makes the daemon's pair, which the daemon would make at start
+    assert (
+        main(["--state-dir", str(state), "keys"]) == 0
+    )  # makes the daemon's pair, which the daemon would make at start
     if os.name == "posix":
         assert stat.S_IMODE((keys_dir / "server.key_secret").stat().st_mode) == 0o600
     alice_public = (keys_dir / "authorized" / "alice.key").read_text()
@@ -152,7 +164,9 @@ def test_keys_made_by_root_belong_to_the_owner_of_the_state_directory(tmp_path):
 
 def test_client_without_keys_is_told_what_is_missing(tmp_path, capsys):
     state = tmp_path / "state"
-    code = main(["--state-dir", str(state), "--client-endpoint", f"tcp://127.0.0.1:{free_port()}", "ping", "--timeout", "1"])
+    code = main(
+        ["--state-dir", str(state), "--client-endpoint", f"tcp://127.0.0.1:{free_port()}", "ping", "--timeout", "1"]
+    )
     assert code == 78
     assert "security.server_key_file" in capsys.readouterr().err
 
@@ -183,11 +197,19 @@ def test_ipc_run_directory_0750_sockets_0660_in_the_socket_group(make_daemon, tm
 
 
 @pytest.mark.skipif(os.name != "posix", reason="groups are POSIX")
-@pytest.mark.parametrize("group, message", [("no-such-group-nodesup", "no group named 'no-such-group-nodesup'"), ("", "at least 1 character")])
+@pytest.mark.parametrize(
+    "group, message",
+    [("no-such-group-nodesup", "no group named 'no-such-group-nodesup'"), ("", "at least 1 character")],
+)
 def test_socket_group_that_cannot_be_used_stops_the_start_naming_the_key(tmp_path, group, message):
     environ = {**os.environ, "NODESUP_SECURITY__SOCKET_GROUP": group}
-    result = subprocess.run([*CLI, "--state-dir", str(tmp_path / "state"), "run", "--no-create-envs"],
-                            capture_output=True, text=True, env=environ, timeout=60)  # fmt: skip
+    result = subprocess.run(
+        [*CLI, "--state-dir", str(tmp_path / "state"), "run", "--no-create-envs"],
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=60,
+    )
     assert result.returncode == 78
     assert "security.socket_group" in result.stderr and message in result.stderr
     assert not (tmp_path / "state" / "run").exists()  # refused before anything was bound

@@ -103,7 +103,9 @@ def test_four_concurrent_clients_are_served_completely_in_fifo_order(llama_daemo
         thread.start()
         threads.append(thread)
         # Each request is known to the daemon (running or queued) before the next is sent.
-        llama_daemon.wait_for(lambda s, n=n: _engine(s)["in_flight"] + _engine(s)["queue_depth"] >= min(n + 1, 4) or len(results) > n)
+        llama_daemon.wait_for(
+            lambda s, n=n: _engine(s)["in_flight"] + _engine(s)["queue_depth"] >= min(n + 1, 4) or len(results) > n
+        )
     for thread in threads:
         thread.join(timeout=120)
     assert sorted(results) == [0, 1, 2, 3]
@@ -135,7 +137,9 @@ def test_deadline_ends_a_long_generation(llama_daemon):
     assert tokens, "some tokens streamed before the deadline"
     assert elapsed < 10, elapsed
     # The worker stopped generating: it is idle again without finishing 1500 tokens.
-    llama_daemon.wait_for(lambda s: _engine(s)["in_flight"] == 0 and _engine(s)["workers"][0]["phase"] == "idle", timeout=5)
+    llama_daemon.wait_for(
+        lambda s: _engine(s)["in_flight"] == 0 and _engine(s)["workers"][0]["phase"] == "idle", timeout=5
+    )
     tokens, done = collect(client.generate(prompt="Hello", max_tokens=5))
     assert done["event"] == "done"
 
@@ -198,8 +202,10 @@ def test_status_command_shows_the_worker_ready(llama_daemon):
 
     result = subprocess.run(
         [sys.executable, "-m", "supervisor.cli", "--config", str(llama_daemon.config_path), "status"],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 0, result.stderr
     assert "engine llama (llamacpp, priority 10, warm): ready" in result.stdout
     assert "worker llama.1: ready" in result.stdout
@@ -212,9 +218,21 @@ def test_generate_command_streams_text(llama_daemon):
     import sys
 
     result = subprocess.run(
-        [sys.executable, "-m", "supervisor.cli", "--config", str(llama_daemon.config_path), "generate", "Hello", "--max-tokens", "12"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "supervisor.cli",
+            "--config",
+            str(llama_daemon.config_path),
+            "generate",
+            "Hello",
+            "--max-tokens",
+            "12",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
     assert "12 tokens" in result.stderr or "stop:" in result.stderr
@@ -233,7 +251,13 @@ def test_worker_reports_the_threads_batches_and_flash_attention_in_force(llama_d
     """The configured threads (conftest's LLAMA), the CPU's batch sizes, flash attention off on the CPU."""
     model = llama_daemon.engine("llama")["workers"][0]["model"]
     in_force = {k: model[k] for k in ("n_threads", "n_threads_batch", "n_batch", "n_ubatch", "flash_attn")}
-    assert in_force == {"n_threads": LLAMA["n_threads"], "n_threads_batch": LLAMA["n_threads"], "n_batch": 512, "n_ubatch": 512, "flash_attn": False}
+    assert in_force == {
+        "n_threads": LLAMA["n_threads"],
+        "n_threads_batch": LLAMA["n_threads"],
+        "n_batch": 512,
+        "n_ubatch": 512,
+        "flash_attn": False,
+    }
 
 
 def worker_output(daemon, worker_id: str) -> list[dict[str, Any]]:
@@ -253,8 +277,12 @@ def test_a_worker_start_logs_at_most_50_lines_at_info(llama_daemon):
     assert 0 < len(relayed) <= 50, "\n".join(r["event"] for r in relayed)
     assert {r["level"] for r in relayed} <= {"info", "warning", "error"}
     llama_cpp = [r["event"] for r in relayed if r.get("source") == "llama.cpp"]
-    assert any(line.startswith("llama_model_loader: loaded meta data") and "gemma-3-270m" in line for line in llama_cpp), llama_cpp
-    assert any("model buffer size" in line for line in llama_cpp) and any("compute buffer size" in line for line in llama_cpp)
+    assert any(
+        line.startswith("llama_model_loader: loaded meta data") and "gemma-3-270m" in line for line in llama_cpp
+    ), llama_cpp
+    assert any("model buffer size" in line for line in llama_cpp) and any(
+        "compute buffer size" in line for line in llama_cpp
+    )
     assert any(line.startswith("llama_context: n_ctx ") and line.endswith("= 2048") for line in llama_cpp)
     assert not any(" - kv " in line or line.startswith("print_info: n_head") for line in llama_cpp)
     assert not any("llama_graph_n_input_tensors" in r["event"] for r in relayed)  # a debug line, 558 times per load
@@ -264,7 +292,10 @@ def test_at_debug_the_load_detail_is_logged_at_debug(make_daemon):
     daemon = make_daemon({"llama": LLAMA}, log_level="debug")
     worker = daemon.engine("llama")["workers"][0]
     relayed = worker_output(daemon, worker["id"])
-    by_level = {level: [r["event"] for r in relayed if r.get("source") == "llama.cpp" and r["level"] == level] for level in ("debug", "info")}
+    by_level = {
+        level: [r["event"] for r in relayed if r.get("source") == "llama.cpp" and r["level"] == level]
+        for level in ("debug", "info")
+    }
     assert any(" - kv " in line and "general.architecture" in line for line in by_level["debug"]), len(relayed)
     assert any(line.startswith("print_info: n_head ") for line in by_level["debug"])
     assert not any(" - kv " in line for line in by_level["info"]) and 0 < len(by_level["info"]) <= 50

@@ -20,7 +20,9 @@ from .conftest import CLI, TEST_STATE, toml_value
 FAKE = {"kind": "fake", "priority": 10}
 
 
-def write_config(directory: Path, engines: dict[str, dict[str, Any]] | None = None, raw: str = "", **settings: Any) -> Path:
+def write_config(
+    directory: Path, engines: dict[str, dict[str, Any]] | None = None, raw: str = "", **settings: Any
+) -> Path:
     """A config like conftest's Daemon writes: shared envs and data, no env creation."""
     settings.setdefault("state_dir", directory / "state")
     lines = [
@@ -50,7 +52,10 @@ def run_cli(config: Path, timeout: float = 30.0, **environ: str) -> subprocess.C
     try:
         return subprocess.run(
             [*CLI, "--config", str(config), "run", "--no-create-envs"],
-            capture_output=True, text=True, timeout=timeout, env=clean_environ(**environ),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=clean_environ(**environ),
         )
     except subprocess.TimeoutExpired as exc:
         stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr
@@ -132,7 +137,10 @@ def test_tcp_port_in_use_exits_78_naming_the_key(tmp_path):
 # --- real daemons --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("key, socket_name", [("client_endpoint", "client.sock"), ("events_endpoint", "events.sock"), ("worker_endpoint", "workers.sock")])
+@pytest.mark.parametrize(
+    "key, socket_name",
+    [("client_endpoint", "client.sock"), ("events_endpoint", "events.sock"), ("worker_endpoint", "workers.sock")],
+)
 def test_second_daemon_on_a_live_endpoint_exits_75_and_leaves_it(make_daemon, tmp_path, key, socket_name):
     first = make_daemon({"f": FAKE})
     taken = first.state_dir / "run" / socket_name

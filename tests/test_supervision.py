@@ -22,7 +22,12 @@ from .conftest import LLAMA, assert_nothing_after, collect, fake_engine
 LONG = {"prompt": "Once upon a time", "ignore_eos": True, "temperature": 0.0, "seed": 7}
 FAST = {
     "heartbeat_interval_s": 0.3,
-    "supervision": {"restart_backoff_base_s": 0.2, "restart_backoff_cap_s": 1.0, "kill_grace_s": 0.5, "probe_interval_s": 0},
+    "supervision": {
+        "restart_backoff_base_s": 0.2,
+        "restart_backoff_cap_s": 1.0,
+        "kill_grace_s": 0.5,
+        "probe_interval_s": 0,
+    },
 }
 
 
@@ -57,7 +62,9 @@ class Events:
                 if predicate(event):
                     return event
             time.sleep(0.02)
-        pytest.fail(f"no {topic} event within {timeout}s; seen: {[(e['topic'], e.get('engine'), e.get('new'), e.get('to')) for e in self.seen]}")
+        pytest.fail(
+            f"no {topic} event within {timeout}s; seen: {[(e['topic'], e.get('engine'), e.get('new'), e.get('to')) for e in self.seen]}"
+        )
 
     def close(self) -> None:
         self._stop.set()
@@ -122,7 +129,9 @@ def test_sigstop_is_detected_as_a_hang_and_the_worker_is_replaced(make_daemon):
     assert detected < 0.9 + 0.25 + 0.5 + 1.0, detected
     hang = events.wait("worker.hang")
     assert "no heartbeat" in hang["reason"]
-    status = daemon.wait_for(lambda s: s["engines"][0]["state"] == "ready" and s["engines"][0]["workers"][0]["id"] == "llama.2")
+    status = daemon.wait_for(
+        lambda s: s["engines"][0]["state"] == "ready" and s["engines"][0]["workers"][0]["id"] == "llama.2"
+    )
     assert "hung" in status["engines"][0]["workers"][0]["last_exit"]["cause"]
     events.close()
 
@@ -138,7 +147,9 @@ def test_request_sent_to_a_stopped_idle_worker_is_retried_on_its_replacement(mak
 
 
 @pytest.mark.real_engine
-def test_corrupt_model_opens_the_circuit_traffic_fails_over_and_the_fixed_file_brings_it_back(make_daemon, shared_state, tmp_path):
+def test_corrupt_model_opens_the_circuit_traffic_fails_over_and_the_fixed_file_brings_it_back(
+    make_daemon, shared_state, tmp_path
+):
     good = shared_state["model"]
     model = tmp_path / "preferred.gguf"
     with open(good, "rb") as source:
@@ -147,11 +158,18 @@ def test_corrupt_model_opens_the_circuit_traffic_fails_over_and_the_fixed_file_b
         {"preferred": {**LLAMA, "model": str(model), "priority": 10}, "backup": {**LLAMA, "priority": 20}},
         start=False,
         heartbeat_interval_s=0.3,
-        supervision={"circuit_open_s": 2.0, "switch_min_dwell_s": 0.5, "probe_interval_s": 0, "restart_backoff_base_s": 0.2},
+        supervision={
+            "circuit_open_s": 2.0,
+            "switch_min_dwell_s": 0.5,
+            "probe_interval_s": 0,
+            "restart_backoff_base_s": 0.2,
+        },
     )
     daemon.start(wait_ready=False)
     events = Events(daemon)
-    status = daemon.wait_for(lambda s: s["engines"][0]["circuit"] != "closed" and s["engines"][1]["state"] == "ready", timeout=60)
+    status = daemon.wait_for(
+        lambda s: s["engines"][0]["circuit"] != "closed" and s["engines"][1]["state"] == "ready", timeout=60
+    )
     preferred = status["engines"][0]
     assert preferred["name"] == "preferred" and preferred["state"] == "model_load_failed", preferred
     _, done = collect(daemon.client().generate(prompt="Hello", max_tokens=4))
@@ -159,7 +177,9 @@ def test_corrupt_model_opens_the_circuit_traffic_fails_over_and_the_fixed_file_b
     # Fix the file; the half-open probe starts the engine and traffic returns.
     shutil.copyfile(good, tmp_path / "fixed.tmp")
     os.replace(tmp_path / "fixed.tmp", model)
-    daemon.wait_for(lambda s: s["engines"][0]["state"] == "ready" and s["daemon"]["active_engine"] == "preferred", timeout=60)
+    daemon.wait_for(
+        lambda s: s["engines"][0]["state"] == "ready" and s["daemon"]["active_engine"] == "preferred", timeout=60
+    )
     _, done = collect(daemon.client().generate(prompt="Hello", max_tokens=4))
     assert done["engine"] == "preferred"
     circuit_states = [e["state"] for e in events.of("engine.circuit") if e["engine"] == "preferred"]
@@ -237,7 +257,12 @@ def test_chaos_every_request_gets_exactly_one_terminal_event(make_daemon, tmp_pa
         while len(faults) < 220 and time.monotonic() < give_up:
             time.sleep(0.05)
             status = daemon.status()
-            live = [w["pid"] for e in status["engines"] for w in e["workers"] if w["pid"] and w["state"] in ("ready", "loading") and w["pid"] not in stopped]
+            live = [
+                w["pid"]
+                for e in status["engines"]
+                for w in e["workers"]
+                if w["pid"] and w["state"] in ("ready", "loading") and w["pid"] not in stopped
+            ]
             kind = rng.choice(["kill", "kill", "kill", "stop", "slow"])
             if kind == "slow":
                 name = rng.choice(list(controls))
@@ -272,7 +297,9 @@ def test_chaos_every_request_gets_exactly_one_terminal_event(make_daemon, tmp_pa
             except Exception as exc:  # a timeout here is a request left hanging
                 problems.append(f"client {n} request {i}: {exc!r}")
                 return
-            results.append((terminal.get("code") or terminal["finish_reason"], time.monotonic() - started, deadline_ms / 1000))
+            results.append(
+                (terminal.get("code") or terminal["finish_reason"], time.monotonic() - started, deadline_ms / 1000)
+            )
 
     give_up = time.monotonic() + 240
     injector = threading.Thread(target=inject)
@@ -300,9 +327,12 @@ def test_chaos_every_request_gets_exactly_one_terminal_event(make_daemon, tmp_pa
     endpoint_marker = str(daemon.state_dir)
     daemon.stop()
     leftovers = [
-        proc.pid for proc in __import__("psutil").process_iter(["cmdline"])
-        if proc.info["cmdline"] and "workers" in proc.info["cmdline"] and any(endpoint_marker in part for part in proc.info["cmdline"])
-    ]  # fmt: skip
+        proc.pid
+        for proc in __import__("psutil").process_iter(["cmdline"])
+        if proc.info["cmdline"]
+        and "workers" in proc.info["cmdline"]
+        and any(endpoint_marker in part for part in proc.info["cmdline"])
+    ]
     assert not leftovers, leftovers
 
 
@@ -310,9 +340,24 @@ def test_events_command_prints_restarts_live(make_daemon, tmp_path):
     engine, _ = fake_engine(tmp_path, "f", 10)
     daemon = make_daemon({"f": engine}, **FAST)
     watcher = subprocess.Popen(
-        [sys.executable, "-m", "supervisor.cli", "--config", str(daemon.config_path), "events", "--topic", "worker.exit", "--count", "1", "--timeout", "20"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "supervisor.cli",
+            "--config",
+            str(daemon.config_path),
+            "events",
+            "--topic",
+            "worker.exit",
+            "--count",
+            "1",
+            "--timeout",
+            "20",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert watcher.stderr.readline().startswith("watching")  # the subscription is in place
     os.kill(worker_pid(daemon, "f"), signal.SIGKILL)
     out, _ = watcher.communicate(timeout=30)
@@ -321,7 +366,11 @@ def test_events_command_prints_restarts_live(make_daemon, tmp_path):
 
 def test_worker_that_heartbeats_but_cannot_generate_is_replaced_after_a_failed_probe(make_daemon, tmp_path):
     engine, control = fake_engine(tmp_path, "f", 10)
-    daemon = make_daemon({"f": engine}, heartbeat_interval_s=0.3, supervision={"probe_interval_s": 0.5, "probe_timeout_s": 1.0, "kill_grace_s": 0.3})
+    daemon = make_daemon(
+        {"f": engine},
+        heartbeat_interval_s=0.3,
+        supervision={"probe_interval_s": 0.5, "probe_timeout_s": 1.0, "kill_grace_s": 0.3},
+    )
     events = Events(daemon)
     events.wait("probe.result", lambda e: e["ok"] and e["worker_id"] == "f.1")
     control.write_text(json.dumps({"stuck_after_tokens": 0}))
@@ -330,14 +379,20 @@ def test_worker_that_heartbeats_but_cannot_generate_is_replaced_after_a_failed_p
     # Heartbeats kept coming all along: only the probe could tell.
     assert not [e for e in events.of("worker.hang") if "heartbeat" in e["reason"]]
     control.write_text("{}")
-    status = daemon.wait_for(lambda s: s["engines"][0]["workers"][0]["id"] == "f.2" and s["engines"][0]["state"] == "ready")
+    status = daemon.wait_for(
+        lambda s: s["engines"][0]["workers"][0]["id"] == "f.2" and s["engines"][0]["state"] == "ready"
+    )
     assert "liveness probe failed" in status["engines"][0]["workers"][0]["last_exit"]["cause"]
     events.close()
 
 
 def test_request_on_a_stuck_worker_ends_at_the_stall_timeout_not_never(make_daemon, tmp_path):
     engine, control = fake_engine(tmp_path, "f", 10, stuck_after_tokens=2)
-    daemon = make_daemon({"f": engine}, heartbeat_interval_s=0.3, supervision={"stall_timeout_s": 1.0, "kill_grace_s": 0.3, "probe_interval_s": 0})
+    daemon = make_daemon(
+        {"f": engine},
+        heartbeat_interval_s=0.3,
+        supervision={"stall_timeout_s": 1.0, "kill_grace_s": 0.3, "probe_interval_s": 0},
+    )
     client = daemon.client()
     started = time.monotonic()
     tokens, terminal = collect(client.generate(prompt="x", max_tokens=10))
@@ -352,7 +407,9 @@ def test_cold_standby_starts_on_demand_after_the_gpu_engine_before_it_has_exited
     cold, _ = fake_engine(tmp_path, "cold", 20)
     warm["n_gpu_layers"] = -1
     cold.update(n_gpu_layers=-1, standby="cold")
-    daemon = make_daemon({"warm": warm, "cold": cold}, start=False, heartbeat_interval_s=0.3, supervision={"probe_interval_s": 0})
+    daemon = make_daemon(
+        {"warm": warm, "cold": cold}, start=False, heartbeat_interval_s=0.3, supervision={"probe_interval_s": 0}
+    )
     daemon.start(wait_ready=False)
     status = daemon.wait_for(lambda s: s["engines"][0]["state"] == "ready")
     assert status["engines"][1]["state"] == "stopped" and status["engines"][1]["workers"][0]["pid"] is None
@@ -364,5 +421,8 @@ def test_cold_standby_starts_on_demand_after_the_gpu_engine_before_it_has_exited
     warm_exit = events.wait("worker.exit", lambda e: e["engine"] == "warm")
     cold_spawn = events.wait("worker.state", lambda e: e["engine"] == "cold" and e["new"] == "spawning")
     assert warm_exit["intended"] and warm_exit["time"] <= cold_spawn["time"]
-    assert "making room on the GPU for cold" in [e for e in events.of("worker.state") if e["engine"] == "warm" and e["new"] == "stopping"][0]["reason"]
+    assert (
+        "making room on the GPU for cold"
+        in [e for e in events.of("worker.state") if e["engine"] == "warm" and e["new"] == "stopping"][0]["reason"]
+    )
     events.close()

@@ -52,7 +52,10 @@ def test_notify_sends_one_datagram_per_message_to_an_abstract_or_path_socket(lis
     address, sock = listener
     notifier = Notifier({"NOTIFY_SOCKET": address})
     assert notifier.ready("engines: llama ready") and notifier.stopping("bye")
-    assert [m for _, m in received(sock, time.monotonic() + 0.3)] == ["READY=1\nSTATUS=engines: llama ready", "STOPPING=1\nSTATUS=bye"]
+    assert [m for _, m in received(sock, time.monotonic() + 0.3)] == [
+        "READY=1\nSTATUS=engines: llama ready",
+        "STOPPING=1\nSTATUS=bye",
+    ]
     path = tmp_path / "notify.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as by_path:
         by_path.bind(str(path))
@@ -99,7 +102,9 @@ class _NoEngines:
         return []
 
 
-def test_a_daemon_under_systemd_is_ready_once_its_engine_serves_feeds_the_watchdog_and_says_stopping(make_daemon, listener, monkeypatch):
+def test_a_daemon_under_systemd_is_ready_once_its_engine_serves_feeds_the_watchdog_and_says_stopping(
+    make_daemon, listener, monkeypatch
+):
     address, sock = listener
     monkeypatch.setenv("NOTIFY_SOCKET", address)
     monkeypatch.setenv("WATCHDOG_USEC", "400000")
@@ -117,13 +122,24 @@ def test_a_daemon_under_systemd_is_ready_once_its_engine_serves_feeds_the_watchd
     assert any(m.startswith("STOPPING=1") for m in tail), tail
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze (systemd's own unit checker)")
+@pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="needs systemd-analyze (systemd's own unit checker)"
+)
 def test_the_unit_passes_systemd_analyze_verify(tmp_path):
     unit = tmp_path / "node-supervisor.service"
-    result = subprocess.run([sys.executable, "-m", "supervisor.cli", "install-service", "--dry-run", "--user", "root"], capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-m", "supervisor.cli", "install-service", "--dry-run", "--user", "root"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 0, result.stderr
     unit.write_text(result.stdout)
-    assert "Type=notify" in result.stdout and "WatchdogSec=" in result.stdout and "RestartPreventExitStatus=78" in result.stdout
+    assert (
+        "Type=notify" in result.stdout
+        and "WatchdogSec=" in result.stdout
+        and "RestartPreventExitStatus=78" in result.stdout
+    )
     assert str(Path(sys.executable).parent / "node-supervisor") in result.stdout  # this checkout's daemon
     verify = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
     assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
@@ -145,5 +161,5 @@ def test_a_reload_is_announced_to_systemd_with_reloading_then_ready(make_daemon,
     texts = [m for _, m in received(sock, time.monotonic() + 1.5)]
     reloading = next(i for i, m in enumerate(texts) if m.startswith("RELOADING=1"))
     assert re.search(r"^MONOTONIC_USEC=\d+$", texts[reloading], re.M), texts[reloading]
-    assert any(m.startswith("READY=1") for m in texts[reloading + 1:]), texts
+    assert any(m.startswith("READY=1") for m in texts[reloading + 1 :]), texts
     assert daemon.engine("f")["priority"] == 5

@@ -38,7 +38,13 @@ def generate(**fields):
 
 
 def test_valid_text_at_any_depth_has_no_path():
-    message = {"op": "generate", "id": "x", "prompt": "héllo ☃ 😀", "messages": [{"role": "user", "content": "ok"}], "n": [1, None, 2.5]}
+    message = {
+        "op": "generate",
+        "id": "x",
+        "prompt": "héllo ☃ 😀",
+        "messages": [{"role": "user", "content": "ok"}],
+        "n": [1, None, 2.5],
+    }
     assert invalid_text_path(message) is None
     # A surrogate pair escape is one proper character, not a lone surrogate.
     assert invalid_text_path(json.loads('{"prompt": "\\ud83d\\ude00"}')) is None
@@ -144,7 +150,9 @@ def test_an_id_that_is_not_text_is_refused_and_not_echoed():
     assert reply_id(message) is None
 
 
-@pytest.mark.parametrize("value, expected", [("r1", "r1"), (42, None), (None, None), (["r1"], None), ("x" * 500, "x" * 500)])
+@pytest.mark.parametrize(
+    "value, expected", [("r1", "r1"), (42, None), (None, None), (["r1"], None), ("x" * 500, "x" * 500)]
+)
 def test_reply_id_is_the_id_when_readable(value, expected):
     assert reply_id({"op": "ping", "id": value}) == expected
     assert reply_id({"op": "ping"}) is None
@@ -173,7 +181,9 @@ def test_null_is_refused_where_the_protocol_does_not_allow_it(key):
 def test_null_prompt_or_messages_is_refused():
     assert refusal(parse_generate, generate(prompt=None), 1000).message.startswith("prompt: ")
     assert refusal(parse_generate, generate(messages=None), 1000).message.startswith("messages: ")
-    assert refusal(parse_generate, generate(prompt=None, messages=[{"role": "user", "content": "x"}]), 1000).message.startswith("prompt: ")
+    assert refusal(
+        parse_generate, generate(prompt=None, messages=[{"role": "user", "content": "x"}]), 1000
+    ).message.startswith("prompt: ")
 
 
 def test_null_seed_deadline_and_engine_mean_their_defaults():
@@ -183,7 +193,15 @@ def test_null_seed_deadline_and_engine_mean_their_defaults():
 
 def test_defaults_when_fields_are_absent():
     params = parse_generate(generate(prompt="x"), 1000)
-    assert params.sampling == {"max_tokens": 256, "temperature": 0.8, "top_p": 0.95, "top_k": 40, "stop": [], "seed": None, "ignore_eos": False}
+    assert params.sampling == {
+        "max_tokens": 256,
+        "temperature": 0.8,
+        "top_p": 0.95,
+        "top_k": 40,
+        "stop": [],
+        "seed": None,
+        "ignore_eos": False,
+    }
     assert params.stream is True and params.engine is None and params.deadline_ms is None
 
 
@@ -199,7 +217,10 @@ def test_bare_ops_take_only_op_and_id(op):
 
 def test_cancel_returns_its_target_and_refuses_unknown_fields():
     assert parse_cancel({"op": "cancel", "id": "c", "target": "r1"}) == "r1"
-    assert refusal(parse_cancel, {"op": "cancel", "id": "c", "target": "r1", "force": True}).message == "force: unknown field"
+    assert (
+        refusal(parse_cancel, {"op": "cancel", "id": "c", "target": "r1", "force": True}).message
+        == "force: unknown field"
+    )
     assert refusal(parse_cancel, {"op": "cancel", "id": "c"}).message.startswith("target: ")
     assert refusal(parse_cancel, {"op": "cancel", "id": "c", "target": None}).message.startswith("target: ")
 

@@ -33,9 +33,21 @@ from workers.protocol import ExitCode
 
 from .conftest import fake_engine, toml_value, wait_until
 from .winservice_fakes import (
-    ERROR_SERVICE_SPECIFIC_ERROR, JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE, PYS_SERVICE_STARTED, PYS_SERVICE_STARTING, PYS_SERVICE_STOPPED,
-    SERVICE_CONTROL_INTERROGATE, SERVICE_CONTROL_STOP, SERVICE_RUNNING, SERVICE_START_PENDING, SERVICE_STOP_PENDING, SERVICE_STOPPED, FakeScm, Windows, fake_modules,
-)  # fmt: skip
+    ERROR_SERVICE_SPECIFIC_ERROR,
+    JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE,
+    PYS_SERVICE_STARTED,
+    PYS_SERVICE_STARTING,
+    PYS_SERVICE_STOPPED,
+    SERVICE_CONTROL_INTERROGATE,
+    SERVICE_CONTROL_STOP,
+    SERVICE_RUNNING,
+    SERVICE_START_PENDING,
+    SERVICE_STOP_PENDING,
+    SERVICE_STOPPED,
+    FakeScm,
+    Windows,
+    fake_modules,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -87,10 +99,14 @@ def serving_config(app_dir: Path, shared_state: dict[str, Path], tmp_path: Path)
     """A fake engine on loopback TCP; state_dir and data_dir left to the service's %ProgramData% defaults."""
     client_endpoint = f"tcp://127.0.0.1:{free_port()}"
     lines = [
-        f"envs_dir = {toml_value(shared_state['envs_dir'])}", "create_envs = false", 'log_format = "json"',
-        f"client_endpoint = {toml_value(client_endpoint)}", f'events_endpoint = "tcp://127.0.0.1:{free_port()}"',
-        'worker_endpoint = "tcp://127.0.0.1:*"', "shutdown_grace_s = 2.0",
-    ]  # fmt: skip
+        f"envs_dir = {toml_value(shared_state['envs_dir'])}",
+        "create_envs = false",
+        'log_format = "json"',
+        f"client_endpoint = {toml_value(client_endpoint)}",
+        f'events_endpoint = "tcp://127.0.0.1:{free_port()}"',
+        'worker_endpoint = "tcp://127.0.0.1:*"',
+        "shutdown_grace_s = 2.0",
+    ]
     write_config(app_dir, lines, {"f": fake_engine(tmp_path)[0]})
     return client_endpoint
 
@@ -115,7 +131,9 @@ def engine_status(endpoint: str, app_dir: Path) -> dict[str, Any] | None:
 
 
 def log_records(app_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (app_dir / "state" / "logs" / "node-supervisor.jsonl").read_text().splitlines()]
+    return [
+        json.loads(line) for line in (app_dir / "state" / "logs" / "node-supervisor.jsonl").read_text().splitlines()
+    ]
 
 
 def start_service(windows: Windows) -> FakeScm:
@@ -123,11 +141,17 @@ def start_service(windows: Windows) -> FakeScm:
     return FakeScm(service_module.NodeSupervisorService, windows).start()
 
 
-def test_the_service_reports_running_once_the_daemon_serves_and_a_stop_ends_it_and_its_workers(windows, programdata, shared_state, tmp_path):
+def test_the_service_reports_running_once_the_daemon_serves_and_a_stop_ends_it_and_its_workers(
+    windows, programdata, shared_state, tmp_path
+):
     """Start -> daemon serving -> stop -> workers gone, as the service control manager sees it (fakes, on Linux)."""
     endpoint = serving_config(programdata, shared_state, tmp_path)
     scm = start_service(windows)
-    engine = wait_until(lambda: (s := engine_status(endpoint, programdata)) and s["state"] == "ready" and s, 60, "the fake engine ready behind the service")
+    engine = wait_until(
+        lambda: (s := engine_status(endpoint, programdata)) and s["state"] == "ready" and s,
+        60,
+        "the fake engine ready behind the service",
+    )
     with Client(endpoint, timeout_s=5.0, curve=local_keys(programdata)) as client:
         assert client.ping()["event"] == "pong"
     worker_pids = {w["pid"] for w in engine["workers"] if w["pid"]}
@@ -143,7 +167,10 @@ def test_the_service_reports_running_once_the_daemon_serves_and_a_stop_ends_it_a
     assert windows.states() == [SERVICE_START_PENDING, SERVICE_RUNNING, SERVICE_STOP_PENDING, SERVICE_STOPPED]
     assert windows.statuses[-1][3:5] == (0, 0) and scm.process_exit_code is None and scm.error is None
     assert not any(psutil.pid_exists(pid) for pid in worker_pids)
-    assert windows.logged_ids() == [PYS_SERVICE_STARTING, PYS_SERVICE_STARTED, PYS_SERVICE_STOPPED] and windows.errors() == []
+    assert (
+        windows.logged_ids() == [PYS_SERVICE_STARTING, PYS_SERVICE_STARTED, PYS_SERVICE_STOPPED]
+        and windows.errors() == []
+    )
     assert any(kind == "info" and endpoint in message for kind, message in windows.events)
     # The daemon's one ordered stop ran: the stop control's reason, the worker stopped, then the daemon.
     events = [(r["event"], r.get("reason")) for r in log_records(programdata)]
@@ -151,7 +178,9 @@ def test_the_service_reports_running_once_the_daemon_serves_and_a_stop_ends_it_a
     assert ("worker exited", None) in events[stop_at:stopped_at] and stopped_at == len(events) - 1
 
 
-def test_a_stop_before_the_daemon_serves_is_carried_out_as_it_starts_serving(windows, programdata, shared_state, tmp_path, monkeypatch):
+def test_a_stop_before_the_daemon_serves_is_carried_out_as_it_starts_serving(
+    windows, programdata, shared_state, tmp_path, monkeypatch
+):
     """A stop that arrives while the daemon still prepares (fakes, on Linux): RUNNING is never reported, the daemon stops in order."""
     serving_config(programdata, shared_state, tmp_path)
     stop_sent = threading.Event()
@@ -177,7 +206,9 @@ def test_a_stop_before_the_daemon_serves_is_carried_out_as_it_starts_serving(win
     assert started and not any(psutil.pid_exists(pid) for pid in started)
 
 
-def test_a_daemon_that_fails_after_serving_is_a_fatal_stop_in_the_event_log_and_to_the_service_manager(windows, programdata, shared_state, tmp_path, monkeypatch):
+def test_a_daemon_that_fails_after_serving_is_a_fatal_stop_in_the_event_log_and_to_the_service_manager(
+    windows, programdata, shared_state, tmp_path, monkeypatch
+):
     """An internal error while running (fakes, on Linux): STOPPED with a service-specific 1, the error in the event log, the traceback in the daemon's log."""
     from supervisor.daemon.app import Daemon
 
@@ -190,13 +221,20 @@ def test_a_daemon_that_fails_after_serving_is_a_fatal_stop_in_the_event_log_and_
     monkeypatch.setattr(Daemon, "_shutdown", shutdown_then_fail)
     endpoint = serving_config(programdata, shared_state, tmp_path)
     scm = start_service(windows)
-    wait_until(lambda: SERVICE_RUNNING in windows.states() and engine_status(endpoint, programdata), 60, "the service running")
+    wait_until(
+        lambda: SERVICE_RUNNING in windows.states() and engine_status(endpoint, programdata), 60, "the service running"
+    )
     scm.control(SERVICE_CONTROL_STOP)
     scm.wait_stopped(60)
     assert windows.states() == [SERVICE_START_PENDING, SERVICE_RUNNING, SERVICE_STOP_PENDING, SERVICE_STOPPED]
-    assert windows.statuses[-1][3:5] == (ERROR_SERVICE_SPECIFIC_ERROR, ExitCode.CRASH) and scm.process_exit_code == ExitCode.CRASH
+    assert (
+        windows.statuses[-1][3:5] == (ERROR_SERVICE_SPECIFIC_ERROR, ExitCode.CRASH)
+        and scm.process_exit_code == ExitCode.CRASH
+    )
     (error,) = windows.errors()
-    assert error.startswith("node-supervisor stopped with an error (exit code 1: internal error): RuntimeError: event socket broke")
+    assert error.startswith(
+        "node-supervisor stopped with an error (exit code 1: internal error): RuntimeError: event socket broke"
+    )
     assert PYS_SERVICE_STOPPED not in windows.logged_ids()
     failed = [r for r in log_records(programdata) if r["event"] == "the daemon failed"]
     assert len(failed) == 1 and "event socket broke" in failed[0]["exception"]
@@ -205,21 +243,31 @@ def test_a_daemon_that_fails_after_serving_is_a_fatal_stop_in_the_event_log_and_
 # Each: the config lines, given a port another process listens on and a scratch directory; the words the event log must say.
 START_FAILURES = {
     "invalid value": (lambda port, tmp: ["heartbeat_interval_s = -1"], ["configuration error", "heartbeat_interval_s"]),
-    "port taken": (lambda port, tmp: [f'client_endpoint = "tcp://127.0.0.1:{port}"'], ["configuration error", "client_endpoint", "cannot bind"]),
+    "port taken": (
+        lambda port, tmp: [f'client_endpoint = "tcp://127.0.0.1:{port}"'],
+        ["configuration error", "client_endpoint", "cannot bind"],
+    ),
     # Passes the preflight checks; ZeroMQ's bind itself fails (supervisor.io.transport.BindError).
-    "bind fails": (lambda port, tmp: [f'client_endpoint = "ipc://{tmp}/missing/client.sock"'], ["configuration error", "cannot bind ipc://"]),
+    "bind fails": (
+        lambda port, tmp: [f'client_endpoint = "ipc://{tmp}/missing/client.sock"'],
+        ["configuration error", "cannot bind ipc://"],
+    ),
 }
 
 
 @pytest.mark.parametrize("case", START_FAILURES)
-def test_a_start_that_fails_is_reported_to_the_service_manager_with_the_exit_code_and_why(windows, programdata, tmp_path, case):
+def test_a_start_that_fails_is_reported_to_the_service_manager_with_the_exit_code_and_why(
+    windows, programdata, tmp_path, case
+):
     """Bad configuration and bind failures (fakes, on Linux): STOPPED with a service-specific 78, an event-log error saying why."""
     config_lines, expected_words = START_FAILURES[case]
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         lines = config_lines(listener.getsockname()[1], tmp_path)
-        write_config(programdata, [*lines, 'log_format = "json"', "create_envs = false"], {"f": fake_engine(tmp_path)[0]})
+        write_config(
+            programdata, [*lines, 'log_format = "json"', "create_envs = false"], {"f": fake_engine(tmp_path)[0]}
+        )
         scm = start_service(windows)
         scm.wait_stopped(60)
     assert windows.states() == [SERVICE_START_PENDING, SERVICE_STOPPED]
@@ -230,7 +278,9 @@ def test_a_start_that_fails_is_reported_to_the_service_manager_with_the_exit_cod
     assert PYS_SERVICE_STARTED not in windows.logged_ids()
 
 
-def test_environment_builds_keep_the_start_pending_and_a_failed_build_is_reported(windows, programdata, tmp_path, monkeypatch):
+def test_environment_builds_keep_the_start_pending_and_a_failed_build_is_reported(
+    windows, programdata, tmp_path, monkeypatch
+):
     """Each build line is start-up progress for the service manager (fakes, on Linux); a build that fails stops the service with 69."""
     import supervisor.daemon.run
 
@@ -244,12 +294,19 @@ def test_environment_builds_keep_the_start_pending_and_a_failed_build_is_reporte
     scm = start_service(windows)
     scm.wait_stopped(60)
     pending = [status for status in windows.statuses if status[1] == SERVICE_START_PENDING]
-    assert len(pending) >= 2 and pending[-1][6] == 600_000  # waitHint: a build line may be followed by 10 minutes of compiling
+    assert (
+        len(pending) >= 2 and pending[-1][6] == 600_000
+    )  # waitHint: a build line may be followed by 10 minutes of compiling
     assert [status[5] for status in pending] == sorted({status[5] for status in pending})  # checkpoints only grow
-    assert windows.states()[-1] == SERVICE_STOPPED and windows.statuses[-1][3:5] == (ERROR_SERVICE_SPECIFIC_ERROR, ExitCode.UNAVAILABLE)
+    assert windows.states()[-1] == SERVICE_STOPPED and windows.statuses[-1][3:5] == (
+        ERROR_SERVICE_SPECIFIC_ERROR,
+        ExitCode.UNAVAILABLE,
+    )
     assert scm.process_exit_code == ExitCode.UNAVAILABLE
-    assert windows.errors() == [f"node-supervisor did not start (exit code 69: the engine environments could not be prepared): "
-                                f"preparation failed: pip install failed (exit code 1). The daemon's log is in {programdata / 'state' / 'logs'}"]
+    assert windows.errors() == [
+        f"node-supervisor did not start (exit code 69: the engine environments could not be prepared): "
+        f"preparation failed: pip install failed (exit code 1). The daemon's log is in {programdata / 'state' / 'logs'}"
+    ]
 
 
 def test_the_service_keeps_its_state_and_config_under_programdata_unless_configured(programdata, tmp_path, monkeypatch):
@@ -261,7 +318,7 @@ def test_the_service_keeps_its_state_and_config_under_programdata_unless_configu
     assert (settings.state_dir, settings.data_dir) == (programdata / "state", tmp_path / "models")
     monkeypatch.setenv("NODESUP_STATE_DIR", str(tmp_path / "state"))
     assert load_service_settings().state_dir == tmp_path / "state"
-    other = write_config(tmp_path / "elsewhere", ["log_level = \"debug\""])
+    other = write_config(tmp_path / "elsewhere", ['log_level = "debug"'])
     monkeypatch.setenv("NODESUP_CONFIG", str(other))
     assert load_service_settings().log_level == "debug"
     monkeypatch.setenv("NODESUP_CONFIG", str(tmp_path / "absent.toml"))
@@ -283,9 +340,15 @@ def test_the_service_command_line_is_pywin32s_and_off_windows_says_what_it_needs
     from winservice.__main__ import main
 
     assert main(["winservice", "install"]) == 0
-    (kind, (service_class, argv)), = windows.events
-    assert kind == "command line" and service_class.__name__ == "NodeSupervisorService" and argv == ["winservice", "install"]
+    ((kind, (service_class, argv)),) = windows.events
+    assert (
+        kind == "command line"
+        and service_class.__name__ == "NodeSupervisorService"
+        and argv == ["winservice", "install"]
+    )
     if sys.platform != "win32":
-        result = subprocess.run([sys.executable, "-m", "winservice", "install"], cwd=REPO, capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [sys.executable, "-m", "winservice", "install"], cwd=REPO, capture_output=True, text=True, timeout=60
+        )
         assert result.returncode == ExitCode.UNAVAILABLE
         assert "needs Windows and pywin32" in result.stderr and "Traceback" not in result.stderr

@@ -50,9 +50,18 @@ def run_recorded_worker(directory: Path) -> list[tuple[str, bool]]:
     (directory / "sitecustomize.py").write_text(RECORDER)
     log = directory / "imports.log"
     command = [
-        str(fake_env_python()), "-m", "workers", "--engine", "fake", "--endpoint", f"ipc://{directory}/nobody.sock",
-        "--worker-id", "w.1", "--heartbeat-interval", "0.2",
-    ]  # fmt: skip
+        str(fake_env_python()),
+        "-m",
+        "workers",
+        "--engine",
+        "fake",
+        "--endpoint",
+        f"ipc://{directory}/nobody.sock",
+        "--worker-id",
+        "w.1",
+        "--heartbeat-interval",
+        "0.2",
+    ]
     environ = worker_environ("x")
     environ.update(PYTHONPATH=f"{directory}{os.pathsep}{REPO}", IMPORT_ORDER_LOG=str(log))
     result = subprocess.run(command, env=environ, capture_output=True, text=True, timeout=120)

@@ -61,9 +61,18 @@ class FakeDaemon:
 
     def spawn(self, secret: str | None) -> subprocess.Popen[bytes]:
         command = [
-            str(fake_env_python()), "-m", "workers", "--engine", "fake", "--endpoint", self.endpoint,
-            "--worker-id", WORKER_ID, "--heartbeat-interval", str(HEARTBEAT_S),
-        ]  # fmt: skip
+            str(fake_env_python()),
+            "-m",
+            "workers",
+            "--engine",
+            "fake",
+            "--endpoint",
+            self.endpoint,
+            "--worker-id",
+            WORKER_ID,
+            "--heartbeat-interval",
+            str(HEARTBEAT_S),
+        ]
         with open(self.directory / f"worker{len(self.processes)}.log", "wb") as log:
             process = subprocess.Popen(command, env=worker_environ(secret), stdout=log, stderr=subprocess.STDOUT)
         self.processes.append(process)
@@ -154,9 +163,13 @@ def start_and_load(daemon: FakeDaemon, options: dict[str, Any]) -> bytes:
             return routing_id
 
 
-def generate(daemon: FakeDaemon, routing_id: bytes, request_id: str, max_tokens: int) -> tuple[list[bytes], dict[str, Any]]:
+def generate(
+    daemon: FakeDaemon, routing_id: bytes, request_id: str, max_tokens: int
+) -> tuple[list[bytes], dict[str, Any]]:
     """Run one request; (the raw token frames, the done message)."""
-    daemon.send(routing_id, type=p.S_GENERATE, request_id=request_id, prompt="hello there", params={"max_tokens": max_tokens})
+    daemon.send(
+        routing_id, type=p.S_GENERATE, request_id=request_id, prompt="hello there", params={"max_tokens": max_tokens}
+    )
     frames: list[bytes] = []
     while True:
         got_id, frame = daemon.receive()

@@ -29,7 +29,12 @@ ERROR_SERVICE_SPECIFIC_ERROR = 1066
 JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE = 0x2000
 PROCESS_TERMINATE, PROCESS_SET_QUOTA = 0x0001, 0x0100
 EVENTLOG_ERROR_TYPE, EVENTLOG_WARNING_TYPE, EVENTLOG_INFORMATION_TYPE = 1, 2, 4
-PYS_SERVICE_STARTING, PYS_SERVICE_STARTED, PYS_SERVICE_STOPPING, PYS_SERVICE_STOPPED = 0x40000001, 0x40000002, 0x40000003, 0x40000004
+PYS_SERVICE_STARTING, PYS_SERVICE_STARTED, PYS_SERVICE_STOPPING, PYS_SERVICE_STOPPED = (
+    0x40000001,
+    0x40000002,
+    0x40000003,
+    0x40000004,
+)
 
 
 @dataclass
@@ -75,7 +80,18 @@ class Windows:
 
 def fake_modules(windows: Windows) -> dict[str, ModuleType]:
     """win32service, win32serviceutil, servicemanager, winerror, win32job, win32api, win32con."""
-    modules = {name: ModuleType(name) for name in ("win32service", "win32serviceutil", "servicemanager", "winerror", "win32job", "win32api", "win32con")}
+    modules = {
+        name: ModuleType(name)
+        for name in (
+            "win32service",
+            "win32serviceutil",
+            "servicemanager",
+            "winerror",
+            "win32job",
+            "win32api",
+            "win32con",
+        )
+    }
     svc, util, manager = modules["win32service"], modules["win32serviceutil"], modules["servicemanager"]
     for name, value in globals().items():
         if name.startswith(("SERVICE_", "ERROR_", "EVENTLOG_", "PYS_", "JOB_", "PROCESS_")):
@@ -95,7 +111,9 @@ def fake_modules(windows: Windows) -> dict[str, ModuleType]:
     manager.LogWarningMsg = lambda message: windows.events.append(("warning", message))
     manager.LogErrorMsg = lambda message: windows.events.append(("error", message))
     util.ServiceFramework = FakeServiceFramework
-    util.HandleCommandLine = lambda cls, serviceClassString=None, argv=None, **_: windows.events.append(("command line", (cls, argv))) or 0
+    util.HandleCommandLine = lambda cls, serviceClassString=None, argv=None, **_: (
+        windows.events.append(("command line", (cls, argv))) or 0
+    )
     _job_api(modules, windows)
     return modules
 
@@ -124,7 +142,9 @@ def _job_api(modules: dict[str, ModuleType], windows: Windows) -> None:
         job.pids.append(handle.pid)
 
     job_module.CreateJobObject = create_job
-    job_module.QueryInformationJobObject = lambda job, info_class: {"BasicLimitInformation": dict(job.limits["BasicLimitInformation"])}
+    job_module.QueryInformationJobObject = lambda job, info_class: {
+        "BasicLimitInformation": dict(job.limits["BasicLimitInformation"])
+    }
     job_module.SetInformationJobObject = set_limits
     job_module.AssignProcessToJobObject = assign
     api.OpenProcess = open_process
@@ -144,7 +164,9 @@ class FakeServiceFramework:
         accepted = SERVICE_ACCEPT_STOP if hasattr(self, "SvcStop") else 0
         return accepted | (SERVICE_ACCEPT_SHUTDOWN if hasattr(self, "SvcShutdown") else 0)
 
-    def ReportServiceStatus(self, serviceStatus: int, waitHint: int = 5000, win32ExitCode: int = 0, svcExitCode: int = 0) -> None:
+    def ReportServiceStatus(
+        self, serviceStatus: int, waitHint: int = 5000, win32ExitCode: int = 0, svcExitCode: int = 0
+    ) -> None:
         import win32service
 
         if self.ssh is None:  # debugging
@@ -155,13 +177,20 @@ class FakeServiceFramework:
         else:
             self.checkPoint += 1
             check_point = self.checkPoint
-        win32service.SetServiceStatus(self.ssh, (SERVICE_WIN32_OWN_PROCESS, serviceStatus, accepted, win32ExitCode, svcExitCode, check_point, waitHint))
+        win32service.SetServiceStatus(
+            self.ssh,
+            (SERVICE_WIN32_OWN_PROCESS, serviceStatus, accepted, win32ExitCode, svcExitCode, check_point, waitHint),
+        )
 
     def SvcInterrogate(self) -> None:
         self.ReportServiceStatus(SERVICE_RUNNING)
 
     def ServiceCtrlHandlerEx(self, control: int, event_type: int, data: Any) -> Any:
-        handlers = {SERVICE_CONTROL_STOP: "SvcStop", SERVICE_CONTROL_INTERROGATE: "SvcInterrogate", SERVICE_CONTROL_SHUTDOWN: "SvcShutdown"}
+        handlers = {
+            SERVICE_CONTROL_STOP: "SvcStop",
+            SERVICE_CONTROL_INTERROGATE: "SvcInterrogate",
+            SERVICE_CONTROL_SHUTDOWN: "SvcShutdown",
+        }
         return getattr(self, handlers[control])()
 
     def SvcRun(self) -> None:
@@ -208,7 +237,9 @@ class FakeScm:
             return
         except Exception as exc:  # the framework reports an error stop and logs the traceback
             self.error = exc
-            self.windows.statuses.append((SERVICE_WIN32_OWN_PROCESS, SERVICE_STOPPED, 0, ERROR_SERVICE_SPECIFIC_ERROR, 0x20000001, 0, 0))
+            self.windows.statuses.append(
+                (SERVICE_WIN32_OWN_PROCESS, SERVICE_STOPPED, 0, ERROR_SERVICE_SPECIFIC_ERROR, 0x20000001, 0, 0)
+            )
             return
         self.windows.statuses.append((SERVICE_WIN32_OWN_PROCESS, SERVICE_STOPPED, 0, 0, 0, 0, 0))
 

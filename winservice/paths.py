@@ -47,5 +47,9 @@ def load_service_settings() -> Settings:
     config_file = service_config_file()
     settings = load_settings(config_file)
     base = programdata_dir()
-    defaults = {key: base / sub for key, sub in (("state_dir", "state"), ("data_dir", "data")) if key not in settings.model_fields_set}
+    defaults = {
+        key: base / sub
+        for key, sub in (("state_dir", "state"), ("data_dir", "data"))
+        if key not in settings.model_fields_set
+    }
     return load_settings(config_file, defaults) if defaults else settings

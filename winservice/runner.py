@@ -32,7 +32,9 @@ from workers.protocol import ExitCode
 
 from .paths import load_service_settings
 
-PROGRESS_MIN_INTERVAL_S = 1.0  # a build prints thousands of lines; the service manager hears of progress at most this often
+PROGRESS_MIN_INTERVAL_S = (
+    1.0  # a build prints thousands of lines; the service manager hears of progress at most this often
+)
 EXIT_MEANINGS = {
     ExitCode.CRASH: "internal error",
     ExitCode.UNAVAILABLE: "the engine environments could not be prepared",
@@ -80,7 +82,9 @@ class ServiceRun:
                 return RunOutcome(ExitCode.CONFIG, False, f"config error: {exc}")
             log_dir = str(self.settings.log_dir)
             try:
-                code = run_daemon(self.settings, self.settings.create_envs, _StartProgress(self._on_progress), self._serving)
+                code = run_daemon(
+                    self.settings, self.settings.create_envs, _StartProgress(self._on_progress), self._serving
+                )
             except Exception as exc:  # a bug: the event log says so, the daemon's log has the traceback
                 logging.getLogger("winservice").exception("the daemon failed")
                 return RunOutcome(ExitCode.CRASH, self.served, f"{type(exc).__name__}: {exc}", log_dir)
@@ -119,7 +123,11 @@ class _StartProgress(Notifier):
     def send(self, *assignments: str) -> bool:
         for assignment in assignments:
             key, _, value = assignment.partition("=")
-            if key == "EXTEND_TIMEOUT_USEC" and value.isdigit() and time.monotonic() - self._last >= PROGRESS_MIN_INTERVAL_S:
+            if (
+                key == "EXTEND_TIMEOUT_USEC"
+                and value.isdigit()
+                and time.monotonic() - self._last >= PROGRESS_MIN_INTERVAL_S
+            ):
                 self._last = time.monotonic()
                 self._on_progress(int(value) // 1000)
         return True

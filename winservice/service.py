@@ -64,12 +64,16 @@ class NodeSupervisorService(win32serviceutil.ServiceFramework):
         # Returning ends the service thread; the framework then reports SERVICE_STOPPED.
 
     def SvcDoRun(self) -> None:
-        servicemanager.LogMsg(servicemanager.EVENTLOG_INFORMATION_TYPE, servicemanager.PYS_SERVICE_STARTING, (self._svc_name_, ""))
+        servicemanager.LogMsg(
+            servicemanager.EVENTLOG_INFORMATION_TYPE, servicemanager.PYS_SERVICE_STARTING, (self._svc_name_, "")
+        )
         outcome = self.daemon_run.run()
         if outcome.code != 0:
             self._fail(outcome)
             return
-        servicemanager.LogMsg(servicemanager.EVENTLOG_INFORMATION_TYPE, servicemanager.PYS_SERVICE_STOPPED, (self._svc_name_, ""))
+        servicemanager.LogMsg(
+            servicemanager.EVENTLOG_INFORMATION_TYPE, servicemanager.PYS_SERVICE_STOPPED, (self._svc_name_, "")
+        )
 
     def SvcStop(self) -> None:
         self._stop("service stop")
@@ -95,8 +99,12 @@ class NodeSupervisorService(win32serviceutil.ServiceFramework):
             if self._stopping:
                 return
             self._report(win32service.SERVICE_RUNNING, 0)
-        servicemanager.LogMsg(servicemanager.EVENTLOG_INFORMATION_TYPE, servicemanager.PYS_SERVICE_STARTED, (self._svc_name_, ""))
-        servicemanager.LogInfoMsg(f"node-supervisor serving clients at {settings.client_endpoint}; log in {settings.log_dir}")
+        servicemanager.LogMsg(
+            servicemanager.EVENTLOG_INFORMATION_TYPE, servicemanager.PYS_SERVICE_STARTED, (self._svc_name_, "")
+        )
+        servicemanager.LogInfoMsg(
+            f"node-supervisor serving clients at {settings.client_endpoint}; log in {settings.log_dir}"
+        )
 
     def _stop(self, reason: str) -> None:
         settings = self.daemon_run.settings
@@ -127,7 +135,9 @@ class NodeSupervisorService(win32serviceutil.ServiceFramework):
         with self._status_lock:
             self._last_status = (status, wait_ms)
             if exit_code:
-                self.ReportServiceStatus(status, waitHint=wait_ms, win32ExitCode=winerror.ERROR_SERVICE_SPECIFIC_ERROR, svcExitCode=exit_code)
+                self.ReportServiceStatus(
+                    status, waitHint=wait_ms, win32ExitCode=winerror.ERROR_SERVICE_SPECIFIC_ERROR, svcExitCode=exit_code
+                )
             else:
                 self.ReportServiceStatus(status, waitHint=wait_ms)
 

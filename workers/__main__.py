@@ -48,10 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     from .runtime import WorkerRuntime
 
     if curve is not None and not zmq.has("curve"):
-        sys.stderr.write("worker: the tcp worker endpoint takes CURVE, and this environment's pyzmq has no CURVE support\n")
+        sys.stderr.write(
+            "worker: the tcp worker endpoint takes CURVE, and this environment's pyzmq has no CURVE support\n"
+        )
         return ExitCode.UNAVAILABLE
 
-    runtime = WorkerRuntime(prepared, args.endpoint, args.worker_id, args.heartbeat_interval, secret=secret, curve=curve)
+    runtime = WorkerRuntime(
+        prepared, args.endpoint, args.worker_id, args.heartbeat_interval, secret=secret, curve=curve
+    )
     return runtime.run()
 
 

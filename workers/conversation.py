@@ -95,7 +95,10 @@ class Conversation:
             request_id=request_id,
             finish_reason=result.finish_reason,
             usage={"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
-            timings={"prefill_ms": round((first_token_at - started) * 1000, 3), "generate_ms": round((ended - started) * 1000, 3)},
+            timings={
+                "prefill_ms": round((first_token_at - started) * 1000, 3),
+                "generate_ms": round((ended - started) * 1000, 3),
+            },
         )
 
     def emitter(self, request_id: str, send: Callable[[bytes], Any] | None = None) -> Any:

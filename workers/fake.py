@@ -61,7 +61,11 @@ class FakeEngine:
     def versions(self) -> dict[str, Any]:
         # Whether engine code can still read the worker's secret or CURVE keys (it
         # must not: the runtime takes them out of the environment first); tests check it.
-        return {"fake_engine": "1", "sees_worker_secret": _environment_has(WORKER_SECRET_ENV), "sees_worker_curve": _environment_has(WORKER_CURVE_ENV)}
+        return {
+            "fake_engine": "1",
+            "sees_worker_secret": _environment_has(WORKER_SECRET_ENV),
+            "sees_worker_curve": _environment_has(WORKER_CURVE_ENV),
+        }
 
     def _current(self) -> dict[str, Any]:
         options = dict(self._options)
@@ -111,7 +115,6 @@ class FakeEngine:
         prompt_tokens = len((request.prompt or "").split()) or 1
         return GenerateResult(finish_reason=finish, prompt_tokens=prompt_tokens, completion_tokens=produced)
 
-
     # --- several requests at once (BatchEngine) ---------------------------------------
 
     def begin(self, request: GenerateRequest, emit: EmitFn) -> None:
@@ -135,7 +138,9 @@ class FakeEngine:
 
     def _result(self, request_id: str, finish: str) -> GenerateResult:
         request, _emit, produced = self._batch.pop(request_id)
-        return GenerateResult(finish_reason=finish, prompt_tokens=len((request.prompt or "").split()) or 1, completion_tokens=produced)
+        return GenerateResult(
+            finish_reason=finish, prompt_tokens=len((request.prompt or "").split()) or 1, completion_tokens=produced
+        )
 
 
 def _misbehave(options: dict[str, Any], produced: int) -> None:

@@ -167,7 +167,11 @@ class WorkerRuntime:
 
         def should_stop() -> bool:
             conversation.read_commands()
-            return conversation.stopping or rid in conversation.cancelled or (deadline is not None and time.monotonic() >= deadline)
+            return (
+                conversation.stopping
+                or rid in conversation.cancelled
+                or (deadline is not None and time.monotonic() >= deadline)
+            )
 
         try:
             result = engine.generate(request, emit, should_stop)

@@ -15,6 +15,7 @@ from ..config import Settings
 from ..node.keys import KeysError, local_curve
 from .output import format_reload, format_status, print_json
 
+
 def client_command(settings: Settings, args: argparse.Namespace) -> int:
     try:
         curve = local_curve(settings, settings.client_endpoint)  # tcp: CURVE with this node's keys
@@ -62,7 +63,9 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
     # whether a daemon answers at all is known in a moment.
     client.receive(client.send({"op": p.OP_PING}), timeout_s=args.connect_timeout)
     if args.chat:
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}
+        ]
         events = client.generate(messages=messages, **fields)
     else:
         events = client.generate(prompt=args.prompt, **fields)
@@ -76,9 +79,11 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
                 print(event["text"], end="", flush=True)
             elif event["event"] == p.EVENT_DONE:
                 print(event.get("text", ""), end="")
-                print(f"\n[{event['finish_reason']}: {event['usage']['completion_tokens']} tokens, "
-                      f"ttft {event['timings']['ttft_ms']} ms, total {event['timings']['total_ms']} ms, engine {event['engine']}]",
-                      file=sys.stderr)
+                print(
+                    f"\n[{event['finish_reason']}: {event['usage']['completion_tokens']} tokens, "
+                    f"ttft {event['timings']['ttft_ms']} ms, total {event['timings']['total_ms']} ms, engine {event['engine']}]",
+                    file=sys.stderr,
+                )
             else:
                 print(f"\nerror {event['code']}: {event['message']}", file=sys.stderr)
                 return 1

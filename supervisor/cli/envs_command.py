@@ -18,7 +18,9 @@ def _kinds_for(settings: Settings, names: list[str]) -> dict[str, str]:
     for name in names:
         kind = configured.get(name) or (name if name in ENGINE_KINDS else None)
         if kind is None:
-            raise EnvError(f"unknown environment {name!r}: not used by a configured engine nor an engine kind ({', '.join(ENGINE_KINDS)})")
+            raise EnvError(
+                f"unknown environment {name!r}: not used by a configured engine nor an engine kind ({', '.join(ENGINE_KINDS)})"
+            )
         chosen[name] = kind
     return chosen
 
@@ -48,17 +50,23 @@ def _print_check(name: str, facts: dict[str, Any], snapshot: GpuSnapshot) -> Non
     packages = facts.get("packages", {})
     print(f"{name}:")
     print(f"  interpreter   {facts['executable']} (Python {facts['python']})")
-    print(f"  up to date    {'yes' if facts['current'] else 'no: ' + (facts.get('stale') or 'stale') + '; run envs create ' + name}")
+    print(
+        f"  up to date    {'yes' if facts['current'] else 'no: ' + (facts.get('stale') or 'stale') + '; run envs create ' + name}"
+    )
     for dist in ("llama-cpp-python", "exllamav2", "torch"):
         if packages.get(dist):
             shared = " (the node's own, system_site_packages)" if dist in facts.get("reused", {}) else ""
             print(f"  {dist:<13} {packages[dist]}{shared}")
     numpy = packages.get("numpy")
-    elsewhere = "" if not numpy or facts.get("numpy_own") else f" (from {facts.get('numpy_file')}, not the environment's own!)"
+    elsewhere = (
+        "" if not numpy or facts.get("numpy_own") else f" (from {facts.get('numpy_file')}, not the environment's own!)"
+    )
     print(f"  numpy         {numpy or 'not installed'}{elsewhere}")
     _print_gpu_build(name, facts, snapshot)
     if "cuda_available" in facts:
-        print(f"  cuda          {'available' if facts['cuda_available'] else 'not available (torch sees no CUDA device)'}")
+        print(
+            f"  cuda          {'available' if facts['cuda_available'] else 'not available (torch sees no CUDA device)'}"
+        )
     if "unavailable" in facts:
         print(f"  engine        unavailable: {facts['unavailable']}")
 
@@ -76,10 +84,17 @@ def _print_gpu_build(name: str, facts: dict[str, Any], snapshot: GpuSnapshot) ->
         print("  build         options not recorded (built before they were; envs create records them)")
     built = ", ".join(engine.get("gpu_backends_built") or []) or "none (CPU-only build)"
     print(f"  gpu offload   {'yes' if engine['gpu_offload'] else 'no'}; GPU backends built: {built}")
-    gpus = f"{len(snapshot.devices)} NVIDIA GPU(s), driver {snapshot.driver_version}, CUDA {snapshot.cuda_version}" if snapshot.devices else snapshot.reason
+    gpus = (
+        f"{len(snapshot.devices)} NVIDIA GPU(s), driver {snapshot.driver_version}, CUDA {snapshot.cuda_version}"
+        if snapshot.devices
+        else snapshot.reason
+    )
     print(f"  node GPUs     {gpus}")
     warning = cpu_only_build_on_gpu_node(facts, snapshot)
     if warning:
         print(f"  WARNING       {warning}")
     elif not engine.get("gpu_backends_built"):
-        print('                to use a GPU, recreate with CMAKE_ARGS="-DGGML_CUDA=on" node-supervisor envs create ' + name)
+        print(
+            '                to use a GPU, recreate with CMAKE_ARGS="-DGGML_CUDA=on" node-supervisor envs create '
+            + name
+        )

@@ -46,7 +46,9 @@ def _key_argument(text: str) -> str:
             if name.strip() == "public-key":
                 return value.strip().strip("\"'")
     except OSError as exc:
-        raise KeysError(f"{text}: neither a public key (40 characters) nor a readable key file: {exc.strerror or exc}") from None
+        raise KeysError(
+            f"{text}: neither a public key (40 characters) nor a readable key file: {exc.strerror or exc}"
+        ) from None
     raise KeysError(f"{path}: no public-key line in this file")
 
 
@@ -59,4 +61,6 @@ def _show(settings: Settings) -> None:
     print(f"authorized client keys ({security.authorized_keys_dir}): {len(found) or 'none'}")
     width = max((len(name) for name in found), default=0)
     for name, key in found.items():
-        print(f"  {name:<{width}}  {key.decode() if key else '(no valid public key in this file: it authorizes nothing)'}")
+        print(
+            f"  {name:<{width}}  {key.decode() if key else '(no valid public key in this file: it authorizes nothing)'}"
+        )

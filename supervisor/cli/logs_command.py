@@ -23,13 +23,18 @@ _MICROSECONDS = re.compile(r"(\.\d{3})\d*(?=Z$|[+-]\d\d:\d\d$)")
 def logs_command(settings: Settings, args: argparse.Namespace) -> int:
     log_dir = settings.log_dir or settings.state_dir / "logs"
     if not log_dir.is_dir():
-        print(f"node-supervisor: no log directory at {log_dir} (the daemon creates it when it runs; see log_dir)", file=sys.stderr)
+        print(
+            f"node-supervisor: no log directory at {log_dir} (the daemon creates it when it runs; see log_dir)",
+            file=sys.stderr,
+        )
         return ExitCode.NO_INPUT
     log_file = log_dir / LOG_FILE
     if not args.follow and not log_files(log_file):
         print(f"node-supervisor: no log files in {log_dir}", file=sys.stderr)
         return ExitCode.NO_INPUT
-    selected = LogFilter(engine=args.engine, worker=args.worker, request=args.request, level=args.level, since=args.since)
+    selected = LogFilter(
+        engine=args.engine, worker=args.worker, request=args.request, level=args.level, since=args.since
+    )
     newer_than = args.since.timestamp() if args.since else None
     out = sys.stdout.buffer
     try:
@@ -40,7 +45,11 @@ def logs_command(settings: Settings, args: argparse.Namespace) -> int:
         for line in lines:
             record = parse_record(line)
             if selected.matches(record):
-                out.write(line + b"\n" if args.json or record is None else format_record(record).encode("utf-8", "replace") + b"\n")
+                out.write(
+                    line + b"\n"
+                    if args.json or record is None
+                    else format_record(record).encode("utf-8", "replace") + b"\n"
+                )
         out.flush()
     except KeyboardInterrupt:
         pass
@@ -65,4 +74,3 @@ def _value(value: Any) -> str:
 
 def _one_line(text: str) -> str:
     return text.replace("\n", "\\n")
-

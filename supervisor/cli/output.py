@@ -13,7 +13,9 @@ def print_json(value: Any) -> None:
 
 def format_status(reply: dict[str, Any]) -> str:
     daemon = reply["daemon"]
-    lines = [f"daemon pid {daemon['pid']}  version {daemon['version']}  uptime {daemon['uptime_s']}s  endpoint {daemon['client_endpoint']}"]
+    lines = [
+        f"daemon pid {daemon['pid']}  version {daemon['version']}  uptime {daemon['uptime_s']}s  endpoint {daemon['client_endpoint']}"
+    ]
     if daemon.get("active_engine"):
         lines.append(f"unpinned traffic goes to: {daemon['active_engine']}")
     if daemon.get("metrics_url"):
@@ -28,7 +30,9 @@ def format_status(reply: dict[str, Any]) -> str:
         chosen = (engine.get("plan") or {}).get("chosen")
         if chosen:
             where = f"GPU {chosen['device']}, {chosen['layers']} layers" if chosen["n_gpu_layers"] else "CPU"
-            lines.append(f"  plan: {Path(chosen['path']).name} on {where}, n_ctx {chosen['n_ctx']}, {chosen['cache_type']} KV cache")
+            lines.append(
+                f"  plan: {Path(chosen['path']).name} on {where}, n_ctx {chosen['n_ctx']}, {chosen['cache_type']} KV cache"
+            )
         lines += [f"  warning: {warning}" for warning in engine.get("warnings", [])]
         lines.append(
             f"  queue {engine['queue_depth']}/{engine['max_queue']}  in flight {engine['in_flight']}  served {engine['served']}  failed {engine['failed']}"
@@ -59,14 +63,22 @@ def _accounting(tokens: dict[str, int], cost: dict[str, Any]) -> str:
     if cost["price_input_per_mtok"] or cost["price_output_per_mtok"] or cost["daily_budget"] is not None:
         line += f"  cost today {cost['today']:g}, total {cost['total']:g}"
         if cost["daily_budget"] is not None:
-            line += f"  budget {cost['daily_budget']:g}" + (" spent: takes no traffic until the day turns" if cost["budget_exhausted"] else "")
+            line += f"  budget {cost['daily_budget']:g}" + (
+                " spent: takes no traffic until the day turns" if cost["budget_exhausted"] else ""
+            )
     return line
 
 
 def format_reload(reply: dict[str, Any]) -> str:
     """What a reload did, one line per kind of change that happened."""
-    labels = (("restarted", "restarting (load settings changed)"), ("updated", "updated in place"), ("added", "added"),
-              ("removed", "removed (draining)"), ("unchanged", "unchanged"), ("applied", "settings applied"))  # fmt: skip
+    labels = (
+        ("restarted", "restarting (load settings changed)"),
+        ("updated", "updated in place"),
+        ("added", "added"),
+        ("removed", "removed (draining)"),
+        ("unchanged", "unchanged"),
+        ("applied", "settings applied"),
+    )
     lines = ["configuration reloaded"]
     lines += [f"  {label}: {', '.join(reply[key])}" for key, label in labels if reply.get(key)]
     if reply.get("needs_restart"):
@@ -78,5 +90,7 @@ def _llama_settings(model: dict[str, Any]) -> list[str]:
     """llama.cpp's threads, batch sizes and flash attention as the worker reports them in force."""
     if model.get("n_threads") is None:
         return []
-    return [f"    llama.cpp: {model['n_threads']} threads, {model['n_threads_batch']} for prompts, n_batch {model['n_batch']}, "
-            f"n_ubatch {model['n_ubatch']}, flash attention {'on' if model['flash_attn'] else 'off'}"]  # fmt: skip
+    return [
+        f"    llama.cpp: {model['n_threads']} threads, {model['n_threads_batch']} for prompts, n_batch {model['n_batch']}, "
+        f"n_ubatch {model['n_ubatch']}, flash attention {'on' if model['flash_attn'] else 'off'}"
+    ]

@@ -29,18 +29,32 @@ COLUMNS = ("variant", "layers", "n_ctx", "cache", "needs GPU MiB", "needs RAM Mi
 
 
 def plan_command(settings: Settings, args: argparse.Namespace) -> int:
-    from ..planning.decide.estimate import estimate_exl2, estimate_llamacpp  # the estimator, probe and model readers load only here
+    from ..planning.decide.estimate import (
+        estimate_exl2,
+        estimate_llamacpp,
+    )  # the estimator, probe and model readers load only here
 
     engines = {name: config for name, config in settings.engines.items() if args.engine in (None, name)}
     if not engines:
-        print(f"node-supervisor: no engine named {args.engine!r} (configured: {', '.join(settings.engines)})", file=sys.stderr)
+        print(
+            f"node-supervisor: no engine named {args.engine!r} (configured: {', '.join(settings.engines)})",
+            file=sys.stderr,
+        )
         return 2
     snapshot = _snapshot(args.gpu_memory)
     own_pids = {} if args.gpu_memory else _daemon_worker_pids(settings)
     from ..planning.measure.inputs import PLANNED_KINDS
 
-    skipped = {name: f"the {config.kind} engine has no model" for name, config in engines.items() if config.kind not in PLANNED_KINDS}
-    requests = [_request(settings, name, config, own_pids.get(name, frozenset())) for name, config in engines.items() if name not in skipped]
+    skipped = {
+        name: f"the {config.kind} engine has no model"
+        for name, config in engines.items()
+        if config.kind not in PLANNED_KINDS
+    }
+    requests = [
+        _request(settings, name, config, own_pids.get(name, frozenset()))
+        for name, config in engines.items()
+        if name not in skipped
+    ]
     estimators = Estimators(llamacpp=estimate_llamacpp, exl2=estimate_exl2)
     policy = GpuPolicy.from_config(settings.gpu, args.reserve)
     plan = make_plan(PlanInputs(snapshot, tuple(requests), policy, estimators, psutil.virtual_memory().available))
@@ -58,7 +72,15 @@ def _snapshot(gpu_memory_mib: int | None) -> Any:
     if gpu_memory_mib is None:
         return probe()
     size = gpu_memory_mib * MIB
-    device = GpuDevice(index=0, name=f"hypothetical {gpu_memory_mib} MiB GPU", uuid="hypothetical", total_bytes=size, free_bytes=size, used_bytes=0, processes=())
+    device = GpuDevice(
+        index=0,
+        name=f"hypothetical {gpu_memory_mib} MiB GPU",
+        uuid="hypothetical",
+        total_bytes=size,
+        free_bytes=size,
+        used_bytes=0,
+        processes=(),
+    )
     reason = f"--gpu-memory {gpu_memory_mib}: one hypothetical device with nothing on it"
     return GpuSnapshot(devices=(device,), driver_version=None, cuda_version=None, reason=reason)
 
@@ -73,7 +95,7 @@ def _request(settings: Settings, name: str, config: EngineConfig, own_pids: froz
 def _daemon_worker_pids(settings: Settings) -> dict[str, frozenset[int]]:
     """A running daemon's workers by engine; none when no daemon answers at once."""
     endpoint = settings.client_endpoint or ""
-    if endpoint.startswith("ipc://") and not Path(endpoint[len("ipc://"):]).exists():
+    if endpoint.startswith("ipc://") and not Path(endpoint[len("ipc://") :]).exists():
         return {}
     try:
         with Client(endpoint, timeout_s=DAEMON_TIMEOUT_S) as client:
@@ -92,8 +114,10 @@ def format_plan(plan: Plan, skipped: dict[str, str]) -> str:
         lines += ["", f"engine {engine.engine}"]
         if engine.device:
             d = engine.device
-            lines.append(f"  GPU {d.index} ({d.name}): total {mib(d.total_bytes)} MiB, free {mib(d.free_bytes)}, "
-                         f"own worker {mib(d.own_bytes)}, reserved {mib(d.reserve_bytes)}: available {mib(d.available_bytes)} MiB")  # fmt: skip
+            lines.append(
+                f"  GPU {d.index} ({d.name}): total {mib(d.total_bytes)} MiB, free {mib(d.free_bytes)}, "
+                f"own worker {mib(d.own_bytes)}, reserved {mib(d.reserve_bytes)}: available {mib(d.available_bytes)} MiB"
+            )
         lines += ["  " + line for line in _table(engine.candidates)]
         chosen = describe(engine.chosen) if engine.chosen else "nothing"
         lines.append(f"  chosen: {chosen} because {'; '.join(engine.reasons)}")
@@ -106,17 +130,33 @@ def _gpus(plan: Plan) -> str:
     devices = plan.inputs.snapshot.devices
     if not devices:
         return f"none usable ({plan.gpu_reason}): every engine plans for the CPU"
-    return ", ".join(f"{d.index}: {d.name} {mib(d.total_bytes)} MiB ({mib(d.free_bytes)} free)" for d in devices) + f" [{plan.gpu_reason}]"
+    return (
+        ", ".join(f"{d.index}: {d.name} {mib(d.total_bytes)} MiB ({mib(d.free_bytes)} free)" for d in devices)
+        + f" [{plan.gpu_reason}]"
+    )
 
 
 def _table(candidates: Any) -> list[str]:
     rows = [COLUMNS] + [
-        (variant_name(c.path), c.layers_text, str(c.n_ctx), c.cache_type, mib(c.gpu_bytes), mib(c.ram_bytes), mib(c.free_bytes),
-         "yes" if c.fits else f"no: {c.verdict}")
+        (
+            variant_name(c.path),
+            c.layers_text,
+            str(c.n_ctx),
+            c.cache_type,
+            mib(c.gpu_bytes),
+            mib(c.ram_bytes),
+            mib(c.free_bytes),
+            "yes" if c.fits else f"no: {c.verdict}",
+        )
         for c in candidates
-    ]  # fmt: skip
+    ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS) - 1)]
-    return ["  ".join(cell.ljust(w) if i < 4 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))) + "  " + row[-1] for row in rows]
+    return [
+        "  ".join(cell.ljust(w) if i < 4 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        + "  "
+        + row[-1]
+        for row in rows
+    ]
 
 
 def _as_dict(plan: Plan, skipped: dict[str, str], own_pids: dict[str, frozenset[int]]) -> dict[str, Any]:
@@ -125,8 +165,12 @@ def _as_dict(plan: Plan, skipped: dict[str, str], own_pids: dict[str, frozenset[
     policy = plan.inputs.policy
     return {
         "gpu": snapshot_to_dict(plan.inputs.snapshot),
-        "policy": {"reserve_bytes": policy.reserve_bytes, "reserve_percent": policy.reserve_percent,
-                   "safety_margin": policy.safety_margin, "cuda_overhead_bytes": policy.cuda_overhead_bytes},  # fmt: skip
+        "policy": {
+            "reserve_bytes": policy.reserve_bytes,
+            "reserve_percent": policy.reserve_percent,
+            "safety_margin": policy.safety_margin,
+            "cuda_overhead_bytes": policy.cuda_overhead_bytes,
+        },
         "daemon_workers": {name: sorted(pids) for name, pids in own_pids.items()},
         "engines": [engine.to_dict() for engine in plan.engines],
         "skipped": skipped,

@@ -57,7 +57,12 @@ WantedBy=multi-user.target
 """
 
 
-def render_unit(exec_start: str, user: str, config: str = "/etc/node-supervisor/config.toml", state_dir: str = "/var/lib/node-supervisor") -> str:
+def render_unit(
+    exec_start: str,
+    user: str,
+    config: str = "/etc/node-supervisor/config.toml",
+    state_dir: str = "/var/lib/node-supervisor",
+) -> str:
     return UNIT.format(exec_start=exec_start, user=user, config=config, state_dir=state_dir)
 
 
@@ -69,5 +74,7 @@ def install_service(args: argparse.Namespace) -> int:
         return 0
     target = Path(args.unit_dir) / "node-supervisor.service"
     target.write_text(unit)
-    print(f"wrote {target}\nnow run:\n  systemctl daemon-reload\n  systemctl enable --now node-supervisor\n  systemctl status node-supervisor")
+    print(
+        f"wrote {target}\nnow run:\n  systemctl daemon-reload\n  systemctl enable --now node-supervisor\n  systemctl status node-supervisor"
+    )
     return 0

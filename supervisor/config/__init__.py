@@ -17,15 +17,52 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, get_origin
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError, TomlConfigSettingsSource
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    TomlConfigSettingsSource,
+)
 
 # The tables live in their own module; they are part of this module's interface.
-from .sections import (ENGINE_KINDS, KV_CACHE_TYPES, REMOTE_KINDS, CacheType, EngineConfig, EnvConfig, GpuConfig, HttpConfig, MetricsConfig, SecurityConfig,
-                       SupervisionConfig, UpstreamConfig, is_loopback, split_listen)
+from .sections import (
+    ENGINE_KINDS,
+    KV_CACHE_TYPES,
+    REMOTE_KINDS,
+    CacheType,
+    EngineConfig,
+    EnvConfig,
+    GpuConfig,
+    HttpConfig,
+    MetricsConfig,
+    SecurityConfig,
+    SupervisionConfig,
+    UpstreamConfig,
+    is_loopback,
+    split_listen,
+)
 
 __all__ = [
-    "ENGINE_KINDS", "KV_CACHE_TYPES", "REMOTE_KINDS", "CacheType", "ConfigError", "EngineConfig", "EnvConfig", "GpuConfig", "HttpConfig", "MetricsConfig",
-    "SecurityConfig", "Settings", "SupervisionConfig", "UpstreamConfig", "find_config_file", "is_loopback", "load_settings", "reload_settings", "split_listen",
+    "ENGINE_KINDS",
+    "KV_CACHE_TYPES",
+    "REMOTE_KINDS",
+    "CacheType",
+    "ConfigError",
+    "EngineConfig",
+    "EnvConfig",
+    "GpuConfig",
+    "HttpConfig",
+    "MetricsConfig",
+    "SecurityConfig",
+    "Settings",
+    "SupervisionConfig",
+    "UpstreamConfig",
+    "find_config_file",
+    "is_loopback",
+    "load_settings",
+    "reload_settings",
+    "split_listen",
     "unknown_environment_variables",
 ]
 
@@ -33,7 +70,9 @@ ENV_PREFIX = "NODESUP_"
 # NODESUP_* variables that are not settings but are read by name elsewhere:
 # the config file's path (find_config_file), and the test suite's shared
 # state and ExLlamaV2 GPU test inputs (tests/conftest.py, tests/test_exllamav2_gpu.py).
-NON_SETTING_VARIABLES = frozenset({"NODESUP_CONFIG", "NODESUP_TEST_STATE", "NODESUP_EXL2_MODEL_DIR", "NODESUP_EXL2_PYTHON"})
+NON_SETTING_VARIABLES = frozenset(
+    {"NODESUP_CONFIG", "NODESUP_TEST_STATE", "NODESUP_EXL2_MODEL_DIR", "NODESUP_EXL2_PYTHON"}
+)
 _ENGINE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
@@ -56,7 +95,10 @@ class ConfigError(Exception):
 def _default_engines() -> dict[str, EngineConfig]:
     """llama.cpp on the default model first; ExLlamaV2 as the fallback on NVIDIA GPUs
     (without CUDA it reports itself unavailable and llama.cpp serves)."""
-    return {"llama": EngineConfig(kind="llamacpp", priority=10), "exllamav2": EngineConfig(kind="exllamav2", priority=20)}
+    return {
+        "llama": EngineConfig(kind="llamacpp", priority=10),
+        "exllamav2": EngineConfig(kind="exllamav2", priority=20),
+    }
 
 
 class Settings(BaseSettings):
@@ -73,7 +115,9 @@ class Settings(BaseSettings):
     events_endpoint: str | None = None  # default: ipc://<state_dir>/run/events.sock (tcp on Windows)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "console", "json"] = "auto"
-    log_max_bytes: int = Field(50 << 20, ge=0, description="the JSON log file is rotated at this size; 0: never (an external logrotate may)")
+    log_max_bytes: int = Field(
+        50 << 20, ge=0, description="the JSON log file is rotated at this size; 0: never (an external logrotate may)"
+    )
     log_backups: int = Field(5, ge=0, le=1000, description="rotated files kept: <file>.1 (newest) ... <file>.N")
     heartbeat_interval_s: float = Field(1.0, gt=0, le=60)
     load_timeout_s: float = Field(600.0, gt=0)
@@ -81,9 +125,13 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(1 << 20, ge=1024, le=64 << 20)
     max_tokens_limit: int = Field(8192, gt=0)
     create_envs: bool = True
-    systemd_ready: Literal["serving", "bound"] = Field("serving", description="READY=1 once an engine can generate, or once the client socket is bound")
+    systemd_ready: Literal["serving", "bound"] = Field(
+        "serving", description="READY=1 once an engine can generate, or once the client socket is bound"
+    )
     pip_args: list[str] = Field(default_factory=list, description="extra arguments for pip when creating environments")
-    llama_cuda: Literal["auto", "on", "off"] = Field("auto", description="llama.cpp with CUDA; auto: when an NVIDIA driver and nvcc are present")
+    llama_cuda: Literal["auto", "on", "off"] = Field(
+        "auto", description="llama.cpp with CUDA; auto: when an NVIDIA driver and nvcc are present"
+    )
     envs: dict[str, EnvConfig] = Field(default_factory=dict, description="per-environment build options")
     supervision: SupervisionConfig = Field(default_factory=SupervisionConfig)
     gpu: GpuConfig = Field(default_factory=GpuConfig)
@@ -238,7 +286,7 @@ def unknown_environment_variables(environ: Mapping[str, str]) -> list[str]:
         upper = name.upper()
         if not upper.startswith(ENV_PREFIX) or upper in NON_SETTING_VARIABLES:
             continue
-        key, delimiter, _ = upper[len(ENV_PREFIX):].lower().partition("__")
+        key, delimiter, _ = upper[len(ENV_PREFIX) :].lower().partition("__")
         if key not in Settings.model_fields or (delimiter and key not in nested):
             unknown.append(name)
     return sorted(unknown)

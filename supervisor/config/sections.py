@@ -28,11 +28,17 @@ class UpstreamConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     base_url: str = Field(description="the API root the upstream serves, e.g. http://10.0.0.5:8000/v1")
-    model: str | None = Field(None, min_length=1, max_length=256, description="the upstream's model name; unset: the first it lists")
-    api_key_env: str | None = Field(None, pattern=ENV_NAME_PATTERN, description="environment variable holding the API key; unset: none sent")
+    model: str | None = Field(
+        None, min_length=1, max_length=256, description="the upstream's model name; unset: the first it lists"
+    )
+    api_key_env: str | None = Field(
+        None, pattern=ENV_NAME_PATTERN, description="environment variable holding the API key; unset: none sent"
+    )
     connect_timeout_s: float = Field(5.0, gt=0, le=300)
     read_timeout_s: float = Field(30.0, gt=0, le=3600, description="the longest wait for the upstream's next bytes")
-    send_top_k: bool = Field(False, description="pass top_k on (vLLM, llama-server, Ollama take it; OpenAI's API does not)")
+    send_top_k: bool = Field(
+        False, description="pass top_k on (vLLM, llama-server, Ollama take it; OpenAI's API does not)"
+    )
 
     @field_validator("base_url")
     @classmethod
@@ -53,20 +59,44 @@ class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: Literal["llamacpp", "exllamav2", "fake", "openai"]
-    model: Path | Annotated[list[Path], Field(min_length=1)] | None = Field(None, description="model path, or a list of them (variants, best first); unset: the default model")
+    model: Path | Annotated[list[Path], Field(min_length=1)] | None = Field(
+        None, description="model path, or a list of them (variants, best first); unset: the default model"
+    )
     n_ctx: int = Field(2048, gt=0, le=1 << 20, description="context of one request")
-    parallel: int = Field(1, ge=1, le=64, description="requests one worker generates at once (llama.cpp: sequences in one context, batched decode)")
-    n_threads: int | None = Field(None, gt=0, le=1024, description="llama.cpp threads for generation; unset: the physical cores")
-    n_threads_batch: int | None = Field(None, gt=0, le=1024, description="llama.cpp threads for prompts; unset: n_threads")
-    n_batch: int | None = Field(None, gt=0, le=1 << 20, description="llama.cpp tokens per decode call; unset: 2048 with layers on a GPU, else 512")
+    parallel: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="requests one worker generates at once (llama.cpp: sequences in one context, batched decode)",
+    )
+    n_threads: int | None = Field(
+        None, gt=0, le=1024, description="llama.cpp threads for generation; unset: the physical cores"
+    )
+    n_threads_batch: int | None = Field(
+        None, gt=0, le=1024, description="llama.cpp threads for prompts; unset: n_threads"
+    )
+    n_batch: int | None = Field(
+        None,
+        gt=0,
+        le=1 << 20,
+        description="llama.cpp tokens per decode call; unset: 2048 with layers on a GPU, else 512",
+    )
     n_ubatch: int | None = Field(None, gt=0, le=1 << 20, description="llama.cpp micro-batch; unset: 512")
-    flash_attn: bool | None = Field(None, description='llama.cpp flash attention; unset: "auto" with layers on a GPU, else off')
-    n_gpu_layers: Annotated[int, Field(ge=-1)] | Literal["auto"] = Field("auto", description='layers on the GPU; -1 all; "auto": planned')
+    flash_attn: bool | None = Field(
+        None, description='llama.cpp flash attention; unset: "auto" with layers on a GPU, else off'
+    )
+    n_gpu_layers: Annotated[int, Field(ge=-1)] | Literal["auto"] = Field(
+        "auto", description='layers on the GPU; -1 all; "auto": planned'
+    )
     cache_type: CacheType = Field("f16", description="KV cache type the planner tries first")
-    cache_types_allowed: list[CacheType] = Field(default_factory=list, description="smaller KV cache types the planner may step down to")
+    cache_types_allowed: list[CacheType] = Field(
+        default_factory=list, description="smaller KV cache types the planner may step down to"
+    )
     chat_format: str | None = None
     priority: int = Field(100, description="lower is preferred when a request names no engine")
-    standby: Literal["warm", "cold"] = Field("warm", description="warm: started with the daemon; cold: started when traffic needs it")
+    standby: Literal["warm", "cold"] = Field(
+        "warm", description="warm: started with the daemon; cold: started when traffic needs it"
+    )
     slo_ttft_ms: float | None = Field(None, gt=0, description="p95 time to first token objective")
     slo_per_token_ms: float | None = Field(None, gt=0, description="p95 per-token time objective")
     max_queue: int = Field(16, ge=0, le=100_000)
@@ -74,10 +104,18 @@ class EngineConfig(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict, description="passed through to the engine")
     # Accounting (docs/METRICS.md): currency-neutral prices, meant for engines that are paid per token.
     price_input_per_mtok: float = Field(0.0, ge=0, allow_inf_nan=False, description="price of a million prompt tokens")
-    price_output_per_mtok: float = Field(0.0, ge=0, allow_inf_nan=False, description="price of a million generated tokens")
-    daily_budget: float | None = Field(None, gt=0, allow_inf_nan=False, description="spent today at or past this: unpinned requests go to the next engine until the day turns")
+    price_output_per_mtok: float = Field(
+        0.0, ge=0, allow_inf_nan=False, description="price of a million generated tokens"
+    )
+    daily_budget: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="spent today at or past this: unpinned requests go to the next engine until the day turns",
+    )
     aliases: list[Annotated[str, Field(pattern=r"^\S{1,128}$")]] = Field(
-        default_factory=list, description="other names the HTTP front's `model` field accepts for this engine")
+        default_factory=list, description="other names the HTTP front's `model` field accepts for this engine"
+    )
     upstream: UpstreamConfig | None = Field(None, description="kind openai: the server it forwards to")
 
     @model_validator(mode="after")
@@ -87,7 +125,9 @@ class EngineConfig(BaseModel):
         if self.kind not in REMOTE_KINDS and self.upstream is not None:
             raise ValueError(f'upstream: only for kind {" or ".join(REMOTE_KINDS)}, not "{self.kind}"')
         if self.kind in REMOTE_KINDS and self.model is not None:
-            raise ValueError(f'model: a "{self.kind}" engine has no model file; the upstream\'s model is upstream.model')
+            raise ValueError(
+                f'model: a "{self.kind}" engine has no model file; the upstream\'s model is upstream.model'
+            )
         return self
 
     @property
@@ -136,7 +176,9 @@ class GpuConfig(BaseModel):
 
     reserve_mib: int = Field(0, ge=0, description="held back on every device for the node's other services")
     reserve_percent: float = Field(0.0, ge=0, lt=100, description="this share of each device's total is left free, too")
-    safety_margin: float = Field(0.10, ge=0, le=1, description="added to every estimate: 0.10 plans 10 % more than estimated")
+    safety_margin: float = Field(
+        0.10, ge=0, le=1, description="added to every estimate: 0.10 plans 10 % more than estimated"
+    )
     cuda_overhead_mib: int = Field(600, ge=0, description="CUDA context and allocator slack per process on a device")
     min_ctx: int = Field(512, gt=0, description="the planner never shrinks a context below this")
 
@@ -146,7 +188,9 @@ class EnvConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    system_site_packages: bool = Field(False, description="see the node's own packages: a CUDA torch there is used, not installed again")
+    system_site_packages: bool = Field(
+        False, description="see the node's own packages: a CUDA torch there is used, not installed again"
+    )
 
 
 class SecurityConfig(BaseModel):
@@ -157,11 +201,21 @@ class SecurityConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    keys_dir: Path | None = Field(None, description="the daemon's CURVE key pair and client key pairs; default <state_dir>/keys")
-    authorized_keys_dir: Path | None = Field(None, description="public key files of the clients tcp endpoints accept; default <keys_dir>/authorized")
-    server_key_file: Path | None = Field(None, description="the daemon's public key as a client checks it; default <keys_dir>/server.key")
-    client_key_file: Path | None = Field(None, description="the key pair this client presents; default <keys_dir>/clients/local.key_secret")
-    socket_group: str | None = Field(None, min_length=1, description="the group given the run directory and the ipc sockets; members may connect")
+    keys_dir: Path | None = Field(
+        None, description="the daemon's CURVE key pair and client key pairs; default <state_dir>/keys"
+    )
+    authorized_keys_dir: Path | None = Field(
+        None, description="public key files of the clients tcp endpoints accept; default <keys_dir>/authorized"
+    )
+    server_key_file: Path | None = Field(
+        None, description="the daemon's public key as a client checks it; default <keys_dir>/server.key"
+    )
+    client_key_file: Path | None = Field(
+        None, description="the key pair this client presents; default <keys_dir>/clients/local.key_secret"
+    )
+    socket_group: str | None = Field(
+        None, min_length=1, description="the group given the run directory and the ipc sockets; members may connect"
+    )
 
 
 def is_loopback(host: str) -> bool:
@@ -191,14 +245,18 @@ class MetricsConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    listen: str | None = Field(None, description='loopback "host:port" serving GET /metrics; port 0: any free port; unset: off')
+    listen: str | None = Field(
+        None, description='loopback "host:port" serving GET /metrics; port 0: any free port; unset: off'
+    )
 
     @field_validator("listen")
     @classmethod
     def _loopback(cls, value: str | None) -> str | None:
         if value is not None and not is_loopback(split_listen(value)[0]):
             # The exposition has no access control: it names engines, models and spend.
-            raise ValueError("must be a loopback address (localhost, 127.0.0.0/8, ::1) with a port, e.g. 127.0.0.1:9464")
+            raise ValueError(
+                "must be a loopback address (localhost, 127.0.0.0/8, ::1) with a port, e.g. 127.0.0.1:9464"
+            )
         return value
 
 
@@ -208,9 +266,12 @@ class HttpConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     listen: str | None = Field(None, description='"host:port" to serve HTTP on; unset: no HTTP front')
-    api_keys_file: Path | None = Field(None, description="a file of bearer keys, one a line (# comments); required beyond loopback")
+    api_keys_file: Path | None = Field(
+        None, description="a file of bearer keys, one a line (# comments); required beyond loopback"
+    )
     api_keys_env: list[Annotated[str, Field(pattern=ENV_NAME_PATTERN)]] = Field(
-        default_factory=list, description="names of environment variables each holding one bearer key")
+        default_factory=list, description="names of environment variables each holding one bearer key"
+    )
 
     @field_validator("listen")
     @classmethod

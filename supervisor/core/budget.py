@@ -30,8 +30,21 @@ class DailyBudgets:
     def spent(self, engine: EngineState, now: float) -> None:
         """A request's cost took the engine's spend today to its budget."""
         budget, spent = engine.config.daily_budget, round(engine.stats.spent_today, 6)
-        log.warning("daily budget spent; the engine takes no traffic until the day turns", engine=engine.name, day=self.day, spent_today=spent, daily_budget=budget)
-        self.effects.publish(TOPIC_ENGINE_BUDGET, engine=engine.name, exhausted=True, day=self.day, spent_today=spent, daily_budget=budget)
+        log.warning(
+            "daily budget spent; the engine takes no traffic until the day turns",
+            engine=engine.name,
+            day=self.day,
+            spent_today=spent,
+            daily_budget=budget,
+        )
+        self.effects.publish(
+            TOPIC_ENGINE_BUDGET,
+            engine=engine.name,
+            exhausted=True,
+            day=self.day,
+            spent_today=spent,
+            daily_budget=budget,
+        )
         self.router.reroute_queue(engine, now)
 
     def turn_day(self, day: str, now: float) -> None:
@@ -45,5 +58,17 @@ class DailyBudgets:
             exhausted = engine.budget_exhausted
             engine.stats.new_day()
             if exhausted:
-                log.info("new day: daily budget renewed; the engine serves again", engine=engine.name, day=day, daily_budget=engine.config.daily_budget)
-                self.effects.publish(TOPIC_ENGINE_BUDGET, engine=engine.name, exhausted=False, day=day, spent_today=0.0, daily_budget=engine.config.daily_budget)
+                log.info(
+                    "new day: daily budget renewed; the engine serves again",
+                    engine=engine.name,
+                    day=day,
+                    daily_budget=engine.config.daily_budget,
+                )
+                self.effects.publish(
+                    TOPIC_ENGINE_BUDGET,
+                    engine=engine.name,
+                    exhausted=False,
+                    day=day,
+                    spent_today=0.0,
+                    daily_budget=engine.config.daily_budget,
+                )

@@ -69,5 +69,7 @@ TOPIC_ENGINE_SWITCH = "engine.switch"  # from, to, reason
 TOPIC_ENGINE_BUDGET = "engine.budget"  # engine, exhausted, day, spent_today, daily_budget
 TOPIC_PROBE = "probe.result"  # engine, worker_id, ok, ttft_ms, error
 TOPIC_REQUEST_RETRY = "request.retry"  # request_id, from_worker, engine, cause
-TOPIC_ENGINE_PLAN = "engine.plan"  # engine, chosen (variant, layers, n_ctx, cache type, device), reasons, warnings, after_oom
+TOPIC_ENGINE_PLAN = (
+    "engine.plan"  # engine, chosen (variant, layers, n_ctx, cache type, device), reasons, warnings, after_oom
+)
 TOPIC_RELOAD = "daemon.reload"  # ok, error; added, removed, restarted, updated, unchanged, applied, needs_restart

@@ -24,26 +24,46 @@ log = get_logger("supervisor.engines")
 def _describe(chosen: Any) -> dict[str, Any] | None:
     if chosen is None:
         return None
-    return {"model": chosen.path, "n_gpu_layers": chosen.n_gpu_layers, "layers": chosen.layers_text, "n_ctx": chosen.n_ctx,
-            "cache_type": chosen.cache_type, "device": chosen.device, "gpu_bytes": chosen.gpu_bytes}  # fmt: skip
+    return {
+        "model": chosen.path,
+        "n_gpu_layers": chosen.n_gpu_layers,
+        "layers": chosen.layers_text,
+        "n_ctx": chosen.n_ctx,
+        "cache_type": chosen.cache_type,
+        "device": chosen.device,
+        "gpu_bytes": chosen.gpu_bytes,
+    }
 
 
 class EngineState:
     """One named engine instance: its worker, queue, health and counters."""
 
-    def __init__(self, name: str, config: EngineConfig, model_path: str, supervision: SupervisionConfig, on_transition: StateListener) -> None:
+    def __init__(
+        self,
+        name: str,
+        config: EngineConfig,
+        model_path: str,
+        supervision: SupervisionConfig,
+        on_transition: StateListener,
+    ) -> None:
         self.name = name
         self.config = config
         self.model_path = model_path
         self.worker = Worker(name, on_transition)
         self.queue: deque[Generation] = deque()
         self.latency = EngineLatency(supervision.latency_window_s)
-        self.backoff = Backoff(supervision.restart_backoff_base_s, supervision.restart_backoff_cap_s, supervision.stable_after_s)
-        self.breaker = CircuitBreaker(supervision.circuit_failures, supervision.circuit_window_s, supervision.circuit_open_s)
+        self.backoff = Backoff(
+            supervision.restart_backoff_base_s, supervision.restart_backoff_cap_s, supervision.stable_after_s
+        )
+        self.breaker = CircuitBreaker(
+            supervision.circuit_failures, supervision.circuit_window_s, supervision.circuit_open_s
+        )
         self.stats = EngineStats()  # kept across reloads, like the queue
         # Set when retrying cannot help (no CUDA, missing environment): (error code, reason).
         self.hard_failure: tuple[str, str] | None = None
-        self.plan: Any = None  # planning.decide.plan.Plan for this engine, in force since its last start; None: as configured
+        self.plan: Any = (
+            None  # planning.decide.plan.Plan for this engine, in force since its last start; None: as configured
+        )
         self.oom_step = False  # the last load ran out of GPU memory: the next plan steps down
         self.build_warnings: list[str] = []  # what the worker's build cannot do on this node, with the fix
         # A configuration reload: the worker finishes what it runs, then goes (core/reload.py).
@@ -60,8 +80,16 @@ class EngineState:
     def apply_supervision(self, supervision: SupervisionConfig) -> None:
         """New restart, breaker and latency parameters; what they have counted so far stays."""
         backoff, breaker = self.backoff, self.breaker
-        backoff.base_s, backoff.cap_s, backoff.stable_after_s = supervision.restart_backoff_base_s, supervision.restart_backoff_cap_s, supervision.stable_after_s
-        breaker.threshold, breaker.window_s, breaker.open_s = supervision.circuit_failures, supervision.circuit_window_s, supervision.circuit_open_s
+        backoff.base_s, backoff.cap_s, backoff.stable_after_s = (
+            supervision.restart_backoff_base_s,
+            supervision.restart_backoff_cap_s,
+            supervision.stable_after_s,
+        )
+        breaker.threshold, breaker.window_s, breaker.open_s = (
+            supervision.circuit_failures,
+            supervision.circuit_window_s,
+            supervision.circuit_open_s,
+        )
         self.latency.ttft.window_s = self.latency.per_token.window_s = supervision.latency_window_s
 
     @property
@@ -79,16 +107,28 @@ class EngineState:
     def load_spec(self) -> dict[str, Any]:
         """What the worker loads: the plan's choice where there is one, else the configuration."""
         config, chosen = self.config, self.chosen
-        spec = {"model": self.model_path, "n_ctx": config.n_ctx, "n_gpu_layers": config.n_gpu_layers, "cache_type": config.cache_type,
-                "chat_format": config.chat_format, "options": config.options, "parallel": config.parallel,
-                # unset (None): the worker's default for where the layers run
-                "n_threads": config.n_threads, "n_threads_batch": config.n_threads_batch, "n_batch": config.n_batch,
-                "n_ubatch": config.n_ubatch, "flash_attn": config.flash_attn,
-                "upstream": config.upstream.model_dump() if config.upstream else None}  # fmt: skip
+        spec = {
+            "model": self.model_path,
+            "n_ctx": config.n_ctx,
+            "n_gpu_layers": config.n_gpu_layers,
+            "cache_type": config.cache_type,
+            "chat_format": config.chat_format,
+            "options": config.options,
+            "parallel": config.parallel,
+            # unset (None): the worker's default for where the layers run
+            "n_threads": config.n_threads,
+            "n_threads_batch": config.n_threads_batch,
+            "n_batch": config.n_batch,
+            "n_ubatch": config.n_ubatch,
+            "flash_attn": config.flash_attn,
+            "upstream": config.upstream.model_dump() if config.upstream else None,
+        }
         if spec["n_gpu_layers"] == "auto":
             spec["n_gpu_layers"] = 0
         if chosen is not None:
-            spec.update(model=chosen.path, n_ctx=chosen.n_ctx, n_gpu_layers=chosen.n_gpu_layers, cache_type=chosen.cache_type)
+            spec.update(
+                model=chosen.path, n_ctx=chosen.n_ctx, n_gpu_layers=chosen.n_gpu_layers, cache_type=chosen.cache_type
+            )
         return spec
 
     @property
@@ -99,7 +139,10 @@ class EngineState:
         if not self.breaker.allows_traffic:
             return (self.breaker.code, f"circuit {self.breaker.state.value}: {self.breaker.reason}")
         if self.budget_exhausted:
-            return (ErrorCode.BUDGET_EXHAUSTED, f"daily budget {self.config.daily_budget:g} spent ({self.stats.spent_today:.6g}); serving again when the day turns")
+            return (
+                ErrorCode.BUDGET_EXHAUSTED,
+                f"daily budget {self.config.daily_budget:g} spent ({self.stats.spent_today:.6g}); serving again when the day turns",
+            )
         return None
 
     @property
@@ -134,7 +177,13 @@ class EngineState:
             # A stopped cold engine cannot be measured: after the dwell time it
             # gets its chance again; if it is still slow it will be left again.
             return LatencyVerdict(breaching=False, recovered=True)
-        return self.latency.verdict(now, self.config.slo_ttft_ms, self.config.slo_per_token_ms, supervision.latency_min_samples, supervision.latency_hysteresis)
+        return self.latency.verdict(
+            now,
+            self.config.slo_ttft_ms,
+            self.config.slo_per_token_ms,
+            supervision.latency_min_samples,
+            supervision.latency_hysteresis,
+        )
 
     @property
     def has_room(self) -> bool:
@@ -246,9 +295,21 @@ class Engines:
             return True
         engine.plan = plan
         chosen, detail = engine.chosen, plan.engines[0]
-        log.info("load planned", engine=engine.name, chosen=_describe(chosen), reasons=list(detail.reasons), warnings=list(detail.warnings))
-        self.effects.publish(TOPIC_ENGINE_PLAN, engine=engine.name, chosen=_describe(chosen), reasons=list(detail.reasons),
-                             warnings=list(detail.warnings), after_oom=after_oom)  # fmt: skip
+        log.info(
+            "load planned",
+            engine=engine.name,
+            chosen=_describe(chosen),
+            reasons=list(detail.reasons),
+            warnings=list(detail.warnings),
+        )
+        self.effects.publish(
+            TOPIC_ENGINE_PLAN,
+            engine=engine.name,
+            chosen=_describe(chosen),
+            reasons=list(detail.reasons),
+            warnings=list(detail.warnings),
+            after_oom=after_oom,
+        )
         if chosen is not None:
             return True
         reason = "; ".join(detail.reasons) or "no variant fits this node"

@@ -55,7 +55,9 @@ class EngineLatency:
     def summary(self, now: float) -> dict[str, Any]:
         return {"ttft_ms": self.ttft.summary(now), "per_token_ms": self.per_token.summary(now)}
 
-    def verdict(self, now: float, slo_ttft_ms: float | None, slo_per_token_ms: float | None, min_samples: int, hysteresis: float) -> LatencyVerdict:
+    def verdict(
+        self, now: float, slo_ttft_ms: float | None, slo_per_token_ms: float | None, min_samples: int, hysteresis: float
+    ) -> LatencyVerdict:
         """Breaching: a p95 over its objective.  Recovered: every p95 under objective x hysteresis."""
         breaching, recovered = False, True
         for window, objective in ((self.ttft, slo_ttft_ms), (self.per_token, slo_per_token_ms)):

@@ -142,7 +142,9 @@ class LatencySwitch:
     _breach_since: float | None = None
     _left_for_latency: set[str] = field(default_factory=set)
 
-    def decide(self, now: float, by_priority: list[str], healthy: set[str], verdicts: dict[str, LatencyVerdict]) -> tuple[str | None, str]:
+    def decide(
+        self, now: float, by_priority: list[str], healthy: set[str], verdicts: dict[str, LatencyVerdict]
+    ) -> tuple[str | None, str]:
         """Return (engine for unpinned traffic, why it changed or "")."""
         candidates = [name for name in by_priority if name in healthy]
         if not candidates:

@@ -26,8 +26,26 @@ from .engines import EngineState
 from .supervisor import Supervisor
 
 # What a worker was loaded with: a change needs a new worker.
-LOAD_FIELDS = frozenset({"kind", "model", "n_ctx", "parallel", "n_threads", "n_threads_batch", "n_batch", "n_ubatch", "flash_attn", "n_gpu_layers",
-                         "cache_type", "cache_types_allowed", "chat_format", "env", "options", "upstream"})  # fmt: skip
+LOAD_FIELDS = frozenset(
+    {
+        "kind",
+        "model",
+        "n_ctx",
+        "parallel",
+        "n_threads",
+        "n_threads_batch",
+        "n_batch",
+        "n_ubatch",
+        "flash_attn",
+        "n_gpu_layers",
+        "cache_type",
+        "cache_types_allowed",
+        "chat_format",
+        "env",
+        "options",
+        "upstream",
+    }
+)
 # Top-level settings a reload applies; the others hold until the daemon restarts.
 LIVE_SETTINGS = ("engines", "supervision", "gpu", "log_level")
 
@@ -76,7 +94,9 @@ def effective_settings(old: Settings, new: Settings) -> Settings:
     return old.model_copy(update={key: getattr(new, key) for key in LIVE_SETTINGS})
 
 
-def apply_reload(supervisor: Supervisor, settings: Settings, changes: ReloadChanges, fresh: Callable[[str], EngineState], now: float) -> None:
+def apply_reload(
+    supervisor: Supervisor, settings: Settings, changes: ReloadChanges, fresh: Callable[[str], EngineState], now: float
+) -> None:
     """Carry ``changes`` out; ``fresh(name)`` builds an engine's state from the new settings
     (with the daemon's checks: environment present, model file present)."""
     engines, router = supervisor.engines, supervisor.router

@@ -57,17 +57,22 @@ class Generation:
             "total_ms": ms(self.received_at, now),
         }
 
-    def done_event(self, finish_reason: str, usage: dict[str, Any], worker_timings: dict[str, Any], now: float) -> dict[str, Any]:
+    def done_event(
+        self, finish_reason: str, usage: dict[str, Any], worker_timings: dict[str, Any], now: float
+    ) -> dict[str, Any]:
         """The terminal event of a generation that ended well (or cancelled)."""
         prompt_tokens = usage.get("prompt_tokens", 0)
         completion_tokens = usage.get("completion_tokens", self.tokens)
         event: dict[str, Any] = {
             "event": p.EVENT_DONE,
             "finish_reason": finish_reason,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": (prompt_tokens or 0) + (completion_tokens or 0)},
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": (prompt_tokens or 0) + (completion_tokens or 0),
+            },
             "timings": self.timings(now),
-        }  # fmt: skip
+        }
         if "prefill_ms" in worker_timings:
             event["timings"]["prefill_ms"] = worker_timings["prefill_ms"]
         if isinstance(self, ClientRequest) and not self.params.stream:

@@ -53,12 +53,16 @@ class Router:
         try:
             if self.engines.stopping:
                 raise InvalidMessage(ErrorCode.SHUTTING_DOWN, "the daemon is stopping")
-            request = ClientRequest(client=b"".join(envelope), id=mid, envelope=envelope, params=params, received_at=now)
+            request = ClientRequest(
+                client=b"".join(envelope), id=mid, envelope=envelope, params=params, received_at=now
+            )
             if request.key in self.requests:
                 raise InvalidMessage(ErrorCode.DUPLICATE_ID, f"id {mid!r} is still in use by a running request")
             engine = self._choose_engine(params.engine)
             if not engine.has_room:
-                raise InvalidMessage(ErrorCode.BUSY, f"engine {engine.name!r} has {len(engine.queue)} requests waiting (max_queue)")
+                raise InvalidMessage(
+                    ErrorCode.BUSY, f"engine {engine.name!r} has {len(engine.queue)} requests waiting (max_queue)"
+                )
         except InvalidMessage as refused:
             self.engines.count_refusal(engine, refused.code)
             raise
@@ -75,7 +79,10 @@ class Router:
         if pinned is not None:
             engine = self.engines.get(pinned)
             if engine is None:
-                raise InvalidMessage(ErrorCode.UNKNOWN_ENGINE, f"no engine named {pinned!r}; configured: {', '.join(self.engines.by_name)}")
+                raise InvalidMessage(
+                    ErrorCode.UNKNOWN_ENGINE,
+                    f"no engine named {pinned!r}; configured: {', '.join(self.engines.by_name)}",
+                )
             if engine.refusal:
                 raise InvalidMessage(*engine.refusal)
             return engine
@@ -87,7 +94,9 @@ class Router:
 
     def running(self) -> int:
         """Client requests being generated now."""
-        return sum(isinstance(g, ClientRequest) and not g.finished for e in self.engines for g in e.worker.running.values())
+        return sum(
+            isinstance(g, ClientRequest) and not g.finished for e in self.engines for g in e.worker.running.values()
+        )
 
     def target_for_unpinned(self) -> EngineState | None:
         """The engine the latency switch chose, else the first by priority that serves."""
@@ -103,7 +112,9 @@ class Router:
 
     # --- the one enqueue path ----------------------------------------------------
 
-    def enqueue(self, generation: Generation, engine: EngineState, reason: str, now: float, front: bool = False) -> bool:
+    def enqueue(
+        self, generation: Generation, engine: EngineState, reason: str, now: float, front: bool = False
+    ) -> bool:
         """Queue on ``engine`` within its bound, make sure a worker is coming, dispatch if idle."""
         if not engine.has_room:
             return False
@@ -133,8 +144,14 @@ class Router:
         worker.running[generation.wire_id] = generation
         deadline_at = generation.deadline_at
         params = generation.params
-        message = {"type": p.S_GENERATE, "request_id": generation.wire_id, "prompt": params.prompt, "messages": params.messages,
-                   "params": params.sampling, "deadline_ms": None if deadline_at is None else max(1, int((deadline_at - now) * 1000))}  # fmt: skip
+        message = {
+            "type": p.S_GENERATE,
+            "request_id": generation.wire_id,
+            "prompt": params.prompt,
+            "messages": params.messages,
+            "params": params.sampling,
+            "deadline_ms": None if deadline_at is None else max(1, int((deadline_at - now) * 1000)),
+        }
         self.effects.send_worker(worker.worker_id, message)
 
     # --- requests leaving an engine ----------------------------------------------------
@@ -159,17 +176,37 @@ class Router:
     def worker_lost(self, engine: EngineState, generation: Generation, cause: str, now: float) -> None:
         """The worker running ``generation`` died: retried once, elsewhere if possible, if nothing was streamed yet."""
         if generation.cancelled:
-            self.done(generation, p.FINISH_CANCELLED, {"prompt_tokens": None, "completion_tokens": generation.tokens}, {}, now)
+            self.done(
+                generation, p.FINISH_CANCELLED, {"prompt_tokens": None, "completion_tokens": generation.tokens}, {}, now
+            )
             return
-        if isinstance(generation, ClientRequest) and generation.tokens == 0 and generation.attempts < 2 and not self.engines.stopping:
+        if (
+            isinstance(generation, ClientRequest)
+            and generation.tokens == 0
+            and generation.attempts < 2
+            and not self.engines.stopping
+        ):
             target = self._target_for(engine, generation)
             generation.dispatched_at = None
             if target is not None and self.enqueue(generation, target, "a request is retried here", now, front=True):
-                log.warning("retrying request after worker exit", request_id=generation.id, engine=target.name, cause=cause)
-                self.effects.publish(TOPIC_REQUEST_RETRY, request_id=generation.id, from_worker=generation.worker_id, engine=target.name, cause=cause)
+                log.warning(
+                    "retrying request after worker exit", request_id=generation.id, engine=target.name, cause=cause
+                )
+                self.effects.publish(
+                    TOPIC_REQUEST_RETRY,
+                    request_id=generation.id,
+                    from_worker=generation.worker_id,
+                    engine=target.name,
+                    cause=cause,
+                )
                 return
-        self.fail(generation, ErrorCode.ENGINE_FAILED, f"worker {generation.worker_id} {cause} after {generation.tokens} tokens", now,
-                  usage={"prompt_tokens": None, "completion_tokens": generation.tokens})  # fmt: skip
+        self.fail(
+            generation,
+            ErrorCode.ENGINE_FAILED,
+            f"worker {generation.worker_id} {cause} after {generation.tokens} tokens",
+            now,
+            usage={"prompt_tokens": None, "completion_tokens": generation.tokens},
+        )
 
     def _target_for(self, engine: EngineState, generation: Generation) -> EngineState | None:
         """Its pinned engine if that still serves; unpinned, the engine that takes traffic now."""
@@ -253,18 +290,41 @@ class Router:
             self._deadline_passed(generation, now)
         if message.get("type") == p.W_DONE:
             if not generation.finished and generation.first_token_at is not None:
-                engine.latency.record(now, generation.engine_ttft_ms(), (now - generation.first_token_at) * 1000, generation.tokens)
-            self.done(generation, message.get("finish_reason", p.FINISH_STOP), message.get("usage", {}), message.get("timings", {}), now)
+                engine.latency.record(
+                    now, generation.engine_ttft_ms(), (now - generation.first_token_at) * 1000, generation.tokens
+                )
+            self.done(
+                generation,
+                message.get("finish_reason", p.FINISH_STOP),
+                message.get("usage", {}),
+                message.get("timings", {}),
+                now,
+            )
         else:
             self.fail(generation, message.get("code", ErrorCode.INTERNAL), message.get("message", "worker error"), now)
         self.pump(engine, now)
 
     # --- the one terminal path ---------------------------------------------------------
 
-    def done(self, generation: Generation, finish_reason: str, usage: dict[str, Any], worker_timings: dict[str, Any], now: float) -> None:
+    def done(
+        self,
+        generation: Generation,
+        finish_reason: str,
+        usage: dict[str, Any],
+        worker_timings: dict[str, Any],
+        now: float,
+    ) -> None:
         self.finish(generation, generation.done_event(finish_reason, usage, worker_timings, now), now)
 
-    def fail(self, generation: Generation, code: str, message: str, now: float, usage: dict[str, Any] | None = None, reply: bool = True) -> None:
+    def fail(
+        self,
+        generation: Generation,
+        code: str,
+        message: str,
+        now: float,
+        usage: dict[str, Any] | None = None,
+        reply: bool = True,
+    ) -> None:
         self.finish(generation, generation.error_event(code, message, now, usage), now, reply=reply)
 
     def finish(self, generation: Generation, event: dict[str, Any], now: float, reply: bool = True) -> None:
@@ -283,9 +343,18 @@ class Router:
         event = {"id": generation.id, **event, "engine": generation.engine or None, "worker": generation.worker_id}
         if reply and not self.effects.send_client(generation.envelope, p.encode(event)):
             self.client_gone(generation.client, now)
-        log.info("request end", request_id=generation.id, engine=generation.engine, worker_id=generation.worker_id,
-                 outcome=event["event"], code=event.get("code"), finish_reason=event.get("finish_reason"),
-                 tokens=generation.tokens, attempts=generation.attempts, **event["timings"])  # fmt: skip
+        log.info(
+            "request end",
+            request_id=generation.id,
+            engine=generation.engine,
+            worker_id=generation.worker_id,
+            outcome=event["event"],
+            code=event.get("code"),
+            finish_reason=event.get("finish_reason"),
+            tokens=generation.tokens,
+            attempts=generation.attempts,
+            **event["timings"],
+        )
         if budget_spent:
             assert engine is not None
             self.on_budget_spent(engine, now)

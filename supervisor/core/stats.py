@@ -20,10 +20,81 @@ from ..config import EngineConfig
 from .request import Generation
 
 # Upper bounds in seconds, inclusive (a Prometheus histogram's "le").
-TTFT_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
-INTER_TOKEN_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
-REQUEST_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
-                     120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
+TTFT_BUCKETS_S = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+INTER_TOKEN_BUCKETS_S = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+REQUEST_BUCKETS_S = (
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
 
 # Why a worker was started again after an exit nobody asked for.
 RESTART_CAUSES = ("crash", "hang", "probe_failure", "oom", "load_failure")
@@ -84,7 +155,9 @@ def _bump(tally: dict[str, int], key: str) -> None:
 class EngineStats:
     """One engine's figures since the daemon started (and, for tokens and spend, since the day turned)."""
 
-    finished: dict[str, int] = field(default_factory=lambda: {p.FINISH_STOP: 0, p.FINISH_LENGTH: 0, p.FINISH_CANCELLED: 0})
+    finished: dict[str, int] = field(
+        default_factory=lambda: {p.FINISH_STOP: 0, p.FINISH_LENGTH: 0, p.FINISH_CANCELLED: 0}
+    )
     errors: dict[str, int] = field(default_factory=dict)  # requests that ended with an error, by code
     refused: dict[str, int] = field(default_factory=dict)  # generate ops refused on arrival, by code
     restarts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RESTART_CAUSES, 0))
@@ -122,7 +195,9 @@ class EngineStats:
             _bump(self.errors, str(event["code"]))
         usage = event.get("usage") or {}
         prompt = _tokens(usage.get("prompt_tokens"))
-        completion = _tokens(usage["completion_tokens"]) if usage.get("completion_tokens") is not None else generation.tokens
+        completion = (
+            _tokens(usage["completion_tokens"]) if usage.get("completion_tokens") is not None else generation.tokens
+        )
         for totals in (self.tokens, self.tokens_today):
             totals.prompt += prompt
             totals.completion += completion
@@ -148,9 +223,18 @@ class EngineStats:
     def describe(self, config: EngineConfig) -> dict[str, Any]:
         """The status op's token and cost figures."""
         return {
-            "tokens": {"prompt": self.tokens.prompt, "completion": self.tokens.completion,
-                       "prompt_today": self.tokens_today.prompt, "completion_today": self.tokens_today.completion},
-            "cost": {"today": round(self.spent_today, 6), "total": round(self.spent, 6), "daily_budget": config.daily_budget,
-                     "budget_exhausted": self.budget_exhausted(config), "price_input_per_mtok": config.price_input_per_mtok,
-                     "price_output_per_mtok": config.price_output_per_mtok},
-        }  # fmt: skip
+            "tokens": {
+                "prompt": self.tokens.prompt,
+                "completion": self.tokens.completion,
+                "prompt_today": self.tokens_today.prompt,
+                "completion_today": self.tokens_today.completion,
+            },
+            "cost": {
+                "today": round(self.spent_today, 6),
+                "total": round(self.spent, 6),
+                "daily_budget": config.daily_budget,
+                "budget_exhausted": self.budget_exhausted(config),
+                "price_input_per_mtok": config.price_input_per_mtok,
+                "price_output_per_mtok": config.price_output_per_mtok,
+            },
+        }

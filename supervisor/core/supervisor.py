@@ -15,7 +15,14 @@ from workers.protocol import ErrorCode
 from ..config import Settings
 from ..logs import get_logger
 from .budget import DailyBudgets
-from .effects import Effects, TOPIC_ENGINE_CIRCUIT, TOPIC_ENGINE_SWITCH, TOPIC_PROBE, TOPIC_WORKER_EXIT, TOPIC_WORKER_HANG
+from .effects import (
+    Effects,
+    TOPIC_ENGINE_CIRCUIT,
+    TOPIC_ENGINE_SWITCH,
+    TOPIC_PROBE,
+    TOPIC_WORKER_EXIT,
+    TOPIC_WORKER_HANG,
+)
 from .engines import Engines, EngineState
 from .lifecycle import WorkerState
 from .policy import Circuit, LatencySwitch, retry_after, retry_can_help
@@ -26,11 +33,21 @@ from .validate import GenerateParams
 
 log = get_logger("supervisor.supervisor")
 
-PROBE_SAMPLING = {"max_tokens": 1, "temperature": 0.0, "top_p": 1.0, "top_k": 1, "stop": [], "seed": 0, "ignore_eos": False}
+PROBE_SAMPLING = {
+    "max_tokens": 1,
+    "temperature": 0.0,
+    "top_p": 1.0,
+    "top_k": 1,
+    "stop": [],
+    "seed": 0,
+    "ignore_eos": False,
+}
 
 
 class Supervisor:
-    def __init__(self, engines: Engines, router: Router, switch: LatencySwitch, settings: Settings, effects: Effects) -> None:
+    def __init__(
+        self, engines: Engines, router: Router, switch: LatencySwitch, settings: Settings, effects: Effects
+    ) -> None:
         self.engines = engines
         self.router = router
         self.switch = switch
@@ -45,7 +62,10 @@ class Supervisor:
         """A reload's supervision settings, from now on."""
         self.settings, self.config = settings, settings.supervision
         self.router.probe_interval_s = self.config.probe_interval_s
-        self.switch.min_dwell_s, self.switch.breach_for_s = self.config.switch_min_dwell_s, self.config.switch_breach_for_s
+        self.switch.min_dwell_s, self.switch.breach_for_s = (
+            self.config.switch_min_dwell_s,
+            self.config.switch_breach_for_s,
+        )
         for engine in self.engines:
             engine.apply_supervision(self.config)
 
@@ -63,7 +83,13 @@ class Supervisor:
         worker = engine.worker
         worker.report.hello = message
         worker.times.last_progress_at = now
-        log.info("worker hello", engine=engine.name, worker_id=worker.worker_id, pid=message.get("pid"), packages=message.get("packages"))
+        log.info(
+            "worker hello",
+            engine=engine.name,
+            worker_id=worker.worker_id,
+            pid=message.get("pid"),
+            packages=message.get("packages"),
+        )
         warning = self.effects.build_warning(engine.config.kind, message.get("versions") or {})
         engine.build_warnings = [warning] if warning else []
         if warning:
@@ -71,12 +97,20 @@ class Supervisor:
         if worker.state is not WorkerState.SPAWNING:
             return
         worker.transition(WorkerState.LOADING, "hello received")
-        self.effects.send_worker(worker.worker_id, {"type": p.S_LOAD, "protocol": p.PROTOCOL_VERSION, "spec": engine.load_spec()})
+        self.effects.send_worker(
+            worker.worker_id, {"type": p.S_LOAD, "protocol": p.PROTOCOL_VERSION, "spec": engine.load_spec()}
+        )
 
     def on_loading(self, engine: EngineState, message: dict[str, Any], now: float) -> None:
         worker = engine.worker
         worker.report.load_progress, worker.times.last_progress_at = message.get("progress"), now
-        log.info("loading", engine=engine.name, worker_id=worker.worker_id, progress=worker.report.load_progress, detail=message.get("message"))
+        log.info(
+            "loading",
+            engine=engine.name,
+            worker_id=worker.worker_id,
+            progress=worker.report.load_progress,
+            detail=message.get("message"),
+        )
 
     def on_ready(self, engine: EngineState, message: dict[str, Any], now: float) -> None:
         worker = engine.worker
@@ -84,13 +118,17 @@ class Supervisor:
             return  # a stop was asked meanwhile
         worker.report.model = message.get("model", {})
         slots = message.get("slots", 1)
-        worker.slots = slots if isinstance(slots, int) and not isinstance(slots, bool) and 1 <= slots <= p.MAX_SLOTS else 1
+        worker.slots = (
+            slots if isinstance(slots, int) and not isinstance(slots, bool) and 1 <= slots <= p.MAX_SLOTS else 1
+        )
         worker.times.ready_at = now
         worker.times.probe_due_at = now + self.config.probe_interval_s
         worker.transition(WorkerState.READY, "model loaded")
         if engine.breaker.record_success():
             log.info("circuit closed", engine=engine.name)
-            self.effects.publish(TOPIC_ENGINE_CIRCUIT, engine=engine.name, state=Circuit.CLOSED.value, code=None, reason="worker ready")
+            self.effects.publish(
+                TOPIC_ENGINE_CIRCUIT, engine=engine.name, state=Circuit.CLOSED.value, code=None, reason="worker ready"
+            )
         self.route(now)
         self.router.pump(engine, now)
 
@@ -151,7 +189,9 @@ class Supervisor:
         worker = engine.worker
         fields = {k: exit_info.get(k) for k in ("exit_code", "signal", "cause", "last_lines")}
         (log.info if intended else log.error)("worker exited", engine=engine.name, worker_id=worker.worker_id, **fields)
-        self.effects.publish(TOPIC_WORKER_EXIT, engine=engine.name, worker_id=worker.worker_id, intended=intended, **fields)
+        self.effects.publish(
+            TOPIC_WORKER_EXIT, engine=engine.name, worker_id=worker.worker_id, intended=intended, **fields
+        )
 
     def _after_failure(self, engine: EngineState, returncode: int | None, cause: str, now: float) -> None:
         """An unexpected exit: back off and restart, or open the circuit."""
@@ -174,9 +214,13 @@ class Supervisor:
             opened = engine.breaker.record_failure(now, code, reason)
         engine.worker.restarts += 1
         if opened:
-            engine.worker.transition(WorkerState.BACKOFF, f"circuit open: {reason}; probe in {engine.breaker.open_s:.0f}s")
+            engine.worker.transition(
+                WorkerState.BACKOFF, f"circuit open: {reason}; probe in {engine.breaker.open_s:.0f}s"
+            )
             log.error("circuit open", engine=engine.name, reason=reason)
-            self.effects.publish(TOPIC_ENGINE_CIRCUIT, engine=engine.name, state=Circuit.OPEN.value, code=code, reason=reason)
+            self.effects.publish(
+                TOPIC_ENGINE_CIRCUIT, engine=engine.name, state=Circuit.OPEN.value, code=code, reason=reason
+            )
             return
         delay = max(engine.backoff.next_delay(engine.worker.times.ready_at, now), retry_after(failure))
         engine.worker.times.restart_at = now + delay
@@ -275,22 +319,53 @@ class Supervisor:
             engine.breaker.trip(now, ErrorCode.MODEL_NOT_FOUND, f"model file not found: {engine.model_path}")
             return
         log.info("circuit half-open: trying the engine again", engine=engine.name)
-        self.effects.publish(TOPIC_ENGINE_CIRCUIT, engine=engine.name, state=Circuit.HALF_OPEN.value, code=engine.breaker.code, reason="probe start")
+        self.effects.publish(
+            TOPIC_ENGINE_CIRCUIT,
+            engine=engine.name,
+            state=Circuit.HALF_OPEN.value,
+            code=engine.breaker.code,
+            reason="probe start",
+        )
         self.engines.start(engine, "circuit half-open probe", now)
 
     def _maybe_probe_liveness(self, engine: EngineState, now: float) -> None:
         """Honest liveness: an idle worker must still produce a token, not just heartbeats."""
         due = engine.worker.times.probe_due_at
-        if self.config.probe_interval_s <= 0 or not engine.worker.idle or engine.queue or due is None or now < due or engine.retired:
+        if (
+            self.config.probe_interval_s <= 0
+            or not engine.worker.idle
+            or engine.queue
+            or due is None
+            or now < due
+            or engine.retired
+        ):
             return
         engine.worker.times.probe_due_at = now + self.config.probe_interval_s
-        params = GenerateParams(prompt="Hello", messages=None, stream=True, engine=engine.name,
-                                deadline_ms=int(self.config.probe_timeout_s * 1000), sampling=dict(PROBE_SAMPLING))  # fmt: skip
+        params = GenerateParams(
+            prompt="Hello",
+            messages=None,
+            stream=True,
+            engine=engine.name,
+            deadline_ms=int(self.config.probe_timeout_s * 1000),
+            sampling=dict(PROBE_SAMPLING),
+        )
         self.router.add_probe(Probe(id=f"probe-{next(self._probe_ids)}", params=params, received_at=now), engine, now)
 
     def _on_probe_end(self, probe: Probe, ok: bool, detail: str, now: float) -> None:
         engine = self.engines[probe.engine]
-        self.effects.publish(TOPIC_PROBE, engine=engine.name, worker_id=probe.worker_id, ok=ok, ttft_ms=probe.engine_ttft_ms(), error=None if ok else detail)
+        self.effects.publish(
+            TOPIC_PROBE,
+            engine=engine.name,
+            worker_id=probe.worker_id,
+            ok=ok,
+            ttft_ms=probe.engine_ttft_ms(),
+            error=None if ok else detail,
+        )
         if not ok and engine.worker.worker_id == probe.worker_id and engine.worker.alive:
-            log.error("liveness probe failed; replacing the worker", engine=engine.name, worker_id=probe.worker_id, error=detail)
+            log.error(
+                "liveness probe failed; replacing the worker",
+                engine=engine.name,
+                worker_id=probe.worker_id,
+                error=detail,
+            )
             self._kill(engine, f"liveness probe failed: {detail}", "probe_failure")

@@ -75,10 +75,24 @@ def reply_id(message: dict[str, Any]) -> str | None:
     return value if isinstance(value, str) and is_text(value) else None
 
 
-_GENERATE_FIELDS = frozenset({
-    "op", "id", "prompt", "messages", "stream", "engine", "deadline_ms",
-    "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "ignore_eos",
-})  # fmt: skip
+_GENERATE_FIELDS = frozenset(
+    {
+        "op",
+        "id",
+        "prompt",
+        "messages",
+        "stream",
+        "engine",
+        "deadline_ms",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "stop",
+        "seed",
+        "ignore_eos",
+    }
+)
 _CANCEL_FIELDS = frozenset({"op", "id", "target"})
 _BARE_FIELDS = frozenset({"op", "id"})
 
@@ -175,7 +189,9 @@ def _stop(message: dict[str, Any]) -> list[str]:
     return stops
 
 
-def _int(message: dict[str, Any], key: str, default: int | None, low: int, high: int, *, nullable: bool = False) -> int | None:
+def _int(
+    message: dict[str, Any], key: str, default: int | None, low: int, high: int, *, nullable: bool = False
+) -> int | None:
     """An integer in [low, high]; null only where the protocol allows it."""
     value = message.get(key, default)
     if value is None and nullable:
@@ -231,6 +247,13 @@ def _invalid(key: str, problem: str) -> InvalidMessage:
 
 
 __all__ = [
-    "GenerateParams", "InvalidMessage", "OP_GENERATE", "check_bare", "message_id", "message_op",
-    "parse_cancel", "parse_generate", "reply_id",
-]  # fmt: skip
+    "GenerateParams",
+    "InvalidMessage",
+    "OP_GENERATE",
+    "check_bare",
+    "message_id",
+    "message_op",
+    "parse_cancel",
+    "parse_generate",
+    "reply_id",
+]

@@ -66,11 +66,22 @@ class Daemon:
         self._bind()
         supervision = settings.supervision
         self.engines = Engines({name: self.engine_state(name) for name in settings.engines}, self)
-        self.switch = LatencySwitch(min_dwell_s=supervision.switch_min_dwell_s, breach_for_s=supervision.switch_breach_for_s)
+        self.switch = LatencySwitch(
+            min_dwell_s=supervision.switch_min_dwell_s, breach_for_s=supervision.switch_breach_for_s
+        )
         self.router = Router(self.engines, self.switch, self, supervision.probe_interval_s)
         self.supervisor = Supervisor(self.engines, self.router, self.switch, settings, self)
-        self.notices = ServiceNotices(Notifier(), self.engines, self.router, ready_when_bound=settings.systemd_ready == "bound")
-        self.clients = ClientFront(self.client_socket, self.router, self.status, self.reload, settings.max_message_bytes, settings.max_tokens_limit)
+        self.notices = ServiceNotices(
+            Notifier(), self.engines, self.router, ready_when_bound=settings.systemd_ready == "bound"
+        )
+        self.clients = ClientFront(
+            self.client_socket,
+            self.router,
+            self.status,
+            self.reload,
+            settings.max_message_bytes,
+            settings.max_tokens_limit,
+        )
         self.workers = WorkerLink(self.worker_socket, self.supervisor, self.router, self.publish)
         # The Prometheus exposition: served on [metrics] listen, and by an HTTP front through render().
         self.metrics = MetricsExporter(NodeCollector(self.engines, self.planning, self.processes))
@@ -87,7 +98,9 @@ class Daemon:
 
         settings = self.settings
         keys = load_api_keys(settings.http, warn=True)
-        routes = OpenAIRoutes(self.clients, lambda: self.settings.engines, keys, settings.max_tokens_limit, settings.max_message_bytes)
+        routes = OpenAIRoutes(
+            self.clients, lambda: self.settings.engines, keys, settings.max_tokens_limit, settings.max_message_bytes
+        )
         return HttpFront(settings.http, routes, settings.shutdown_grace_s, [routes.metrics_route(self.metrics.render)])
 
     # --- building ------------------------------------------------------------------
@@ -96,23 +109,40 @@ class Daemon:
         """Every socket option before its bind: libzmq gives later connections the options of bind time."""
         settings, limit = self.settings, self.settings.max_message_bytes
         assert settings.client_endpoint and settings.worker_endpoint and settings.events_endpoint
-        self.client_socket = self.access.bind(zmq.ROUTER, settings.client_endpoint, {
-            zmq.ROUTER_MANDATORY: 1,  # a vanished client raises instead of dropping silently
-            # Frames up to 4x the limit still get a proper message_too_large reply;
-            # beyond that libzmq drops the connection before the frame is read.
-            zmq.MAXMSGSIZE: max(4 * limit, 16 << 20),
-            zmq.SNDHWM: CLIENT_BACKLOG_LIMIT,  # a client this far behind counts as gone
-        }, CLIENTS_DOMAIN)  # fmt: skip
-        self.worker_socket = self.access.bind(zmq.ROUTER, settings.worker_endpoint, {
-            zmq.ROUTER_MANDATORY: 1,
-            zmq.MAXMSGSIZE: max(4 * limit, 16 << 20),  # a worker's largest message is a token or a status
-        }, WORKERS_DOMAIN)  # fmt: skip
+        self.client_socket = self.access.bind(
+            zmq.ROUTER,
+            settings.client_endpoint,
+            {
+                zmq.ROUTER_MANDATORY: 1,  # a vanished client raises instead of dropping silently
+                # Frames up to 4x the limit still get a proper message_too_large reply;
+                # beyond that libzmq drops the connection before the frame is read.
+                zmq.MAXMSGSIZE: max(4 * limit, 16 << 20),
+                zmq.SNDHWM: CLIENT_BACKLOG_LIMIT,  # a client this far behind counts as gone
+            },
+            CLIENTS_DOMAIN,
+        )
+        self.worker_socket = self.access.bind(
+            zmq.ROUTER,
+            settings.worker_endpoint,
+            {
+                zmq.ROUTER_MANDATORY: 1,
+                zmq.MAXMSGSIZE: max(4 * limit, 16 << 20),  # a worker's largest message is a token or a status
+            },
+            WORKERS_DOMAIN,
+        )
         self.worker_endpoint = self.worker_socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._environ.update(self.access.worker_environ(self.worker_endpoint))
-        self.events = EventPublisher(self.access.bind(zmq.XPUB, settings.events_endpoint, {
-            zmq.SNDHWM: 10_000,
-            zmq.XPUB_VERBOSE: 1,  # every subscription is told, not only a topic's first
-        }, CLIENTS_DOMAIN))  # fmt: skip
+        self.events = EventPublisher(
+            self.access.bind(
+                zmq.XPUB,
+                settings.events_endpoint,
+                {
+                    zmq.SNDHWM: 10_000,
+                    zmq.XPUB_VERBOSE: 1,  # every subscription is told, not only a topic's first
+                },
+                CLIENTS_DOMAIN,
+            )
+        )
 
     def engine_state(self, name: str, settings: Settings | None = None) -> EngineState:
         """A configured engine's state, with what can be known before its worker starts
@@ -122,14 +152,24 @@ class Daemon:
         model = model_label(settings, config)
         engine = EngineState(name, config, model, settings.supervision, self._on_transition)
         if not env_is_current(settings, config.env_name, config.kind):
-            engine.hard_failure = (ErrorCode.ENGINE_UNAVAILABLE, f"environment {config.env_name!r} is missing or stale; run: node-supervisor envs create {config.env_name}")
+            engine.hard_failure = (
+                ErrorCode.ENGINE_UNAVAILABLE,
+                f"environment {config.env_name!r} is missing or stale; run: node-supervisor envs create {config.env_name}",
+            )
         elif config.kind == "llamacpp" and not any(path.exists() for path in model_variants_for(settings, config)):
             # The circuit's probe looks again later: the file may appear.
             engine.breaker.trip(time.monotonic(), ErrorCode.MODEL_NOT_FOUND, f"model file not found: {model}")
         return engine
 
     def _on_transition(self, worker: Worker, old: WorkerState, new: WorkerState, reason: str) -> None:
-        self.publish(TOPIC_WORKER_STATE, engine=worker.engine, worker_id=worker.worker_id, old=old.value, new=new.value, reason=reason)
+        self.publish(
+            TOPIC_WORKER_STATE,
+            engine=worker.engine,
+            worker_id=worker.worker_id,
+            old=old.value,
+            new=new.value,
+            reason=reason,
+        )
 
     # --- running and stopping ---------------------------------------------------------------
 
@@ -141,7 +181,9 @@ class Daemon:
 
     def reload(self, reason: str) -> dict[str, Any]:
         """Read the configuration again and apply it (daemon/reloading.py)."""
-        self.settings, summary = reload_config(self.settings, self.supervisor, self.planning, self.engine_state, self.notices, reason)
+        self.settings, summary = reload_config(
+            self.settings, self.supervisor, self.planning, self.engine_state, self.notices, reason
+        )
         return summary
 
     def request_reload(self, reason: str) -> None:
@@ -170,8 +212,13 @@ class Daemon:
         if self.http is not None:
             self.http.start()
         ticker = asyncio.ensure_future(self._tick_loop())
-        log.info("daemon serving", client_endpoint=self.settings.client_endpoint, events_endpoint=self.settings.events_endpoint,
-                 pid=os.getpid(), engines=list(self.engines.by_name))  # fmt: skip
+        log.info(
+            "daemon serving",
+            client_endpoint=self.settings.client_endpoint,
+            events_endpoint=self.settings.events_endpoint,
+            pid=os.getpid(),
+            engines=list(self.engines.by_name),
+        )
         await self._stop.wait()
         await self._shutdown()
         ticker.cancel()
@@ -233,7 +280,9 @@ class Daemon:
 
     def start_worker(self, launch: WorkerLaunch) -> None:
         python = env_python(env_dir(self.settings, launch.env_name))
-        command = worker_command(python, launch, self.worker_endpoint, self.settings.heartbeat_interval_s, self.settings.log_level)
+        command = worker_command(
+            python, launch, self.worker_endpoint, self.settings.heartbeat_interval_s, self.settings.log_level
+        )
         process = WorkerProcess(launch, command, self._environ, self._on_worker_exit)
         self.processes[launch.worker_id] = process
         self.workers.admit(launch.worker_id, process.routing_id, self.engines[launch.engine])
@@ -294,4 +343,6 @@ class Daemon:
         return frozenset(p.pid for p in self.processes.values() if p.launch.engine == engine and p.pid is not None)
 
     def status(self) -> dict[str, Any]:
-        return daemon_status(self.settings, self.supervisor, self.planning, self.processes, self.started_at, self.metrics_url)
+        return daemon_status(
+            self.settings, self.supervisor, self.planning, self.processes, self.started_at, self.metrics_url
+        )

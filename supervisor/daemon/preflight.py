@@ -78,7 +78,7 @@ def _tcp_address(endpoint: str) -> tuple[str, int] | None:
     """(host, port) of a bindable tcp endpoint; None for ipc, ``*``/0 ports and forms not checked here."""
     if not endpoint.startswith("tcp://"):
         return None
-    host, _, port = endpoint[len("tcp://"):].rpartition(":")
+    host, _, port = endpoint[len("tcp://") :].rpartition(":")
     if not port.isdigit() or int(port) == 0:
         return None
     host = host.strip("[]")
@@ -128,7 +128,7 @@ def claim_ipc_endpoints(settings: Settings) -> list[Path]:
         # ipc://@name is Linux's abstract namespace: no file to lose, and a taken name fails the bind.
         if not endpoint.startswith("ipc://") or endpoint.startswith("ipc://@"):
             continue
-        path = Path(endpoint[len("ipc://"):])
+        path = Path(endpoint[len("ipc://") :])
         if _claim_socket_path(key, path):
             removed.append(path)
     return removed

@@ -23,8 +23,12 @@ from . import preflight
 log = get_logger("supervisor.daemon")
 ENV_BUILD_EXTENSION_S = 600.0  # each line of a build pushes systemd's start timeout this far ahead
 
+
 def run_daemon(
-    settings: Settings, create_envs: bool, notifier: Notifier | None = None, on_serving: Callable[["DaemonHandle"], None] | None = None
+    settings: Settings,
+    create_envs: bool,
+    notifier: Notifier | None = None,
+    on_serving: Callable[["DaemonHandle"], None] | None = None,
 ) -> int:
     """Prepare, then serve until stopped; the exit code.
 
@@ -35,7 +39,9 @@ def run_daemon(
     """
     if (code := preflight.check_before_logging(settings)) is not None:
         return code
-    log_file = setup_logging(settings.log_level, settings.log_dir, settings.log_format, settings.log_max_bytes, settings.log_backups)
+    log_file = setup_logging(
+        settings.log_level, settings.log_dir, settings.log_format, settings.log_max_bytes, settings.log_backups
+    )
     lock = _take_lock(settings.run_dir)
     if lock is None:
         log.error("another daemon is running with this state directory", state_dir=str(settings.state_dir))
@@ -72,7 +78,9 @@ def prepare(settings: Settings, create_envs: bool, notifier: Notifier | None = N
             log.warning("environment missing; not creating it (--no-create-envs)", env=name)
             continue
         # Under systemd: a build (llama.cpp compiles for minutes) must not count as a start that hangs.
-        notifier.send(f"EXTEND_TIMEOUT_USEC={int(ENV_BUILD_EXTENSION_S * 1e6)}", f"STATUS=building the {name} environment")
+        notifier.send(
+            f"EXTEND_TIMEOUT_USEC={int(ENV_BUILD_EXTENSION_S * 1e6)}", f"STATUS=building the {name} environment"
+        )
         create_env(settings, name, kind, _build_line_logger(get_logger(f"envs.{name}"), notifier))
     if any(config.model is None and config.kind == "llamacpp" for config in settings.engines.values()):
         model_log = get_logger("models")

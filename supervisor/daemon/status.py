@@ -45,8 +45,10 @@ def daemon_status(
             "accounting_day": supervisor.budgets.day,
         },
         "gpu": snapshot_to_dict(snapshot),
-        "engines": [{**engine.describe(now), **_plan(engine, snapshot), "workers": [_worker(processes, engine, now, snapshot)]}
-                    for engine in engines.by_priority()],  # fmt: skip
+        "engines": [
+            {**engine.describe(now), **_plan(engine, snapshot), "workers": [_worker(processes, engine, now, snapshot)]}
+            for engine in engines.by_priority()
+        ],
     }
 
 
@@ -56,7 +58,10 @@ def _plan(engine: EngineState, snapshot: Any) -> dict[str, Any]:
     if engine.plan is None:
         return {"plan": None, "warnings": warnings}
     detail = engine.plan.engines[0].to_dict()
-    return {"plan": {k: detail[k] for k in ("chosen", "reasons", "warnings", "device", "failed")}, "warnings": warnings + detail["warnings"]}
+    return {
+        "plan": {k: detail[k] for k in ("chosen", "reasons", "warnings", "device", "failed")},
+        "warnings": warnings + detail["warnings"],
+    }
 
 
 def _worker(processes: Mapping[str, WorkerProcess], engine: EngineState, now: float, snapshot: Any) -> dict[str, Any]:
@@ -77,7 +82,9 @@ def _worker(processes: Mapping[str, WorkerProcess], engine: EngineState, now: fl
         "load_progress": report.load_progress,
         "phase": report.heartbeat.get("phase"),
         "requests": [g.id for g in worker.running.values()],
-        "last_heartbeat_age_ms": round((now - times.last_heard) * 1000, 1) if times.last_heard and worker.alive else None,
+        "last_heartbeat_age_ms": round((now - times.last_heard) * 1000, 1)
+        if times.last_heard and worker.alive
+        else None,
         "rss_bytes": process.rss() if process else None,
         "gpu_memory_bytes": worker_gpu_bytes(snapshot, process.pid if process else None),
         "last_exit": worker.last_exit,

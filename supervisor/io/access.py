@@ -54,7 +54,9 @@ def socket_group_id(settings: Settings) -> int | None:
     except KeyError:
         raise ConfigError(f"security.socket_group: no group named {name!r}") from None
     if os.geteuid() != 0 and gid != os.getegid() and gid not in os.getgroups():
-        raise ConfigError(f"security.socket_group: this user is not a member of {name!r}, so it cannot give its sockets to that group")
+        raise ConfigError(
+            f"security.socket_group: this user is not a member of {name!r}, so it cannot give its sockets to that group"
+        )
     return gid
 
 
@@ -87,7 +89,9 @@ class _KeyCheck:
             return False
         if key not in self._refused and len(self._refused) < REFUSALS_LOGGED:
             self._refused.add(key)
-            log.warning("refused a CURVE key that is not authorized", domain=domain, public_key=key.decode("ascii", "replace"))
+            log.warning(
+                "refused a CURVE key that is not authorized", domain=domain, public_key=key.decode("ascii", "replace")
+            )
         return False
 
 
@@ -109,22 +113,39 @@ class LocalAccess:
         # Bound before any CURVE socket, so no handshake can come before its check.
         self._authenticator = ThreadAuthenticator(context)
         self._authenticator.start()
-        self._authenticator.configure_curve_callback(CLIENTS_DOMAIN, _KeyCheck(CLIENTS_DOMAIN, lambda: authorized_public_keys(directory)))
-        self._authenticator.configure_curve_callback(WORKERS_DOMAIN, _KeyCheck(WORKERS_DOMAIN, lambda: {self._worker_public}))
-        log.info("tcp endpoints take CURVE", server_public_key=self.server_public.decode(), authorized_keys_dir=str(directory))
+        self._authenticator.configure_curve_callback(
+            CLIENTS_DOMAIN, _KeyCheck(CLIENTS_DOMAIN, lambda: authorized_public_keys(directory))
+        )
+        self._authenticator.configure_curve_callback(
+            WORKERS_DOMAIN, _KeyCheck(WORKERS_DOMAIN, lambda: {self._worker_public})
+        )
+        log.info(
+            "tcp endpoints take CURVE",
+            server_public_key=self.server_public.decode(),
+            authorized_keys_dir=str(directory),
+        )
 
     def bind(self, kind: int, endpoint: str, options: dict[int, int | bytes], domain: str) -> zmq.Socket:
         """``bind_socket`` with the CURVE server options for a tcp endpoint, the group for an ipc one."""
         if uses_curve(endpoint):
-            options = {**options, zmq.CURVE_SERVER: 1, zmq.CURVE_SECRETKEY: self._server_secret,
-                       zmq.ZAP_DOMAIN: domain.encode(), zmq.ZAP_ENFORCE_DOMAIN: 1}  # fmt: skip
+            options = {
+                **options,
+                zmq.CURVE_SERVER: 1,
+                zmq.CURVE_SECRETKEY: self._server_secret,
+                zmq.ZAP_DOMAIN: domain.encode(),
+                zmq.ZAP_ENFORCE_DOMAIN: 1,
+            }
         return bind_socket(self.context, kind, endpoint, options, self.group)
 
     def worker_environ(self, worker_endpoint: str) -> dict[str, str]:
         """What a spawned worker needs in its environment to pass the worker endpoint's CURVE handshake."""
         if not uses_curve(worker_endpoint):
             return {}
-        return {p.WORKER_CURVE_ENV: " ".join(key.decode("ascii") for key in (self.server_public, self._worker_public, self._worker_secret))}
+        return {
+            p.WORKER_CURVE_ENV: " ".join(
+                key.decode("ascii") for key in (self.server_public, self._worker_public, self._worker_secret)
+            )
+        }
 
     def close(self) -> None:
         """Stop the ZAP handler: after the sockets close, before the context terminates."""

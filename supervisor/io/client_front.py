@@ -41,8 +41,15 @@ class LocalEnvelope(list):  # type: ignore[type-arg]
 
 
 class ClientFront:
-    def __init__(self, sock: zmq.Socket, router: Router, status: Callable[[], dict[str, Any]], reload: Callable[[str], dict[str, Any]],
-                 max_message_bytes: int, max_tokens_limit: int) -> None:  # fmt: skip
+    def __init__(
+        self,
+        sock: zmq.Socket,
+        router: Router,
+        status: Callable[[], dict[str, Any]],
+        reload: Callable[[str], dict[str, Any]],
+        max_message_bytes: int,
+        max_tokens_limit: int,
+    ) -> None:
         self.sock = sock
         self.router = router
         self.status = status
@@ -80,7 +87,12 @@ class ClientFront:
 
     def _on_message(self, envelope: list[bytes], payload: bytes, now: float) -> None:
         if len(payload) > self.max_message_bytes:
-            self._error(envelope, None, ErrorCode.TOO_LARGE, f"message is {len(payload)} bytes; the limit is {self.max_message_bytes}")
+            self._error(
+                envelope,
+                None,
+                ErrorCode.TOO_LARGE,
+                f"message is {len(payload)} bytes; the limit is {self.max_message_bytes}",
+            )
             return
         try:
             message = p.decode(payload)
@@ -118,7 +130,9 @@ class ClientFront:
 
     def _ping(self, envelope: list[bytes], mid: str, message: dict[str, Any], now: float) -> None:
         check_bare(message)
-        self._reply(envelope, {"id": mid, "event": p.EVENT_PONG, "protocol": p.PROTOCOL_VERSION, "version": __version__})
+        self._reply(
+            envelope, {"id": mid, "event": p.EVENT_PONG, "protocol": p.PROTOCOL_VERSION, "version": __version__}
+        )
 
     def _reload(self, envelope: list[bytes], mid: str, message: dict[str, Any], now: float) -> None:
         check_bare(message)
@@ -130,4 +144,3 @@ class ClientFront:
     def _reply(self, envelope: list[bytes], event: dict[str, Any]) -> None:
         if not self.send(envelope, p.encode(event)):
             self.router.client_gone(b"".join(envelope), time.monotonic())
-

@@ -48,7 +48,11 @@ def contain(pid: int) -> bool:
         finally:
             process.Close()
     except Exception as exc:  # pywintypes.error, or pywin32 missing: never a reason to lose the worker
-        log.warning("worker not placed in the job object; it may outlive the daemon if the daemon is killed", pid=pid, error=str(exc))
+        log.warning(
+            "worker not placed in the job object; it may outlive the daemon if the daemon is killed",
+            pid=pid,
+            error=str(exc),
+        )
         return False
     return True
 

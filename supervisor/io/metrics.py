@@ -60,7 +60,9 @@ def _tally(family: Metric, rows: Iterable[tuple[str, dict[str, int]]]) -> Metric
 class NodeCollector(Collector):
     """Every engine's figures, read at scrape time."""
 
-    def __init__(self, engines: Engines, planning: Planning | None = None, processes: dict[str, WorkerProcess] | None = None) -> None:
+    def __init__(
+        self, engines: Engines, planning: Planning | None = None, processes: dict[str, WorkerProcess] | None = None
+    ) -> None:
         self.engines = engines
         self.planning = planning  # GPU memory per worker, when the node has a GPU probe
         self.processes = processes if processes is not None else {}
@@ -75,49 +77,116 @@ class NodeCollector(Collector):
             yield self._gpu_memory(engines, self.planning.snapshot(STATUS_SNAPSHOT_AGE_S))
 
     def _requests(self, engines: list[EngineState]) -> Iterator[Metric]:
-        yield _per_engine(GaugeMetricFamily(_name("num_requests_running"), "Client requests being generated now.", labels=ENGINE),
-                          engines, EngineState.in_flight)  # fmt: skip
-        yield _per_engine(GaugeMetricFamily(_name("num_requests_waiting"), "Client requests waiting in the engine's queue.", labels=ENGINE),
-                          engines, EngineState.waiting)  # fmt: skip
-        yield _tally(CounterMetricFamily(_name("request_success_total"), "Requests that ended with a done event, by finish reason.",
-                                         labels=["engine", "finished_reason"]), ((e.name, e.stats.finished) for e in engines))  # fmt: skip
-        yield _tally(CounterMetricFamily(_name("request_errors_total"), "Requests that ended with an error event, by error code.",
-                                         labels=["engine", "code"]), ((e.name, e.stats.errors) for e in engines))  # fmt: skip
+        yield _per_engine(
+            GaugeMetricFamily(_name("num_requests_running"), "Client requests being generated now.", labels=ENGINE),
+            engines,
+            EngineState.in_flight,
+        )
+        yield _per_engine(
+            GaugeMetricFamily(
+                _name("num_requests_waiting"), "Client requests waiting in the engine's queue.", labels=ENGINE
+            ),
+            engines,
+            EngineState.waiting,
+        )
+        yield _tally(
+            CounterMetricFamily(
+                _name("request_success_total"),
+                "Requests that ended with a done event, by finish reason.",
+                labels=["engine", "finished_reason"],
+            ),
+            ((e.name, e.stats.finished) for e in engines),
+        )
+        yield _tally(
+            CounterMetricFamily(
+                _name("request_errors_total"),
+                "Requests that ended with an error event, by error code.",
+                labels=["engine", "code"],
+            ),
+            ((e.name, e.stats.errors) for e in engines),
+        )
         refused = [*((e.name, e.stats.refused) for e in engines), ("", self.engines.refused_unrouted)]
-        yield _tally(CounterMetricFamily(_name("requests_refused_total"), "Generate ops refused on arrival, by error code (engine empty: none chosen).",
-                                         labels=["engine", "code"]), refused)  # fmt: skip
+        yield _tally(
+            CounterMetricFamily(
+                _name("requests_refused_total"),
+                "Generate ops refused on arrival, by error code (engine empty: none chosen).",
+                labels=["engine", "code"],
+            ),
+            refused,
+        )
 
     def _latency(self, engines: list[EngineState]) -> Iterator[Metric]:
         yield _histogram("time_to_first_token_seconds", "Arrival to first token.", engines, lambda e: e.stats.ttft)
-        yield _histogram("inter_token_latency_seconds", "Time between tokens of a request.", engines, lambda e: e.stats.inter_token)
-        yield _histogram("e2e_request_latency_seconds", "Arrival to the request's end, whatever the end.", engines, lambda e: e.stats.e2e)
-        yield _histogram("request_queue_time_seconds", "Arrival to dispatch to the worker (the last one, if retried).", engines, lambda e: e.stats.queue)
+        yield _histogram(
+            "inter_token_latency_seconds", "Time between tokens of a request.", engines, lambda e: e.stats.inter_token
+        )
+        yield _histogram(
+            "e2e_request_latency_seconds",
+            "Arrival to the request's end, whatever the end.",
+            engines,
+            lambda e: e.stats.e2e,
+        )
+        yield _histogram(
+            "request_queue_time_seconds",
+            "Arrival to dispatch to the worker (the last one, if retried).",
+            engines,
+            lambda e: e.stats.queue,
+        )
 
     def _tokens_and_cost(self, engines: list[EngineState]) -> Iterator[Metric]:
         counters = (
-            ("prompt_tokens_total", "Prompt tokens of ended requests (the worker's count).", lambda e: e.stats.tokens.prompt),
+            (
+                "prompt_tokens_total",
+                "Prompt tokens of ended requests (the worker's count).",
+                lambda e: e.stats.tokens.prompt,
+            ),
             ("generation_tokens_total", "Generated tokens of ended requests.", lambda e: e.stats.tokens.completion),
-            ("cost_total", "Money spent on the engine since the daemon started, at its configured prices.", lambda e: e.stats.spent),
+            (
+                "cost_total",
+                "Money spent on the engine since the daemon started, at its configured prices.",
+                lambda e: e.stats.spent,
+            ),
         )
         for name, documentation, value in counters:
             yield _per_engine(CounterMetricFamily(_name(name), documentation, labels=ENGINE), engines, value)
         gauges = (
-            ("prompt_tokens_today", "Prompt tokens today (the daemon's local date).", lambda e: e.stats.tokens_today.prompt),
+            (
+                "prompt_tokens_today",
+                "Prompt tokens today (the daemon's local date).",
+                lambda e: e.stats.tokens_today.prompt,
+            ),
             ("generation_tokens_today", "Generated tokens today.", lambda e: e.stats.tokens_today.completion),
             ("cost_today", "Money spent on the engine today.", lambda e: e.stats.spent_today),
-            ("budget_exhausted", "1 while the engine's daily budget is spent (it takes no traffic).", lambda e: int(e.budget_exhausted)),
+            (
+                "budget_exhausted",
+                "1 while the engine's daily budget is spent (it takes no traffic).",
+                lambda e: int(e.budget_exhausted),
+            ),
         )
         for name, documentation, value in gauges:
             yield _per_engine(GaugeMetricFamily(_name(name), documentation, labels=ENGINE), engines, value)
         budgeted = [e for e in engines if e.config.daily_budget is not None]
-        yield _per_engine(GaugeMetricFamily(_name("daily_budget"), "The engine's configured daily budget.", labels=ENGINE),
-                          budgeted, lambda e: e.config.daily_budget)  # fmt: skip
+        yield _per_engine(
+            GaugeMetricFamily(_name("daily_budget"), "The engine's configured daily budget.", labels=ENGINE),
+            budgeted,
+            lambda e: e.config.daily_budget,
+        )
 
     def _health(self, engines: list[EngineState]) -> Iterator[Metric]:
-        yield _tally(CounterMetricFamily(_name("worker_restarts_total"), "Worker starts after an exit nobody asked for, by cause.",
-                                         labels=["engine", "cause"]), ((e.name, e.stats.restarts) for e in engines))  # fmt: skip
-        circuit = GaugeMetricFamily(_name("circuit_state"), "The engine's circuit breaker: 1 for its current state.", labels=["engine", "state"])
-        info = GaugeMetricFamily(_name("engine_info"), "Each engine's kind and model (always 1).", labels=["engine", "kind", "model"])
+        yield _tally(
+            CounterMetricFamily(
+                _name("worker_restarts_total"),
+                "Worker starts after an exit nobody asked for, by cause.",
+                labels=["engine", "cause"],
+            ),
+            ((e.name, e.stats.restarts) for e in engines),
+        )
+        circuit = GaugeMetricFamily(
+            _name("circuit_state"), "The engine's circuit breaker: 1 for its current state.", labels=["engine", "state"]
+        )
+        info = GaugeMetricFamily(
+            _name("engine_info"), "Each engine's kind and model (always 1).", labels=["engine", "kind", "model"]
+        )
         for engine in engines:
             for state in Circuit:
                 circuit.add_metric([engine.name, state.value], int(engine.breaker.state is state))
@@ -126,7 +195,11 @@ class NodeCollector(Collector):
         yield info
 
     def _gpu_memory(self, engines: list[EngineState], snapshot: GpuSnapshot) -> Metric:
-        family = GaugeMetricFamily(_name("worker_gpu_memory_bytes"), "GPU memory a worker process holds, as NVML reports it.", labels=["engine", "worker"])
+        family = GaugeMetricFamily(
+            _name("worker_gpu_memory_bytes"),
+            "GPU memory a worker process holds, as NVML reports it.",
+            labels=["engine", "worker"],
+        )
         for engine in engines:
             process = self.processes.get(engine.worker.worker_id) if engine.worker.alive else None
             used = worker_gpu_bytes(snapshot, process.pid if process else None)

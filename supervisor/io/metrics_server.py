@@ -54,7 +54,11 @@ class MetricsServer:
             try:
                 method, target, accept = await asyncio.wait_for(self._read_head(reader), REQUEST_TIMEOUT_S)
                 response = self._answer(method, target, accept)
-            except (BadRequest, asyncio.LimitOverrunError, asyncio.IncompleteReadError):  # a line over the limit, or cut short
+            except (
+                BadRequest,
+                asyncio.LimitOverrunError,
+                asyncio.IncompleteReadError,
+            ):  # a line over the limit, or cut short
                 response = _response(HTTPStatus.BAD_REQUEST, b"bad request\n")
             writer.write(response)
             await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT_S)
@@ -94,7 +98,15 @@ class MetricsServer:
         return _response(HTTPStatus.OK, body, content_type, with_body=method == "GET")
 
 
-def _response(status: HTTPStatus, body: bytes, content_type: str = "text/plain; charset=utf-8", extra: bytes = b"", with_body: bool = True) -> bytes:
-    head = (f"HTTP/1.1 {status.value} {status.phrase}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-            "Connection: close\r\n").encode("latin-1")  # fmt: skip
+def _response(
+    status: HTTPStatus,
+    body: bytes,
+    content_type: str = "text/plain; charset=utf-8",
+    extra: bytes = b"",
+    with_body: bool = True,
+) -> bytes:
+    head = (
+        f"HTTP/1.1 {status.value} {status.phrase}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+        "Connection: close\r\n"
+    ).encode("latin-1")
     return head + extra + b"\r\n" + (body if with_body else b"")

@@ -27,7 +27,9 @@ class Notifier:
         watchdog_pid = environ.get("WATCHDOG_PID", "")
         # The watchdog is ours when systemd set it for this process (or for no process in particular).
         mine = not watchdog_pid or watchdog_pid == str(os.getpid())
-        self.watchdog_s = int(watchdog_usec) / 1e6 if watchdog_usec.isdigit() and int(watchdog_usec) > 0 and mine else None
+        self.watchdog_s = (
+            int(watchdog_usec) / 1e6 if watchdog_usec.isdigit() and int(watchdog_usec) > 0 and mine else None
+        )
         self._failed = False
 
     @property

@@ -92,7 +92,9 @@ class BindError(Exception):
     """An endpoint could not be bound; the message names it and says why."""
 
 
-def bind_socket(context: zmq.Context, kind: int, endpoint: str, options: dict[int, int | bytes], group: int | None = None) -> zmq.Socket:
+def bind_socket(
+    context: zmq.Context, kind: int, endpoint: str, options: dict[int, int | bytes], group: int | None = None
+) -> zmq.Socket:
     """A socket with ``options`` set, then bound; an ipc socket file gets mode 0660 (and ``group``).
 
     Options must come first: libzmq copies them into the listener at bind

@@ -35,7 +35,9 @@ class WorkerLink:
         self.router = router
         self.publish = publish
         self.reader = SocketReader(sock, self.on_frames)
-        self._peers: dict[bytes, tuple[str, EngineState]] = {}  # routing id (main or watchdog socket) -> (worker id, engine)
+        self._peers: dict[
+            bytes, tuple[str, EngineState]
+        ] = {}  # routing id (main or watchdog socket) -> (worker id, engine)
         self._routes: dict[str, bytes] = {}  # worker id -> routing id of its main socket
         self._refused_since_log = 0
         self._refusal_logged_at = float("-inf")
@@ -68,7 +70,11 @@ class WorkerLink:
         self._refused_since_log += 1
         if now - self._refusal_logged_at >= REFUSAL_LOG_INTERVAL_S:
             shown = routing_id[:64].decode("utf-8", "replace")
-            log.warning("message from an unknown peer on the worker endpoint refused", routing_id=shown, refused=self._refused_since_log)
+            log.warning(
+                "message from an unknown peer on the worker endpoint refused",
+                routing_id=shown,
+                refused=self._refused_since_log,
+            )
             self.publish("worker.refused", routing_id=shown, refused=self._refused_since_log)
             self._refused_since_log, self._refusal_logged_at = 0, now
 
@@ -117,7 +123,9 @@ class WorkerLink:
         wire_id = p.token_frame_request_id(payload)
         generation = engine.worker.running.get(wire_id) if wire_id is not None else None
         prefix = generation.worker_token_prefix if generation is not None else b"-"
-        if not (payload.startswith(prefix) and payload.endswith(b'"}') and payload[len(prefix) : len(prefix) + 1] == b'"'):
+        if not (
+            payload.startswith(prefix) and payload.endswith(b'"}') and payload[len(prefix) : len(prefix) + 1] == b'"'
+        ):
             return False
         self.router.on_token(engine, wire_id, payload[len(prefix) : -1], 1, now)  # type: ignore[arg-type]
         return True
@@ -132,7 +140,12 @@ class WorkerLink:
         bad_text = p.invalid_text_path(message)
         handler = self.handlers.get(message.get("type"))  # type: ignore[arg-type]
         if bad_text is not None or handler is None:
-            log.error("invalid message from a worker", worker_id=worker_id, type=repr(message.get("type")), invalid_text=bad_text)
+            log.error(
+                "invalid message from a worker",
+                worker_id=worker_id,
+                type=repr(message.get("type")),
+                invalid_text=bad_text,
+            )
             return
         self.supervisor.heard_from(engine, now)
         handler(engine, message, now)

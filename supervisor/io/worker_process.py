@@ -64,13 +64,27 @@ class WorkerProcess:
         """Spawn, relay, wait; report the exit exactly once (a failed spawn is an exit too)."""
         try:
             self.process = await asyncio.create_subprocess_exec(
-                *self._command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, env=self._environ, **_new_process_group(),
-            )  # fmt: skip
+                *self._command,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=self._environ,
+                **_new_process_group(),
+            )
         except OSError as exc:
             self._spawn_ended.set()
             log.error("worker could not be started", worker_id=self.worker_id, error=str(exc))
-            self._on_exit(self.worker_id, None, {"exit_code": None, "signal": None, "cause": f"could not start: {exc}", "last_lines": [], "at": time.time()})
+            self._on_exit(
+                self.worker_id,
+                None,
+                {
+                    "exit_code": None,
+                    "signal": None,
+                    "cause": f"could not start: {exc}",
+                    "last_lines": [],
+                    "at": time.time(),
+                },
+            )
             return
         self._spawn_ended.set()
         job_object.contain(self.process.pid)  # Windows: it dies with this process, whatever ends it
@@ -78,7 +92,10 @@ class WorkerProcess:
         if self._pending_signal is not None:
             self.signal(self._pending_signal)
         assert self.process.stdout and self.process.stderr
-        relays = [self._track(self._relay(self.process.stdout, "stdout")), self._track(self._relay(self.process.stderr, "stderr"))]
+        relays = [
+            self._track(self._relay(self.process.stdout, "stdout")),
+            self._track(self._relay(self.process.stderr, "stderr")),
+        ]
         returncode = await self.process.wait()
         # The relays end at end-of-file: then the tail holds the worker's last words.
         # (A grandchild holding the pipes open must not delay the verdict.)
@@ -108,7 +125,16 @@ class WorkerProcess:
                 self.tail.append(line)
                 level, source, text = parse_worker_line(line)
                 origin = {"source": source} if source else {}  # the worker's logger, e.g. llama.cpp
-                log.log(level, text, event_kind="worker.output", stream=name, **origin, engine=self.launch.engine, worker_id=self.worker_id, pid=pid)
+                log.log(
+                    level,
+                    text,
+                    event_kind="worker.output",
+                    stream=name,
+                    **origin,
+                    engine=self.launch.engine,
+                    worker_id=self.worker_id,
+                    pid=pid,
+                )
 
     def signal(self, sig: int) -> None:
         if self.process is None:
@@ -122,7 +148,9 @@ class WorkerProcess:
     def kill(self, grace_s: float) -> None:
         """Terminate, grace, kill: a stopped (SIGSTOP) or wedged process ignores SIGTERM."""
         self.signal(signal.SIGTERM)
-        asyncio.get_running_loop().call_later(grace_s, self.signal, signal.SIGKILL if sys.platform != "win32" else signal.SIGTERM)
+        asyncio.get_running_loop().call_later(
+            grace_s, self.signal, signal.SIGKILL if sys.platform != "win32" else signal.SIGTERM
+        )
 
     async def wait_exit(self, timeout: float) -> bool:
         """Has it exited within ``timeout``?  A spawn still under way is waited
@@ -174,16 +202,25 @@ def describe_exit(returncode: int | None) -> dict[str, Any]:
     return {"exit_code": returncode, "signal": None, "cause": f"exited with code {returncode}"}
 
 
-def worker_command(python: Path, launch: WorkerLaunch, endpoint: str, heartbeat_interval: float, log_level: str = "info") -> list[str]:
+def worker_command(
+    python: Path, launch: WorkerLaunch, endpoint: str, heartbeat_interval: float, log_level: str = "info"
+) -> list[str]:
     """A worker logs at the daemon's level: debug lines cross the pipe only when they will be kept."""
     return [
-        str(python), "-m", "workers",
-        "--engine", launch.kind,
-        "--endpoint", endpoint,
-        "--worker-id", launch.worker_id,
-        "--heartbeat-interval", str(heartbeat_interval),
-        "--log-level", log_level.upper(),
-    ]  # fmt: skip
+        str(python),
+        "-m",
+        "workers",
+        "--engine",
+        launch.kind,
+        "--endpoint",
+        endpoint,
+        "--worker-id",
+        launch.worker_id,
+        "--heartbeat-interval",
+        str(heartbeat_interval),
+        "--log-level",
+        log_level.upper(),
+    ]
 
 
 def _new_process_group() -> dict[str, Any]:

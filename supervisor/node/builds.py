@@ -71,9 +71,10 @@ def requirements_without(requirements: Path, names: set[str], directory: Path) -
     """A copy of a requirements file without the lines for ``names`` (packages the node provides)."""
     wanted = {_canonical(n) for n in names}
     kept = [
-        line for line in requirements.read_text().splitlines()
+        line
+        for line in requirements.read_text().splitlines()
         if _canonical(re.split(r"[\s<>=!~;\[@]", line.split("#", 1)[0].strip(), maxsplit=1)[0]) not in wanted
-    ]  # fmt: skip
+    ]
     target = directory / f"{requirements.stem}-without-node-packages.txt"
     target.write_text("\n".join(kept) + "\n")
     return target
@@ -112,7 +113,12 @@ def _wheel_in(directory: Path) -> Path | None:
 
 
 def build_wheel(
-    python: Path, requirement: str, pip_args: list[str], on_line: LineFn, run: Callable[..., int], environ: dict[str, str] | None = None
+    python: Path,
+    requirement: str,
+    pip_args: list[str],
+    on_line: LineFn,
+    run: Callable[..., int],
+    environ: dict[str, str] | None = None,
 ) -> Path:
     """The wheel for ``requirement`` in this build configuration: from the cache, or built now.
 
@@ -128,8 +134,23 @@ def build_wheel(
     staging = target.with_name(f"{target.name}.tmp{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    on_line(f"compiling {requirement} with CMAKE_ARGS={environ.get('CMAKE_ARGS', '')!r} (minutes; once per machine and build options)")
-    command = [str(python), "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", "--progress-bar", "off", "-w", str(staging), requirement, *pip_args]
+    on_line(
+        f"compiling {requirement} with CMAKE_ARGS={environ.get('CMAKE_ARGS', '')!r} (minutes; once per machine and build options)"
+    )
+    command = [
+        str(python),
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-cache-dir",
+        "--progress-bar",
+        "off",
+        "-w",
+        str(staging),
+        requirement,
+        *pip_args,
+    ]
     code = run(command, on_line, env=environ)
     wheels = sorted(staging.glob("*.whl"))
     if code != 0 or not wheels:
@@ -186,7 +207,13 @@ class BuildChoice:
 
     def record(self) -> dict[str, Any]:
         """What the environment's marker keeps of the build (and the CPU it was built on)."""
-        return {"cuda": self.cuda, "cmake_args": self.cmake_args, "explicit": self.explicit, "reason": self.reason, "cpu": cpu_digest()}
+        return {
+            "cuda": self.cuda,
+            "cmake_args": self.cmake_args,
+            "explicit": self.explicit,
+            "reason": self.reason,
+            "cpu": cpu_digest(),
+        }
 
 
 def find_nvcc() -> str | None:
@@ -203,7 +230,10 @@ def _compute_caps() -> tuple[str, ...]:
     GPU at build time (CMake's default "native" does).  Empty when nvidia-smi cannot tell."""
     try:
         out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True, text=True, timeout=15
+            ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=15,
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return ()
@@ -234,7 +264,11 @@ def desired_build(settings: Settings, node: NodeFacts | None = None) -> BuildCho
     if node.driver is None:
         return BuildChoice(False, "", f"auto: {node.no_driver or 'no NVIDIA driver'}")
     if node.nvcc is None:
-        return BuildChoice(False, "", f"auto: {node.driver} but no nvcc (PATH, CUDA_HOME, /usr/local/cuda/bin); install the CUDA toolkit")
+        return BuildChoice(
+            False,
+            "",
+            f"auto: {node.driver} but no nvcc (PATH, CUDA_HOME, /usr/local/cuda/bin); install the CUDA toolkit",
+        )
     return BuildChoice(True, cuda_cmake_args(node), f"auto: {node.driver} and nvcc ({node.nvcc})")
 
 
@@ -283,6 +317,18 @@ def _legacy_stale_reason(settings: Settings, requirement: str, key: str | None) 
     """A marker with only a build key: current if it is the key of the desired build (or of the
     documented CUDA command on a CUDA node, or of the caller's own CMAKE_ARGS)."""
     desired = desired_build(settings)
-    candidates = [desired.cmake_args, "-DGGML_CUDA=on" if desired.cuda else "", os.environ.get("CMAKE_ARGS", "").strip()]
-    accepted = {build_key(requirement, build_environ({**os.environ, "CMAKE_ARGS": args})) for args in candidates if args or not desired.cuda}
-    return None if key in accepted else f"built with other options or on another CPU than the node calls for ({desired.reason})"
+    candidates = [
+        desired.cmake_args,
+        "-DGGML_CUDA=on" if desired.cuda else "",
+        os.environ.get("CMAKE_ARGS", "").strip(),
+    ]
+    accepted = {
+        build_key(requirement, build_environ({**os.environ, "CMAKE_ARGS": args}))
+        for args in candidates
+        if args or not desired.cuda
+    }
+    return (
+        None
+        if key in accepted
+        else f"built with other options or on another CPU than the node calls for ({desired.reason})"
+    )

@@ -130,18 +130,27 @@ def create_env(settings: Settings, name: str, kind: str, on_line: LineFn) -> Pat
     install_from = requirements_without(requirements, set(reused), path) if reused else requirements
     on_line(f"installing {requirements.name} into {path}")
     if system_site:  # the pinned lines go into the env even where the node has them: its own NumPy comes first
-        _pip(settings, path, ["install", "--ignore-installed", "--no-deps", *prebuilt, "-r", str(install_from)], on_line)
+        _pip(
+            settings, path, ["install", "--ignore-installed", "--no-deps", *prebuilt, "-r", str(install_from)], on_line
+        )
     _pip(settings, path, ["install", *prebuilt, "-r", str(install_from)], on_line)
     if kind in POST_INSTALL:
         on_line(f"preparing {kind} (first import)")
         code = run_streaming([str(env_python(path)), "-c", POST_INSTALL[kind]], on_line)
         if code != 0:
             raise EnvError(f"the first import of {kind} failed (exit code {code}) in {path}")
-    marker.write_text(json.dumps({
-        "kind": kind, "requirements_sha": _digest(requirements.read_text()),
-        "build_key": _recorded_key(kind, choice), "build": choice.record() if choice else None,
-        "system_site_packages": system_site, "reused": reused,
-    }))  # fmt: skip
+    marker.write_text(
+        json.dumps(
+            {
+                "kind": kind,
+                "requirements_sha": _digest(requirements.read_text()),
+                "build_key": _recorded_key(kind, choice),
+                "build": choice.record() if choice else None,
+                "system_site_packages": system_site,
+                "reused": reused,
+            }
+        )
+    )
     return path
 
 
@@ -160,7 +169,9 @@ def _prebuilt(settings: Settings, path: Path, kind: str, on_line: LineFn) -> tup
     if choice.cuda and not choice.explicit and find_nvcc() is None:  # say so now, not after a CMake error
         raise EnvError('llama_cuda = "on" but no nvcc (PATH, CUDA_HOME, /usr/local/cuda/bin): install the CUDA toolkit')
     try:
-        wheel = build_wheel(env_python(path), requirement, settings.pip_args, on_line, run_streaming, environ_for(choice))
+        wheel = build_wheel(
+            env_python(path), requirement, settings.pip_args, on_line, run_streaming, environ_for(choice)
+        )
     except BuildError as exc:
         raise EnvError(str(exc)) from None
     return choice, [str(wheel)]
@@ -192,11 +203,17 @@ def node_packages(path: Path, names: tuple[str, ...], on_line: LineFn) -> dict[s
     """Which of ``names`` the environment sees from the node's own site-packages (name -> version)."""
     reused = {}
     for name in names:
-        found = subprocess.run([str(env_python(path)), "-I", "-c", _WHERE, name], capture_output=True, text=True, timeout=120)
+        found = subprocess.run(
+            [str(env_python(path)), "-I", "-c", _WHERE, name], capture_output=True, text=True, timeout=120
+        )
         version, _, where = found.stdout.strip().partition("\n")
         if found.returncode == 0 and not Path(where).resolve().is_relative_to(path.resolve()):
             reused[name] = version
-        on_line(f"{name}: the node's {version}, not installed again" if name in reused else f"{name}: not among the node's packages")
+        on_line(
+            f"{name}: the node's {version}, not installed again"
+            if name in reused
+            else f"{name}: not among the node's packages"
+        )
     return reused
 
 
@@ -280,10 +297,16 @@ def check_env(settings: Settings, name: str, kind: str) -> dict[str, Any]:
         [str(python), "-c", _PROBE, kind], capture_output=True, text=True, env=worker_environ(settings), timeout=120
     )
     if result.returncode != 0 or not result.stdout.strip():
-        raise EnvError(f"environment {name!r} is broken: {result.stderr.strip().splitlines()[-1:] or result.returncode}")
+        raise EnvError(
+            f"environment {name!r} is broken: {result.stderr.strip().splitlines()[-1:] or result.returncode}"
+        )
     facts = json.loads(result.stdout.strip().splitlines()[-1])
     stale, recorded = stale_reason(settings, name, kind), read_marker(path) or {}
-    facts.update(env=name, current=stale is None, stale=stale, build=recorded.get("build"), reused=recorded.get("reused") or {})
+    facts.update(
+        env=name, current=stale is None, stale=stale, build=recorded.get("build"), reused=recorded.get("reused") or {}
+    )
     # With system_site_packages the node's NumPy is on sys.path too: the env's own must come first.
-    facts["numpy_own"] = bool(facts["numpy_file"]) and Path(facts["numpy_file"]).resolve().is_relative_to(path.resolve())
+    facts["numpy_own"] = bool(facts["numpy_file"]) and Path(facts["numpy_file"]).resolve().is_relative_to(
+        path.resolve()
+    )
     return facts

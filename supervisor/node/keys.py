@@ -91,7 +91,10 @@ def ensure_local_client_key(settings: Settings) -> None:
     """
     clients = _keys_dir(settings) / "clients"
     assert settings.security.authorized_keys_dir is not None
-    if not (clients / f"{LOCAL_CLIENT}.key_secret").exists() and not (settings.security.authorized_keys_dir / f"{LOCAL_CLIENT}.key").exists():
+    if (
+        not (clients / f"{LOCAL_CLIENT}.key_secret").exists()
+        and not (settings.security.authorized_keys_dir / f"{LOCAL_CLIENT}.key").exists()
+    ):
         new_client_key(settings, LOCAL_CLIENT)
 
 
@@ -125,7 +128,9 @@ def authorize(settings: Settings, name: str, public_key: str | bytes) -> Path:
     if path.exists():
         if authorized_keys(directory).get(name) == key:
             return path
-        raise KeysError(f"{name!r} is already authorized with another key ({path}); remove it first: node-supervisor keys remove {name}")
+        raise KeysError(
+            f"{name!r} is already authorized with another key ({path}); remove it first: node-supervisor keys remove {name}"
+        )
     if key in authorized_public_keys(directory):
         raise KeysError(f"this key is already authorized under another name: {path.parent}")
     _create(path, _certificate(key, None), 0o644)
@@ -169,10 +174,16 @@ def local_curve(settings: Settings, endpoint: str | None) -> CurveKeys | None:
         return None
     security = settings.security
     assert security.server_key_file is not None and security.client_key_file is not None
-    server_public = _load_public(security.server_key_file, "security.server_key_file",
-                                 "the daemon writes it when it first serves a tcp endpoint; on another machine or user, copy the daemon's server.key there")  # fmt: skip
-    public, secret = _load_pair(security.client_key_file, "security.client_key_file",
-                                "; the daemon makes this node's own pair when it first serves a tcp endpoint, `node-supervisor keys new NAME` makes others")  # fmt: skip
+    server_public = _load_public(
+        security.server_key_file,
+        "security.server_key_file",
+        "the daemon writes it when it first serves a tcp endpoint; on another machine or user, copy the daemon's server.key there",
+    )
+    public, secret = _load_pair(
+        security.client_key_file,
+        "security.client_key_file",
+        "; the daemon makes this node's own pair when it first serves a tcp endpoint, `node-supervisor keys new NAME` makes others",
+    )
     return CurveKeys(server_public, public, secret)
 
 

@@ -18,7 +18,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..engine import EmitFn, EngineUnavailable, GenerateRequest, GenerateResult, ModelError, OutOfGpuMemory, ProgressFn, RequestError, StopFn
+from ..engine import (
+    EmitFn,
+    EngineUnavailable,
+    GenerateRequest,
+    GenerateResult,
+    ModelError,
+    OutOfGpuMemory,
+    ProgressFn,
+    RequestError,
+    StopFn,
+)
 from ..protocol import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, ErrorCode
 
 
@@ -33,7 +43,9 @@ except Exception as exc:  # a broken or missing torch
     raise EngineUnavailable(f"torch failed to import: {_one_line(exc)}") from None
 
 if not torch.cuda.is_available():
-    _cpu_build = " (a CPU-only build: this environment needs a CUDA build of torch)" if torch.version.cuda is None else ""
+    _cpu_build = (
+        " (a CPU-only build: this environment needs a CUDA build of torch)" if torch.version.cuda is None else ""
+    )
     raise EngineUnavailable(f"no CUDA: torch {torch.__version__} sees no CUDA device{_cpu_build}")
 
 try:
@@ -95,7 +107,9 @@ class ExLlamaV2Engine:
             raise ModelError(f"not an EXL2 model directory (no config.json): {model_dir}")
         options = dict(spec.get("options") or {})
         # The option names ExLlamaV2's own type; the spec's (the plan's) uses llama.cpp's names.
-        cache_type = str(options.get("cache_type") or {"q8_0": "q8", "q4_0": "q4"}.get(spec.get("cache_type") or "", "fp16"))
+        cache_type = str(
+            options.get("cache_type") or {"q8_0": "q8", "q4_0": "q4"}.get(spec.get("cache_type") or "", "fp16")
+        )
         if cache_type not in CACHE_TYPES:
             raise ModelError(f"cache_type {cache_type!r} is not one of {', '.join(CACHE_TYPES)}")
         # Round up to whole cache pages rather than refuse an n_ctx like 2000.
@@ -161,7 +175,9 @@ class ExLlamaV2Engine:
         if request.messages is None:
             return tokenizer.encode(request.prompt or "", add_bos=True, encode_special_tokens=True)
         if self._chat_template is None:
-            raise RequestError(ErrorCode.INVALID_REQUEST, f"{self._no_template_reason}; send a prompt instead of messages")
+            raise RequestError(
+                ErrorCode.INVALID_REQUEST, f"{self._no_template_reason}; send a prompt instead of messages"
+            )
         try:
             text = self._chat_template.render(
                 messages=request.messages,
@@ -214,7 +230,9 @@ class ExLlamaV2Engine:
             raise
         # job.new_tokens counts sampled tokens, held-back text (a partial stop
         # string) included; it is -1 only before a token-healing first token.
-        return GenerateResult(finish_reason=finish, prompt_tokens=prompt_tokens, completion_tokens=max(job.new_tokens, 0))
+        return GenerateResult(
+            finish_reason=finish, prompt_tokens=prompt_tokens, completion_tokens=max(job.new_tokens, 0)
+        )
 
 
 def _stream(generator: Any, job: Any, emit: EmitFn, should_stop: StopFn) -> str:

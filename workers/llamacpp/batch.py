@@ -66,12 +66,23 @@ class SequenceBatch:
 
     # --- requests ---------------------------------------------------------------------
 
-    def begin(self, request_id: str, prompt: list[int], sampler: Any, text: TextAssembler, emit: EmitFn, max_tokens: int, stop_at_eog: bool) -> None:
+    def begin(
+        self,
+        request_id: str,
+        prompt: list[int],
+        sampler: Any,
+        text: TextAssembler,
+        emit: EmitFn,
+        max_tokens: int,
+        stop_at_eog: bool,
+    ) -> None:
         seq_id = min(self._free_ids)  # the lowest: running ids stay consecutive where they can (see _fill)
         self._free_ids.remove(seq_id)
         self._c.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
         budget = min(max_tokens, self.n_ctx_seq - len(prompt))
-        self._running[request_id] = _Sequence(seq_id, list(prompt), len(prompt), sampler, text, emit, budget, stop_at_eog)
+        self._running[request_id] = _Sequence(
+            seq_id, list(prompt), len(prompt), sampler, text, emit, budget, stop_at_eog
+        )
 
     def end(self, request_id: str, finish: str = FINISH_CANCELLED) -> GenerateResult:
         """Take a request out (ended or stopped): its text held back is sent, its slot freed."""
@@ -82,7 +93,9 @@ class SequenceBatch:
         self._loop.free(sequence.sampler)
         self._c.llama_memory_seq_rm(self._memory, sequence.seq_id, -1, -1)
         self._free_ids.append(sequence.seq_id)
-        return GenerateResult(finish_reason=finish, prompt_tokens=sequence.prompt_tokens, completion_tokens=sequence.generated)
+        return GenerateResult(
+            finish_reason=finish, prompt_tokens=sequence.prompt_tokens, completion_tokens=sequence.generated
+        )
 
     # --- one step ----------------------------------------------------------------------
 

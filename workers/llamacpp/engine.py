@@ -15,7 +15,17 @@ import os
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..engine import EmitFn, EngineUnavailable, GenerateRequest, GenerateResult, ModelError, OutOfGpuMemory, ProgressFn, RequestError, StopFn
+from ..engine import (
+    EmitFn,
+    EngineUnavailable,
+    GenerateRequest,
+    GenerateResult,
+    ModelError,
+    OutOfGpuMemory,
+    ProgressFn,
+    RequestError,
+    StopFn,
+)
 from ..protocol import ErrorCode
 from .log import LlamaLog, python_prints
 from .loop import TokenLoop
@@ -57,7 +67,11 @@ def build_facts() -> dict[str, Any]:
 
 def _cache_kwargs(cache_type: str) -> dict[str, Any]:
     """Llama() arguments for a KV cache type (a quantized V cache needs flash attention: settings.py)."""
-    ggml_type = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}.get(cache_type)
+    ggml_type = {
+        "f16": llama_cpp.GGML_TYPE_F16,
+        "q8_0": llama_cpp.GGML_TYPE_Q8_0,
+        "q4_0": llama_cpp.GGML_TYPE_Q4_0,
+    }.get(cache_type)
     if ggml_type is None:
         raise ModelError(f"cache_type {cache_type!r} is not one of f16, q8_0, q4_0")
     return {} if cache_type == "f16" else {"type_k": ggml_type, "type_v": ggml_type}
@@ -105,7 +119,11 @@ class LlamaCppEngine:
         progress(0.0, f"loading {model_path.name}")
         _LOG.quiet, _LOG.offloaded, _LOG.out_of_memory, _LOG.flash_attn = False, None, None, None
         try:
-            with load_progress(llama_cpp, progress), python_prints(), context_params(llama_cpp, flash_attn_type=settings.flash_attn, **several):
+            with (
+                load_progress(llama_cpp, progress),
+                python_prints(),
+                context_params(llama_cpp, flash_attn_type=settings.flash_attn, **several),
+            ):
                 self._llm = llama_cpp.Llama(**kwargs)
         except ValueError as exc:  # llama-cpp-python's way of saying "could not load"
             if _LOG.out_of_memory:
@@ -117,7 +135,9 @@ class LlamaCppEngine:
         llm = self._llm
         self._loop = TokenLoop(llama_cpp, llm.model, llm.ctx, llama_cpp.llama_n_batch(llm.ctx))
         if self.slots > 1:
-            self._batch = SequenceBatch(llama_cpp, llm.model, llm.ctx, self.slots, llama_cpp.llama_n_batch(llm.ctx), self._loop)
+            self._batch = SequenceBatch(
+                llama_cpp, llm.model, llm.ctx, self.slots, llama_cpp.llama_n_batch(llm.ctx), self._loop
+            )
         self._chat_formatter = self._make_chat_formatter(spec.get("chat_format"))
         progress(1.0, "loaded")
         return {**self._facts(model_path, n_gpu_layers), **self._in_force(settings)}
@@ -136,7 +156,9 @@ class LlamaCppEngine:
             "n_gpu_layers": n_gpu_layers,
             # layers offloaded / layers (the output layer counts as one more)
             "offloaded_layers": _LOG.offloaded[0] if _LOG.offloaded else 0,
-            "offloadable_layers": _LOG.offloaded[1] if _LOG.offloaded else llama_cpp.llama_model_n_layer(llm._model.model) + 1,
+            "offloadable_layers": _LOG.offloaded[1]
+            if _LOG.offloaded
+            else llama_cpp.llama_model_n_layer(llm._model.model) + 1,
             "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
             "devices": backend_devices(Path(llama_cpp.__file__).parent / "lib"),
         }
@@ -145,8 +167,13 @@ class LlamaCppEngine:
         """The threads, batch sizes and flash attention the context runs with, read back from llama.cpp."""
         ctx = self._llm.ctx
         flash_attn = _LOG.flash_attn if _LOG.flash_attn is not None else asked.flash_attn == FLASH_ATTN_ENABLED
-        return {"n_threads": llama_cpp.llama_n_threads(ctx), "n_threads_batch": llama_cpp.llama_n_threads_batch(ctx),
-                "n_batch": llama_cpp.llama_n_batch(ctx), "n_ubatch": llama_cpp.llama_n_ubatch(ctx), "flash_attn": flash_attn}  # fmt: skip
+        return {
+            "n_threads": llama_cpp.llama_n_threads(ctx),
+            "n_threads_batch": llama_cpp.llama_n_threads_batch(ctx),
+            "n_batch": llama_cpp.llama_n_batch(ctx),
+            "n_ubatch": llama_cpp.llama_n_ubatch(ctx),
+            "flash_attn": flash_attn,
+        }
 
     def _make_chat_formatter(self, chat_format: str | None) -> "ChatFormatter | None":
         """How chat messages become a prompt, in order of preference:
@@ -193,14 +220,18 @@ class LlamaCppEngine:
         """The request's prompt tokens (checked against one request's context), text assembler and sampler chain."""
         tokens, chat_stop = self._prompt_tokens(request)
         if not tokens:  # an empty prompt to a model that adds no start token: no logits to sample from
-            raise RequestError(ErrorCode.INVALID_REQUEST, "the prompt is empty and this model adds no start token to continue from")
+            raise RequestError(
+                ErrorCode.INVALID_REQUEST, "the prompt is empty and this model adds no start token to continue from"
+            )
         n_ctx = llama_cpp.llama_n_ctx_seq(self._llm.ctx)
         if len(tokens) >= n_ctx:
             raise RequestError(ErrorCode.CONTEXT_OVERFLOW, f"prompt is {len(tokens)} tokens; the context holds {n_ctx}")
         # Same seeding rule as create_completion: an explicit seed, else a fresh one.
         seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(4), "little")
         assert self._loop is not None, "generate before load"
-        sampler = self._loop.sampler(request.temperature, request.top_p, request.top_k, seed, ban_eog=request.ignore_eos)
+        sampler = self._loop.sampler(
+            request.temperature, request.top_p, request.top_k, seed, ban_eog=request.ignore_eos
+        )
         return tokens, TextAssembler(list(request.stop) + chat_stop), sampler
 
     # --- several requests at once (parallel > 1) ---------------------------------------------

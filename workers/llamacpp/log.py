@@ -26,11 +26,18 @@ python_log = logging.getLogger("llama_cpp")  # llama-cpp-python's own prints whi
 # ggml_log_level (ggml.h): NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continues the previous line).
 # llama-cpp-python's own table predates DEBUG and shifts them all by one.
 LEVEL_DEBUG, LEVEL_INFO, LEVEL_WARN, LEVEL_ERROR, LEVEL_CONT = 1, 2, 3, 4, 5
-_LOGGING_LEVELS = {LEVEL_DEBUG: logging.DEBUG, LEVEL_INFO: logging.INFO, LEVEL_WARN: logging.WARNING, LEVEL_ERROR: logging.ERROR}
+_LOGGING_LEVELS = {
+    LEVEL_DEBUG: logging.DEBUG,
+    LEVEL_INFO: logging.INFO,
+    LEVEL_WARN: logging.WARNING,
+    LEVEL_ERROR: logging.ERROR,
+}
 
 # INFO lines of these families are detail (the metadata dump, print_info's
 # hyper-parameters, the vocabulary, KV cache and scheduler internals) ...
-DETAIL = re.compile(r"^(llama_model_loader: (- |Dumping)|print_info: |load: |llama_context: |llama_kv_cache(_iswa)?: |sched_reserve: |graph_reserve: |resolve_fused_ops: )")
+DETAIL = re.compile(
+    r"^(llama_model_loader: (- |Dumping)|print_info: |load: |llama_context: |llama_kv_cache(_iswa)?: |sched_reserve: |graph_reserve: |resolve_fused_ops: )"
+)
 # ... unless they are one of the summary lines an operator reads at info.
 SUMMARY = re.compile(
     r"buffer size|offload"
@@ -151,4 +158,3 @@ class _LineSink(io.TextIOBase):
         if line.strip():
             failed = re.search(r"\b(fail|error)", line, re.IGNORECASE) is not None
             python_log.log(logging.WARNING if failed else logging.DEBUG, "%s", line.rstrip())
-

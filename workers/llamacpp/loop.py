@@ -68,8 +68,13 @@ class TokenLoop:
         if temperature == 0:
             links.append(c.llama_sampler_init_greedy())
         else:
-            links += [c.llama_sampler_init_top_k(top_k), c.llama_sampler_init_top_p(top_p, 1), c.llama_sampler_init_min_p(MIN_P, 1),
-                      c.llama_sampler_init_temp(temperature), c.llama_sampler_init_dist(seed)]  # fmt: skip
+            links += [
+                c.llama_sampler_init_top_k(top_k),
+                c.llama_sampler_init_top_p(top_p, 1),
+                c.llama_sampler_init_min_p(MIN_P, 1),
+                c.llama_sampler_init_temp(temperature),
+                c.llama_sampler_init_dist(seed),
+            ]
         for link in links:
             c.llama_sampler_chain_add(chain, link)  # the chain owns it from here
         return chain
@@ -87,7 +92,15 @@ class TokenLoop:
             self._decode(self._c.llama_batch_get_one(array, len(chunk)))
             self._held += chunk
 
-    def run(self, sampler: Any, budget: int, stop_at_eog: bool, should_stop: Callable[[], bool], text: TextAssembler, emit: Any) -> tuple[int, str]:
+    def run(
+        self,
+        sampler: Any,
+        budget: int,
+        stop_at_eog: bool,
+        should_stop: Callable[[], bool],
+        text: TextAssembler,
+        emit: Any,
+    ) -> tuple[int, str]:
         """Sample, check, emit, decode, token by token: (tokens generated, finish reason).
 
         A token ends the request before it is counted when ``should_stop()``
@@ -96,8 +109,21 @@ class TokenLoop:
         ``budget``-th.  The last token is never decoded: nothing reads its logits.
         """
         c = self._c
-        sample, decode, to_piece, is_eog = c.llama_sampler_sample, c.llama_decode, c.llama_token_to_piece, c.llama_vocab_is_eog
-        ctx, vocab, buffer, size, one, batch, held = self._ctx, self._vocab, self._piece, len(self._piece), self._one, self._one_batch, self._held
+        sample, decode, to_piece, is_eog = (
+            c.llama_sampler_sample,
+            c.llama_decode,
+            c.llama_token_to_piece,
+            c.llama_vocab_is_eog,
+        )
+        ctx, vocab, buffer, size, one, batch, held = (
+            self._ctx,
+            self._vocab,
+            self._piece,
+            len(self._piece),
+            self._one,
+            self._one_batch,
+            self._held,
+        )
         feed, take_tokens = text.feed, text.take_tokens
         generated = 0
         while True:

@@ -37,8 +37,15 @@ def backend_devices(lib_dir: Path) -> list[dict[str, Any]]:
         dev, free, total = ggml.ggml_backend_dev_get(index), size(0), size(0)
         base.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
         kind = {0: "cpu", 1: "gpu", 2: "accel"}.get(base.ggml_backend_dev_type(dev), "other")
-        devices.append({"name": base.ggml_backend_dev_name(dev).decode(), "description": base.ggml_backend_dev_description(dev).decode(),
-                        "type": kind, "free_bytes": free.value, "total_bytes": total.value})  # fmt: skip
+        devices.append(
+            {
+                "name": base.ggml_backend_dev_name(dev).decode(),
+                "description": base.ggml_backend_dev_description(dev).decode(),
+                "type": kind,
+                "free_bytes": free.value,
+                "total_bytes": total.value,
+            }
+        )
     return devices
 
 

@@ -37,7 +37,12 @@ class LoadSettings:
 
     def llama_kwargs(self) -> dict[str, Any]:
         """Llama() keyword arguments (flash attention goes to the context parameters instead: see native.py)."""
-        return {"n_threads": self.n_threads, "n_threads_batch": self.n_threads_batch, "n_batch": self.n_batch, "n_ubatch": self.n_ubatch}
+        return {
+            "n_threads": self.n_threads,
+            "n_threads_batch": self.n_threads_batch,
+            "n_batch": self.n_batch,
+            "n_ubatch": self.n_ubatch,
+        }
 
 
 def choose(spec: dict[str, Any], options: dict[str, Any], layers_on_gpu: bool, quantized_cache: bool) -> LoadSettings:

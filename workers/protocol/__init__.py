@@ -56,6 +56,7 @@ DEFAULT_TOP_K = 40
 
 # --- error codes (client-facing; docs/PROTOCOL.md lists each) ---------------
 
+
 class ErrorCode:
     """Every error code the daemon sends to clients."""
 
@@ -71,7 +72,9 @@ class ErrorCode:
     ENGINE_UNAVAILABLE = "engine_unavailable"  # the engine cannot serve (failed, unavailable)
     NO_ENGINE = "no_engine_available"  # no configured engine can serve at all
     BUSY = "busy"  # the engine's queue is full
-    BUDGET_EXHAUSTED = "budget_exhausted"  # the engine spent its daily_budget today; unpinned requests go to the next engine
+    BUDGET_EXHAUSTED = (
+        "budget_exhausted"  # the engine spent its daily_budget today; unpinned requests go to the next engine
+    )
     DEADLINE = "deadline_exceeded"  # deadline_ms passed before the request finished
     ENGINE_FAILED = "engine_failed"  # the worker died or failed during the request
     CONTEXT_OVERFLOW = "context_overflow"  # the prompt does not fit the context window
@@ -127,6 +130,7 @@ def worker_routing_id(worker_id: str, secret: str | None) -> str:
 
 
 # --- worker exit codes (protocol: they decide whether a restart can help) ---
+
 
 class ExitCode:
     """Every process exit code of the project, from sysexits.h where one fits.

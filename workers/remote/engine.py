@@ -27,7 +27,16 @@ import platform
 import ssl
 from typing import Any
 
-from ..engine import EmitFn, EngineFailed, EngineUnavailable, GenerateRequest, GenerateResult, ModelError, ProgressFn, StopFn
+from ..engine import (
+    EmitFn,
+    EngineFailed,
+    EngineUnavailable,
+    GenerateRequest,
+    GenerateResult,
+    ModelError,
+    ProgressFn,
+    StopFn,
+)
 from .http import DONE, Upstream, describe, events
 from ..protocol import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP
 
@@ -59,8 +68,13 @@ class OpenAIRemoteEngine:
         listed = self._models()
         self.model = _choose(config.get("model"), listed, self.upstream.base_url)
         progress(1.0, f"{self.model} at {self.upstream.base_url}")
-        return {"model": self.model, "model_name": self.model, "upstream": self.upstream.base_url,
-                "upstream_models": listed[:MAX_LISTED], "upstream_model_count": len(listed)}  # fmt: skip
+        return {
+            "model": self.model,
+            "model_name": self.model,
+            "upstream": self.upstream.base_url,
+            "upstream_models": listed[:MAX_LISTED],
+            "upstream_model_count": len(listed),
+        }
 
     def _models(self) -> list[str]:
         """GET /models: the ids the upstream serves.  Its answer is the load's health check."""
@@ -75,11 +89,15 @@ class OpenAIRemoteEngine:
             raise EngineFailed(f"GET {upstream.base_url}/models: {describe(exc, upstream.read_timeout_s)}") from None
         except ValueError:
             upstream.close()
-            raise ModelError(f"{upstream.base_url}/models did not answer JSON: is base_url the API root (often ending in /v1)?") from None
+            raise ModelError(
+                f"{upstream.base_url}/models did not answer JSON: is base_url the API root (often ending in /v1)?"
+            ) from None
         upstream.finished(response)
         data = body.get("data") if isinstance(body, dict) else None
         if not isinstance(data, list):
-            raise ModelError(f"{upstream.base_url}/models did not answer a model list: is base_url the API root (often ending in /v1)?")
+            raise ModelError(
+                f"{upstream.base_url}/models did not answer a model list: is base_url the API root (often ending in /v1)?"
+            )
         return [str(entry["id"]) for entry in data if isinstance(entry, dict) and entry.get("id")]
 
     def generate(self, request: GenerateRequest, emit: EmitFn, should_stop: StopFn) -> GenerateResult:
@@ -93,12 +111,16 @@ class OpenAIRemoteEngine:
             return self._relay(response, chat, emit, should_stop)
         except (OSError, http.client.HTTPException) as exc:
             upstream.close()
-            raise EngineFailed(f"upstream connection lost in the middle of an answer: {describe(exc, upstream.read_timeout_s)}") from None
+            raise EngineFailed(
+                f"upstream connection lost in the middle of an answer: {describe(exc, upstream.read_timeout_s)}"
+            ) from None
         except BaseException:
             upstream.close()
             raise
 
-    def _relay(self, response: http.client.HTTPResponse, chat: bool, emit: EmitFn, should_stop: StopFn) -> GenerateResult:
+    def _relay(
+        self, response: http.client.HTTPResponse, chat: bool, emit: EmitFn, should_stop: StopFn
+    ) -> GenerateResult:
         """Each text delta of the stream out as it arrives (one token each), until ``[DONE]``.
 
         The usage of the stream's last chunk (``include_usage``) gives the
@@ -133,8 +155,14 @@ class OpenAIRemoteEngine:
         raise EngineFailed(f"upstream's stream ended without [DONE] after {sent} tokens")
 
     def _body(self, request: GenerateRequest) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": self.model, "stream": True, "stream_options": {"include_usage": True},
-                                "max_tokens": request.max_tokens, "temperature": request.temperature, "top_p": request.top_p}  # fmt: skip
+        body: dict[str, Any] = {
+            "model": self.model,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_tokens": request.max_tokens,
+            "temperature": request.temperature,
+            "top_p": request.top_p,
+        }
         if request.messages is not None:
             body["messages"] = request.messages
         else:
@@ -161,7 +189,9 @@ def _api_key(variable: str | None) -> str | None:
         return None
     key = os.environ.get(variable, "").strip()
     if not key:
-        raise EngineUnavailable(f"upstream.api_key_env names {variable}, which is unset or empty in the daemon's environment")
+        raise EngineUnavailable(
+            f"upstream.api_key_env names {variable}, which is unset or empty in the daemon's environment"
+        )
     return key
 
 
@@ -177,7 +207,9 @@ def _choose(configured: str | None, listed: list[str], base_url: str) -> str:
         return listed[0]
     if configured in listed or f"{configured}:latest" in listed:
         return configured
-    raise ModelError(f"{base_url} does not list model {configured!r}; it lists: {', '.join(listed[:MAX_LISTED]) or 'none'}")
+    raise ModelError(
+        f"{base_url} does not list model {configured!r}; it lists: {', '.join(listed[:MAX_LISTED]) or 'none'}"
+    )
 
 
 def _result(finish: str, usage: dict[str, Any], sent: int) -> GenerateResult:

@@ -74,19 +74,28 @@ class Upstream:
             except (OSError, http.client.HTTPException) as exc:
                 self.close()
                 if not (reused and isinstance(exc, STALE_CONNECTION)):
-                    raise EngineFailed(f"{method} {self.base_url}{path}: {describe(exc, self.read_timeout_s)}") from None
+                    raise EngineFailed(
+                        f"{method} {self.base_url}{path}: {describe(exc, self.read_timeout_s)}"
+                    ) from None
 
-    def _exchange(self, method: str, path: str, payload: bytes | None, headers: dict[str, str]) -> http.client.HTTPResponse:
+    def _exchange(
+        self, method: str, path: str, payload: bytes | None, headers: dict[str, str]
+    ) -> http.client.HTTPResponse:
         if self._connection is None:
             if self.secure:
                 connection: http.client.HTTPConnection = http.client.HTTPSConnection(
-                    self.host, self.port, timeout=self.connect_timeout_s, context=ssl.create_default_context())
+                    self.host, self.port, timeout=self.connect_timeout_s, context=ssl.create_default_context()
+                )
             else:
                 connection = http.client.HTTPConnection(self.host, self.port, timeout=self.connect_timeout_s)
             try:
                 connection.connect()
             except OSError as exc:  # refused, no route, no answer, TLS: the upstream is unreachable
-                reason = f"no connection within {self.connect_timeout_s:g} s" if isinstance(exc, TimeoutError) else describe(exc, 0)
+                reason = (
+                    f"no connection within {self.connect_timeout_s:g} s"
+                    if isinstance(exc, TimeoutError)
+                    else describe(exc, 0)
+                )
                 raise Unreachable(f"cannot connect to {self.host}:{self.port}: {reason}") from None
             assert connection.sock is not None
             connection.sock.settimeout(self.read_timeout_s)  # from now on: the longest wait for the next bytes
@@ -135,7 +144,11 @@ class Upstream:
         if not content_type.startswith("text/event-stream"):
             body = _read_some(response)
             self.close()
-            raise EngineFailed(self.redact(f"upstream answered {content_type}, not an event stream: {_error_text(_error_object(body), body)}"))
+            raise EngineFailed(
+                self.redact(
+                    f"upstream answered {content_type}, not an event stream: {_error_text(_error_object(body), body)}"
+                )
+            )
 
     def in_band_error(self, error: Any) -> Exception:
         """An error the upstream sent as an event of the stream (after its status line said 200)."""

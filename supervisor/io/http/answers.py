@@ -33,14 +33,27 @@ class Answer:
     """How one request is answered: its completion id, the `model` it names, chat or completions."""
 
     def __init__(self, kind: str, request_id: str, model: str, created: int, include_usage: bool) -> None:
-        self.kind, self.request_id, self.model, self.created, self.include_usage = kind, request_id, model, created, include_usage
+        self.kind, self.request_id, self.model, self.created, self.include_usage = (
+            kind,
+            request_id,
+            model,
+            created,
+            include_usage,
+        )
         self.event_prefix = p.token_event_prefix(request_id)
         self._object = "chat.completion" if kind == CHAT else "text_completion"
         chunk_object = "chat.completion.chunk" if kind == CHAT else "text_completion"
         head = b'data: {"id":%s,"object":"%s","created":%d,"model":%s,"choices":[{"index":0,' % (
-            p.encode_string(request_id), chunk_object.encode(), created, p.encode_string(model))
+            p.encode_string(request_id),
+            chunk_object.encode(),
+            created,
+            p.encode_string(model),
+        )
         if kind == CHAT:
-            self._token_head, self._token_tail = head + b'"delta":{"content":', b'},"logprobs":null,"finish_reason":null}]}\n\n'
+            self._token_head, self._token_tail = (
+                head + b'"delta":{"content":',
+                b'},"logprobs":null,"finish_reason":null}]}\n\n',
+            )
         else:
             self._token_head, self._token_tail = head + b'"text":', b',"logprobs":null,"finish_reason":null}]}\n\n'
 
@@ -52,7 +65,11 @@ class Answer:
         """Before the first token: chat streams name the role first, as OpenAI's do."""
         if self.kind != CHAT:
             return b""
-        return _sse(self._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]))
+        return _sse(
+            self._chunk(
+                [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
+            )
+        )
 
     def closing(self, done: dict[str, Any]) -> bytes:
         """After the last token: the finish reason, the usage when asked for, ``[DONE]``."""
@@ -68,11 +85,22 @@ class Answer:
         """The answer of a request that did not stream: the protocol's done event with its ``text``."""
         text, reason = done.get("text", ""), done.get("finish_reason")
         if self.kind == CHAT:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": reason,
+            }
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
-        return {"id": self.request_id, "object": self._object, "created": self.created, "model": self.model,
-                "choices": [choice], "usage": usage(done)}  # fmt: skip
+        return {
+            "id": self.request_id,
+            "object": self._object,
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            "usage": usage(done),
+        }
 
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         kind = "chat.completion.chunk" if self.kind == CHAT else "text_completion"

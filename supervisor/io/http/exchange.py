@@ -23,7 +23,11 @@ from .openai import ApiError, error_from_event
 
 # Events waiting for a reader that does not keep up: beyond this the client counts as gone (as SNDHWM for ZeroMQ clients).
 BACKLOG_LIMIT = 100_000
-SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
 JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
@@ -167,7 +171,9 @@ async def _watch_disconnect(receive: Any, exchange: Exchange) -> None:
     exchange.disconnected()
 
 
-async def send_json(send: Any, status: int, payload: dict[str, Any], headers: list[tuple[bytes, bytes]] | None = None) -> None:
+async def send_json(
+    send: Any, status: int, payload: dict[str, Any], headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
     body = json_body(payload)
     start_headers = [*JSON_HEADERS, (b"content-length", str(len(body)).encode()), *(headers or [])]
     await send({"type": "http.response.start", "status": status, "headers": start_headers})

@@ -60,8 +60,14 @@ def json_response(payload: dict[str, Any], status: int = 200) -> Response:
 class OpenAIRoutes:
     """The endpoints: completions, chat completions, models, liveness and readiness."""
 
-    def __init__(self, front: ClientFront, engines: Callable[[], dict[str, EngineConfig]], keys: frozenset[bytes],
-                 max_tokens_limit: int, max_body_bytes: int) -> None:  # fmt: skip
+    def __init__(
+        self,
+        front: ClientFront,
+        engines: Callable[[], dict[str, EngineConfig]],
+        keys: frozenset[bytes],
+        max_tokens_limit: int,
+        max_body_bytes: int,
+    ) -> None:
         self.front, self.engines, self.keys = front, engines, keys
         self.max_tokens_limit, self.max_body_bytes = max_tokens_limit, max_body_bytes
         self.created = int(time.time())
@@ -138,7 +144,9 @@ class OpenAIRoutes:
                 if size <= self.max_body_bytes:
                     chunks.append(chunk)
         if size > self.max_body_bytes:
-            raise bad_request(None, f"the body is over {self.max_body_bytes} bytes (max_message_bytes)", ErrorCode.TOO_LARGE)
+            raise bad_request(
+                None, f"the body is over {self.max_body_bytes} bytes (max_message_bytes)", ErrorCode.TOO_LARGE
+            )
         try:
             return p.decode(b"".join(chunks))
         except p.DecodeError as exc:
@@ -176,7 +184,10 @@ class OpenAIRoutes:
         if status.get("event") != p.EVENT_STATUS:
             return json_response({"ready": False, "reason": status.get("message")}, 503)
         detail = self._authorized(request)  # reasons may name paths: only for those who hold a key
-        engines = [{"name": e["name"], "state": e["state"], **({"reason": e["reason"]} if detail else {})} for e in status["engines"]]
+        engines = [
+            {"name": e["name"], "state": e["state"], **({"reason": e["reason"]} if detail else {})}
+            for e in status["engines"]
+        ]
         stopping = status["daemon"]["stopping"]
         ready = not stopping and any(e["state"] == "ready" for e in engines)
         body: dict[str, Any] = {"ready": ready, "engines": engines}
@@ -220,7 +231,9 @@ def bind_listener(listen: str) -> socket.socket:
     """The listening socket, bound before the loop runs, so a taken port fails start-up with one line."""
     host, port = split_listen(listen)
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
         sock = socket.socket(family, kind, proto)
     except OSError as exc:
         raise BindError(f"http.listen: cannot bind {listen}: {exc.strerror or exc}") from None
@@ -239,17 +252,28 @@ def bind_listener(listen: str) -> socket.socket:
 class HttpFront:
     """The server's life: bound at construction, served by :meth:`start`, stopped in the daemon's shutdown."""
 
-    def __init__(self, config: HttpConfig, routes: OpenAIRoutes, grace_s: float, extra_routes: Sequence[BaseRoute] = ()) -> None:
+    def __init__(
+        self, config: HttpConfig, routes: OpenAIRoutes, grace_s: float, extra_routes: Sequence[BaseRoute] = ()
+    ) -> None:
         assert config.listen is not None
         self.sock = bind_listener(config.listen)
         host, port = self.sock.getsockname()[:2]
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.keys_required = bool(routes.keys)
         self.app = build_app([*routes.routes(), *extra_routes])
-        self.server = _Server(uvicorn.Config(
-            self.app, http="auto", ws="none", lifespan="off", log_config=None, access_log=False, proxy_headers=False,
-            server_header=False, timeout_graceful_shutdown=int(grace_s + STOP_MARGIN_S) + 1,
-        ))  # fmt: skip
+        self.server = _Server(
+            uvicorn.Config(
+                self.app,
+                http="auto",
+                ws="none",
+                lifespan="off",
+                log_config=None,
+                access_log=False,
+                proxy_headers=False,
+                server_header=False,
+                timeout_graceful_shutdown=int(grace_s + STOP_MARGIN_S) + 1,
+            )
+        )
         self._task: asyncio.Task[None] | None = None
         # Its info lines speak of its own command line ("CTRL+C to force quit"); errors and warnings still reach the log.
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)

@@ -29,25 +29,54 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; cha
 PASSED = ("temperature", "top_p", "seed", "stop", "top_k", "ignore_eos", "deadline_ms")
 # Known to OpenAI's API and refused unless null or one of these values (which change nothing).
 REFUSED_UNLESS: dict[str, tuple[Any, ...]] = {
-    "n": (1,), "best_of": (1,), "logprobs": (False,), "top_logprobs": (), "echo": (False,), "suffix": (),
-    "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "tools": ([],), "tool_choice": ("none",),
-    "functions": ([],), "function_call": ("none",), "parallel_tool_calls": (), "response_format": ({"type": "text"},),
-    "modalities": (["text"],), "audio": (), "prediction": (), "web_search_options": (), "reasoning_effort": (),
-}  # fmt: skip
+    "n": (1,),
+    "best_of": (1,),
+    "logprobs": (False,),
+    "top_logprobs": (),
+    "echo": (False,),
+    "suffix": (),
+    "presence_penalty": (0,),
+    "frequency_penalty": (0,),
+    "logit_bias": ({},),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "functions": ([],),
+    "function_call": ("none",),
+    "parallel_tool_calls": (),
+    "response_format": ({"type": "text"},),
+    "modalities": (["text"],),
+    "audio": (),
+    "prediction": (),
+    "web_search_options": (),
+    "reasoning_effort": (),
+}
 COMMON = frozenset({"model", "max_tokens", "stream", "stream_options", "user", *PASSED})
 FIELDS = {
     CHAT: COMMON | {"messages", "max_completion_tokens"} | (REFUSED_UNLESS.keys() - {"best_of", "echo", "suffix"}),
-    COMPLETIONS: COMMON | {"prompt", "n", "best_of", "logprobs", "echo", "suffix", "presence_penalty", "frequency_penalty", "logit_bias"},
+    COMPLETIONS: COMMON
+    | {"prompt", "n", "best_of", "logprobs", "echo", "suffix", "presence_penalty", "frequency_penalty", "logit_bias"},
 }
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 # The daemon's error codes as HTTP statuses, as OpenAI's API uses them.
 STATUS = {
-    ErrorCode.INVALID_REQUEST: 400, ErrorCode.MALFORMED: 400, ErrorCode.TOO_LARGE: 400, ErrorCode.UNKNOWN_OP: 400,
-    ErrorCode.DUPLICATE_ID: 400, ErrorCode.CONTEXT_OVERFLOW: 400, ErrorCode.UNKNOWN_ENGINE: 404, ErrorCode.BUSY: 429,
-    ErrorCode.NO_ENGINE: 503, ErrorCode.ENGINE_UNAVAILABLE: 503, ErrorCode.MODEL_NOT_FOUND: 503, ErrorCode.MODEL_LOAD_FAILED: 503,
-    ErrorCode.SHUTTING_DOWN: 503, ErrorCode.ENGINE_FAILED: 503, ErrorCode.DEADLINE: 504, ErrorCode.INTERNAL: 500,
-}  # fmt: skip
+    ErrorCode.INVALID_REQUEST: 400,
+    ErrorCode.MALFORMED: 400,
+    ErrorCode.TOO_LARGE: 400,
+    ErrorCode.UNKNOWN_OP: 400,
+    ErrorCode.DUPLICATE_ID: 400,
+    ErrorCode.CONTEXT_OVERFLOW: 400,
+    ErrorCode.UNKNOWN_ENGINE: 404,
+    ErrorCode.BUSY: 429,
+    ErrorCode.NO_ENGINE: 503,
+    ErrorCode.ENGINE_UNAVAILABLE: 503,
+    ErrorCode.MODEL_NOT_FOUND: 503,
+    ErrorCode.MODEL_LOAD_FAILED: 503,
+    ErrorCode.SHUTTING_DOWN: 503,
+    ErrorCode.ENGINE_FAILED: 503,
+    ErrorCode.DEADLINE: 504,
+    ErrorCode.INTERNAL: 500,
+}
 # Where OpenAI's API has a code of its own for the same condition, clients look for that one.
 OPENAI_CODES = {ErrorCode.UNKNOWN_ENGINE: "model_not_found", ErrorCode.CONTEXT_OVERFLOW: "context_length_exceeded"}
 _FIELD = re.compile(r"^([A-Za-z_][\w.\[\]]*): ")  # the protocol's messages begin with the field they are about
@@ -61,7 +90,13 @@ class ApiError(Exception):
         self.status, self.message, self.code, self.param = status, message, code, param
 
     def body(self) -> dict[str, Any]:
-        kind = "rate_limit_error" if self.status == 429 else "invalid_request_error" if self.status < 500 else "server_error"
+        kind = (
+            "rate_limit_error"
+            if self.status == 429
+            else "invalid_request_error"
+            if self.status < 500
+            else "server_error"
+        )
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
@@ -112,7 +147,12 @@ def resolve_model(model: Any, engines: dict[str, EngineConfig]) -> str | None:
 
 def unknown_model(model: str, engines: dict[str, EngineConfig]) -> ApiError:
     known = ", ".join(model_names(engines))
-    return ApiError(404, f"The model {ascii(model[:128])} does not exist; the models are: {known} (or {DEFAULT_MODEL!r})", "model_not_found", "model")
+    return ApiError(
+        404,
+        f"The model {ascii(model[:128])} does not exist; the models are: {known} (or {DEFAULT_MODEL!r})",
+        "model_not_found",
+        "model",
+    )
 
 
 def model_names(engines: dict[str, EngineConfig]) -> list[str]:
@@ -129,7 +169,9 @@ def parse_request(kind: str, body: dict[str, Any], engines: dict[str, EngineConf
         message["engine"] = engine
     renamed: dict[str, str] = {}
     if kind == CHAT:
-        message["messages"] = [_chat_message(i, item) for i, item in enumerate(_non_empty_list(body.get("messages"), "messages"))]
+        message["messages"] = [
+            _chat_message(i, item) for i, item in enumerate(_non_empty_list(body.get("messages"), "messages"))
+        ]
         max_tokens = body.get("max_completion_tokens")
         if max_tokens is not None:
             renamed["max_tokens"] = "max_completion_tokens"
@@ -192,7 +234,9 @@ def _chat_message(i: int, item: Any) -> dict[str, str]:
         raise bad_request(f"messages[{i}]", "must be an object with role and content")
     role = CHAT_ROLES.get(item.get("role")) if isinstance(item.get("role"), str) else None
     if role is None:
-        raise bad_request(f"messages[{i}].role", "must be system, developer, user or assistant (tool messages are not supported)")
+        raise bad_request(
+            f"messages[{i}].role", "must be system, developer, user or assistant (tool messages are not supported)"
+        )
     for key, value in item.items():
         if key not in ("role", "content") and value is not None:
             raise bad_request(f"messages[{i}].{ascii(key)[1:-1]}", "not supported by this server")
@@ -207,7 +251,12 @@ def _content(i: int, content: Any) -> str:
         raise bad_request(f"messages[{i}].content", "must be a string or an array of text parts")
     texts = []
     for j, part in enumerate(content):
-        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str) or set(part) != {"type", "text"}:
+        if (
+            not isinstance(part, dict)
+            or part.get("type") != "text"
+            or not isinstance(part.get("text"), str)
+            or set(part) != {"type", "text"}
+        ):
             raise bad_request(f"messages[{i}].content[{j}]", 'only {"type": "text", "text": ...} parts are supported')
         texts.append(part["text"])
     return "\n".join(texts)

@@ -168,7 +168,9 @@ def _cache_cells(facts: FactsLike, n_ctx: int, n_ubatch: int, swa_full: bool) ->
     return n_ctx, _pad(min(n_ctx, facts.sliding_window + n_ubatch))
 
 
-def _kv(facts: FactsLike, place: _Placement, n_ctx: int, n_ubatch: int, cache_type: str, swa_full: bool) -> tuple[int, int]:
+def _kv(
+    facts: FactsLike, place: _Placement, n_ctx: int, n_ubatch: int, cache_type: str, swa_full: bool
+) -> tuple[int, int]:
     """(GPU, CPU) KV-cache bytes: each layer's cache lives where the layer does."""
     per_cell = _LLAMA_CACHE_BYTES[cache_type] * facts.n_head_kv * (facts.head_dim_k + facts.head_dim_v)
     full_cells, swa_cells = _cache_cells(facts, n_ctx, n_ubatch, swa_full)

@@ -22,10 +22,18 @@ def explain(search: Search, chosen: Candidate | None) -> tuple[tuple[str, ...], 
     warnings = list(search.request.notes)
     if chosen is None:
         return (_nothing(search),), tuple(warnings)
-    reasons = [_where(search, chosen), _variant(search, chosen), _layers(search, chosen), _context(search, chosen), _cache(search, chosen)]
+    reasons = [
+        _where(search, chosen),
+        _variant(search, chosen),
+        _layers(search, chosen),
+        _context(search, chosen),
+        _cache(search, chosen),
+    ]
     if search.failed:
         tried = "; ".join(describe(c) for c in search.failed)
-        reasons.append(f"after {len(search.failed)} out-of-memory load(s) ({tried}) the next must need under {mib(search.cap)} MiB on the GPU")
+        reasons.append(
+            f"after {len(search.failed)} out-of-memory load(s) ({tried}) the next must need under {mib(search.cap)} MiB on the GPU"
+        )
     return tuple(reasons), tuple(warnings + _warnings(search, chosen))
 
 
@@ -69,7 +77,9 @@ def _layers(search: Search, chosen: Candidate) -> str:
         return "no layers on the GPU"
     if chosen.layers_text == "all":
         return f"all {chosen.total_layers - 1} layers and the output layer on the GPU"
-    more = next((r for r in search.rows if r.variant == chosen.variant and r.n_gpu_layers == chosen.n_gpu_layers + 1), None)
+    more = next(
+        (r for r in search.rows if r.variant == chosen.variant and r.n_gpu_layers == chosen.n_gpu_layers + 1), None
+    )
     tail = f"; {more.n_gpu_layers} would need {mib(more.gpu_bytes)} MiB" if more else ""
     return f"{chosen.layers_text} layers on the GPU: the most that fit ({mib(chosen.gpu_bytes)} of {mib(chosen.free_bytes)} MiB){tail}"
 
@@ -79,7 +89,12 @@ def _context(search: Search, chosen: Candidate) -> str:
     if chosen.n_ctx == requested:
         return f"n_ctx {requested} as requested"
     first = next(
-        (r for r in search.rows if (r.variant, r.n_gpu_layers, r.cache_type, r.n_ctx) == (chosen.variant, -1, chosen.cache_type, requested)), None
+        (
+            r
+            for r in search.rows
+            if (r.variant, r.n_gpu_layers, r.cache_type, r.n_ctx) == (chosen.variant, -1, chosen.cache_type, requested)
+        ),
+        None,
     )
     why = f": {requested} needs {mib(first.gpu_bytes)} MiB" if first else ""
     return f"n_ctx {chosen.n_ctx} instead of the requested {requested}{why}"
@@ -98,7 +113,9 @@ def _warnings(search: Search, chosen: Candidate) -> list[str]:
     budget = search.budget
     if search.explicit is not None and not chosen.fits:
         if budget is None:
-            warnings.append(f"n_gpu_layers = {search.explicit} but no usable GPU ({search.gpu_reason}): llama.cpp runs on the CPU or fails")
+            warnings.append(
+                f"n_gpu_layers = {search.explicit} but no usable GPU ({search.gpu_reason}): llama.cpp runs on the CPU or fails"
+            )
         else:
             warnings.append(
                 f"n_gpu_layers = {search.explicit} needs {mib(chosen.gpu_bytes)} MiB on GPU {budget.index}, {mib(budget.available_bytes)} MiB "

@@ -21,23 +21,44 @@ from .explain import explain
 from .search import Search
 from .types import Candidate, DeviceBudget, EnginePlan, EngineRequest, Estimators, GpuPolicy, Plan, PlanInputs
 
+
 def cache_ladder(configured: str, allowed: Sequence[str]) -> tuple[str, ...]:
     """The configured KV cache type, then each smaller one the engine allows."""
     rank = KV_CACHE_TYPES.index
     return (configured, *(t for t in KV_CACHE_TYPES if t in allowed and rank(t) > rank(configured)))
 
 
-def engine_request(name: str, config: Any, variants: Sequence[Any], min_ctx: int, own_pids: frozenset[int] = frozenset(), notes: Sequence[str] = ()) -> EngineRequest:
+def engine_request(
+    name: str,
+    config: Any,
+    variants: Sequence[Any],
+    min_ctx: int,
+    own_pids: frozenset[int] = frozenset(),
+    notes: Sequence[str] = (),
+) -> EngineRequest:
     """What an engine's config (config.EngineConfig) asks of the planner.
 
     llama.cpp's batch sizes as the worker sets them: the key, else its options,
     else 512.  Where the worker's default batch is larger (2048 with layers on
     a GPU), the micro-batch, min(n_ubatch, n_batch), and so the estimate, are the same.
     """
-    batch, ubatch = (int(_first_set(getattr(config, key, None), config.options.get(key), 512)) for key in ("n_batch", "n_ubatch"))
+    batch, ubatch = (
+        int(_first_set(getattr(config, key, None), config.options.get(key), 512)) for key in ("n_batch", "n_ubatch")
+    )
     cache_types = cache_ladder(config.cache_type, config.cache_types_allowed)
-    return EngineRequest(name, tuple(variants), config.n_ctx, min_ctx, config.n_gpu_layers, cache_types, frozenset(own_pids), batch, ubatch, tuple(notes),
-                         sequences=config.parallel if config.kind == "llamacpp" else 1)  # fmt: skip
+    return EngineRequest(
+        name,
+        tuple(variants),
+        config.n_ctx,
+        min_ctx,
+        config.n_gpu_layers,
+        cache_types,
+        frozenset(own_pids),
+        batch,
+        ubatch,
+        tuple(notes),
+        sequences=config.parallel if config.kind == "llamacpp" else 1,
+    )
 
 
 def _first_set(*values: Any) -> Any:
@@ -50,7 +71,13 @@ def make_plan(inputs: PlanInputs) -> Plan:
     return Plan(engines, inputs.snapshot.reason, inputs)
 
 
-def plan(snapshot: Any, requests: Sequence[EngineRequest], policy: GpuPolicy, estimators: Estimators, ram_available_bytes: int | None = None) -> Plan:
+def plan(
+    snapshot: Any,
+    requests: Sequence[EngineRequest],
+    policy: GpuPolicy,
+    estimators: Estimators,
+    ram_available_bytes: int | None = None,
+) -> Plan:
     return make_plan(PlanInputs(snapshot, tuple(requests), policy, estimators, ram_available_bytes))
 
 

@@ -65,7 +65,9 @@ def explicit_layers(request: EngineRequest) -> int | None:
 class Search:
     """One engine's walk down the ladder; ``rows`` is the table of what was weighed."""
 
-    def __init__(self, request: EngineRequest, inputs: PlanInputs, budget: DeviceBudget | None, failed: tuple[Candidate, ...]) -> None:
+    def __init__(
+        self, request: EngineRequest, inputs: PlanInputs, budget: DeviceBudget | None, failed: tuple[Candidate, ...]
+    ) -> None:
         self.request, self.budget, self.failed = request, budget, failed
         self.policy, self.estimators = inputs.policy, inputs.estimators
         self.ram_available, self.gpu_reason = inputs.ram_available_bytes, inputs.snapshot.reason
@@ -106,8 +108,11 @@ class Search:
         return None
 
     def _step(self, variant: int, n_ctx: int, cache: str) -> str:
-        parts = ["next variant" if variant else "", "smaller context" if n_ctx < self.request.n_ctx else "",
-                 "smaller cache" if cache != self.request.cache_types[0] else ""]  # fmt: skip
+        parts = [
+            "next variant" if variant else "",
+            "smaller context" if n_ctx < self.request.n_ctx else "",
+            "smaller cache" if cache != self.request.cache_types[0] else "",
+        ]
         return ", ".join(p for p in parts if p) or "requested"
 
     def _widen(self, row: Candidate, above: int) -> Candidate:
@@ -153,7 +158,21 @@ class Search:
         fits, verdict = self._judge(key, layers, need)
         device = self.budget.index if self.budget is not None and layers != 0 else None
         free = self.budget.available_bytes if self.budget is not None else None
-        row = Candidate(step, variant, str(facts.path), layers, facts.n_layer + 1, n_ctx, cache, device, need, ram, free, fits, verdict)
+        row = Candidate(
+            step,
+            variant,
+            str(facts.path),
+            layers,
+            facts.n_layer + 1,
+            n_ctx,
+            cache,
+            device,
+            need,
+            ram,
+            free,
+            fits,
+            verdict,
+        )
         return self.record(row) if record else row
 
     def record(self, row: Candidate) -> Candidate:
@@ -165,7 +184,12 @@ class Search:
             estimate = self.estimators.exl2(facts, n_ctx=n_ctx, cache_type=EXL2_CACHE_NAMES.get(cache, cache))
         else:
             estimate = self.estimators.llamacpp(
-                facts, n_gpu_layers=layers, n_ctx=n_ctx * self.request.sequences, cache_type=cache, n_batch=self.request.n_batch, n_ubatch=self.request.n_ubatch
+                facts,
+                n_gpu_layers=layers,
+                n_ctx=n_ctx * self.request.sequences,
+                cache_type=cache,
+                n_batch=self.request.n_batch,
+                n_ubatch=self.request.n_ubatch,
             )
         return int(estimate.gpu_bytes), int(estimate.ram_bytes)
 

@@ -207,28 +207,36 @@ def snapshot_to_dict(s: GpuSnapshot) -> dict[str, Any]:
     """Plain JSON types, for status and for recording a node's figures."""
     return {
         "devices": [
-            {**{k: getattr(d, k) for k in ("index", "name", "uuid", "total_bytes", "free_bytes", "used_bytes")},
-             "processes": [{"pid": p.pid, "used_bytes": p.used_bytes} for p in d.processes]}
+            {
+                **{k: getattr(d, k) for k in ("index", "name", "uuid", "total_bytes", "free_bytes", "used_bytes")},
+                "processes": [{"pid": p.pid, "used_bytes": p.used_bytes} for p in d.processes],
+            }
             for d in s.devices
         ],
         "driver_version": s.driver_version,
         "cuda_version": s.cuda_version,
         "reason": s.reason,
         "skipped": list(s.skipped),
-    }  # fmt: skip
+    }
 
 
 def snapshot_from_dict(d: dict[str, Any]) -> GpuSnapshot:
     """The inverse of snapshot_to_dict; ``skipped`` and ``processes`` may be absent."""
     devices = tuple(
         GpuDevice(
-            index=int(dev["index"]), name=str(dev["name"]), uuid=str(dev["uuid"]),
-            total_bytes=int(dev["total_bytes"]), free_bytes=int(dev["free_bytes"]), used_bytes=int(dev["used_bytes"]),
+            index=int(dev["index"]),
+            name=str(dev["name"]),
+            uuid=str(dev["uuid"]),
+            total_bytes=int(dev["total_bytes"]),
+            free_bytes=int(dev["free_bytes"]),
+            used_bytes=int(dev["used_bytes"]),
             processes=tuple(GpuProcess(int(p["pid"]), p.get("used_bytes")) for p in dev.get("processes", [])),
         )
         for dev in d.get("devices", [])
-    )  # fmt: skip
-    return GpuSnapshot(devices, d.get("driver_version"), d.get("cuda_version"), str(d.get("reason", "")), tuple(d.get("skipped", ())))
+    )
+    return GpuSnapshot(
+        devices, d.get("driver_version"), d.get("cuda_version"), str(d.get("reason", "")), tuple(d.get("skipped", ()))
+    )
 
 
 def cpu_only_build_on_gpu_node(facts: dict[str, Any], snapshot: GpuSnapshot) -> str | None:

@@ -58,7 +58,11 @@ def _safetensors_sizes(path: Path) -> dict[str, int]:
 
 def _exl2_facts(path: Path, config: dict, quant: dict, sizes: dict[str, int], file_bytes: int) -> ModelFacts:
     """ExLlamaV2 caches every layer at full length, so swa_layers is 0 even for SWA models."""
-    n_layer, n_embd, n_head = int(config["num_hidden_layers"]), int(config["hidden_size"]), int(config["num_attention_heads"])
+    n_layer, n_embd, n_head = (
+        int(config["num_hidden_layers"]),
+        int(config["hidden_size"]),
+        int(config["num_attention_heads"]),
+    )
     head_dim = int(config.get("head_dim") or n_embd // n_head)
     layers = [0] * n_layer
     embd = output = other = 0
@@ -74,11 +78,25 @@ def _exl2_facts(path: Path, config: dict, quant: dict, sizes: dict[str, int], fi
             other += size
     archs = config.get("architectures") or [config.get("model_type", "unknown")]
     return ModelFacts(
-        path=str(path), format="exl2", architecture=str(archs[0]), n_layer=n_layer, n_embd=n_embd,
-        n_head=n_head, n_head_kv=int(config.get("num_key_value_heads") or n_head),
-        head_dim_k=head_dim, head_dim_v=head_dim, n_ctx_train=int(config.get("max_position_embeddings") or 0),
-        n_vocab=int(config["vocab_size"]), sliding_window=config.get("sliding_window") or None, swa_layers=0,
-        file_type=None, file_bytes=file_bytes, layer_bytes=tuple(layers), token_embd_bytes=embd,
-        output_bytes=output, other_bytes=other, bits=float(quant["bits"]),
+        path=str(path),
+        format="exl2",
+        architecture=str(archs[0]),
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        n_head_kv=int(config.get("num_key_value_heads") or n_head),
+        head_dim_k=head_dim,
+        head_dim_v=head_dim,
+        n_ctx_train=int(config.get("max_position_embeddings") or 0),
+        n_vocab=int(config["vocab_size"]),
+        sliding_window=config.get("sliding_window") or None,
+        swa_layers=0,
+        file_type=None,
+        file_bytes=file_bytes,
+        layer_bytes=tuple(layers),
+        token_embd_bytes=embd,
+        output_bytes=output,
+        other_bytes=other,
+        bits=float(quant["bits"]),
         head_bits=int(quant["head_bits"]) if quant.get("head_bits") is not None else None,
-    )  # fmt: skip
+    )

@@ -23,9 +23,18 @@ from ._common import ModelFacts, ModelFactsError
 
 _V = ggml.ValueType
 _SCALAR_FORMATS = {
-    _V.UINT8: "B", _V.INT8: "b", _V.UINT16: "H", _V.INT16: "h", _V.UINT32: "I", _V.INT32: "i",
-    _V.FLOAT32: "f", _V.BOOL: "?", _V.UINT64: "Q", _V.INT64: "q", _V.FLOAT64: "d",
-}  # fmt: skip
+    _V.UINT8: "B",
+    _V.INT8: "b",
+    _V.UINT16: "H",
+    _V.INT16: "h",
+    _V.UINT32: "I",
+    _V.INT32: "i",
+    _V.FLOAT32: "f",
+    _V.BOOL: "?",
+    _V.UINT64: "Q",
+    _V.INT64: "q",
+    _V.FLOAT64: "d",
+}
 _KEEP_ARRAY_MAX = 4096  # per-layer arrays are kept; vocabularies and scores are only counted
 
 # Sliding-window layouts llama.cpp assumes when a GGUF carries no
@@ -34,11 +43,20 @@ _KEEP_ARRAY_MAX = 4096  # per-layer arrays are kept; vocabularies and scores are
 # vendored by llama-cpp-python 0.3.36).  Without dense_first, the last layer
 # of each period is global (Gemma 3: 5 local, then 1 global); with it, the first.
 _SWA_PATTERNS = {
-    "gemma2": (2, False), "gemma3": (6, False), "gemma3n": (5, False), "gemma-embedding": (6, False),
-    "cohere2": (4, False), "cohere2moe": (4, True), "olmo2": (4, False), "gpt-oss": (2, False),
-    "afmoe": (4, False), "mellum": (4, False), "plamo3": (8, False), "laguna": (4, True),
+    "gemma2": (2, False),
+    "gemma3": (6, False),
+    "gemma3n": (5, False),
+    "gemma-embedding": (6, False),
+    "cohere2": (4, False),
+    "cohere2moe": (4, True),
+    "olmo2": (4, False),
+    "gpt-oss": (2, False),
+    "afmoe": (4, False),
+    "mellum": (4, False),
+    "plamo3": (8, False),
+    "laguna": (4, True),
     "smallthinker": (4, True),
-}  # fmt: skip
+}
 
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.")
 
@@ -202,15 +220,27 @@ def _gguf_facts(path: Path, kv: dict[str, Any], tensors: dict[str, _Tensor], fil
     embd, output = tensors.get("token_embd.weight"), tensors.get("output.weight")
     embd_bytes, output_bytes = embd.size if embd else 0, output.size if output else 0
     return ModelFacts(
-        path=str(path), format="gguf", architecture=arch, n_layer=n_layer, n_embd=n_embd,
-        n_head=n_head, n_head_kv=key("attention.head_count_kv", n_head),
+        path=str(path),
+        format="gguf",
+        architecture=arch,
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        n_head_kv=key("attention.head_count_kv", n_head),
         head_dim_k=key("attention.key_length", n_embd // n_head),
         head_dim_v=key("attention.value_length", n_embd // n_head),
-        n_ctx_train=key("context_length", 0), n_vocab=_vocab_size(kv, arch, embd),
-        sliding_window=window, swa_layers=swa_layers, file_type=_file_type(kv.get("general.file_type")),
-        file_bytes=file_bytes, layer_bytes=layers, token_embd_bytes=embd_bytes, output_bytes=output_bytes,
-        other_bytes=rest - embd_bytes - output_bytes, layer_repack_bytes=repack if any(repack) else (),
-    )  # fmt: skip
+        n_ctx_train=key("context_length", 0),
+        n_vocab=_vocab_size(kv, arch, embd),
+        sliding_window=window,
+        swa_layers=swa_layers,
+        file_type=_file_type(kv.get("general.file_type")),
+        file_bytes=file_bytes,
+        layer_bytes=layers,
+        token_embd_bytes=embd_bytes,
+        output_bytes=output_bytes,
+        other_bytes=rest - embd_bytes - output_bytes,
+        layer_repack_bytes=repack if any(repack) else (),
+    )
 
 
 def _widest(value: Any, name: str) -> int:
@@ -286,5 +316,3 @@ def _file_type(value: Any) -> str | None:
     if name is None:
         return str(value)
     return name.removeprefix("MOSTLY_").removeprefix("ALL_")
-
-
