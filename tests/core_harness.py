@@ -15,9 +15,10 @@ from supervisor.core.engines import Engines, EngineState
 from supervisor.core.policy import LatencySwitch
 from supervisor.core.reload import ReloadChanges, apply_reload, compare, effective_settings
 from supervisor.core.router import Router
-from supervisor.core.supervisor import Supervisor
+from supervisor.core.supervision import Supervision
 from supervisor.core.validate import parse_generate
 from workers import protocol as p
+from workers.protocol.messages import Done, Hello, Message, Ready, Usage
 
 
 class RecordingEffects:
@@ -38,8 +39,8 @@ class RecordingEffects:
     def kill_worker(self, worker_id: str, grace_s: float) -> None:
         self.calls.append(("kill", worker_id))
 
-    def send_worker(self, worker_id: str, message: dict[str, Any]) -> None:
-        self.calls.append(("worker", (worker_id, message)))
+    def send_worker(self, worker_id: str, message: Message) -> None:
+        self.calls.append(("worker", (worker_id, message.to_wire())))  # recorded as it goes on the wire
 
     def send_heartbeat(self, worker_id: str) -> None:
         self.calls.append(("heartbeat", worker_id))
@@ -100,7 +101,9 @@ class Core:
             self.settings.supervision.switch_min_dwell_s, self.settings.supervision.switch_breach_for_s
         )
         self.router = Router(self.engines, self.switch, self.effects, self.settings.supervision.probe_interval_s)
-        self.supervisor = Supervisor(self.engines, self.router, self.switch, self.settings, self.effects)
+        self.supervisor = Supervision(self.engines, self.router, self.switch, self.settings, self.effects)
+        self.router.on_probe_end = self.supervisor.judge_probe
+        self.router.on_budget_spent = self.supervisor.budgets.spent
 
     def reload(self, engines: dict[str, dict[str, Any]], **settings: Any) -> ReloadChanges:
         """Apply a new configuration as the daemon does (models at /models/<name>.gguf)."""
@@ -127,8 +130,10 @@ class Core:
         """The engine's spawned worker says hello and loads: it is ready."""
         engine = self.engines[name]
         worker_id = engine.worker.worker_id
-        self.supervisor.on_hello(engine, {"type": p.W_HELLO, "pid": 1}, self.now)
-        self.supervisor.on_ready(engine, {"type": p.W_READY, "model": {}}, self.now)
+        self.supervisor.on_hello(
+            engine, Hello(protocol=p.PROTOCOL_VERSION, engine="fake", worker_id=worker_id, pid=1), self.now
+        )
+        self.supervisor.on_ready(engine, Ready(), self.now)
         return worker_id
 
     def current(self, name: str) -> Any:
@@ -144,12 +149,11 @@ class Core:
         engine = self.engines[name]
         current = engine.worker.running[wire_id] if wire_id else self.current(name)
         assert current is not None, f"{name} runs nothing"
-        message = {
-            "type": p.W_DONE,
-            "request_id": current.wire_id,
-            "finish_reason": finish_reason,
-            "usage": {"prompt_tokens": 3, "completion_tokens": current.tokens},
-        }
+        message = Done(
+            request_id=current.wire_id,
+            finish_reason=finish_reason,
+            usage=Usage(prompt_tokens=3, completion_tokens=current.tokens),
+        )
         self.router.on_result(engine, message, self.now)
 
     def exit(self, name: str, returncode: int | None, cause: str = "") -> None:
@@ -170,3 +174,8 @@ class Core:
 
     def terminal(self, rid: str, client: bytes = b"c") -> list[dict[str, Any]]:
         return [e for e in self.effects.client_events(client) if e.get("id") == rid and e["event"] in ("done", "error")]
+
+
+def hello(pid: int) -> Hello:
+    """A worker's hello, as the runtime sends it."""
+    return Hello(protocol=p.PROTOCOL_VERSION, engine="fake", worker_id=f"w{pid}", pid=pid)

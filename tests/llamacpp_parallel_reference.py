@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, sys.argv[1])
 
-from workers.engine import GenerateRequest  # noqa: E402
+from workers.protocol.messages import Generate, LoadSpec  # noqa: E402
 from workers.llamacpp.engine import create_engine  # noqa: E402
 
 MODEL = sys.argv[2]
@@ -20,15 +20,13 @@ PROMPTS = ["The capital of France is", "Once upon a time", "1, 2, 3, 4,", "def f
 MAX_TOKENS = 20
 
 
-def request(i: int, **fields: object) -> GenerateRequest:
-    return GenerateRequest(
-        request_id=f"r{i}", prompt=PROMPTS[i % len(PROMPTS)], max_tokens=MAX_TOKENS, temperature=0.0, **fields
-    )  # type: ignore[arg-type]
+def request(i: int, **fields: object) -> Generate:
+    return Generate.of(f"r{i}", prompt=PROMPTS[i % len(PROMPTS)], max_tokens=MAX_TOKENS, temperature=0.0, **fields)
 
 
 def one_at_a_time() -> list[dict[str, object]]:
     engine = create_engine()
-    engine.load({"model": MODEL, "n_ctx": 512, "n_threads": 2}, lambda *_: None)
+    engine.load(LoadSpec(model=MODEL, n_ctx=512, n_threads=2), lambda *_: None)
     out = []
     for i in range(len(PROMPTS)):
         pieces: list[tuple[str, int]] = []
@@ -38,7 +36,7 @@ def one_at_a_time() -> list[dict[str, object]]:
 
 
 def together(
-    engine: object, requests: list[GenerateRequest], cancel_after: dict[str, int]
+    engine: object, requests: list[Generate], cancel_after: dict[str, int]
 ) -> tuple[dict[str, dict[str, object]], int]:
     """Run ``requests`` as sequences, all begun before the first step; cancel some after n steps."""
     pieces: dict[str, list[tuple[str, int]]] = {}
@@ -81,7 +79,7 @@ def batch_order(engine: object) -> dict[str, object]:
 def main() -> None:
     solo = one_at_a_time()
     engine = create_engine()
-    facts = engine.load({"model": MODEL, "n_ctx": 512, "n_threads": 2, "parallel": 4}, lambda *_: None)
+    facts = engine.load(LoadSpec(model=MODEL, n_ctx=512, n_threads=2, parallel=4), lambda *_: None)
     alone, _ = together(engine, [request(0)], {})
     four, steps = together(engine, [request(i) for i in range(4)], {})
     # Slots are reused: more requests than slots, one cancelled, one ending at a stop string.

@@ -28,7 +28,7 @@ sys.path.insert(0, REPO)
 import llama_cpp  # noqa: E402
 
 from workers.llamacpp import loop as llamacpp_loop  # noqa: E402
-from workers.engine import GenerateRequest  # noqa: E402
+from workers.protocol.messages import Generate, LoadSpec  # noqa: E402
 from workers.llamacpp.engine import create_engine  # noqa: E402
 from workers.llamacpp.loop import TokenLoop  # noqa: E402
 from workers.llamacpp.settings import physical_cores  # noqa: E402
@@ -74,7 +74,7 @@ llama_cpp.llama_decode, llama_cpp.llama_sampler_sample = counting_decode, counti
 
 def load(**spec: Any) -> tuple[Any, dict[str, Any]]:
     engine = create_engine()
-    facts = engine.load({"model": MODEL, "n_ctx": 2048, "n_gpu_layers": 0, **spec}, lambda fraction, message: None)
+    facts = engine.load(LoadSpec(model=MODEL, n_ctx=2048, n_gpu_layers=0, **spec), lambda fraction, message: None)
     return engine, facts
 
 
@@ -94,7 +94,7 @@ def ours(engine: Any, stop_after: int | None = None, **params: Any) -> dict[str,
 
     decoded.clear()
     sampled_after.clear()
-    result = engine.generate(GenerateRequest(request_id="r", **params), emit, should_stop)
+    result = engine.generate(Generate.of("r", **params), emit, should_stop)
     return {
         "text": "".join(pieces),
         "prompt_tokens": result.prompt_tokens,

@@ -9,10 +9,11 @@ from __future__ import annotations
 import pytest
 
 from supervisor.core.stats import INTER_TOKEN_BUCKETS_S, TTFT_BUCKETS_S
-from supervisor.core.validate import InvalidMessage
+from supervisor.core.errors import Refused
 from workers import protocol as p
+from workers.protocol import messages as m
 
-from .core_harness import Core
+from .core_harness import Core, hello
 
 FAKE = {"kind": "fake"}
 # One money unit per generated token, nothing for prompts: costs are easy to follow.
@@ -76,7 +77,7 @@ def test_a_spent_budget_sends_unpinned_traffic_to_the_next_engine_until_the_day_
     assert core.engine("paid").describe(core.now)["state"] == p.ErrorCode.BUDGET_EXHAUSTED
     core.finish_current("free")
     assert serve(core, "free", "later", 1)["engine"] == "free"
-    with pytest.raises(InvalidMessage) as refused:
+    with pytest.raises(Refused) as refused:
         core.submit("pinned", engine="paid")
     assert refused.value.code == p.ErrorCode.BUDGET_EXHAUSTED and "daily budget 5 spent" in refused.value.message
     assert core.engine("paid").stats.refused == {p.ErrorCode.BUDGET_EXHAUSTED: 1}
@@ -112,9 +113,9 @@ def test_restarts_are_counted_by_cause():
     core.exit("a", None, cause="killed by SIGKILL")
     core.advance(core.engine("a").worker.times.restart_at - core.now + 0.01)
     engine = core.engine("a")
-    core.supervisor.on_hello(engine, {"pid": 1}, core.now)
+    core.supervisor.on_hello(engine, hello(1), core.now)
     core.supervisor.on_load_failed(
-        engine, {"code": p.ErrorCode.GPU_OUT_OF_MEMORY, "message": "out of memory"}, core.now
+        engine, m.LoadFailed(code=p.ErrorCode.GPU_OUT_OF_MEMORY, message="out of memory"), core.now
     )
     core.exit("a", 1)
     assert engine.stats.restarts == {"crash": 1, "hang": 1, "probe_failure": 0, "oom": 1, "load_failure": 0}

@@ -11,10 +11,11 @@ import pytest
 
 from supervisor.config import load_settings
 from supervisor.core.lifecycle import WorkerState
-from supervisor.core.validate import InvalidMessage
+from supervisor.core.errors import Refused
 from workers import protocol as p
+from workers.protocol import messages as m
 
-from .core_harness import Core
+from .core_harness import Core, hello
 
 FAKE = {"kind": "fake"}
 
@@ -25,11 +26,11 @@ def test_a_request_on_a_cold_engine_starts_it_and_is_dispatched_once_it_is_ready
     assert core.effects.named("start") == ["a.1"]
     core.submit("r1", engine="b")
     assert core.effects.named("start") == ["a.1", "b.1"]
-    assert core.effects.worker_messages("b.1", p.S_GENERATE) == []  # not before it is ready
-    core.supervisor.on_hello(core.engine("b"), {"pid": 1}, core.now)
-    assert core.effects.worker_messages("b.1", p.S_LOAD)[0]["spec"]["model"] == "/models/b.gguf"
-    core.supervisor.on_ready(core.engine("b"), {"model": {}}, core.now)
-    (generate,) = core.effects.worker_messages("b.1", p.S_GENERATE)
+    assert core.effects.worker_messages("b.1", m.Generate.TYPE) == []  # not before it is ready
+    core.supervisor.on_hello(core.engine("b"), hello(1), core.now)
+    assert core.effects.worker_messages("b.1", m.Load.TYPE)[0]["spec"]["model"] == "/models/b.gguf"
+    core.supervisor.on_ready(core.engine("b"), m.Ready(model={}), core.now)
+    (generate,) = core.effects.worker_messages("b.1", m.Generate.TYPE)
     assert generate["prompt"] == "hi"
     core.tokens("b", 2)
     core.finish_current("b")
@@ -44,7 +45,7 @@ def test_one_queue_bound_for_new_and_retried_requests():
     core.bring_up("a")
     core.submit("running")
     core.submit("waiting")
-    with pytest.raises(InvalidMessage) as refused:
+    with pytest.raises(Refused) as refused:
         core.submit("third")
     assert refused.value.code == p.ErrorCode.BUSY
     # The running request's worker dies before a token: its retry meets the same bound (the queue is full).
@@ -96,7 +97,7 @@ def test_deadlines_end_queued_and_running_requests_once():
     core.advance(0.5)
     assert core.terminal("running")[0]["code"] == p.ErrorCode.DEADLINE
     wire_id = core.current("a").wire_id
-    assert core.effects.worker_messages("a.1", p.S_CANCEL) == [{"type": p.S_CANCEL, "request_id": wire_id}]
+    assert core.effects.worker_messages("a.1", m.Cancel.TYPE) == [{"type": m.Cancel.TYPE, "request_id": wire_id}]
     core.finish_current("a", p.FINISH_CANCELLED)  # the worker confirms: no second end
     assert len(core.terminal("running")) == 1
     assert core.engine("a").stats.failed == 2
@@ -113,7 +114,7 @@ def test_a_client_that_cannot_be_reached_ends_its_requests_through_the_terminal_
     core.tokens("a", 1)
     assert core.router.requests.keys() == {(b"fine", "other")}
     assert core.engine("a").stats.failed == 2  # counted, like every end
-    assert core.effects.worker_messages("a.1", p.S_CANCEL)  # no compute spent on it
+    assert core.effects.worker_messages("a.1", m.Cancel.TYPE)  # no compute spent on it
     assert [r.id for r in core.engine("a").queue] == ["other"]
 
 
@@ -142,7 +143,9 @@ def test_a_worker_that_loads_and_then_fails_every_time_still_opens_the_circuit()
         core.bring_up("a")
         assert core.engine("a").breaker.state.value == "closed"
         core.supervisor.on_failed(
-            core.engine("a"), {"code": "engine_failed", "message": "upstream answered 429 Too Many Requests"}, core.now
+            core.engine("a"),
+            m.Failed(code="engine_failed", message="upstream answered 429 Too Many Requests"),
+            core.now,
         )
         core.exit("a", 1)
         if attempt == 1:
@@ -157,7 +160,7 @@ def test_a_retry_after_in_a_failure_report_delays_the_restart():
     core.supervisor.start(core.now)
     core.bring_up("a")
     core.supervisor.on_failed(
-        core.engine("a"), {"code": "engine_failed", "message": "429", "retry_after_s": 20}, core.now
+        core.engine("a"), m.Failed(code="engine_failed", message="429", retry_after_s=20), core.now
     )
     core.exit("a", 1)
     assert core.engine("a").worker.times.restart_at == core.now + 20
@@ -170,13 +173,13 @@ def test_a_retry_after_in_a_failure_report_delays_the_restart():
 def test_an_engine_that_cannot_run_here_fails_once_and_refuses_pinned_requests():
     core = Core({"a": {**FAKE, "priority": 1}, "b": {**FAKE, "priority": 2}})
     core.supervisor.start(core.now)
-    core.supervisor.on_hello(core.engine("a"), {"pid": 1}, core.now)
+    core.supervisor.on_hello(core.engine("a"), hello(1), core.now)
     core.supervisor.on_load_failed(
-        core.engine("a"), {"code": "unavailable", "message": "no CUDA", "exit_code": 69}, core.now
+        core.engine("a"), m.LoadFailed(code="unavailable", message="no CUDA", exit_code=69), core.now
     )
     core.exit("a", p.ExitCode.UNAVAILABLE)
     assert core.engine("a").worker.state is WorkerState.FAILED
-    with pytest.raises(InvalidMessage) as refused:
+    with pytest.raises(Refused) as refused:
         core.submit("pinned", engine="a")
     assert refused.value.code == p.ErrorCode.ENGINE_UNAVAILABLE and "no CUDA" in refused.value.message
     core.advance(120)
@@ -186,13 +189,13 @@ def test_an_engine_that_cannot_run_here_fails_once_and_refuses_pinned_requests()
 def test_silence_and_stalls_get_a_worker_killed_but_slow_loading_does_not():
     core = Core({"a": FAKE}, supervision={"load_stall_s": 60})
     core.supervisor.start(core.now)
-    core.supervisor.on_hello(core.engine("a"), {"pid": 1}, core.now)
+    core.supervisor.on_hello(core.engine("a"), hello(1), core.now)
     for _ in range(30):  # loading, with progress reports and heartbeats: slow is not dead
         core.advance(1.0)
         core.supervisor.heard_from(core.engine("a"), core.now)
-        core.supervisor.on_loading(core.engine("a"), {"progress": 0.5}, core.now)
+        core.supervisor.on_loading(core.engine("a"), m.Loading(progress=0.5), core.now)
     assert core.effects.named("kill") == []
-    core.supervisor.on_ready(core.engine("a"), {}, core.now)
+    core.supervisor.on_ready(core.engine("a"), m.Ready(), core.now)
     core.advance(3.5)  # three heartbeat intervals of silence
     assert core.effects.named("kill") == ["a.1"]
     assert "no heartbeat" in core.effects.topics("worker.hang")[0]["reason"]
@@ -269,7 +272,7 @@ def test_shutdown_refuses_new_requests():
     core = Core({"a": FAKE})
     core.supervisor.start(core.now)
     core.engines.stopping = True
-    with pytest.raises(InvalidMessage) as refused:
+    with pytest.raises(Refused) as refused:
         core.submit("late")
     assert refused.value.code == p.ErrorCode.SHUTTING_DOWN
 
@@ -309,23 +312,23 @@ def test_an_auto_engine_loads_what_the_plan_chose_and_a_load_out_of_gpu_memory_s
         [gpu, gpu, gpu], variants, n_gpu_layers="auto", model=["/m/q6.gguf", "/m/q4.gguf"]
     )
     core.supervisor.start(core.now)
-    core.supervisor.on_hello(core.engine("a"), {"pid": 1}, core.now)
-    (load,) = core.effects.worker_messages("a.1", p.S_LOAD)
+    core.supervisor.on_hello(core.engine("a"), hello(1), core.now)
+    (load,) = core.effects.worker_messages("a.1", m.Load.TYPE)
     assert load["spec"]["model"].endswith("q6.gguf") and load["spec"]["n_gpu_layers"] == -1
     assert core.engine("a").uses_gpu
     # The worker says the GPU could not take it, and exits with the model-error code.
     core.supervisor.on_load_failed(
         core.engine("a"),
-        {"code": p.ErrorCode.GPU_OUT_OF_MEMORY, "message": "cudaMalloc failed", "exit_code": 65},
+        m.LoadFailed(code=p.ErrorCode.GPU_OUT_OF_MEMORY, message="cudaMalloc failed", exit_code=65),
         core.now,
     )
     core.exit("a", p.ExitCode.MODEL_ERROR)
     assert core.engine("a").breaker.state.value == "closed" and core.engine("a").worker.restarts == 0
     core.advance(0.01)
-    (second,) = core.effects.worker_messages("a.2", p.S_LOAD) or [None]
+    (second,) = core.effects.worker_messages("a.2", m.Load.TYPE) or [None]
     assert second is None  # not before its hello
-    core.supervisor.on_hello(core.engine("a"), {"pid": 2}, core.now)
-    (second,) = core.effects.worker_messages("a.2", p.S_LOAD)
+    core.supervisor.on_hello(core.engine("a"), hello(2), core.now)
+    (second,) = core.effects.worker_messages("a.2", m.Load.TYPE)
     assert (second["spec"]["model"], second["spec"]["n_ctx"]) != (
         load["spec"]["model"],
         load["spec"]["n_ctx"],
@@ -353,8 +356,8 @@ def test_an_engine_whose_plan_finds_nothing_to_load_fails_once_with_the_reason()
 def test_a_worker_with_slots_runs_that_many_requests_at_once_and_each_token_reaches_its_own_request():
     core = Core({"a": FAKE})
     core.supervisor.start(core.now)
-    core.supervisor.on_hello(core.engine("a"), {"pid": 1}, core.now)
-    core.supervisor.on_ready(core.engine("a"), {"model": {}, "slots": 2}, core.now)
+    core.supervisor.on_hello(core.engine("a"), hello(1), core.now)
+    core.supervisor.on_ready(core.engine("a"), m.Ready(model={}, slots=2), core.now)
     for rid in ("r1", "r2", "r3"):
         core.submit(rid)
     first, second = core.engine("a").worker.running.values()
@@ -370,7 +373,7 @@ def test_a_worker_with_slots_runs_that_many_requests_at_once_and_each_token_reac
     third = core.engine("a").worker.running
     r3_wire = next(w for w, g in third.items() if g.id == "r3")
     core.router.cancel([b"c"], "r3", core.now)
-    assert core.effects.worker_messages("a.1", p.S_CANCEL)[-1]["request_id"] == r3_wire
+    assert core.effects.worker_messages("a.1", m.Cancel.TYPE)[-1]["request_id"] == r3_wire
     # The worker dies before confirming: r1 streamed a token and fails; r3 ends as the client asked;
     # r4, still waiting, is served by the restart.
     core.exit("a", 1)
@@ -384,6 +387,6 @@ def test_a_worker_with_slots_runs_that_many_requests_at_once_and_each_token_reac
 def test_a_ready_message_with_a_nonsense_slot_count_gets_one_slot():
     core = Core({"a": FAKE})
     core.supervisor.start(core.now)
-    core.supervisor.on_hello(core.engine("a"), {"pid": 1}, core.now)
-    core.supervisor.on_ready(core.engine("a"), {"model": {}, "slots": 10_000}, core.now)
+    core.supervisor.on_hello(core.engine("a"), hello(1), core.now)
+    core.supervisor.on_ready(core.engine("a"), m.Ready(model={}, slots=10_000), core.now)
     assert core.engine("a").worker.slots == 1

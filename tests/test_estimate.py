@@ -201,7 +201,8 @@ import logging, sys
 logging.basicConfig(level=logging.INFO)  # llama.cpp's buffer sizes are logged at info (workers/llamacpp/log.py)
 sys.path.insert(0, sys.argv[1])
 from workers.llamacpp.engine import create_engine
-create_engine().load({"model": sys.argv[2], "n_ctx": int(sys.argv[3]), "n_gpu_layers": 0}, lambda f, m: None)
+from workers.protocol.messages import LoadSpec
+create_engine().load(LoadSpec(model=sys.argv[2], n_ctx=int(sys.argv[3]), n_gpu_layers=0), lambda f, m: None)
 """
 _QUANTIZE = """
 import ctypes, sys, llama_cpp

@@ -34,7 +34,8 @@ CANCEL_AFTER = 5  # pieces emitted before should_stop() turns true
 
 SCRIPT = r"""
 import json, sys
-from workers.engine import GenerateRequest, ModelError, RequestError, load_engine
+from workers.engine import ModelError, RequestError, load_engine
+from workers.protocol.messages import Generate, LoadSpec
 
 model_dir, cache_type, out_path = sys.argv[1:4]
 out = {}
@@ -42,7 +43,7 @@ out = {}
 def run(engine, **fields):
     pieces = []
     try:
-        r = engine.generate(GenerateRequest("t", **fields), pieces.append, lambda: False)
+        r = engine.generate(Generate.of("t", **fields), pieces.append, lambda: False)
     except RequestError as exc:
         return {"error": exc.code, "message": exc.message}
     return {"text": "".join(pieces), "pieces": len(pieces), "finish": r.finish_reason,
@@ -51,7 +52,7 @@ def run(engine, **fields):
 for name, spec in {"missing": {"model": model_dir + "/does-not-exist"},
                    "bad_cache": {"model": model_dir, "options": {"cache_type": "q5"}}}.items():
     try:
-        load_engine("exllamav2").load(spec, lambda f, m: None)
+        load_engine("exllamav2").load(LoadSpec(**spec), lambda f, m: None)
         out[name] = None
     except ModelError as exc:
         out[name] = exc.code
@@ -59,7 +60,7 @@ for name, spec in {"missing": {"model": model_dir + "/does-not-exist"},
 engine = load_engine("exllamav2")
 out["versions"] = engine.versions()
 progress = []
-out["facts"] = engine.load({"model": model_dir, "n_ctx": N_CTX, "options": {"cache_type": cache_type}},
+out["facts"] = engine.load(LoadSpec(model=model_dir, n_ctx=N_CTX, options={"cache_type": cache_type}),
                            lambda f, m: progress.append(f))
 out["progress"] = progress
 
@@ -78,7 +79,7 @@ def should_stop():
     if len(pieces) >= CANCEL_AFTER and not flipped_at:
         flipped_at.append(len(pieces))
     return bool(flipped_at)
-r = engine.generate(GenerateRequest("c", prompt=prompt, max_tokens=400, ignore_eos=True), pieces.append, should_stop)
+r = engine.generate(Generate.of("c", prompt=prompt, max_tokens=400, ignore_eos=True), pieces.append, should_stop)
 out["cancel"] = {"finish": r.finish_reason, "completion_tokens": r.completion_tokens,
                  "pieces_after_stop": len(pieces) - flipped_at[0]}
 out["after_cancel"] = run(engine, prompt=prompt, max_tokens=24, temperature=0.0, ignore_eos=True)

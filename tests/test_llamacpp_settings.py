@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from workers.llamacpp import settings as s
+from workers.protocol.messages import LoadSpec
 
 
 def sysfs(root: Path, siblings: dict[int, str]) -> Path:
@@ -37,20 +38,20 @@ def test_physical_cores_fall_back_to_the_logical_count(tmp_path, monkeypatch):
 
 def test_defaults_on_the_cpu(monkeypatch):
     monkeypatch.setattr(s, "physical_cores", lambda: 3)
-    assert s.choose({}, {}, layers_on_gpu=False, quantized_cache=False) == s.LoadSettings(
+    assert s.choose(LoadSpec(model="m"), {}, layers_on_gpu=False, quantized_cache=False) == s.LoadSettings(
         3, 3, 512, 512, s.FLASH_ATTN_DISABLED
     )
 
 
 def test_defaults_with_layers_on_a_gpu(monkeypatch):
     monkeypatch.setattr(s, "physical_cores", lambda: 8)
-    assert s.choose({}, {}, layers_on_gpu=True, quantized_cache=False) == s.LoadSettings(
+    assert s.choose(LoadSpec(model="m"), {}, layers_on_gpu=True, quantized_cache=False) == s.LoadSettings(
         8, 8, 2048, 512, s.FLASH_ATTN_AUTO
     )
 
 
 def test_spec_values_win_over_options_which_win_over_defaults():
-    spec = {"n_threads": 2, "n_threads_batch": None, "n_batch": 256, "n_ubatch": None, "flash_attn": None}
+    spec = LoadSpec(model="m", n_threads=2, n_threads_batch=None, n_batch=256, n_ubatch=None, flash_attn=None)
     options = {"n_threads": 7, "n_ubatch": 128, "flash_attn": True}
     got = s.choose(spec, options, layers_on_gpu=False, quantized_cache=False)
     assert got == s.LoadSettings(
@@ -63,11 +64,16 @@ def test_spec_values_win_over_options_which_win_over_defaults():
     ("asked", "on_gpu", "want"), [(False, True, s.FLASH_ATTN_DISABLED), (True, False, s.FLASH_ATTN_ENABLED)]
 )
 def test_flash_attention_as_set_on_either_device(asked, on_gpu, want):
-    assert s.choose({"n_threads": 1, "flash_attn": asked}, {}, on_gpu, quantized_cache=False).flash_attn == want
+    assert (
+        s.choose(LoadSpec(model="m", n_threads=1, flash_attn=asked), {}, on_gpu, quantized_cache=False).flash_attn
+        == want
+    )
 
 
 def test_a_quantized_cache_turns_flash_attention_on_whatever_was_set():
     assert (
-        s.choose({"n_threads": 1, "flash_attn": False}, {}, layers_on_gpu=False, quantized_cache=True).flash_attn
+        s.choose(
+            LoadSpec(model="m", n_threads=1, flash_attn=False), {}, layers_on_gpu=False, quantized_cache=True
+        ).flash_attn
         == s.FLASH_ATTN_ENABLED
     )

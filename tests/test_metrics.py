@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from supervisor.core.validate import InvalidMessage
+from supervisor.core.errors import Refused
 from supervisor.planning.measure.gpu import GpuDevice, GpuProcess, GpuSnapshot
 from supervisor.io.metrics import MetricsExporter, NodeCollector
 from supervisor.planning.measure.inputs import Planning
@@ -221,7 +221,7 @@ def test_without_a_listen_address_no_port_is_opened(make_daemon, tmp_path):
 def test_budget_and_cost_figures_in_the_exposition():
     core = paid_and_free()
     serve(core, "paid", "r1", 5)  # five of five spent
-    with pytest.raises(InvalidMessage):
+    with pytest.raises(Refused):
         core.submit("pinned", engine="paid")
     body, content_type = MetricsExporter(NodeCollector(core.engines)).render()
     assert content_type.startswith("text/plain")

@@ -13,6 +13,7 @@ import zmq
 
 from supervisor.node.envs import env_python, worker_environ
 from workers import protocol as p
+from workers.protocol import messages as m
 
 from .conftest import LLAMA, shared_settings
 
@@ -77,11 +78,11 @@ def test_worker_exits_by_itself_when_the_daemon_goes_silent(shared_state):
                 identity, frame = router.recv_multipart()
                 message = p.decode(frame)
                 seen.append(message["type"])
-                if message["type"] == p.W_HELLO:
+                if message["type"] == m.Hello.TYPE:
                     router.send_multipart(
-                        [identity, p.encode({"type": p.S_LOAD, "protocol": p.PROTOCOL_VERSION, "spec": {}})]
+                        [identity, p.encode({"type": m.Load.TYPE, "protocol": p.PROTOCOL_VERSION, "spec": {}})]
                     )
-                router.send_multipart([identity, p.encode({"type": p.S_HEARTBEAT})])
+                router.send_multipart([identity, p.encode({"type": m.DaemonHeartbeat.TYPE})])
         assert "ready" in seen and worker.poll() is None, seen
         silent_since = time.monotonic()
         code = worker.wait(timeout=3 * HEARTBEAT + 2)

@@ -16,11 +16,12 @@ import pytest
 
 from supervisor.client import Client
 from supervisor.core.lifecycle import WorkerState
-from supervisor.core.validate import InvalidMessage
+from supervisor.core.errors import Refused
 from workers import protocol as p
+from workers.protocol import messages as m
 
 from .conftest import CLI, assert_nothing_after, fake_engine, wait_until
-from .core_harness import Core
+from .core_harness import Core, hello
 
 FAKE = {"kind": "fake"}
 
@@ -39,19 +40,19 @@ def test_a_changed_engine_finishes_its_request_then_restarts_with_the_new_settin
     changes = core.reload({"a": {**FAKE, "priority": 1, "n_ctx": 4096}, "b": {**FAKE, "priority": 2}})
     assert (changes.restarted, changes.unchanged) == (["a"], ["b"])
     # The unpinned request goes to b, which serves now; the pinned one waits for a's new worker.
-    assert [m["prompt"] for m in core.effects.worker_messages("b.1", p.S_GENERATE)] == ["hi"]
+    assert [m["prompt"] for m in core.effects.worker_messages("b.1", m.Generate.TYPE)] == ["hi"]
     assert core.effects.named("stop") == []  # a's worker is still generating
     core.tokens("a", 2)
     core.finish_current("a")
     assert core.terminal("running")[0]["event"] == "done"
     assert core.effects.named("stop") == ["a.1"]  # stopped once idle; nothing more was given to it
-    assert len(core.effects.worker_messages("a.1", p.S_GENERATE)) == 1
+    assert len(core.effects.worker_messages("a.1", m.Generate.TYPE)) == 1
     core.exit("a", 0)
     assert core.effects.named("start")[-1] == "a.2"
-    core.supervisor.on_hello(core.engine("a"), {"pid": 2}, core.now)
-    assert core.effects.worker_messages("a.2", p.S_LOAD)[0]["spec"]["n_ctx"] == 4096
-    core.supervisor.on_ready(core.engine("a"), {"model": {}}, core.now)
-    assert core.effects.worker_messages("a.2", p.S_GENERATE)[0]["prompt"] == "hi"
+    core.supervisor.on_hello(core.engine("a"), hello(2), core.now)
+    assert core.effects.worker_messages("a.2", m.Load.TYPE)[0]["spec"]["n_ctx"] == 4096
+    core.supervisor.on_ready(core.engine("a"), m.Ready(model={}), core.now)
+    assert core.effects.worker_messages("a.2", m.Generate.TYPE)[0]["prompt"] == "hi"
     core.finish_current("a")
     core.finish_current("b")
     assert all(
@@ -83,7 +84,7 @@ def test_a_removed_engine_drains_and_goes_its_pinned_waiters_end_with_unknown_en
     assert changes.removed == ["b"]
     (pinned,) = core.terminal("pinned")
     assert pinned["code"] == p.ErrorCode.UNKNOWN_ENGINE and "removed" in pinned["message"]
-    with pytest.raises(InvalidMessage) as refused:
+    with pytest.raises(Refused) as refused:
         core.submit("late", engine="b")
     assert refused.value.code == p.ErrorCode.UNKNOWN_ENGINE
     core.tokens("b", 1)

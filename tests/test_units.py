@@ -49,11 +49,11 @@ def test_earliest_of_several_stop_strings_wins():
 
 def test_generate_defaults_and_ranges():
     params = parse_generate({"op": "generate", "id": "x", "prompt": "hi"}, 1000)
-    assert params.stream is True and params.sampling["max_tokens"] == 256 and params.sampling["seed"] is None
+    assert params.stream is True and params.sampling.max_tokens == 256 and params.sampling.seed is None
     with pytest.raises(InvalidMessage, match="max_tokens"):
         parse_generate({"op": "generate", "id": "x", "prompt": "hi", "max_tokens": 101}, 100)
     params = parse_generate({"op": "generate", "id": "x", "prompt": "hi", "stop": "\n", "temperature": 0}, 1000)
-    assert params.sampling["stop"] == ["\n"] and params.sampling["temperature"] == 0.0
+    assert params.sampling.stop == ("\n",) and params.sampling.temperature == 0.0
 
 
 def test_every_state_has_a_row_and_illegal_transitions_raise():

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from workers.protocol.messages import Sampling
 from supervisor.core.validate import (
     InvalidMessage,
     check_bare,
@@ -188,20 +189,14 @@ def test_null_prompt_or_messages_is_refused():
 
 def test_null_seed_deadline_and_engine_mean_their_defaults():
     params = parse_generate(generate(prompt="x", seed=None, deadline_ms=None, engine=None), 1000)
-    assert params.sampling["seed"] is None and params.deadline_ms is None and params.engine is None
+    assert params.sampling.seed is None and params.deadline_ms is None and params.engine is None
 
 
 def test_defaults_when_fields_are_absent():
     params = parse_generate(generate(prompt="x"), 1000)
-    assert params.sampling == {
-        "max_tokens": 256,
-        "temperature": 0.8,
-        "top_p": 0.95,
-        "top_k": 40,
-        "stop": [],
-        "seed": None,
-        "ignore_eos": False,
-    }
+    assert params.sampling == Sampling(
+        max_tokens=256, temperature=0.8, top_p=0.95, top_k=40, stop=(), seed=None, ignore_eos=False
+    )
     assert params.stream is True and params.engine is None and params.deadline_ms is None
 
 

@@ -24,6 +24,7 @@ import zmq
 
 from supervisor.node.envs import create_env, env_is_current, env_python
 from workers import protocol as p
+from workers.protocol import messages as m
 
 from .conftest import checkout_worker_environ, shared_settings
 
@@ -86,7 +87,7 @@ class FakeDaemon:
         self.routing_ids.add(routing_id)
         if routing_id.endswith(p.WATCHDOG_SUFFIX.encode()):
             self.heartbeats.append(p.decode(frame))
-            self.router.send_multipart([routing_id, p.encode({"type": p.S_HEARTBEAT})])
+            self.router.send_multipart([routing_id, p.encode({"type": m.DaemonHeartbeat.TYPE})])
         else:
             self.inbox.append((routing_id, frame))
 
@@ -153,13 +154,13 @@ def daemon() -> Iterator[FakeDaemon]:
 def start_and_load(daemon: FakeDaemon, options: dict[str, Any]) -> bytes:
     """Spawn a worker with the secret, load the fake model; return the main routing id."""
     daemon.spawn(SECRET)
-    routing_id, _hello = daemon.expect(p.W_HELLO)
-    daemon.send(routing_id, type=p.S_LOAD, protocol=p.PROTOCOL_VERSION, spec={"model": "fake", "options": options})
+    routing_id, _hello = daemon.expect(m.Hello.TYPE)
+    daemon.send(routing_id, type=m.Load.TYPE, protocol=p.PROTOCOL_VERSION, spec={"model": "fake", "options": options})
     while True:
         got_id, frame = daemon.receive()
         message = p.decode(frame)
-        assert got_id == routing_id and message["type"] in (p.W_LOADING, p.W_READY), message
-        if message["type"] == p.W_READY:
+        assert got_id == routing_id and message["type"] in (m.Loading.TYPE, m.Ready.TYPE), message
+        if message["type"] == m.Ready.TYPE:
             return routing_id
 
 
@@ -168,14 +169,14 @@ def generate(
 ) -> tuple[list[bytes], dict[str, Any]]:
     """Run one request; (the raw token frames, the done message)."""
     daemon.send(
-        routing_id, type=p.S_GENERATE, request_id=request_id, prompt="hello there", params={"max_tokens": max_tokens}
+        routing_id, type=m.Generate.TYPE, request_id=request_id, prompt="hello there", params={"max_tokens": max_tokens}
     )
     frames: list[bytes] = []
     while True:
         got_id, frame = daemon.receive()
         message = p.decode(frame)
-        assert got_id == routing_id and message["type"] in (p.W_TOKEN, p.W_DONE), message
-        if message["type"] == p.W_DONE:
+        assert got_id == routing_id and message["type"] in (m.Token.TYPE, m.Done.TYPE), message
+        if message["type"] == m.Done.TYPE:
             return frames, message
         frames.append(frame)
 
@@ -185,21 +186,21 @@ def generate(
 
 def test_routing_ids_carry_the_secret_and_hello_the_plain_worker_id(daemon: FakeDaemon) -> None:
     process = daemon.spawn(SECRET)
-    routing_id, hello = daemon.expect(p.W_HELLO)
+    routing_id, hello = daemon.expect(m.Hello.TYPE)
     main_id = f"{WORKER_ID}#{SECRET}".encode()
     assert routing_id == main_id == p.worker_routing_id(WORKER_ID, SECRET).encode()
     assert hello["worker_id"] == WORKER_ID
     heartbeat = daemon.wait_for_heartbeat(lambda h: True)
-    assert heartbeat["type"] == p.W_HEARTBEAT
+    assert heartbeat["type"] == m.Heartbeat.TYPE
     assert daemon.routing_ids == {main_id, main_id + b"/watchdog"}
     assert p.watchdog_identity(main_id.decode()).encode() == main_id + b"/watchdog"
-    daemon.send(routing_id, type=p.S_SHUTDOWN)
+    daemon.send(routing_id, type=m.Shutdown.TYPE)
     assert daemon.wait_exit(process) == p.ExitCode.OK
 
 
 def test_the_secret_is_neither_on_the_command_line_nor_left_for_engine_code(daemon: FakeDaemon) -> None:
     process = daemon.spawn(SECRET)
-    _, hello = daemon.expect(p.W_HELLO)
+    _, hello = daemon.expect(m.Hello.TYPE)
     cmdline = Path(f"/proc/{process.pid}/cmdline").read_bytes()
     assert b"--worker-id\0w.1\0" in cmdline  # it is the worker's command line
     assert SECRET.encode() not in cmdline
@@ -210,7 +211,7 @@ def test_the_secret_is_neither_on_the_command_line_nor_left_for_engine_code(daem
 
 def test_without_a_secret_the_routing_ids_are_the_worker_id(daemon: FakeDaemon) -> None:
     daemon.spawn(None)
-    routing_id, hello = daemon.expect(p.W_HELLO)
+    routing_id, hello = daemon.expect(m.Hello.TYPE)
     assert routing_id == WORKER_ID.encode() and hello["worker_id"] == WORKER_ID
     daemon.wait_for_heartbeat(lambda h: True)
     assert daemon.routing_ids == {WORKER_ID.encode(), f"{WORKER_ID}/watchdog".encode()}
@@ -226,7 +227,7 @@ def test_token_messages_carry_token_counts_that_add_up_to_the_usage(daemon: Fake
     assert [m.get("tokens", 1) for m in messages] == [3, 3, 3, 1]
     # Several tokens: an ordinary JSON message with "tokens"; one token: the
     # fast form, byte for byte, without "tokens".
-    assert frames[0] == p.encode({"type": p.W_TOKEN, "request_id": "r-1", "text": messages[0]["text"], "tokens": 3})
+    assert frames[0] == p.encode({"type": m.Token.TYPE, "request_id": "r-1", "text": messages[0]["text"], "tokens": 3})
     assert frames[-1] == p.token_frame_prefix("r-1") + p.encode_string(messages[-1]["text"]) + b"}"
     assert "tokens" not in messages[-1]
     assert len("".join(m["text"] for m in messages).split()) == 10

@@ -16,7 +16,8 @@ from typing import Any
 
 from . import protocol as p
 from .conversation import Conversation
-from .engine import BatchEngine, GenerateRequest, GenerateResult, RequestError
+from .engine import BatchEngine, GenerateResult, RequestError
+from .protocol.messages import Generate
 
 
 @dataclass
@@ -55,10 +56,9 @@ class BatchLoop:
     def _admit(self) -> None:
         waiting = self.conversation.waiting
         while waiting and len(self.running) < self.engine.slots:
-            message = waiting.popleft()
-            if message.get("type") != p.S_GENERATE:
+            request = waiting.popleft()
+            if not isinstance(request, Generate):
                 continue  # a second load: nothing to do with it
-            request = GenerateRequest.from_message(message)
             started = time.monotonic()
             emit = self.conversation.emitter(request.request_id, self._step_frames.append)
             try:
@@ -66,7 +66,7 @@ class BatchLoop:
             except RequestError as exc:
                 self.conversation.send_error(request.request_id, exc.code, exc.message)
                 continue
-            deadline = started + message["deadline_ms"] / 1000 if message.get("deadline_ms") else None
+            deadline = started + request.deadline_ms / 1000 if request.deadline_ms else None
             self.running[request.request_id] = _Running(emit, started, deadline)
         self._activity()
 

@@ -22,6 +22,20 @@ import zmq
 
 from . import protocol as p
 from .engine import GenerateResult
+from .protocol.messages import (
+    DAEMON_MESSAGES,
+    Cancel,
+    Done,
+    Generate,
+    GenerateError,
+    Load,
+    Message,
+    ProtocolError,
+    Shutdown,
+    Token,
+    Usage,
+    read_message,
+)
 
 log = logging.getLogger("worker")
 
@@ -29,7 +43,7 @@ log = logging.getLogger("worker")
 class Conversation:
     def __init__(self, sock: zmq.Socket) -> None:
         self.socket = sock
-        self.waiting: deque[dict[str, Any]] = deque()  # load and generate commands, in order
+        self.waiting: deque[Load | Generate] = deque()  # load and generate commands, in order
         self.cancelled: set[str] = set()
         self.stopping = False  # the daemon asked for a shutdown
         # What heartbeats report; written by the main thread, read by the watchdog.
@@ -37,7 +51,7 @@ class Conversation:
 
     # --- what comes in ---------------------------------------------------------------
 
-    def next_command(self) -> dict[str, Any] | None:
+    def next_command(self) -> Load | Generate | None:
         """Wait for the next load or generate; None once asked to shut down."""
         while not self.stopping:
             if self.waiting:
@@ -51,25 +65,22 @@ class Conversation:
         while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             self._on_command(sock.recv(zmq.NOBLOCK))
 
-    def put_back(self, message: dict[str, Any]) -> None:
+    def put_back(self, message: Load | Generate) -> None:
         """A command taken by next_command that is to be served next after all."""
         self.waiting.appendleft(message)
 
     def _on_command(self, frame: bytes) -> None:
         try:
-            message = p.decode(frame)
-        except p.DecodeError as exc:
-            log.error("undecodable message from daemon: %s", exc)
+            message = read_message(DAEMON_MESSAGES, p.decode(frame))
+        except (p.DecodeError, ProtocolError) as exc:
+            log.error("invalid message from daemon: %s", exc)
             return
-        kind = message.get("type")
-        if kind == p.S_CANCEL:
-            self.cancelled.add(message.get("request_id"))
-        elif kind == p.S_SHUTDOWN:
+        if isinstance(message, Cancel):
+            self.cancelled.add(message.request_id)
+        elif isinstance(message, Shutdown):
             self.stopping = True
-        elif kind in (p.S_LOAD, p.S_GENERATE):
+        elif isinstance(message, (Load, Generate)):
             self.waiting.append(message)
-        else:
-            log.error("unknown message type from daemon: %r", kind)
 
     def forget(self, request_id: str) -> None:
         """The request has ended: a cancel for it no longer matters."""
@@ -77,28 +88,29 @@ class Conversation:
 
     # --- what goes out -----------------------------------------------------------------
 
-    def send(self, **message: Any) -> None:
-        self.socket.send(p.encode(message))
+    def send(self, message: Message) -> None:
+        self.socket.send(p.encode(message.to_wire()))
 
     def send_frames(self, frames: list[bytes]) -> None:
         """Several token frames as one message: one send, one wake-up of the daemon."""
         self.socket.send_multipart(frames)
 
     def send_error(self, request_id: str, code: str, message: str) -> None:
-        self.send(type=p.W_ERROR, request_id=request_id, code=code, message=message)
+        self.send(GenerateError(request_id=request_id, code=code, message=message))
 
     def send_done(self, request_id: str, result: GenerateResult, started: float, emit: Any) -> None:
         ended = time.monotonic()
         first_token_at = getattr(emit, "first_token_at", None) or ended
         self.send(
-            type=p.W_DONE,
-            request_id=request_id,
-            finish_reason=result.finish_reason,
-            usage={"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
-            timings={
-                "prefill_ms": round((first_token_at - started) * 1000, 3),
-                "generate_ms": round((ended - started) * 1000, 3),
-            },
+            Done(
+                request_id=request_id,
+                finish_reason=result.finish_reason,
+                usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens),
+                timings={
+                    "prefill_ms": round((first_token_at - started) * 1000, 3),
+                    "generate_ms": round((ended - started) * 1000, 3),
+                },
+            )
         )
 
     def emitter(self, request_id: str, send: Callable[[bytes], Any] | None = None) -> Any:
@@ -117,7 +129,7 @@ class Conversation:
             if tokens == 1:
                 send(token_prefix + encode_string(text) + b"}")
             else:
-                send(p.encode({"type": p.W_TOKEN, "request_id": request_id, "text": text, "tokens": tokens}))
+                send(p.encode(Token(request_id=request_id, text=text, tokens=tokens).to_wire()))
 
         emit.first_token_at = None  # type: ignore[attr-defined]
         return emit

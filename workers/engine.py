@@ -9,11 +9,11 @@ turns one request into text pieces.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
-from . import protocol
 from .protocol import ErrorCode
+from .protocol.messages import Generate, LoadSpec
 
 # Engine kind -> module implementing it.  Adding an engine is one more module
 # here, one more requirements file in config/requirements/, and docs/ENGINES.md.
@@ -93,35 +93,6 @@ class RequestError(Exception):
 
 
 @dataclass
-class GenerateRequest:
-    """One generation request, already validated by the daemon."""
-
-    request_id: str
-    prompt: str | None = None
-    messages: list[dict[str, str]] | None = None
-    max_tokens: int = protocol.DEFAULT_MAX_TOKENS
-    temperature: float = protocol.DEFAULT_TEMPERATURE
-    top_p: float = protocol.DEFAULT_TOP_P
-    top_k: int = protocol.DEFAULT_TOP_K
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-    ignore_eos: bool = False
-
-    @classmethod
-    def from_message(cls, message: dict[str, Any]) -> "GenerateRequest":
-        params = message.get("params", {})
-        return cls(
-            request_id=message["request_id"],
-            prompt=message.get("prompt"),
-            messages=message.get("messages"),
-            **{k: v for k, v in params.items() if k in _PARAM_NAMES},
-        )
-
-
-_PARAM_NAMES = {"max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "ignore_eos"}
-
-
-@dataclass
 class GenerateResult:
     finish_reason: str  # FINISH_STOP, FINISH_LENGTH, or FINISH_CANCELLED when should_stop() ended it
     prompt_tokens: int
@@ -134,10 +105,10 @@ class Engine(Protocol):
     def versions(self) -> dict[str, Any]:
         """Library versions and build facts for the hello message; must not load a model."""
 
-    def load(self, spec: dict[str, Any], progress: ProgressFn) -> dict[str, Any]:
+    def load(self, spec: LoadSpec, progress: ProgressFn) -> dict[str, Any]:
         """Load the model described by ``spec``; return facts about it for status."""
 
-    def generate(self, request: GenerateRequest, emit: EmitFn, should_stop: StopFn) -> GenerateResult:
+    def generate(self, request: Generate, emit: EmitFn, should_stop: StopFn) -> GenerateResult:
         """Generate for one request, calling ``emit(text, tokens)`` per text piece
         and checking ``should_stop`` between tokens."""
 
@@ -150,7 +121,7 @@ class BatchEngine(Engine, Protocol):
 
     slots: int  # requests it can run at once, set by load (the spec's "parallel")
 
-    def begin(self, request: GenerateRequest, emit: EmitFn) -> None:
+    def begin(self, request: Generate, emit: EmitFn) -> None:
         """Take a request into a free slot (its prompt is read in the next step);
         RequestError when it cannot be served (the prompt does not fit, …)."""
 

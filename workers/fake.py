@@ -38,13 +38,13 @@ from typing import Any
 from .engine import (
     EmitFn,
     EngineUnavailable,
-    GenerateRequest,
     GenerateResult,
     ModelError,
     OutOfGpuMemory,
     ProgressFn,
     StopFn,
 )
+from .protocol.messages import Generate, LoadSpec
 from .protocol import FINISH_CANCELLED, FINISH_LENGTH, WORKER_CURVE_ENV, WORKER_SECRET_ENV
 
 WORDS = "the quick brown fox jumps over the lazy dog".split()
@@ -77,8 +77,8 @@ class FakeEngine:
                 pass  # a half-written control file: keep the last behaviour
         return options
 
-    def load(self, spec: dict[str, Any], progress: ProgressFn) -> dict[str, Any]:
-        self._options = dict(spec.get("options") or {})
+    def load(self, spec: LoadSpec, progress: ProgressFn) -> dict[str, Any]:
+        self._options = dict(spec.options or {})
         options = self._current()
         failure = options.get("fail_load")
         if failure == "model":
@@ -87,28 +87,28 @@ class FakeEngine:
             raise EngineUnavailable("fake: engine unavailable")
         if failure == "crash":
             os._exit(1)
-        limit, layers = options.get("oom_above_layers"), int(spec.get("n_gpu_layers") or 0)
+        limit, layers = options.get("oom_above_layers"), int(spec.n_gpu_layers or 0)
         if limit is not None and (layers < 0 or layers > int(limit)):
             raise OutOfGpuMemory(f"fake: {layers} GPU layers do not fit (at most {limit})")
-        self.slots = max(1, int(spec.get("parallel") or 1))
+        self.slots = max(1, int(spec.parallel or 1))
         steps = 5
         for step in range(steps):
             progress(step / steps, "fake loading")
             time.sleep(float(options.get("load_time_s", 0.0)) / steps)
         return {"model": "fake", "model_name": "fake", "n_ctx": 4096}
 
-    def generate(self, request: GenerateRequest, emit: EmitFn, should_stop: StopFn) -> GenerateResult:
+    def generate(self, request: Generate, emit: EmitFn, should_stop: StopFn) -> GenerateResult:
         options = self._current()
         delay = float(options.get("token_delay_s", 0.0))
         per_event = max(1, int(options.get("tokens_per_event", 1)))
         produced = 0
         finish = FINISH_LENGTH
-        while produced < request.max_tokens:
+        while produced < request.params.max_tokens:
             if should_stop():
                 finish = FINISH_CANCELLED
                 break
             _misbehave(options, produced)
-            count = min(per_event, request.max_tokens - produced)
+            count = min(per_event, request.params.max_tokens - produced)
             time.sleep(delay * count)
             emit("".join(WORDS[(produced + i) % len(WORDS)] + " " for i in range(count)), count)
             produced += count
@@ -117,7 +117,7 @@ class FakeEngine:
 
     # --- several requests at once (BatchEngine) ---------------------------------------
 
-    def begin(self, request: GenerateRequest, emit: EmitFn) -> None:
+    def begin(self, request: Generate, emit: EmitFn) -> None:
         self._batch[request.request_id] = [request, emit, 0]
 
     def step(self) -> list[tuple[str, GenerateResult]]:
@@ -129,7 +129,7 @@ class FakeEngine:
             _misbehave(options, produced)
             emit(WORDS[produced % len(WORDS)] + " ", 1)
             entry[2] = produced + 1
-            if entry[2] >= request.max_tokens:
+            if entry[2] >= request.params.max_tokens:
                 ended.append((request_id, self._result(request_id, FINISH_LENGTH)))
         return ended
 

@@ -36,7 +36,8 @@ import zmq
 from . import protocol as p
 from .batch import BatchLoop
 from .conversation import Conversation
-from .engine import EngineFailed, EngineUnavailable, GenerateRequest, ModelError, PreparedEngine, RequestError
+from .engine import EngineFailed, EngineUnavailable, ModelError, PreparedEngine, RequestError
+from .protocol.messages import Failed, Generate, Heartbeat, Hello, Load, LoadFailed, Loading, Message, Ready
 from .process import die_orphaned, name_this_thread
 
 log = logging.getLogger("worker")
@@ -105,12 +106,13 @@ class WorkerRuntime:
         load = self.conversation.next_command()
         if load is None:
             return p.ExitCode.OK
-        if load.get("protocol") != p.PROTOCOL_VERSION:
-            mismatch = f"worker speaks protocol {p.PROTOCOL_VERSION}, daemon {load.get('protocol')}"
+        if not isinstance(load, Load) or load.spec is None:
+            daemon = load.protocol if isinstance(load, Load) else "none (a generate before any load)"
+            mismatch = f"worker speaks protocol {p.PROTOCOL_VERSION}, daemon {daemon}"
             return self._fail(p.ExitCode.PROTOCOL_MISMATCH, "protocol_mismatch", mismatch)
         self.conversation.activity["phase"] = "loading"
         try:
-            facts = engine.load(load["spec"], self._report_progress)
+            facts = engine.load(load.spec, self._report_progress)
         except ModelError as exc:
             return self._fail(p.ExitCode.MODEL_ERROR, exc.code, str(exc))
         except EngineUnavailable as exc:
@@ -119,49 +121,49 @@ class WorkerRuntime:
             return self._fail(p.ExitCode.CRASH, exc.code, str(exc), exc.retry_after_s)
         self.conversation.activity["phase"] = "idle"
         slots = getattr(engine, "slots", 1)
-        self._send(type=p.W_READY, model=facts, slots=slots)
+        self._send(Ready(model=facts, slots=slots))
         log.info("ready: %s (%d at once)", facts.get("model_name"), slots)
         if slots > 1:
             BatchLoop(self.conversation, engine).run()
             return p.ExitCode.OK
         try:
             while (message := self.conversation.next_command()) is not None:
-                if message.get("type") == p.S_GENERATE:
+                if isinstance(message, Generate):  # a second load has nothing to do
                     self._serve(engine, message)
         except EngineFailed as exc:  # the request it ran is the daemon's to retry or fail, as after a crash
             log.error("%s: %s", exc.code, exc)
-            self._send(type=p.W_FAILED, code=exc.code, message=str(exc), retry_after_s=exc.retry_after_s)
+            self._send(Failed(code=exc.code, message=str(exc), retry_after_s=exc.retry_after_s))
             return p.ExitCode.CRASH
         return p.ExitCode.OK
 
     def _send_hello(self) -> None:
         """Introduce the worker by its plain id (the routing id carries the secret)."""
         self._send(
-            type=p.W_HELLO,
-            protocol=p.PROTOCOL_VERSION,
-            engine=self.engine_kind,
-            worker_id=self.worker_id,
-            pid=os.getpid(),
-            python=sys.version.split()[0],
-            executable=sys.executable,
-            packages=installed_versions(),
-            versions=self.prepared.versions,
+            Hello(
+                protocol=p.PROTOCOL_VERSION,
+                engine=self.engine_kind,
+                worker_id=self.worker_id,
+                pid=os.getpid(),
+                python=sys.version.split()[0],
+                executable=sys.executable,
+                packages=installed_versions(),
+                versions=self.prepared.versions,
+            )
         )
 
     def _fail(self, exit_code: int, code: str, message: str, retry_after_s: float | None = None) -> int:
         log.error("%s: %s", code, message)
-        self._send(type=p.W_LOAD_FAILED, code=code, message=message, exit_code=exit_code, retry_after_s=retry_after_s)
+        self._send(LoadFailed(code=code, message=message, exit_code=exit_code, retry_after_s=retry_after_s))
         return exit_code
 
     def _report_progress(self, fraction: float, message: str) -> None:
-        self._send(type=p.W_LOADING, progress=round(fraction, 3), message=message)
+        self._send(Loading(progress=round(fraction, 3), message=message))
 
-    def _serve(self, engine: Any, message: dict[str, Any]) -> None:
+    def _serve(self, engine: Any, request: Generate) -> None:
         conversation = self.conversation
-        request = GenerateRequest.from_message(message)
         rid = request.request_id
         started = time.monotonic()
-        deadline = started + message["deadline_ms"] / 1000 if message.get("deadline_ms") else None
+        deadline = started + request.deadline_ms / 1000 if request.deadline_ms else None
         conversation.activity.update(phase="generating", request_id=rid, tokens=0, last_token_at=started)
         emit = conversation.emitter(rid)
 
@@ -188,8 +190,8 @@ class WorkerRuntime:
             conversation.forget(rid)
             conversation.activity.update(phase="idle", request_id=None)
 
-    def _send(self, **message: Any) -> None:
-        self.conversation.send(**message)
+    def _send(self, message: Message) -> None:
+        self.conversation.send(message)
 
     # --- watchdog thread -----------------------------------------------------
 
@@ -202,7 +204,7 @@ class WorkerRuntime:
             while True:
                 now = time.monotonic()
                 if now >= next_heartbeat:
-                    sock.send(p.encode(self._heartbeat(now)))
+                    sock.send(p.encode(self._heartbeat(now).to_wire()))
                     next_heartbeat = now + self.heartbeat_interval
                 if now - last_heard > self.orphan_after:
                     die_orphaned(now - last_heard)
@@ -216,11 +218,11 @@ class WorkerRuntime:
         finally:
             sock.close(linger=0)
 
-    def _heartbeat(self, now: float) -> dict[str, Any]:
+    def _heartbeat(self, now: float) -> Heartbeat:
         activity = dict(self.conversation.activity)
         last_token_at = activity.pop("last_token_at")
         age_ms = None if last_token_at is None else round((now - last_token_at) * 1000, 1)
-        return {"type": p.W_HEARTBEAT, **activity, "last_token_age_ms": age_ms}
+        return Heartbeat(**activity, last_token_age_ms=age_ms)
 
 
 def installed_versions() -> dict[str, str | None]:

@@ -6,13 +6,16 @@ node-supervisor [--config FILE] [global flags] run | generate | status | ping | 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
+import typing
 from datetime import datetime
 from typing import Any
 
 from workers.protocol import ExitCode
+from workers.protocol.messages import Sampling
 
 from ..config import ConfigError, Settings, find_config_file, load_settings, unknown_environment_variables
 
@@ -93,12 +96,15 @@ def _add_generate(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("prompt")
     gen.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
     gen.add_argument("--system", help="system message (with --chat)")
-    gen.add_argument("--max-tokens", type=int)
-    gen.add_argument("--temperature", type=float)
-    gen.add_argument("--top-p", type=float)
-    gen.add_argument("--top-k", type=int)
-    gen.add_argument("--seed", type=int)
-    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    hints = typing.get_type_hints(Sampling)
+    for f in dataclasses.fields(Sampling):  # one flag per sampling field, as the protocol defines it
+        flag, hint, text = "--" + f.name.replace("_", "-"), hints[f.name], f.metadata.get("help")
+        if hint is bool:
+            gen.add_argument(flag, action="store_true", default=None, help=text)
+        elif typing.get_origin(hint) is tuple:
+            gen.add_argument(flag, action="append", help=text)
+        else:
+            gen.add_argument(flag, type=float if float in (hint, *typing.get_args(hint)) else int, help=text)
     gen.add_argument("--engine", help="pin an engine by name")
     gen.add_argument("--deadline-ms", type=int)
     gen.add_argument("--no-stream", action="store_true", help="one reply at the end")

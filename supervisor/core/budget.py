@@ -25,7 +25,6 @@ class DailyBudgets:
         self.router = router
         self.effects = effects
         self.day: str | None = None  # the daemon's first tick names it; until then, figures count towards it
-        router.on_budget_spent = self.spent
 
     def spent(self, engine: EngineState, now: float) -> None:
         """A request's cost took the engine's spend today to its budget."""

@@ -11,6 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from workers.protocol.messages import Message
+
+from ..planning.decide.types import Plan
+
 
 @dataclass(frozen=True)
 class WorkerLaunch:
@@ -24,7 +28,7 @@ class WorkerLaunch:
 
 class Effects(Protocol):
     def start_worker(self, launch: WorkerLaunch) -> None:
-        """Spawn the worker process; its exit is reported back through Supervisor.on_exit."""
+        """Spawn the worker process; its exit is reported back through Supervision.on_exit."""
 
     def stop_worker(self, worker_id: str, connected: bool) -> None:
         """Ask the worker to exit: a shutdown message if it is connected, else SIGTERM."""
@@ -32,7 +36,7 @@ class Effects(Protocol):
     def kill_worker(self, worker_id: str, grace_s: float) -> None:
         """SIGTERM, then SIGKILL after ``grace_s``: for hung or lingering workers."""
 
-    def send_worker(self, worker_id: str, message: dict[str, Any]) -> None:
+    def send_worker(self, worker_id: str, message: Message) -> None:
         """A message on the worker's main socket (dropped if it is not connected)."""
 
     def send_heartbeat(self, worker_id: str) -> None:
@@ -53,10 +57,10 @@ class Effects(Protocol):
     def build_warning(self, kind: str, versions: dict[str, Any]) -> str | None:
         """What is wrong with a worker's engine build on this node (a CPU-only llama.cpp on a GPU node), with the fix."""
 
-    def plan_load(self, engine: str, previous: Any, after_oom: bool) -> Any:
-        """Plan the engine's next load against the GPU as it is now (planning/decide/plan.py's Plan for this
-        engine), or None when the engine is not planned (no model facts: it loads as configured).
-        ``previous`` is the plan in force; ``after_oom``: its choice just ran out of GPU memory."""
+    def plan_load(self, engine: str, previous: Plan | None, after_oom: bool) -> Plan | None:
+        """Plan the engine's next load against the GPU as it is now, or None when the engine is
+        not planned (no model facts: it loads as configured).  ``previous`` is the plan in force;
+        ``after_oom``: its choice just ran out of GPU memory.  A question: it changes nothing."""
 
 
 # Topics of the event feed (docs/PROTOCOL.md lists their fields).

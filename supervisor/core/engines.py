@@ -5,12 +5,15 @@ place that decides whether a worker process must be started.  Pure.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+from dataclasses import replace
+from typing import Any, Iterator
 
 from workers.protocol import ErrorCode
+from workers.protocol.messages import LOAD_SPEC_FIELDS, LoadSpec
 
 from ..config import EngineConfig, SupervisionConfig
 from ..logs import get_logger
+from ..planning.decide.types import Candidate, Plan
 from .effects import TOPIC_ENGINE_PLAN, Effects, WorkerLaunch
 from .latency import EngineLatency
 from .lifecycle import StateListener, Worker, WorkerState
@@ -21,7 +24,7 @@ from .stats import EngineStats
 log = get_logger("supervisor.engines")
 
 
-def _describe(chosen: Any) -> dict[str, Any] | None:
+def _describe(chosen: Candidate | None) -> dict[str, Any] | None:
     if chosen is None:
         return None
     return {
@@ -61,9 +64,7 @@ class EngineState:
         self.stats = EngineStats()  # kept across reloads, like the queue
         # Set when retrying cannot help (no CUDA, missing environment): (error code, reason).
         self.hard_failure: tuple[str, str] | None = None
-        self.plan: Any = (
-            None  # planning.decide.plan.Plan for this engine, in force since its last start; None: as configured
-        )
+        self.plan: Plan | None = None  # in force since the engine's last start; None: loaded as configured
         self.oom_step = False  # the last load ran out of GPU memory: the next plan steps down
         self.build_warnings: list[str] = []  # what the worker's build cannot do on this node, with the fix
         # A configuration reload: the worker finishes what it runs, then goes (core/reload.py).
@@ -93,8 +94,8 @@ class EngineState:
         self.latency.ttft.window_s = self.latency.per_token.window_s = supervision.latency_window_s
 
     @property
-    def chosen(self) -> Any:
-        """The plan's choice in force (planning.decide.plan.Candidate), if the engine is planned."""
+    def chosen(self) -> Candidate | None:
+        """The plan's choice in force, if the engine is planned."""
         return self.plan.engines[0].chosen if self.plan is not None else None
 
     @property
@@ -104,30 +105,25 @@ class EngineState:
             return self.chosen is not None and self.chosen.n_gpu_layers != 0
         return self.config.uses_gpu
 
-    def load_spec(self) -> dict[str, Any]:
-        """What the worker loads: the plan's choice where there is one, else the configuration."""
+    def load_spec(self) -> LoadSpec:
+        """What the worker loads: the plan's choice where there is one, else the configuration
+        (llama.cpp's thread and batch settings unset: the worker's default for where the layers run)."""
         config, chosen = self.config, self.chosen
-        spec = {
-            "model": self.model_path,
-            "n_ctx": config.n_ctx,
-            "n_gpu_layers": config.n_gpu_layers,
-            "cache_type": config.cache_type,
-            "chat_format": config.chat_format,
-            "options": config.options,
-            "parallel": config.parallel,
-            # unset (None): the worker's default for where the layers run
-            "n_threads": config.n_threads,
-            "n_threads_batch": config.n_threads_batch,
-            "n_batch": config.n_batch,
-            "n_ubatch": config.n_ubatch,
-            "flash_attn": config.flash_attn,
-            "upstream": config.upstream.model_dump() if config.upstream else None,
-        }
-        if spec["n_gpu_layers"] == "auto":
-            spec["n_gpu_layers"] = 0
+        configured = {name: getattr(config, name) for name in LOAD_SPEC_FIELDS if name not in ("model", "upstream")}
+        spec = LoadSpec(
+            **configured,
+            model=self.model_path,
+            upstream=config.upstream.model_dump() if config.upstream else None,
+        )
+        if spec.n_gpu_layers == "auto":  # not planned (no model facts): the CPU
+            spec = replace(spec, n_gpu_layers=0)
         if chosen is not None:
-            spec.update(
-                model=chosen.path, n_ctx=chosen.n_ctx, n_gpu_layers=chosen.n_gpu_layers, cache_type=chosen.cache_type
+            spec = replace(
+                spec,
+                model=chosen.path,
+                n_ctx=chosen.n_ctx,
+                n_gpu_layers=chosen.n_gpu_layers,
+                cache_type=chosen.cache_type,
             )
         return spec
 
@@ -235,7 +231,7 @@ class Engines:
         self.refused_unrouted: dict[str, int] = {}  # generate ops refused before an engine was known, by code
         self._gpu_waiting: set[str] = set()  # GPU engines waiting for another's memory
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[EngineState]:
         return iter(self.by_name.values())
 
     def __getitem__(self, name: str) -> EngineState:
@@ -318,16 +314,18 @@ class Engines:
             engine.worker.transition(WorkerState.FAILED, f"nothing to load: {reason}")
         return False
 
-    def draining(self, engine: EngineState, now: float) -> bool:
-        """True while a reload keeps the engine's worker from taking requests; it is stopped
-        as soon as it runs nothing, and the engine restarted or dropped once it has gone."""
-        if not (engine.reload_pending or engine.retired):
-            return False
-        if not engine.worker.running:
+    @staticmethod
+    def is_draining(engine: EngineState) -> bool:
+        """A reload keeps the engine's worker from taking requests (its load changed, or it was removed)."""
+        return engine.reload_pending or engine.retired
+
+    def drain(self, engine: EngineState, now: float) -> None:
+        """Stop a draining engine's worker as soon as it runs nothing; the engine is restarted or
+        dropped once the worker has gone."""
+        if self.is_draining(engine) and not engine.worker.running:
             self.stop(engine, "configuration reloaded", now)
             if not engine.worker.alive:
                 self.drained(engine, now)
-        return True
 
     def drained(self, engine: EngineState, now: float) -> None:
         """The worker a reload waited for has gone (stopped, or crashed while draining)."""

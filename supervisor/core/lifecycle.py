@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Callable
 
+from workers.protocol.messages import Failed, Heartbeat, Hello, LoadFailed
+
 from ..logs import get_logger
 
 if TYPE_CHECKING:
@@ -64,12 +66,12 @@ def check_transition(old: WorkerState, new: WorkerState) -> None:
 class WorkerReport:
     """What the current worker process said about itself."""
 
-    hello: dict[str, Any] = field(default_factory=dict)
+    hello: Hello | None = None
     model: dict[str, Any] = field(default_factory=dict)
-    heartbeat: dict[str, Any] = field(default_factory=dict)
+    heartbeat: Heartbeat | None = None
     load_progress: float | None = None
-    load_failure: dict[str, Any] | None = None
-    failure: dict[str, Any] | None = None  # why a ready worker could not go on (its ``failed`` message)
+    load_failure: LoadFailed | None = None
+    failure: Failed | None = None  # why a ready worker could not go on
 
 
 @dataclass
@@ -97,7 +99,7 @@ class Worker:
         self._on_transition = on_transition
         self.state = WorkerState.STOPPED
         self.reason = ""
-        self.generation = 0
+        self.starts = 0  # processes started for this engine: the worker ids' suffix
         self.worker_id = ""
         self.alive = False  # a process exists (from start until its exit is reported)
         self.running: dict[str, Generation] = {}  # what it generates now, by wire id, in dispatch order
@@ -119,8 +121,8 @@ class Worker:
 
     def begin(self, now: float) -> str:
         """A new process is about to start: a new id, a clean report."""
-        self.generation += 1
-        self.worker_id = f"{self.engine}.{self.generation}"
+        self.starts += 1
+        self.worker_id = f"{self.engine}.{self.starts}"
         self.alive, self.hang_reason, self.kill_cause, self.slots = True, None, None, 1
         self.report = WorkerReport()
         self.times = WorkerTimes(started_at=now, last_heard=now, last_progress_at=now)
@@ -138,4 +140,4 @@ class Worker:
     @property
     def connected(self) -> bool:
         """Hello received: messages reach it."""
-        return bool(self.report.hello)
+        return self.report.hello is not None

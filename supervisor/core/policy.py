@@ -40,13 +40,12 @@ def retry_can_help(exit_code: int | None) -> bool:
     return exit_code not in NO_RETRY_EXIT_CODES
 
 
-def retry_after(failure: dict[str, Any]) -> float:
+def retry_after(retry_after_s: float | None) -> float:
     """How long a worker's failure report asked the restart to wait (a remote engine's
     upstream said Retry-After), at most an hour; 0 when it did not say."""
-    value = failure.get("retry_after_s")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    if retry_after_s is None or not retry_after_s > 0:
         return 0.0
-    return min(float(value), MAX_RETRY_AFTER_S)
+    return min(retry_after_s, MAX_RETRY_AFTER_S)
 
 
 class Circuit(str, Enum):

@@ -2,7 +2,7 @@
 
 Only engines whose load changed get a new worker, and never by cutting a
 request off: the old worker finishes what it runs, takes nothing new
-(``Engines.draining``), is stopped once idle and replaced by one loaded with
+(``Engines.drain``), is stopped once idle and replaced by one loaded with
 the new settings.  Meanwhile its waiting requests move to an engine that
 serves, or wait for the new worker.  A removed engine drains the same way and
 is dropped once its worker has gone; what waited on it moves on or, if pinned
@@ -20,32 +20,15 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from workers.protocol import ErrorCode
+from workers.protocol.messages import LOAD_SPEC_FIELDS
 
 from ..config import EngineConfig, Settings
 from .engines import EngineState
-from .supervisor import Supervisor
+from .supervision import Supervision
 
-# What a worker was loaded with: a change needs a new worker.
-LOAD_FIELDS = frozenset(
-    {
-        "kind",
-        "model",
-        "n_ctx",
-        "parallel",
-        "n_threads",
-        "n_threads_batch",
-        "n_batch",
-        "n_ubatch",
-        "flash_attn",
-        "n_gpu_layers",
-        "cache_type",
-        "cache_types_allowed",
-        "chat_format",
-        "env",
-        "options",
-        "upstream",
-    }
-)
+# What a worker was loaded with: a change needs a new worker.  The load spec's own fields, and the
+# settings that decide them or the process around them.
+LOAD_FIELDS = frozenset(LOAD_SPEC_FIELDS) | {"kind", "env", "cache_types_allowed"}
 # Top-level settings a reload applies; the others hold until the daemon restarts.
 LIVE_SETTINGS = ("engines", "supervision", "gpu", "log_level")
 
@@ -95,7 +78,7 @@ def effective_settings(old: Settings, new: Settings) -> Settings:
 
 
 def apply_reload(
-    supervisor: Supervisor, settings: Settings, changes: ReloadChanges, fresh: Callable[[str], EngineState], now: float
+    supervisor: Supervision, settings: Settings, changes: ReloadChanges, fresh: Callable[[str], EngineState], now: float
 ) -> None:
     """Carry ``changes`` out; ``fresh(name)`` builds an engine's state from the new settings
     (with the daemon's checks: environment present, model file present)."""
@@ -106,14 +89,14 @@ def apply_reload(
         engine.retired = True
         engine.hard_failure = (ErrorCode.UNKNOWN_ENGINE, f"engine {name!r} was removed by a configuration reload")
         router.reroute_queue(engine, now)
-        engines.draining(engine, now)
+        engines.drain(engine, now)
     for name in changes.restarted:
         engine = engines[name]
         engine.take_config(fresh(name))
         engine.reload_pending = True
         if engine.refusal is not None:
             router.reroute_queue(engine, now)
-        engines.draining(engine, now)
+        engines.drain(engine, now)
     for name in changes.updated:
         engine = engines[name]
         engine.config = settings.engines[name]

@@ -16,13 +16,15 @@ from typing import Any, Callable
 
 from workers import protocol as p
 from workers.protocol import ErrorCode
+from workers.protocol.messages import Cancel, Done, Generate, GenerateError
 
 from ..logs import get_logger
 from .effects import Effects, TOPIC_REQUEST_RETRY
 from .engines import Engines, EngineState
 from .policy import LatencySwitch
 from .request import ClientRequest, Generation, Probe
-from .validate import GenerateParams, InvalidMessage
+from .errors import Refused
+from .validate import GenerateParams
 
 log = get_logger("supervisor.router")
 
@@ -41,29 +43,30 @@ class Router:
         self.effects = effects
         self.requests: dict[tuple[bytes, str], ClientRequest] = {}
         self.probes: set[Probe] = set()
-        self.on_probe_end: ProbeHook = lambda *_: None  # the supervisor judges probes
-        self.on_budget_spent: Callable[[EngineState, float], None] = lambda *_: None  # core/budget.py reacts
+        # Set by the composition root: the supervisor judges probes, the daily budgets react to a spent one.
+        self.on_probe_end: ProbeHook = lambda *_: None
+        self.on_budget_spent: Callable[[EngineState, float], None] = lambda *_: None
         self._wire_ids = itertools.count(1)
 
     # --- arrivals ----------------------------------------------------------------
 
     def submit(self, envelope: list[bytes], mid: str, params: GenerateParams, now: float) -> None:
-        """A validated generate op: queue it or refuse it (InvalidMessage, counted by engine and code)."""
+        """A validated generate op: queue it or refuse it (Refused, counted by engine and code)."""
         engine = self.engines.get(params.engine)  # a client's name for an engine is counted only if it names one
         try:
             if self.engines.stopping:
-                raise InvalidMessage(ErrorCode.SHUTTING_DOWN, "the daemon is stopping")
+                raise Refused(ErrorCode.SHUTTING_DOWN, "the daemon is stopping")
             request = ClientRequest(
                 client=b"".join(envelope), id=mid, envelope=envelope, params=params, received_at=now
             )
             if request.key in self.requests:
-                raise InvalidMessage(ErrorCode.DUPLICATE_ID, f"id {mid!r} is still in use by a running request")
+                raise Refused(ErrorCode.DUPLICATE_ID, f"id {mid!r} is still in use by a running request")
             engine = self._choose_engine(params.engine)
             if not engine.has_room:
-                raise InvalidMessage(
+                raise Refused(
                     ErrorCode.BUSY, f"engine {engine.name!r} has {len(engine.queue)} requests waiting (max_queue)"
                 )
-        except InvalidMessage as refused:
+        except Refused as refused:
             self.engines.count_refusal(engine, refused.code)
             raise
         self.requests[request.key] = request
@@ -79,17 +82,17 @@ class Router:
         if pinned is not None:
             engine = self.engines.get(pinned)
             if engine is None:
-                raise InvalidMessage(
+                raise Refused(
                     ErrorCode.UNKNOWN_ENGINE,
                     f"no engine named {pinned!r}; configured: {', '.join(self.engines.by_name)}",
                 )
             if engine.refusal:
-                raise InvalidMessage(*engine.refusal)
+                raise Refused(*engine.refusal)
             return engine
         engine = self.target_for_unpinned()
         if engine is None:
             reasons = "; ".join(f"{e.name}: {e.refusal[1]}" for e in self.engines if e.refusal)
-            raise InvalidMessage(ErrorCode.NO_ENGINE, f"no engine can serve: {reasons}")
+            raise Refused(ErrorCode.NO_ENGINE, f"no engine can serve: {reasons}")
         return engine
 
     def running(self) -> int:
@@ -126,7 +129,8 @@ class Router:
 
     def pump(self, engine: EngineState, now: float) -> None:
         """Give the engine's idle worker the oldest waiting request (none while a reload drains it)."""
-        if self.engines.draining(engine, now):
+        if self.engines.is_draining(engine):
+            self.engines.drain(engine, now)
             return
         while engine.worker.free_slots and engine.queue:
             generation = engine.queue.popleft()
@@ -144,14 +148,13 @@ class Router:
         worker.running[generation.wire_id] = generation
         deadline_at = generation.deadline_at
         params = generation.params
-        message = {
-            "type": p.S_GENERATE,
-            "request_id": generation.wire_id,
-            "prompt": params.prompt,
-            "messages": params.messages,
-            "params": params.sampling,
-            "deadline_ms": None if deadline_at is None else max(1, int((deadline_at - now) * 1000)),
-        }
+        message = Generate(
+            request_id=generation.wire_id,
+            prompt=params.prompt,
+            messages=None if params.messages is None else tuple(params.messages),
+            params=params.sampling,
+            deadline_ms=None if deadline_at is None else max(1, int((deadline_at - now) * 1000)),
+        )
         self.effects.send_worker(worker.worker_id, message)
 
     # --- requests leaving an engine ----------------------------------------------------
@@ -247,7 +250,7 @@ class Router:
         if engine.remove(generation):
             return True
         if engine.worker.running.get(generation.wire_id) is generation:
-            self.effects.send_worker(engine.worker.worker_id, {"type": p.S_CANCEL, "request_id": generation.wire_id})
+            self.effects.send_worker(engine.worker.worker_id, Cancel(request_id=generation.wire_id))
         return False
 
     def _deadline_passed(self, generation: Generation, now: float) -> None:
@@ -278,9 +281,9 @@ class Router:
         else:
             generation.text.append(json.loads(text_literal))
 
-    def on_result(self, engine: EngineState, message: dict[str, Any], now: float) -> None:
+    def on_result(self, engine: EngineState, message: Done | GenerateError, now: float) -> None:
         """The worker's done or error for its running request."""
-        generation = engine.worker.running.pop(message.get("request_id"), None)  # type: ignore[arg-type]
+        generation = engine.worker.running.pop(message.request_id, None)
         if generation is None:
             return  # the end of a request already retried elsewhere
         engine.worker.times.probe_due_at = now + self.probe_interval_s
@@ -288,20 +291,14 @@ class Router:
         if deadline_at is not None and now >= deadline_at:
             # The worker stops at the deadline too; its "cancelled" must not win over the daemon's verdict.
             self._deadline_passed(generation, now)
-        if message.get("type") == p.W_DONE:
+        if isinstance(message, Done):
             if not generation.finished and generation.first_token_at is not None:
                 engine.latency.record(
                     now, generation.engine_ttft_ms(), (now - generation.first_token_at) * 1000, generation.tokens
                 )
-            self.done(
-                generation,
-                message.get("finish_reason", p.FINISH_STOP),
-                message.get("usage", {}),
-                message.get("timings", {}),
-                now,
-            )
+            self.done(generation, message.finish_reason, message.usage.to_wire(), message.timings, now)
         else:
-            self.fail(generation, message.get("code", ErrorCode.INTERNAL), message.get("message", "worker error"), now)
+            self.fail(generation, message.code, message.message, now)
         self.pump(engine, now)
 
     # --- the one terminal path ---------------------------------------------------------

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from workers import protocol as p
+from workers.protocol.messages import LoadFailed
 
 from ..config import EngineConfig
 from .request import Generation
@@ -100,12 +101,12 @@ REQUEST_BUCKETS_S = (
 RESTART_CAUSES = ("crash", "hang", "probe_failure", "oom", "load_failure")
 
 
-def restart_cause(kill_cause: str | None, load_failure: dict[str, Any] | None) -> str:
+def restart_cause(kill_cause: str | None, load_failure: LoadFailed | None) -> str:
     """One of RESTART_CAUSES: killed by the supervisor (hung, failed its liveness probe), or ended on its own."""
     if kill_cause:
         return kill_cause
     if load_failure:
-        return "oom" if load_failure.get("code") == p.ErrorCode.GPU_OUT_OF_MEMORY else "load_failure"
+        return "oom" if load_failure.code == p.ErrorCode.GPU_OUT_OF_MEMORY else "load_failure"
     return "crash"
 
 

@@ -11,11 +11,15 @@ reply unchecked.  Error messages echo client input only as field labels or
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from workers import protocol as p
 from workers.protocol import CLIENT_OPS, OP_GENERATE, ErrorCode, field_label, invalid_text_path, is_text
+from workers.protocol.messages import SAMPLING_FIELDS, Sampling
+
+from .errors import ClientError
 
 MAX_ID_LENGTH = 128
 MAX_STOP_STRINGS = 8
@@ -25,13 +29,8 @@ ROLES = ("system", "user", "assistant")
 _NOT_TEXT = "not valid Unicode text (a lone UTF-16 surrogate)"
 
 
-class InvalidMessage(Exception):
-    """A message refused with ``code``; ``message`` is the one line the client reads."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+class InvalidMessage(ClientError):
+    """A message that is wrong in itself, refused with ``code`` (``message`` names the field)."""
 
 
 @dataclass
@@ -43,7 +42,7 @@ class GenerateParams:
     stream: bool
     engine: str | None
     deadline_ms: int | None
-    sampling: dict[str, Any] = field(default_factory=dict)  # what the worker receives as "params"
+    sampling: Sampling = field(default_factory=Sampling)  # what the worker receives as "params"
 
 
 def message_op(message: dict[str, Any]) -> str:
@@ -75,24 +74,7 @@ def reply_id(message: dict[str, Any]) -> str | None:
     return value if isinstance(value, str) and is_text(value) else None
 
 
-_GENERATE_FIELDS = frozenset(
-    {
-        "op",
-        "id",
-        "prompt",
-        "messages",
-        "stream",
-        "engine",
-        "deadline_ms",
-        "max_tokens",
-        "temperature",
-        "top_p",
-        "top_k",
-        "stop",
-        "seed",
-        "ignore_eos",
-    }
-)
+_GENERATE_FIELDS = frozenset({"op", "id", "prompt", "messages", "stream", "engine", "deadline_ms", *SAMPLING_FIELDS})
 _CANCEL_FIELDS = frozenset({"op", "id", "target"})
 _BARE_FIELDS = frozenset({"op", "id"})
 
@@ -109,16 +91,33 @@ def parse_generate(message: dict[str, Any], max_tokens_limit: int) -> GeneratePa
         stream=_bool(message, "stream", True),
         engine=_optional_str(message, "engine"),
         deadline_ms=_int(message, "deadline_ms", None, 1, 24 * 3600 * 1000, nullable=True),
-        sampling={
-            "max_tokens": _int(message, "max_tokens", min(p.DEFAULT_MAX_TOKENS, max_tokens_limit), 1, max_tokens_limit),
-            "temperature": _number(message, "temperature", p.DEFAULT_TEMPERATURE, 0.0, 5.0),
-            "top_p": _number(message, "top_p", p.DEFAULT_TOP_P, 0.0, 1.0),
-            "top_k": _int(message, "top_k", p.DEFAULT_TOP_K, 0, 1_000_000),
-            "stop": _stop(message),
-            "seed": _int(message, "seed", None, 0, 2**32 - 1, nullable=True),
-            "ignore_eos": _bool(message, "ignore_eos", False),
-        },
+        sampling=parse_sampling(message, max_tokens_limit),
     )
+
+
+def parse_sampling(message: dict[str, Any], max_tokens_limit: int) -> Sampling:
+    """The sampling settings of a generate op, each field checked by its type and limits as
+    ``Sampling`` defines them; what the client leaves out keeps the default (``max_tokens``
+    never above ``max_tokens_limit``)."""
+    values: dict[str, Any] = {}
+    hints = typing.get_type_hints(Sampling)
+    for f in dataclasses.fields(Sampling):
+        low, high = f.metadata.get("limits", (None, None))
+        default = f.default
+        if f.name == "max_tokens":
+            default, high = min(default, max_tokens_limit), max_tokens_limit
+        hint = hints[f.name]
+        if f.name == "stop":
+            values["stop"] = tuple(_stop(message))
+        elif hint is bool:
+            values[f.name] = _bool(message, f.name, default)
+        elif hint in (int, int | None):
+            values[f.name] = _int(message, f.name, default, low, high, nullable=hint is not int)
+        elif hint in (float, float | None):
+            values[f.name] = _number(message, f.name, default, low, high)
+        else:  # a new kind of field needs its check written here first
+            raise TypeError(f"Sampling.{f.name}: no check for {hint}")
+    return Sampling(**values)
 
 
 def parse_cancel(message: dict[str, Any]) -> str:
@@ -255,5 +254,6 @@ __all__ = [
     "message_op",
     "parse_cancel",
     "parse_generate",
+    "parse_sampling",
     "reply_id",
 ]

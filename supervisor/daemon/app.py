@@ -20,6 +20,7 @@ import zmq
 
 from workers import protocol as p
 from workers.protocol import ErrorCode
+from workers.protocol.messages import Message, Shutdown
 
 from ..config import Settings, split_listen
 from ..core.effects import TOPIC_WORKER_STATE, WorkerLaunch
@@ -27,8 +28,8 @@ from ..core.engines import Engines, EngineState
 from ..core.lifecycle import Worker, WorkerState
 from ..core.policy import LatencySwitch
 from ..core.router import Router
-from ..core.supervisor import Supervisor
-from ..core.validate import InvalidMessage
+from ..core.supervision import Supervision
+from ..core.errors import Refused
 from ..node.envs import env_dir, env_is_current, env_python, worker_environ
 from ..io.client_front import ClientFront
 from ..io.events import EventPublisher
@@ -36,6 +37,7 @@ from ..io.metrics import MetricsExporter, NodeCollector
 from ..io.metrics_server import MetricsServer
 from ..planning.measure.inputs import STATUS_SNAPSHOT_AGE_S, Planning
 from ..io.sd_notify import Notifier
+from ..planning.decide.types import Plan
 from ..planning.measure.gpu import cpu_only_build_on_gpu_node
 from ..io.access import CLIENTS_DOMAIN, WORKERS_DOMAIN, LocalAccess
 from ..io.worker_link import WorkerLink
@@ -70,7 +72,9 @@ class Daemon:
             min_dwell_s=supervision.switch_min_dwell_s, breach_for_s=supervision.switch_breach_for_s
         )
         self.router = Router(self.engines, self.switch, self, supervision.probe_interval_s)
-        self.supervisor = Supervisor(self.engines, self.router, self.switch, settings, self)
+        self.supervisor = Supervision(self.engines, self.router, self.switch, settings, self)
+        self.router.on_probe_end = self.supervisor.judge_probe
+        self.router.on_budget_spent = self.supervisor.budgets.spent
         self.notices = ServiceNotices(
             Notifier(), self.engines, self.router, ready_when_bound=settings.systemd_ready == "bound"
         )
@@ -87,8 +91,6 @@ class Daemon:
         self.metrics = MetricsExporter(NodeCollector(self.engines, self.planning, self.processes))
         self.metrics_server: MetricsServer | None = None
         self.metrics_url: str | None = None
-        # Every token goes through send_client: the front's own method, without a hop through this class.
-        self.send_client = self.clients.send  # type: ignore[method-assign]
         self.http = self._http_front() if settings.http.listen else None
 
     def _http_front(self) -> Any:
@@ -193,7 +195,7 @@ class Daemon:
     def _reload_quietly(self, reason: str) -> None:
         try:
             self.reload(reason)
-        except InvalidMessage:
+        except Refused:
             pass  # logged and published by the reload
         except Exception:
             log.exception("internal error reloading the configuration")
@@ -298,7 +300,7 @@ class Daemon:
 
     def stop_worker(self, worker_id: str, connected: bool) -> None:
         if connected:
-            self.workers.send(worker_id, {"type": p.S_SHUTDOWN})
+            self.workers.send(worker_id, Shutdown())
         elif (process := self.processes.get(worker_id)) is not None:
             process.signal(signal.SIGTERM)  # not connected yet, a message could not reach it
 
@@ -307,7 +309,7 @@ class Daemon:
         if process is not None:
             process.kill(grace_s)
 
-    def send_worker(self, worker_id: str, message: dict[str, Any]) -> None:
+    def send_worker(self, worker_id: str, message: Message) -> None:
         self.workers.send(worker_id, message)
 
     def send_heartbeat(self, worker_id: str) -> None:
@@ -331,7 +333,7 @@ class Daemon:
             return None
         return cpu_only_build_on_gpu_node(versions, self.planning.snapshot(STATUS_SNAPSHOT_AGE_S))
 
-    def plan_load(self, engine: str, previous: Any, after_oom: bool) -> Any:
+    def plan_load(self, engine: str, previous: Plan | None, after_oom: bool) -> Plan | None:
         try:
             return self.planning.plan_load(self.engines[engine], previous, after_oom, self._own_pids(engine))
         except Exception:  # a planning bug must not keep an engine from starting: it loads as configured

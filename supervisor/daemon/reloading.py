@@ -18,8 +18,8 @@ from ..config import ConfigError, Settings, reload_settings
 from ..core.effects import TOPIC_RELOAD
 from ..core.engines import EngineState
 from ..core.reload import apply_reload, compare, effective_settings
-from ..core.supervisor import Supervisor
-from ..core.validate import InvalidMessage
+from ..core.supervision import Supervision
+from ..core.errors import Refused
 from ..logs import get_logger
 from ..planning.measure.inputs import Planning
 from .notices import ServiceNotices
@@ -29,9 +29,9 @@ log = get_logger("supervisor.daemon")
 
 def reload_config(
     running: Settings,
-    supervisor: Supervisor,
+    supervisor: Supervision,
     planning: Planning,
-    fresh_engine: Callable[[Settings, str], EngineState],
+    fresh_engine: Callable[[str, Settings], EngineState],
     notices: ServiceNotices,
     reason: str,
 ) -> tuple[Settings, dict[str, Any]]:
@@ -39,23 +39,23 @@ def reload_config(
 
     Returns the settings now in force (the new file's live settings over the
     running ones: the daemon keeps them) and the summary of what changed;
-    raises InvalidMessage(invalid_config) and changes nothing when the file is invalid.
-    ``fresh_engine(settings, name)`` builds an engine's state from the new settings.
+    raises Refused(invalid_config) and changes nothing when the file is invalid.
+    ``fresh_engine(name, settings)`` builds an engine's state from the new settings.
     """
     if supervisor.engines.stopping:
-        raise InvalidMessage(ErrorCode.SHUTTING_DOWN, "the daemon is stopping")
+        raise Refused(ErrorCode.SHUTTING_DOWN, "the daemon is stopping")
     try:
         new = reload_settings(running)
     except ConfigError as exc:
         log.error("configuration reload refused; the running configuration stays", reason=reason, error=str(exc))
         supervisor.effects.publish(TOPIC_RELOAD, ok=False, error=str(exc))
-        raise InvalidMessage(ErrorCode.INVALID_CONFIG, str(exc)) from None
+        raise Refused(ErrorCode.INVALID_CONFIG, str(exc)) from None
     notices.reloading()
     changes = compare(running, new)
     settings = effective_settings(running, new)
     planning.settings = settings  # before the engines change: a restarted engine is planned with the new settings
     logging.getLogger().setLevel(settings.log_level.upper())
-    apply_reload(supervisor, settings, changes, lambda name: fresh_engine(settings, name), time.monotonic())
+    apply_reload(supervisor, settings, changes, lambda name: fresh_engine(name, settings), time.monotonic())
     summary = changes.as_dict()
     log.info("configuration reloaded", reason=reason, **summary)
     if changes.needs_restart:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import asdict
 from typing import Any, Mapping
 
 from workers import protocol as p
@@ -12,7 +13,7 @@ from workers import protocol as p
 from .. import __version__
 from ..config import Settings
 from ..core.engines import EngineState
-from ..core.supervisor import Supervisor
+from ..core.supervision import Supervision
 from ..io.worker_process import WorkerProcess
 from ..planning.measure.gpu import snapshot_to_dict
 from ..planning.measure.inputs import STATUS_SNAPSHOT_AGE_S, Planning, worker_gpu_bytes
@@ -20,7 +21,7 @@ from ..planning.measure.inputs import STATUS_SNAPSHOT_AGE_S, Planning, worker_gp
 
 def daemon_status(
     settings: Settings,
-    supervisor: Supervisor,
+    supervisor: Supervision,
     planning: Planning,
     processes: Mapping[str, WorkerProcess],
     started_at: float,
@@ -67,6 +68,7 @@ def _plan(engine: EngineState, snapshot: Any) -> dict[str, Any]:
 def _worker(processes: Mapping[str, WorkerProcess], engine: EngineState, now: float, snapshot: Any) -> dict[str, Any]:
     worker, report, times = engine.worker, engine.worker.report, engine.worker.times
     process = processes.get(worker.worker_id) if worker.alive else None
+    hello = report.hello
     info: dict[str, Any] = {
         "id": worker.worker_id,
         "state": worker.state.value,
@@ -74,13 +76,13 @@ def _worker(processes: Mapping[str, WorkerProcess], engine: EngineState, now: fl
         "pid": process.pid if process else None,
         "restarts": worker.restarts,
         "uptime_s": round(now - times.started_at, 1) if times.started_at and worker.alive else None,
-        "python": report.hello.get("python"),
-        "executable": report.hello.get("executable"),
-        "packages": report.hello.get("packages", {}),
-        "versions": report.hello.get("versions", {}),
+        "python": hello.python if hello else None,
+        "executable": hello.executable if hello else None,
+        "packages": hello.packages if hello else {},
+        "versions": hello.versions if hello else {},
         "model": report.model,
         "load_progress": report.load_progress,
-        "phase": report.heartbeat.get("phase"),
+        "phase": report.heartbeat.phase if report.heartbeat else None,
         "requests": [g.id for g in worker.running.values()],
         "last_heartbeat_age_ms": round((now - times.last_heard) * 1000, 1)
         if times.last_heard and worker.alive
@@ -90,7 +92,7 @@ def _worker(processes: Mapping[str, WorkerProcess], engine: EngineState, now: fl
         "last_exit": worker.last_exit,
     }
     if report.load_failure:
-        info["load_failure"] = report.load_failure
+        info["load_failure"] = asdict(report.load_failure)
     if report.failure:
-        info["failure"] = report.failure
+        info["failure"] = asdict(report.failure)
     return info

@@ -19,7 +19,8 @@ from workers.protocol import ErrorCode
 
 from .. import __version__
 from ..core.router import Router
-from ..core.validate import InvalidMessage, check_bare, message_id, message_op, parse_cancel, parse_generate
+from ..core.errors import ClientError, Refused
+from ..core.validate import check_bare, message_id, message_op, parse_cancel, parse_generate
 from ..logs import get_logger
 from .transport import SocketReader, send_now
 
@@ -53,7 +54,7 @@ class ClientFront:
         self.sock = sock
         self.router = router
         self.status = status
-        self.reload = reload  # the reply's fields; raises InvalidMessage(invalid_config) for a bad file
+        self.reload = reload  # the reply's fields; raises Refused(invalid_config) for a bad file
         self.max_message_bytes = max_message_bytes
         self.max_tokens_limit = max_tokens_limit
         self.reader = SocketReader(sock, self.on_frames)
@@ -104,9 +105,9 @@ class ClientFront:
             mid = message_id(message)
             handler = self.ops[message_op(message)]
             if self.router.in_use(envelope, mid):
-                raise InvalidMessage(ErrorCode.DUPLICATE_ID, f"id {mid!r} is still in use by a running request")
+                raise Refused(ErrorCode.DUPLICATE_ID, f"id {mid!r} is still in use by a running request")
             handler(envelope, mid, message, now)
-        except InvalidMessage as exc:
+        except ClientError as exc:
             if exc.code == ErrorCode.DUPLICATE_ID:
                 # Answering with this id would look like a second end of the running request.
                 self._error(envelope, None, exc.code, exc.message, rejected_id=mid)

@@ -15,21 +15,38 @@ from typing import Any, Callable
 import zmq
 
 from workers import protocol as p
+from workers.protocol.messages import (
+    WORKER_MESSAGES,
+    DaemonHeartbeat,
+    Done,
+    Failed,
+    GenerateError,
+    Heartbeat,
+    Hello,
+    LoadFailed,
+    Loading,
+    Message,
+    ProtocolError,
+    Ready,
+    Shutdown,
+    Token,
+    read_message,
+)
 
 from ..core.engines import EngineState
 from ..core.router import Router
-from ..core.supervisor import Supervisor
+from ..core.supervision import Supervision
 from ..logs import get_logger
 from .transport import SocketReader, send_now
 
 log = get_logger("supervisor.worker_link")
 
-Handler = Callable[[EngineState, dict[str, Any], float], None]
+Handler = Callable[[EngineState, Any, float], None]  # each takes its own message class
 REFUSAL_LOG_INTERVAL_S = 10.0  # refused peers are logged at most this often (with a count)
 
 
 class WorkerLink:
-    def __init__(self, sock: zmq.Socket, supervisor: Supervisor, router: Router, publish: Callable[..., None]) -> None:
+    def __init__(self, sock: zmq.Socket, supervisor: Supervision, router: Router, publish: Callable[..., None]) -> None:
         self.sock = sock
         self.supervisor = supervisor
         self.router = router
@@ -41,16 +58,16 @@ class WorkerLink:
         self._routes: dict[str, bytes] = {}  # worker id -> routing id of its main socket
         self._refused_since_log = 0
         self._refusal_logged_at = float("-inf")
-        self.handlers: dict[str, Handler] = {
-            p.W_HELLO: supervisor.on_hello,
-            p.W_LOADING: supervisor.on_loading,
-            p.W_READY: supervisor.on_ready,
-            p.W_LOAD_FAILED: supervisor.on_load_failed,
-            p.W_FAILED: supervisor.on_failed,
-            p.W_HEARTBEAT: supervisor.on_heartbeat,
-            p.W_TOKEN: self._on_token,
-            p.W_DONE: router.on_result,
-            p.W_ERROR: router.on_result,
+        self.handlers: dict[type[Message], Handler] = {
+            Hello: supervisor.on_hello,
+            Loading: supervisor.on_loading,
+            Ready: supervisor.on_ready,
+            LoadFailed: supervisor.on_load_failed,
+            Failed: supervisor.on_failed,
+            Heartbeat: supervisor.on_heartbeat,
+            Token: self._on_token,
+            Done: router.on_result,
+            GenerateError: router.on_result,
         }
 
     # --- who may speak ---------------------------------------------------------------
@@ -80,16 +97,16 @@ class WorkerLink:
 
     # --- sending ---------------------------------------------------------------------
 
-    def send(self, worker_id: str, message: dict[str, Any]) -> None:
+    def send(self, worker_id: str, message: Message) -> None:
         """To the worker's main socket; dropped if it is not connected (its exit is seen elsewhere)."""
         routing_id = self._routes.get(worker_id)
         if routing_id is not None:
-            self._send(routing_id, p.encode(message))
+            self._send(routing_id, p.encode(message.to_wire()))
 
     def send_heartbeat(self, worker_id: str) -> None:
         routing_id = self._routes.get(worker_id)
         if routing_id is not None:
-            self._send(routing_id + p.WATCHDOG_SUFFIX.encode(), p.encode({"type": p.S_HEARTBEAT}))
+            self._send(routing_id + p.WATCHDOG_SUFFIX.encode(), p.encode(DaemonHeartbeat().to_wire()))
 
     def _send(self, routing_id: bytes, frame: bytes) -> None:
         error = send_now(self.sock, [routing_id, frame], self.reader)
@@ -107,7 +124,7 @@ class WorkerLink:
             return
         worker_id, engine = peer
         if engine.worker.worker_id != worker_id:  # a worker of an earlier generation: it has no business here
-            self._send(routing_id, p.encode({"type": p.S_SHUTDOWN}))
+            self._send(routing_id, p.encode(Shutdown().to_wire()))
             return
         # Usually one message per frame list; a worker serving several requests sends a step's tokens together.
         for payload in frames[1:]:
@@ -133,27 +150,22 @@ class WorkerLink:
     def _on_message(self, engine: EngineState, payload: bytes, now: float) -> None:
         worker_id = engine.worker.worker_id
         try:
-            message = p.decode(payload)
+            raw = p.decode(payload)
         except p.DecodeError as exc:
             log.error("undecodable message from a worker", worker_id=worker_id, error=str(exc))
             return
-        bad_text = p.invalid_text_path(message)
-        handler = self.handlers.get(message.get("type"))  # type: ignore[arg-type]
-        if bad_text is not None or handler is None:
-            log.error(
-                "invalid message from a worker",
-                worker_id=worker_id,
-                type=repr(message.get("type")),
-                invalid_text=bad_text,
-            )
+        bad_text = p.invalid_text_path(raw)
+        try:
+            message = read_message(WORKER_MESSAGES, raw) if bad_text is None else None
+        except ProtocolError as exc:
+            message, bad_text = None, str(exc)
+        if message is None:
+            log.error("invalid message from a worker", worker_id=worker_id, type=repr(raw.get("type")), error=bad_text)
             return
         self.supervisor.heard_from(engine, now)
-        handler(engine, message, now)
+        self.handlers[type(message)](engine, message, now)
 
-    def _on_token(self, engine: EngineState, message: dict[str, Any], now: float) -> None:
-        wire_id, text, tokens = message.get("request_id"), message.get("text"), message.get("tokens", 1)
-        if not isinstance(wire_id, str) or not isinstance(text, str):
-            return
+    def _on_token(self, engine: EngineState, message: Token, now: float) -> None:
         # 0: text held back from tokens already counted (a stop string that did not complete)
-        count = tokens if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 0 else 1
-        self.router.on_token(engine, wire_id, p.encode_string(text), count, now)
+        count = message.tokens if message.tokens >= 0 else 1
+        self.router.on_token(engine, message.request_id, p.encode_string(message.text), count, now)

@@ -21,7 +21,6 @@ from typing import Any
 from ..engine import (
     EmitFn,
     EngineUnavailable,
-    GenerateRequest,
     GenerateResult,
     ModelError,
     OutOfGpuMemory,
@@ -29,6 +28,7 @@ from ..engine import (
     RequestError,
     StopFn,
 )
+from ..protocol.messages import Generate, LoadSpec
 from ..protocol import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, ErrorCode
 
 
@@ -99,21 +99,19 @@ class ExLlamaV2Engine:
             "numpy": numpy.__version__,
         }
 
-    def load(self, spec: dict[str, Any], progress: ProgressFn) -> dict[str, Any]:
-        model_dir = Path(spec["model"])
+    def load(self, spec: LoadSpec, progress: ProgressFn) -> dict[str, Any]:
+        model_dir = Path(spec.model)
         if not model_dir.is_dir():
             raise ModelError(f"model directory not found: {model_dir}", missing=True)
         if not (model_dir / "config.json").is_file():
             raise ModelError(f"not an EXL2 model directory (no config.json): {model_dir}")
-        options = dict(spec.get("options") or {})
+        options = dict(spec.options or {})
         # The option names ExLlamaV2's own type; the spec's (the plan's) uses llama.cpp's names.
-        cache_type = str(
-            options.get("cache_type") or {"q8_0": "q8", "q4_0": "q4"}.get(spec.get("cache_type") or "", "fp16")
-        )
+        cache_type = str(options.get("cache_type") or {"q8_0": "q8", "q4_0": "q4"}.get(spec.cache_type or "", "fp16"))
         if cache_type not in CACHE_TYPES:
             raise ModelError(f"cache_type {cache_type!r} is not one of {', '.join(CACHE_TYPES)}")
         # Round up to whole cache pages rather than refuse an n_ctx like 2000.
-        n_ctx = -(-int(spec.get("n_ctx", 2048)) // PAGE_SIZE) * PAGE_SIZE
+        n_ctx = -(-int(spec.n_ctx) // PAGE_SIZE) * PAGE_SIZE
         progress(0.0, f"loading {model_dir.name}")
         try:
             config = ExLlamaV2Config(str(model_dir))
@@ -170,7 +168,7 @@ class ExLlamaV2Engine:
         model.load_autosplit(cache, reserve_vram=options.get("reserve_vram"), callback=on_module)
         return cache
 
-    def _prompt_ids(self, request: GenerateRequest) -> Any:
+    def _prompt_ids(self, request: Generate) -> Any:
         tokenizer = self._tokenizer
         if request.messages is None:
             return tokenizer.encode(request.prompt or "", add_bos=True, encode_special_tokens=True)
@@ -191,19 +189,19 @@ class ExLlamaV2Engine:
         return tokenizer.encode(text, add_bos=False, encode_special_tokens=True)
 
     @staticmethod
-    def _sampler(request: GenerateRequest) -> Any:
+    def _sampler(request: Generate) -> Any:
         """Sampling settings.  Repetition penalty off (exllamav2 defaults to
         1.025) so both engines sample alike; temperature 0 means greedy."""
-        if request.temperature <= 0:
+        if request.params.temperature <= 0:
             return ExLlamaV2Sampler.Settings.greedy()
         return ExLlamaV2Sampler.Settings(
-            temperature=request.temperature,
-            top_p=request.top_p,
-            top_k=request.top_k,
+            temperature=request.params.temperature,
+            top_p=request.params.top_p,
+            top_k=request.params.top_k,
             token_repetition_penalty=1.0,
         )
 
-    def generate(self, request: GenerateRequest, emit: EmitFn, should_stop: StopFn) -> GenerateResult:
+    def generate(self, request: Generate, emit: EmitFn, should_stop: StopFn) -> GenerateResult:
         input_ids = self._prompt_ids(request)
         prompt_tokens = int(input_ids.shape[-1])
         if prompt_tokens == 0:
@@ -212,13 +210,13 @@ class ExLlamaV2Engine:
             raise RequestError(
                 ErrorCode.CONTEXT_OVERFLOW, f"prompt is {prompt_tokens} tokens; the context holds {self._n_ctx}"
             )
-        stop: list[int | str] = [] if request.ignore_eos else list(self._stop_tokens)
-        stop += [s for s in request.stop if s]
+        stop: list[int | str] = [] if request.params.ignore_eos else list(self._stop_tokens)
+        stop += [s for s in request.params.stop if s]
         job = ExLlamaV2DynamicJob(
             input_ids=input_ids,
-            max_new_tokens=min(request.max_tokens, self._n_ctx - prompt_tokens),
+            max_new_tokens=min(request.params.max_tokens, self._n_ctx - prompt_tokens),
             gen_settings=self._sampler(request),
-            seed=request.seed,
+            seed=request.params.seed,
             stop_conditions=stop,
         )
         generator = self._generator

@@ -18,7 +18,6 @@ from typing import Any, Protocol
 from ..engine import (
     EmitFn,
     EngineUnavailable,
-    GenerateRequest,
     GenerateResult,
     ModelError,
     OutOfGpuMemory,
@@ -26,6 +25,7 @@ from ..engine import (
     RequestError,
     StopFn,
 )
+from ..protocol.messages import Generate, LoadSpec
 from ..protocol import ErrorCode
 from .log import LlamaLog, python_prints
 from .loop import TokenLoop
@@ -92,19 +92,19 @@ class LlamaCppEngine:
 
         return {**build_facts(), "numpy": numpy.__version__}
 
-    def load(self, spec: dict[str, Any], progress: ProgressFn) -> dict[str, Any]:
-        model_path = Path(spec["model"])
+    def load(self, spec: LoadSpec, progress: ProgressFn) -> dict[str, Any]:
+        model_path = Path(spec.model)
         if not model_path.is_file():
             raise ModelError(f"model file not found: {model_path}", missing=True)
-        options: dict[str, Any] = dict(spec.get("options") or {})
-        cache_type = spec.get("cache_type") or "f16"
-        n_gpu_layers = spec.get("n_gpu_layers", 0)
+        options: dict[str, Any] = dict(spec.options or {})
+        cache_type = spec.cache_type or "f16"
+        n_gpu_layers = spec.n_gpu_layers
         on_gpu = n_gpu_layers != 0 and bool(llama_cpp.llama_supports_gpu_offload())
         settings = choose(spec, options, layers_on_gpu=on_gpu, quantized_cache=cache_type != "f16")
         options.pop("flash_attn", None)  # set through the context parameters below, "auto" included
         kwargs = {**options, **settings.llama_kwargs(), **_cache_kwargs(cache_type)}
-        self.slots = max(1, int(spec.get("parallel") or 1))
-        n_ctx = int(spec.get("n_ctx") or 2048)
+        self.slots = max(1, int(spec.parallel or 1))
+        n_ctx = int(spec.n_ctx or 2048)
         # parallel: one sequence per request in one context, n_ctx cells each (not shared: kv_unified off).
         several = {"n_seq_max": self.slots, "n_ctx": n_ctx * self.slots, "kv_unified": False} if self.slots > 1 else {}
         kwargs.update(
@@ -138,7 +138,7 @@ class LlamaCppEngine:
             self._batch = SequenceBatch(
                 llama_cpp, llm.model, llm.ctx, self.slots, llama_cpp.llama_n_batch(llm.ctx), self._loop
             )
-        self._chat_formatter = self._make_chat_formatter(spec.get("chat_format"))
+        self._chat_formatter = self._make_chat_formatter(spec.chat_format)
         progress(1.0, "loaded")
         return {**self._facts(model_path, n_gpu_layers), **self._in_force(settings)}
 
@@ -200,7 +200,7 @@ class LlamaCppEngine:
         family = _ARCHITECTURE_TEMPLATES.get(llm.metadata.get("general.architecture", ""))
         return _BuiltinTemplate(family) if family else None
 
-    def _prompt_tokens(self, request: GenerateRequest) -> tuple[list[int], list[str]]:
+    def _prompt_tokens(self, request: Generate) -> tuple[list[int], list[str]]:
         """Tokens to evaluate and any stop strings the chat format adds."""
         llm = self._llm
         if request.messages is None:
@@ -216,7 +216,7 @@ class LlamaCppEngine:
             raise RequestError(ErrorCode.INVALID_REQUEST, f"chat template rejected the messages: {exc}") from exc
         return llm.tokenize(prompt.encode("utf-8"), add_bos=not has_bos, special=True), stop
 
-    def _prepare(self, request: GenerateRequest) -> tuple[list[int], TextAssembler, Any]:
+    def _prepare(self, request: Generate) -> tuple[list[int], TextAssembler, Any]:
         """The request's prompt tokens (checked against one request's context), text assembler and sampler chain."""
         tokens, chat_stop = self._prompt_tokens(request)
         if not tokens:  # an empty prompt to a model that adds no start token: no logits to sample from
@@ -227,19 +227,25 @@ class LlamaCppEngine:
         if len(tokens) >= n_ctx:
             raise RequestError(ErrorCode.CONTEXT_OVERFLOW, f"prompt is {len(tokens)} tokens; the context holds {n_ctx}")
         # Same seeding rule as create_completion: an explicit seed, else a fresh one.
-        seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(4), "little")
+        seed = request.params.seed if request.params.seed is not None else int.from_bytes(os.urandom(4), "little")
         assert self._loop is not None, "generate before load"
         sampler = self._loop.sampler(
-            request.temperature, request.top_p, request.top_k, seed, ban_eog=request.ignore_eos
+            request.params.temperature,
+            request.params.top_p,
+            request.params.top_k,
+            seed,
+            ban_eog=request.params.ignore_eos,
         )
-        return tokens, TextAssembler(list(request.stop) + chat_stop), sampler
+        return tokens, TextAssembler(list(request.params.stop) + chat_stop), sampler
 
     # --- several requests at once (parallel > 1) ---------------------------------------------
 
-    def begin(self, request: GenerateRequest, emit: EmitFn) -> None:
+    def begin(self, request: Generate, emit: EmitFn) -> None:
         assert self._batch is not None, "begin without parallel"
         tokens, text, sampler = self._prepare(request)
-        self._batch.begin(request.request_id, tokens, sampler, text, emit, request.max_tokens, not request.ignore_eos)
+        self._batch.begin(
+            request.request_id, tokens, sampler, text, emit, request.params.max_tokens, not request.params.ignore_eos
+        )
 
     def step(self) -> list[tuple[str, GenerateResult]]:
         assert self._batch is not None
@@ -251,15 +257,15 @@ class LlamaCppEngine:
 
     # --- one request at a time ------------------------------------------------------------
 
-    def generate(self, request: GenerateRequest, emit: EmitFn, should_stop: StopFn) -> GenerateResult:
+    def generate(self, request: Generate, emit: EmitFn, should_stop: StopFn) -> GenerateResult:
         tokens, text, sampler = self._prepare(request)
         loop = self._loop
         assert loop is not None
         n_ctx = self._llm.n_ctx()
         try:
             loop.prefill(tokens)
-            budget = min(request.max_tokens, n_ctx - len(tokens))
-            generated, finish = loop.run(sampler, budget, not request.ignore_eos, should_stop, text, emit)
+            budget = min(request.params.max_tokens, n_ctx - len(tokens))
+            generated, finish = loop.run(sampler, budget, not request.params.ignore_eos, should_stop, text, emit)
         finally:
             loop.free(sampler)
         tail = text.flush()

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..protocol.messages import LoadSpec
+
 # enum llama_flash_attn_type (llama.h)
 FLASH_ATTN_AUTO, FLASH_ATTN_DISABLED, FLASH_ATTN_ENABLED = -1, 0, 1
 
@@ -45,7 +47,7 @@ class LoadSettings:
         }
 
 
-def choose(spec: dict[str, Any], options: dict[str, Any], layers_on_gpu: bool, quantized_cache: bool) -> LoadSettings:
+def choose(spec: LoadSpec, options: dict[str, Any], layers_on_gpu: bool, quantized_cache: bool) -> LoadSettings:
     """The settings for one load: the spec's explicit value, else the engine's
     ``options`` (extra Llama() arguments), else the default for the device.
 
@@ -56,7 +58,7 @@ def choose(spec: dict[str, Any], options: dict[str, Any], layers_on_gpu: bool, q
     """
 
     def pick(key: str, default: Any) -> Any:
-        value = spec.get(key)
+        value = getattr(spec, key)
         if value is None:
             value = options.get(key)
         return default if value is None else value

@@ -18,10 +18,17 @@ from __future__ import annotations
 import json
 from typing import Any
 
-# Which strings are text, and where the first that is not sits: part of this module's interface.
+# Part of this module's interface: which strings are text (text.py); the typed messages and the
+# sampling settings with their defaults (messages.py).
+from .messages import (  # noqa: F401
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
+    DEFAULT_TOP_P,
+    PROTOCOL_VERSION,
+    Token,
+)
 from .text import MAX_LABEL_LENGTH, field_label, invalid_text_path, is_text  # noqa: F401
-
-PROTOCOL_VERSION = 1
 
 # --- client ops and events -------------------------------------------------
 
@@ -45,14 +52,7 @@ FINISH_STOP = "stop"  # end-of-generation token or a stop string
 FINISH_LENGTH = "length"  # max_tokens reached (or the context is full)
 FINISH_CANCELLED = "cancelled"  # a cancel op, or the client went away
 
-# What a generate op's sampling fields are when the client leaves them out:
-# the daemon fills them in, and a worker given a partial "params" uses them too.
-DEFAULT_MAX_TOKENS = 256
 MAX_SLOTS = 64  # the most requests one worker may generate at once (an engine's `parallel`)
-DEFAULT_TEMPERATURE = 0.8
-DEFAULT_TOP_P = 0.95
-DEFAULT_TOP_K = 40
-
 
 # --- error codes (client-facing; docs/PROTOCOL.md lists each) ---------------
 
@@ -83,26 +83,7 @@ class ErrorCode:
     INTERNAL = "internal_error"  # a bug: reported, logged, and the daemon goes on
 
 
-# --- worker <-> daemon messages --------------------------------------------
-
-# worker -> daemon
-W_HELLO = "hello"  # protocol, engine, worker_id, pid, versions, gpu_offload
-W_LOADING = "loading"  # progress 0..1, message
-W_READY = "ready"  # model facts; slots: requests it generates at once (1 when absent)
-W_LOAD_FAILED = "load_failed"  # code, message, exit_code (retry_after_s); the worker then exits
-W_FAILED = "failed"  # code, message, retry_after_s: the engine cannot go on serving (its upstream failed); the worker then exits 1
-W_HEARTBEAT = "heartbeat"  # phase, request_id, last_token_age_ms
-W_TOKEN = "token"  # request_id, text
-W_DONE = "done"  # request_id, finish_reason, usage, timings
-W_ERROR = "error"  # request_id, code, message
-
-# daemon -> worker
-S_LOAD = "load"  # spec: model path and engine options
-S_GENERATE = "generate"  # request_id, prompt | messages, params, deadline_ms
-S_CANCEL = "cancel"  # request_id
-S_HEARTBEAT = "heartbeat"  # the daemon is alive
-S_SHUTDOWN = "shutdown"  # finish nothing more; exit
-
+# --- worker <-> daemon messages: messages.py defines each one (a dataclass with its wire type) ---
 
 # The worker's second socket, which carries heartbeats both ways (see
 # workers/runtime.py), has the worker id plus this suffix as its routing id.
@@ -198,7 +179,7 @@ def token_frame_prefix(request_id: str) -> bytes:
     JSON string literal, and ``}``.  Worker and daemon build and read token
     messages with it, so the commonest message costs no JSON work either side;
     a token message in any other (valid JSON) form is still understood."""
-    return encode({"type": W_TOKEN, "request_id": request_id, "text": ""})[:-3]
+    return encode({"type": Token.TYPE, "request_id": request_id, "text": ""})[:-3]
 
 
 def token_frame_request_id(frame: bytes) -> str | None:

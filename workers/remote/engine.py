@@ -31,12 +31,12 @@ from ..engine import (
     EmitFn,
     EngineFailed,
     EngineUnavailable,
-    GenerateRequest,
     GenerateResult,
     ModelError,
     ProgressFn,
     StopFn,
 )
+from ..protocol.messages import Generate, LoadSpec
 from .http import DONE, Upstream, describe, events
 from ..protocol import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP
 
@@ -56,8 +56,8 @@ class OpenAIRemoteEngine:
     def versions(self) -> dict[str, Any]:
         return {"http_client": f"python {platform.python_version()} http.client", "ssl": ssl.OPENSSL_VERSION}
 
-    def load(self, spec: dict[str, Any], progress: ProgressFn) -> dict[str, Any]:
-        config = spec.get("upstream") or {}
+    def load(self, spec: LoadSpec, progress: ProgressFn) -> dict[str, Any]:
+        config = spec.upstream or {}
         if not config.get("base_url"):
             raise EngineUnavailable("no upstream configured: [engines.<name>.upstream] base_url")
         connect_s = float(config.get("connect_timeout_s") or DEFAULT_CONNECT_TIMEOUT_S)
@@ -100,7 +100,7 @@ class OpenAIRemoteEngine:
             )
         return [str(entry["id"]) for entry in data if isinstance(entry, dict) and entry.get("id")]
 
-    def generate(self, request: GenerateRequest, emit: EmitFn, should_stop: StopFn) -> GenerateResult:
+    def generate(self, request: Generate, emit: EmitFn, should_stop: StopFn) -> GenerateResult:
         upstream = self._upstream()
         chat = request.messages is not None
         response = upstream.send("POST", "/chat/completions" if chat else "/completions", self._body(request))
@@ -154,26 +154,26 @@ class OpenAIRemoteEngine:
                 return _result(FINISH_CANCELLED, usage, sent)
         raise EngineFailed(f"upstream's stream ended without [DONE] after {sent} tokens")
 
-    def _body(self, request: GenerateRequest) -> dict[str, Any]:
+    def _body(self, request: Generate) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.model,
             "stream": True,
             "stream_options": {"include_usage": True},
-            "max_tokens": request.max_tokens,
-            "temperature": request.temperature,
-            "top_p": request.top_p,
+            "max_tokens": request.params.max_tokens,
+            "temperature": request.params.temperature,
+            "top_p": request.params.top_p,
         }
         if request.messages is not None:
             body["messages"] = request.messages
         else:
             body["prompt"] = request.prompt or ""
-        if request.stop:
-            body["stop"] = list(request.stop)
-        if request.seed is not None:
-            body["seed"] = request.seed
+        if request.params.stop:
+            body["stop"] = list(request.params.stop)
+        if request.params.seed is not None:
+            body["seed"] = request.params.seed
         if self.send_top_k:
-            body["top_k"] = request.top_k
-        if request.ignore_eos:  # not OpenAI's: sent only when asked for (vLLM and llama-server take it)
+            body["top_k"] = request.params.top_k
+        if request.params.ignore_eos:  # not OpenAI's: sent only when asked for (vLLM and llama-server take it)
             body["ignore_eos"] = True
         return body
 

@@ -18,6 +18,8 @@ from typing import Any
 from workers import protocol as p
 from workers.protocol import ErrorCode
 
+from workers.protocol.messages import SAMPLING_FIELDS
+
 from ...config import EngineConfig
 
 CHAT = "chat"
@@ -25,8 +27,10 @@ COMPLETIONS = "completions"
 DEFAULT_MODEL = "default"  # the `model` that lets the daemon choose (as an absent one does)
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat uses the protocol's
 
-# Passed to the generate op as they are (null: the protocol's default); the last three are the protocol's own extensions.
-PASSED = ("temperature", "top_p", "seed", "stop", "top_k", "ignore_eos", "deadline_ms")
+# Passed to the generate op as they are (null: the protocol's default): every sampling field but max_tokens
+# (taken apart: chat's max_completion_tokens, completions' default), and deadline_ms.  top_k, ignore_eos and
+# deadline_ms are the protocol's own extensions.
+PASSED = (*(name for name in SAMPLING_FIELDS if name != "max_tokens"), "deadline_ms")
 # Known to OpenAI's API and refused unless null or one of these values (which change nothing).
 REFUSED_UNLESS: dict[str, tuple[Any, ...]] = {
     "n": (1,),

@@ -7,10 +7,12 @@ follows, and the effects happen through Effects.
 from __future__ import annotations
 
 import itertools
+from dataclasses import asdict
 from typing import Any
 
 from workers import protocol as p
 from workers.protocol import ErrorCode
+from workers.protocol.messages import Failed, Heartbeat, Hello, Load, LoadFailed, Loading, Ready, Sampling
 
 from ..config import Settings
 from ..logs import get_logger
@@ -33,18 +35,11 @@ from .validate import GenerateParams
 
 log = get_logger("supervisor.supervisor")
 
-PROBE_SAMPLING = {
-    "max_tokens": 1,
-    "temperature": 0.0,
-    "top_p": 1.0,
-    "top_k": 1,
-    "stop": [],
-    "seed": 0,
-    "ignore_eos": False,
-}
+# A liveness probe: one greedy token.
+PROBE_SAMPLING = Sampling(max_tokens=1, temperature=0.0, top_p=1.0, top_k=1, seed=0)
 
 
-class Supervisor:
+class Supervision:
     def __init__(
         self, engines: Engines, router: Router, switch: LatencySwitch, settings: Settings, effects: Effects
     ) -> None:
@@ -55,7 +50,6 @@ class Supervisor:
         self.config = settings.supervision
         self.effects = effects
         self._probe_ids = itertools.count(1)
-        router.on_probe_end = self._on_probe_end
         self.budgets = DailyBudgets(engines, router, effects)
 
     def reconfigure(self, settings: Settings) -> None:
@@ -79,7 +73,7 @@ class Supervisor:
 
     # --- what workers say --------------------------------------------------------------
 
-    def on_hello(self, engine: EngineState, message: dict[str, Any], now: float) -> None:
+    def on_hello(self, engine: EngineState, message: Hello, now: float) -> None:
         worker = engine.worker
         worker.report.hello = message
         worker.times.last_progress_at = now
@@ -87,40 +81,35 @@ class Supervisor:
             "worker hello",
             engine=engine.name,
             worker_id=worker.worker_id,
-            pid=message.get("pid"),
-            packages=message.get("packages"),
+            pid=message.pid,
+            packages=message.packages,
         )
-        warning = self.effects.build_warning(engine.config.kind, message.get("versions") or {})
+        warning = self.effects.build_warning(engine.config.kind, message.versions)
         engine.build_warnings = [warning] if warning else []
         if warning:
             log.warning("engine build cannot use this node's GPU", engine=engine.name, warning=warning)
         if worker.state is not WorkerState.SPAWNING:
             return
         worker.transition(WorkerState.LOADING, "hello received")
-        self.effects.send_worker(
-            worker.worker_id, {"type": p.S_LOAD, "protocol": p.PROTOCOL_VERSION, "spec": engine.load_spec()}
-        )
+        self.effects.send_worker(worker.worker_id, Load(protocol=p.PROTOCOL_VERSION, spec=engine.load_spec()))
 
-    def on_loading(self, engine: EngineState, message: dict[str, Any], now: float) -> None:
+    def on_loading(self, engine: EngineState, message: Loading, now: float) -> None:
         worker = engine.worker
-        worker.report.load_progress, worker.times.last_progress_at = message.get("progress"), now
+        worker.report.load_progress, worker.times.last_progress_at = message.progress, now
         log.info(
             "loading",
             engine=engine.name,
             worker_id=worker.worker_id,
             progress=worker.report.load_progress,
-            detail=message.get("message"),
+            detail=message.message,
         )
 
-    def on_ready(self, engine: EngineState, message: dict[str, Any], now: float) -> None:
+    def on_ready(self, engine: EngineState, message: Ready, now: float) -> None:
         worker = engine.worker
         if worker.state is not WorkerState.LOADING:
             return  # a stop was asked meanwhile
-        worker.report.model = message.get("model", {})
-        slots = message.get("slots", 1)
-        worker.slots = (
-            slots if isinstance(slots, int) and not isinstance(slots, bool) and 1 <= slots <= p.MAX_SLOTS else 1
-        )
+        worker.report.model = message.model
+        worker.slots = message.slots if 1 <= message.slots <= p.MAX_SLOTS else 1
         worker.times.ready_at = now
         worker.times.probe_due_at = now + self.config.probe_interval_s
         worker.transition(WorkerState.READY, "model loaded")
@@ -132,18 +121,18 @@ class Supervisor:
         self.route(now)
         self.router.pump(engine, now)
 
-    def on_load_failed(self, engine: EngineState, message: dict[str, Any], now: float) -> None:
-        failure = {k: message.get(k) for k in ("code", "message", "exit_code", "retry_after_s")}
-        engine.worker.report.load_failure = failure
-        log.error("worker could not load", engine=engine.name, worker_id=engine.worker.worker_id, **failure)
+    def on_load_failed(self, engine: EngineState, message: LoadFailed, now: float) -> None:
+        engine.worker.report.load_failure = message
+        log.error("worker could not load", engine=engine.name, worker_id=engine.worker.worker_id, **asdict(message))
 
-    def on_failed(self, engine: EngineState, message: dict[str, Any], now: float) -> None:
+    def on_failed(self, engine: EngineState, message: Failed, now: float) -> None:
         """The engine cannot go on (a remote engine's upstream failed); its exit, a crash, follows."""
-        failure = {k: message.get(k) for k in ("code", "message", "retry_after_s")}
-        engine.worker.report.failure = failure
-        log.error("worker cannot go on serving", engine=engine.name, worker_id=engine.worker.worker_id, **failure)
+        engine.worker.report.failure = message
+        log.error(
+            "worker cannot go on serving", engine=engine.name, worker_id=engine.worker.worker_id, **asdict(message)
+        )
 
-    def on_heartbeat(self, engine: EngineState, message: dict[str, Any], now: float) -> None:
+    def on_heartbeat(self, engine: EngineState, message: Heartbeat, now: float) -> None:
         engine.worker.report.heartbeat = message
 
     def heard_from(self, engine: EngineState, now: float) -> None:
@@ -169,8 +158,8 @@ class Supervisor:
             if worker.state is WorkerState.STOPPING:
                 worker.transition(WorkerState.STOPPED, cause)
         elif not retry_can_help(returncode):
-            failure = worker.report.load_failure or {}
-            reason = f"{failure.get('message') or cause} (exit code {returncode})"
+            failure = worker.report.load_failure
+            reason = f"{failure.message if failure else cause} (exit code {returncode})"
             worker.transition(WorkerState.FAILED, reason)
             engine.hard_failure = (ErrorCode.ENGINE_UNAVAILABLE, reason)
         else:
@@ -196,9 +185,9 @@ class Supervisor:
     def _after_failure(self, engine: EngineState, returncode: int | None, cause: str, now: float) -> None:
         """An unexpected exit: back off and restart, or open the circuit."""
         report = engine.worker.report
-        failure = report.load_failure or report.failure or {}
-        code = failure.get("code") or ErrorCode.ENGINE_FAILED
-        reason = failure.get("message") or cause
+        failure = report.load_failure or report.failure
+        code = failure.code if failure else ErrorCode.ENGINE_FAILED
+        reason = failure.message if failure else cause
         engine.stats.record_restart(restart_cause(engine.worker.kill_cause, report.load_failure))
         if code == ErrorCode.GPU_OUT_OF_MEMORY and engine.plan is not None:
             # A planned step, not a crash: the next plan never repeats this choice, so it cannot loop.
@@ -222,7 +211,10 @@ class Supervisor:
                 TOPIC_ENGINE_CIRCUIT, engine=engine.name, state=Circuit.OPEN.value, code=code, reason=reason
             )
             return
-        delay = max(engine.backoff.next_delay(engine.worker.times.ready_at, now), retry_after(failure))
+        delay = max(
+            engine.backoff.next_delay(engine.worker.times.ready_at, now),
+            retry_after(failure.retry_after_s if failure else None),
+        )
         engine.worker.times.restart_at = now + delay
         engine.worker.transition(WorkerState.BACKOFF, f"{cause}; restarting in {delay:.1f}s")
         self.effects.wake_at(now + delay)
@@ -347,11 +339,12 @@ class Supervisor:
             stream=True,
             engine=engine.name,
             deadline_ms=int(self.config.probe_timeout_s * 1000),
-            sampling=dict(PROBE_SAMPLING),
+            sampling=PROBE_SAMPLING,
         )
         self.router.add_probe(Probe(id=f"probe-{next(self._probe_ids)}", params=params, received_at=now), engine, now)
 
-    def _on_probe_end(self, probe: Probe, ok: bool, detail: str, now: float) -> None:
+    def judge_probe(self, probe: Probe, ok: bool, detail: str, now: float) -> None:
+        """A liveness probe ended (the router's probe hook)."""
         engine = self.engines[probe.engine]
         self.effects.publish(
             TOPIC_PROBE,

@@ -1,0 +1,357 @@
+"""Every message of the worker conversation, and the sampling settings of a request, defined once.
+
+Standard-library dataclasses that the daemon, the Python client and the
+workers all import (the worker runtime runs in each engine's environment, so
+nothing here needs more than the standard library).  A message knows its wire
+``type``, writes itself as the JSON object docs/PROTOCOL.md describes
+(``to_wire``) and is read back from one (``from_wire``), which checks each
+field's type against the annotation: a field of the wrong type is a
+:class:`ProtocolError` naming it, so a broken or hostile peer is refused at
+the edge and the code behind it reads typed attributes, never ``dict.get``.
+
+Adding a sampling setting is one field on :class:`Sampling` (with its
+``limits`` metadata: the client op, the HTTP front and the CLI take it from
+there) plus the engines that honour it.  Token messages keep their hand-built
+fast form (``token_frame_prefix`` in ``__init__``); :class:`Token` is the
+general form the daemon also understands.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any, ClassVar, Union
+
+PROTOCOL_VERSION = 1  # of both conversations; a worker refuses a load of another version
+
+# What a generate op's sampling fields are when the client leaves them out.
+DEFAULT_MAX_TOKENS = 256
+DEFAULT_TEMPERATURE = 0.8
+DEFAULT_TOP_P = 0.95
+DEFAULT_TOP_K = 40
+
+
+class ProtocolError(ValueError):
+    """A message whose fields are missing or of the wrong type; the text names the field."""
+
+
+def _about(help: str, low: float | None = None, high: float | None = None) -> dict[str, Any]:
+    """A sampling field's metadata: what it does (the CLI's help) and the range a client may ask for."""
+    return {"help": help} if low is None else {"help": help, "limits": (low, high)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sampling:
+    """How a request is sampled: what a generate op may set, what the worker receives as ``params``.
+
+    ``limits`` metadata is the range a client may ask for; ``max_tokens`` is
+    further bounded by the daemon's ``max_tokens_limit``.
+    """
+
+    max_tokens: int = field(default=DEFAULT_MAX_TOKENS, metadata=_about("tokens to generate at most", 1, 1 << 31))
+    temperature: float = field(default=DEFAULT_TEMPERATURE, metadata=_about("0: greedy", 0.0, 5.0))
+    top_p: float = field(default=DEFAULT_TOP_P, metadata=_about("nucleus sampling", 0.0, 1.0))
+    top_k: int = field(default=DEFAULT_TOP_K, metadata=_about("0: all tokens", 0, 1_000_000))
+    stop: tuple[str, ...] = field(default=(), metadata=_about("stop string (repeatable)"))
+    seed: int | None = field(default=None, metadata=_about("same seed, same text", 0, 2**32 - 1))
+    ignore_eos: bool = field(default=False, metadata=_about("generate past the end-of-generation token"))
+
+    def to_wire(self) -> dict[str, Any]:
+        return _to_wire(self)
+
+    @classmethod
+    def from_wire(cls, message: Any, where: str = "params") -> Sampling:
+        return _from_wire(cls, message, where)
+
+
+SAMPLING_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Sampling))
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadSpec:
+    """What a worker loads: the plan's choice where the engine is planned, else the configuration.
+
+    llama.cpp's thread and batch settings are None when unset: the worker's default.
+    """
+
+    model: str
+    n_ctx: int = 2048  # per request (each of ``parallel`` sequences gets this much)
+    parallel: int = 1
+    n_gpu_layers: int = 0  # -1: all
+    cache_type: str = "f16"
+    chat_format: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # passed to the engine's loader as they are
+    upstream: dict[str, Any] | None = None  # a remote engine's table
+    n_threads: int | None = None
+    n_threads_batch: int | None = None
+    n_batch: int | None = None
+    n_ubatch: int | None = None
+    flash_attn: bool | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return _to_wire(self)
+
+    @classmethod
+    def from_wire(cls, message: Any, where: str = "spec") -> LoadSpec:
+        return _from_wire(cls, message, where)
+
+
+LOAD_SPEC_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(LoadSpec))
+
+
+class Message:
+    """A message with a wire ``type``."""
+
+    TYPE: ClassVar[str]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": self.TYPE, **_to_wire(self)}
+
+    @classmethod
+    def from_wire(cls, message: Any, where: str = "message") -> Any:
+        return _from_wire(cls, {k: v for k, v in message.items() if k != "type"}, where)
+
+
+# --- worker -> daemon ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Hello(Message):
+    """The worker's first word, sent even when its engine cannot run here (status shows why)."""
+
+    TYPE: ClassVar[str] = "hello"
+    protocol: int
+    engine: str
+    worker_id: str
+    pid: int
+    python: str | None = None
+    executable: str | None = None
+    packages: dict[str, Any] = field(default_factory=dict)  # versions of numpy, torch, the engine library
+    versions: dict[str, Any] = field(default_factory=dict)  # the engine's build facts
+
+
+@dataclass(frozen=True, kw_only=True)
+class Loading(Message):
+    TYPE: ClassVar[str] = "loading"
+    progress: float | None = None  # 0..1
+    message: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Ready(Message):
+    TYPE: ClassVar[str] = "ready"
+    model: dict[str, Any] = field(default_factory=dict)  # facts for status
+    slots: int = 1  # requests it generates at once
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadFailed(Message):
+    """The load failed; the worker then exits with ``exit_code``."""
+
+    TYPE: ClassVar[str] = "load_failed"
+    code: str
+    message: str
+    exit_code: int | None = None
+    retry_after_s: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Failed(Message):
+    """The engine cannot go on serving (its upstream failed); the worker then exits 1."""
+
+    TYPE: ClassVar[str] = "failed"
+    code: str
+    message: str
+    retry_after_s: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Heartbeat(Message):
+    """Progress, so a worker alive but stuck is visible (sent on the watchdog socket)."""
+
+    TYPE: ClassVar[str] = "heartbeat"
+    phase: str | None = None
+    request_id: str | None = None
+    tokens: int = 0
+    last_token_age_ms: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Token(Message):
+    """Generated text; ``tokens`` counts what it holds (0: text held back from tokens already counted)."""
+
+    TYPE: ClassVar[str] = "token"
+    request_id: str
+    text: str
+    tokens: int = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def to_wire(self) -> dict[str, Any]:
+        return _to_wire(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Done(Message):
+    TYPE: ClassVar[str] = "done"
+    request_id: str
+    finish_reason: str
+    usage: Usage = field(default_factory=Usage)
+    timings: dict[str, float] = field(default_factory=dict)  # prefill_ms, generate_ms
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerateError(Message):
+    """A request the engine could not serve; the worker goes on."""
+
+    TYPE: ClassVar[str] = "error"
+    request_id: str
+    code: str
+    message: str
+
+
+# --- daemon -> worker ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Load(Message):
+    TYPE: ClassVar[str] = "load"
+    protocol: int
+    spec: LoadSpec | None  # None when the daemon speaks another protocol: its spec is not read
+
+    @classmethod
+    def from_wire(cls, message: Any, where: str = "load") -> Load:
+        protocol = message.get("protocol")
+        if protocol != PROTOCOL_VERSION:
+            return cls(protocol=protocol if isinstance(protocol, int) else -1, spec=None)
+        return cls(protocol=protocol, spec=LoadSpec.from_wire(message.get("spec"), f"{where}.spec"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Generate(Message):
+    """One request for the worker, already validated by the daemon."""
+
+    TYPE: ClassVar[str] = "generate"
+    request_id: str  # the daemon's own, new at each dispatch
+    prompt: str | None = None
+    messages: tuple[dict[str, str], ...] | None = None
+    params: Sampling = field(default_factory=Sampling)
+    deadline_ms: int | None = None  # what remains of the client's deadline
+
+    @classmethod
+    def of(cls, request_id: str, prompt: str | None = None, messages: Any = None, **sampling: Any) -> Generate:
+        """A request with its sampling fields given flat (``stop`` as any sequence): for engines driven directly."""
+        if "stop" in sampling:
+            sampling["stop"] = tuple(sampling["stop"])
+        chat = None if messages is None else tuple(messages)
+        return cls(request_id=request_id, prompt=prompt, messages=chat, params=Sampling(**sampling))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Cancel(Message):
+    TYPE: ClassVar[str] = "cancel"
+    request_id: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Shutdown(Message):
+    """Finish nothing more; exit."""
+
+    TYPE: ClassVar[str] = "shutdown"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DaemonHeartbeat(Message):
+    """The daemon is alive (on the watchdog socket)."""
+
+    TYPE: ClassVar[str] = "heartbeat"
+
+
+WORKER_MESSAGES: dict[str, type[Message]] = {
+    cls.TYPE: cls for cls in (Hello, Loading, Ready, LoadFailed, Failed, Heartbeat, Token, Done, GenerateError)
+}
+DAEMON_MESSAGES: dict[str, type[Message]] = {cls.TYPE: cls for cls in (Load, Generate, Cancel, Shutdown)}
+
+
+def read_message(table: dict[str, type[Message]], message: dict[str, Any]) -> Message:
+    """The typed form of a decoded message, by its ``type``; ProtocolError when unknown or malformed."""
+    kind = message.get("type")
+    cls = table.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ProtocolError(f"type: unknown message type {kind!r}"[:200])
+    return cls.from_wire(message, kind)
+
+
+# --- the codec ------------------------------------------------------------------------------
+
+
+def _to_wire(instance: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(instance):
+        value = getattr(instance, f.name)
+        if dataclasses.is_dataclass(value):
+            value = value.to_wire()  # type: ignore[union-attr]
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _from_wire(cls: type, message: Any, where: str) -> Any:
+    if not isinstance(message, dict):
+        raise ProtocolError(f"{where}: expected an object")
+    hints, values = _hints(cls), {}
+    for f in dataclasses.fields(cls):
+        if f.name not in message:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ProtocolError(f"{where}.{f.name}: missing")
+            continue
+        values[f.name] = _convert(hints[f.name], message[f.name], f"{where}.{f.name}")
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    """``value`` as the annotation ``hint`` wants it (lists become tuples), or ProtocolError."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is not type(None):
+                return _convert(arg, value, where)
+    if dataclasses.is_dataclass(hint):
+        return _from_wire(hint, value, where)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ProtocolError(f"{where}: expected a list")
+        return tuple(_convert(args[0], item, f"{where}[{i}]") for i, item in enumerate(value))
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{where}: expected an object")
+        return value
+    if hint is Any:
+        return value
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, hint)
+    if not ok:
+        raise ProtocolError(f"{where}: expected {getattr(hint, '__name__', hint)}")
+    return value
