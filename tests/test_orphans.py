@@ -80,7 +80,10 @@ def test_worker_exits_by_itself_when_the_daemon_goes_silent(shared_state):
                 seen.append(message["type"])
                 if message["type"] == m.Hello.TYPE:
                     router.send_multipart(
-                        [identity, p.encode({"type": m.Load.TYPE, "protocol": p.PROTOCOL_VERSION, "spec": {}})]
+                        [
+                            identity,
+                            p.encode({"type": m.Load.TYPE, "protocol": p.PROTOCOL_VERSION, "spec": {"model": "fake"}}),
+                        ]
                     )
                 router.send_multipart([identity, p.encode({"type": m.DaemonHeartbeat.TYPE})])
         assert "ready" in seen and worker.poll() is None, seen
