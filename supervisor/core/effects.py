@@ -26,7 +26,26 @@ class WorkerLaunch:
     worker_id: str
 
 
-class Effects(Protocol):
+class NodeFacts(Protocol):
+    """What the core asks about the node: questions, answered from the world as it is now,
+    that change nothing (the planner's port).  The daemon answers them; tests answer with
+    recorded figures."""
+
+    def model_present(self, path: str) -> bool:
+        """Whether a model file exists now (a missing one may be put in place later)."""
+
+    def build_warning(self, kind: str, versions: dict[str, Any]) -> str | None:
+        """What is wrong with a worker's engine build on this node (a CPU-only llama.cpp on a GPU node), with the fix."""
+
+    def plan_load(self, engine: str, previous: Plan | None, after_oom: bool) -> Plan | None:
+        """Plan the engine's next load against the GPU as it is now, or None when the engine is
+        not planned (no model facts: it loads as configured).  ``previous`` is the plan in force;
+        ``after_oom``: its choice just ran out of GPU memory."""
+
+
+class Effects(NodeFacts, Protocol):
+    """The commands the core gives the world (and, inherited, the questions it asks)."""
+
     def start_worker(self, launch: WorkerLaunch) -> None:
         """Spawn the worker process; its exit is reported back through Supervision.on_exit."""
 
@@ -50,17 +69,6 @@ class Effects(Protocol):
 
     def wake_at(self, when: float) -> None:
         """Call the core's tick no later than ``when`` (a deadline or a restart is due)."""
-
-    def model_present(self, path: str) -> bool:
-        """Whether a model file exists now (a missing one may be put in place later)."""
-
-    def build_warning(self, kind: str, versions: dict[str, Any]) -> str | None:
-        """What is wrong with a worker's engine build on this node (a CPU-only llama.cpp on a GPU node), with the fix."""
-
-    def plan_load(self, engine: str, previous: Plan | None, after_oom: bool) -> Plan | None:
-        """Plan the engine's next load against the GPU as it is now, or None when the engine is
-        not planned (no model facts: it loads as configured).  ``previous`` is the plan in force;
-        ``after_oom``: its choice just ran out of GPU memory.  A question: it changes nothing."""
 
 
 # Topics of the event feed (docs/PROTOCOL.md lists their fields).
