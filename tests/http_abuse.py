@@ -12,9 +12,9 @@ import json
 import random
 import socket
 import time
-from typing import Callable
+from collections.abc import Callable
 
-from .test_fuzz import SIMPLE_MAKERS, STRING_FIELDS, FIELDS, OPS, random_bytes, surrogate_field, wrong_field
+from .test_fuzz import FIELDS, OPS, SIMPLE_MAKERS, STRING_FIELDS, random_bytes, surrogate_field, wrong_field
 
 PATHS = ("/v1/chat/completions", "/v1/completions")
 IO_TIMEOUT_S = 5.0
@@ -56,7 +56,7 @@ def read_answer(sock: socket.socket, timeout_s: float = IO_TIMEOUT_S) -> tuple[i
                 break
             rest += chunk
         return status, headers, rest[:length]
-    except (ConnectionError, socket.timeout, ValueError, IndexError):
+    except (TimeoutError, ConnectionError, ValueError, IndexError):
         return None, {}, b""
 
 
@@ -76,7 +76,7 @@ def closed_by_peer(sock: socket.socket, timeout_s: float) -> bool:
         try:
             if not sock.recv(65536):
                 return True
-        except socket.timeout:
+        except TimeoutError:
             return False
         except ConnectionError:
             return True
@@ -143,7 +143,7 @@ def over_limit_chunked(rng: random.Random, address: tuple[str, int], limit: int)
             while sent <= limit:
                 sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
                 sent += len(piece)
-        except (ConnectionError, socket.timeout):
+        except (TimeoutError, ConnectionError):
             pass
         return read_answer(sock)[0]
 
@@ -171,7 +171,7 @@ def gone_after_dispatch(rng: random.Random, address: tuple[str, int], limit: int
         sock.settimeout(IO_TIMEOUT_S)
         try:
             first = sock.recv(64)
-        except (ConnectionError, socket.timeout):
+        except (TimeoutError, ConnectionError):
             return None
         if rng.random() < 0.5:  # reset, not a clean close
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
@@ -197,7 +197,7 @@ def abuse_once(rng: random.Random, address: tuple[str, int], limit: int) -> tupl
     name = rng.choice(names)
     try:
         return name, ABUSES[name](rng, address, limit)
-    except (ConnectionError, socket.timeout):
+    except (TimeoutError, ConnectionError):
         return name, None
 
 

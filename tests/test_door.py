@@ -241,3 +241,19 @@ def test_rss_returns_near_its_start_after_a_burst_of_large_frames_and_bodies(mak
         lambda: (rss := process.memory_info().rss) <= before + (10 << 20) and rss, 15, "RSS back within 10 MB"
     )
     print(f"RSS before {before >> 20} MiB, after the burst {peak >> 20} MiB, settled {settled >> 20} MiB")
+
+
+def test_headers_without_end_are_cut_at_the_size_bound(make_daemon):
+    daemon = http_daemon(make_daemon)
+    with connect(address(daemon)) as sock:
+        sock.sendall(head("POST", "/v1/completions", 10)[:-2])
+        try:
+            for i in range(2_000):  # 2,000 headers of 100 bytes
+                sock.sendall(b"X-Filler-%d: %s\r\n" % (i, b"y" * 84))
+        except ConnectionError:
+            pass
+        status, headers, body = read_answer(sock)
+        assert status in (431, None)  # None: the reset came before the answer could be read
+    assert metric(daemon, "node_supervisor_http_connections_refused_total", reason="head_too_large") == 1
+    assert served(daemon)
+    assert metric(daemon, "node_supervisor_http_connections_open") == 1

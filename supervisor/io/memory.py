@@ -34,7 +34,7 @@ def _glibc() -> Any:
         if sys.platform.startswith("linux"):
             try:
                 libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-                libc.malloc_trim, libc.mallopt  # musl has neither
+                _ = libc.malloc_trim, libc.mallopt  # musl has neither
                 _libc = libc
             except (OSError, AttributeError):
                 pass

@@ -10,6 +10,7 @@ is uvicorn's own httptools protocol with:
   or from the first byte of a later request on a kept-alive connection), and
   one for the body (from the end of the headers); past it the connection is
   closed, and an application still reading the body sees a disconnect;
+- a bound on the request line and headers' size (431 beyond ``MAX_HEAD_BYTES``);
 - admission: beyond ``max_connections``, or beyond ``max_connections_per_client``
   from one address, the request is answered ``503`` with ``Retry-After`` in
   OpenAI's error shape and the connection closed.
@@ -25,12 +26,13 @@ than the budget: ZeroMQ, the logs and worker restarts always find descriptors.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -41,6 +43,7 @@ from .openai import ApiError
 log = get_logger("supervisor.http")
 
 RETRY_AFTER_S = 1
+MAX_HEAD_BYTES = 64 << 10  # a request line and headers larger than this: 431 (httptools itself sets no bound)
 TOO_MANY_CONNECTIONS = "too_many_connections"
 
 
@@ -108,7 +111,7 @@ class Door:
 class DoorCollector(Collector):
     """The door's figures for /metrics (docs/METRICS.md): connections open, refused, timed out, clients gone early."""
 
-    REFUSALS = ("busy", "client_busy", "budget")
+    REFUSALS = ("busy", "client_busy", "budget", "head_too_large")
     TIMEOUTS = ("header_timeout", "body_timeout")
 
     def __init__(self, door: Door, gone_early: Any) -> None:
@@ -119,11 +122,12 @@ class DoorCollector(Collector):
         yield GaugeMetricFamily("node_supervisor_http_connections_open", "open HTTP connections", self.door.open)
         refused = CounterMetricFamily(
             "node_supervisor_http_connections_refused",
-            "HTTP connections beyond a limit: busy and client_busy answered 503, budget closed unread",
+            "HTTP connections beyond a limit: busy and client_busy answered 503, budget closed unread,"
+            " head_too_large answered 431",
             labels=["reason"],
         )
         for reason in self.REFUSALS:
-            key = "closed_budget" if reason == "budget" else f"refused_{reason}"
+            key = {"budget": "closed_budget", "head_too_large": "head_too_large"}.get(reason, f"refused_{reason}")
             refused.add_metric([reason], counts[key])
         yield refused
         timeouts = CounterMetricFamily(
@@ -177,6 +181,7 @@ class DoorProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._timer: asyncio.TimerHandle | None = None
         self._admitted: str | None = None  # the client address counted in the door
+        self._head_bytes: int | None = 0  # bytes of the current request's head so far; None once its headers are in
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -197,17 +202,35 @@ class DoorProtocol(HttpToolsProtocol):
             self._admitted = None
         super().connection_lost(exc)
 
+    def data_received(self, data: bytes) -> None:
+        counting = self._head_bytes is not None
+        super().data_received(data)
+        if counting and self._head_bytes is not None:  # the headers are still not complete
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+                self.door.counts["head_too_large"] += 1
+                body = json.dumps(
+                    ApiError(431, f"the request line and headers are over {MAX_HEAD_BYTES} bytes", None).body()
+                ).encode()
+                self.transport.write(
+                    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+                    b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+                )
+                self.transport.close()
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         if self._timer is None:  # a later request on a kept-alive connection: its headers' time starts now
             self._arm(self.door.limits.header_timeout_s, "header_timeout")
 
     def on_headers_complete(self) -> None:
+        self._head_bytes = None
         self._cancel()
         super().on_headers_complete()
         self._arm(self.door.limits.body_timeout_s, "body_timeout")
 
     def on_message_complete(self) -> None:
+        self._head_bytes = 0  # what comes next is the next request's head
         self._cancel()
         super().on_message_complete()
 
