@@ -175,14 +175,15 @@ def test_a_body_over_the_limit_is_413_and_read_no_further(make_daemon):
         assert closed_by_peer(sock, IO_TIMEOUT_S)
     with connect(where) as sock:  # chunked: answered at the limit, the connection closed while the client still sends
         sock.sendall(head("POST", "/v1/completions", None, "Transfer-Encoding: chunked\r\n"))
-        sent = 0
+        sent, most = 0, 64 << 20
         try:
-            for _ in range(4 * (1 << 20) // 4096):
+            while sent < most:
                 sock.sendall(b"1000\r\n" + b"x" * 4096 + b"\r\n")
                 sent += 4096
         except ConnectionError:
             pass
-        assert sent < 4 * (1 << 20), "the daemon read a chunked body far past the limit"
+        # The limit, then at most LINGER_BYTES dropped, and what the sockets' buffers hold.
+        assert sent < 16 << 20, f"the daemon took {sent >> 20} MiB of a chunked body"
     body = json.dumps({"prompt": "x" * (limit - 100), "max_tokens": 1}).encode()
     assert request(where, "/v1/completions", body)[0] == 200  # just under the limit is fine
     assert served(daemon)
@@ -252,8 +253,8 @@ def test_headers_without_end_are_cut_at_the_size_bound(make_daemon):
                 sock.sendall(b"X-Filler-%d: %s\r\n" % (i, b"y" * 84))
         except ConnectionError:
             pass
-        status, headers, body = read_answer(sock)
-        assert status in (431, None)  # None: the reset came before the answer could be read
+        status, _, body = read_answer(sock)  # the connection lingers: the answer is read, not reset away
+        assert status == 431 and json.loads(body)["error"]["type"] == "invalid_request_error"
     assert metric(daemon, "node_supervisor_http_connections_refused_total", reason="head_too_large") == 1
     assert served(daemon)
     assert metric(daemon, "node_supervisor_http_connections_open") == 1

@@ -11,6 +11,10 @@ is uvicorn's own httptools protocol with:
   one for the body (from the end of the headers); past it the connection is
   closed, and an application still reading the body sees a disconnect;
 - a bound on the request line and headers' size (431 beyond ``MAX_HEAD_BYTES``);
+- a lingering close: an answer that closes the connection before the request's
+  body was read (413, 503) is followed by a half-close, and what the client
+  still sends is dropped unread for a moment, so that a client still sending
+  reads the answer instead of a reset;
 - admission: beyond ``max_connections``, or beyond ``max_connections_per_client``
   from one address, the request is answered ``503`` with ``Retry-After`` in
   OpenAI's error shape and the connection closed.
@@ -43,6 +47,8 @@ from .openai import ApiError
 log = get_logger("supervisor.http")
 
 RETRY_AFTER_S = 1
+LINGER_S = 2.0  # a connection closed with its request body unread: what still comes is dropped this long, then close
+LINGER_BYTES = 1 << 20  # or until this much was dropped
 MAX_HEAD_BYTES = 64 << 10  # a request line and headers larger than this: 431 (httptools itself sets no bound)
 TOO_MANY_CONNECTIONS = "too_many_connections"
 
@@ -174,6 +180,24 @@ class DoorSocket(socket.socket):
             conn.close()
 
 
+class LingeringTransport:
+    """The connection's transport as uvicorn sees it: a close before the request's body is all in lingers."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: DoorProtocol) -> None:
+        self._transport, self._protocol = transport, protocol
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def close(self) -> None:
+        cycle, transport = self._protocol.cycle, self._transport
+        lingers = cycle is not None and cycle.more_body and cycle.response_complete
+        if lingers and not transport.is_closing() and transport.can_write_eof():
+            self._protocol.linger()
+        else:
+            self._transport.close()
+
+
 class DoorProtocol(HttpToolsProtocol):
     door: Door
 
@@ -181,10 +205,14 @@ class DoorProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._timer: asyncio.TimerHandle | None = None
         self._admitted: str | None = None  # the client address counted in the door
-        self._head_bytes: int | None = 0  # bytes of the current request's head so far; None once its headers are in
+        self._head_bytes: int | None = None  # bytes of the request head under way (None: none is)
+        self._dropping: int | None = None  # lingering: bytes dropped so far
+        self._heads = 0  # request heads complete on this connection
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._raw = transport
+        self.transport = LingeringTransport(transport, self)  # type: ignore[assignment]
         door = self.door
         client = self.client[0] if self.client else ""
         verdict = door.verdict(client)
@@ -202,35 +230,51 @@ class DoorProtocol(HttpToolsProtocol):
             self._admitted = None
         super().connection_lost(exc)
 
+    def linger(self) -> None:
+        """The answer is written: half-close, drop what the client still sends, close after LINGER_S."""
+        if self._dropping is not None:
+            return
+        self._dropping = 0
+        self._raw.write_eof()
+        self.flow.resume_reading()
+        self._cancel()
+        self._timer = self.loop.call_later(LINGER_S, self._raw.close)
+
     def data_received(self, data: bytes) -> None:
-        counting = self._head_bytes is not None
+        if self._dropping is not None:
+            self._dropping += len(data)
+            if self._dropping > LINGER_BYTES:
+                self._raw.close()
+            return
+        heads, in_head = self._heads, self._head_bytes is not None
         super().data_received(data)
-        if counting and self._head_bytes is not None:  # the headers are still not complete
+        if in_head and self._head_bytes is not None and self._heads == heads:  # a head began before and goes on
             self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+            if self._head_bytes > MAX_HEAD_BYTES and not self._raw.is_closing():
                 self.door.counts["head_too_large"] += 1
                 body = json.dumps(
                     ApiError(431, f"the request line and headers are over {MAX_HEAD_BYTES} bytes", None).body()
                 ).encode()
-                self.transport.write(
+                self._raw.write(
                     b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
                     b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
                 )
-                self.transport.close()
+                self.linger()
 
     def on_message_begin(self) -> None:
+        self._head_bytes = 0
         super().on_message_begin()
         if self._timer is None:  # a later request on a kept-alive connection: its headers' time starts now
             self._arm(self.door.limits.header_timeout_s, "header_timeout")
 
     def on_headers_complete(self) -> None:
         self._head_bytes = None
+        self._heads += 1
         self._cancel()
         super().on_headers_complete()
         self._arm(self.door.limits.body_timeout_s, "body_timeout")
 
     def on_message_complete(self) -> None:
-        self._head_bytes = 0  # what comes next is the next request's head
         self._cancel()
         super().on_message_complete()
 
@@ -248,5 +292,5 @@ class DoorProtocol(HttpToolsProtocol):
         self._timer = None
         self.door.counts[what] += 1
         log.debug("http connection closed", reason=what, client=self._admitted)
-        if not self.transport.is_closing():
-            self.transport.close()
+        if not self._raw.is_closing():
+            self._raw.close()
