@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # so that llama.cpp is compiled once.
 TEST_STATE := $(CURDIR)/.state
 
-.PHONY: install run test bench bench-throughput bench-routing bench-front bench-overhead bench-failover clean
+.PHONY: install run test soak bench bench-throughput bench-routing bench-front bench-overhead bench-failover clean
 
 $(BIN)/node-supervisor: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,14 @@ test: install
 	NODESUP_STATE_DIR=$(TEST_STATE) NODESUP_DATA_DIR=$(TEST_STATE)/data \
 		$(BIN)/node-supervisor envs create llamacpp exllamav2 fake openai
 	NODESUP_TEST_STATE=$(TEST_STATE) $(BIN)/python -m pytest -v -rs
+
+# The soak (tests/soak.py, docs/RELIABILITY.md): 1,000 injected faults (worker SIGKILL and SIGSTOP, slow and
+# dead clients, HTTP abuse, reloads) under ZeroMQ and HTTP load, on fake engines and the real llama.cpp engine;
+# not part of `make test` (its short seeded pass is). Options in SOAK_ARGS, e.g. SOAK_ARGS="--faults 5000 --seed 7".
+soak: install
+	NODESUP_STATE_DIR=$(TEST_STATE) NODESUP_DATA_DIR=$(TEST_STATE)/data \
+		$(BIN)/node-supervisor envs create llamacpp fake
+	NODESUP_TEST_STATE=$(TEST_STATE) $(BIN)/python -m tests.soak $(SOAK_ARGS)
 
 # The report (bench/compare.py): the daemon beside llama-cpp-python, llama-server
 # (built once from the same llama.cpp) and llama-cpp-python's own server (its

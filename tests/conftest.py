@@ -74,6 +74,7 @@ class Daemon:
         self.process: subprocess.Popen[bytes] | None = None
         self._clients: list[Client] = []
         self.worker_pids: set[int] = set()
+        self.nofile: int | None = None  # RLIMIT_NOFILE for the daemon (and so its workers), when a test lowers it
 
     def write_config(self, engines: dict[str, dict[str, Any]], **settings: Any) -> None:
         """The daemon's config file (again, for a reload)."""
@@ -97,7 +98,11 @@ class Daemon:
         if os.environ.get("NOTIFY_SOCKET", "").startswith("@ns-test-"):
             environ.update({k: os.environ[k] for k in ("NOTIFY_SOCKET", "WATCHDOG_USEC") if k in os.environ})
         self.process = subprocess.Popen(
-            [*CLI, "--config", str(self.config_path), "run"], stdout=output, stderr=subprocess.STDOUT, env=environ
+            [*CLI, "--config", str(self.config_path), "run"],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env=environ,
+            preexec_fn=None if self.nofile is None else self._lower_nofile,
         )
         if wait_ready:
             self.wait_for(
@@ -108,6 +113,11 @@ class Daemon:
                 timeout,
             )
         return self
+
+    def _lower_nofile(self) -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def curve(self) -> CurveKeys | None:
         """On a tcp client endpoint, this node's own client keys (KeysError until the daemon has made them)."""

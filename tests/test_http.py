@@ -233,17 +233,17 @@ def test_a_bad_or_unsupported_parameter_is_a_bad_request_naming_it(daemon, field
     assert caught.value.body["type"] == "invalid_request_error"
 
 
-def test_a_body_over_the_message_limit_or_not_json_is_a_bad_request(daemon):
-    for body, code in (
-        (b'{"prompt": "' + b"x" * (1 << 20) + b'"}', "message_too_large"),
-        (b"[1, 2]", "malformed_message"),
+def test_a_body_over_the_message_limit_is_too_large_and_one_not_json_a_bad_request(daemon):
+    for body, status, code in (
+        (b'{"prompt": "' + b"x" * (1 << 20) + b'"}', 413, "message_too_large"),
+        (b"[1, 2]", 400, "malformed_message"),
     ):
         request = urllib.request.Request(
             base_url(daemon) + "/v1/completions", data=body, headers={"Content-Type": "application/json"}
         )
         with pytest.raises(urllib.error.HTTPError) as caught:
             urllib.request.urlopen(request, timeout=10)
-        assert caught.value.code == 400 and json.loads(caught.value.read())["error"]["code"] == code
+        assert (caught.value.code, json.loads(caught.value.read())["error"]["code"]) == (status, code)
 
 
 def test_a_full_engine_is_rate_limited(daemon):

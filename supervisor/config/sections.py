@@ -272,6 +272,28 @@ class HttpConfig(BaseModel):
     api_keys_env: list[Annotated[str, Field(pattern=ENV_NAME_PATTERN)]] = Field(
         default_factory=list, description="names of environment variables each holding one bearer key"
     )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="a request's line and headers must arrive within this; then the connection closes",
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="a request's body must arrive within this after its headers"
+    )
+    keep_alive_timeout_s: float = Field(
+        5.0, gt=0, le=3600, description="an idle kept-alive connection is closed after this"
+    )
+    max_connections: int = Field(512, ge=1, description="open HTTP connections; beyond: 503 with Retry-After")
+    max_connections_per_client: int = Field(
+        128, ge=1, description="open HTTP connections from one client address; beyond: 503 with Retry-After"
+    )
+    fd_reserve: int = Field(
+        256,
+        ge=16,
+        description="file descriptors kept from HTTP for ZeroMQ, logs and workers: HTTP connections beyond"
+        " RLIMIT_NOFILE less this are closed at once",
+    )
 
     @field_validator("listen")
     @classmethod

@@ -33,6 +33,7 @@ from ..core.errors import Refused
 from ..node.envs import env_dir, env_is_current, env_python, worker_environ
 from ..io.client_front import ClientFront
 from ..io.events import EventPublisher
+from ..io.memory import fix_mmap_threshold
 from ..io.metrics import MetricsExporter, NodeCollector
 from ..io.metrics_server import MetricsServer
 from ..planning.measure.inputs import STATUS_SNAPSHOT_AGE_S, Planning
@@ -65,6 +66,7 @@ class Daemon:
         self.access = LocalAccess(settings, self.context)  # before any bind: run directory, CURVE keys, ZAP handler
         self._environ = worker_environ(settings)
         self.planning = Planning(settings)
+        fix_mmap_threshold()  # a large frame's memory is unmapped when freed (io/memory.py)
         self._bind()
         supervision = settings.supervision
         self.engines = Engines({name: self.engine_state(name) for name in settings.engines}, self)
@@ -103,7 +105,9 @@ class Daemon:
         routes = OpenAIRoutes(
             self.clients, lambda: self.settings.engines, keys, settings.max_tokens_limit, settings.max_message_bytes
         )
-        return HttpFront(settings.http, routes, settings.shutdown_grace_s, [routes.metrics_route(self.metrics.render)])
+        front = HttpFront(settings.http, routes, settings.shutdown_grace_s, [routes.metrics_route(self.metrics.render)])
+        self.metrics.registry.register(front.collector())
+        return front
 
     # --- building ------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from ..core.router import Router
 from ..core.errors import ClientError, Refused
 from ..core.validate import check_bare, message_id, message_op, parse_cancel, parse_generate
 from ..logs import get_logger
+from .memory import trim_soon
 from .transport import SocketReader, send_now
 
 log = get_logger("supervisor.client_front")
@@ -87,6 +88,7 @@ class ClientFront:
             self._error(envelope, None, ErrorCode.INTERNAL, "internal error; see the daemon log")
 
     def _on_message(self, envelope: list[bytes], payload: bytes, now: float) -> None:
+        trim_soon(len(payload))  # a large frame's memory goes back to the system once the burst is over
         if len(payload) > self.max_message_bytes:
             self._error(
                 envelope,

@@ -25,7 +25,7 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
@@ -35,7 +35,9 @@ from workers.protocol import ErrorCode
 from ...config import EngineConfig, HttpConfig, split_listen
 from ...logs import get_logger
 from ..client_front import ClientFront, LocalEnvelope
+from ..memory import trim_soon
 from .access import bearer_allowed
+from .door import Door, DoorCollector, DoorLimits, DoorSocket, descriptor_budget
 from .answers import Answer
 from .exchange import Exchange, GenerationAnswer, json_body
 from ..transport import BindError
@@ -44,17 +46,26 @@ from .openai import CHAT, COMPLETIONS, ApiError, bad_request, model_names, parse
 log = get_logger("supervisor.http")
 
 OWNER = "node-supervisor"
-DRAIN_FACTOR = 4  # a body up to this many times max_message_bytes is read to the end before it is refused
 STOP_MARGIN_S = 2.0  # beyond the daemon's own grace, for answers to reach their clients
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"the body is over {limit} bytes (max_message_bytes)", ErrorCode.TOO_LARGE)
 
 
 def error_response(error: ApiError) -> Response:
     headers = {"www-authenticate": "Bearer"} if error.status == 401 else None
+    if error.status == 413:
+        headers = {"connection": "close"}  # the rest of the body is never read
     return Response(json_body(error.body()), error.status, headers, media_type="application/json")
 
 
 def json_response(payload: dict[str, Any], status: int = 200) -> Response:
     return Response(json_body(payload), status, media_type="application/json")
+
+
+class ClientGone(Exception):
+    """The client went away before its request was whole: nothing to answer, nothing to log above debug."""
 
 
 class OpenAIRoutes:
@@ -73,6 +84,7 @@ class OpenAIRoutes:
         self.created = int(time.time())
         self._routing_secret = os.urandom(8).hex().encode()  # no ZeroMQ peer can name an HTTP request's envelope
         self._count = itertools.count(1)
+        self.gone_before_dispatch = 0  # clients that left before their request was read whole (metrics)
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -103,6 +115,10 @@ class OpenAIRoutes:
             parsed = parse_request(kind, body, self.engines(), self.max_tokens_limit)
         except ApiError as error:
             return error_response(error)
+        except ClientGone:
+            self.gone_before_dispatch += 1
+            log.debug("http client gone before its request was read", client=request.client and request.client.host)
+            return Response(status_code=499)  # never written: uvicorn drops what is sent to a closed connection
         request_id = f"{'chatcmpl' if kind == CHAT else 'cmpl'}-{secrets.token_hex(12)}"
         exchange = Exchange(self.front, self._routing_id(), request_id)
         exchange.send({**parsed.message, "id": request_id})  # a refusal is among its events already
@@ -130,23 +146,24 @@ class OpenAIRoutes:
     async def _read_body(self, request: Request) -> dict[str, Any]:
         """The JSON object of the body, up to the daemon's message size limit.
 
-        A body over the limit is still read (and dropped) up to 4 times the limit, so
-        that a client sending it whole gets the answer; a larger one is not read at all.
+        A body declared larger than the limit is refused (413) before any of it is
+        read; one that grows past it (chunked) is refused at the limit, read no
+        further.  Either way the answer closes the connection, so the rest is never read.
         """
+        limit = self.max_body_bytes
         declared = request.headers.get("content-length", "")
-        chunks, size = [], int(declared) if declared.isdigit() else 0
-        if size <= DRAIN_FACTOR * self.max_body_bytes:
-            size = 0
+        if declared.isdigit() and int(declared) > limit:
+            raise _too_large(limit)
+        chunks, size = [], 0
+        try:
             async for chunk in request.stream():
                 size += len(chunk)
-                if size > DRAIN_FACTOR * self.max_body_bytes:
-                    break
-                if size <= self.max_body_bytes:
-                    chunks.append(chunk)
-        if size > self.max_body_bytes:
-            raise bad_request(
-                None, f"the body is over {self.max_body_bytes} bytes (max_message_bytes)", ErrorCode.TOO_LARGE
-            )
+                if size > limit:
+                    raise _too_large(limit)
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise ClientGone() from None
+        trim_soon(size)
         try:
             return p.decode(b"".join(chunks))
         except p.DecodeError as exc:
@@ -227,14 +244,14 @@ class _Server(uvicorn.Server):
         yield  # the daemon owns SIGTERM, SIGINT and SIGHUP, and stops this server itself
 
 
-def bind_listener(listen: str) -> socket.socket:
+def bind_listener(listen: str) -> DoorSocket:
     """The listening socket, bound before the loop runs, so a taken port fails start-up with one line."""
     host, port = split_listen(listen)
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
-        sock = socket.socket(family, kind, proto)
+        sock = DoorSocket(family, kind, proto)
     except OSError as exc:
         raise BindError(f"http.listen: cannot bind {listen}: {exc.strerror or exc}") from None
     try:
@@ -260,11 +277,32 @@ class HttpFront:
         host, port = self.sock.getsockname()[:2]
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.keys_required = bool(routes.keys)
+        self.routes = routes
         self.app = build_app([*routes.routes(), *extra_routes])
+        budget = descriptor_budget(config.fd_reserve)
+        self.door = Door(
+            DoorLimits(
+                config.header_timeout_s,
+                config.body_timeout_s,
+                config.max_connections,
+                config.max_connections_per_client,
+                budget,
+            )
+        )
+        self.sock.door = self.door
+        if budget is not None and budget < config.max_connections:
+            log.warning(
+                "the descriptor limit bounds http connections below http.max_connections",
+                budget=budget,
+                max_connections=config.max_connections,
+                fd_reserve=config.fd_reserve,
+                hint="raise LimitNOFILE (ulimit -n) or lower http.max_connections",
+            )
         self.server = _Server(
             uvicorn.Config(
                 self.app,
-                http="auto",
+                http=self.door.protocol(),
+                timeout_keep_alive=config.keep_alive_timeout_s,  # type: ignore[arg-type]
                 ws="none",
                 lifespan="off",
                 log_config=None,
@@ -277,6 +315,9 @@ class HttpFront:
         self._task: asyncio.Task[None] | None = None
         # Its info lines speak of its own command line ("CTRL+C to force quit"); errors and warnings still reach the log.
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+
+    def collector(self) -> DoorCollector:
+        return DoorCollector(self.door, lambda: self.routes.gone_before_dispatch)
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self.server.serve(sockets=[self.sock]))

@@ -66,7 +66,7 @@ CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assist
 STATUS = {
     ErrorCode.INVALID_REQUEST: 400,
     ErrorCode.MALFORMED: 400,
-    ErrorCode.TOO_LARGE: 400,
+    ErrorCode.TOO_LARGE: 413,
     ErrorCode.UNKNOWN_OP: 400,
     ErrorCode.DUPLICATE_ID: 400,
     ErrorCode.CONTEXT_OVERFLOW: 400,
