@@ -13,13 +13,15 @@ converts the test model).  Phases, in order (``--only``/``--skip`` select):
 
   exl2-env  (GPU, background) the ExLlamaV2 environment on the node's CUDA torch; its extension
             compiles on first import, beside the llama.cpp build
+  model     ``--model`` as given; else (GPU, background) a random-weight 1.1B Llama made as
+            shared/gpu/README.md describes (make_model, then convert with the vendored llama.cpp
+            of the pinned llama-cpp-python sdist), its fp16 folder the EXL2 model too; (CPU) the
+            default model
   env       the llama.cpp environment, CUDA as the node chooses it (supervisor/node/builds.py
             ``build_choice``: the node's GPU architecture only); kept when already current
   server    (background) llama-server against the environment's own installed ggml
-            (bench/llama_server_build.py), built while the model is made and the tests run
-  model     ``--model`` as given; else (GPU) a random-weight 1.1B Llama made as shared/gpu/README.md
-            describes (make_model, convert, quantize to Q4_K_M), its fp16 folder the EXL2 model too;
-            (CPU) the default model
+            (bench/llama_server_build.py), built while the model is quantized and the tests run
+  quantize  the made model to Q4_K_M with the environment's llama.cpp (shared/gpu/quantize.py)
   tests     ``pytest -m cuda``: the llama.cpp worker on CUDA (tests/test_cuda_llamacpp_*.py) and the
             ExLlamaV2 GPU tests; without CUDA each skips naming what is missing
   bench     bench/compare.py (``--gpu`` on a GPU) on the same model
@@ -48,7 +50,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parent.parent
-PHASES = ("exl2-env", "env", "server", "model", "tests", "bench")
+PHASES = ("exl2-env", "model", "env", "server", "quantize", "tests", "bench")
 GPU_ONLY = ("exl2-env",)
 BUDGET_S = 480  # 8 minutes on a 16-core H100/H200
 # The benchmark's options: on a GPU, compare.py's own defaults; on the CPU, a short run of the same paths.
@@ -129,6 +131,9 @@ def plan(args: argparse.Namespace, state: Path, is_current: Callable[[str], bool
     base = {"NODESUP_TEST_STATE": str(state), "NODESUP_STATE_DIR": str(state), "NODESUP_DATA_DIR": str(state / "data")}
     phases: dict[str, Phase] = {}
 
+    phases["model"], phases["quantize"] = model_phases(args, state, work, shared, made, base)
+    model_text = str(model) if model else "the default model"
+
     exl2 = Phase("exl2-env", "ExLlamaV2 on the node's CUDA torch; its extension compiles now", background=True)
     exl2.environ = {
         **base,
@@ -146,15 +151,12 @@ def plan(args: argparse.Namespace, state: Path, is_current: Callable[[str], bool
         env.commands.append([*cli, "envs", "create", "llamacpp"])
     phases["env"] = env
 
-    phases["model"] = model_phase(args, state, work, shared, made, base)
-    model_text = str(model) if model else "the default model"
-
     server = Phase("server", "llama-server on the environment's own ggml", background=True)
     server.environ = dict(base)
     server.commands.append([python, "bench/llama_server_build.py", *(["--gpu"] if gpu else [])])
     phases["server"] = server
 
-    tests = Phase("tests", f"pytest -m cuda on {model_text}", after=("exl2-env",))
+    tests = Phase("tests", f"pytest -m cuda on {model_text}", after=("exl2-env", "model"))
     tests.environ = {**base, **({"CUDA_TEST_GGUF": str(model)} if model else {})}
     if exl2_model is not None:
         tests.environ["NODESUP_EXL2_MODEL_DIR"] = str(exl2_model)
@@ -183,19 +185,21 @@ def plan(args: argparse.Namespace, state: Path, is_current: Callable[[str], bool
     return [phases[name] for name in args.selected]
 
 
-def model_phase(
+def model_phases(
     args: argparse.Namespace, state: Path, work: Path, shared: Path | None, made: bool, base: dict[str, str]
-) -> Phase:
+) -> tuple[Phase, Phase]:
+    """Making the model (no llama.cpp environment needed: beside its build), then quantizing it (with it)."""
     if not made:
-        return Phase("model", f"as given: {args.model}" if args.model else "the default model (made once)")
-    if (work / GGUF_NAME).is_file():
-        return Phase("model", f"made earlier: {work / GGUF_NAME}")
+        given = Phase("model", f"as given: {args.model}" if args.model else "the default model (made once)")
+        return given, Phase("quantize", "nothing to quantize")
+    gguf = work / GGUF_NAME
+    if gguf.is_file():
+        return Phase("model", f"made earlier: {gguf}"), Phase("quantize", f"made earlier: {gguf}")
     if shared is None:
         raise SystemExit("error: no shared/gpu (make_model.py, convert.py, quantize.py): give --shared or --model")
-    phase = Phase("model", "a random-weight 1.1B Llama, converted and quantized to Q4_K_M (shared/gpu)")
-    phase.environ = dict(base)
-    env_python = state / "envs" / "llamacpp" / "bin" / "python"
-    phase.commands = [
+    make = Phase("model", "a random-weight 1.1B Llama (shared/gpu), converted to an f16 GGUF", background=True)
+    make.environ = dict(base)
+    make.commands = [
         [args.torch_python, str(shared / "make_model.py"), str(work / "hf"), str(shared / "tokenizer")],
         [sys.executable, "bench/llama_server_build.py", "--source", str(work / "source")],
         [
@@ -205,16 +209,21 @@ def model_phase(
             str(work / "hf"),
             str(work / "f16.gguf"),
         ],
+    ]
+    quantize = Phase("quantize", "the made model to Q4_K_M", after=("model",), needs=("model",))
+    quantize.environ = dict(base)
+    env_python = state / "envs" / "llamacpp" / "bin" / "python"
+    quantize.commands = [
         [
             str(env_python),
             str(shared / "quantize.py"),
             str(work / "f16.gguf"),
-            str(work / GGUF_NAME),
+            str(gguf),
             "LLAMA_FTYPE_MOSTLY_Q4_K_M",
             str(args.jobs),
-        ],
+        ]
     ]
-    return phase
+    return make, quantize
 
 
 def describe(phases: list[Phase]) -> str:
@@ -363,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     runner = Runner(work)
     for phase in phases:
-        if not runner.run(phase) and phase.name in ("env", "model"):
+        if not runner.run(phase) and phase.name in ("env", "quantize"):
             break  # nothing after these can run
     runner.finish()
     total = time.monotonic() - runner.started

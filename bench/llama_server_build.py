@@ -52,9 +52,9 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from supervisor.node.builds import BuildChoice, cpu_digest, environ_for  # noqa: E402
+from supervisor.node.builds import BuildChoice, cpu_digest, environ_for, pinned_requirement  # noqa: E402
 from supervisor.config import Settings  # noqa: E402
-from supervisor.node.envs import env_dir, env_python, read_marker  # noqa: E402
+from supervisor.node.envs import env_dir, env_python, read_marker, requirements_file  # noqa: E402
 
 LineFn = Callable[[str], None]
 DIST = "llama-cpp-python"
@@ -141,6 +141,14 @@ def ggml_digest(package: Path) -> str:
             for block in iter(lambda: stream.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()[:16]
+
+
+def pinned_version() -> str:
+    """The llama-cpp-python version the llama.cpp environment's requirements pin (known before it is made)."""
+    pinned = pinned_requirement(requirements_file("llamacpp"), DIST)
+    if pinned is None:
+        raise ServerBuildError(f"{requirements_file('llamacpp')} pins no {DIST} version")
+    return pinned.split("==", 1)[1]
 
 
 def build_settings(build: dict[str, Any], ggml: Path, environ: dict[str, str] | None = None) -> dict[str, Any]:
@@ -256,9 +264,8 @@ def vendored_source(settings: Settings, version: str, work: Path, on_line: LineF
     archive = sdists / f"llama_cpp_python-{version}.tar.gz"
     if not archive.is_file():
         sdists.mkdir(parents=True, exist_ok=True)
-        python = env_python(settings.envs_dir / "llamacpp")
         command = [
-            str(python),
+            sys.executable,  # any pip will do: the environment may not exist yet (bench/gpu_check.py)
             "-m",
             "pip",
             "download",
@@ -315,13 +322,13 @@ def main() -> int:
     parser.add_argument(
         "--source",
         type=Path,
-        help="only extract the environment's vendored llama.cpp into DIR (DIR/llama.cpp links to it)",
+        help="only extract the pinned llama-cpp-python's vendored llama.cpp into DIR (DIR/llama.cpp links to it)",
     )
     args = parser.parse_args()
     try:
         if args.source is not None:
             settings = shared_settings()
-            source = vendored_source(settings, installed_llama(settings)["version"], args.source, print)
+            source = vendored_source(settings, pinned_version(), args.source, print)
             link = args.source / "llama.cpp"
             link.unlink(missing_ok=True)
             link.symlink_to(source.resolve(), target_is_directory=True)

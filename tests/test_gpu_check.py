@@ -29,13 +29,14 @@ def test_phases_are_selected_in_their_own_order_and_the_gpu_only_ones_left_out_o
     assert select("", "", cpu=False) == list(PHASES)
     assert select("", "", cpu=True) == [p for p in PHASES if p != "exl2-env"]
     assert select("bench, tests", "", cpu=False) == ["tests", "bench"]
-    assert select("", "exl2-env,server", cpu=False) == ["env", "model", "tests", "bench"]
-    assert PHASES.index("server") < PHASES.index("model")  # it builds while the model is made
+    assert select("", "exl2-env,server", cpu=False) == ["model", "env", "quantize", "tests", "bench"]
+    # Made beside the llama.cpp build: the model (needs none), llama-server (while the model is quantized, tested)
+    assert PHASES.index("model") < PHASES.index("env") < PHASES.index("server") < PHASES.index("quantize")
     assert select("exl2-env", "", cpu=True) == []
 
 
 def test_an_unknown_phase_is_refused_naming_it_and_the_phases():
-    with pytest.raises(SystemExit, match=r"--skip: no phase gpu \(phases: exl2-env, env, server, model"):
+    with pytest.raises(SystemExit, match=r"--skip: no phase gpu \(phases: exl2-env, model, env, server, quantize"):
         parse_args(["--skip", "gpu"])
     with pytest.raises(SystemExit, match="--only: no phase benchmark"):
         parse_args(["--only", "env,benchmark"])
@@ -47,7 +48,8 @@ def test_on_a_gpu_without_a_model_one_is_made_and_every_phase_uses_it(tmp_path):
     work = tmp_path / "state" / "gpu-check"
     gguf = str(work / gpu_check.GGUF_NAME)
     assert list(phases) == list(PHASES)
-    make, source, convert, quantize = phases["model"].commands
+    make, source, convert = phases["model"].commands
+    (quantize,) = phases["quantize"].commands
     assert make[1:] == [str(shared / "make_model.py"), str(work / "hf"), str(shared / "tokenizer")]
     assert source[1:] == ["bench/llama_server_build.py", "--source", str(work / "source")]
     assert convert[1:] == [
@@ -66,9 +68,12 @@ def test_on_a_gpu_without_a_model_one_is_made_and_every_phase_uses_it(tmp_path):
     assert bench[bench.index("--out") + 1] == str(work / "bench.json")
     assert phases["server"].commands == [[sys.executable, "bench/llama_server_build.py", "--gpu"]]
     assert phases["server"].background and phases["bench"].needs == ("server",)
-    assert phases["exl2-env"].background and phases["tests"].after == ("exl2-env",) and not phases["tests"].needs
+    assert phases["model"].background and phases["quantize"].needs == ("model",)
+    assert (
+        phases["exl2-env"].background and phases["tests"].after == ("exl2-env", "model") and not phases["tests"].needs
+    )
     for phase in phases.values():  # every phase on the check's own state
-        assert phase.name == "model" or phase.environ["NODESUP_TEST_STATE"] == str(tmp_path / "state")
+        assert phase.environ["NODESUP_TEST_STATE"] == str(tmp_path / "state")
 
 
 def test_the_node_chooses_the_build_and_current_environments_are_kept(tmp_path):
@@ -84,10 +89,12 @@ def test_the_node_chooses_the_build_and_current_environments_are_kept(tmp_path):
 def test_a_given_model_is_used_as_it_is_and_the_cpu_mode_runs_the_same_phases_without_cuda(tmp_path):
     model = tmp_path / "given.gguf"
     gpu = planned(["--model", str(model)], tmp_path)
-    assert gpu["model"].commands == [] and gpu["tests"].environ["CUDA_TEST_GGUF"] == str(model)
+    assert gpu["model"].commands == gpu["quantize"].commands == [] and gpu["tests"].environ["CUDA_TEST_GGUF"] == str(
+        model
+    )
     assert "NODESUP_EXL2_MODEL_DIR" not in gpu["tests"].environ  # nothing made: ExLlamaV2's tests say what they need
     cpu = planned(["--cpu"], tmp_path)
-    assert list(cpu) == ["env", "server", "model", "tests", "bench"]
+    assert list(cpu) == ["model", "env", "server", "quantize", "tests", "bench"]
     assert cpu["model"].commands == [] and "CUDA_TEST_GGUF" not in cpu["tests"].environ  # the default model
     (bench,) = cpu["bench"].commands
     assert (
