@@ -196,7 +196,9 @@ def model_phases(
     if gguf.is_file():
         return Phase("model", f"made earlier: {gguf}"), Phase("quantize", f"made earlier: {gguf}")
     if shared is None:
-        raise SystemExit("error: no shared/gpu (make_model.py, convert.py, quantize.py): give --shared or --model")
+        if "model" in args.selected or "quantize" in args.selected:
+            raise SystemExit("error: no shared/gpu (make_model.py, convert.py, quantize.py): give --shared or --model")
+        return Phase("model", "not made"), Phase("quantize", "not made")
     make = Phase("model", "a random-weight 1.1B Llama (shared/gpu), converted to an f16 GGUF", background=True)
     make.environ = dict(base)
     make.commands = [

@@ -111,6 +111,8 @@ def test_making_a_model_without_shared_gpu_is_refused_with_what_to_give(tmp_path
     monkeypatch.setattr(gpu_check, "find_shared", lambda given: None)
     with pytest.raises(SystemExit, match="give --shared or --model"):
         planned([], tmp_path)
+    later = planned(["--only", "tests,bench"], tmp_path)  # made in an earlier run: where the phases expect it
+    assert later["tests"].environ["CUDA_TEST_GGUF"] == str(tmp_path / "gpu-check" / gpu_check.GGUF_NAME)
 
 
 def test_plan_prints_the_phases_and_their_commands_and_runs_nothing(tmp_path, capsys):
