@@ -128,7 +128,10 @@ def plan(args: argparse.Namespace, state: Path, is_current: Callable[[str], bool
     made = gpu and args.model is None
     model = args.model.resolve() if args.model else (work / GGUF_NAME if gpu else None)
     exl2_model = args.exl2_model.resolve() if args.exl2_model else (work / "hf" if made else None)
-    base = {"NODESUP_TEST_STATE": str(state), "NODESUP_STATE_DIR": str(state), "NODESUP_DATA_DIR": str(state / "data")}
+    base = {
+        "NODESUP_TEST_STATE": str(state)
+    }  # the tests' and the report's (their daemons have state dirs of their own)
+    envs = {**base, "NODESUP_STATE_DIR": str(state), "NODESUP_DATA_DIR": str(state / "data")}  # envs create's
     phases: dict[str, Phase] = {}
 
     phases["model"], phases["quantize"] = model_phases(args, state, work, shared, made, base)
@@ -136,7 +139,7 @@ def plan(args: argparse.Namespace, state: Path, is_current: Callable[[str], bool
 
     exl2 = Phase("exl2-env", "ExLlamaV2 on the node's CUDA torch; its extension compiles now", background=True)
     exl2.environ = {
-        **base,
+        **envs,
         "NODESUP_ENVS__EXLLAMAV2__SYSTEM_SITE_PACKAGES": "true",
         "MAX_JOBS": str(max(1, args.jobs // 2)),  # beside the llama.cpp build
     }
@@ -145,7 +148,7 @@ def plan(args: argparse.Namespace, state: Path, is_current: Callable[[str], bool
     phases["exl2-env"] = exl2
 
     env = Phase("env", "llama.cpp as the node chooses it (on an NVIDIA node: CUDA, its GPU architecture only)")
-    env.environ = {**base, "CMAKE_BUILD_PARALLEL_LEVEL": str(args.jobs)}
+    env.environ = {**envs, "CMAKE_BUILD_PARALLEL_LEVEL": str(args.jobs)}
     env.unset = ("CMAKE_ARGS",)  # the node chooses: a caller's CMAKE_ARGS would be an explicit choice instead
     if not is_current("llamacpp"):
         env.commands.append([*cli, "envs", "create", "llamacpp"])

@@ -274,7 +274,7 @@ def test_the_report_sets_the_http_front_against_llama_cpp_pythons_server_when_it
 
 
 def installed_ggml(root: Path) -> Path:
-    """An environment's site-packages as llama-cpp-python's wheel leaves it: ggml's CMake package, headers, libraries."""
+    """An environment's site-packages as llama-cpp-python's wheel leaves them: ggml's CMake package, headers, libs."""
     site = root / "lib" / "python3.12" / "site-packages"
     package = site / "lib" / "cmake" / "ggml"
     package.mkdir(parents=True)

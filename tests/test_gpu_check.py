@@ -74,6 +74,9 @@ def test_on_a_gpu_without_a_model_one_is_made_and_every_phase_uses_it(tmp_path):
     )
     for phase in phases.values():  # every phase on the check's own state
         assert phase.environ["NODESUP_TEST_STATE"] == str(tmp_path / "state")
+        # Environments are made there; a daemon that a test or the report starts keeps a state dir of its own.
+        made_there = phase.name in ("env", "exl2-env")
+        assert (phase.environ.get("NODESUP_STATE_DIR") == str(tmp_path / "state")) is made_there, phase.name
 
 
 def test_the_node_chooses_the_build_and_current_environments_are_kept(tmp_path):
