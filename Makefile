@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # so that llama.cpp is compiled once.
 TEST_STATE := $(CURDIR)/.state
 
-.PHONY: install run test soak bench bench-throughput bench-routing bench-front bench-overhead bench-failover clean
+.PHONY: install run test soak bench gpu-check bench-throughput bench-routing bench-front bench-overhead bench-failover clean
 
 $(BIN)/node-supervisor: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,13 @@ bench: install
 	NODESUP_STATE_DIR=$(TEST_STATE) NODESUP_DATA_DIR=$(TEST_STATE)/data \
 		$(BIN)/node-supervisor envs create llamacpp fake
 	NODESUP_TEST_STATE=$(TEST_STATE) $(BIN)/python bench/compare.py $(BENCH_ARGS)
+
+# The GPU check (bench/gpu_check.py): the llama.cpp environment built as the node chooses (CUDA, its
+# architecture only), the cuda-marked tests, then the report with --gpu; each phase's time printed and every
+# figure written as JSON. Offline, pip's own options name the wheel folder: PIP_NO_INDEX=1 PIP_FIND_LINKS=DIR.
+# Options in GPU_CHECK_ARGS, e.g. "--model M.gguf", "--only tests,bench", "--cpu" (the same phases without CUDA).
+gpu-check: install
+	NODESUP_TEST_STATE=$(TEST_STATE) $(BIN)/python bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 bench-throughput: install
 	NODESUP_STATE_DIR=$(TEST_STATE) NODESUP_DATA_DIR=$(TEST_STATE)/data \

@@ -1,8 +1,9 @@
 """The benchmark report: the daemon beside llama-cpp-python in-process and llama.cpp's own llama-server.
 
-    make bench     (or: .venv/bin/python bench/compare.py [--rounds 16] [--tokens 128] [--threads N] [--gpu] [--out FILE])
+    make bench     (or: .venv/bin/python bench/compare.py [--rounds 16] [--tokens 128] [--threads N] [--gpu] [--out FILE]
+                    [--model GGUF])
 
-One run, on the default model, greedy, fixed seed, ``--tokens`` tokens per
+One run, on the default model (or ``--model``), greedy, fixed seed, ``--tokens`` tokens per
 request (``ignore_eos``: every path generates exactly that many):
 
 * single stream: llama-cpp-python called in its own process
@@ -284,6 +285,7 @@ def main() -> int:
     parser.add_argument("--routing-seconds", type=float, default=10.0, help="length of the routing-capacity window")
     parser.add_argument("--gpu", action="store_true", help="a CUDA build, every layer on the GPU (n_gpu_layers -1)")
     parser.add_argument("--out", type=Path, help="JSON file for every figure (default: bench/results/<time>.json)")
+    parser.add_argument("--model", type=Path, help="a GGUF model (default: the default model, made once)")
     args = parser.parse_args()
 
     settings = shared_settings()
@@ -298,7 +300,7 @@ def main() -> int:
     shared = {
         "envs_dir": settings.envs_dir,
         "data_dir": settings.data_dir,
-        "model": ensure_default_model(settings, print),
+        "model": args.model.resolve() if args.model else ensure_default_model(settings, print),
     }
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     with tempfile.TemporaryDirectory(prefix="bench-") as logs:

@@ -1,32 +1,43 @@
-"""llama.cpp's own ``llama-server``, built from the llama.cpp that the installed llama-cpp-python vendors.
+"""llama.cpp's own ``llama-server``, built from the llama.cpp that the installed llama-cpp-python vendors,
+against that environment's own installed ggml.
 
     .venv/bin/python bench/llama_server_build.py [--gpu]      (make bench does this first)
 
 The comparison with llama-server is only fair when both run the same
 llama.cpp compiled the same way.  So this takes the sdist of exactly the
 llama-cpp-python version installed in the llama.cpp environment (PyPI ships
-it with ``vendor/llama.cpp``), and configures that tree with what the
-environment's own build used:
+it with ``vendor/llama.cpp``; pip's own options find it, PIP_FIND_LINKS and
+PIP_NO_INDEX included, or ``pip_args``), and configures that tree with what
+the environment's own build used:
 
+* ggml is not compiled again: llama-cpp-python's wheel installs ggml's
+  libraries, headers and CMake package (``<site-packages>/lib/cmake/ggml``),
+  and the tree is configured with ``-DLLAMA_USE_SYSTEM_GGML=ON
+  -Dggml_DIR=<that folder>``, so only libllama, common and the server are
+  built, and llama-server runs the environment's very ggml (CUDA included:
+  no nvcc is needed here, the backends are already compiled);
 * what llama-cpp-python's CMakeLists.txt and scikit-build-core set
   (``LLAMA_CPP_PYTHON_FLAGS``): a Release build of shared libraries, no curl;
-  ``GGML_NATIVE`` is left to llama.cpp's default (on: ``-march=native``), as
-  there;
-* the environment's recorded ``CMAKE_ARGS`` (its marker: CUDA or not, the GPU
-  architectures), and CFLAGS/CXXFLAGS as supervisor/node/builds.py sets them (the
-  AMX kernels left out on x86-64);
+* the environment's recorded ``CMAKE_ARGS`` (its marker) less those for ggml
+  and CUDA, which shape only the ggml already built, and CFLAGS/CXXFLAGS as
+  supervisor/node/builds.py sets them (the AMX kernels left out on x86-64);
 * and, for the build only, switches that change no code in llama-server's
   path: no tests or examples, no web UI (it would be downloaded).
 
-Only the ``llama-server`` target is built.  The binary and its shared
-libraries are kept in ``<state>/bench/llama-server-<version>-<cpu|cuda>/``
-with ``build.json`` (the version, every flag, the CPU), and reused while
-those match.
+Only the ``llama-server`` target is built.  The binary and the libraries
+built with it are kept in ``<state>/bench/llama-server-<version>-<cpu|cuda>-ggml<digest>/``
+with ``build.json`` (the version, every flag, the CPU, the digest of the
+installed ggml: its libraries, headers and CMake package), and reused while
+those match; the binary finds ggml in the environment (its RPATH), so an
+environment built again, with another ggml, gets a build of its own.
+``build_llama_server`` is the reusable part: the binary for an environment,
+whatever runs it (the comparison, the GPU check, llama-server's router mode).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
@@ -41,9 +52,9 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from supervisor.node.builds import BuildChoice, cpu_digest, environ_for  # noqa: E402
+from supervisor.node.builds import BuildChoice, cpu_digest, environ_for, pinned_requirement  # noqa: E402
 from supervisor.config import Settings  # noqa: E402
-from supervisor.node.envs import env_dir, env_python, read_marker  # noqa: E402
+from supervisor.node.envs import env_dir, env_python, read_marker, requirements_file  # noqa: E402
 
 LineFn = Callable[[str], None]
 DIST = "llama-cpp-python"
@@ -55,6 +66,8 @@ LLAMA_CPP_PYTHON_FLAGS = (
     "-DLLAMA_CURL=OFF",
     "-DLLAMA_BUILD_COMMON=ON",
 )
+# The environment's CMAKE_ARGS that shape only ggml (or its CUDA code), already built and installed there.
+GGML_ONLY_ARGS = ("-DGGML_", "-DCMAKE_CUDA_", "-DCMAKE_HIP_")
 # Build-only switches: nothing here is compiled into llama-server's token path.
 BUILD_ONLY_FLAGS = (
     "-DLLAMA_BUILD_TESTS=OFF",
@@ -64,11 +77,11 @@ BUILD_ONLY_FLAGS = (
     "-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON",  # the binary finds its libraries beside it once copied
 )
 RECORDED_CACHE_ENTRIES = (
-    "GGML_NATIVE",
-    "GGML_CUDA",
+    "LLAMA_USE_SYSTEM_GGML",
+    "ggml_DIR",
     "CMAKE_BUILD_TYPE",
     "CMAKE_C_COMPILER",
-    "CMAKE_CUDA_ARCHITECTURES",
+    "CMAKE_CXX_COMPILER",
 )
 
 
@@ -99,22 +112,68 @@ def installed_llama(settings: Settings, env_name: str = "llamacpp") -> dict[str,
     }
 
 
-def build_settings(build: dict[str, Any], environ: dict[str, str] | None = None) -> dict[str, Any]:
-    """The configure flags and compiler flags that reproduce the environment's build of llama.cpp."""
+def ggml_package(env: Path) -> Path:
+    """ggml's CMake package that llama-cpp-python's wheel installed in the environment (``lib/cmake/ggml``)."""
+    found = sorted(env.glob("lib/python3*/site-packages/lib/cmake/ggml")) + sorted(
+        env.glob("Lib/site-packages/lib/cmake/ggml")
+    )
+    if not found or not (found[0] / "ggml-config.cmake").is_file():
+        raise ServerBuildError(
+            f"{env} holds no ggml CMake package (site-packages/lib/cmake/ggml/ggml-config.cmake): "
+            f"its {DIST} wheel did not install ggml; run `node-supervisor envs create llamacpp` again"
+        )
+    return found[0]
+
+
+def ggml_digest(package: Path) -> str:
+    """A digest of the installed ggml: its CMake package, headers and libraries (the files, not their links)."""
+    site = package.parent.parent.parent
+    files = [
+        *sorted(package.glob("*.cmake")),
+        *sorted((site / "include").glob("ggml*.h")),
+        *sorted((site / "include").glob("gguf*.h")),
+        *sorted(f for f in (site / "lib").glob("*ggml*") if f.is_file() and not f.is_symlink()),
+    ]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0")
+        with path.open("rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def pinned_version() -> str:
+    """The llama-cpp-python version the llama.cpp environment's requirements pin (known before it is made)."""
+    pinned = pinned_requirement(requirements_file("llamacpp"), DIST)
+    if pinned is None:
+        raise ServerBuildError(f"{requirements_file('llamacpp')} pins no {DIST} version")
+    return pinned.split("==", 1)[1]
+
+
+def build_settings(build: dict[str, Any], ggml: Path, environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """The configure and compiler flags that reproduce the environment's build of llama.cpp on its installed ggml."""
     choice = BuildChoice(bool(build.get("cuda")), build.get("cmake_args") or "", "as the environment was built")
     full = environ_for(choice, environ)
+    kept = [arg for arg in shlex.split(choice.cmake_args) if not arg.upper().startswith(GGML_ONLY_ARGS)]
     return {
         "cuda": choice.cuda,
-        "cmake_flags": [*LLAMA_CPP_PYTHON_FLAGS, *shlex.split(choice.cmake_args), *BUILD_ONLY_FLAGS],
+        "cmake_flags": [
+            *LLAMA_CPP_PYTHON_FLAGS,
+            *kept,
+            "-DLLAMA_USE_SYSTEM_GGML=ON",
+            f"-Dggml_DIR={ggml}",
+            *BUILD_ONLY_FLAGS,
+        ],
         "CFLAGS": full.get("CFLAGS", ""),
         "CXXFLAGS": full.get("CXXFLAGS", ""),
-        "CUDACXX": full.get("CUDACXX", ""),
         "cpu": cpu_digest(),
+        "ggml": ggml_digest(ggml) if ggml.is_dir() else "",
     }
 
 
-def server_dir(settings: Settings, version: str, cuda: bool) -> Path:
-    return settings.state_dir / "bench" / f"llama-server-{version}-{'cuda' if cuda else 'cpu'}"
+def server_dir(settings: Settings, version: str, cuda: bool, ggml: str) -> Path:
+    return settings.state_dir / "bench" / f"llama-server-{version}-{'cuda' if cuda else 'cpu'}-ggml{ggml[:8]}"
 
 
 def reuse_reason(directory: Path, version: str, wanted: dict[str, Any]) -> str | None:
@@ -145,8 +204,14 @@ def ensure_llama_server(settings: Settings, gpu: bool, on_line: LineFn) -> tuple
         raise ServerBuildError(
             f"{installed['env']} is a CUDA build: run with --gpu (the CPU comparison needs a CPU-only build)"
         )
-    wanted = build_settings(installed["build"])
-    directory = server_dir(settings, installed["version"], gpu)
+    return build_llama_server(settings, installed, on_line)
+
+
+def build_llama_server(settings: Settings, installed: dict[str, Any], on_line: LineFn) -> tuple[Path, dict[str, Any]]:
+    """llama-server for the environment ``installed`` describes (``installed_llama``), on its own ggml:
+    the kept binary while its version, flags and ggml match, else built now; and its record (build.json)."""
+    wanted = build_settings(installed["build"], ggml_package(installed["env"]))
+    directory = server_dir(settings, installed["version"], wanted["cuda"], wanted["ggml"])
     reason = reuse_reason(directory, installed["version"], wanted)
     if reason is not None:
         on_line(f"building llama-server {installed['version']} ({reason}) in {directory}: minutes, once")
@@ -160,16 +225,12 @@ def _build(settings: Settings, directory: Path, version: str, wanted: dict[str, 
         raise ServerBuildError(
             "cmake is not on PATH: it is needed to build llama-server (as it was for llama-cpp-python)"
         )
-    if wanted["cuda"] and not (wanted["CUDACXX"] or shutil.which("nvcc")):
-        raise ServerBuildError(
-            "a CUDA build of llama-server needs nvcc (PATH, CUDA_HOME, /usr/local/cuda/bin): install the CUDA toolkit"
-        )
     work = directory.with_name(directory.name + ".work")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    source = _vendored_source(settings, version, work, on_line)
+    source = vendored_source(settings, version, work, on_line)
     build = work / "build"
-    environ = {**os.environ, **{k: wanted[k] for k in ("CFLAGS", "CXXFLAGS", "CUDACXX") if wanted[k]}}
+    environ = {**os.environ, **{k: wanted[k] for k in ("CFLAGS", "CXXFLAGS") if wanted[k]}}
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     started = time.monotonic()
     _run(
@@ -197,15 +258,14 @@ def _build(settings: Settings, directory: Path, version: str, wanted: dict[str, 
     on_line(f"llama-server built in {record['build_seconds']} s: {directory / 'bin' / 'llama-server'}")
 
 
-def _vendored_source(settings: Settings, version: str, work: Path, on_line: LineFn) -> Path:
-    """vendor/llama.cpp from the sdist of ``version`` (downloaded once into <state>/bench/sdist)."""
+def vendored_source(settings: Settings, version: str, work: Path, on_line: LineFn) -> Path:
+    """vendor/llama.cpp from the sdist of ``version`` (fetched once into <state>/bench/sdist), extracted in ``work``."""
     sdists = settings.state_dir / "bench" / "sdist"
     archive = sdists / f"llama_cpp_python-{version}.tar.gz"
     if not archive.is_file():
         sdists.mkdir(parents=True, exist_ok=True)
-        python = env_python(settings.envs_dir / "llamacpp")
         command = [
-            str(python),
+            sys.executable,  # any pip will do: the environment may not exist yet (bench/gpu_check.py)
             "-m",
             "pip",
             "download",
@@ -259,8 +319,21 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true", help="the CUDA build (the environment must be a CUDA build)")
+    parser.add_argument(
+        "--source",
+        type=Path,
+        help="only extract the pinned llama-cpp-python's vendored llama.cpp into DIR (DIR/llama.cpp links to it)",
+    )
     args = parser.parse_args()
     try:
+        if args.source is not None:
+            settings = shared_settings()
+            source = vendored_source(settings, pinned_version(), args.source, print)
+            link = args.source / "llama.cpp"
+            link.unlink(missing_ok=True)
+            link.symlink_to(source.resolve(), target_is_directory=True)
+            print(link)
+            return 0
         binary, record = ensure_llama_server(shared_settings(), args.gpu, lambda line: print(line, flush=True))
     except ServerBuildError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -2,13 +2,18 @@
 worker's engine serving requests one at a time, then the same requests as
 sequences of one context (``parallel``); prints a JSON report.
 
-    python llamacpp_parallel_reference.py REPO MODEL
+    python llamacpp_parallel_reference.py REPO MODEL [cuda]
+
+With ``cuda`` (tests/test_cuda_llamacpp_parallel.py) every layer is on the
+GPU, and the report adds create_completion's text for each prompt, computed
+with the settings the engine has in force.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 
 sys.path.insert(0, sys.argv[1])
 
@@ -16,6 +21,8 @@ from workers.protocol.messages import Generate, LoadSpec  # noqa: E402
 from workers.llamacpp.engine import create_engine  # noqa: E402
 
 MODEL = sys.argv[2]
+CUDA = sys.argv[3:4] == ["cuda"]
+SPEC = LoadSpec(model=MODEL, n_ctx=512, n_threads=2, n_gpu_layers=-1 if CUDA else 0)
 PROMPTS = ["The capital of France is", "Once upon a time", "1, 2, 3, 4,", "def fibonacci(n):"]
 MAX_TOKENS = 20
 
@@ -26,7 +33,7 @@ def request(i: int, **fields: object) -> Generate:
 
 def one_at_a_time() -> list[dict[str, object]]:
     engine = create_engine()
-    engine.load(LoadSpec(model=MODEL, n_ctx=512, n_threads=2), lambda *_: None)
+    engine.load(SPEC, lambda *_: None)
     out = []
     for i in range(len(PROMPTS)):
         pieces: list[tuple[str, int]] = []
@@ -76,10 +83,21 @@ def batch_order(engine: object) -> dict[str, object]:
     return {"ids": ids, "generating_step": in_batch}
 
 
+def create_completion_texts(facts: dict[str, object]) -> list[str]:
+    """llama-cpp-python's own create_completion for each prompt, computing as the engine does."""
+    import llama_cpp
+
+    settings = {key: facts[key] for key in ("n_batch", "n_ubatch", "flash_attn")}
+    llm = llama_cpp.Llama(MODEL, n_ctx=512, n_threads=2, n_gpu_layers=SPEC.n_gpu_layers, verbose=False, **settings)
+    texts = [llm.create_completion(p, max_tokens=MAX_TOKENS, temperature=0.0)["choices"][0]["text"] for p in PROMPTS]
+    llm.close()
+    return texts
+
+
 def main() -> None:
     solo = one_at_a_time()
     engine = create_engine()
-    facts = engine.load(LoadSpec(model=MODEL, n_ctx=512, n_threads=2, parallel=4), lambda *_: None)
+    facts = engine.load(replace(SPEC, parallel=4), lambda *_: None)
     alone, _ = together(engine, [request(0)], {})
     four, steps = together(engine, [request(i) for i in range(4)], {})
     # Slots are reused: more requests than slots, one cancelled, one ending at a stop string.
@@ -96,6 +114,7 @@ def main() -> None:
                 "four": [four[f"r{i}"] for i in range(4)],
                 "four_steps": steps,
                 "again": again,
+                **({"reference": create_completion_texts(facts), "all_facts": facts} if CUDA else {}),
             }
         )
     )

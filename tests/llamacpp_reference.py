@@ -3,7 +3,12 @@
 Run by tests/test_llamacpp_loop.py with the llama.cpp environment's
 interpreter (the daemon's cannot import llama_cpp):
 
-    python tests/llamacpp_reference.py REPO MODEL
+    python tests/llamacpp_reference.py REPO MODEL [cuda]
+
+With ``cuda`` (tests/test_cuda_llamacpp_loop.py) both sides put every layer
+on the GPU and create_completion gets the settings the engine has in force
+there (batch sizes, flash attention), and the stop string is taken from the
+first case's text (the GPU check's model has random weights).
 
 Prints one JSON object: the engine's facts with its default settings and
 with explicit ones; for each case, what the engine produced (twice: once with
@@ -23,6 +28,8 @@ import sys
 from typing import Any
 
 REPO, MODEL = sys.argv[1], sys.argv[2]
+CUDA = sys.argv[3:4] == ["cuda"]
+LAYERS = -1 if CUDA else 0
 sys.path.insert(0, REPO)
 
 import llama_cpp  # noqa: E402
@@ -74,7 +81,7 @@ llama_cpp.llama_decode, llama_cpp.llama_sampler_sample = counting_decode, counti
 
 def load(**spec: Any) -> tuple[Any, dict[str, Any]]:
     engine = create_engine()
-    facts = engine.load(LoadSpec(model=MODEL, n_ctx=2048, n_gpu_layers=0, **spec), lambda fraction, message: None)
+    facts = engine.load(LoadSpec(model=MODEL, n_ctx=2048, n_gpu_layers=LAYERS, **spec), lambda fraction, message: None)
     return engine, facts
 
 
@@ -142,13 +149,28 @@ def eog_picks(llm: Any, loop: TokenLoop) -> dict[str, list[int]]:
     return picks
 
 
+def same_settings(facts: dict[str, Any]) -> dict[str, Any]:
+    """create_completion's Llama computing as the engine does: on the CPU, its defaults (the engine's too);
+    on the GPU, every layer there, with the engine's batch sizes and flash attention as in force."""
+    if not CUDA:
+        return {}
+    return {"n_gpu_layers": -1, **{key: facts[key] for key in ("n_batch", "n_ubatch", "flash_attn")}}
+
+
+def stop_string(text: str) -> str:
+    """On the CPU the default model's words; on the GPU four characters from the second half of the text."""
+    if not CUDA:
+        return "country of"
+    return next((text[k : k + 4] for k in range(len(text) // 2, len(text) - 3) if text[k : k + 4].strip()), "")
+
+
 def main() -> None:
     _, defaults = load()
     _, explicit = load(n_threads=1, n_threads_batch=2, n_batch=256, n_ubatch=128, flash_attn=True)
-    engine, _ = load(**THREADS)
+    engine, facts = load(**THREADS)
     llamacpp_loop.PIECE_BUFFER_BYTES = 1
     small_buffer, _ = load(**THREADS)
-    llm = llama_cpp.Llama(model_path=MODEL, n_ctx=2048, verbose=False, **THREADS)
+    llm = llama_cpp.Llama(model_path=MODEL, n_ctx=2048, verbose=False, **THREADS, **same_settings(facts))
     cases = []
     for case in CASES:
         cases.append(
@@ -159,14 +181,15 @@ def main() -> None:
                 "reference": reference(llm, **case),
             }
         )
-    stop = {**CASES[0], "stop": ["country of"]}
+    stop = {**CASES[0], "stop": [stop_string(cases[0]["ours"]["text"])]}
     out = {
+        "facts": facts,
         "physical_cores": physical_cores(),
         "defaults": defaults,
         "explicit": explicit,
         "cases": cases,
         "cancelled": ours(engine, stop_after=5, **CASES[0]),
-        "stopped": {"ours": ours(engine, **stop), "reference": reference(llm, **stop)},
+        "stopped": {"ours": ours(engine, **stop), "reference": reference(llm, **stop), "stop": stop["stop"][0]},
         "eog_picks": eog_picks(llm, TokenLoop(llama_cpp, llm.model, llm.ctx, 512)),
     }
     print(json.dumps(out, ensure_ascii=False))

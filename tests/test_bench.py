@@ -25,6 +25,8 @@ from bench.llama_server_build import (
     ServerBuildError,
     build_settings,
     ensure_llama_server,
+    ggml_digest,
+    ggml_package,
     reuse_reason,
 )
 from supervisor.node.builds import NO_AMX
@@ -271,32 +273,67 @@ def test_the_report_sets_the_http_front_against_llama_cpp_pythons_server_when_it
     assert figures["paths"]["llama-cpp-python-server"]["same_text_as_direct"] is False
 
 
-def test_cpu_build_flags_are_llama_cpp_pythons_own_and_the_projects_cflags() -> None:
-    wanted = build_settings({"cuda": False, "cmake_args": ""}, environ={"PATH": "/usr/bin"})
+def installed_ggml(root: Path) -> Path:
+    """An environment's site-packages as llama-cpp-python's wheel leaves them: ggml's CMake package, headers, libs."""
+    site = root / "lib" / "python3.12" / "site-packages"
+    package = site / "lib" / "cmake" / "ggml"
+    package.mkdir(parents=True)
+    (package / "ggml-config.cmake").write_text("set(GGML_CUDA OFF)\n")
+    (site / "include").mkdir()
+    (site / "include" / "ggml.h").write_text("/* ggml */\n")
+    (site / "lib" / "libggml-base.so.0.25.3").write_bytes(b"\x7fELF base")
+    (site / "lib" / "libggml-base.so").symlink_to("libggml-base.so.0.25.3")
+    return package
+
+
+def test_cpu_build_flags_are_llama_cpp_pythons_own_and_the_projects_cflags_on_the_installed_ggml(tmp_path) -> None:
+    ggml = installed_ggml(tmp_path)
+    wanted = build_settings({"cuda": False, "cmake_args": ""}, ggml, environ={"PATH": "/usr/bin"})
     assert wanted["cuda"] is False
     assert list(LLAMA_CPP_PYTHON_FLAGS) == wanted["cmake_flags"][: len(LLAMA_CPP_PYTHON_FLAGS)]
+    assert "-DLLAMA_USE_SYSTEM_GGML=ON" in wanted["cmake_flags"] and f"-Dggml_DIR={ggml}" in wanted["cmake_flags"]
     assert not any("GGML_CUDA" in flag for flag in wanted["cmake_flags"])
+    assert wanted["ggml"] == ggml_digest(ggml)
     if platform.machine().lower() in ("x86_64", "amd64"):
         assert NO_AMX in wanted["CFLAGS"] and NO_AMX in wanted["CXXFLAGS"]
 
 
-def test_cuda_build_flags_carry_the_environments_recorded_cmake_args() -> None:
+def test_a_cuda_environments_ggml_and_cuda_args_are_left_to_the_ggml_it_installed(tmp_path) -> None:
+    """ggml is not compiled again, so the flags that shape only ggml (CUDA, its architectures) are not given;
+    the rest of the environment's CMAKE_ARGS are."""
     wanted = build_settings(
-        {"cuda": True, "cmake_args": "-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=89;90"}, environ={"PATH": "/usr/bin"}
+        {"cuda": True, "cmake_args": "-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=89;90 -DLLAMA_LLGUIDANCE=OFF"},
+        installed_ggml(tmp_path),
+        environ={"PATH": "/usr/bin"},
     )
     assert wanted["cuda"] is True
-    assert "-DGGML_CUDA=on" in wanted["cmake_flags"] and "-DCMAKE_CUDA_ARCHITECTURES=89;90" in wanted["cmake_flags"]
+    assert "-DLLAMA_LLGUIDANCE=OFF" in wanted["cmake_flags"] and "-DLLAMA_USE_SYSTEM_GGML=ON" in wanted["cmake_flags"]
+    assert not any(flag.startswith(("-DGGML_", "-DCMAKE_CUDA_")) for flag in wanted["cmake_flags"])
 
 
-def test_a_kept_build_is_reused_only_for_the_same_version_and_flags(tmp_path: Path) -> None:
-    wanted = build_settings({"cuda": False, "cmake_args": ""}, environ={"PATH": "/usr/bin"})
-    assert reuse_reason(tmp_path, "0.3.36", wanted) == "not built yet"
-    (tmp_path / "bin").mkdir()
-    (tmp_path / "bin" / "llama-server").write_text("")
-    (tmp_path / "build.json").write_text(json.dumps({"version": "0.3.36", **wanted}))
-    assert reuse_reason(tmp_path, "0.3.36", wanted) is None
-    assert reuse_reason(tmp_path, "0.3.37", wanted) == "built from 0.3.36, not 0.3.37"
-    assert reuse_reason(tmp_path, "0.3.36", {**wanted, "CFLAGS": "-O1"}) == "built with other CFLAGS"
+def test_the_installed_ggml_is_found_in_the_environment_and_its_digest_follows_its_files(tmp_path) -> None:
+    ggml = installed_ggml(tmp_path)
+    assert ggml_package(tmp_path) == ggml
+    before = ggml_digest(ggml)
+    (ggml.parent.parent / "libggml-base.so.0.25.3").write_bytes(b"\x7fELF another build")
+    assert ggml_digest(ggml) != before
+    with pytest.raises(ServerBuildError, match="no ggml CMake package"):
+        ggml_package(tmp_path / "elsewhere")
+
+
+def test_a_kept_build_is_reused_only_for_the_same_version_flags_and_ggml(tmp_path: Path) -> None:
+    wanted = build_settings(
+        {"cuda": False, "cmake_args": ""}, installed_ggml(tmp_path / "env"), environ={"PATH": "/usr/bin"}
+    )
+    kept = tmp_path / "kept"
+    assert reuse_reason(kept, "0.3.36", wanted) == "not built yet"
+    (kept / "bin").mkdir(parents=True)
+    (kept / "bin" / "llama-server").write_text("")
+    (kept / "build.json").write_text(json.dumps({"version": "0.3.36", **wanted}))
+    assert reuse_reason(kept, "0.3.36", wanted) is None
+    assert reuse_reason(kept, "0.3.37", wanted) == "built from 0.3.36, not 0.3.37"
+    assert reuse_reason(kept, "0.3.36", {**wanted, "CFLAGS": "-O1"}) == "built with other CFLAGS"
+    assert reuse_reason(kept, "0.3.36", {**wanted, "ggml": "0123456789abcdef"}) == "built with other ggml"
 
 
 def test_asking_for_the_other_kind_of_build_than_the_environment_has_is_refused_before_building(
