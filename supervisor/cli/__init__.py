@@ -14,7 +14,15 @@ from typing import Any
 
 from workers.protocol import ExitCode
 
-from ..config import ConfigError, Settings, find_config_file, load_settings, unknown_environment_variables
+from .. import __version__
+from ..config import (
+    SERVICE_CONFIG_FILE,
+    ConfigError,
+    Settings,
+    find_config_file,
+    load_settings,
+    unknown_environment_variables,
+)
 
 CONNECT_TIMEOUT_S = 5.0  # how long a command waits for a daemon that may not be running
 
@@ -23,14 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="node-supervisor", description="Keeps local LLM inference running on this node."
     )
-    parser.add_argument(
-        "--config",
-        help="TOML config file (default: $NODESUP_CONFIG, ~/.config/node-supervisor/config.toml, /etc/node-supervisor/config.toml)",
-    )
-    parser.add_argument("--state-dir", help="environments, sockets and logs")
-    parser.add_argument("--data-dir", help="models")
-    parser.add_argument("--client-endpoint", help="ZeroMQ endpoint clients connect to")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _add_global_flags(parser, None)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the daemon in the foreground")
     run.add_argument("--no-create-envs", action="store_true", help="do not create missing engine environments")
@@ -69,15 +71,20 @@ def _parser() -> argparse.ArgumentParser:
         )
     )
     service = commands.add_parser(
-        "install-service", help="write the systemd unit for this checkout and print the systemctl commands"
+        "install-service",
+        help="write the systemd unit, its config file when absent, and the service user; print the systemctl commands",
     )
-    service.add_argument("--dry-run", action="store_true", help="print the unit instead of writing it")
-    service.add_argument("--user", help="the user the daemon runs as (default: the current user)")
-    service.add_argument("--unit-dir", default="/etc/systemd/system")
+    service.add_argument("--dry-run", action="store_true", help="print the unit instead of writing anything")
+    service.add_argument(
+        "--user", help="run the daemon as this existing user (default: the system user node-supervisor, created)"
+    )
+    service.add_argument(
+        "--root", help="install under this directory instead of / (the unit's paths included), e.g. to stage an image"
+    )
+    service.add_argument("--unit-dir", help="where the unit goes (default: <root>/etc/systemd/system)")
     service.add_argument(
         "--unit-config",
-        default="/etc/node-supervisor/config.toml",
-        help="the config file the unit passes to the daemon",
+        help="the config file the unit passes to the daemon (default: <root>/etc/node-supervisor/config.toml)",
     )
     envs = commands.add_parser("envs", help="per-engine virtual environments")
     env_commands = envs.add_subparsers(dest="envs_command", required=True)
@@ -86,7 +93,38 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "names", nargs="*", metavar="NAME", help="environment names (default: those the configured engines use)"
         )
+    for sub in _subcommand_parsers(parser):
+        _add_global_flags(sub, argparse.SUPPRESS)  # also after the command, e.g. `status --state-dir D`
     return parser
+
+
+def _add_global_flags(parser: argparse.ArgumentParser, default: Any) -> None:
+    """The flags every command takes; on a subcommand they default to nothing, so the main parser's stand."""
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--config",
+        default=default,
+        help="TOML config file (default: $NODESUP_CONFIG, ~/.config/node-supervisor/config.toml, /etc/node-supervisor/config.toml)",
+    )
+    where.add_argument(
+        "--service",
+        action="store_true",
+        default=default if default is not None else False,
+        help=f"use the system service's config file ({SERVICE_CONFIG_FILE}), as `install-service` wrote it",
+    )
+    parser.add_argument("--state-dir", default=default, help="environments, sockets and logs")
+    parser.add_argument("--data-dir", default=default, help="models")
+    parser.add_argument("--client-endpoint", default=default, help="ZeroMQ endpoint clients connect to")
+    parser.add_argument("--log-level", default=default, choices=["debug", "info", "warning", "error"])
+
+
+def _subcommand_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                found += [sub, *_subcommand_parsers(sub)]
+    return found
 
 
 def _add_generate(gen: argparse.ArgumentParser) -> None:
@@ -267,4 +305,4 @@ def _settings(args: argparse.Namespace) -> Settings:
             overrides[flag] = value
     if getattr(args, "http", None) is not None:  # run --http: merged into the file's [http] table
         overrides["http"] = {"listen": args.http}
-    return load_settings(find_config_file(args.config), overrides)
+    return load_settings(find_config_file(SERVICE_CONFIG_FILE if args.service else args.config), overrides)

@@ -47,6 +47,7 @@ __all__ = [
     "ENGINE_KINDS",
     "KV_CACHE_TYPES",
     "REMOTE_KINDS",
+    "SERVICE_CONFIG_FILE",
     "CacheType",
     "ConfigError",
     "EngineConfig",
@@ -80,12 +81,14 @@ def _xdg(var: str, fallback: str) -> Path:
     return Path(os.environ.get(var) or Path.home() / fallback)
 
 
+# The system service's file: `install-service` writes it and its unit names it; the last default path,
+# so the command line finds the service's state directory (and socket) without flags.
+SERVICE_CONFIG_FILE = Path("/etc/node-supervisor/config.toml")
+
+
 def default_config_paths() -> list[Path]:
     """Where the daemon looks for its file when --config and NODESUP_CONFIG are absent."""
-    return [
-        _xdg("XDG_CONFIG_HOME", ".config") / "node-supervisor" / "config.toml",
-        Path("/etc/node-supervisor/config.toml"),
-    ]
+    return [_xdg("XDG_CONFIG_HOME", ".config") / "node-supervisor" / "config.toml", SERVICE_CONFIG_FILE]
 
 
 class ConfigError(Exception):
