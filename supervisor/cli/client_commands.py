@@ -66,13 +66,11 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": args.prompt}
         ]
-        events = client.generate(messages=messages, **fields)
+        request_id = client.send({"op": p.OP_GENERATE, "messages": messages, **fields})
     else:
-        events = client.generate(prompt=args.prompt, **fields)
-    request_id = None
+        request_id = client.send({"op": p.OP_GENERATE, "prompt": args.prompt, **fields})
     try:
-        for event in events:
-            request_id = event.get("id")
+        for event in client.events(request_id):
             if args.json:
                 print(json.dumps(event, ensure_ascii=False), flush=True)
             elif event["event"] == p.EVENT_TOKEN:
@@ -87,9 +85,8 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
             else:
                 print(f"\nerror {event['code']}: {event['message']}", file=sys.stderr)
                 return 1
-    except KeyboardInterrupt:
-        if request_id:
-            client.cancel(request_id)
-            print("\n[cancelled]", file=sys.stderr)
+    except KeyboardInterrupt:  # before the first event too, and with --no-stream: the daemon stops generating
+        client.cancel(request_id)
+        print("\n[cancelled]", file=sys.stderr)
         return 130
     return 0

@@ -35,7 +35,7 @@ def format_status(reply: dict[str, Any]) -> str:
             )
         lines += [f"  warning: {warning}" for warning in engine.get("warnings", [])]
         lines.append(
-            f"  queue {engine['queue_depth']}/{engine['max_queue']}  in flight {engine['in_flight']}  served {engine['served']}  failed {engine['failed']}"
+            f"  queue {engine['queue_depth']}/{engine['max_queue']}  in flight {engine['in_flight']}  served {engine['served']} (cancelled {engine.get('cancelled', 0)})  failed {engine['failed']}"
         )
         lines.append(_accounting(engine["tokens"], engine["cost"]))
         lines.append(

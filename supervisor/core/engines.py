@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from workers.protocol import ErrorCode
+from workers.protocol import FINISH_CANCELLED, ErrorCode
 
 from ..config import EngineConfig, SupervisionConfig
 from ..logs import get_logger
@@ -213,6 +213,7 @@ class EngineState:
             "in_flight": self.in_flight(),
             "slots": self.worker.slots,
             "served": self.stats.served,
+            "cancelled": self.stats.finished.get(FINISH_CANCELLED, 0),  # of served: by the client, or it went away
             "failed": self.stats.failed,
             **self.stats.describe(self.config),
             "latency": self.latency.summary(now),
