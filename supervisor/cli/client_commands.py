@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from workers import protocol as p
@@ -16,7 +17,18 @@ from ..node.keys import KeysError, local_curve
 from .output import format_reload, format_status, print_json
 
 
+NOT_SERVING = 3  # `status`: the daemon answers, but no engine can serve now (as `systemctl is-active`'s 3)
+
+
 def client_command(settings: Settings, args: argparse.Namespace) -> int:
+    endpoint = settings.client_endpoint or ""
+    if _socket_file_missing(endpoint):
+        print(
+            f"node-supervisor: no daemon socket at {endpoint[6:]}: is the daemon running (`node-supervisor run`, "
+            "or `systemctl status node-supervisor`), and is this its state directory (--state-dir, --service)?",
+            file=sys.stderr,
+        )
+        return ExitCode.UNAVAILABLE
     try:
         curve = local_curve(settings, settings.client_endpoint)  # tcp: CURVE with this node's keys
     except KeysError as exc:
@@ -29,15 +41,28 @@ def client_command(settings: Settings, args: argparse.Namespace) -> int:
             if args.command == "status":
                 reply = client.status()
                 print_json(reply) if args.json else print(format_status(reply))
-                return 0
+                return 0 if reply["daemon"].get("serving", True) else NOT_SERVING
             if args.command == "reload":
                 return _reload(client, args)
             reply = client.ping()
-            print(f"pong: daemon {reply.get('version')}, protocol {reply.get('protocol')}")
+            print(f"pong: daemon {reply.get('version')}, protocol {reply.get('protocol')}, {reply.get('phase')}")
             return 0
     except ClientTimeout as exc:
         print(f"node-supervisor: {exc}", file=sys.stderr)
         return ExitCode.UNAVAILABLE
+
+
+def _socket_file_missing(endpoint: str) -> bool:
+    """An ipc endpoint whose file is not there: no daemon, known at once (not after the connect timeout)."""
+    if not endpoint.startswith("ipc://") or endpoint.startswith("ipc://@"):
+        return False
+    try:
+        Path(endpoint[len("ipc://") :]).lstat()
+    except FileNotFoundError:
+        return True
+    except OSError:  # not allowed to look: the connection attempt will say more
+        return False
+    return False
 
 
 def _reload(client: Client, args: argparse.Namespace) -> int:

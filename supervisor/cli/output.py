@@ -16,6 +16,9 @@ def format_status(reply: dict[str, Any]) -> str:
     lines = [
         f"daemon pid {daemon['pid']}  version {daemon['version']}  uptime {daemon['uptime_s']}s  endpoint {daemon['client_endpoint']}"
     ]
+    if daemon.get("phase") and daemon["phase"] != "serving":
+        progress = f": {daemon['progress']}" if daemon.get("progress") else ""
+        lines.append(f"{daemon['phase']}{progress}")
     if daemon.get("active_engine"):
         lines.append(f"unpinned traffic goes to: {daemon['active_engine']}")
     if daemon.get("metrics_url"):

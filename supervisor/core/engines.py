@@ -248,6 +248,21 @@ class Engines:
     def by_priority(self) -> list[EngineState]:
         return sorted(self.by_name.values(), key=lambda e: e.config.priority)
 
+    @property
+    def serving(self) -> bool:
+        """Some engine can take a request now (a worker ready, or a cold standby that may start)."""
+        return not self.stopping and any(e.healthy for e in self)
+
+    def phase(self) -> str:
+        """The daemon's phase once it has engines: serving, loading (workers starting), or why not."""
+        if self.stopping:
+            return "stopping"
+        if self.serving:
+            return "serving"
+        if any(e.refusal is None and e.worker.state in (WorkerState.SPAWNING, WorkerState.LOADING) for e in self):
+            return "loading"
+        return "no engine can serve"
+
     def count_refusal(self, engine: EngineState | None, code: str) -> None:
         if engine is not None:
             engine.stats.record_refusal(code)

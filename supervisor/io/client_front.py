@@ -129,7 +129,14 @@ class ClientFront:
     def _ping(self, envelope: list[bytes], mid: str, message: dict[str, Any], now: float) -> None:
         check_bare(message)
         self._reply(
-            envelope, {"id": mid, "event": p.EVENT_PONG, "protocol": p.PROTOCOL_VERSION, "version": __version__}
+            envelope,
+            {
+                "id": mid,
+                "event": p.EVENT_PONG,
+                "protocol": p.PROTOCOL_VERSION,
+                "version": __version__,
+                "phase": self.router.engines.phase(),
+            },
         )
 
     def _reload(self, envelope: list[bytes], mid: str, message: dict[str, Any], now: float) -> None:
