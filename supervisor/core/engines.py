@@ -14,7 +14,7 @@ from ..logs import get_logger
 from .effects import TOPIC_ENGINE_PLAN, Effects, WorkerLaunch
 from .latency import EngineLatency
 from .lifecycle import StateListener, Worker, WorkerState
-from .policy import Backoff, CircuitBreaker, LatencyVerdict
+from .policy import Backoff, Circuit, CircuitBreaker, LatencyVerdict
 from .request import ClientRequest, Generation
 from .stats import EngineStats
 
@@ -146,6 +146,11 @@ class EngineState:
         return None
 
     @property
+    def circuit(self) -> Circuit:
+        """The breaker's state as availability: an engine that cannot run here at all is open, not closed."""
+        return Circuit.OPEN if self.hard_failure else self.breaker.state
+
+    @property
     def budget_exhausted(self) -> bool:
         return self.stats.budget_exhausted(self.config)
 
@@ -207,7 +212,7 @@ class EngineState:
             "model": self.model_path,
             "state": refusal[0] if refusal else self.worker.state.value,
             "reason": refusal[1] if refusal else self.worker.reason,
-            "circuit": self.breaker.state.value,
+            "circuit": self.circuit.value,
             "queue_depth": len(self.queue),
             "max_queue": self.config.max_queue,
             "in_flight": self.in_flight(),

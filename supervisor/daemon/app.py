@@ -43,6 +43,7 @@ from ..io.worker_process import WorkerProcess, worker_command
 from ..logs import get_logger
 from ..node.models import model_label, model_variants_for
 from .notices import ServiceNotices
+from .preflight import remove_socket_files
 from .reloading import reload_config
 from .status import daemon_status
 
@@ -281,6 +282,7 @@ class Daemon:
         self.events.close()
         self.access.close()
         self.context.term()
+        remove_socket_files(self.settings)
         log.info("daemon stopped")
 
     async def _reap(self, process: WorkerProcess) -> None:

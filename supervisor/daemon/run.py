@@ -157,6 +157,7 @@ async def _start_and_serve(
         client_socket.close(0)
         access.close()
         context.term()
+        preflight.remove_socket_files(settings)
         if stop_reason:
             log.info("stop requested during start-up; stopped", reason=stop_reason[0], phase=progress.phase)
             return 0
