@@ -95,13 +95,27 @@ class ConfigError(Exception):
     """One line naming the key and the problem."""
 
 
+# Files that exist where an NVIDIA driver is loaded (Linux; Windows: its NVML library).
+NVIDIA_DRIVER_FILES = (
+    Path("/proc/driver/nvidia/version"),
+    Path("/dev/nvidiactl"),
+    Path(os.environ.get("SystemRoot", "C:/Windows")) / "System32" / "nvml.dll",
+)
+
+
+def nvidia_driver_present() -> bool:
+    """Whether this node can run CUDA engines at all (a driver, whatever its devices)."""
+    return any(path.exists() for path in NVIDIA_DRIVER_FILES)
+
+
 def _default_engines() -> dict[str, EngineConfig]:
-    """llama.cpp on the default model first; ExLlamaV2 as the fallback on NVIDIA GPUs
-    (without CUDA it reports itself unavailable and llama.cpp serves)."""
-    return {
-        "llama": EngineConfig(kind="llamacpp", priority=10),
-        "exllamav2": EngineConfig(kind="exllamav2", priority=20),
-    }
+    """llama.cpp on the default model; ExLlamaV2 as the fallback only where an NVIDIA driver is (elsewhere
+    it could never serve, and its environment is PyTorch: a gigabyte and most of a first start).  A
+    configured ExLlamaV2 engine stays, whatever the node."""
+    engines = {"llama": EngineConfig(kind="llamacpp", priority=10)}
+    if nvidia_driver_present():
+        engines["exllamav2"] = EngineConfig(kind="exllamav2", priority=20)
+    return engines
 
 
 class Settings(BaseSettings):

@@ -210,6 +210,7 @@ class EngineState:
             "priority": self.config.priority,
             "standby": self.config.standby,
             "model": self.model_path,
+            "available": refusal is None,  # takes traffic (HTTP's /v1/models lists only these)
             "state": refusal[0] if refusal else self.worker.state.value,
             "reason": refusal[1] if refusal else self.worker.reason,
             "circuit": self.circuit.value,
