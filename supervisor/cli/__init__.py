@@ -1,6 +1,6 @@
 """node-supervisor: the one console command.
 
-node-supervisor [--config FILE] [global flags] run | generate | status | ping | reload | events | logs | plan | keys | envs create|check | install-service
+node-supervisor [--config FILE] [global flags] run | generate | chat | status | ping | reload | events | logs | plan | keys | envs create|check | install-service
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
         help="serve the OpenAI-compatible HTTP API there (overrides [http] listen; see docs/HTTP.md)",
     )
     _add_generate(commands.add_parser("generate", help="generate text, streaming it to the terminal"))
+    _add_chat(commands.add_parser("chat", help="an interactive conversation with an engine (as `ollama run`)"))
     status = commands.add_parser("status", help="engines, workers, queues, latency")
     status.add_argument("--json", action="store_true")
     status.add_argument("--timeout", type=float, default=CONNECT_TIMEOUT_S)
@@ -127,8 +128,18 @@ def _subcommand_parsers(parser: argparse.ArgumentParser) -> list[argparse.Argume
     return found
 
 
+def _add_chat(chat: argparse.ArgumentParser) -> None:
+    chat.add_argument("engine", nargs="?", help="the engine (default: the one the daemon chooses)")
+    chat.add_argument("--system", help="a system message for the whole conversation")
+    chat.add_argument("--max-tokens", type=int)
+    chat.add_argument("--temperature", type=float)
+    chat.add_argument("--seed", type=int)
+    chat.add_argument("--connect-timeout", type=float, default=CONNECT_TIMEOUT_S)
+    chat.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each event of a reply")
+
+
 def _add_generate(gen: argparse.ArgumentParser) -> None:
-    gen.add_argument("prompt")
+    gen.add_argument("prompt", help="the prompt; - reads it from standard input")
     gen.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
     gen.add_argument("--system", help="system message (with --chat)")
     gen.add_argument("--max-tokens", type=int)
@@ -167,6 +178,10 @@ def _add_keys(keys: argparse.ArgumentParser) -> None:
     sub.add_parser("remove", help="stop accepting a client's key").add_argument("name")
 
 
+def _count(text: str) -> int:
+    return _mib(text)
+
+
 def _mib(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -191,6 +206,13 @@ def _add_plan(plan: argparse.ArgumentParser) -> None:
 def _add_logs(logs: argparse.ArgumentParser) -> None:
     logs.add_argument(
         "-f", "--follow", action="store_true", help="keep printing new lines, across rotations (Ctrl-C stops)"
+    )
+    logs.add_argument(
+        "-n",
+        "--lines",
+        type=_count,
+        metavar="N",
+        help="only the last N matching lines of the past (with -f the default is 10, as tail -f)",
     )
     logs.add_argument(
         "--engine", metavar="NAME", help="lines about this engine (their engine field, or a worker id NAME.N)"
@@ -230,7 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "run":  # the daemon logs these itself
         for name in unknown_environment_variables(os.environ):
             print(f"node-supervisor: warning: {name} is not a setting; ignored", file=sys.stderr)
-    return COMMANDS[args.command](settings, args)
+    try:
+        return COMMANDS[args.command](settings, args)
+    except BrokenPipeError:  # `generate … | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 128 + 13  # as a process ended by SIGPIPE
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
@@ -289,6 +315,7 @@ COMMANDS = {
     "logs": _logs,
     "plan": _plan,
     "generate": _client,
+    "chat": _client,
     "status": _client,
     "ping": _client,
     "reload": _client,

@@ -38,6 +38,10 @@ def client_command(settings: Settings, args: argparse.Namespace) -> int:
         with Client(settings.client_endpoint or "", timeout_s=args.timeout, curve=curve) as client:
             if args.command == "generate":
                 return _generate(client, args)
+            if args.command == "chat":
+                from .chat_command import chat
+
+                return chat(client, args)
             if args.command == "status":
                 reply = client.status()
                 print_json(reply) if args.json else print(format_status(reply))
@@ -87,13 +91,14 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
     # A generate's first event may rightly take long (a queue, a model loading);
     # whether a daemon answers at all is known in a moment.
     client.receive(client.send({"op": p.OP_PING}), timeout_s=args.connect_timeout)
+    prompt = sys.stdin.read().rstrip("\n") if args.prompt == "-" else args.prompt
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-            {"role": "user", "content": args.prompt}
+            {"role": "user", "content": prompt}
         ]
         request_id = client.send({"op": p.OP_GENERATE, "messages": messages, **fields})
     else:
-        request_id = client.send({"op": p.OP_GENERATE, "prompt": args.prompt, **fields})
+        request_id = client.send({"op": p.OP_GENERATE, "prompt": prompt, **fields})
     try:
         for event in client.events(request_id):
             if args.json:
@@ -114,4 +119,7 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
         client.cancel(request_id)
         print("\n[cancelled]", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # nobody reads the rest: stop generating it (cli/__init__.py ends quietly)
+        client.cancel(request_id)
+        raise
     return 0
