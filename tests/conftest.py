@@ -196,7 +196,9 @@ def make_daemon(shared_state: dict[str, Path]) -> Iterator[Any]:
         daemon.stop()
 
 
-LLAMA = {"kind": "llamacpp", "n_ctx": 2048, "n_threads": 2, "priority": 10}
+# chat_format: the default model is a base model without a chat template of its own (chat is refused
+# without one: tests/test_pull.py); the tests of chat mechanics name llama.cpp's built-in gemma template.
+LLAMA = {"kind": "llamacpp", "n_ctx": 2048, "n_threads": 2, "priority": 10, "chat_format": "gemma"}
 
 
 def fake_engine(tmp_path: Path, name: str = "f", priority: int = 10, **options: Any) -> tuple[dict[str, Any], Path]:

@@ -1,6 +1,6 @@
 """node-supervisor: the one console command.
 
-node-supervisor [--config FILE] [global flags] run | generate | chat | status | ping | reload | events | logs | plan | keys | envs create|check | install-service
+node-supervisor [--config FILE] [global flags] run | generate | chat | status | ping | reload | events | logs | plan | pull | keys | envs create|check | install-service
 """
 
 from __future__ import annotations
@@ -87,6 +87,13 @@ def _parser() -> argparse.ArgumentParser:
         "--unit-config",
         help="the config file the unit passes to the daemon (default: <root>/etc/node-supervisor/config.toml)",
     )
+    pull = commands.add_parser(
+        "pull", help="download a GGUF model from the Hugging Face Hub into the data directory (HF_TOKEN, HF_ENDPOINT)"
+    )
+    pull.add_argument(
+        "model", metavar="REPO[:QUANT|FILE]", help="e.g. Qwen/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M (default: Q4_K_M)"
+    )
+    pull.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     envs = commands.add_parser("envs", help="per-engine virtual environments")
     env_commands = envs.add_subparsers(dest="envs_command", required=True)
     for name, text in (("create", "create or update environments"), ("check", "report what each environment has")):
@@ -301,6 +308,12 @@ def _keys(settings: Settings, args: argparse.Namespace) -> int:
     return keys_command(settings, args)
 
 
+def _pull(settings: Settings, args: argparse.Namespace) -> int:
+    from .pull_command import pull_command  # huggingface_hub loads only for `pull`
+
+    return pull_command(settings, args)
+
+
 def _install_service(settings: Settings, args: argparse.Namespace) -> int:
     from .service_command import install_service
 
@@ -321,6 +334,7 @@ COMMANDS = {
     "reload": _client,
     "keys": _keys,
     "install-service": _install_service,
+    "pull": _pull,
 }
 
 
