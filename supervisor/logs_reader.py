@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Generator, Iterator
+from typing import Any, BinaryIO, Callable, Generator, Iterable, Iterator
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "warn": 30, "error": 40, "exception": 40, "critical": 50}
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
@@ -187,9 +187,12 @@ def follow_lines(
     idle: Callable[[], None] = lambda: None,
     poll_s: float = 0.1,
     newer_than: float | None = None,
+    history: Callable[[Iterator[bytes]], Iterable[bytes]] = lambda lines: lines,
 ) -> Iterator[bytes]:
     """Every line of the log, oldest first, then every line written after, until ``stop()``.
 
+    ``history`` chooses from the lines already written when following began
+    (e.g. the last ten, as ``tail -f``); every line written after follows.
     ``idle`` is called before each wait for more.  When the current file is
     rotated away, the rest of it is read, then the files that came after it.
     """
@@ -197,10 +200,15 @@ def follow_lines(
     if opened is None:
         return
     *older, current = opened
-    for item in older:
-        if newer_than is None or item.mtime >= newer_than:
-            yield from item.lines(final=True)
-        item.close()
+
+    def written() -> Iterator[bytes]:
+        for item in older:
+            if newer_than is None or item.mtime >= newer_than:
+                yield from item.lines(final=True)
+            item.close()
+        yield from current.lines(final=False)  # up to its end now
+
+    yield from history(written())
     try:
         while not stop():
             # Looked at before reading: every line written to a file before its rotation is then read.

@@ -8,11 +8,21 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.config import ConfigError, EngineConfig, GpuConfig, load_settings, unknown_environment_variables
+from supervisor.config import (
+    ConfigError,
+    EngineConfig,
+    GpuConfig,
+    load_settings,
+    nvidia_driver_present,
+    unknown_environment_variables,
+)
 from supervisor.node.models import model_path_for, model_variants_for
 from workers.protocol import ExitCode
 
 CLI = [sys.executable, "-m", "supervisor.cli"]
+
+# ExLlamaV2 is a default engine only where an NVIDIA driver is (tests/test_defaults.py).
+DEFAULT_ENGINES = ["llama", *(["exllamav2"] if nvidia_driver_present() else [])]
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -24,7 +34,7 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_defaults_serve_the_default_model_with_one_llamacpp_engine(tmp_path, monkeypatch):
     monkeypatch.delenv("NODESUP_STATE_DIR", raising=False)
     settings = load_settings(None, {"state_dir": tmp_path})
-    assert list(settings.engines) == ["llama", "exllamav2"]
+    assert list(settings.engines) == DEFAULT_ENGINES
     assert settings.engines["llama"].kind == "llamacpp" and settings.engines["llama"].model is None
     assert settings.client_endpoint == f"ipc://{tmp_path}/run/client.sock"
     assert settings.log_dir == tmp_path / "logs" and settings.envs_dir == tmp_path / "envs"
@@ -104,7 +114,7 @@ def test_empty_engines_table_is_an_error_and_an_absent_one_means_the_defaults(tm
     monkeypatch.delenv("NODESUP_ENGINES", raising=False)
     with pytest.raises(ConfigError, match=r"engines: .*at least one engine"):
         load_settings(write(tmp_path, "engines = {}\n"))
-    assert list(load_settings(write(tmp_path, 'log_level = "info"\n')).engines) == ["llama", "exllamav2"]
+    assert list(load_settings(write(tmp_path, 'log_level = "info"\n')).engines) == DEFAULT_ENGINES
 
 
 def test_config_file_not_utf8_names_the_file(tmp_path):

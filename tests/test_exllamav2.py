@@ -58,10 +58,13 @@ def test_each_worker_reports_its_own_numpy_and_the_daemon_has_neither_stack(make
         assert result.returncode != 0, f"the daemon's environment can import {module}"
 
 
-def test_default_configuration_starts_reports_exllamav2_unavailable_and_serves(make_daemon, shared_state):
+def test_a_configured_exllamav2_engine_without_cuda_reports_unavailable_and_llama_serves(make_daemon, shared_state):
     if cuda_in_exl2_env(shared_state):
         pytest.skip("this machine has CUDA: ExLlamaV2 is not unavailable here")
-    daemon = make_daemon({})  # no [engines]: the defaults
+    # What the defaults were before they fitted the node: an ExLlamaV2 engine configured on a node without CUDA.
+    daemon = make_daemon(
+        {"llama": {"kind": "llamacpp", "priority": 10}, "exllamav2": {"kind": "exllamav2", "priority": 20}}
+    )
     status = daemon.wait_for(
         lambda s: any(e["name"] == "exllamav2" and e["state"] == "engine_unavailable" for e in s["engines"]), timeout=60
     )

@@ -290,7 +290,15 @@ def test_environment_builds_keep_the_start_pending_and_a_failed_build_is_reporte
         raise EnvError("pip install failed (exit code 1)")
 
     monkeypatch.setattr(supervisor.daemon.run, "create_env", failing_build)
-    write_config(programdata, ['log_format = "json"', "create_envs = true"], {"f": fake_engine(tmp_path)[0]})
+    # The client socket is bound before the build (it answers meanwhile): tcp, as on Windows.
+    endpoints = [f'client_endpoint = "tcp://127.0.0.1:{free_port()}"', 'worker_endpoint = "tcp://127.0.0.1:*"']
+    lines = [
+        'log_format = "json"',
+        "create_envs = true",
+        *endpoints,
+        f'events_endpoint = "tcp://127.0.0.1:{free_port()}"',
+    ]
+    write_config(programdata, lines, {"f": fake_engine(tmp_path)[0]})
     scm = start_service(windows)
     scm.wait_stopped(60)
     pending = [status for status in windows.statuses if status[1] == SERVICE_START_PENDING]

@@ -1,6 +1,6 @@
 """node-supervisor: the one console command.
 
-node-supervisor [--config FILE] [global flags] run | generate | status | ping | reload | events | logs | plan | keys | envs create|check | install-service
+node-supervisor [--config FILE] [global flags] run | generate | chat | status | ping | reload | events | logs | plan | pull | keys | envs create|check | install-service
 """
 
 from __future__ import annotations
@@ -17,7 +17,15 @@ from typing import Any
 from workers.protocol import ExitCode
 from workers.protocol.messages import Sampling
 
-from ..config import ConfigError, Settings, find_config_file, load_settings, unknown_environment_variables
+from .. import __version__
+from ..config import (
+    SERVICE_CONFIG_FILE,
+    ConfigError,
+    Settings,
+    find_config_file,
+    load_settings,
+    unknown_environment_variables,
+)
 
 CONNECT_TIMEOUT_S = 5.0  # how long a command waits for a daemon that may not be running
 
@@ -26,14 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="node-supervisor", description="Keeps local LLM inference running on this node."
     )
-    parser.add_argument(
-        "--config",
-        help="TOML config file (default: $NODESUP_CONFIG, ~/.config/node-supervisor/config.toml, /etc/node-supervisor/config.toml)",
-    )
-    parser.add_argument("--state-dir", help="environments, sockets and logs")
-    parser.add_argument("--data-dir", help="models")
-    parser.add_argument("--client-endpoint", help="ZeroMQ endpoint clients connect to")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _add_global_flags(parser, None)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the daemon in the foreground")
     run.add_argument("--no-create-envs", action="store_true", help="do not create missing engine environments")
@@ -43,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
         help="serve the OpenAI-compatible HTTP API there (overrides [http] listen; see docs/HTTP.md)",
     )
     _add_generate(commands.add_parser("generate", help="generate text, streaming it to the terminal"))
+    _add_chat(commands.add_parser("chat", help="an interactive conversation with an engine (as `ollama run`)"))
     status = commands.add_parser("status", help="engines, workers, queues, latency")
     status.add_argument("--json", action="store_true")
     status.add_argument("--timeout", type=float, default=CONNECT_TIMEOUT_S)
@@ -72,16 +75,28 @@ def _parser() -> argparse.ArgumentParser:
         )
     )
     service = commands.add_parser(
-        "install-service", help="write the systemd unit for this checkout and print the systemctl commands"
+        "install-service",
+        help="write the systemd unit, its config file when absent, and the service user; print the systemctl commands",
     )
-    service.add_argument("--dry-run", action="store_true", help="print the unit instead of writing it")
-    service.add_argument("--user", help="the user the daemon runs as (default: the current user)")
-    service.add_argument("--unit-dir", default="/etc/systemd/system")
+    service.add_argument("--dry-run", action="store_true", help="print the unit instead of writing anything")
+    service.add_argument(
+        "--user", help="run the daemon as this existing user (default: the system user node-supervisor, created)"
+    )
+    service.add_argument(
+        "--root", help="install under this directory instead of / (the unit's paths included), e.g. to stage an image"
+    )
+    service.add_argument("--unit-dir", help="where the unit goes (default: <root>/etc/systemd/system)")
     service.add_argument(
         "--unit-config",
-        default="/etc/node-supervisor/config.toml",
-        help="the config file the unit passes to the daemon",
+        help="the config file the unit passes to the daemon (default: <root>/etc/node-supervisor/config.toml)",
     )
+    pull = commands.add_parser(
+        "pull", help="download a GGUF model from the Hugging Face Hub into the data directory (HF_TOKEN, HF_ENDPOINT)"
+    )
+    pull.add_argument(
+        "model", metavar="REPO[:QUANT|FILE]", help="e.g. Qwen/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M (default: Q4_K_M)"
+    )
+    pull.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     envs = commands.add_parser("envs", help="per-engine virtual environments")
     env_commands = envs.add_subparsers(dest="envs_command", required=True)
     for name, text in (("create", "create or update environments"), ("check", "report what each environment has")):
@@ -89,11 +104,52 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "names", nargs="*", metavar="NAME", help="environment names (default: those the configured engines use)"
         )
+    for sub in _subcommand_parsers(parser):
+        _add_global_flags(sub, argparse.SUPPRESS)  # also after the command, e.g. `status --state-dir D`
     return parser
 
 
+def _add_global_flags(parser: argparse.ArgumentParser, default: Any) -> None:
+    """The flags every command takes; on a subcommand they default to nothing, so the main parser's stand."""
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--config",
+        default=default,
+        help="TOML config file (default: $NODESUP_CONFIG, ~/.config/node-supervisor/config.toml, /etc/node-supervisor/config.toml)",
+    )
+    where.add_argument(
+        "--service",
+        action="store_true",
+        default=default if default is not None else False,
+        help=f"use the system service's config file ({SERVICE_CONFIG_FILE}), as `install-service` wrote it",
+    )
+    parser.add_argument("--state-dir", default=default, help="environments, sockets and logs")
+    parser.add_argument("--data-dir", default=default, help="models")
+    parser.add_argument("--client-endpoint", default=default, help="ZeroMQ endpoint clients connect to")
+    parser.add_argument("--log-level", default=default, choices=["debug", "info", "warning", "error"])
+
+
+def _subcommand_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                found += [sub, *_subcommand_parsers(sub)]
+    return found
+
+
+def _add_chat(chat: argparse.ArgumentParser) -> None:
+    chat.add_argument("engine", nargs="?", help="the engine (default: the one the daemon chooses)")
+    chat.add_argument("--system", help="a system message for the whole conversation")
+    chat.add_argument("--max-tokens", type=int)
+    chat.add_argument("--temperature", type=float)
+    chat.add_argument("--seed", type=int)
+    chat.add_argument("--connect-timeout", type=float, default=CONNECT_TIMEOUT_S)
+    chat.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each event of a reply")
+
+
 def _add_generate(gen: argparse.ArgumentParser) -> None:
-    gen.add_argument("prompt")
+    gen.add_argument("prompt", help="the prompt; - reads it from standard input")
     gen.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
     gen.add_argument("--system", help="system message (with --chat)")
     hints = typing.get_type_hints(Sampling)
@@ -135,6 +191,10 @@ def _add_keys(keys: argparse.ArgumentParser) -> None:
     sub.add_parser("remove", help="stop accepting a client's key").add_argument("name")
 
 
+def _count(text: str) -> int:
+    return _mib(text)
+
+
 def _mib(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -159,6 +219,13 @@ def _add_plan(plan: argparse.ArgumentParser) -> None:
 def _add_logs(logs: argparse.ArgumentParser) -> None:
     logs.add_argument(
         "-f", "--follow", action="store_true", help="keep printing new lines, across rotations (Ctrl-C stops)"
+    )
+    logs.add_argument(
+        "-n",
+        "--lines",
+        type=_count,
+        metavar="N",
+        help="only the last N matching lines of the past (with -f the default is 10, as tail -f)",
     )
     logs.add_argument(
         "--engine", metavar="NAME", help="lines about this engine (their engine field, or a worker id NAME.N)"
@@ -198,7 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "run":  # the daemon logs these itself
         for name in unknown_environment_variables(os.environ):
             print(f"node-supervisor: warning: {name} is not a setting; ignored", file=sys.stderr)
-    return COMMANDS[args.command](settings, args)
+    try:
+        return COMMANDS[args.command](settings, args)
+    except BrokenPipeError:  # `generate … | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 128 + 13  # as a process ended by SIGPIPE
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
@@ -243,6 +314,12 @@ def _keys(settings: Settings, args: argparse.Namespace) -> int:
     return keys_command(settings, args)
 
 
+def _pull(settings: Settings, args: argparse.Namespace) -> int:
+    from .pull_command import pull_command  # huggingface_hub loads only for `pull`
+
+    return pull_command(settings, args)
+
+
 def _install_service(settings: Settings, args: argparse.Namespace) -> int:
     from .service_command import install_service
 
@@ -257,11 +334,13 @@ COMMANDS = {
     "logs": _logs,
     "plan": _plan,
     "generate": _client,
+    "chat": _client,
     "status": _client,
     "ping": _client,
     "reload": _client,
     "keys": _keys,
     "install-service": _install_service,
+    "pull": _pull,
 }
 
 
@@ -273,4 +352,4 @@ def _settings(args: argparse.Namespace) -> Settings:
             overrides[flag] = value
     if getattr(args, "http", None) is not None:  # run --http: merged into the file's [http] table
         overrides["http"] = {"listen": args.http}
-    return load_settings(find_config_file(args.config), overrides)
+    return load_settings(find_config_file(SERVICE_CONFIG_FILE if args.service else args.config), overrides)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from workers import protocol as p
@@ -17,7 +18,18 @@ from ..node.keys import KeysError, local_curve
 from .output import format_reload, format_status, print_json
 
 
+NOT_SERVING = 3  # `status`: the daemon answers, but no engine can serve now (as `systemctl is-active`'s 3)
+
+
 def client_command(settings: Settings, args: argparse.Namespace) -> int:
+    endpoint = settings.client_endpoint or ""
+    if _socket_file_missing(endpoint):
+        print(
+            f"node-supervisor: no daemon socket at {endpoint[6:]}: is the daemon running (`node-supervisor run`, "
+            "or `systemctl status node-supervisor`), and is this its state directory (--state-dir, --service)?",
+            file=sys.stderr,
+        )
+        return ExitCode.UNAVAILABLE
     try:
         curve = local_curve(settings, settings.client_endpoint)  # tcp: CURVE with this node's keys
     except KeysError as exc:
@@ -27,18 +39,35 @@ def client_command(settings: Settings, args: argparse.Namespace) -> int:
         with Client(settings.client_endpoint or "", timeout_s=args.timeout, curve=curve) as client:
             if args.command == "generate":
                 return _generate(client, args)
+            if args.command == "chat":
+                from .chat_command import chat
+
+                return chat(client, args)
             if args.command == "status":
                 reply = client.status()
                 print_json(reply) if args.json else print(format_status(reply))
-                return 0
+                return 0 if reply["daemon"].get("serving", True) else NOT_SERVING
             if args.command == "reload":
                 return _reload(client, args)
             reply = client.ping()
-            print(f"pong: daemon {reply.get('version')}, protocol {reply.get('protocol')}")
+            print(f"pong: daemon {reply.get('version')}, protocol {reply.get('protocol')}, {reply.get('phase')}")
             return 0
     except ClientTimeout as exc:
         print(f"node-supervisor: {exc}", file=sys.stderr)
         return ExitCode.UNAVAILABLE
+
+
+def _socket_file_missing(endpoint: str) -> bool:
+    """An ipc endpoint whose file is not there: no daemon, known at once (not after the connect timeout)."""
+    if not endpoint.startswith("ipc://") or endpoint.startswith("ipc://@"):
+        return False
+    try:
+        Path(endpoint[len("ipc://") :]).lstat()
+    except FileNotFoundError:
+        return True
+    except OSError:  # not allowed to look: the connection attempt will say more
+        return False
+    return False
 
 
 def _reload(client: Client, args: argparse.Namespace) -> int:
@@ -63,17 +92,16 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
     # A generate's first event may rightly take long (a queue, a model loading);
     # whether a daemon answers at all is known in a moment.
     client.receive(client.send({"op": p.OP_PING}), timeout_s=args.connect_timeout)
+    prompt = sys.stdin.read().rstrip("\n") if args.prompt == "-" else args.prompt
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-            {"role": "user", "content": args.prompt}
+            {"role": "user", "content": prompt}
         ]
-        events = client.generate(messages=messages, **fields)
+        request_id = client.send({"op": p.OP_GENERATE, "messages": messages, **fields})
     else:
-        events = client.generate(prompt=args.prompt, **fields)
-    request_id = None
+        request_id = client.send({"op": p.OP_GENERATE, "prompt": prompt, **fields})
     try:
-        for event in events:
-            request_id = event.get("id")
+        for event in client.events(request_id):
             if args.json:
                 print(json.dumps(event, ensure_ascii=False), flush=True)
             elif event["event"] == p.EVENT_TOKEN:
@@ -88,9 +116,11 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
             else:
                 print(f"\nerror {event['code']}: {event['message']}", file=sys.stderr)
                 return 1
-    except KeyboardInterrupt:
-        if request_id:
-            client.cancel(request_id)
-            print("\n[cancelled]", file=sys.stderr)
+    except KeyboardInterrupt:  # before the first event too, and with --no-stream: the daemon stops generating
+        client.cancel(request_id)
+        print("\n[cancelled]", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # nobody reads the rest: stop generating it (cli/__init__.py ends quietly)
+        client.cancel(request_id)
+        raise
     return 0

@@ -7,7 +7,8 @@ import json
 import os
 import re
 import sys
-from typing import Any
+from collections import deque
+from typing import Any, Iterable, Iterator
 
 from workers.protocol import ExitCode
 
@@ -15,6 +16,7 @@ from ..config import Settings
 from ..logs import LOG_FILE
 from ..logs_reader import LogFilter, follow_lines, log_files, parse_record, read_lines
 
+FOLLOW_HISTORY = 10  # lines of the past `logs -f` shows first, unless -n says
 _SHOWN_FIRST = ("timestamp", "level", "logger", "event")
 _PLAIN_VALUE = re.compile(r"^[^\s\"'=]+$")
 _MICROSECONDS = re.compile(r"(\.\d{3})\d*(?=Z$|[+-]\d\d:\d\d$)")
@@ -37,11 +39,19 @@ def logs_command(settings: Settings, args: argparse.Namespace) -> int:
     )
     newer_than = args.since.timestamp() if args.since else None
     out = sys.stdout.buffer
+    # As tail and journalctl: following starts with the last 10 lines; -n chooses how many (-n 0: none).
+    last = args.lines if args.lines is not None else (FOLLOW_HISTORY if args.follow else None)
+
+    def tail(lines: Iterator[bytes]) -> Iterable[bytes]:
+        if last is None:
+            return lines
+        return deque((line for line in lines if selected.matches(parse_record(line))), maxlen=last)
+
     try:
         if args.follow:
-            lines = follow_lines(log_file, stop=lambda: False, idle=out.flush, newer_than=newer_than)
+            lines = follow_lines(log_file, stop=lambda: False, idle=out.flush, newer_than=newer_than, history=tail)
         else:
-            lines = read_lines(log_file, newer_than=newer_than)
+            lines = iter(tail(read_lines(log_file, newer_than=newer_than)))
         for line in lines:
             record = parse_record(line)
             if selected.matches(record):

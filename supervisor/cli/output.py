@@ -7,6 +7,15 @@ from pathlib import Path
 from typing import Any
 
 
+NO_DATA = "–"  # a figure with nothing measured yet (no request, no worker)
+
+
+def _ms(p50: float | None, p95: float | None) -> str:
+    if p50 is None and p95 is None:
+        return NO_DATA
+    return f"{NO_DATA if p50 is None else p50}/{NO_DATA if p95 is None else p95} ms"
+
+
 def print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, ensure_ascii=False))
 
@@ -16,6 +25,9 @@ def format_status(reply: dict[str, Any]) -> str:
     lines = [
         f"daemon pid {daemon['pid']}  version {daemon['version']}  uptime {daemon['uptime_s']}s  endpoint {daemon['client_endpoint']}"
     ]
+    if daemon.get("phase") and daemon["phase"] != "serving":
+        progress = f": {daemon['progress']}" if daemon.get("progress") else ""
+        lines.append(f"{daemon['phase']}{progress}")
     if daemon.get("active_engine"):
         lines.append(f"unpinned traffic goes to: {daemon['active_engine']}")
     if daemon.get("metrics_url"):
@@ -35,19 +47,21 @@ def format_status(reply: dict[str, Any]) -> str:
             )
         lines += [f"  warning: {warning}" for warning in engine.get("warnings", [])]
         lines.append(
-            f"  queue {engine['queue_depth']}/{engine['max_queue']}  in flight {engine['in_flight']}  served {engine['served']}  failed {engine['failed']}"
+            f"  queue {engine['queue_depth']}/{engine['max_queue']}  in flight {engine['in_flight']}  served {engine['served']} (cancelled {engine.get('cancelled', 0)})  failed {engine['failed']}"
         )
         lines.append(_accounting(engine["tokens"], engine["cost"]))
+        ttft, per_token = latency["ttft_ms"], latency["per_token_ms"]
         lines.append(
-            f"  ttft p50/p95 {latency['ttft_ms']['p50']}/{latency['ttft_ms']['p95']} ms  "
-            f"per-token p50/p95 {latency['per_token_ms']['p50']}/{latency['per_token_ms']['p95']} ms  ({latency['ttft_ms']['samples']} samples)"
+            f"  ttft p50/p95 {_ms(ttft['p50'], ttft['p95'])}  per-token p50/p95 {_ms(per_token['p50'], per_token['p95'])}"
+            f"  ({ttft['samples']} samples)"
         )
         for worker in engine["workers"]:
-            rss = f"{worker['rss_bytes'] / 2**20:.0f} MiB" if worker["rss_bytes"] else "-"
+            rss = f"{worker['rss_bytes'] / 2**20:.0f} MiB" if worker["rss_bytes"] else NO_DATA
             if worker.get("gpu_memory_bytes"):
                 rss += f"  gpu {worker['gpu_memory_bytes'] / 2**20:.0f} MiB"
+            uptime = NO_DATA if worker["uptime_s"] is None else f"{worker['uptime_s']}s"
             lines.append(
-                f"  worker {worker['id'] or '-'}: {worker['state']}  pid {worker['pid'] or '-'}  rss {rss}  uptime {worker['uptime_s'] or '-'}s  restarts {worker['restarts']}"
+                f"  worker {worker['id'] or NO_DATA}: {worker['state']}  pid {worker['pid'] or NO_DATA}  rss {rss}  uptime {uptime}  restarts {worker['restarts']}"
             )
             lines += _llama_settings(worker.get("model") or {})
             if worker.get("last_exit"):

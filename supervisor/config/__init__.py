@@ -47,6 +47,7 @@ __all__ = [
     "ENGINE_KINDS",
     "KV_CACHE_TYPES",
     "REMOTE_KINDS",
+    "SERVICE_CONFIG_FILE",
     "CacheType",
     "ConfigError",
     "EngineConfig",
@@ -80,25 +81,41 @@ def _xdg(var: str, fallback: str) -> Path:
     return Path(os.environ.get(var) or Path.home() / fallback)
 
 
+# The system service's file: `install-service` writes it and its unit names it; the last default path,
+# so the command line finds the service's state directory (and socket) without flags.
+SERVICE_CONFIG_FILE = Path("/etc/node-supervisor/config.toml")
+
+
 def default_config_paths() -> list[Path]:
     """Where the daemon looks for its file when --config and NODESUP_CONFIG are absent."""
-    return [
-        _xdg("XDG_CONFIG_HOME", ".config") / "node-supervisor" / "config.toml",
-        Path("/etc/node-supervisor/config.toml"),
-    ]
+    return [_xdg("XDG_CONFIG_HOME", ".config") / "node-supervisor" / "config.toml", SERVICE_CONFIG_FILE]
 
 
 class ConfigError(Exception):
     """One line naming the key and the problem."""
 
 
+# Files that exist where an NVIDIA driver is loaded (Linux; Windows: its NVML library).
+NVIDIA_DRIVER_FILES = (
+    Path("/proc/driver/nvidia/version"),
+    Path("/dev/nvidiactl"),
+    Path(os.environ.get("SystemRoot", "C:/Windows")) / "System32" / "nvml.dll",
+)
+
+
+def nvidia_driver_present() -> bool:
+    """Whether this node can run CUDA engines at all (a driver, whatever its devices)."""
+    return any(path.exists() for path in NVIDIA_DRIVER_FILES)
+
+
 def _default_engines() -> dict[str, EngineConfig]:
-    """llama.cpp on the default model first; ExLlamaV2 as the fallback on NVIDIA GPUs
-    (without CUDA it reports itself unavailable and llama.cpp serves)."""
-    return {
-        "llama": EngineConfig(kind="llamacpp", priority=10),
-        "exllamav2": EngineConfig(kind="exllamav2", priority=20),
-    }
+    """llama.cpp on the default model; ExLlamaV2 as the fallback only where an NVIDIA driver is (elsewhere
+    it could never serve, and its environment is PyTorch: a gigabyte and most of a first start).  A
+    configured ExLlamaV2 engine stays, whatever the node."""
+    engines = {"llama": EngineConfig(kind="llamacpp", priority=10)}
+    if nvidia_driver_present():
+        engines["exllamav2"] = EngineConfig(kind="exllamav2", priority=20)
+    return engines
 
 
 class Settings(BaseSettings):

@@ -8,7 +8,7 @@ from collections import deque
 from dataclasses import replace
 from typing import Any, Iterator
 
-from workers.protocol import ErrorCode
+from workers.protocol import FINISH_CANCELLED, ErrorCode
 from workers.protocol.messages import LOAD_SPEC_FIELDS, LoadSpec
 
 from ..config import EngineConfig, SupervisionConfig
@@ -17,7 +17,7 @@ from ..planning.decide.types import Candidate, Plan
 from .effects import TOPIC_ENGINE_PLAN, Effects, WorkerLaunch
 from .latency import EngineLatency
 from .lifecycle import StateListener, Worker, WorkerState
-from .policy import Backoff, CircuitBreaker, LatencyVerdict
+from .policy import Backoff, Circuit, CircuitBreaker, LatencyVerdict
 from .request import ClientRequest, Generation
 from .stats import EngineStats
 
@@ -142,6 +142,11 @@ class EngineState:
         return None
 
     @property
+    def circuit(self) -> Circuit:
+        """The breaker's state as availability: an engine that cannot run here at all is open, not closed."""
+        return Circuit.OPEN if self.hard_failure else self.breaker.state
+
+    @property
     def budget_exhausted(self) -> bool:
         return self.stats.budget_exhausted(self.config)
 
@@ -201,14 +206,16 @@ class EngineState:
             "priority": self.config.priority,
             "standby": self.config.standby,
             "model": self.model_path,
+            "available": refusal is None,  # takes traffic (HTTP's /v1/models lists only these)
             "state": refusal[0] if refusal else self.worker.state.value,
             "reason": refusal[1] if refusal else self.worker.reason,
-            "circuit": self.breaker.state.value,
+            "circuit": self.circuit.value,
             "queue_depth": len(self.queue),
             "max_queue": self.config.max_queue,
             "in_flight": self.in_flight(),
             "slots": self.worker.slots,
             "served": self.stats.served,
+            "cancelled": self.stats.finished.get(FINISH_CANCELLED, 0),  # of served: by the client, or it went away
             "failed": self.stats.failed,
             **self.stats.describe(self.config),
             "latency": self.latency.summary(now),
@@ -242,6 +249,21 @@ class Engines:
 
     def by_priority(self) -> list[EngineState]:
         return sorted(self.by_name.values(), key=lambda e: e.config.priority)
+
+    @property
+    def serving(self) -> bool:
+        """Some engine can take a request now (a worker ready, or a cold standby that may start)."""
+        return not self.stopping and any(e.healthy for e in self)
+
+    def phase(self) -> str:
+        """The daemon's phase once it has engines: serving, loading (workers starting), or why not."""
+        if self.stopping:
+            return "stopping"
+        if self.serving:
+            return "serving"
+        if any(e.refusal is None and e.worker.state in (WorkerState.SPAWNING, WorkerState.LOADING) for e in self):
+            return "loading"
+        return "no engine can serve"
 
     def count_refusal(self, engine: EngineState | None, code: str) -> None:
         if engine is not None:

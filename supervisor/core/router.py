@@ -30,10 +30,6 @@ log = get_logger("supervisor.router")
 
 ProbeHook = Callable[[Probe, bool, str, float], None]  # probe, ok, detail, now
 
-# Recorded for a request whose client disconnected or fell too far behind;
-# never sent (nobody reads it), but counted and logged like every other end.
-CLIENT_GONE = "client_gone"
-
 
 class Router:
     def __init__(self, engines: Engines, switch: LatencySwitch, effects: Effects, probe_interval_s: float) -> None:
@@ -239,9 +235,19 @@ class Router:
             self._withdraw(generation)
 
     def client_gone(self, client: bytes, now: float) -> None:
-        """Nobody will read the answers: end the client's requests and stop spending compute on them."""
-        for request in [r for r in self.requests.values() if r.client == client]:
-            self.fail(request, CLIENT_GONE, "the client disconnected or fell too far behind", now, reply=False)
+        """Nobody will read the answers: the client's requests end as cancelled (not failures: nothing went
+        wrong here), and no compute is spent on them any more."""
+        gone = [r for r in self.requests.values() if r.client == client]
+        if gone:
+            log.info(
+                "client went away; its requests are cancelled",
+                request_ids=[r.id for r in gone],
+                reason="it disconnected or fell too far behind",
+            )
+        for request in gone:
+            request.cancelled = True
+            usage = {"prompt_tokens": None, "completion_tokens": request.tokens}
+            self.done(request, p.FINISH_CANCELLED, usage, {}, now, reply=False)
             self._withdraw(request)
 
     def _withdraw(self, generation: Generation) -> bool:
@@ -310,8 +316,9 @@ class Router:
         usage: dict[str, Any],
         worker_timings: dict[str, Any],
         now: float,
+        reply: bool = True,
     ) -> None:
-        self.finish(generation, generation.done_event(finish_reason, usage, worker_timings, now), now)
+        self.finish(generation, generation.done_event(finish_reason, usage, worker_timings, now), now, reply=reply)
 
     def fail(
         self,

@@ -233,7 +233,10 @@ class Supervision:
         active, why = self.switch.decide(now, [e.name for e in self.engines.by_priority()], healthy, verdicts)
         if active is None or active == previous:
             return
-        log.warning("engine switch", from_engine=previous, to_engine=active, reason=why)
+        if previous is None:  # the first choice at start, not a switch away from anything
+            log.info("traffic goes to", engine=active, reason=why)
+        else:
+            log.warning("engine switch", from_engine=previous, to_engine=active, reason=why)
         self.effects.publish(TOPIC_ENGINE_SWITCH, **{"from": previous, "to": active, "reason": why})
         target = self.engines[active]
         self.engines.ensure_running(target, f"traffic switched here: {why}", now)

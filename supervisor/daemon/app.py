@@ -46,6 +46,7 @@ from ..io.worker_process import WorkerProcess, worker_command
 from ..logs import get_logger
 from ..node.models import model_label, model_variants_for
 from .notices import ServiceNotices
+from .preflight import remove_socket_files
 from .reloading import reload_config
 from .status import daemon_status
 
@@ -56,17 +57,44 @@ TICK_S = 0.25  # the supervisor's periodic look, at the latest
 WAKE_MARGIN_S = 0.002
 
 
+def bind_client_socket(access: LocalAccess, settings: Settings) -> zmq.Socket:
+    """The client socket, bound before anything else: it answers while the daemon prepares (run.py)."""
+    limit = settings.max_message_bytes
+    assert settings.client_endpoint
+    return access.bind(
+        zmq.ROUTER,
+        settings.client_endpoint,
+        {
+            zmq.ROUTER_MANDATORY: 1,  # a vanished client raises instead of dropping silently
+            # Frames up to 4x the limit still get a proper message_too_large reply;
+            # beyond that libzmq drops the connection before the frame is read.
+            zmq.MAXMSGSIZE: max(4 * limit, 16 << 20),
+            zmq.SNDHWM: CLIENT_BACKLOG_LIMIT,  # a client this far behind counts as gone
+        },
+        CLIENTS_DOMAIN,
+    )
+
+
 class Daemon:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        context: zmq.Context | None = None,
+        access: LocalAccess | None = None,
+        client_socket: zmq.Socket | None = None,
+    ) -> None:
+        """``context``, ``access`` and ``client_socket``: those the start-up made (bound already), else made here."""
         self.settings = settings
         self.started_at = time.monotonic()
-        self.context = zmq.Context()
+        self.context = context or zmq.Context()
         self.processes: dict[str, WorkerProcess] = {}
         self._stop = asyncio.Event()
-        self.access = LocalAccess(settings, self.context)  # before any bind: run directory, CURVE keys, ZAP handler
+        # Before any bind: run directory, CURVE keys, ZAP handler.
+        self.access = access or LocalAccess(settings, self.context)
         self._environ = worker_environ(settings)
         self.planning = Planning(settings)
         fix_mmap_threshold()  # a large frame's memory is unmapped when freed (io/memory.py)
+        self.client_socket = client_socket or bind_client_socket(self.access, settings)
         self._bind()
         supervision = settings.supervision
         self.engines = Engines({name: self.engine_state(name) for name in settings.engines}, self)
@@ -112,21 +140,10 @@ class Daemon:
     # --- building ------------------------------------------------------------------
 
     def _bind(self) -> None:
-        """Every socket option before its bind: libzmq gives later connections the options of bind time."""
+        """The worker and event sockets (the client socket is bound first); every option before its bind:
+        libzmq gives later connections the options of bind time."""
         settings, limit = self.settings, self.settings.max_message_bytes
-        assert settings.client_endpoint and settings.worker_endpoint and settings.events_endpoint
-        self.client_socket = self.access.bind(
-            zmq.ROUTER,
-            settings.client_endpoint,
-            {
-                zmq.ROUTER_MANDATORY: 1,  # a vanished client raises instead of dropping silently
-                # Frames up to 4x the limit still get a proper message_too_large reply;
-                # beyond that libzmq drops the connection before the frame is read.
-                zmq.MAXMSGSIZE: max(4 * limit, 16 << 20),
-                zmq.SNDHWM: CLIENT_BACKLOG_LIMIT,  # a client this far behind counts as gone
-            },
-            CLIENTS_DOMAIN,
-        )
+        assert settings.worker_endpoint and settings.events_endpoint
         self.worker_socket = self.access.bind(
             zmq.ROUTER,
             settings.worker_endpoint,
@@ -271,6 +288,7 @@ class Daemon:
         self.events.close()
         self.access.close()
         self.context.term()
+        remove_socket_files(self.settings)
         log.info("daemon stopped")
 
     async def _reap(self, process: WorkerProcess) -> None:

@@ -122,16 +122,27 @@ def claim_ipc_endpoints(settings: Settings) -> list[Path]:
     """
     if not hasattr(socket, "AF_UNIX"):
         return []
-    removed = []
+    return [path for key, path in ipc_socket_paths(settings) if _claim_socket_path(key, path)]
+
+
+def ipc_socket_paths(settings: Settings) -> list[tuple[str, Path]]:
+    """(key, file) of every ipc endpoint with a file (ipc://@name is Linux's abstract namespace: none)."""
+    paths = []
     for key in ENDPOINT_KEYS:
         endpoint = getattr(settings, key) or ""
-        # ipc://@name is Linux's abstract namespace: no file to lose, and a taken name fails the bind.
-        if not endpoint.startswith("ipc://") or endpoint.startswith("ipc://@"):
-            continue
-        path = Path(endpoint[len("ipc://") :])
-        if _claim_socket_path(key, path):
-            removed.append(path)
-    return removed
+        if endpoint.startswith("ipc://") and not endpoint.startswith("ipc://@"):
+            paths.append((key, Path(endpoint[len("ipc://") :])))
+    return paths
+
+
+def remove_socket_files(settings: Settings) -> None:
+    """After a clean stop (the lock still held, so no other daemon bound them since): leave no socket file behind."""
+    for _, path in ipc_socket_paths(settings):
+        try:
+            if stat.S_ISSOCK(path.lstat().st_mode):
+                path.unlink()
+        except OSError:
+            pass
 
 
 def _claim_socket_path(key: str, path: Path) -> bool:

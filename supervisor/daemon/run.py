@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import IO, Any, Callable
 
@@ -14,6 +15,7 @@ from workers.protocol import ExitCode
 from ..config import ConfigError, Settings
 from ..node.envs import EnvError, create_env, env_is_current
 from ..io.sd_notify import Notifier
+from ..io.startup_front import StartupProgress
 from ..io.transport import BindError
 from ..node.keys import KeysError
 from ..logs import get_logger, setup_logging
@@ -50,28 +52,27 @@ def run_daemon(
         return code
     log.info("daemon starting", pid=os.getpid(), log_file=str(log_file), state_dir=str(settings.state_dir))
     try:
-        prepare(settings, create_envs, notifier or Notifier())
-    except EnvError as exc:
-        log.error("preparation failed", error=str(exc))
-        return ExitCode.UNAVAILABLE
-    try:
-        asyncio.run(_serve(settings, on_serving))
+        return asyncio.run(_start_and_serve(settings, create_envs, notifier or Notifier(), on_serving))
     except (BindError, KeysError, ConfigError) as exc:  # an endpoint, a key file, the socket group
         log.error("cannot serve", error=str(exc))
         print(f"node-supervisor: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
-    return 0
 
 
-def prepare(settings: Settings, create_envs: bool, notifier: Notifier | None = None) -> None:
+def prepare(
+    settings: Settings, create_envs: bool, notifier: Notifier | None = None, progress: StartupProgress | None = None
+) -> None:
     """Environments and the default model, created if missing (pip's output goes to the log line by line).
 
     An engine whose environment is still missing afterwards is reported by
-    the node as unavailable; the other engines serve.
+    the node as unavailable; the other engines serve.  ``progress`` hears of
+    each step and line, for clients asking while this runs.
     """
     notifier = notifier or Notifier({})
+    progress = progress or StartupProgress()
     kinds = {config.env_name: config.kind for config in settings.engines.values()}
     for name, kind in kinds.items():
+        progress.step(f"checking the {name} environment")
         if env_is_current(settings, name, kind):
             continue
         if not create_envs:
@@ -81,18 +82,21 @@ def prepare(settings: Settings, create_envs: bool, notifier: Notifier | None = N
         notifier.send(
             f"EXTEND_TIMEOUT_USEC={int(ENV_BUILD_EXTENSION_S * 1e6)}", f"STATUS=building the {name} environment"
         )
-        create_env(settings, name, kind, _build_line_logger(get_logger(f"envs.{name}"), notifier))
+        progress.step(f"building the {name} environment")
+        create_env(settings, name, kind, _build_line_logger(get_logger(f"envs.{name}"), notifier, progress))
     if any(config.model is None and config.kind == "llamacpp" for config in settings.engines.values()):
         model_log = get_logger("models")
+        progress.step("assembling the default model")
         notifier.send(f"EXTEND_TIMEOUT_USEC={int(ENV_BUILD_EXTENSION_S * 1e6)}", "STATUS=installing the default model")
-        ensure_default_model(settings, lambda line: model_log.info(line))
+        ensure_default_model(settings, lambda line: (model_log.info(line), progress.line(line)))
 
 
-def _build_line_logger(pip_log: Any, notifier: Notifier) -> Callable[[str], None]:
-    """Each line of a build goes to the log, and keeps systemd waiting for the start a while longer."""
+def _build_line_logger(pip_log: Any, notifier: Notifier, progress: StartupProgress) -> Callable[[str], None]:
+    """Each line of a build goes to the log and to clients asking, and keeps systemd waiting for the start a while longer."""
 
     def on_line(line: str) -> None:
         pip_log.info(line)
+        progress.line(line)
         notifier.extend_timeout(ENV_BUILD_EXTENSION_S)
 
     return on_line
@@ -114,24 +118,81 @@ class DaemonHandle:
             pass
 
 
-async def _serve(settings: Settings, on_serving: Callable[[DaemonHandle], None] | None = None) -> None:
-    from .app import Daemon  # pyzmq and the core load only when serving
+async def _start_and_serve(
+    settings: Settings,
+    create_envs: bool,
+    notifier: Notifier,
+    on_serving: Callable[[DaemonHandle], None] | None = None,
+) -> int:
+    """Bind the client socket, answer on it while preparing (io/startup_front.py), then serve; the exit code."""
+    import zmq
 
-    daemon = Daemon(settings)
+    from ..io.access import LocalAccess
+    from ..io.startup_front import StartupFront
+    from .app import Daemon, bind_client_socket  # pyzmq and the core load only when serving
+
     loop = asyncio.get_running_loop()
-    # Handlers only record the signal; the daemon stops (or reloads) from its loop.
-    handlers = [(signal.SIGTERM, daemon.request_stop), (signal.SIGINT, daemon.request_stop)]
+    context = zmq.Context()
+    access = LocalAccess(settings, context)  # before any bind: run directory, CURVE keys, ZAP handler
+    client_socket = bind_client_socket(access, settings)
+    progress = StartupProgress()
+    front = StartupFront(client_socket, progress, settings.client_endpoint or "", str(settings.state_dir))
+    front.reader.start(loop)
+    stop_reason: list[str] = []
+    _handle_signals(loop, stop_reason.append, lambda _: None)
+    prepared: asyncio.Future[None] = loop.create_future()
+
+    def preparing() -> None:  # a thread of its own: a stop need not wait for a build to end
+        try:
+            prepare(settings, create_envs, notifier, progress)
+            loop.call_soon_threadsafe(_settle, prepared, None)
+        except BaseException as exc:  # handed to the loop, which decides
+            loop.call_soon_threadsafe(_settle, prepared, exc)
+
+    threading.Thread(target=preparing, name="prepare", daemon=True).start()
+    while not prepared.done() and not stop_reason:
+        await asyncio.wait([prepared], timeout=0.1)
+    front.reader.stop()
+    if stop_reason or prepared.exception() is not None:
+        client_socket.close(0)
+        access.close()
+        context.term()
+        preflight.remove_socket_files(settings)
+        if stop_reason:
+            log.info("stop requested during start-up; stopped", reason=stop_reason[0], phase=progress.phase)
+            return 0
+        error = prepared.exception()
+        if isinstance(error, EnvError):
+            log.error("preparation failed", error=str(error))
+            return ExitCode.UNAVAILABLE
+        assert error is not None
+        raise error
+    daemon = Daemon(settings, context, access, client_socket)
+    _handle_signals(loop, daemon.request_stop, daemon.request_reload)
+    if on_serving is not None:
+        # Runs once daemon.run() has reached its wait: sockets bound, readers started.
+        loop.call_soon(on_serving, DaemonHandle(daemon, loop))
+    await daemon.run()
+    return 0
+
+
+def _settle(future: "asyncio.Future[None]", error: BaseException | None) -> None:
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+def _handle_signals(loop: asyncio.AbstractEventLoop, stop: Callable[[str], Any], reload: Callable[[str], Any]) -> None:
+    """Handlers only record the signal; the daemon stops (or reloads) from its loop."""
+    handlers = [(signal.SIGTERM, stop), (signal.SIGINT, stop)]
     if hasattr(signal, "SIGHUP"):
-        handlers.append((signal.SIGHUP, daemon.request_reload))
+        handlers.append((signal.SIGHUP, reload))
     for sig, handler in handlers:
         try:
             loop.add_signal_handler(sig, handler, signal.Signals(sig).name)
         except (NotImplementedError, RuntimeError):  # Windows: the service wrapper calls request_stop
             pass
-    if on_serving is not None:
-        # Runs once daemon.run() has reached its wait: sockets bound, readers started.
-        loop.call_soon(on_serving, DaemonHandle(daemon, loop))
-    await daemon.run()
 
 
 def _take_lock(run_dir: Path) -> IO[str] | None:

@@ -40,6 +40,8 @@ def daemon_status(
             "events_endpoint": settings.events_endpoint,
             "state_dir": str(settings.state_dir),
             "stopping": engines.stopping,
+            "phase": engines.phase(),  # before this answer existed, start-up's (io/startup_front.py)
+            "serving": engines.serving,
             "active_engine": supervisor.switch.active,
             "requests_in_progress": len(supervisor.router.requests),
             "metrics_url": metrics_url,

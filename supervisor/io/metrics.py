@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from ..core.engines import Engines, EngineState
+from ..core.lifecycle import WorkerState
 from ..core.policy import Circuit
 from ..core.stats import Histogram
 from ..planning.measure.gpu import GpuSnapshot
@@ -187,11 +188,23 @@ class NodeCollector(Collector):
         info = GaugeMetricFamily(
             _name("engine_info"), "Each engine's kind and model (always 1).", labels=["engine", "kind", "model"]
         )
+        up = GaugeMetricFamily(
+            _name("engine_up"),
+            "1 while the engine takes traffic (0: unavailable, model missing, circuit open, budget spent).",
+            labels=ENGINE,
+        )
+        ready = GaugeMetricFamily(
+            _name("engine_ready"), "1 while the engine can generate now (a worker ready).", labels=ENGINE
+        )
         for engine in engines:
             for state in Circuit:
-                circuit.add_metric([engine.name, state.value], int(engine.breaker.state is state))
+                circuit.add_metric([engine.name, state.value], int(engine.circuit is state))
+            up.add_metric([engine.name], int(engine.refusal is None))
+            ready.add_metric([engine.name], int(engine.refusal is None and engine.worker.state is WorkerState.READY))
             info.add_metric([engine.name, engine.config.kind, engine.model_path], 1)
         yield circuit
+        yield up
+        yield ready
         yield info
 
     def _gpu_memory(self, engines: list[EngineState], snapshot: GpuSnapshot) -> Metric:

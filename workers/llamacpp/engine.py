@@ -84,6 +84,7 @@ class LlamaCppEngine:
         self._llm: Any = None
         self._loop: TokenLoop | None = None
         self._chat_formatter: Any = None
+        self._model_name = "this model"
         self.slots = 1  # requests generated at once: the spec's "parallel" (BatchEngine, workers/batch.py)
         self._batch: SequenceBatch | None = None
 
@@ -139,6 +140,7 @@ class LlamaCppEngine:
                 llama_cpp, llm.model, llm.ctx, self.slots, llama_cpp.llama_n_batch(llm.ctx), self._loop
             )
         self._chat_formatter = self._make_chat_formatter(spec.chat_format)
+        self._model_name = model_path.name
         progress(1.0, "loaded")
         return {**self._facts(model_path, n_gpu_layers), **self._in_force(settings)}
 
@@ -180,9 +182,11 @@ class LlamaCppEngine:
 
         1. the engine's ``chat_format`` option: a llama.cpp built-in template name;
         2. the model's own template (GGUF ``tokenizer.chat_template``), rendered
-           the way llama-cpp-python renders it;
-        3. llama.cpp's built-in template for the model's architecture family
-           (the default Gemma 3 270M file carries no template of its own).
+           the way llama-cpp-python renders it.
+
+        Else none: a model without a template is a base model (the default
+        Gemma 3 270M is one), and a chat template borrowed from its family
+        only makes it answer junk; chat requests are refused, saying so.
         """
         llm = self._llm
         if chat_format:
@@ -197,8 +201,7 @@ class LlamaCppEngine:
                     bos_token=llm._model.token_get_text(bos_id) if bos_id != -1 else "",
                 )
             )
-        family = _ARCHITECTURE_TEMPLATES.get(llm.metadata.get("general.architecture", ""))
-        return _BuiltinTemplate(family) if family else None
+        return None
 
     def _prompt_tokens(self, request: Generate) -> tuple[list[int], list[str]]:
         """Tokens to evaluate and any stop strings the chat format adds."""
@@ -208,7 +211,9 @@ class LlamaCppEngine:
         if self._chat_formatter is None:
             raise RequestError(
                 ErrorCode.INVALID_REQUEST,
-                "this model has no chat template; send a prompt or set the engine's chat_format option",
+                f"{self._model_name} has no chat template (tokenizer.chat_template): it is a base model, which "
+                "continues text rather than answering messages; send a prompt instead (no --chat), use an "
+                "instruction-tuned model (node-supervisor pull REPO), or set the engine's chat_format option",
             )
         try:
             prompt, has_bos, stop = self._chat_formatter.format(request.messages)
@@ -276,7 +281,6 @@ class LlamaCppEngine:
 
 # Architectures whose GGUF files often lack a template, mapped to the llama.cpp
 # built-in template of their family.
-_ARCHITECTURE_TEMPLATES = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma"}
 
 
 class ChatFormatter(Protocol):

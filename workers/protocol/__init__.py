@@ -79,6 +79,7 @@ class ErrorCode:
     ENGINE_FAILED = "engine_failed"  # the worker died or failed during the request
     CONTEXT_OVERFLOW = "context_overflow"  # the prompt does not fit the context window
     SHUTTING_DOWN = "shutting_down"  # the daemon is stopping
+    NOT_READY = "not_ready"  # the daemon is still starting (building environments, assembling the model)
     INVALID_CONFIG = "invalid_config"  # a reload found the configuration invalid; the running one stays
     INTERNAL = "internal_error"  # a bug: reported, logged, and the daemon goes on
 

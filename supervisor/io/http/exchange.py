@@ -59,7 +59,7 @@ class Exchange:
         self.events.append(frame)
         if len(self.events) > BACKLOG_LIMIT:
             self.disconnected()
-            return False  # the router ends the request as client_gone
+            return False  # the router ends the request as cancelled
         self._wake()
         return True
 

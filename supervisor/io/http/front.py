@@ -175,7 +175,10 @@ class OpenAIRoutes:
         except ApiError as error:
             return error_response(error)
         engines = self.engines()
-        return json_response({"object": "list", "data": [self._model(name, engines) for name in model_names(engines)]})
+        status = self._ask({"op": p.OP_STATUS, "id": "models"})  # only engines that take traffic now
+        available = {e["name"] for e in status.get("engines", ()) if e.get("available")}
+        names = [name for name in model_names(engines) if resolve_model(name, engines) in available]
+        return json_response({"object": "list", "data": [self._model(name, engines) for name in names]})
 
     async def model(self, request: Request) -> Response:
         name, engines = request.path_params["model"], self.engines()
