@@ -20,6 +20,7 @@ class WorkerLaunch:
     kind: str
     env_name: str
     worker_id: str
+    devices: tuple[int, ...] | None = None  # the GPUs it may see (CUDA_VISIBLE_DEVICES); None: as the node is
 
 
 class Effects(Protocol):
@@ -58,6 +59,10 @@ class Effects(Protocol):
         engine), or None when the engine is not planned (no model facts: it loads as configured).
         ``previous`` is the plan in force; ``after_oom``: its choice just ran out of GPU memory."""
 
+    def gpu_room(self) -> Any:
+        """The GPUs as measured now (core/placement.py's GpuRoom: room per device after the reserve,
+        NVML's bytes per process), or None on a node without a GPU to place on."""
+
 
 # Topics of the event feed (docs/PROTOCOL.md lists their fields).
 TOPIC_WORKER_STATE = "worker.state"  # engine, worker_id, old, new, reason
@@ -72,4 +77,6 @@ TOPIC_REQUEST_RETRY = "request.retry"  # request_id, from_worker, engine, cause
 TOPIC_ENGINE_PLAN = (
     "engine.plan"  # engine, chosen (variant, layers, n_ctx, cache type, device), reasons, warnings, after_oom
 )
+TOPIC_ENGINE_LOAD = "engine.load"  # engine, worker_id, reason, device
+TOPIC_ENGINE_UNLOAD = "engine.unload"  # engine, worker_id, reason, detail
 TOPIC_RELOAD = "daemon.reload"  # ok, error; added, removed, restarted, updated, unchanged, applied, needs_restart

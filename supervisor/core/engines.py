@@ -5,15 +5,16 @@ place that decides whether a worker process must be started.  Pure.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+from typing import Any, Callable
 
 from workers.protocol import ErrorCode
 
-from ..config import EngineConfig, SupervisionConfig
+from ..config import EngineConfig, GpuConfig, SupervisionConfig
 from ..logs import get_logger
-from .effects import TOPIC_ENGINE_PLAN, Effects, WorkerLaunch
+from .effects import TOPIC_ENGINE_LOAD, TOPIC_ENGINE_PLAN, TOPIC_ENGINE_UNLOAD, Effects, WorkerLaunch
 from .latency import EngineLatency
 from .lifecycle import StateListener, Worker, WorkerState
+from .placement import GpuRoom, Holder, Placement, Residency, place
 from .policy import Backoff, CircuitBreaker, LatencyVerdict
 from .request import ClientRequest, Generation
 from .stats import EngineStats
@@ -69,6 +70,8 @@ class EngineState:
         # A configuration reload: the worker finishes what it runs, then goes (core/reload.py).
         self.reload_pending = False  # ... and a worker with the new settings follows
         self.retired = False  # ... and the engine is dropped
+        self.residency = Residency(config.keep_alive_s)  # idle unload, placement, loads and unloads
+        self.on_demand = config.standby == "cold"  # loaded by the first request naming it (and unloaded ones)
 
     def take_config(self, fresh: "EngineState") -> None:
         """A reload changed what this engine loads: the new settings, health and figures, the
@@ -76,6 +79,7 @@ class EngineState:
         self.config, self.model_path, self.hard_failure = fresh.config, fresh.model_path, fresh.hard_failure
         self.latency, self.backoff, self.breaker = fresh.latency, fresh.backoff, fresh.breaker
         self.plan, self.oom_step, self.build_warnings = None, False, []
+        self.residency.keep_alive_s = fresh.config.keep_alive_s
 
     def apply_supervision(self, supervision: SupervisionConfig) -> None:
         """New restart, breaker and latency parameters; what they have counted so far stays."""
@@ -170,7 +174,15 @@ class EngineState:
             return False
         if self.worker.state is WorkerState.READY:
             return True
-        return self.config.standby == "cold" and self.worker.state is WorkerState.STOPPED
+        return self.on_demand and self.worker.state is WorkerState.STOPPED
+
+    def gpu_need(self) -> int | None:
+        """GPU bytes this engine's best load needs (the plan's top candidate, else ``gpu_mib``);
+        None: unknown, or nothing on a GPU (it loads as planned or configured)."""
+        if self.plan is not None:
+            detail = self.plan.engines[0]
+            return detail.candidates[0].gpu_bytes if detail.device is not None and detail.candidates else None
+        return self.config.gpu_mib << 20 if self.config.gpu_mib else None
 
     def verdict(self, now: float, supervision: SupervisionConfig) -> LatencyVerdict:
         if not self.worker.alive and self.config.standby == "cold":
@@ -217,6 +229,27 @@ class EngineState:
             **self.stats.describe(self.config),
             "latency": self.latency.summary(now),
             "slo": {"ttft_ms": self.config.slo_ttft_ms, "per_token_ms": self.config.slo_per_token_ms},
+            "residency": self.describe_residency(now),
+        }
+
+    def describe_residency(self, now: float) -> dict[str, Any]:
+        """What `node-supervisor ps` shows: loaded or not, idle for, unload in, waiting for memory."""
+        res, worker = self.residency, self.worker
+        loaded = worker.state is WorkerState.READY
+        unload_at = res.unload_at(worker.times.ready_at) if loaded and not worker.running and not self.queue else None
+        since = res.last_used_at if res.last_used_at is not None else worker.times.ready_at
+        return {
+            "loaded": loaded,
+            "keep_alive_s": res.keep_alive_s,
+            "pinned": self.config.pinned,
+            "exclusive": self.config.exclusive,
+            "on_no_room": self.config.on_no_room,
+            "device": res.device,
+            "idle_for_s": round(now - since, 1) if loaded and since is not None and not worker.running else None,
+            "unload_in_s": None if unload_at is None else round(max(0.0, unload_at - now), 1),
+            "waiting": res.waiting,
+            "loads": dict(res.loads),
+            "unloads": dict(res.unloads),
         }
 
 
@@ -228,12 +261,15 @@ class Engines:
     nothing at all, is decided here and nowhere else.
     """
 
-    def __init__(self, engines: dict[str, EngineState], effects: Effects) -> None:
+    def __init__(self, engines: dict[str, EngineState], effects: Effects, gpu: GpuConfig | None = None) -> None:
         self.by_name = engines
         self.effects = effects
+        self.gpu = gpu or GpuConfig()  # the minimum residency and the "wait" bound
         self.stopping = False
         self.refused_unrouted: dict[str, int] = {}  # generate ops refused before an engine was known, by code
         self._gpu_waiting: set[str] = set()  # GPU engines waiting for another's memory
+        # The router fails an engine's queue that no GPU can take (on_no_room "fail", or "wait" run out).
+        self.on_no_room: Callable[[EngineState, str, str, float], None] = lambda *_: None
 
     def __iter__(self) -> Any:
         return iter(self.by_name.values())
@@ -261,31 +297,166 @@ class Engines:
         """The engine whose live worker has this id."""
         return next((e for e in self if e.worker.worker_id == worker_id and e.worker.alive), None)
 
-    def ensure_running(self, engine: EngineState, reason: str, now: float) -> None:
+    def ensure_running(self, engine: EngineState, reason: str, now: float, load_reason: str = "demand") -> None:
         """Work is waiting on ``engine``: start its worker if none is running or due."""
         if engine.worker.state is WorkerState.STOPPED and engine.refusal is None:
-            self.start(engine, reason, now)
+            self.start(engine, reason, now, load_reason)
 
-    def start(self, engine: EngineState, reason: str, now: float) -> None:
+    def start(self, engine: EngineState, reason: str, now: float, load_reason: str = "demand") -> None:
         """Start the engine's worker, first making room on the GPU if it needs one."""
         worker = engine.worker
         if worker.alive or self.stopping or engine.retired:
             return
         if not self._plan(engine, now):
             return
-        if engine.uses_gpu:
-            holders = [e for e in self if e is not engine and e.uses_gpu and e.worker.alive]
-            if holders:
-                # Two GPU engines loading at once is how VRAM runs out: wait until
-                # the other one has exited and its memory is released.
-                self._gpu_waiting.add(engine.name)
-                for holder in holders:
-                    self.stop(holder, f"making room on the GPU for {engine.name}", now)
-                return
+        if not self._make_room(engine, now):
+            return
         self._gpu_waiting.discard(engine.name)
+        res = engine.residency
+        res.waiting = res.wait_until = res.unload_reason = res.last_used_at = None
+        res.load_reason = load_reason
+        res.count_load(load_reason)
         worker_id = worker.begin(now)
         worker.transition(WorkerState.SPAWNING, reason)
-        self.effects.start_worker(WorkerLaunch(engine.name, engine.config.kind, engine.config.env_name, worker_id))
+        chosen = engine.chosen
+        device = chosen.device if chosen is not None and chosen.n_gpu_layers != 0 else res.device
+        devices = (device,) if device is not None else None
+        self.effects.start_worker(
+            WorkerLaunch(engine.name, engine.config.kind, engine.config.env_name, worker_id, devices)
+        )
+        self.effects.publish(TOPIC_ENGINE_LOAD, engine=engine.name, worker_id=worker_id, reason=load_reason, device=device)
+
+    # --- placement: room on the GPUs ----------------------------------------------------
+
+    def _make_room(self, engine: EngineState, now: float) -> bool:
+        """True: load now.  False: the engine waits (another model leaving or loading, evictions
+        under way, the "wait" policy) or its queue was refused (no room, "fail")."""
+        engine.residency.device = None
+        others = [e for e in self if e is not engine and e.uses_gpu and e.worker.alive]
+        if engine.uses_gpu and (engine.config.exclusive or any(e.config.exclusive for e in others)):
+            if not others:
+                return True
+            # One GPU engine at a time: wait until the others have exited and their memory is released.
+            self._wait(engine, f"waiting for {', '.join(e.name for e in others)} to leave the GPU (exclusive)")
+            for holder in others:
+                self.unload(holder, "evicted", now, f"making room on the GPU for {engine.name}")
+            return False
+        if not engine.config.uses_gpu:
+            return True
+        room: GpuRoom | None = self.effects.gpu_room()
+        need = engine.gpu_need()
+        if room is None or not room.available or need is None:
+            return True  # no GPU to place on, or nothing known to place: it loads as planned or configured
+        moving = [e.name for e in others if e.worker.state is not WorkerState.READY]
+        if moving:
+            # Two loads at once on a GPU is how VRAM runs out, and memory being released is not yet measured.
+            self._wait(engine, f"waiting for {', '.join(moving)} to finish loading or unloading")
+            return False
+        holders = [self._holder(e, room, now) for e in others]
+        placement = place(need, room, holders)
+        if placement.kind == "fit":
+            engine.residency.device = placement.device
+            return True
+        if placement.kind == "evict":
+            self._wait(engine, f"evicting {', '.join(placement.victims)} to make room: {placement.describe()}")
+            for name in placement.victims:
+                self.unload(self.by_name[name], "evicted", now, f"making room on the GPU for {engine.name}")
+            return False
+        return self._no_room(engine, placement, now)
+
+    def _holder(self, engine: EngineState, room: GpuRoom, now: float) -> Holder:
+        worker = engine.worker
+        ready_at = worker.times.ready_at or now
+        evictable = (
+            worker.idle
+            and not engine.queue
+            and not engine.config.pinned
+            and now - ready_at >= self.gpu.min_residency_s  # the thrash guard
+        )
+        last_used = engine.residency.last_used_at
+        return Holder(
+            engine.name, room.held_by(worker.report.hello.get("pid")), last_used or ready_at, evictable
+        )
+
+    def _no_room(self, engine: EngineState, placement: Placement, now: float) -> bool:
+        """Nothing fits even after evicting what may be evicted: the engine's ``on_no_room``."""
+        policy, res = engine.config.on_no_room, engine.residency
+        if policy == "step_down" and engine.plan is not None and engine.chosen is not None:
+            return True  # the plan stepped down the ladder against the GPU as it is
+        if policy in ("wait", "step_down"):  # step_down with no ladder (no model facts): wait
+            if res.wait_until is None:
+                res.wait_until = now + self.gpu.no_room_wait_s
+                self.effects.wake_at(res.wait_until)
+            if now < res.wait_until:
+                self._wait(engine, f"waiting for GPU memory: {placement.describe()}")
+                return False
+            message = f"no GPU memory after waiting {self.gpu.no_room_wait_s:g}s: {placement.describe()}"
+        else:
+            message = f"not enough GPU memory for {engine.name}: {placement.describe()}"
+        self._gpu_waiting.discard(engine.name)
+        res.waiting = res.wait_until = None
+        log.warning("no room on the GPU", engine=engine.name, detail=message)
+        self.on_no_room(engine, ErrorCode.INSUFFICIENT_MEMORY, message, now)
+        return False
+
+    def _wait(self, engine: EngineState, why: str) -> None:
+        if engine.residency.waiting != why:
+            log.info("load waits", engine=engine.name, reason=why)
+        engine.residency.waiting = why
+        self._gpu_waiting.add(engine.name)
+
+    def retry_waiting(self, now: float) -> None:
+        """Engines waiting for memory look again (the "wait" policy's bound is checked there too)."""
+        for name in list(self._gpu_waiting):
+            engine = self.by_name.get(name)
+            if engine is not None and engine.residency.wait_until is not None:
+                self.ensure_running(engine, "GPU memory may be free", now)
+
+    # --- idle unload -----------------------------------------------------------------
+
+    def used(self, engine: EngineState, now: float) -> None:
+        """A request of ``engine`` ended: its idle time starts now."""
+        engine.residency.last_used_at = now
+        self.unload_if_idle(engine, now)
+
+    def unload_if_idle(self, engine: EngineState, now: float) -> None:
+        """An idle model past its keep_alive, or one asked to go, is unloaded (a planned stop)."""
+        worker, res = engine.worker, engine.residency
+        if worker.state is not WorkerState.READY or worker.running or engine.queue or engine.reload_pending:
+            return
+        if res.unload_reason is not None:
+            self.unload(engine, res.unload_reason, now)
+            return
+        unload_at = res.unload_at(worker.times.ready_at)
+        if unload_at is None:
+            return
+        if now >= unload_at:
+            self.unload(engine, "idle", now, f"idle for {res.keep_alive_s:g}s (keep_alive)")
+        else:
+            self.effects.wake_at(unload_at)
+
+    def unload(self, engine: EngineState, reason: str, now: float, detail: str | None = None) -> None:
+        """Stop a loaded model on purpose: no restart, no backoff, no circuit count."""
+        worker = engine.worker
+        if not worker.alive or worker.state is WorkerState.STOPPING:
+            return
+        engine.residency.unload_reason = None
+        engine.residency.count_unload(reason)
+        if reason != "reload":
+            engine.on_demand = True
+        detail = detail or f"unloaded ({reason})"
+        worker_id = worker.worker_id
+        self.stop(engine, detail, now)
+        self.effects.publish(TOPIC_ENGINE_UNLOAD, engine=engine.name, worker_id=worker_id, reason=reason, detail=detail)
+
+    def request_unload(self, engine: EngineState, now: float) -> None:
+        """The unload op: now if nothing runs or waits; else once its requests have finished."""
+        if engine.worker.state in (WorkerState.SPAWNING, WorkerState.LOADING) and not engine.queue:
+            self.unload(engine, "requested", now)
+            return
+        if engine.worker.alive:
+            engine.residency.unload_reason = "requested"
+            self.unload_if_idle(engine, now)
 
     def _plan(self, engine: EngineState, now: float) -> bool:
         """Plan the load against the GPU as it is now; False when nothing can be loaded."""
@@ -324,6 +495,7 @@ class Engines:
         if not (engine.reload_pending or engine.retired):
             return False
         if not engine.worker.running:
+            self.unload(engine, "reload", now, "configuration reloaded")
             self.stop(engine, "configuration reloaded", now)
             if not engine.worker.alive:
                 self.drained(engine, now)
@@ -342,7 +514,8 @@ class Engines:
 
     def gpu_released(self, now: float) -> None:
         for name in list(self._gpu_waiting):
-            self.ensure_running(self.by_name[name], "GPU memory released", now)
+            if name in self.by_name:
+                self.ensure_running(self.by_name[name], "GPU memory released", now)
 
     def stop(self, engine: EngineState, reason: str, now: float) -> None:
         """Ask the worker to exit; the supervisor escalates if it lingers."""

@@ -117,6 +117,7 @@ def apply_reload(
     for name in changes.updated:
         engine = engines[name]
         engine.config = settings.engines[name]
+        engine.residency.keep_alive_s = engine.config.keep_alive_s
         if engine.config.standby == "warm":
             engines.ensure_running(engine, "configuration reloaded", now)
     for name in changes.added:

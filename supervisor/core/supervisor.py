@@ -19,6 +19,7 @@ from .effects import (
     Effects,
     TOPIC_ENGINE_CIRCUIT,
     TOPIC_ENGINE_SWITCH,
+    TOPIC_ENGINE_UNLOAD,
     TOPIC_PROBE,
     TOPIC_WORKER_EXIT,
     TOPIC_WORKER_HANG,
@@ -62,6 +63,7 @@ class Supervisor:
         """A reload's supervision settings, from now on."""
         self.settings, self.config = settings, settings.supervision
         self.router.probe_interval_s = self.config.probe_interval_s
+        self.engines.gpu = settings.gpu
         self.switch.min_dwell_s, self.switch.breach_for_s = (
             self.config.switch_min_dwell_s,
             self.config.switch_breach_for_s,
@@ -74,7 +76,7 @@ class Supervisor:
             if engine.refusal is not None:
                 log.error("engine cannot serve", engine=engine.name, code=engine.refusal[0], reason=engine.refusal[1])
             elif engine.config.standby == "warm":
-                self.engines.start(engine, "daemon start", now)
+                self.engines.start(engine, "daemon start", now, "warm")
         self.route(now)
 
     # --- what workers say --------------------------------------------------------------
@@ -124,6 +126,7 @@ class Supervisor:
         worker.times.ready_at = now
         worker.times.probe_due_at = now + self.config.probe_interval_s
         worker.transition(WorkerState.READY, "model loaded")
+        engine.residency.record_load_time(now - (worker.times.started_at or now))
         if engine.breaker.record_success():
             log.info("circuit closed", engine=engine.name)
             self.effects.publish(
@@ -131,6 +134,8 @@ class Supervisor:
             )
         self.route(now)
         self.router.pump(engine, now)
+        self.engines.unload_if_idle(engine, now)  # loaded by a load op with nothing to run, keep_alive 0
+        self.engines.gpu_released(now)  # loads on a GPU are serialized: the next may go
 
     def on_load_failed(self, engine: EngineState, message: dict[str, Any], now: float) -> None:
         failure = {k: message.get(k) for k in ("code", "message", "exit_code", "retry_after_s")}
@@ -165,6 +170,11 @@ class Supervisor:
         cause = exit_info["cause"]
         intended = worker.state is WorkerState.STOPPING or self.engines.stopping
         self._report_exit(engine, exit_info, intended)
+        if not intended and worker.state is WorkerState.READY:
+            engine.residency.count_unload("failed")
+            self.effects.publish(
+                TOPIC_ENGINE_UNLOAD, engine=engine.name, worker_id=worker.worker_id, reason="failed", detail=cause
+            )
         if intended:
             if worker.state is WorkerState.STOPPING:
                 worker.transition(WorkerState.STOPPED, cause)
@@ -266,6 +276,8 @@ class Supervisor:
             self._maybe_restart(engine, now)
             self._maybe_probe_circuit(engine, now)
             self._maybe_probe_liveness(engine, now)
+            self.engines.unload_if_idle(engine, now)
+        self.engines.retry_waiting(now)
         self.route(now)
 
     def _maybe_restart(self, engine: EngineState, now: float) -> None:
@@ -273,7 +285,7 @@ class Supervisor:
         if engine.worker.state is WorkerState.BACKOFF and times.restart_at is not None and now >= times.restart_at:
             times.restart_at = None
             if engine.breaker.state is Circuit.CLOSED:
-                self.engines.start(engine, "restart after backoff", now)
+                self.engines.start(engine, "restart after backoff", now, "restart")
 
     def _check_hang(self, engine: EngineState, now: float) -> None:
         reason = self._hang_reason(engine, now)

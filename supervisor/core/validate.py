@@ -11,6 +11,7 @@ reply unchecked.  Error messages echo client input only as field labels or
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,7 @@ class GenerateParams:
     engine: str | None
     deadline_ms: int | None
     sampling: dict[str, Any] = field(default_factory=dict)  # what the worker receives as "params"
+    keep_alive: float | None = None  # seconds the model stays loaded after it (-1: for ever); None: the engine's
 
 
 def message_op(message: dict[str, Any]) -> str:
@@ -91,6 +93,7 @@ _GENERATE_FIELDS = frozenset(
         "stop",
         "seed",
         "ignore_eos",
+        "keep_alive",
     }
 )
 _CANCEL_FIELDS = frozenset({"op", "id", "target"})
@@ -109,6 +112,7 @@ def parse_generate(message: dict[str, Any], max_tokens_limit: int) -> GeneratePa
         stream=_bool(message, "stream", True),
         engine=_optional_str(message, "engine"),
         deadline_ms=_int(message, "deadline_ms", None, 1, 24 * 3600 * 1000, nullable=True),
+        keep_alive=parse_keep_alive(message.get("keep_alive")),
         sampling={
             "max_tokens": _int(message, "max_tokens", min(p.DEFAULT_MAX_TOKENS, max_tokens_limit), 1, max_tokens_limit),
             "temperature": _number(message, "temperature", p.DEFAULT_TEMPERATURE, 0.0, 5.0),
@@ -119,6 +123,27 @@ def parse_generate(message: dict[str, Any], max_tokens_limit: int) -> GeneratePa
             "ignore_eos": _bool(message, "ignore_eos", False),
         },
     )
+
+
+_DURATION = re.compile(r"^(-?\d+(?:\.\d+)?)(ms|s|m|h)?$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+MAX_KEEP_ALIVE_S = 366 * 24 * 3600.0
+
+
+def parse_keep_alive(value: Any, key: str = "keep_alive") -> float | None:
+    """Ollama's keep_alive: seconds as a number, or a duration string ("300", "5m", "1h", "0");
+    negative: for ever (-1); absent or null: the engine's own."""
+    if value is None:
+        return None
+    if isinstance(value, str) and (match := _DURATION.match(value.strip())):
+        seconds = float(match[1]) * _DURATION_UNITS[match[2]]
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise _invalid(key, 'must be a number of seconds or a duration such as "5m" (negative: for ever)')
+    if seconds != seconds or seconds > MAX_KEEP_ALIVE_S:
+        raise _invalid(key, f"must be at most {MAX_KEEP_ALIVE_S:.0f} seconds (negative: for ever)")
+    return -1.0 if seconds < 0 else seconds
 
 
 def parse_cancel(message: dict[str, Any]) -> str:

@@ -65,7 +65,7 @@ class Daemon:
         self.planning = Planning(settings)
         self._bind()
         supervision = settings.supervision
-        self.engines = Engines({name: self.engine_state(name) for name in settings.engines}, self)
+        self.engines = Engines({name: self.engine_state(name) for name in settings.engines}, self, settings.gpu)
         self.switch = LatencySwitch(
             min_dwell_s=supervision.switch_min_dwell_s, breach_for_s=supervision.switch_breach_for_s
         )
@@ -182,7 +182,12 @@ class Daemon:
     def reload(self, reason: str) -> dict[str, Any]:
         """Read the configuration again and apply it (daemon/reloading.py)."""
         self.settings, summary = reload_config(
-            self.settings, self.supervisor, self.planning, self.engine_state, self.notices, reason
+            self.settings,
+            self.supervisor,
+            self.planning,
+            lambda settings, name: self.engine_state(name, settings),  # reloading's order: (settings, name)
+            self.notices,
+            reason,
         )
         return summary
 
@@ -336,6 +341,13 @@ class Daemon:
             return self.planning.plan_load(self.engines[engine], previous, after_oom, self._own_pids(engine))
         except Exception:  # a planning bug must not keep an engine from starting: it loads as configured
             log.exception("planning failed; loading as configured", engine=engine)
+            return None
+
+    def gpu_room(self) -> Any:
+        try:
+            return self.planning.room()
+        except Exception:  # a measuring bug must not keep an engine from starting: it loads as planned
+            log.exception("measuring the GPUs failed; loading without placement")
             return None
 
     def _own_pids(self, engine: str) -> frozenset[int]:

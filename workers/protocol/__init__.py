@@ -71,6 +71,7 @@ class ErrorCode:
     GPU_OUT_OF_MEMORY = "gpu_out_of_memory"  # a load found too little GPU memory (a worker's load_failed code; the daemon plans smaller)
     ENGINE_UNAVAILABLE = "engine_unavailable"  # the engine cannot serve (failed, unavailable)
     NO_ENGINE = "no_engine_available"  # no configured engine can serve at all
+    INSUFFICIENT_MEMORY = "insufficient_memory"  # no GPU has room for the model, even after evicting idle ones
     BUSY = "busy"  # the engine's queue is full
     BUDGET_EXHAUSTED = (
         "budget_exhausted"  # the engine spent its daily_budget today; unpinned requests go to the next engine
