@@ -14,7 +14,8 @@ from ..logs import get_logger
 from .effects import TOPIC_ENGINE_LOAD, TOPIC_ENGINE_PLAN, TOPIC_ENGINE_UNLOAD, Effects, WorkerLaunch
 from .latency import EngineLatency
 from .lifecycle import StateListener, Worker, WorkerState
-from .placement import GpuRoom, Holder, Placement, Residency, place
+from .placement import GpuRoom, Placement, Residency, describe_residency, place
+from .placement import holder as as_holder
 from .policy import Backoff, CircuitBreaker, LatencyVerdict
 from .request import ClientRequest, Generation
 from .stats import EngineStats
@@ -233,24 +234,7 @@ class EngineState:
         }
 
     def describe_residency(self, now: float) -> dict[str, Any]:
-        """What `node-supervisor ps` shows: loaded or not, idle for, unload in, waiting for memory."""
-        res, worker = self.residency, self.worker
-        loaded = worker.state is WorkerState.READY
-        unload_at = res.unload_at(worker.times.ready_at) if loaded and not worker.running and not self.queue else None
-        since = res.last_used_at if res.last_used_at is not None else worker.times.ready_at
-        return {
-            "loaded": loaded,
-            "keep_alive_s": res.keep_alive_s,
-            "pinned": self.config.pinned,
-            "exclusive": self.config.exclusive,
-            "on_no_room": self.config.on_no_room,
-            "device": res.device,
-            "idle_for_s": round(now - since, 1) if loaded and since is not None and not worker.running else None,
-            "unload_in_s": None if unload_at is None else round(max(0.0, unload_at - now), 1),
-            "waiting": res.waiting,
-            "loads": dict(res.loads),
-            "unloads": dict(res.unloads),
-        }
+        return describe_residency(self, now)
 
 
 class Engines:
@@ -324,7 +308,9 @@ class Engines:
         self.effects.start_worker(
             WorkerLaunch(engine.name, engine.config.kind, engine.config.env_name, worker_id, devices)
         )
-        self.effects.publish(TOPIC_ENGINE_LOAD, engine=engine.name, worker_id=worker_id, reason=load_reason, device=device)
+        self.effects.publish(
+            TOPIC_ENGINE_LOAD, engine=engine.name, worker_id=worker_id, reason=load_reason, device=device
+        )
 
     # --- placement: room on the GPUs ----------------------------------------------------
 
@@ -352,7 +338,7 @@ class Engines:
             # Two loads at once on a GPU is how VRAM runs out, and memory being released is not yet measured.
             self._wait(engine, f"waiting for {', '.join(moving)} to finish loading or unloading")
             return False
-        holders = [self._holder(e, room, now) for e in others]
+        holders = [as_holder(e, room, now, self.gpu.min_residency_s) for e in others]
         placement = place(need, room, holders)
         if placement.kind == "fit":
             engine.residency.device = placement.device
@@ -363,20 +349,6 @@ class Engines:
                 self.unload(self.by_name[name], "evicted", now, f"making room on the GPU for {engine.name}")
             return False
         return self._no_room(engine, placement, now)
-
-    def _holder(self, engine: EngineState, room: GpuRoom, now: float) -> Holder:
-        worker = engine.worker
-        ready_at = worker.times.ready_at or now
-        evictable = (
-            worker.idle
-            and not engine.queue
-            and not engine.config.pinned
-            and now - ready_at >= self.gpu.min_residency_s  # the thrash guard
-        )
-        last_used = engine.residency.last_used_at
-        return Holder(
-            engine.name, room.held_by(worker.report.hello.get("pid")), last_used or ready_at, evictable
-        )
 
     def _no_room(self, engine: EngineState, placement: Placement, now: float) -> bool:
         """Nothing fits even after evicting what may be evicted: the engine's ``on_no_room``."""

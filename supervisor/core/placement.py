@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
+
+from .stats import Histogram
 
 MIB = 1 << 20
 
@@ -105,8 +107,7 @@ class Residency:
     load_reason: str = "demand"
     loads: dict[str, int] = field(default_factory=dict)  # by reason
     unloads: dict[str, int] = field(default_factory=dict)  # by reason
-    load_seconds: list[int] = field(default_factory=lambda: [0] * (len(LOAD_SECONDS_BUCKETS) + 1))
-    load_seconds_sum: float = 0.0
+    load_time: Histogram = field(default_factory=lambda: Histogram(LOAD_SECONDS_BUCKETS))  # start to ready
 
     def count_load(self, reason: str) -> None:
         self.loads[reason] = self.loads.get(reason, 0) + 1
@@ -115,9 +116,7 @@ class Residency:
         self.unloads[reason] = self.unloads.get(reason, 0) + 1
 
     def record_load_time(self, seconds: float) -> None:
-        index = next((i for i, edge in enumerate(LOAD_SECONDS_BUCKETS) if seconds <= edge), len(LOAD_SECONDS_BUCKETS))
-        self.load_seconds[index] += 1
-        self.load_seconds_sum += seconds
+        self.load_time.observe(seconds)
 
     def unload_at(self, loaded_at: float | None) -> float | None:
         """When an idle model is due to go (None: never)."""
@@ -125,3 +124,34 @@ class Residency:
         if self.keep_alive_s < 0 or since is None:
             return None
         return since + self.keep_alive_s
+
+
+def holder(engine: Any, room: GpuRoom, now: float, min_residency_s: float) -> Holder:
+    """A loaded engine (core/engines.py EngineState) as the placement sees it: its memory as measured,
+    evictable when idle with nothing queued, not pinned, and loaded at least ``min_residency_s`` ago."""
+    worker = engine.worker
+    ready_at = worker.times.ready_at or now
+    evictable = worker.idle and not engine.queue and not engine.config.pinned and now - ready_at >= min_residency_s
+    last_used = engine.residency.last_used_at
+    return Holder(engine.name, room.held_by(worker.report.hello.get("pid")), last_used or ready_at, evictable)
+
+
+def describe_residency(engine: Any, now: float) -> dict[str, Any]:
+    """What `node-supervisor ps` shows of an engine: loaded or not, idle for, unload in, waiting for memory."""
+    res, worker = engine.residency, engine.worker
+    loaded = worker.state.value == "ready"
+    unload_at = res.unload_at(worker.times.ready_at) if loaded and not worker.running and not engine.queue else None
+    since = res.last_used_at if res.last_used_at is not None else worker.times.ready_at
+    return {
+        "loaded": loaded,
+        "keep_alive_s": res.keep_alive_s,
+        "pinned": engine.config.pinned,
+        "exclusive": engine.config.exclusive,
+        "on_no_room": engine.config.on_no_room,
+        "device": res.device,
+        "idle_for_s": round(now - since, 1) if loaded and since is not None and not worker.running else None,
+        "unload_in_s": None if unload_at is None else round(max(0.0, unload_at - now), 1),
+        "waiting": res.waiting,
+        "loads": dict(res.loads),
+        "unloads": dict(res.unloads),
+    }
