@@ -94,7 +94,8 @@ class Core:
     """The router and the supervisor over configured engines, with a clock the test moves."""
 
     def __init__(self, engines: dict[str, dict[str, Any]], **settings: Any) -> None:
-        self.settings = load_settings(None, {"state_dir": "/nonexistent/state", "engines": engines, **settings})
+        base = {"state_dir": "/nonexistent/state", "models_dir": [], "engines": engines}
+        self.settings = load_settings(None, {**base, **settings})
         self.effects = RecordingEffects()
         self.now = 1000.0
         states = {
@@ -110,7 +111,7 @@ class Core:
 
     def reload(self, engines: dict[str, dict[str, Any]], **settings: Any) -> ReloadChanges:
         """Apply a new configuration as the daemon does (models at /models/<name>.gguf)."""
-        new = load_settings(None, {"state_dir": "/nonexistent/state", "engines": engines, **settings})
+        new = load_settings(None, {"state_dir": "/nonexistent/state", "models_dir": [], "engines": engines, **settings})
         changes = compare(self.settings, new)
         self.settings = effective_settings(self.settings, new)
         fresh = lambda name: EngineState(
