@@ -12,7 +12,6 @@ from supervisor.config import ConfigError, load_settings
 from supervisor.config.discovery import scan
 
 
-
 def gguf_header(tensors: int = 3, metadata: int = 2, version: int = 3) -> bytes:
     return b"GGUF" + struct.pack("<IQQ", version, tensors, metadata)
 
@@ -49,7 +48,12 @@ def test_each_model_file_and_exl2_directory_becomes_an_engine_loaded_on_demand(m
     engines = settings([models]).engines
     assert {"chat", "coder-Q4_K_M", "big", "llama-exl2-4bpw"} <= set(engines)
     chat = engines["chat"]
-    assert (chat.kind, Path(chat.model), chat.standby, chat.keep_alive_s) == ("llamacpp", models / "chat.gguf", "cold", 300)
+    assert (chat.kind, Path(chat.model), chat.standby, chat.keep_alive_s) == (
+        "llamacpp",
+        models / "chat.gguf",
+        "cold",
+        300,
+    )
     assert engines["llama-exl2-4bpw"].kind == "exllamav2"
     assert engines["coder-Q4_K_M"].aliases == ["coder.Q4_K_M"]  # the file's own name still reaches it over HTTP
     assert {"llama", "exllamav2"} <= set(engines)  # no [engines] table: the defaults stay beside them

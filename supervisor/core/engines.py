@@ -11,13 +11,14 @@ from workers.protocol import ErrorCode
 
 from ..config import EngineConfig, GpuConfig, SupervisionConfig
 from ..logs import get_logger
-from .effects import TOPIC_ENGINE_LOAD, TOPIC_ENGINE_PLAN, TOPIC_ENGINE_UNLOAD, Effects, WorkerLaunch
+from .effects import TOPIC_ENGINE_LOAD, TOPIC_ENGINE_PLAN, Effects, WorkerLaunch
 from .latency import EngineLatency
 from .lifecycle import StateListener, Worker, WorkerState
 from .placement import GpuRoom, Placement, Residency, describe_residency, place
 from .placement import holder as as_holder
 from .policy import Backoff, CircuitBreaker, LatencyVerdict
 from .request import ClientRequest, Generation
+from .residency import Residencies
 from .stats import EngineStats
 
 log = get_logger("supervisor.engines")
@@ -237,7 +238,7 @@ class EngineState:
         return describe_residency(self, now)
 
 
-class Engines:
+class Engines(Residencies):
     """All engines, and the decision to start or stop their workers.
 
     Callers say what they need ("a request is waiting here"); whether that
@@ -383,52 +384,6 @@ class Engines:
             engine = self.by_name.get(name)
             if engine is not None and engine.residency.wait_until is not None:
                 self.ensure_running(engine, "GPU memory may be free", now)
-
-    # --- idle unload -----------------------------------------------------------------
-
-    def used(self, engine: EngineState, now: float) -> None:
-        """A request of ``engine`` ended: its idle time starts now."""
-        engine.residency.last_used_at = now
-        self.unload_if_idle(engine, now)
-
-    def unload_if_idle(self, engine: EngineState, now: float) -> None:
-        """An idle model past its keep_alive, or one asked to go, is unloaded (a planned stop)."""
-        worker, res = engine.worker, engine.residency
-        if worker.state is not WorkerState.READY or worker.running or engine.queue or engine.reload_pending:
-            return
-        if res.unload_reason is not None:
-            self.unload(engine, res.unload_reason, now)
-            return
-        unload_at = res.unload_at(worker.times.ready_at)
-        if unload_at is None:
-            return
-        if now >= unload_at:
-            self.unload(engine, "idle", now, f"idle for {res.keep_alive_s:g}s (keep_alive)")
-        else:
-            self.effects.wake_at(unload_at)
-
-    def unload(self, engine: EngineState, reason: str, now: float, detail: str | None = None) -> None:
-        """Stop a loaded model on purpose: no restart, no backoff, no circuit count."""
-        worker = engine.worker
-        if not worker.alive or worker.state is WorkerState.STOPPING:
-            return
-        engine.residency.unload_reason = None
-        engine.residency.count_unload(reason)
-        if reason != "reload":
-            engine.on_demand = True
-        detail = detail or f"unloaded ({reason})"
-        worker_id = worker.worker_id
-        self.stop(engine, detail, now)
-        self.effects.publish(TOPIC_ENGINE_UNLOAD, engine=engine.name, worker_id=worker_id, reason=reason, detail=detail)
-
-    def request_unload(self, engine: EngineState, now: float) -> None:
-        """The unload op: now if nothing runs or waits; else once its requests have finished."""
-        if engine.worker.state in (WorkerState.SPAWNING, WorkerState.LOADING) and not engine.queue:
-            self.unload(engine, "requested", now)
-            return
-        if engine.worker.alive:
-            engine.residency.unload_reason = "requested"
-            self.unload_if_idle(engine, now)
 
     def _plan(self, engine: EngineState, now: float) -> bool:
         """Plan the load against the GPU as it is now; False when nothing can be loaded."""

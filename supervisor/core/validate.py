@@ -97,6 +97,8 @@ _GENERATE_FIELDS = frozenset(
     }
 )
 _CANCEL_FIELDS = frozenset({"op", "id", "target"})
+_LOAD_FIELDS = frozenset({"op", "id", "engine", "keep_alive"})
+_UNLOAD_FIELDS = frozenset({"op", "id", "engine", "all"})
 _BARE_FIELDS = frozenset({"op", "id"})
 
 
@@ -153,6 +155,26 @@ def parse_cancel(message: dict[str, Any]) -> str:
     if not isinstance(target, str) or not target:
         raise _invalid("target", "must be the id of a generate request")
     return target
+
+
+def parse_load(message: dict[str, Any]) -> tuple[str, float | None]:
+    """Validate a load op: the engine's name and the keep_alive it then has (None: its own)."""
+    _check_fields(message, _LOAD_FIELDS)
+    engine = message.get("engine")
+    if not isinstance(engine, str) or not engine:
+        raise _invalid("engine", "must be the name of an engine")
+    return engine, parse_keep_alive(message.get("keep_alive"))
+
+
+def parse_unload(message: dict[str, Any]) -> str | None:
+    """Validate an unload op: the engine's name, or None with ``all: true``."""
+    _check_fields(message, _UNLOAD_FIELDS)
+    engine, every = message.get("engine"), _bool(message, "all", False)
+    if every == (engine is not None):
+        raise _invalid("engine", "give the name of an engine, or all: true")
+    if not every and (not isinstance(engine, str) or not engine):
+        raise _invalid("engine", "must be the name of an engine")
+    return None if every else engine
 
 
 def check_bare(message: dict[str, Any]) -> None:
@@ -280,5 +302,8 @@ __all__ = [
     "message_op",
     "parse_cancel",
     "parse_generate",
+    "parse_keep_alive",
+    "parse_load",
+    "parse_unload",
     "reply_id",
 ]

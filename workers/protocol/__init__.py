@@ -30,7 +30,10 @@ OP_CANCEL = "cancel"
 OP_STATUS = "status"
 OP_PING = "ping"
 OP_RELOAD = "reload"  # read the configuration again and apply it (as SIGHUP)
-CLIENT_OPS = (OP_GENERATE, OP_CANCEL, OP_STATUS, OP_PING, OP_RELOAD)
+OP_LOAD = "load"  # load an engine's model now (keep_alive: how long it then stays idle)
+OP_UNLOAD = "unload"  # unload an engine's model (or all) once its requests have finished
+OP_PS = "ps"  # the models: available, loaded, where, how much memory, unload in
+CLIENT_OPS = (OP_GENERATE, OP_CANCEL, OP_STATUS, OP_PING, OP_RELOAD, OP_LOAD, OP_UNLOAD, OP_PS)
 
 EVENT_TOKEN = "token"
 EVENT_DONE = "done"
@@ -39,6 +42,9 @@ EVENT_STATUS = "status"
 EVENT_PONG = "pong"
 EVENT_CANCEL_ACK = "cancel_ack"
 EVENT_RELOADED = "reloaded"
+EVENT_LOAD_ACK = "load_ack"  # engine, state (loading, ready, or waiting for memory), keep_alive_s
+EVENT_UNLOAD_ACK = "unload_ack"  # engines: [{engine, state, pending}]
+EVENT_PS = "ps"  # models: [...], unavailable: [...], problems: [...]
 TERMINAL_EVENTS = (EVENT_DONE, EVENT_ERROR)
 
 FINISH_STOP = "stop"  # end-of-generation token or a stop string
