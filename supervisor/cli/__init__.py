@@ -1,6 +1,6 @@
 """node-supervisor: the one console command.
 
-node-supervisor [--config FILE] [global flags] run | generate | status | ping | reload | events | logs | plan | keys | envs create|check | install-service
+node-supervisor [--config FILE] [global flags] run | generate | status | ping | reload | ps | load | unload | models | events | logs | plan | keys | envs create|check | install-service
 """
 
 from __future__ import annotations
@@ -60,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     reload.add_argument("--json", action="store_true")
     reload.add_argument("--timeout", type=float, default=CONNECT_TIMEOUT_S)
+    from .models_command import add_parsers as add_model_parsers
+
+    add_model_parsers(commands, CONNECT_TIMEOUT_S)
     _add_plan(
         commands.add_parser("plan", help="what each engine would get on this node's GPU, and why (starts nothing)")
     )
@@ -231,6 +234,12 @@ def _client(settings: Settings, args: argparse.Namespace) -> int:
     return client_command(settings, args)
 
 
+def _models(settings: Settings, args: argparse.Namespace) -> int:
+    from .models_command import models_command
+
+    return models_command(settings, args)
+
+
 def _keys(settings: Settings, args: argparse.Namespace) -> int:
     from .keys_command import keys_command
 
@@ -254,6 +263,10 @@ COMMANDS = {
     "status": _client,
     "ping": _client,
     "reload": _client,
+    "ps": _models,
+    "load": _models,
+    "unload": _models,
+    "models": _models,
     "keys": _keys,
     "install-service": _install_service,
 }

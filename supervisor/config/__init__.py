@@ -73,7 +73,7 @@ ENV_PREFIX = "NODESUP_"
 # the config file's path (find_config_file), and the test suite's shared
 # state and ExLlamaV2 GPU test inputs (tests/conftest.py, tests/test_exllamav2_gpu.py).
 NON_SETTING_VARIABLES = frozenset(
-    {"NODESUP_CONFIG", "NODESUP_TEST_STATE", "NODESUP_EXL2_MODEL_DIR", "NODESUP_EXL2_PYTHON"}
+    {"NODESUP_CONFIG", "NODESUP_TEST_STATE", "NODESUP_EXL2_MODEL_DIR", "NODESUP_EXL2_PYTHON", "NODESUP_TEST_GPU"}
 )
 _ENGINE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 

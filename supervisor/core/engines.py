@@ -176,7 +176,8 @@ class EngineState:
             return False
         if self.worker.state is WorkerState.READY:
             return True
-        return self.on_demand and self.worker.state is WorkerState.STOPPED
+        # Loading on demand, or unloaded, is not unhealthy: the next request loads it (again).
+        return self.on_demand and self.worker.state in (WorkerState.STOPPED, WorkerState.SPAWNING, WorkerState.LOADING)
 
     def gpu_need(self) -> int | None:
         """GPU bytes this engine's best load needs (the plan's top candidate, else ``gpu_mib``);

@@ -190,6 +190,8 @@ class Supervisor:
                 self.router.worker_lost(engine, generation, cause, now)
         if engine.reload_pending or engine.retired:
             self.engines.drained(engine, now)
+        elif intended and engine.queue and not self.engines.stopping:
+            self.engines.ensure_running(engine, "requests arrived while it was unloading", now)
         if engine.refusal is not None:
             self.router.reroute_queue(engine, now)
         self.route(now)
@@ -254,7 +256,8 @@ class Supervisor:
         log.warning("engine switch", from_engine=previous, to_engine=active, reason=why)
         self.effects.publish(TOPIC_ENGINE_SWITCH, **{"from": previous, "to": active, "reason": why})
         target = self.engines[active]
-        self.engines.ensure_running(target, f"traffic switched here: {why}", now)
+        if not (target.on_demand and previous is None):  # a model loaded on demand waits for its first request
+            self.engines.ensure_running(target, f"traffic switched here: {why}", now)
         source = self.engines.get(previous)
         if source is not None:
             self.router.move_unpinned(source, target, now)

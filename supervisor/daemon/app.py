@@ -37,6 +37,7 @@ from ..io.metrics_server import MetricsServer
 from ..planning.measure.inputs import STATUS_SNAPSHOT_AGE_S, Planning
 from ..io.sd_notify import Notifier
 from ..planning.measure.gpu import cpu_only_build_on_gpu_node
+from ..planning.measure.recorded_gpu import recorded_probe
 from ..io.access import CLIENTS_DOMAIN, WORKERS_DOMAIN, LocalAccess
 from ..io.worker_link import WorkerLink
 from ..io.worker_process import WorkerProcess, worker_command
@@ -44,13 +45,14 @@ from ..logs import get_logger
 from ..node.models import model_label, model_variants_for
 from .notices import ServiceNotices
 from .reloading import reload_config
-from .status import daemon_status
+from .status import daemon_status, models_listing
 
 log = get_logger("supervisor.daemon")
 
 CLIENT_BACKLOG_LIMIT = 100_000  # events queued for one client before it counts as gone
 TICK_S = 0.25  # the supervisor's periodic look, at the latest
 WAKE_MARGIN_S = 0.002
+RECORDED_GPU_ENV = "NODESUP_TEST_GPU"
 
 
 class Daemon:
@@ -62,7 +64,10 @@ class Daemon:
         self._stop = asyncio.Event()
         self.access = LocalAccess(settings, self.context)  # before any bind: run directory, CURVE keys, ZAP handler
         self._environ = worker_environ(settings)
-        self.planning = Planning(settings)
+        recorded = os.environ.get(RECORDED_GPU_ENV)  # a test's recorded GPU (planning/measure/recorded_gpu.py)
+        self.planning = (
+            Planning(settings, recorded_probe(Path(recorded), self._worker_devices)) if recorded else Planning(settings)
+        )
         self._bind()
         supervision = settings.supervision
         self.engines = Engines({name: self.engine_state(name) for name in settings.engines}, self, settings.gpu)
@@ -81,6 +86,7 @@ class Daemon:
             self.reload,
             settings.max_message_bytes,
             settings.max_tokens_limit,
+            self.models,
         )
         self.workers = WorkerLink(self.worker_socket, self.supervisor, self.router, self.publish)
         # The Prometheus exposition: served on [metrics] listen, and by an HTTP front through render().
@@ -350,9 +356,20 @@ class Daemon:
             log.exception("measuring the GPUs failed; loading without placement")
             return None
 
+    def _worker_devices(self) -> list[tuple[str, int, int]]:
+        """(engine, pid, device) of each live worker: what a recorded GPU counts as held."""
+        return [
+            (p.launch.engine, p.pid, (p.launch.devices or (0,))[0])
+            for p in self.processes.values()
+            if p.pid is not None
+        ]
+
     def _own_pids(self, engine: str) -> frozenset[int]:
         """The engine's worker processes still alive (a restart reuses their GPU memory once they exit)."""
         return frozenset(p.pid for p in self.processes.values() if p.launch.engine == engine and p.pid is not None)
+
+    def models(self) -> dict[str, Any]:
+        return models_listing(self.settings, self.supervisor, self.planning, self.processes)
 
     def status(self) -> dict[str, Any]:
         return daemon_status(

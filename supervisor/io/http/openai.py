@@ -25,8 +25,9 @@ COMPLETIONS = "completions"
 DEFAULT_MODEL = "default"  # the `model` that lets the daemon choose (as an absent one does)
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat uses the protocol's
 
-# Passed to the generate op as they are (null: the protocol's default); the last three are the protocol's own extensions.
-PASSED = ("temperature", "top_p", "seed", "stop", "top_k", "ignore_eos", "deadline_ms")
+# Passed to the generate op as they are (null: the protocol's default); the last four are the protocol's own
+# extensions (keep_alive: Ollama's).
+PASSED = ("temperature", "top_p", "seed", "stop", "top_k", "ignore_eos", "deadline_ms", "keep_alive")
 # Known to OpenAI's API and refused unless null or one of these values (which change nothing).
 REFUSED_UNLESS: dict[str, tuple[Any, ...]] = {
     "n": (1,),
@@ -69,6 +70,7 @@ STATUS = {
     ErrorCode.UNKNOWN_ENGINE: 404,
     ErrorCode.BUSY: 429,
     ErrorCode.NO_ENGINE: 503,
+    ErrorCode.INSUFFICIENT_MEMORY: 503,
     ErrorCode.ENGINE_UNAVAILABLE: 503,
     ErrorCode.MODEL_NOT_FOUND: 503,
     ErrorCode.MODEL_LOAD_FAILED: 503,
