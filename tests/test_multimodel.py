@@ -136,13 +136,13 @@ def test_two_names_of_the_default_model_load_on_demand_and_unload_after_keep_ali
         "supervision": {"probe_interval_s": 0},
         **http_settings(),
     }
-    engine = {"keep_alive": 2, "n_ctx": 512, "n_threads": 2}
+    engine = {"keep_alive": 120, "n_ctx": 512, "n_threads": 2}
     daemon = started(make_daemon({"first": engine, "second": engine}, False, **settings))
     listed = cli(daemon, "models")
     assert listed.returncode == 0 and "first" in listed.stdout and "available" in listed.stdout, listed.stdout
     assert "garbage.gguf: not a GGUF file" in listed.stdout
     assert generate(daemon, "first")["event"] == "done"
-    assert generate(daemon, "second", keep_alive=2)["event"] == "done"
+    assert generate(daemon, "second")["event"] == "done"
     first, second = model_state(daemon, "first"), model_state(daemon, "second")
     assert first["state"] == second["state"] == "ready"
     pids = [first["pid"], second["pid"]]
@@ -150,10 +150,17 @@ def test_two_names_of_the_default_model_load_on_demand_and_unload_after_keep_ali
     assert all(r and r > 50 * MIB for r in rss), rss  # each worker holds its own copy of the weights
     ps = cli(daemon, "ps")
     assert "first" in ps.stdout and "second" in ps.stdout, ps.stdout
-    # keep_alive 2 s: both go, and their memory is returned (the processes are gone).
-    wait_until(
-        lambda: all(model_state(daemon, n)["state"] == "stopped" for n in ("first", "second")), 20, "both unloaded"
-    )
+    # keep_alive 2 s from now (the load command on a loaded model): both go, and their memory is returned.
+    for name in ("first", "second"):
+        load = cli(daemon, "load", name, "--keep-alive", "2s")
+        assert load.returncode == 0 and f"{name}: ready" in load.stdout, (load.stdout, load.stderr)
+    try:
+        wait_until(
+            lambda: all(model_state(daemon, n)["state"] == "stopped" for n in ("first", "second")), 20, "both unloaded"
+        )
+    except BaseException:
+        print([model_state(daemon, n) for n in ("first", "second")], daemon.log_tail(60))
+        raise
     wait_until(lambda: not any(psutil.pid_exists(pid) for pid in pids), 10, "workers exited: their memory returned")
     # load and unload through the HTTP front, with llama-server's bodies.
     status, body = post(daemon, "/models/load", {"model": "first"})

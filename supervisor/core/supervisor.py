@@ -256,7 +256,7 @@ class Supervisor:
         log.warning("engine switch", from_engine=previous, to_engine=active, reason=why)
         self.effects.publish(TOPIC_ENGINE_SWITCH, **{"from": previous, "to": active, "reason": why})
         target = self.engines[active]
-        if not (target.on_demand and previous is None):  # a model loaded on demand waits for its first request
+        if not target.on_demand:  # a model loaded on demand waits for a request (moved ones below load it)
             self.engines.ensure_running(target, f"traffic switched here: {why}", now)
         source = self.engines.get(previous)
         if source is not None:
