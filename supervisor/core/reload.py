@@ -47,7 +47,7 @@ LOAD_FIELDS = frozenset(
     }
 )
 # Top-level settings a reload applies; the others hold until the daemon restarts.
-LIVE_SETTINGS = ("engines", "supervision", "gpu", "log_level")
+LIVE_SETTINGS = ("engines", "models_dir", "supervision", "gpu", "log_level")
 
 
 @dataclass
