@@ -176,3 +176,26 @@ def test_two_names_of_the_default_model_load_on_demand_and_unload_after_keep_ali
     assert status == 404 and body["error"]["code"] == "model_not_found"
     status, body = post(daemon, "/models/load", {"model": "first", "keep_alive": True})
     assert status == 400 and body["error"]["param"] == "keep_alive"
+
+
+def test_a_reload_picks_up_model_files_added_and_removed_and_lists_bad_ones(make_daemon, shared_state, tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "first.gguf").symlink_to(shared_state["model"])
+    fake, _ = fake_engine(tmp_path, "f")
+    directories = [str(models), str(tmp_path / "not-there")]
+    daemon = started(make_daemon({"f": fake}, False, models_dir=directories))
+    listed = cli(daemon, "models")
+    assert "first" in listed.stdout and f"warning: models_dir {tmp_path / 'not-there'}: not found" in listed.stdout
+    (models / "second.gguf").symlink_to(shared_state["model"])
+    (models / "half.gguf").write_bytes(b"GGUF\x03\x00")
+    (models / "first.gguf").unlink()
+    reload = cli(daemon, "reload", "--json")
+    assert reload.returncode == 0, reload.stderr
+    changes = json.loads(reload.stdout)
+    assert changes["added"] == ["second"] and changes["removed"] == ["first"], changes
+    with daemon.client() as client:
+        ps = client.ps()
+    assert [m["engine"] for m in ps["models"]] == ["f", "second"]
+    assert [(u["name"], u["reason"].split(":")[0]) for u in ps["unavailable"]] == [("half", "truncated")]
+    assert "model file cannot be served" in daemon.log_text()

@@ -22,6 +22,7 @@ from workers import protocol as p
 from workers.protocol import ErrorCode
 
 from ..config import Settings, split_listen
+from ..config.discovery import scan
 from ..core.effects import TOPIC_WORKER_STATE, WorkerLaunch
 from ..core.engines import Engines, EngineState
 from ..core.lifecycle import Worker, WorkerState
@@ -195,7 +196,17 @@ class Daemon:
             self.notices,
             reason,
         )
+        self._log_models()
         return summary
+
+    def _log_models(self) -> None:
+        """What models_dir holds that cannot be served, and directories that cannot be read: logged, never fatal."""
+        found, problems = scan(self.settings.model_dirs)
+        for problem in problems:
+            log.warning("models_dir cannot be read", detail=problem)
+        for model in found:
+            if not model.available:
+                log.warning("model file cannot be served", path=model.path, reason=model.reason)
 
     def request_reload(self, reason: str) -> None:
         """From a signal handler: reload on the loop's next turn (a bad file is logged there)."""
@@ -215,6 +226,7 @@ class Daemon:
             self.metrics_server = MetricsServer(self.metrics, *split_listen(self.settings.metrics.listen))
             self.metrics_url = await self.metrics_server.start()
             log.info("metrics serving", url=self.metrics_url)
+        self._log_models()
         self.supervisor.start(time.monotonic())
         self.clients.reader.start(self._loop)
         self.workers.reader.start(self._loop)
