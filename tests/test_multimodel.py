@@ -108,9 +108,11 @@ def test_insufficient_memory_and_bad_input_are_clear_errors(make_daemon, tmp_pat
     recorded_gpu.write_text(json.dumps({"devices": [{"total_mib": 10_000, "neighbours_mib": 8000}], "engines": {}}))
     config, _ = fake_engine(tmp_path, "a")
     engines = {"a": {**config, "standby": "cold", "n_gpu_layers": -1, "gpu_mib": 4000, "on_no_room": "fail"}}
-    daemon = started(make_daemon(engines, False, supervision={"probe_interval_s": 0}))
+    daemon = started(make_daemon(engines, False, supervision={"probe_interval_s": 0}, **http_settings()))
     end = generate(daemon, "a")
     assert end["code"] == p.ErrorCode.INSUFFICIENT_MEMORY and "needs 4000 MiB, 2000 MiB free" in end["message"]
+    status, body = post(daemon, "/v1/chat/completions", {"model": "a", "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 503 and body["error"]["code"] == "insufficient_memory" and body["error"]["type"] == "server_error"
     with daemon.client() as client:
         refused = client.receive(client.send({"op": p.OP_GENERATE, "prompt": "x", "engine": "a", "keep_alive": [1]}))
         assert refused["code"] == p.ErrorCode.INVALID_REQUEST and refused["message"].startswith("keep_alive:")
