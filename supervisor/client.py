@@ -168,6 +168,19 @@ class Client:
         """The daemon reads its configuration again: a "reloaded" event, or an "error" (invalid_config)."""
         return self.receive(self.send({"op": p.OP_RELOAD}))
 
+    def load(self, engine: str, keep_alive: float | str | None = None) -> dict[str, Any]:
+        """Load an engine's model now: a "load_ack" event (state loading or ready), or an "error"."""
+        fields = {} if keep_alive is None else {"keep_alive": keep_alive}
+        return self.receive(self.send({"op": p.OP_LOAD, "engine": engine, **fields}))
+
+    def unload(self, engine: str | None = None) -> dict[str, Any]:
+        """Unload an engine's model (None: every loaded one) once its requests have finished."""
+        return self.receive(self.send({"op": p.OP_UNLOAD, **({"engine": engine} if engine else {"all": True})}))
+
+    def ps(self) -> dict[str, Any]:
+        """Every model: available, loaded, where and how much memory; unavailable files with the reason."""
+        return self.receive(self.send({"op": p.OP_PS}))
+
     def ping(self) -> dict[str, Any]:
         return self.receive(self.send({"op": p.OP_PING}))
 

@@ -85,6 +85,8 @@ class Daemon:
             'log_format = "json"',
             "create_envs = false",
         ]
+        # The shared data directory holds the default model: a test daemon discovers models only where it says.
+        settings = {"models_dir": [], **settings}
         lines += [f"{key} = {toml_value(value)}" for key, value in settings.items()]
         for name, engine in engines.items():
             lines.append(f"[engines.{name}]")

@@ -26,12 +26,15 @@ class RecordingEffects:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, Any]] = []
+        self.launches: list[WorkerLaunch] = []
         self.refusing_clients: set[bytes] = set()  # clients whose sends fail (gone, too far behind)
         self.missing_models: set[str] = set()
         self.planners: dict[str, Any] = {}  # engine -> (previous plan, after_oom) -> plan: how a test's GPU looks
+        self.room: Any = None  # placement.GpuRoom the GPUs measure now (None: no GPU), or a function returning one
 
     def start_worker(self, launch: WorkerLaunch) -> None:
         self.calls.append(("start", launch.worker_id))
+        self.launches.append(launch)
 
     def stop_worker(self, worker_id: str, connected: bool) -> None:
         self.calls.append(("stop", worker_id))
@@ -70,6 +73,9 @@ class RecordingEffects:
         planner = self.planners.get(engine)
         return planner(previous, after_oom) if planner else None
 
+    def gpu_room(self) -> Any:
+        return self.room() if callable(self.room) else self.room
+
     # --- reading what happened ---------------------------------------------------
 
     def named(self, name: str) -> list[Any]:
@@ -89,14 +95,15 @@ class Core:
     """The router and the supervisor over configured engines, with a clock the test moves."""
 
     def __init__(self, engines: dict[str, dict[str, Any]], **settings: Any) -> None:
-        self.settings = load_settings(None, {"state_dir": "/nonexistent/state", "engines": engines, **settings})
+        base = {"state_dir": "/nonexistent/state", "models_dir": [], "engines": engines}
+        self.settings = load_settings(None, {**base, **settings})
         self.effects = RecordingEffects()
         self.now = 1000.0
         states = {
             name: EngineState(name, config, f"/models/{name}.gguf", self.settings.supervision, lambda *_: None)
             for name, config in self.settings.engines.items()
         }
-        self.engines = Engines(states, self.effects)
+        self.engines = Engines(states, self.effects, self.settings.gpu)
         self.switch = LatencySwitch(
             self.settings.supervision.switch_min_dwell_s, self.settings.supervision.switch_breach_for_s
         )
@@ -107,7 +114,7 @@ class Core:
 
     def reload(self, engines: dict[str, dict[str, Any]], **settings: Any) -> ReloadChanges:
         """Apply a new configuration as the daemon does (models at /models/<name>.gguf)."""
-        new = load_settings(None, {"state_dir": "/nonexistent/state", "engines": engines, **settings})
+        new = load_settings(None, {"state_dir": "/nonexistent/state", "models_dir": [], "engines": engines, **settings})
         changes = compare(self.settings, new)
         self.settings = effective_settings(self.settings, new)
         fresh = lambda name: EngineState(

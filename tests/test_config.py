@@ -176,7 +176,7 @@ def test_gpu_table_model_variants_auto_layers_and_cache_types(tmp_path):
         and b.n_gpu_layers == 20
     )
     assert (b.cache_type, b.cache_types_allowed) == ("f16", [])
-    assert model_variants_for(settings, EngineConfig(kind="exllamav2")) == [settings.models_dir / "exl2"]
+    assert model_variants_for(settings, EngineConfig(kind="exllamav2")) == [settings.models_home / "exl2"]
     # "auto" (the default) may use the GPU; the plan in force decides (core.engines.EngineState.uses_gpu).
     assert EngineConfig(kind="llamacpp").n_gpu_layers == "auto" and EngineConfig(kind="llamacpp").uses_gpu
     assert (

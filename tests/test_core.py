@@ -221,10 +221,10 @@ def test_an_idle_worker_gets_a_liveness_probe_and_is_replaced_when_it_fails():
     assert core.effects.client_events() == []
 
 
-def test_a_second_gpu_engine_waits_for_the_first_to_exit():
+def test_a_second_gpu_engine_waits_for_an_exclusive_one_to_exit():
     core = Core(
         {
-            "a": {**FAKE, "n_gpu_layers": -1, "priority": 1},
+            "a": {**FAKE, "n_gpu_layers": -1, "priority": 1, "exclusive": True},
             "b": {**FAKE, "n_gpu_layers": -1, "priority": 2, "standby": "cold"},
         }
     )

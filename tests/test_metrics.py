@@ -115,6 +115,10 @@ def test_a_scrape_shows_what_the_daemon_did(make_daemon, tmp_path):
         "worker_restarts": "counter",
         "circuit_state": "gauge",
         "engine_info": "gauge",
+        "models_loaded": "gauge",
+        "model_loads": "counter",
+        "model_unloads": "counter",
+        "model_load_seconds": "histogram",
         "worker_gpu_memory_bytes": "gauge",
     }
 
@@ -289,3 +293,22 @@ def test_gpu_memory_per_worker_comes_from_the_probe():
     no_gpu = Planning(core.settings, lambda: GpuSnapshot((), None, None, "no NVIDIA driver"))
     families = parse(MetricsExporter(NodeCollector(core.engines, no_gpu, processes)).render()[0].decode())
     assert samples(families, "worker_gpu_memory_bytes") == {}
+
+
+def test_models_loaded_loads_and_unloads_by_reason_and_the_load_time():
+    core = Core({"a": {"kind": "fake", "standby": "cold", "keep_alive": 5}}, supervision={"probe_interval_s": 0})
+    core.submit("r1", engine="a")
+    core.advance(2)  # the load takes 2 s
+    core.bring_up("a")
+    core.finish_current("a")
+    families = parse(MetricsExporter(NodeCollector(core.engines)).render()[0].decode())
+    assert value(families, "models_loaded") == 1
+    assert value(families, "model_loads", "_total", engine="a", reason="demand") == 1
+    assert value(families, "model_load_seconds", "_count", engine="a") == 1
+    assert value(families, "model_load_seconds", "_sum", engine="a") == 2.0
+    assert value(families, "model_load_seconds", "_bucket", engine="a", le="1.0") == 0
+    core.advance(5)  # keep_alive
+    core.exit("a", 0)
+    families = parse(MetricsExporter(NodeCollector(core.engines)).render()[0].decode())
+    assert value(families, "models_loaded") == 0
+    assert value(families, "model_unloads", "_total", engine="a", reason="idle") == 1

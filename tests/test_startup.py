@@ -25,6 +25,7 @@ def write_config(
 ) -> Path:
     """A config like conftest's Daemon writes: shared envs and data, no env creation."""
     settings.setdefault("state_dir", directory / "state")
+    settings.setdefault("models_dir", [])  # the shared data directory's model is not discovered (as conftest's)
     lines = [
         f"data_dir = {toml_value(TEST_STATE / 'data')}",
         f"envs_dir = {toml_value(TEST_STATE / 'envs')}",

@@ -402,10 +402,10 @@ def test_request_on_a_stuck_worker_ends_at_the_stall_timeout_not_never(make_daem
 
 
 def test_cold_standby_starts_on_demand_after_the_gpu_engine_before_it_has_exited(make_daemon, tmp_path):
-    # Both count as GPU engines (n_gpu_layers != 0): their memory must never overlap.
+    # Both count as GPU engines (n_gpu_layers != 0); the warm one is exclusive: their memory must never overlap.
     warm, _ = fake_engine(tmp_path, "warm", 10)
     cold, _ = fake_engine(tmp_path, "cold", 20)
-    warm["n_gpu_layers"] = -1
+    warm.update(n_gpu_layers=-1, exclusive=True)
     cold.update(n_gpu_layers=-1, standby="cold")
     daemon = make_daemon(
         {"warm": warm, "cold": cold}, start=False, heartbeat_interval_s=0.3, supervision={"probe_interval_s": 0}

@@ -1,6 +1,6 @@
 """node-supervisor: the one console command.
 
-node-supervisor [--config FILE] [global flags] run | generate | chat | status | ping | reload | events | logs | plan | pull | keys | envs create|check | install-service
+node-supervisor [--config FILE] [global flags] run | generate | chat | status | ping | reload | ps | load | unload | models | pull | events | logs | plan | keys | envs create|check | install-service
 """
 
 from __future__ import annotations
@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     reload.add_argument("--json", action="store_true")
     reload.add_argument("--timeout", type=float, default=CONNECT_TIMEOUT_S)
+    from .models_command import add_parsers as add_model_parsers
+
+    add_model_parsers(commands, CONNECT_TIMEOUT_S)
     _add_plan(
         commands.add_parser("plan", help="what each engine would get on this node's GPU, and why (starts nothing)")
     )
@@ -162,6 +165,9 @@ def _add_generate(gen: argparse.ArgumentParser) -> None:
         else:
             gen.add_argument(flag, type=float if float in (hint, *typing.get_args(hint)) else int, help=text)
     gen.add_argument("--engine", help="pin an engine by name")
+    gen.add_argument(
+        "--keep-alive", help='how long the model stays loaded after it: seconds or "5m"; negative: for ever'
+    )
     gen.add_argument("--deadline-ms", type=int)
     gen.add_argument("--no-stream", action="store_true", help="one reply at the end")
     gen.add_argument("--json", action="store_true", help="print every event as a JSON line")
@@ -308,6 +314,12 @@ def _client(settings: Settings, args: argparse.Namespace) -> int:
     return client_command(settings, args)
 
 
+def _models(settings: Settings, args: argparse.Namespace) -> int:
+    from .models_command import models_command
+
+    return models_command(settings, args)
+
+
 def _keys(settings: Settings, args: argparse.Namespace) -> int:
     from .keys_command import keys_command
 
@@ -338,6 +350,10 @@ COMMANDS = {
     "status": _client,
     "ping": _client,
     "reload": _client,
+    "ps": _models,
+    "load": _models,
+    "unload": _models,
+    "models": _models,
     "keys": _keys,
     "install-service": _install_service,
     "pull": _pull,

@@ -25,6 +25,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from .discovery import merge_engines, scan
+
 # The tables live in their own module; they are part of this module's interface.
 from .sections import (
     ENGINE_KINDS,
@@ -72,7 +74,7 @@ ENV_PREFIX = "NODESUP_"
 # the config file's path (find_config_file), and the test suite's shared
 # state and ExLlamaV2 GPU test inputs (tests/conftest.py, tests/test_exllamav2_gpu.py).
 NON_SETTING_VARIABLES = frozenset(
-    {"NODESUP_CONFIG", "NODESUP_TEST_STATE", "NODESUP_EXL2_MODEL_DIR", "NODESUP_EXL2_PYTHON"}
+    {"NODESUP_CONFIG", "NODESUP_TEST_STATE", "NODESUP_EXL2_MODEL_DIR", "NODESUP_EXL2_PYTHON", "NODESUP_TEST_GPU"}
 )
 _ENGINE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
@@ -155,7 +157,28 @@ class Settings(BaseSettings):
     security: SecurityConfig = Field(default_factory=SecurityConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
+    models_dir: list[Path] | None = Field(
+        None,
+        description="directories whose GGUF files and EXL2 directories become engines; unset: [<data_dir>/models]",
+    )
     engines: dict[str, EngineConfig] = Field(default_factory=_default_engines)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _found_models(cls, data: Any) -> Any:
+        """The models in models_dir join the engines table (config/discovery.py), before it is validated."""
+        if not isinstance(data, dict):
+            return data
+        directories = data.get("models_dir")
+        if directories is None:
+            data_dir = data.get("data_dir") or _xdg("XDG_DATA_HOME", ".local/share") / "node-supervisor"
+            directories = [Path(data_dir) / "models"]
+        if not isinstance(directories, list) or not all(isinstance(d, (str, Path)) for d in directories):
+            return data  # the field's own check names the problem
+        found, _ = scan([Path(d) for d in directories])
+        if not any(model.available for model in found):
+            return data
+        return {**data, "engines": merge_engines(data.get("engines"), _default_engines(), found)}
 
     @field_validator("engines")
     @classmethod
@@ -201,8 +224,14 @@ class Settings(BaseSettings):
         return self.state_dir / "run"
 
     @property
-    def models_dir(self) -> Path:
+    def models_home(self) -> Path:
+        """Where the default model (and `node-supervisor pull`) put model files: <data_dir>/models."""
         return self.data_dir / "models"
+
+    @property
+    def model_dirs(self) -> list[Path]:
+        """The directories scanned for models (``models_dir``, else <data_dir>/models)."""
+        return [d.expanduser() for d in self.models_dir] if self.models_dir is not None else [self.models_home]
 
     @classmethod
     def settings_customise_sources(

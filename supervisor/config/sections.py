@@ -16,6 +16,7 @@ ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 # KV cache types, largest first (llama.cpp's names; the planner maps them for ExLlamaV2).
 KV_CACHE_TYPES = ("f16", "q8_0", "q4_0")
 CacheType = Literal["f16", "q8_0", "q4_0"]
+DEFAULT_KEEP_ALIVE_S = 300.0  # an idle model loaded on demand stays this long (Ollama's default)
 
 
 class UpstreamConfig(BaseModel):
@@ -117,6 +118,21 @@ class EngineConfig(BaseModel):
         default_factory=list, description="other names the HTTP front's `model` field accepts for this engine"
     )
     upstream: UpstreamConfig | None = Field(None, description="kind openai: the server it forwards to")
+    # Residency (docs/CONFIG.md, "Many models on one node").
+    keep_alive: float | None = Field(
+        None,
+        allow_inf_nan=False,
+        description="seconds an idle loaded model stays; 0: unload after each request; negative: never; "
+        'unset: 300 for standby "cold", never for "warm"',
+    )
+    pinned: bool = Field(False, description="never evicted to make room for another model")
+    exclusive: bool = Field(False, description="loading it stops every other GPU engine first (one at a time)")
+    on_no_room: Literal["step_down", "wait", "fail"] = Field(
+        "step_down", description="no room on any GPU after evicting idle models: smaller load, wait, or fail"
+    )
+    gpu_mib: int | None = Field(
+        None, gt=0, description="GPU memory a load needs where the model has no facts to plan with"
+    )
 
     @model_validator(mode="after")
     def _upstream_for_remote_kinds(self) -> "EngineConfig":
@@ -138,6 +154,13 @@ class EngineConfig(BaseModel):
     def is_remote(self) -> bool:
         """Forwards to an upstream server: nothing to load here, no model file, no GPU."""
         return self.kind in REMOTE_KINDS
+
+    @property
+    def keep_alive_s(self) -> float:
+        """Seconds an idle loaded model stays; -1: for ever."""
+        if self.keep_alive is None:
+            return DEFAULT_KEEP_ALIVE_S if self.standby == "cold" else -1.0
+        return -1.0 if self.keep_alive < 0 else self.keep_alive
 
     @property
     def uses_gpu(self) -> bool:
@@ -181,6 +204,12 @@ class GpuConfig(BaseModel):
     )
     cuda_overhead_mib: int = Field(600, ge=0, description="CUDA context and allocator slack per process on a device")
     min_ctx: int = Field(512, gt=0, description="the planner never shrinks a context below this")
+    min_residency_s: float = Field(
+        30.0, ge=0, description="a model loaded this recently is not evicted for another (no thrashing)"
+    )
+    no_room_wait_s: float = Field(
+        120.0, gt=0, description='on_no_room = "wait": requests wait this long for GPU memory, then fail'
+    )
 
 
 class EnvConfig(BaseModel):

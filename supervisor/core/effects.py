@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from workers.protocol.messages import Message
 
 from ..planning.decide.types import Plan
+from .placement import GpuRoom
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class WorkerLaunch:
     kind: str
     env_name: str
     worker_id: str
+    devices: tuple[int, ...] | None = None  # the GPUs it may see (CUDA_VISIBLE_DEVICES); None: as the node is
 
 
 class NodeFacts(Protocol):
@@ -41,6 +43,10 @@ class NodeFacts(Protocol):
         """Plan the engine's next load against the GPU as it is now, or None when the engine is
         not planned (no model facts: it loads as configured).  ``previous`` is the plan in force;
         ``after_oom``: its choice just ran out of GPU memory."""
+
+    def gpu_room(self) -> GpuRoom | None:
+        """The GPUs as measured now (room per device after the reserve, NVML's bytes per process),
+        or None on a node without a GPU to place on."""
 
 
 class Effects(NodeFacts, Protocol):
@@ -84,4 +90,6 @@ TOPIC_REQUEST_RETRY = "request.retry"  # request_id, from_worker, engine, cause
 TOPIC_ENGINE_PLAN = (
     "engine.plan"  # engine, chosen (variant, layers, n_ctx, cache type, device), reasons, warnings, after_oom
 )
+TOPIC_ENGINE_LOAD = "engine.load"  # engine, worker_id, reason, device
+TOPIC_ENGINE_UNLOAD = "engine.unload"  # engine, worker_id, reason, detail
 TOPIC_RELOAD = "daemon.reload"  # ok, error; added, removed, restarted, updated, unchanged, applied, needs_restart

@@ -6,19 +6,22 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import replace
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from workers.protocol import FINISH_CANCELLED, ErrorCode
 from workers.protocol.messages import LOAD_SPEC_FIELDS, LoadSpec
 
-from ..config import EngineConfig, SupervisionConfig
+from ..config import EngineConfig, GpuConfig, SupervisionConfig
 from ..logs import get_logger
 from ..planning.decide.types import Candidate, Plan
-from .effects import TOPIC_ENGINE_PLAN, Effects, WorkerLaunch
+from .effects import TOPIC_ENGINE_LOAD, TOPIC_ENGINE_PLAN, Effects, WorkerLaunch
 from .latency import EngineLatency
 from .lifecycle import StateListener, Worker, WorkerState
+from .placement import GpuRoom, Placement, Residency, describe_residency, place
+from .placement import holder as as_holder
 from .policy import Backoff, Circuit, CircuitBreaker, LatencyVerdict
 from .request import ClientRequest, Generation
+from .residency import Residencies
 from .stats import EngineStats
 
 log = get_logger("supervisor.engines")
@@ -70,6 +73,8 @@ class EngineState:
         # A configuration reload: the worker finishes what it runs, then goes (core/reload.py).
         self.reload_pending = False  # ... and a worker with the new settings follows
         self.retired = False  # ... and the engine is dropped
+        self.residency = Residency(config.keep_alive_s)  # idle unload, placement, loads and unloads
+        self.on_demand = config.standby == "cold"  # loaded by the first request naming it (and unloaded ones)
 
     def take_config(self, fresh: "EngineState") -> None:
         """A reload changed what this engine loads: the new settings, health and figures, the
@@ -77,6 +82,7 @@ class EngineState:
         self.config, self.model_path, self.hard_failure = fresh.config, fresh.model_path, fresh.hard_failure
         self.latency, self.backoff, self.breaker = fresh.latency, fresh.backoff, fresh.breaker
         self.plan, self.oom_step, self.build_warnings = None, False, []
+        self.residency.keep_alive_s = fresh.config.keep_alive_s
 
     def apply_supervision(self, supervision: SupervisionConfig) -> None:
         """New restart, breaker and latency parameters; what they have counted so far stays."""
@@ -171,7 +177,16 @@ class EngineState:
             return False
         if self.worker.state is WorkerState.READY:
             return True
-        return self.config.standby == "cold" and self.worker.state is WorkerState.STOPPED
+        # Loading on demand, or unloaded, is not unhealthy: the next request loads it (again).
+        return self.on_demand and self.worker.state in (WorkerState.STOPPED, WorkerState.SPAWNING, WorkerState.LOADING)
+
+    def gpu_need(self) -> int | None:
+        """GPU bytes this engine's best load needs (the plan's top candidate, else ``gpu_mib``);
+        None: unknown, or nothing on a GPU (it loads as planned or configured)."""
+        if self.plan is not None:
+            detail = self.plan.engines[0]
+            return detail.candidates[0].gpu_bytes if detail.device is not None and detail.candidates else None
+        return self.config.gpu_mib << 20 if self.config.gpu_mib else None
 
     def verdict(self, now: float, supervision: SupervisionConfig) -> LatencyVerdict:
         if not self.worker.alive and self.config.standby == "cold":
@@ -220,10 +235,14 @@ class EngineState:
             **self.stats.describe(self.config),
             "latency": self.latency.summary(now),
             "slo": {"ttft_ms": self.config.slo_ttft_ms, "per_token_ms": self.config.slo_per_token_ms},
+            "residency": self.describe_residency(now),
         }
 
+    def describe_residency(self, now: float) -> dict[str, Any]:
+        return describe_residency(self, now)
 
-class Engines:
+
+class Engines(Residencies):
     """All engines, and the decision to start or stop their workers.
 
     Callers say what they need ("a request is waiting here"); whether that
@@ -231,12 +250,15 @@ class Engines:
     nothing at all, is decided here and nowhere else.
     """
 
-    def __init__(self, engines: dict[str, EngineState], effects: Effects) -> None:
+    def __init__(self, engines: dict[str, EngineState], effects: Effects, gpu: GpuConfig | None = None) -> None:
         self.by_name = engines
         self.effects = effects
+        self.gpu = gpu or GpuConfig()  # the minimum residency and the "wait" bound
         self.stopping = False
         self.refused_unrouted: dict[str, int] = {}  # generate ops refused before an engine was known, by code
         self._gpu_waiting: set[str] = set()  # GPU engines waiting for another's memory
+        # The router fails an engine's queue that no GPU can take (on_no_room "fail", or "wait" run out).
+        self.on_no_room: Callable[[EngineState, str, str, float], None] = lambda *_: None
 
     def __iter__(self) -> Iterator[EngineState]:
         return iter(self.by_name.values())
@@ -279,31 +301,108 @@ class Engines:
         """The engine whose live worker has this id."""
         return next((e for e in self if e.worker.worker_id == worker_id and e.worker.alive), None)
 
-    def ensure_running(self, engine: EngineState, reason: str, now: float) -> None:
+    def ensure_running(self, engine: EngineState, reason: str, now: float, load_reason: str = "demand") -> None:
         """Work is waiting on ``engine``: start its worker if none is running or due."""
         if engine.worker.state is WorkerState.STOPPED and engine.refusal is None:
-            self.start(engine, reason, now)
+            self.start(engine, reason, now, load_reason)
 
-    def start(self, engine: EngineState, reason: str, now: float) -> None:
+    def start(self, engine: EngineState, reason: str, now: float, load_reason: str = "demand") -> None:
         """Start the engine's worker, first making room on the GPU if it needs one."""
         worker = engine.worker
         if worker.alive or self.stopping or engine.retired:
             return
         if not self._plan(engine, now):
             return
-        if engine.uses_gpu:
-            holders = [e for e in self if e is not engine and e.uses_gpu and e.worker.alive]
-            if holders:
-                # Two GPU engines loading at once is how VRAM runs out: wait until
-                # the other one has exited and its memory is released.
-                self._gpu_waiting.add(engine.name)
-                for holder in holders:
-                    self.stop(holder, f"making room on the GPU for {engine.name}", now)
-                return
+        if not self._make_room(engine, now):
+            return
         self._gpu_waiting.discard(engine.name)
+        res = engine.residency
+        res.waiting = res.wait_until = res.unload_reason = res.last_used_at = None
+        res.load_reason = load_reason
+        res.count_load(load_reason)
         worker_id = worker.begin(now)
         worker.transition(WorkerState.SPAWNING, reason)
-        self.effects.start_worker(WorkerLaunch(engine.name, engine.config.kind, engine.config.env_name, worker_id))
+        chosen = engine.chosen
+        device = chosen.device if chosen is not None and chosen.n_gpu_layers != 0 else res.device
+        devices = (device,) if device is not None else None
+        self.effects.start_worker(
+            WorkerLaunch(engine.name, engine.config.kind, engine.config.env_name, worker_id, devices)
+        )
+        self.effects.publish(
+            TOPIC_ENGINE_LOAD, engine=engine.name, worker_id=worker_id, reason=load_reason, device=device
+        )
+
+    # --- placement: room on the GPUs ----------------------------------------------------
+
+    def _make_room(self, engine: EngineState, now: float) -> bool:
+        """True: load now.  False: the engine waits (another model leaving or loading, evictions
+        under way, the "wait" policy) or its queue was refused (no room, "fail")."""
+        engine.residency.device = None
+        others = [e for e in self if e is not engine and e.uses_gpu and e.worker.alive]
+        if engine.uses_gpu and (engine.config.exclusive or any(e.config.exclusive for e in others)):
+            if not others:
+                return True
+            # One GPU engine at a time: wait until the others have exited and their memory is released.
+            self._wait(engine, f"waiting for {', '.join(e.name for e in others)} to leave the GPU (exclusive)")
+            for holder in others:
+                self.unload(holder, "evicted", now, f"making room on the GPU for {engine.name}")
+            return False
+        if not engine.config.uses_gpu:
+            return True
+        room: GpuRoom | None = self.effects.gpu_room()
+        need = engine.gpu_need()
+        if room is None or not room.available or need is None:
+            return True  # no GPU to place on, or nothing known to place: it loads as planned or configured
+        moving = [e.name for e in others if e.worker.state is not WorkerState.READY]
+        if moving:
+            # Two loads at once on a GPU is how VRAM runs out, and memory being released is not yet measured.
+            self._wait(engine, f"waiting for {', '.join(moving)} to finish loading or unloading")
+            return False
+        holders = [as_holder(e, room, now, self.gpu.min_residency_s) for e in others]
+        placement = place(need, room, holders)
+        if placement.kind == "fit":
+            engine.residency.device = placement.device
+            return True
+        if placement.kind == "evict":
+            self._wait(engine, f"evicting {', '.join(placement.victims)} to make room: {placement.describe()}")
+            for name in placement.victims:
+                self.unload(self.by_name[name], "evicted", now, f"making room on the GPU for {engine.name}")
+            return False
+        return self._no_room(engine, placement, now)
+
+    def _no_room(self, engine: EngineState, placement: Placement, now: float) -> bool:
+        """Nothing fits even after evicting what may be evicted: the engine's ``on_no_room``."""
+        policy, res = engine.config.on_no_room, engine.residency
+        if policy == "step_down" and engine.plan is not None and engine.chosen is not None:
+            return True  # the plan stepped down the ladder against the GPU as it is
+        if policy in ("wait", "step_down"):  # step_down with no ladder (no model facts): wait
+            if res.wait_until is None:
+                res.wait_until = now + self.gpu.no_room_wait_s
+                self.effects.wake_at(res.wait_until)
+            if now < res.wait_until:
+                self._wait(engine, f"waiting for GPU memory: {placement.describe()}")
+                return False
+            message = f"no GPU memory after waiting {self.gpu.no_room_wait_s:g}s: {placement.describe()}"
+        else:
+            message = f"not enough GPU memory for {engine.name}: {placement.describe()}"
+        self._gpu_waiting.discard(engine.name)
+        res.waiting = res.wait_until = None
+        log.warning("no room on the GPU", engine=engine.name, detail=message)
+        self.on_no_room(engine, ErrorCode.INSUFFICIENT_MEMORY, message, now)
+        return False
+
+    def _wait(self, engine: EngineState, why: str) -> None:
+        if engine.residency.waiting != why:
+            log.info("load waits", engine=engine.name, reason=why)
+        engine.residency.waiting = why
+        self._gpu_waiting.add(engine.name)
+
+    def retry_waiting(self, now: float) -> None:
+        """Engines waiting for memory look again (the "wait" policy's bound is checked there too)."""
+        for name in list(self._gpu_waiting):
+            engine = self.by_name.get(name)
+            if engine is not None and engine.residency.wait_until is not None:
+                self.ensure_running(engine, "GPU memory may be free", now)
 
     def _plan(self, engine: EngineState, now: float) -> bool:
         """Plan the load against the GPU as it is now; False when nothing can be loaded."""
@@ -342,9 +441,10 @@ class Engines:
         return engine.reload_pending or engine.retired
 
     def drain(self, engine: EngineState, now: float) -> None:
-        """Stop a draining engine's worker as soon as it runs nothing; the engine is restarted or
-        dropped once the worker has gone."""
+        """Stop a draining engine's worker as soon as it runs nothing (a planned unload); the engine is
+        restarted or dropped once the worker has gone."""
         if self.is_draining(engine) and not engine.worker.running:
+            self.unload(engine, "reload", now, "configuration reloaded")
             self.stop(engine, "configuration reloaded", now)
             if not engine.worker.alive:
                 self.drained(engine, now)
@@ -362,7 +462,8 @@ class Engines:
 
     def gpu_released(self, now: float) -> None:
         for name in list(self._gpu_waiting):
-            self.ensure_running(self.by_name[name], "GPU memory released", now)
+            if name in self.by_name:
+                self.ensure_running(self.by_name[name], "GPU memory released", now)
 
     def stop(self, engine: EngineState, reason: str, now: float) -> None:
         """Ask the worker to exit; the supervisor escalates if it lingers."""

@@ -30,7 +30,7 @@ from .supervision import Supervision
 # settings that decide them or the process around them.
 LOAD_FIELDS = frozenset(LOAD_SPEC_FIELDS) | {"kind", "env", "cache_types_allowed"}
 # Top-level settings a reload applies; the others hold until the daemon restarts.
-LIVE_SETTINGS = ("engines", "supervision", "gpu", "log_level")
+LIVE_SETTINGS = ("engines", "models_dir", "supervision", "gpu", "log_level")
 
 
 @dataclass
@@ -100,6 +100,7 @@ def apply_reload(
     for name in changes.updated:
         engine = engines[name]
         engine.config = settings.engines[name]
+        engine.residency.keep_alive_s = engine.config.keep_alive_s
         if engine.config.standby == "warm":
             engines.ensure_running(engine, "configuration reloaded", now)
     for name in changes.added:

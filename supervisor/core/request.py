@@ -32,6 +32,7 @@ class Generation:
     tokens: int = 0  # tokens generated (an event may carry several)
     token_events: int = 0  # token events sent to the client (their "index")
     attempts: int = 0
+    load_ms: float | None = None  # the load of its engine's model it waited for (part of its ttft)
     cancelled: bool = False  # the client cancelled it while it ran: it ends cancelled, never retried
     finished: bool = False
 
@@ -55,6 +56,7 @@ class Generation:
             "queued_ms": ms(self.received_at, self.dispatched_at or now),
             "ttft_ms": ms(self.received_at, self.first_token_at),
             "total_ms": ms(self.received_at, now),
+            **({"load_ms": self.load_ms} if self.load_ms is not None else {}),
         }
 
     def done_event(

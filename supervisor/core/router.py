@@ -43,6 +43,7 @@ class Router:
         self.on_probe_end: ProbeHook = lambda *_: None
         self.on_budget_spent: Callable[[EngineState, float], None] = lambda *_: None
         self._wire_ids = itertools.count(1)
+        engines.on_no_room = self.refuse_queue
 
     # --- arrivals ----------------------------------------------------------------
 
@@ -66,6 +67,9 @@ class Router:
             self.engines.count_refusal(engine, refused.code)
             raise
         self.requests[request.key] = request
+        # Ollama's keep_alive: this request's, else the engine's own, from now on.
+        engine.residency.keep_alive_s = engine.config.keep_alive_s if params.keep_alive is None else params.keep_alive
+        engine.residency.last_used_at = now
         self.enqueue(request, engine, "a request arrived", now)
         if request.deadline_at is not None:
             self.effects.wake_at(request.deadline_at)
@@ -123,6 +127,11 @@ class Router:
         self.pump(engine, now)
         return True
 
+    def refuse_queue(self, engine: EngineState, code: str, message: str, now: float) -> None:
+        """No GPU can take the engine's model: what waits for it ends with ``code``."""
+        while engine.queue:
+            self.fail(engine.queue.popleft(), code, message, now)
+
     def pump(self, engine: EngineState, now: float) -> None:
         """Give the engine's idle worker the oldest waiting request (none while a reload drains it)."""
         if self.engines.is_draining(engine):
@@ -136,6 +145,9 @@ class Router:
     def _dispatch(self, engine: EngineState, generation: Generation, now: float) -> None:
         worker = engine.worker
         generation.dispatched_at = now
+        ready_at = worker.times.ready_at
+        if ready_at is not None and ready_at > generation.received_at:  # it waited for this worker's load
+            generation.load_ms = round((ready_at - max(generation.received_at, worker.times.started_at or 0)) * 1000, 3)
         generation.first_token_at = generation.last_token_at = None
         generation.worker_id = worker.worker_id
         generation.attempts += 1
@@ -362,3 +374,5 @@ class Router:
         if budget_spent:
             assert engine is not None
             self.on_budget_spent(engine, now)
+        if engine is not None:
+            self.engines.used(engine, now)

@@ -21,6 +21,7 @@ from .effects import (
     Effects,
     TOPIC_ENGINE_CIRCUIT,
     TOPIC_ENGINE_SWITCH,
+    TOPIC_ENGINE_UNLOAD,
     TOPIC_PROBE,
     TOPIC_WORKER_EXIT,
     TOPIC_WORKER_HANG,
@@ -56,6 +57,7 @@ class Supervision:
         """A reload's supervision settings, from now on."""
         self.settings, self.config = settings, settings.supervision
         self.router.probe_interval_s = self.config.probe_interval_s
+        self.engines.gpu = settings.gpu
         self.switch.min_dwell_s, self.switch.breach_for_s = (
             self.config.switch_min_dwell_s,
             self.config.switch_breach_for_s,
@@ -68,7 +70,7 @@ class Supervision:
             if engine.refusal is not None:
                 log.error("engine cannot serve", engine=engine.name, code=engine.refusal[0], reason=engine.refusal[1])
             elif engine.config.standby == "warm":
-                self.engines.start(engine, "daemon start", now)
+                self.engines.start(engine, "daemon start", now, "warm")
         self.route(now)
 
     # --- what workers say --------------------------------------------------------------
@@ -113,6 +115,7 @@ class Supervision:
         worker.times.ready_at = now
         worker.times.probe_due_at = now + self.config.probe_interval_s
         worker.transition(WorkerState.READY, "model loaded")
+        engine.residency.record_load_time(now - (worker.times.started_at or now))
         if engine.breaker.record_success():
             log.info("circuit closed", engine=engine.name)
             self.effects.publish(
@@ -120,6 +123,8 @@ class Supervision:
             )
         self.route(now)
         self.router.pump(engine, now)
+        self.engines.unload_if_idle(engine, now)  # loaded by a load op with nothing to run, keep_alive 0
+        self.engines.gpu_released(now)  # loads on a GPU are serialized: the next may go
 
     def on_load_failed(self, engine: EngineState, message: LoadFailed, now: float) -> None:
         engine.worker.report.load_failure = message
@@ -154,6 +159,11 @@ class Supervision:
         cause = exit_info["cause"]
         intended = worker.state is WorkerState.STOPPING or self.engines.stopping
         self._report_exit(engine, exit_info, intended)
+        if not intended and worker.state is WorkerState.READY:
+            engine.residency.count_unload("failed")
+            self.effects.publish(
+                TOPIC_ENGINE_UNLOAD, engine=engine.name, worker_id=worker.worker_id, reason="failed", detail=cause
+            )
         if intended:
             if worker.state is WorkerState.STOPPING:
                 worker.transition(WorkerState.STOPPED, cause)
@@ -169,6 +179,8 @@ class Supervision:
                 self.router.worker_lost(engine, generation, cause, now)
         if engine.reload_pending or engine.retired:
             self.engines.drained(engine, now)
+        elif intended and engine.queue and not self.engines.stopping:
+            self.engines.ensure_running(engine, "requests arrived while it was unloading", now)
         if engine.refusal is not None:
             self.router.reroute_queue(engine, now)
         self.route(now)
@@ -239,7 +251,8 @@ class Supervision:
             log.warning("engine switch", from_engine=previous, to_engine=active, reason=why)
         self.effects.publish(TOPIC_ENGINE_SWITCH, **{"from": previous, "to": active, "reason": why})
         target = self.engines[active]
-        self.engines.ensure_running(target, f"traffic switched here: {why}", now)
+        if not target.on_demand:  # a model loaded on demand waits for a request (moved ones below load it)
+            self.engines.ensure_running(target, f"traffic switched here: {why}", now)
         source = self.engines.get(previous)
         if source is not None:
             self.router.move_unpinned(source, target, now)
@@ -261,6 +274,8 @@ class Supervision:
             self._maybe_restart(engine, now)
             self._maybe_probe_circuit(engine, now)
             self._maybe_probe_liveness(engine, now)
+            self.engines.unload_if_idle(engine, now)
+        self.engines.retry_waiting(now)
         self.route(now)
 
     def _maybe_restart(self, engine: EngineState, now: float) -> None:
@@ -268,7 +283,7 @@ class Supervision:
         if engine.worker.state is WorkerState.BACKOFF and times.restart_at is not None and now >= times.restart_at:
             times.restart_at = None
             if engine.breaker.state is Circuit.CLOSED:
-                self.engines.start(engine, "restart after backoff", now)
+                self.engines.start(engine, "restart after backoff", now, "restart")
 
     def _check_hang(self, engine: EngineState, now: float) -> None:
         reason = self._hang_reason(engine, now)

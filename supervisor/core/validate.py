@@ -12,6 +12,7 @@ reply unchecked.  Error messages echo client input only as field labels or
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,7 @@ class GenerateParams:
     engine: str | None
     deadline_ms: int | None
     sampling: Sampling = field(default_factory=Sampling)  # what the worker receives as "params"
+    keep_alive: float | None = None  # seconds the model stays loaded after it (-1: for ever); None: the engine's
 
 
 def message_op(message: dict[str, Any]) -> str:
@@ -74,8 +76,12 @@ def reply_id(message: dict[str, Any]) -> str | None:
     return value if isinstance(value, str) and is_text(value) else None
 
 
-_GENERATE_FIELDS = frozenset({"op", "id", "prompt", "messages", "stream", "engine", "deadline_ms", *SAMPLING_FIELDS})
+_GENERATE_FIELDS = frozenset(
+    {"op", "id", "prompt", "messages", "stream", "engine", "deadline_ms", "keep_alive", *SAMPLING_FIELDS}
+)
 _CANCEL_FIELDS = frozenset({"op", "id", "target"})
+_LOAD_FIELDS = frozenset({"op", "id", "engine", "keep_alive"})
+_UNLOAD_FIELDS = frozenset({"op", "id", "engine", "all"})
 _BARE_FIELDS = frozenset({"op", "id"})
 
 
@@ -91,6 +97,7 @@ def parse_generate(message: dict[str, Any], max_tokens_limit: int) -> GeneratePa
         stream=_bool(message, "stream", True),
         engine=_optional_str(message, "engine"),
         deadline_ms=_int(message, "deadline_ms", None, 1, 24 * 3600 * 1000, nullable=True),
+        keep_alive=parse_keep_alive(message.get("keep_alive")),
         sampling=parse_sampling(message, max_tokens_limit),
     )
 
@@ -120,6 +127,27 @@ def parse_sampling(message: dict[str, Any], max_tokens_limit: int) -> Sampling:
     return Sampling(**values)
 
 
+_DURATION = re.compile(r"^(-?\d+(?:\.\d+)?)(ms|s|m|h)?$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+MAX_KEEP_ALIVE_S = 366 * 24 * 3600.0
+
+
+def parse_keep_alive(value: Any, key: str = "keep_alive") -> float | None:
+    """Ollama's keep_alive: seconds as a number, or a duration string ("300", "5m", "1h", "0");
+    negative: for ever (-1); absent or null: the engine's own."""
+    if value is None:
+        return None
+    if isinstance(value, str) and (match := _DURATION.match(value.strip())):
+        seconds = float(match[1]) * _DURATION_UNITS[match[2]]
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise _invalid(key, 'must be a number of seconds or a duration such as "5m" (negative: for ever)')
+    if seconds != seconds or seconds > MAX_KEEP_ALIVE_S:
+        raise _invalid(key, f"must be at most {MAX_KEEP_ALIVE_S:.0f} seconds (negative: for ever)")
+    return -1.0 if seconds < 0 else seconds
+
+
 def parse_cancel(message: dict[str, Any]) -> str:
     """Validate a cancel op; return its target, the id of a generate request."""
     _check_fields(message, _CANCEL_FIELDS)
@@ -127,6 +155,26 @@ def parse_cancel(message: dict[str, Any]) -> str:
     if not isinstance(target, str) or not target:
         raise _invalid("target", "must be the id of a generate request")
     return target
+
+
+def parse_load(message: dict[str, Any]) -> tuple[str, float | None]:
+    """Validate a load op: the engine's name and the keep_alive it then has (None: its own)."""
+    _check_fields(message, _LOAD_FIELDS)
+    engine = message.get("engine")
+    if not isinstance(engine, str) or not engine:
+        raise _invalid("engine", "must be the name of an engine")
+    return engine, parse_keep_alive(message.get("keep_alive"))
+
+
+def parse_unload(message: dict[str, Any]) -> str | None:
+    """Validate an unload op: the engine's name, or None with ``all: true``."""
+    _check_fields(message, _UNLOAD_FIELDS)
+    engine, every = message.get("engine"), _bool(message, "all", False)
+    if every == (engine is not None):
+        raise _invalid("engine", "give the name of an engine, or all: true")
+    if not every and (not isinstance(engine, str) or not engine):
+        raise _invalid("engine", "must be the name of an engine")
+    return None if every else engine
 
 
 def check_bare(message: dict[str, Any]) -> None:
@@ -254,6 +302,9 @@ __all__ = [
     "message_op",
     "parse_cancel",
     "parse_generate",
+    "parse_keep_alive",
+    "parse_load",
     "parse_sampling",
+    "parse_unload",
     "reply_id",
 ]

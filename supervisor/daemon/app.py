@@ -23,6 +23,7 @@ from workers.protocol import ErrorCode
 from workers.protocol.messages import Message, Shutdown
 
 from ..config import Settings, split_listen
+from ..config.discovery import scan
 from ..core.effects import TOPIC_WORKER_STATE, WorkerLaunch
 from ..core.engines import Engines, EngineState
 from ..core.lifecycle import Worker, WorkerState
@@ -40,6 +41,7 @@ from ..planning.measure.inputs import STATUS_SNAPSHOT_AGE_S, Planning
 from ..io.sd_notify import Notifier
 from ..planning.decide.types import Plan
 from ..planning.measure.gpu import cpu_only_build_on_gpu_node
+from ..planning.measure.recorded_gpu import recorded_probe
 from ..io.access import CLIENTS_DOMAIN, WORKERS_DOMAIN, LocalAccess
 from ..io.worker_link import WorkerLink
 from ..io.worker_process import WorkerProcess, worker_command
@@ -48,13 +50,14 @@ from ..node.models import model_label, model_variants_for
 from .notices import ServiceNotices
 from .preflight import remove_socket_files
 from .reloading import reload_config
-from .status import daemon_status
+from .status import daemon_status, models_listing
 
 log = get_logger("supervisor.daemon")
 
 CLIENT_BACKLOG_LIMIT = 100_000  # events queued for one client before it counts as gone
 TICK_S = 0.25  # the supervisor's periodic look, at the latest
 WAKE_MARGIN_S = 0.002
+RECORDED_GPU_ENV = "NODESUP_TEST_GPU"
 
 
 def bind_client_socket(access: LocalAccess, settings: Settings) -> zmq.Socket:
@@ -92,12 +95,15 @@ class Daemon:
         # Before any bind: run directory, CURVE keys, ZAP handler.
         self.access = access or LocalAccess(settings, self.context)
         self._environ = worker_environ(settings)
-        self.planning = Planning(settings)
+        recorded = os.environ.get(RECORDED_GPU_ENV)  # a test's recorded GPU (planning/measure/recorded_gpu.py)
+        self.planning = (
+            Planning(settings, recorded_probe(Path(recorded), self._worker_devices)) if recorded else Planning(settings)
+        )
         fix_mmap_threshold()  # a large frame's memory is unmapped when freed (io/memory.py)
         self.client_socket = client_socket or bind_client_socket(self.access, settings)
         self._bind()
         supervision = settings.supervision
-        self.engines = Engines({name: self.engine_state(name) for name in settings.engines}, self)
+        self.engines = Engines({name: self.engine_state(name) for name in settings.engines}, self, settings.gpu)
         self.switch = LatencySwitch(
             min_dwell_s=supervision.switch_min_dwell_s, breach_for_s=supervision.switch_breach_for_s
         )
@@ -115,6 +121,7 @@ class Daemon:
             self.reload,
             settings.max_message_bytes,
             settings.max_tokens_limit,
+            self.models,
         )
         self.workers = WorkerLink(self.worker_socket, self.supervisor, self.router, self.publish)
         # The Prometheus exposition: served on [metrics] listen, and by an HTTP front through render().
@@ -205,9 +212,24 @@ class Daemon:
     def reload(self, reason: str) -> dict[str, Any]:
         """Read the configuration again and apply it (daemon/reloading.py)."""
         self.settings, summary = reload_config(
-            self.settings, self.supervisor, self.planning, self.engine_state, self.notices, reason
+            self.settings,
+            self.supervisor,
+            self.planning,
+            self.engine_state,
+            self.notices,
+            reason,
         )
+        self._log_models()
         return summary
+
+    def _log_models(self) -> None:
+        """What models_dir holds that cannot be served, and directories that cannot be read: logged, never fatal."""
+        found, problems = scan(self.settings.model_dirs)
+        for problem in problems:
+            log.warning("models_dir cannot be read", detail=problem)
+        for model in found:
+            if not model.available:
+                log.warning("model file cannot be served", path=model.path, reason=model.reason)
 
     def request_reload(self, reason: str) -> None:
         """From a signal handler: reload on the loop's next turn (a bad file is logged there)."""
@@ -227,6 +249,7 @@ class Daemon:
             self.metrics_server = MetricsServer(self.metrics, *split_listen(self.settings.metrics.listen))
             self.metrics_url = await self.metrics_server.start()
             log.info("metrics serving", url=self.metrics_url)
+        self._log_models()
         self.supervisor.start(time.monotonic())
         self.clients.reader.start(self._loop)
         self.workers.reader.start(self._loop)
@@ -362,9 +385,27 @@ class Daemon:
             log.exception("planning failed; loading as configured", engine=engine)
             return None
 
+    def gpu_room(self) -> Any:
+        try:
+            return self.planning.room()
+        except Exception:  # a measuring bug must not keep an engine from starting: it loads as planned
+            log.exception("measuring the GPUs failed; loading without placement")
+            return None
+
+    def _worker_devices(self) -> list[tuple[str, int, int]]:
+        """(engine, pid, device) of each live worker: what a recorded GPU counts as held."""
+        return [
+            (p.launch.engine, p.pid, (p.launch.devices or (0,))[0])
+            for p in self.processes.values()
+            if p.pid is not None
+        ]
+
     def _own_pids(self, engine: str) -> frozenset[int]:
         """The engine's worker processes still alive (a restart reuses their GPU memory once they exit)."""
         return frozenset(p.pid for p in self.processes.values() if p.launch.engine == engine and p.pid is not None)
+
+    def models(self) -> dict[str, Any]:
+        return models_listing(self.settings, self.supervisor, self.planning, self.processes)
 
     def status(self) -> dict[str, Any]:
         return daemon_status(

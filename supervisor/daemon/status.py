@@ -12,6 +12,7 @@ from workers import protocol as p
 
 from .. import __version__
 from ..config import Settings
+from ..config.discovery import scan
 from ..core.engines import EngineState
 from ..core.supervision import Supervision
 from ..io.worker_process import WorkerProcess
@@ -98,3 +99,39 @@ def _worker(processes: Mapping[str, WorkerProcess], engine: EngineState, now: fl
     if report.failure:
         info["failure"] = asdict(report.failure)
     return info
+
+
+def models_listing(
+    settings: Settings, supervisor: Supervision, planning: Planning, processes: Mapping[str, WorkerProcess]
+) -> dict[str, Any]:
+    """The ps op's answer (as `ollama ps` and `ollama list` together): every engine with what it holds
+    now, the model files that cannot be served with the reason, directories that cannot be read."""
+    now = time.monotonic()
+    snapshot = planning.snapshot(STATUS_SNAPSHOT_AGE_S)
+    found, problems = scan(settings.model_dirs)
+    models = []
+    for engine in supervisor.engines.by_priority():
+        worker = engine.worker
+        process = processes.get(worker.worker_id) if worker.alive else None
+        chosen, refusal = engine.chosen, engine.refusal
+        measured = worker_gpu_bytes(snapshot, process.pid if process else None)
+        residency = engine.describe_residency(now)
+        models.append(
+            {
+                "engine": engine.name,
+                "kind": engine.config.kind,
+                "model": engine.model_path,
+                "state": refusal[0] if refusal else ("waiting" if residency["waiting"] else worker.state.value),
+                "reason": refusal[1] if refusal else (residency["waiting"] or worker.reason),
+                "load_progress": worker.report.load_progress if worker.state.value == "loading" else None,
+                "device": chosen.device if chosen is not None and chosen.n_gpu_layers != 0 else residency["device"],
+                "gpu_bytes_measured": measured,
+                "gpu_bytes_planned": chosen.gpu_bytes if chosen is not None else None,
+                "rss_bytes": process.rss() if process else None,
+                "pid": process.pid if process else None,
+                "requests": engine.in_flight() + engine.waiting(),
+                **residency,
+            }
+        )
+    unavailable = [model.as_dict() for model in found if not model.available]
+    return {"models": models, "unavailable": unavailable, "problems": problems, "gpu_reason": snapshot.reason}

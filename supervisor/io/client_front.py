@@ -20,7 +20,15 @@ from workers.protocol import ErrorCode
 from .. import __version__
 from ..core.router import Router
 from ..core.errors import ClientError, Refused
-from ..core.validate import check_bare, message_id, message_op, parse_cancel, parse_generate
+from ..core.validate import (
+    check_bare,
+    message_id,
+    message_op,
+    parse_cancel,
+    parse_generate,
+    parse_load,
+    parse_unload,
+)
 from ..logs import get_logger
 from .memory import trim_soon
 from .transport import SocketReader, send_now
@@ -51,6 +59,7 @@ class ClientFront:
         reload: Callable[[str], dict[str, Any]],
         max_message_bytes: int,
         max_tokens_limit: int,
+        models: Callable[[], dict[str, Any]] = lambda: {},
     ) -> None:
         self.sock = sock
         self.router = router
@@ -58,6 +67,7 @@ class ClientFront:
         self.reload = reload  # the reply's fields; raises Refused(invalid_config) for a bad file
         self.max_message_bytes = max_message_bytes
         self.max_tokens_limit = max_tokens_limit
+        self.models = models  # the ps op's answer: every model, available or loaded, and the unavailable files
         self.reader = SocketReader(sock, self.on_frames)
         self.ops: dict[str, Handler] = {
             p.OP_GENERATE: self._generate,
@@ -65,6 +75,9 @@ class ClientFront:
             p.OP_STATUS: self._status,
             p.OP_PING: self._ping,
             p.OP_RELOAD: self._reload,
+            p.OP_LOAD: self._load,
+            p.OP_UNLOAD: self._unload,
+            p.OP_PS: self._ps,
         }
 
     def send(self, envelope: list[bytes], frame: bytes) -> bool:
@@ -145,6 +158,43 @@ class ClientFront:
     def _reload(self, envelope: list[bytes], mid: str, message: dict[str, Any], now: float) -> None:
         check_bare(message)
         self._reply(envelope, {"id": mid, "event": p.EVENT_RELOADED, **self.reload("reload op")})
+
+    def _load(self, envelope: list[bytes], mid: str, message: dict[str, Any], now: float) -> None:
+        name, keep_alive = parse_load(message)
+        engines = self.router.engines
+        engine = engines.get(name)
+        if engine is None:
+            raise Refused(
+                ErrorCode.UNKNOWN_ENGINE, f"no engine named {name!r}; configured: {', '.join(engines.by_name)}"
+            )
+        if engine.refusal:
+            raise Refused(*engine.refusal)
+        if engines.stopping:
+            raise Refused(ErrorCode.SHUTTING_DOWN, "the daemon is stopping")
+        state = engines.request_load(engine, keep_alive, now)
+        event = {"id": mid, "event": p.EVENT_LOAD_ACK, "engine": name, "state": state}
+        self._reply(
+            envelope, {**event, "keep_alive_s": engine.residency.keep_alive_s, "waiting": engine.residency.waiting}
+        )
+
+    def _unload(self, envelope: list[bytes], mid: str, message: dict[str, Any], now: float) -> None:
+        name = parse_unload(message)
+        engines = self.router.engines
+        if name is not None and engines.get(name) is None:
+            raise Refused(
+                ErrorCode.UNKNOWN_ENGINE, f"no engine named {name!r}; configured: {', '.join(engines.by_name)}"
+            )
+        targets = [engines[name]] if name is not None else [e for e in engines if e.worker.alive]
+        answers = []
+        for engine in targets:
+            engines.request_unload(engine, now)
+            pending = engine.residency.unload_reason is not None  # its requests finish first
+            answers.append({"engine": engine.name, "state": engine.worker.state.value, "pending": pending})
+        self._reply(envelope, {"id": mid, "event": p.EVENT_UNLOAD_ACK, "engines": answers})
+
+    def _ps(self, envelope: list[bytes], mid: str, message: dict[str, Any], now: float) -> None:
+        check_bare(message)
+        self._reply(envelope, {"id": mid, "event": p.EVENT_PS, **self.models()})
 
     def _error(self, envelope: list[bytes], mid: str | None, code: str, message: str, **extra: Any) -> None:
         self._reply(envelope, {"id": mid, "event": p.EVENT_ERROR, "code": code, "message": message, **extra})

@@ -74,6 +74,7 @@ class NodeCollector(Collector):
         yield from self._latency(engines)
         yield from self._tokens_and_cost(engines)
         yield from self._health(engines)
+        yield from self._residency(engines)
         if self.planning is not None:
             yield self._gpu_memory(engines, self.planning.snapshot(STATUS_SNAPSHOT_AGE_S))
 
@@ -206,6 +207,30 @@ class NodeCollector(Collector):
         yield up
         yield ready
         yield info
+
+    def _residency(self, engines: list[EngineState]) -> Iterator[Metric]:
+        loaded = GaugeMetricFamily(_name("models_loaded"), "Models loaded now (engines whose worker is ready).")
+        loaded.add_metric([], sum(e.worker.state is WorkerState.READY for e in engines))
+        yield loaded
+        yield _tally(
+            CounterMetricFamily(
+                _name("model_loads_total"),
+                "Model loads started, by reason (demand, requested, warm, restart).",
+                labels=["engine", "reason"],
+            ),
+            ((e.name, e.residency.loads) for e in engines),
+        )
+        yield _tally(
+            CounterMetricFamily(
+                _name("model_unloads_total"),
+                "Models unloaded, by reason (idle, evicted, requested, reload, failed).",
+                labels=["engine", "reason"],
+            ),
+            ((e.name, e.residency.unloads) for e in engines),
+        )
+        yield _histogram(
+            "model_load_seconds", "Worker start to model loaded.", engines, lambda e: e.residency.load_time
+        )
 
     def _gpu_memory(self, engines: list[EngineState], snapshot: GpuSnapshot) -> Metric:
         family = GaugeMetricFamily(

@@ -44,6 +44,9 @@ class WorkerProcess:
         self.secret = secrets.token_hex(16)
         self._command = command
         self._environ = {**environ, p.WORKER_SECRET_ENV: self.secret}
+        if launch.devices is not None:  # placed on these GPUs: the worker sees only them (as devices 0, 1, ...)
+            self._environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # NVML's numbering
+            self._environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in launch.devices)
         self._on_exit = on_exit
         self.process: asyncio.subprocess.Process | None = None
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)

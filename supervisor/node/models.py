@@ -23,7 +23,7 @@ DEFAULT_MODEL_FILE = "gemma-3-270m-q4_k_m.gguf"
 
 
 def default_model_path(settings: Settings) -> Path:
-    return settings.models_dir / DEFAULT_MODEL_FILE
+    return settings.models_home / DEFAULT_MODEL_FILE
 
 
 DEFAULT_EXL2_DIR = "exl2"  # no EXL2 model ships as a package: the operator puts one here
@@ -49,7 +49,7 @@ def model_variants_for(settings: Settings, engine: EngineConfig) -> list[Path]:
         variants = engine.model if isinstance(engine.model, list) else [engine.model]
         return [path.expanduser() for path in variants]
     if engine.kind == "exllamav2":
-        return [settings.models_dir / DEFAULT_EXL2_DIR]
+        return [settings.models_home / DEFAULT_EXL2_DIR]
     return [default_model_path(settings)]
 
 

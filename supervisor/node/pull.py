@@ -73,7 +73,7 @@ def choose_file(repo: str, files: dict[str, Any], choice: str | None) -> str:
 
 
 def pull(settings: Settings, spec: str, progress: bool = True) -> Pulled:
-    """Download the chosen GGUF into ``settings.models_dir``; PullError says what went wrong."""
+    """Download the chosen GGUF into ``settings.models_home``; PullError says what went wrong."""
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub import errors as hub_errors
     from huggingface_hub.utils import disable_progress_bars
@@ -90,8 +90,8 @@ def pull(settings: Settings, spec: str, progress: bool = True) -> Pulled:
         }
         filename = choose_file(repo, listing, choice)
         entry = listing[filename]
-        settings.models_dir.mkdir(parents=True, exist_ok=True)
-        downloaded = Path(hf_hub_download(repo, filename, local_dir=settings.models_dir))
+        settings.models_home.mkdir(parents=True, exist_ok=True)
+        downloaded = Path(hf_hub_download(repo, filename, local_dir=settings.models_home))
     except PullError:
         raise
     except (hub_errors.OfflineModeIsEnabled, hub_errors.LocalEntryNotFoundError):
@@ -110,7 +110,7 @@ def pull(settings: Settings, spec: str, progress: bool = True) -> Pulled:
         raise PullError(
             f"{repo}: download failed: {_first_line(exc)} (run the same pull again to resume)", 69
         ) from None
-    target = settings.models_dir / Path(filename).name
+    target = settings.models_home / Path(filename).name
     if downloaded != target:  # a file in a folder of the repository: models/ holds files, by their own names
         shutil.move(downloaded, target)
     expected = entry.lfs.sha256 if entry.lfs is not None else None

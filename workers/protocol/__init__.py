@@ -37,7 +37,10 @@ OP_CANCEL = "cancel"
 OP_STATUS = "status"
 OP_PING = "ping"
 OP_RELOAD = "reload"  # read the configuration again and apply it (as SIGHUP)
-CLIENT_OPS = (OP_GENERATE, OP_CANCEL, OP_STATUS, OP_PING, OP_RELOAD)
+OP_LOAD = "load"  # load an engine's model now (keep_alive: how long it then stays idle)
+OP_UNLOAD = "unload"  # unload an engine's model (or all) once its requests have finished
+OP_PS = "ps"  # the models: available, loaded, where, how much memory, unload in
+CLIENT_OPS = (OP_GENERATE, OP_CANCEL, OP_STATUS, OP_PING, OP_RELOAD, OP_LOAD, OP_UNLOAD, OP_PS)
 
 EVENT_TOKEN = "token"
 EVENT_DONE = "done"
@@ -46,6 +49,9 @@ EVENT_STATUS = "status"
 EVENT_PONG = "pong"
 EVENT_CANCEL_ACK = "cancel_ack"
 EVENT_RELOADED = "reloaded"
+EVENT_LOAD_ACK = "load_ack"  # engine, state (loading, ready, or waiting for memory), keep_alive_s
+EVENT_UNLOAD_ACK = "unload_ack"  # engines: [{engine, state, pending}]
+EVENT_PS = "ps"  # models: [...], unavailable: [...], problems: [...]
 TERMINAL_EVENTS = (EVENT_DONE, EVENT_ERROR)
 
 FINISH_STOP = "stop"  # end-of-generation token or a stop string
@@ -71,6 +77,7 @@ class ErrorCode:
     GPU_OUT_OF_MEMORY = "gpu_out_of_memory"  # a load found too little GPU memory (a worker's load_failed code; the daemon plans smaller)
     ENGINE_UNAVAILABLE = "engine_unavailable"  # the engine cannot serve (failed, unavailable)
     NO_ENGINE = "no_engine_available"  # no configured engine can serve at all
+    INSUFFICIENT_MEMORY = "insufficient_memory"  # no GPU has room for the model, even after evicting idle ones
     BUSY = "busy"  # the engine's queue is full
     BUDGET_EXHAUSTED = (
         "budget_exhausted"  # the engine spent its daily_budget today; unpinned requests go to the next engine

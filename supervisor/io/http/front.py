@@ -41,6 +41,7 @@ from .door import Door, DoorCollector, DoorLimits, DoorSocket, descriptor_budget
 from .answers import Answer
 from .exchange import Exchange, GenerationAnswer, json_body
 from ..transport import BindError
+from .model_routes import model_routes, statuses
 from .openai import CHAT, COMPLETIONS, ApiError, bad_request, model_names, parse_request, resolve_model, unknown_model
 
 log = get_logger("supervisor.http")
@@ -94,6 +95,7 @@ class OpenAIRoutes:
             Route("/v1/models/{model:path}", self.model, methods=["GET"]),
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/readyz", self.readyz, methods=["GET"]),
+            *model_routes(self),
         ]
 
     def _routing_id(self) -> bytes:
@@ -174,11 +176,11 @@ class OpenAIRoutes:
             self._check_key(request)
         except ApiError as error:
             return error_response(error)
-        engines = self.engines()
+        engines, loaded = self.engines(), statuses(self)
         status = self._ask({"op": p.OP_STATUS, "id": "models"})  # only engines that take traffic now
         available = {e["name"] for e in status.get("engines", ()) if e.get("available")}
         names = [name for name in model_names(engines) if resolve_model(name, engines) in available]
-        return json_response({"object": "list", "data": [self._model(name, engines) for name in names]})
+        return json_response({"object": "list", "data": [self._model(name, engines, loaded) for name in names]})
 
     async def model(self, request: Request) -> Response:
         name, engines = request.path_params["model"], self.engines()
@@ -188,12 +190,14 @@ class OpenAIRoutes:
                 raise unknown_model(name, engines)
         except ApiError as error:
             return error_response(error)
-        return json_response(self._model(name, engines))
+        return json_response(self._model(name, engines, statuses(self)))
 
-    def _model(self, name: str, engines: dict[str, EngineConfig]) -> dict[str, Any]:
-        """One model entry: an engine, or an alias (``root`` names the engine either way)."""
+    def _model(self, name: str, engines: dict[str, EngineConfig], loaded: dict[str, str]) -> dict[str, Any]:
+        """One model entry: an engine, or an alias (``root`` names the engine either way); ``status``:
+        whether it is loaded now (llama-server's router field)."""
         root = resolve_model(name, engines) or name
-        return {"id": name, "object": "model", "created": self.created, "owned_by": OWNER, "root": root}
+        entry = {"id": name, "object": "model", "created": self.created, "owned_by": OWNER, "root": root}
+        return {**entry, "status": {"value": loaded.get(root, "unloaded")}}
 
     async def healthz(self, request: Request) -> Response:
         return json_response({"status": "ok"})

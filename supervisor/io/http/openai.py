@@ -28,9 +28,9 @@ DEFAULT_MODEL = "default"  # the `model` that lets the daemon choose (as an abse
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat uses the protocol's
 
 # Passed to the generate op as they are (null: the protocol's default): every sampling field but max_tokens
-# (taken apart: chat's max_completion_tokens, completions' default), and deadline_ms.  top_k, ignore_eos and
-# deadline_ms are the protocol's own extensions.
-PASSED = (*(name for name in SAMPLING_FIELDS if name != "max_tokens"), "deadline_ms")
+# (taken apart: chat's max_completion_tokens, completions' default), deadline_ms and keep_alive.  top_k,
+# ignore_eos and deadline_ms are the protocol's own extensions; keep_alive is Ollama's.
+PASSED = (*(name for name in SAMPLING_FIELDS if name != "max_tokens"), "deadline_ms", "keep_alive")
 # Known to OpenAI's API and refused unless null or one of these values (which change nothing).
 REFUSED_UNLESS: dict[str, tuple[Any, ...]] = {
     "n": (1,),
@@ -73,6 +73,7 @@ STATUS = {
     ErrorCode.UNKNOWN_ENGINE: 404,
     ErrorCode.BUSY: 429,
     ErrorCode.NO_ENGINE: 503,
+    ErrorCode.INSUFFICIENT_MEMORY: 503,
     ErrorCode.ENGINE_UNAVAILABLE: 503,
     ErrorCode.MODEL_NOT_FOUND: 503,
     ErrorCode.MODEL_LOAD_FAILED: 503,

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import psutil
 
 from ...config import EngineConfig, Settings
+from ...core.placement import GpuRoom
 from ..decide.estimate import estimate_exl2, estimate_llamacpp
 from ..decide.plan import engine_request, make_plan, plan_again, replan_after_oom
 from ..decide.types import EngineRequest, Estimators, GpuPolicy, Plan, PlanInputs
@@ -45,6 +46,10 @@ class Planning:
         if self._snapshot is None or now - self._snapshot_at > max_age_s:
             self._snapshot, self._snapshot_at = self._probe(), now
         return self._snapshot
+
+    def room(self) -> GpuRoom | None:
+        """The GPUs measured now, for placing a load (core/placement.py)."""
+        return gpu_room(self.snapshot(), GpuPolicy.from_config(self.settings.gpu))
 
     def request(self, name: str, config: EngineConfig, own_pids: frozenset[int] = frozenset()) -> EngineRequest:
         """The engine's request to the planner, with each variant's facts; unreadable variants become notes."""
@@ -82,6 +87,18 @@ class Planning:
             return plan_again(previous, snapshot, request)  # earlier out-of-memory choices stay excluded
         policy = GpuPolicy.from_config(self.settings.gpu)
         return make_plan(PlanInputs(snapshot, (request,), policy, ESTIMATORS, psutil.virtual_memory().available))
+
+
+def gpu_room(snapshot: GpuSnapshot, policy: GpuPolicy) -> GpuRoom | None:
+    """What placement needs of a snapshot: room per device after the reserve, NVML's bytes per process."""
+    if not snapshot.devices:
+        return None
+    used: dict[int, dict[int, int]] = {}
+    for device in snapshot.devices:
+        for process in device.processes:
+            used.setdefault(process.pid, {})[device.index] = process.used_bytes or 0
+    available = {d.index: max(0, d.free_bytes - policy.reserve_on(d.total_bytes)) for d in snapshot.devices}
+    return GpuRoom(available, used)
 
 
 def worker_gpu_bytes(snapshot: GpuSnapshot, pid: int | None) -> int | None:
