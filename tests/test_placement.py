@@ -16,6 +16,7 @@ import pytest
 from supervisor.config import load_settings
 from supervisor.core.lifecycle import WorkerState
 from supervisor.core.placement import GpuRoom, Holder, place
+from supervisor.core.validate import InvalidMessage, parse_keep_alive, parse_load, parse_unload
 from supervisor.planning.measure.inputs import gpu_room
 from workers import protocol as p
 
@@ -396,3 +397,36 @@ def test_an_exclusive_engine_stops_every_other_gpu_engine_first():
     assert core.effects.named("stop") == ["a.1"] and unloads(core) == [("a", "evicted")]
     gpu.exit("a")
     assert core.effects.named("start") == ["a.1", "x.1"]
+
+
+# --- keep_alive and the load/unload ops, as the protocol reads them ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value, seconds",
+    [(None, None), (0, 0.0), (2.5, 2.5), ("300", 300.0), ("90s", 90.0), ("5m", 300.0), ("1h", 3600.0), (-5, -1.0)],
+)
+def test_keep_alive_is_seconds_or_a_duration_and_negative_means_for_ever(value, seconds):
+    assert parse_keep_alive(value) == seconds
+
+
+@pytest.mark.parametrize("value", [True, [1], {"s": 1}, "soon", "5 minutes", 10**9])
+def test_a_keep_alive_of_the_wrong_type_or_size_is_refused_naming_the_field(value):
+    with pytest.raises(InvalidMessage) as refused:
+        parse_keep_alive(value)
+    assert refused.value.code == p.ErrorCode.INVALID_REQUEST and refused.value.message.startswith("keep_alive: ")
+
+
+def test_load_and_unload_ops_name_their_bad_fields():
+    assert parse_load({"op": "load", "id": "1", "engine": "a", "keep_alive": "1m"}) == ("a", 60.0)
+    assert parse_unload({"op": "unload", "id": "1", "all": True}) is None
+    for message, field in [
+        ({"op": "load", "id": "1"}, "engine"),
+        ({"op": "load", "id": "1", "engine": "a", "pinned": True}, "pinned"),
+        ({"op": "unload", "id": "1"}, "engine"),
+        ({"op": "unload", "id": "1", "engine": "a", "all": True}, "engine"),
+        ({"op": "unload", "id": "1", "all": "yes"}, "all"),
+    ]:
+        with pytest.raises(InvalidMessage) as refused:
+            (parse_load if message["op"] == "load" else parse_unload)(message)
+        assert refused.value.message.startswith(f"{field}: "), refused.value.message

@@ -56,7 +56,7 @@ def _reload(client: Client, args: argparse.Namespace) -> int:
 
 def _generate(client: Client, args: argparse.Namespace) -> int:
     fields: dict[str, Any] = {"stream": not args.no_stream}
-    for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "engine", "deadline_ms"):
+    for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "engine", "deadline_ms", "keep_alive"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     # A generate's first event may rightly take long (a queue, a model loading);
