@@ -36,6 +36,7 @@ class FakeGpu:
         self.neighbours = [0] * len(totals_mib)
         self.held: dict[int, tuple[int, int]] = {}  # pid -> (device, MiB)
         self.pids = iter(range(100, 10_000))
+        self.reserve_mib = core.settings.gpu.reserve_mib
         core.effects.room = self.room
 
     def snapshot(self) -> Any:
@@ -48,7 +49,7 @@ class FakeGpu:
     def room(self) -> GpuRoom | None:
         from supervisor.planning.decide.types import GpuPolicy
 
-        return gpu_room(self.snapshot(), GpuPolicy())
+        return gpu_room(self.snapshot(), GpuPolicy(reserve_bytes=self.reserve_mib * MIB))
 
     def load(self, name: str, mib: int) -> int:
         """The engine's worker says hello, loads (and now holds ``mib`` on its device), is ready."""
@@ -78,6 +79,15 @@ def core_with(engines: dict[str, dict[str, Any]], *totals_mib: int, **gpu: Any) 
 def serve(core: Core, rid: str, name: str, **fields: Any) -> None:
     core.submit(rid, engine=name, **fields)
     core.finish_current(name)
+
+
+def heard(core: Core, seconds: int) -> None:
+    """Time passes with the live workers' heartbeats arriving (no hang)."""
+    for _ in range(seconds):
+        for engine in core.engines:
+            if engine.worker.alive:
+                core.supervisor.heard_from(engine, core.now)
+        core.advance(1)
 
 
 def unloads(core: Core) -> list[tuple[str, str]]:
@@ -430,3 +440,18 @@ def test_load_and_unload_ops_name_their_bad_fields():
         with pytest.raises(InvalidMessage) as refused:
             (parse_load if message["op"] == "load" else parse_unload)(message)
         assert refused.value.message.startswith(f"{field}: "), refused.value.message
+
+
+def test_a_neighbour_growing_past_the_reserve_is_published_once_and_nothing_is_killed():
+    engines = {"a": {**FAKE, "gpu_mib": 4000}}
+    core, gpu = core_with(engines, 10_000, reserve_mib=1000)
+    core.submit("r", engine="a")
+    gpu.load("a", 4000)
+    core.finish_current("a")
+    heard(core, 10)
+    assert core.effects.topics("gpu.pressure") == []
+    gpu.neighbours[0] = 5500  # 500 MiB free: 500 short of the reserve
+    heard(core, 30)
+    (pressure,) = core.effects.topics("gpu.pressure")
+    assert (pressure["device"], pressure["short_mib"]) == (0, 500)
+    assert core.effects.named("kill") == [] and core.effects.named("stop") == []
