@@ -78,8 +78,9 @@ def test_fake_engines_on_a_recorded_gpu_load_side_by_side_evict_the_least_recent
     try:
         assert generate(daemon, "a")["event"] == "done"
         assert generate(daemon, "b")["event"] == "done"
-        a, b = model_state(daemon, "a"), model_state(daemon, "b")
-        assert a["state"] == b["state"] == "ready" and a["gpu_bytes_measured"] == 4000 * MIB
+        # ps shows NVML's figure at most a second old (STATUS_SNAPSHOT_AGE_S): the worker's pid appears in it.
+        wait_until(lambda: model_state(daemon, "a")["gpu_bytes_measured"] == 4000 * MIB, 10, "a measured")
+        assert model_state(daemon, "a")["state"] == model_state(daemon, "b")["state"] == "ready"
         ps = cli(daemon, "ps")
         assert ps.returncode == 0 and "GPU 0" in ps.stdout and "4000" in ps.stdout, ps.stdout
         # c does not fit beside a and b: a, the least recently used, is evicted; c's request is served.

@@ -16,6 +16,7 @@ import pytest
 from supervisor.config import load_settings
 from supervisor.core.lifecycle import WorkerState
 from supervisor.core.placement import GpuRoom, Holder, place
+from supervisor.core.validate import InvalidMessage, parse_keep_alive, parse_load, parse_unload
 from supervisor.planning.measure.inputs import gpu_room
 from workers import protocol as p
 from workers.protocol import messages as m
@@ -36,6 +37,7 @@ class FakeGpu:
         self.neighbours = [0] * len(totals_mib)
         self.held: dict[int, tuple[int, int]] = {}  # pid -> (device, MiB)
         self.pids = iter(range(100, 10_000))
+        self.reserve_mib = core.settings.gpu.reserve_mib
         core.effects.room = self.room
 
     def snapshot(self) -> Any:
@@ -48,7 +50,7 @@ class FakeGpu:
     def room(self) -> GpuRoom | None:
         from supervisor.planning.decide.types import GpuPolicy
 
-        return gpu_room(self.snapshot(), GpuPolicy())
+        return gpu_room(self.snapshot(), GpuPolicy(reserve_bytes=self.reserve_mib * MIB))
 
     def load(self, name: str, mib: int) -> int:
         """The engine's worker says hello, loads (and now holds ``mib`` on its device), is ready."""
@@ -78,6 +80,15 @@ def core_with(engines: dict[str, dict[str, Any]], *totals_mib: int, **gpu: Any) 
 def serve(core: Core, rid: str, name: str, **fields: Any) -> None:
     core.submit(rid, engine=name, **fields)
     core.finish_current(name)
+
+
+def heard(core: Core, seconds: int) -> None:
+    """Time passes with the live workers' heartbeats arriving (no hang)."""
+    for _ in range(seconds):
+        for engine in core.engines:
+            if engine.worker.alive:
+                core.supervisor.heard_from(engine, core.now)
+        core.advance(1)
 
 
 def unloads(core: Core) -> list[tuple[str, str]]:
@@ -397,3 +408,51 @@ def test_an_exclusive_engine_stops_every_other_gpu_engine_first():
     assert core.effects.named("stop") == ["a.1"] and unloads(core) == [("a", "evicted")]
     gpu.exit("a")
     assert core.effects.named("start") == ["a.1", "x.1"]
+
+
+# --- keep_alive and the load/unload ops, as the protocol reads them ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value, seconds",
+    [(None, None), (0, 0.0), (2.5, 2.5), ("300", 300.0), ("90s", 90.0), ("5m", 300.0), ("1h", 3600.0), (-5, -1.0)],
+)
+def test_keep_alive_is_seconds_or_a_duration_and_negative_means_for_ever(value, seconds):
+    assert parse_keep_alive(value) == seconds
+
+
+@pytest.mark.parametrize("value", [True, [1], {"s": 1}, "soon", "5 minutes", 10**9])
+def test_a_keep_alive_of_the_wrong_type_or_size_is_refused_naming_the_field(value):
+    with pytest.raises(InvalidMessage) as refused:
+        parse_keep_alive(value)
+    assert refused.value.code == p.ErrorCode.INVALID_REQUEST and refused.value.message.startswith("keep_alive: ")
+
+
+def test_load_and_unload_ops_name_their_bad_fields():
+    assert parse_load({"op": "load", "id": "1", "engine": "a", "keep_alive": "1m"}) == ("a", 60.0)
+    assert parse_unload({"op": "unload", "id": "1", "all": True}) is None
+    for message, field in [
+        ({"op": "load", "id": "1"}, "engine"),
+        ({"op": "load", "id": "1", "engine": "a", "pinned": True}, "pinned"),
+        ({"op": "unload", "id": "1"}, "engine"),
+        ({"op": "unload", "id": "1", "engine": "a", "all": True}, "engine"),
+        ({"op": "unload", "id": "1", "all": "yes"}, "all"),
+    ]:
+        with pytest.raises(InvalidMessage) as refused:
+            (parse_load if message["op"] == "load" else parse_unload)(message)
+        assert refused.value.message.startswith(f"{field}: "), refused.value.message
+
+
+def test_a_neighbour_growing_past_the_reserve_is_published_once_and_nothing_is_killed():
+    engines = {"a": {**FAKE, "gpu_mib": 4000}}
+    core, gpu = core_with(engines, 10_000, reserve_mib=1000)
+    core.submit("r", engine="a")
+    gpu.load("a", 4000)
+    core.finish_current("a")
+    heard(core, 10)
+    assert core.effects.topics("gpu.pressure") == []
+    gpu.neighbours[0] = 5500  # 500 MiB free: 500 short of the reserve
+    heard(core, 30)
+    (pressure,) = core.effects.topics("gpu.pressure")
+    assert (pressure["device"], pressure["short_mib"]) == (0, 500)
+    assert core.effects.named("kill") == [] and core.effects.named("stop") == []

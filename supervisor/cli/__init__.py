@@ -169,6 +169,7 @@ def _add_generate(gen: argparse.ArgumentParser) -> None:
         "--keep-alive", help='how long the model stays loaded after it: seconds or "5m"; negative: for ever'
     )
     gen.add_argument("--deadline-ms", type=int)
+    gen.add_argument("--keep-alive", help='how long the model stays loaded once idle: seconds or "5m"; 0: unload after')
     gen.add_argument("--no-stream", action="store_true", help="one reply at the end")
     gen.add_argument("--json", action="store_true", help="print every event as a JSON line")
     gen.add_argument(

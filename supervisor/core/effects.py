@@ -92,4 +92,5 @@ TOPIC_ENGINE_PLAN = (
 )
 TOPIC_ENGINE_LOAD = "engine.load"  # engine, worker_id, reason, device
 TOPIC_ENGINE_UNLOAD = "engine.unload"  # engine, worker_id, reason, detail
+TOPIC_GPU_PRESSURE = "gpu.pressure"  # device, short_mib: free memory below the [gpu] reserve where our models are
 TOPIC_RELOAD = "daemon.reload"  # ok, error; added, removed, restarted, updated, unchanged, applied, needs_restart

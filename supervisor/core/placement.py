@@ -32,6 +32,9 @@ class GpuRoom:
 
     available: dict[int, int]  # device index -> bytes
     used_by_pid: dict[int, dict[int, int]] = field(default_factory=dict)  # pid -> device index -> bytes
+    short: dict[int, int] = field(
+        default_factory=dict
+    )  # device -> bytes free memory is below the reserve (>0: squeezed)
 
     def held_by(self, pid: int | None) -> dict[int, int]:
         return dict(self.used_by_pid.get(pid, {})) if pid is not None else {}
@@ -156,3 +159,11 @@ def describe_residency(engine: Any, now: float) -> dict[str, Any]:
         "loads": dict(res.loads),
         "unloads": dict(res.unloads),
     }
+
+
+def squeezed_devices(room: GpuRoom, our_pids: set[int]) -> dict[int, int]:
+    """Devices where free memory has fallen below the ``[gpu]`` reserve while this daemon holds
+    models there (a neighbour grew past what it was left): device -> bytes short.  Never a reason
+    to kill anything: the caller logs and publishes it."""
+    ours = {device for pid in our_pids for device in room.held_by(pid)}
+    return {device: short for device, short in room.short.items() if short > 0 and device in ours}

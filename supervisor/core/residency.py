@@ -6,8 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 from ..logs import get_logger
-from .effects import TOPIC_ENGINE_UNLOAD
+from .effects import TOPIC_ENGINE_UNLOAD, TOPIC_GPU_PRESSURE
 from .lifecycle import WorkerState
+from .placement import squeezed_devices
+
+PRESSURE_CHECK_S = 10.0  # how often the GPUs are measured for a neighbour that grew, while models are loaded
 
 log = get_logger("supervisor.engines")
 
@@ -18,6 +21,25 @@ class Residencies:
     effects: Any
     stop: Any
     ensure_running: Any
+    _pressure_at: float = float("-inf")
+    _squeezed: frozenset[int] = frozenset()
+
+    def check_neighbours(self, now: float) -> None:
+        """Every PRESSURE_CHECK_S while models hold GPU memory: a device whose free memory fell below the
+        reserve is logged and published once (a neighbour grew past its share); nothing is killed."""
+        pids = {e.worker.report.hello.get("pid") for e in self if e.worker.alive and e.uses_gpu}  # type: ignore[attr-defined]
+        pids.discard(None)
+        if not pids or now - self._pressure_at < PRESSURE_CHECK_S:
+            return
+        self._pressure_at = now
+        room = self.effects.gpu_room()
+        squeezed = squeezed_devices(room, pids) if room is not None else {}
+        for device, short in squeezed.items():
+            if device not in self._squeezed:
+                free = room.available.get(device, 0)
+                log.warning("a neighbour took GPU memory past the reserve", device=device, short_mib=short >> 20)
+                self.effects.publish(TOPIC_GPU_PRESSURE, device=device, short_mib=short >> 20, available_mib=free >> 20)
+        self._squeezed = frozenset(squeezed)
 
     # --- idle unload -----------------------------------------------------------------
 

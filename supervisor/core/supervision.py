@@ -276,6 +276,7 @@ class Supervision:
             self._maybe_probe_liveness(engine, now)
             self.engines.unload_if_idle(engine, now)
         self.engines.retry_waiting(now)
+        self.engines.check_neighbours(now)
         self.route(now)
 
     def _maybe_restart(self, engine: EngineState, now: float) -> None:

@@ -98,7 +98,8 @@ def gpu_room(snapshot: GpuSnapshot, policy: GpuPolicy) -> GpuRoom | None:
         for process in device.processes:
             used.setdefault(process.pid, {})[device.index] = process.used_bytes or 0
     available = {d.index: max(0, d.free_bytes - policy.reserve_on(d.total_bytes)) for d in snapshot.devices}
-    return GpuRoom(available, used)
+    short = {d.index: max(0, policy.reserve_on(d.total_bytes) - d.free_bytes) for d in snapshot.devices}
+    return GpuRoom(available, used, short)
 
 
 def worker_gpu_bytes(snapshot: GpuSnapshot, pid: int | None) -> int | None:
