@@ -165,9 +165,6 @@ def _add_generate(gen: argparse.ArgumentParser) -> None:
         else:
             gen.add_argument(flag, type=float if float in (hint, *typing.get_args(hint)) else int, help=text)
     gen.add_argument("--engine", help="pin an engine by name")
-    gen.add_argument(
-        "--keep-alive", help='how long the model stays loaded after it: seconds or "5m"; negative: for ever'
-    )
     gen.add_argument("--deadline-ms", type=int)
     gen.add_argument("--keep-alive", help='how long the model stays loaded once idle: seconds or "5m"; 0: unload after')
     gen.add_argument("--no-stream", action="store_true", help="one reply at the end")
