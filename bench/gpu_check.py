@@ -164,9 +164,11 @@ def plan(args: argparse.Namespace, state: Path, is_current: Callable[[str], bool
     tests.environ = {**base, **({"CUDA_TEST_GGUF": str(model)} if model else {})}
     if exl2_model is not None:
         tests.environ["NODESUP_EXL2_MODEL_DIR"] = str(exl2_model)
-    tests.commands.append(
-        [python, "-m", "pytest", "-m", "cuda", "-rs", "-p", "no:cacheprovider", f"--junitxml={work / 'tests.xml'}"]
-    )
+    pytest = [python, "-m", "pytest", "-m", "cuda", "-rs", "-p", "no:cacheprovider", f"--junitxml={work / 'tests.xml'}"]
+    if gpu and "exl2-env" not in args.selected and not is_current("exllamav2"):
+        tests.why += "; ExLlamaV2's tests left out (no environment for them, exl2-env not run)"
+        pytest.append("--ignore=tests/test_exllamav2_gpu.py")
+    tests.commands.append(pytest)
     phases["tests"] = tests
 
     bench = Phase(

@@ -87,6 +87,10 @@ def test_the_node_chooses_the_build_and_current_environments_are_kept(tmp_path):
     assert phases["exl2-env"].environ["NODESUP_ENVS__EXLLAMAV2__SYSTEM_SITE_PACKAGES"] == "true"
     kept = planned(["--model", str(tmp_path / "m.gguf")], tmp_path, current=("llamacpp", "exllamav2"))
     assert kept["env"].commands == [] and kept["exl2-env"].commands == []
+    # Without ExLlamaV2's environment, and not making it, its tests are left out, and the plan says so.
+    (without,) = planned(["--model", str(tmp_path / "m.gguf"), "--skip", "exl2-env"], tmp_path)["tests"].commands
+    assert without[-1] == "--ignore=tests/test_exllamav2_gpu.py"
+    assert "--ignore=tests/test_exllamav2_gpu.py" not in kept["tests"].commands[0]
 
 
 def test_a_given_model_is_used_as_it_is_and_the_cpu_mode_runs_the_same_phases_without_cuda(tmp_path):
