@@ -43,6 +43,7 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
@@ -163,9 +164,11 @@ def plan(args: argparse.Namespace, state: Path, is_current: Callable[[str], bool
     tests.environ = {**base, **({"CUDA_TEST_GGUF": str(model)} if model else {})}
     if exl2_model is not None:
         tests.environ["NODESUP_EXL2_MODEL_DIR"] = str(exl2_model)
-    tests.commands.append(
-        [python, "-m", "pytest", "-m", "cuda", "-rs", "-p", "no:cacheprovider", f"--junitxml={work / 'tests.xml'}"]
-    )
+    pytest = [python, "-m", "pytest", "-m", "cuda", "-rs", "-p", "no:cacheprovider", f"--junitxml={work / 'tests.xml'}"]
+    if gpu and "exl2-env" not in args.selected and not is_current("exllamav2"):
+        tests.why += "; ExLlamaV2's tests left out (no environment for them, exl2-env not run)"
+        pytest.append("--ignore=tests/test_exllamav2_gpu.py")
+    tests.commands.append(pytest)
     phases["tests"] = tests
 
     bench = Phase(
@@ -244,13 +247,14 @@ def describe(phases: list[Phase]) -> str:
 
 
 class Runner:
-    """Runs phases in order, background ones beside the next; prints and records each one's seconds."""
+    """Runs phases in order, background ones (a thread each, their commands in turn) beside the next;
+    prints and records each one's seconds, a background one's until its last command ended."""
 
     def __init__(self, logs: Path) -> None:
         self.logs = logs
         self.started = time.monotonic()
         self.results: dict[str, dict[str, Any]] = {}
-        self.running: dict[str, tuple[subprocess.Popen[bytes] | None, float, list[list[str]], Phase]] = {}
+        self.running: dict[str, threading.Thread] = {}
 
     def say(self, text: str) -> None:
         print(f"[gpu-check {time.monotonic() - self.started:6.1f} s] {text}", flush=True)
@@ -262,59 +266,36 @@ class Runner:
             if name in phase.needs and self.results.get(name, {}).get("status") == "failed":
                 self.record(phase, 0.0, "failed", f"{name} failed")
                 return False
-        self.say(f"{phase.name}: {phase.why}")
+        self.say(f"{phase.name}: {phase.why}{' (background)' if phase.background else ''}")
         if phase.background:
-            self.running[phase.name] = (None, time.monotonic(), list(phase.commands), phase)
-            self._next(phase.name)
+            thread = threading.Thread(target=self._commands, args=(phase, self.logs / f"{phase.name}.log"))
+            self.running[phase.name] = thread
+            thread.start()
             return True
+        return self._commands(phase, None)
+
+    def _commands(self, phase: Phase, log: Path | None) -> bool:
+        """The phase's commands in turn (output to ``log`` if given, else here), then its record."""
         started = time.monotonic()
+        environ = {k: v for k, v in os.environ.items() if k not in phase.unset}
+        environ = {**environ, **phase.environ, "PYTHONUNBUFFERED": "1"}
         for command in phase.commands:
-            code = self._call(phase, command, None)
+            self.say(f"{phase.name}: $ {shlex.join(command)}{f' (output in {log})' if log else ''}")
+            if log is None:
+                code = subprocess.run(command, cwd=REPO, env=environ).returncode
+            else:
+                with log.open("ab") as out:
+                    code = subprocess.run(command, cwd=REPO, env=environ, stdout=out, stderr=out).returncode
             if code != 0:
+                if log is not None:
+                    print("\n".join(log.read_text(errors="replace").splitlines()[-20:]), flush=True)
                 self.record(phase, time.monotonic() - started, "failed", f"exit code {code}: {shlex.join(command)}")
                 return False
         self.record(phase, time.monotonic() - started, "passed")
         return True
 
-    def _environ(self, phase: Phase) -> dict[str, str]:
-        environ = {k: v for k, v in os.environ.items() if k not in phase.unset}
-        return {**environ, **phase.environ, "PYTHONUNBUFFERED": "1"}
-
-    def _call(self, phase: Phase, command: list[str], log: Path | None) -> int:
-        self.say(f"{phase.name}: $ {shlex.join(command)}")
-        if log is None:
-            return subprocess.run(command, cwd=REPO, env=self._environ(phase)).returncode
-        with log.open("ab") as out:
-            return subprocess.Popen(command, cwd=REPO, env=self._environ(phase), stdout=out, stderr=out).wait()
-
-    def _next(self, name: str) -> None:
-        """Start the background phase's next command (it runs while the foreground goes on)."""
-        _, started, left, phase = self.running[name]
-        if not left:
-            return
-        log = self.logs / f"{name}.log"
-        self.say(f"{name} (background, output in {log}): $ {shlex.join(left[0])}")
-        out = log.open("ab")
-        process = subprocess.Popen(left[0], cwd=REPO, env=self._environ(phase), stdout=out, stderr=out)
-        out.close()
-        self.running[name] = (process, started, left, phase)
-
     def wait(self, name: str) -> None:
-        process, started, left, phase = self.running[name]
-        while process is not None:
-            code = process.wait()
-            if code != 0:
-                self.running.pop(name)
-                tail = (self.logs / f"{name}.log").read_text(errors="replace").splitlines()[-20:]
-                print("\n".join(tail), flush=True)
-                self.record(phase, time.monotonic() - started, "failed", f"exit code {code}: {shlex.join(left[0])}")
-                return
-            left = left[1:]
-            self.running[name] = (None, started, left, phase)
-            self._next(name)
-            process = self.running[name][0]
-        self.running.pop(name)
-        self.record(phase, time.monotonic() - started, "passed")
+        self.running.pop(name).join()
 
     def finish(self) -> None:
         for name in list(self.running):

@@ -76,6 +76,9 @@ BUILD_ONLY_FLAGS = (
     "-DLLAMA_USE_PREBUILT_UI=OFF",
     "-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON",  # the binary finds its libraries beside it once copied
 )
+# The installed libggml-cuda needs the CUDA runtime libraries (cudart, cuBLAS): the binary finds them at run
+# time as the worker does (the system's library paths); the link does not have to see them.
+CUDA_LINK_FLAGS = ("-DCMAKE_EXE_LINKER_FLAGS=-Wl,--allow-shlib-undefined",)
 RECORDED_CACHE_ENTRIES = (
     "LLAMA_USE_SYSTEM_GGML",
     "ggml_DIR",
@@ -164,6 +167,7 @@ def build_settings(build: dict[str, Any], ggml: Path, environ: dict[str, str] | 
             "-DLLAMA_USE_SYSTEM_GGML=ON",
             f"-Dggml_DIR={ggml}",
             *BUILD_ONLY_FLAGS,
+            *(CUDA_LINK_FLAGS if choice.cuda and sys.platform.startswith("linux") else ()),
         ],
         "CFLAGS": full.get("CFLAGS", ""),
         "CXXFLAGS": full.get("CXXFLAGS", ""),

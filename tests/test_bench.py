@@ -309,6 +309,8 @@ def test_a_cuda_environments_ggml_and_cuda_args_are_left_to_the_ggml_it_installe
     assert wanted["cuda"] is True
     assert "-DLLAMA_LLGUIDANCE=OFF" in wanted["cmake_flags"] and "-DLLAMA_USE_SYSTEM_GGML=ON" in wanted["cmake_flags"]
     assert not any(flag.startswith(("-DGGML_", "-DCMAKE_CUDA_")) for flag in wanted["cmake_flags"])
+    if platform.system() == "Linux":  # the CUDA runtime libraries libggml-cuda needs are found at run time
+        assert "-DCMAKE_EXE_LINKER_FLAGS=-Wl,--allow-shlib-undefined" in wanted["cmake_flags"]
 
 
 def test_the_installed_ggml_is_found_in_the_environment_and_its_digest_follows_its_files(tmp_path) -> None:

@@ -87,6 +87,10 @@ def test_the_node_chooses_the_build_and_current_environments_are_kept(tmp_path):
     assert phases["exl2-env"].environ["NODESUP_ENVS__EXLLAMAV2__SYSTEM_SITE_PACKAGES"] == "true"
     kept = planned(["--model", str(tmp_path / "m.gguf")], tmp_path, current=("llamacpp", "exllamav2"))
     assert kept["env"].commands == [] and kept["exl2-env"].commands == []
+    # Without ExLlamaV2's environment, and not making it, its tests are left out, and the plan says so.
+    (without,) = planned(["--model", str(tmp_path / "m.gguf"), "--skip", "exl2-env"], tmp_path)["tests"].commands
+    assert without[-1] == "--ignore=tests/test_exllamav2_gpu.py"
+    assert "--ignore=tests/test_exllamav2_gpu.py" not in kept["tests"].commands[0]
 
 
 def test_a_given_model_is_used_as_it_is_and_the_cpu_mode_runs_the_same_phases_without_cuda(tmp_path):
@@ -133,15 +137,22 @@ def test_phases_run_in_order_a_background_one_beside_the_next_and_a_failed_need_
     marks = tmp_path / "marks"
     marks.mkdir()
     touch = "import pathlib, sys; pathlib.Path(sys.argv[1]).touch()"
-    wait_for = "import pathlib, sys, time\nwhile not pathlib.Path(sys.argv[1]).exists(): time.sleep(0.01)"
-    runner = Runner(tmp_path)
-    # The background phase waits for a file that only the next (foreground) phase makes: both must run at once.
-    assert runner.run(Phase("slow", "background", [[*step(wait_for), str(marks / "fg")]], background=True))
-    assert runner.run(Phase("fg", "foreground", [[*step(touch), str(marks / "fg")]]))
-    assert runner.run(Phase("bad", "background, fails", [step("raise SystemExit(3)")], background=True))
-    assert not runner.run(
-        Phase("needs-bad", "cannot run", [[*step(touch), str(marks / "never")]], after=("bad",), needs=("bad",))
+    wait_for = (
+        "import pathlib, sys, time\n"
+        "deadline = time.monotonic() + 60\n"
+        "while not pathlib.Path(sys.argv[1]).exists():\n"
+        "    if time.monotonic() > deadline: raise SystemExit(1)\n"
+        "    time.sleep(0.01)"
     )
+    runner = Runner(tmp_path)
+    # The foreground phase waits for what the background phase's second command makes: the background's
+    # commands go on, one after the other, while the foreground runs.
+    slow = [[*step(touch), str(marks / "first")], [*step(touch), str(marks / "second")]]
+    assert runner.run(Phase("slow", "background", slow, background=True))
+    assert runner.run(Phase("fg", "foreground", [[*step(wait_for), str(marks / "second")]]))
+    assert runner.run(Phase("bad", "background, fails", [step("raise SystemExit(3)")], background=True))
+    needs_bad = Phase("needs-bad", "cannot run", [[*step(touch), str(marks / "never")]], after=("bad",), needs=("bad",))
+    assert not runner.run(needs_bad)
     assert runner.run(Phase("after-slow", "waits only", [[*step(touch), str(marks / "last")]], after=("slow", "bad")))
     runner.finish()
     results = runner.results
@@ -154,4 +165,5 @@ def test_phases_run_in_order_a_background_one_beside_the_next_and_a_failed_need_
     ]
     assert results["needs-bad"]["error"] == "bad failed" and not (marks / "never").exists()
     assert "exit code 3" in results["bad"]["error"] and (marks / "last").exists()
+    assert (tmp_path / "bad.log").is_file()  # a background phase's output goes to its log
     assert all(r["seconds"] >= 0 for r in results.values())
