@@ -67,7 +67,7 @@ class FakeGpu:
     def exit(self, name: str) -> None:
         """The worker exits as asked; NVML no longer counts its memory."""
         engine = self.core.engine(name)
-        self.held.pop(engine.worker.report.hello.pid if engine.worker.report.hello else None, None)
+        self.held.pop(engine.worker.pid, None)
         self.core.exit(name, 0)
 
 

@@ -141,3 +141,8 @@ class Worker:
     def connected(self) -> bool:
         """Hello received: messages reach it."""
         return self.report.hello is not None
+
+    @property
+    def pid(self) -> int | None:
+        """The process id its hello gave (NVML counts GPU memory by it); None before the hello."""
+        return self.report.hello.pid if self.report.hello else None

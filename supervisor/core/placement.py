@@ -136,8 +136,7 @@ def holder(engine: Any, room: GpuRoom, now: float, min_residency_s: float) -> Ho
     ready_at = worker.times.ready_at or now
     evictable = worker.idle and not engine.queue and not engine.config.pinned and now - ready_at >= min_residency_s
     last_used = engine.residency.last_used_at
-    pid = worker.report.hello.pid if worker.report.hello else None
-    return Holder(engine.name, room.held_by(pid), last_used or ready_at, evictable)
+    return Holder(engine.name, room.held_by(worker.pid), last_used or ready_at, evictable)
 
 
 def describe_residency(engine: Any, now: float) -> dict[str, Any]:

@@ -27,7 +27,7 @@ class Residencies:
     def check_neighbours(self, now: float) -> None:
         """Every PRESSURE_CHECK_S while models hold GPU memory: a device whose free memory fell below the
         reserve is logged and published once (a neighbour grew past its share); nothing is killed."""
-        pids = {e.worker.report.hello.get("pid") for e in self if e.worker.alive and e.uses_gpu}  # type: ignore[attr-defined]
+        pids = {e.worker.pid for e in self if e.worker.alive and e.uses_gpu}  # type: ignore[attr-defined]
         pids.discard(None)
         if not pids or now - self._pressure_at < PRESSURE_CHECK_S:
             return
