@@ -78,12 +78,10 @@ def test_slow_headers_slow_bodies_and_idle_connections_are_closed_at_their_limit
     idle = connect(where)
     idle.sendall(head("POST", "/v1/completions", len(COMPLETION)) + COMPLETION)
     assert read_answer(idle)[0] == 200  # kept alive, then idle
-    started = time.monotonic()
     assert served(daemon)  # while they all hang on
     for sock in slow_headers + silent + slow_bodies + [idle]:
         assert closed_by_peer(sock, 5.0), "a slow or idle connection was still open 5 s after its limit"
         sock.close()
-    assert time.monotonic() - started < 6.0
     assert served(daemon)
     assert metric(daemon, "node_supervisor_http_timeouts_total", phase="header") == 40
     assert metric(daemon, "node_supervisor_http_timeouts_total", phase="body") == 30
