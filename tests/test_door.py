@@ -204,11 +204,11 @@ def test_disconnects_and_an_abuse_pass_leave_nothing_above_warning_in_the_log(ma
     assert statuses["over_limit"] == {413} and statuses["over_limit_chunked"] <= {413, None}
     assert {400, 404, 405, 413} <= answered
     assert served(daemon)
-    wait_until(lambda: metric(daemon, "node_supervisor_http_client_gone_early_total") > 0, 10, "early leavers counted")
     complaints = log_complaints(daemon.log_text())
     assert not complaints, f"{len(complaints)} log lines with a traceback or above warning:\n" + "\n".join(
         complaints[:5]
     )
+    wait_until(lambda: metric(daemon, "node_supervisor_http_client_gone_early_total") > 0, 10, "early leavers counted")
 
 
 def test_rss_returns_near_its_start_after_a_burst_of_large_frames_and_bodies(make_daemon):
