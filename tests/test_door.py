@@ -256,3 +256,16 @@ def test_headers_without_end_are_cut_at_the_size_bound(make_daemon):
     assert metric(daemon, "node_supervisor_http_connections_refused_total", reason="head_too_large") == 1
     assert served(daemon)
     assert metric(daemon, "node_supervisor_http_connections_open") == 1
+
+
+def test_connections_past_twice_the_limit_are_closed_unread(make_daemon):
+    daemon = http_daemon(make_daemon, max_connections=5, header_timeout_s=60)
+    where = address(daemon)
+    held = [connect(where, f"127.0.2.{n}") for n in range(10)]  # 5 served, 5 waiting for their 503
+    extra = connect(where, "127.0.3.1")
+    assert closed_by_peer(extra, IO_TIMEOUT_S)  # closed as soon as accepted, without an answer
+    assert refused(held[-1])["code"] == "too_many_connections"
+    for sock in held:
+        sock.close()
+    wait_until(lambda: served(daemon), 10, "a request served once the connections closed")
+    assert metric(daemon, "node_supervisor_http_connections_refused_total", reason="overflow") >= 1
