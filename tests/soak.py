@@ -92,6 +92,8 @@ class Tally:
     lock: threading.Lock = field(default_factory=threading.Lock)
     requests: Counter[str] = field(default_factory=Counter)  # by front and end
     faults: Counter[str] = field(default_factory=Counter)
+    signalled: Counter[str] = field(default_factory=Counter)  # workers killed or stopped, by engine
+    served_by: Counter[str] = field(default_factory=Counter)  # ZeroMQ requests ended by an engine, by engine
     lost: list[str] = field(default_factory=list)
     duplicated: list[str] = field(default_factory=list)
     odd: list[str] = field(default_factory=list)  # ends no fault explains
@@ -151,6 +153,9 @@ def zmq_load(daemon: Any, n: int, engines: list[str | None], stop: threading.Eve
             tally.add("zmq duplicated", tally.duplicated, f"zmq {end['id']}: events after its end")
             continue
         tally.add(f"zmq {code}", None if code in OK_ENDS else tally.odd, f"zmq {end['id']}: {end}")
+        if end.get("engine"):
+            with tally.lock:
+                tally.served_by[end["engine"]] += 1
 
 
 def http_once(port: int, body: dict[str, Any], path: str) -> tuple[str, str | None]:
@@ -268,6 +273,7 @@ class Injector:
             os.kill(pid, sig)
         except ProcessLookupError:
             return False
+        self.tally.signalled[name] += 1
         if sig == signal.SIGSTOP:
             self.stopped.add(pid)
         if name not in self.controls:
@@ -452,7 +458,9 @@ def run_soak(make: Callable[..., Any], tmp_path: Path, config: SoakConfig, free_
         "engines": sorted(engines),
         "faults": faults,
         "faults_by_kind": dict(sorted(tally.faults.items())),
+        "workers_signalled_by_engine": dict(sorted(tally.signalled.items())),
         "requests": requests,
+        "zmq_ends_by_engine": dict(sorted(tally.served_by.items())),
         "requests_by_end": dict(tally.requests.most_common()),
         "request_end_lines": sum(ends.values()),
         "fault_phase_s": round(faulted_s, 1),

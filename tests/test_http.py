@@ -379,6 +379,9 @@ def test_run_http_flag_overrides_the_listen_address_only(tmp_path):
     [
         ({"http": {"listen": "8080"}}, "http.listen"),
         ({"http": {"listen": "localhost:70000"}}, "http.listen"),
+        ({"http": {"header_timeout_s": 0}}, "http.header_timeout_s"),
+        ({"http": {"max_connections_per_client": 0}}, "http.max_connections_per_client"),
+        ({"http": {"fd_reserve": 4}}, "http.fd_reserve"),
         ({"engines": {"a": {"kind": "fake", "aliases": ["b"]}, "b": {"kind": "fake"}}}, "engines.a.aliases"),
         (
             {"engines": {"a": {"kind": "fake", "aliases": ["m"]}, "b": {"kind": "fake", "aliases": ["m"]}}},

@@ -56,7 +56,7 @@ WatchdogSec=30
 # SIGTERM, SIGKILL); KillMode=mixed lets it, and kills any straggler after the timeout.
 KillMode=mixed
 TimeoutStopSec=30
-# Descriptors: HTTP holds at most [http] max_connections (512) and never the last fd_reserve (256);
+# Descriptors: HTTP holds at most twice [http] max_connections (1,024) and never the last fd_reserve (256);
 # the rest serve ZeroMQ clients (one each), workers' pipes and sockets and the logs (docs/HTTP.md, "Limits").
 LimitNOFILE=16384
 Restart=on-failure

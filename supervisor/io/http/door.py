@@ -22,9 +22,11 @@ is uvicorn's own httptools protocol with:
 And :class:`DoorSocket`, the listening socket, keeps the descriptor budget
 (``RLIMIT_NOFILE``'s soft limit less ``fd_reserve``) where connections are
 accepted: asyncio accepts every connection waiting before any protocol sees
-one, so a check there would come too late.  Beyond the budget a connection
-is closed as soon as it is accepted, unread, and the front never holds more
-than the budget: ZeroMQ, the logs and worker restarts always find descriptors.
+one, so a check there would come too late.  Beyond the budget, or beyond
+twice ``max_connections`` (those past ``max_connections`` are held only until
+their 503), a connection is closed as soon as it is accepted, unread: the
+front never holds more than that, and ZeroMQ, the logs and worker restarts
+always find descriptors.
 """
 
 from __future__ import annotations
@@ -84,9 +86,13 @@ class Door:
         self.counts: Counter[str] = Counter()  # refused_busy, refused_client, closed_budget, header_timeout, ...
 
     def accepted(self) -> bool:
-        """A connection just accepted: counted (True), or past the descriptor budget, to be closed at once (False)."""
+        """A connection just accepted: counted (True), or to be closed at once (False): past the descriptor
+        budget, or past twice ``max_connections`` (those beyond ``max_connections`` wait for their 503)."""
         if self.limits.budget is not None and self.open >= self.limits.budget:
             self.counts["closed_budget"] += 1
+            return False
+        if self.open >= 2 * self.limits.max_connections:
+            self.counts["closed_overflow"] += 1
             return False
         self.open += 1
         return True
@@ -117,7 +123,7 @@ class Door:
 class DoorCollector(Collector):
     """The door's figures for /metrics (docs/METRICS.md): connections open, refused, timed out, clients gone early."""
 
-    REFUSALS = ("busy", "client_busy", "budget", "head_too_large")
+    REFUSALS = ("busy", "client_busy", "overflow", "budget", "head_too_large")
     TIMEOUTS = ("header_timeout", "body_timeout")
 
     def __init__(self, door: Door, gone_early: Any) -> None:
@@ -128,12 +134,14 @@ class DoorCollector(Collector):
         yield GaugeMetricFamily("node_supervisor_http_connections_open", "open HTTP connections", self.door.open)
         refused = CounterMetricFamily(
             "node_supervisor_http_connections_refused",
-            "HTTP connections beyond a limit: busy and client_busy answered 503, budget closed unread,"
+            "HTTP connections beyond a limit: busy and client_busy answered 503, overflow and budget closed unread,"
             " head_too_large answered 431",
             labels=["reason"],
         )
         for reason in self.REFUSALS:
-            key = {"budget": "closed_budget", "head_too_large": "head_too_large"}.get(reason, f"refused_{reason}")
+            key = {"budget": "closed_budget", "overflow": "closed_overflow", "head_too_large": "head_too_large"}.get(
+                reason, f"refused_{reason}"
+            )
             refused.add_metric([reason], counts[key])
         yield refused
         timeouts = CounterMetricFamily(

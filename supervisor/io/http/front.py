@@ -57,7 +57,7 @@ def _too_large(limit: int) -> ApiError:
 def error_response(error: ApiError) -> Response:
     headers = {"www-authenticate": "Bearer"} if error.status == 401 else None
     if error.status == 413:
-        headers = {"connection": "close"}  # the rest of the body is never read
+        headers = {"connection": "close"}  # the rest of the body is never taken in
     return Response(json_body(error.body()), error.status, headers, media_type="application/json")
 
 
@@ -150,7 +150,8 @@ class OpenAIRoutes:
 
         A body declared larger than the limit is refused (413) before any of it is
         read; one that grows past it (chunked) is refused at the limit, read no
-        further.  Either way the answer closes the connection, so the rest is never read.
+        further.  Either way the answer closes the connection: what the client still
+        sends is dropped unread (door.py's lingering close), never held.
         """
         limit = self.max_body_bytes
         declared = request.headers.get("content-length", "")
