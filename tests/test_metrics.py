@@ -114,6 +114,8 @@ def test_a_scrape_shows_what_the_daemon_did(make_daemon, tmp_path):
         "daily_budget": "gauge",
         "worker_restarts": "counter",
         "circuit_state": "gauge",
+        "engine_up": "gauge",
+        "engine_ready": "gauge",
         "engine_info": "gauge",
         "engine_up": "gauge",
         "engine_ready": "gauge",
