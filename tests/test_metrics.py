@@ -117,8 +117,6 @@ def test_a_scrape_shows_what_the_daemon_did(make_daemon, tmp_path):
         "engine_up": "gauge",
         "engine_ready": "gauge",
         "engine_info": "gauge",
-        "engine_up": "gauge",
-        "engine_ready": "gauge",
         "models_loaded": "gauge",
         "model_loads": "counter",
         "model_unloads": "counter",
