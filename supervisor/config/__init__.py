@@ -205,9 +205,8 @@ class Settings(BaseSettings):
     def _fit_default_engines(self) -> "Settings":
         """The default ExLlamaV2 engine needs an EXL2 model (none ships): without <data_dir>/models/exl2 it is left out."""
         default_exl2 = self.engines.get("exllamav2")
-        if "engines" not in self.model_fields_set and default_exl2 is not None and default_exl2.model is None:
-            if not (self.models_dir / "exl2").is_dir():
-                self.engines = {name: config for name, config in self.engines.items() if name != "exllamav2"}
+        if default_exl2 == EngineConfig(kind="exllamav2", priority=20) and not (self.models_home / "exl2").is_dir():
+            self.engines = {name: config for name, config in self.engines.items() if name != "exllamav2"}
         return self
 
     @model_validator(mode="after")
