@@ -21,8 +21,12 @@ from workers.protocol import ExitCode
 
 CLI = [sys.executable, "-m", "supervisor.cli"]
 
-# ExLlamaV2 is a default engine only where an NVIDIA driver is (tests/test_defaults.py).
-DEFAULT_ENGINES = ["llama", *(["exllamav2"] if nvidia_driver_present() else [])]
+# ExLlamaV2 is a default engine only where an NVIDIA driver and an EXL2 model are (tests/test_defaults.py).
+_EXL2 = (
+    nvidia_driver_present()
+    and (load_settings(None, {"engines": {"x": {"kind": "fake"}}}).models_home / "exl2").is_dir()
+)
+DEFAULT_ENGINES = ["llama", *(["exllamav2"] if _EXL2 else [])]
 
 
 def write(tmp_path: Path, text: str) -> Path:

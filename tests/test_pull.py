@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import struct
 import subprocess
 from pathlib import Path
 
@@ -20,7 +21,8 @@ REPO = "someone/Tiny-Instruct-GGUF"
 
 
 def model_bytes(seed: int, size: int = 3 << 20) -> bytes:
-    return b"GGUF" + random.Random(seed).randbytes(size)
+    """A GGUF header (version 3, one tensor, one metadata key: what models_dir's scan reads), then filler."""
+    return b"GGUF" + struct.pack("<IQQ", 3, 1, 1) + random.Random(seed).randbytes(size)
 
 
 @pytest.fixture
@@ -54,11 +56,10 @@ def test_pull_downloads_the_named_quantization_into_the_models_directory(hub, tm
     assert target.read_bytes() == hub.repos[REPO].files["tiny-instruct-Q4_K_M.gguf"]
     assert "SHA-256" in result.stdout and "checked" in result.stdout and "tiny-instruct-Q4_K_M" in result.stdout
     assert not (tmp_path / "data" / "models" / "tiny-instruct-Q8_0.gguf").exists()
-    # The engine table it prints is a valid configuration serving that file.
-    table = result.stdout[result.stdout.index("[engines.") :]
-    (tmp_path / "config.toml").write_text(table.replace("  ", ""))
-    (engine,) = load_settings(tmp_path / "config.toml").engines.values()
-    assert engine.kind == "llamacpp" and engine.model == target
+    # Usable by name: the models directory makes the file an engine (issue 18's models_dir), as pull says.
+    engines = load_settings(None, {"data_dir": tmp_path / "data"}).engines
+    assert engines["tiny-instruct-Q4_K_M"].model == target and engines["tiny-instruct-Q4_K_M"].kind == "llamacpp"
+    assert "generate --engine tiny-instruct-Q4_K_M" in result.stdout
     by_file = pull(hub, tmp_path, f"{REPO}:tiny-instruct-Q8_0.gguf")
     assert by_file.returncode == 0 and (tmp_path / "data" / "models" / "tiny-instruct-Q8_0.gguf").is_file()
 

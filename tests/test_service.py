@@ -61,6 +61,8 @@ def test_the_unit_started_by_its_exact_execstart_line_serves_and_the_client_find
     environ.pop("NOTIFY_SOCKET", None)
     daemon = subprocess.Popen(shlex.split(unit["ExecStart"][0]), env=environ, stderr=subprocess.PIPE)
     try:
+        socket_file = Path((settings.client_endpoint or "")[len("ipc://") :])
+        wait_until(lambda: socket_file.exists() or daemon.poll() is not None, 60, "the client socket bound")
         status = subprocess.run(
             [*CLI, "--config", str(config), "ping", "--timeout", "30"], capture_output=True, text=True, timeout=60
         )

@@ -132,3 +132,14 @@ def test_generate_waits_for_a_daemon_whose_socket_exists_but_does_not_answer(tmp
         env=clean_environ(),
     )
     assert result.returncode == 69 and "within 0.5s" in result.stderr, result.stderr
+
+
+def test_once_serving_the_phase_is_loading_until_an_engine_can_generate(make_daemon):
+    daemon = make_daemon({"f": {"kind": "fake", "priority": 10, "options": {"load_time_s": 3.0}}}, start=False)
+    daemon.start(wait_ready=False)
+    loading = daemon.wait_for(lambda s: s["daemon"]["phase"] == "loading", 30)
+    assert loading["daemon"]["serving"] is False and loading["engines"][0]["state"] in ("spawning", "loading")
+    with daemon.client(timeout_s=5.0) as client:
+        assert client.ping()["phase"] == "loading"
+    serving = daemon.wait_for(lambda s: s["daemon"]["phase"] == "serving", 30)
+    assert serving["daemon"]["serving"] is True and serving["engines"][0]["state"] == "ready"

@@ -271,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"node-supervisor: warning: {name} is not a setting; ignored", file=sys.stderr)
     try:
         return COMMANDS[args.command](settings, args)
+    except KeyboardInterrupt:  # Ctrl-C where a command has nothing of its own to undo: no traceback
+        print(file=sys.stderr)
+        return 130
     except BrokenPipeError:  # `generate … | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 128 + 13  # as a process ended by SIGPIPE

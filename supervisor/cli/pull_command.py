@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ..config import Settings
+from ..config.discovery import engine_name
 from ..node.pull import PullError, pull
 
 
@@ -17,12 +18,15 @@ def pull_command(settings: Settings, args: argparse.Namespace) -> int:
         return exc.code
     checked = f"SHA-256 {pulled.sha256[:12]}… checked" if pulled.sha256 else "no SHA-256 listed to check"
     print(f"pulled {pulled.repo} {pulled.filename}: {pulled.path} ({pulled.size / 2**20:.1f} MiB, {checked})")
-    print(
-        "serve it as an engine (in the config file, then `node-supervisor reload`):\n"
-        f'  [engines.{_engine_name(pulled.path.stem)}]\n  kind = "llamacpp"\n  model = "{pulled.path}"'
-    )
+    name = engine_name(pulled.path.stem)
+    if pulled.path.parent in settings.model_dirs:  # models_dir: the file is an engine of its own name
+        print(
+            f"engine {name} (loaded on demand): `node-supervisor reload` if the daemon runs, then e.g.\n"
+            f"  node-supervisor generate --engine {name} 'Hello'      (HTTP model: {name} or {pulled.path.stem})"
+        )
+    else:
+        print(
+            "serve it as an engine (in the config file, then `node-supervisor reload`):\n"
+            f'  [engines.{name}]\n  kind = "llamacpp"\n  model = "{pulled.path}"'
+        )
     return 0
-
-
-def _engine_name(stem: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "-" for c in stem)[:64]

@@ -112,8 +112,9 @@ def nvidia_driver_present() -> bool:
 
 def _default_engines() -> dict[str, EngineConfig]:
     """llama.cpp on the default model; ExLlamaV2 as the fallback only where an NVIDIA driver is (elsewhere
-    it could never serve, and its environment is PyTorch: a gigabyte and most of a first start).  A
-    configured ExLlamaV2 engine stays, whatever the node."""
+    it could never serve, and its environment is PyTorch: a gigabyte and most of a first start), and
+    only while its model directory is there (``Settings._fit_default_engines``).  A configured ExLlamaV2
+    engine stays, whatever the node."""
     engines = {"llama": EngineConfig(kind="llamacpp", priority=10)}
     if nvidia_driver_present():
         engines["exllamav2"] = EngineConfig(kind="exllamav2", priority=20)
@@ -199,6 +200,14 @@ class Settings(BaseSettings):
         if value is not None and not re.match(r"^(ipc|tcp)://.+", value):
             raise ValueError("must start with ipc:// or tcp://")
         return value
+
+    @model_validator(mode="after")
+    def _fit_default_engines(self) -> "Settings":
+        """The default ExLlamaV2 engine needs an EXL2 model (none ships): without <data_dir>/models/exl2 it is left out."""
+        default_exl2 = self.engines.get("exllamav2")
+        if default_exl2 == EngineConfig(kind="exllamav2", priority=20) and not (self.models_home / "exl2").is_dir():
+            self.engines = {name: config for name, config in self.engines.items() if name != "exllamav2"}
+        return self
 
     @model_validator(mode="after")
     def _derived_paths(self) -> "Settings":

@@ -22,7 +22,8 @@ from workers import protocol as p
 from workers.protocol import ErrorCode
 
 from .. import __version__
-from ..core.validate import InvalidMessage, check_bare, message_id, message_op, parse_cancel
+from ..core.errors import ClientError, Refused
+from ..core.validate import check_bare, message_id, message_op, parse_cancel
 from ..logs import get_logger
 from .transport import SocketReader, send_now
 
@@ -87,12 +88,12 @@ class StartupFront:
                 return {"id": mid, "event": p.EVENT_STATUS, **self.status()}
             if op == p.OP_CANCEL:
                 return {"id": mid, "event": p.EVENT_CANCEL_ACK, "target": parse_cancel(message), "found": False}
-            raise InvalidMessage(
+            raise Refused(
                 ErrorCode.NOT_READY,
                 f"the daemon is starting ({self.progress.phase}); nothing can be generated yet: "
                 "try again once `node-supervisor status` shows an engine ready",
             )
-        except InvalidMessage as exc:
+        except ClientError as exc:
             return {"id": mid, "event": p.EVENT_ERROR, "code": exc.code, "message": exc.message}
 
     def status(self) -> dict[str, Any]:
