@@ -225,3 +225,50 @@ def test_unknown_field_names_are_labelled_safely():
     long_name = "k" * 10_000 + "\n"
     message = refusal(parse_generate, generate(prompt="x", **{long_name: 1}), 1000).message
     assert message.startswith("'kkk") and message.endswith("...: unknown field") and len(message) < 200
+
+
+# --- penalties, min_p, logit_bias -----------------------------------------------------
+
+
+def test_penalties_min_p_and_logit_bias_pass_and_default_to_off():
+    params = parse_generate(
+        generate(
+            prompt="x",
+            repeat_penalty=1.2,
+            presence_penalty=-0.5,
+            frequency_penalty=2,
+            penalty_last_n=-1,
+            min_p=0,
+            logit_bias={"15": -100, "0007": 2.5},
+        ),
+        1000,
+    )
+    sampling = params.sampling
+    assert (sampling.repeat_penalty, sampling.presence_penalty, sampling.frequency_penalty) == (1.2, -0.5, 2.0)
+    assert sampling.penalty_last_n == -1 and sampling.min_p == 0.0
+    assert sampling.logit_bias == {"15": -100.0, "7": 2.5}  # ids written once, as the engine reads them
+    defaults = parse_generate(generate(prompt="x", logit_bias=None), 1000).sampling
+    assert (defaults.repeat_penalty, defaults.presence_penalty, defaults.frequency_penalty) == (1.0, 0.0, 0.0)
+    assert defaults.min_p == 0.05 and defaults.penalty_last_n == 64 and defaults.logit_bias == {}
+    assert Sampling.from_wire(sampling.to_wire()) == sampling  # as the worker reads it
+
+
+@pytest.mark.parametrize(
+    "fields, starts",
+    [
+        ({"repeat_penalty": 0}, "repeat_penalty: must be between 0.01 and 5.0"),
+        ({"presence_penalty": 2.5}, "presence_penalty: must be between -2.0 and 2.0"),
+        ({"frequency_penalty": "1"}, "frequency_penalty: must be a number"),
+        ({"penalty_last_n": -2}, "penalty_last_n: must be between -1 and"),
+        ({"min_p": 1.5}, "min_p: must be between 0.0 and 1.0"),
+        ({"logit_bias": [1, 2]}, "logit_bias: must be an object"),
+        ({"logit_bias": {"abc": 1}}, "logit_bias: key 'abc' is not a token id"),
+        ({"logit_bias": {"-1": 1}}, "logit_bias: key '-1' is not a token id"),
+        ({"logit_bias": {"12": 101}}, "logit_bias[12]: must be between -100.0 and 100.0"),
+        ({"logit_bias": {"12": True}}, "logit_bias[12]: must be a number"),
+        ({"logit_bias": {str(i): 1 for i in range(1025)}}, "logit_bias: at most 1024 tokens"),
+    ],
+)
+def test_bad_penalties_and_biases_are_refused_naming_the_field(fields, starts):
+    error = refusal(parse_generate, generate(prompt="x", **fields), 1000)
+    assert error.code == ErrorCode.INVALID_REQUEST and error.message.startswith(starts), error.message

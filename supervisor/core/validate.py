@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from workers.protocol import CLIENT_OPS, OP_GENERATE, ErrorCode, field_label, invalid_text_path, is_text
-from workers.protocol.messages import SAMPLING_FIELDS, Sampling
+from workers.protocol.messages import MAX_LOGIT_BIAS, SAMPLING_FIELDS, Sampling
 
 from .errors import ClientError
 
@@ -115,6 +115,8 @@ def parse_sampling(message: dict[str, Any], max_tokens_limit: int) -> Sampling:
             values[f.name] = _int(message, f.name, default, low, high, nullable=hint is not int)
         elif hint in (float, float | None):
             values[f.name] = _number(message, f.name, default, low, high)
+        elif hint == dict[str, float]:
+            values[f.name] = _token_map(message, f.name, low, high)
         else:  # a new kind of field needs its check written here first
             raise TypeError(f"Sampling.{f.name}: no check for {hint}")
     return Sampling(**values)
@@ -188,6 +190,24 @@ def _stop(message: dict[str, Any]) -> list[str]:
     return stops
 
 
+def _token_map(message: dict[str, Any], key: str, low: float, high: float) -> dict[str, float]:
+    """An object of token ids (decimal strings, as JSON keys are) to numbers in [low, high]; absent or null: empty.
+    Whether an id is in the model's vocabulary only the engine knows (it refuses one that is not)."""
+    value = message.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _invalid(key, "must be an object of token ids to numbers")
+    if len(value) > MAX_LOGIT_BIAS:
+        raise _invalid(key, f"at most {MAX_LOGIT_BIAS} tokens")
+    out: dict[str, float] = {}
+    for token, bias in value.items():
+        if not (isinstance(token, str) and token.isascii() and token.isdigit() and len(token) <= 10):
+            raise _invalid(key, f"key {_echo(token)} is not a token id (a non-negative integer)")
+        out[str(int(token))] = _number(value, token, 0.0, low, high, label=f"{key}[{token}]")
+    return out
+
+
 def _int(
     message: dict[str, Any], key: str, default: int | None, low: int, high: int, *, nullable: bool = False
 ) -> int | None:
@@ -203,13 +223,15 @@ def _int(
     return value
 
 
-def _number(message: dict[str, Any], key: str, default: float, low: float, high: float) -> float:
+def _number(
+    message: dict[str, Any], key: str, default: float, low: float, high: float, label: str | None = None
+) -> float:
     """A number in [low, high] (NaN is in no range)."""
     value = message.get(key, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _invalid(key, "must be a number")
+        raise _invalid(label or key, "must be a number")
     if not low <= value <= high:
-        raise _invalid(key, f"must be between {low} and {high}")
+        raise _invalid(label or key, f"must be between {low} and {high}")
     return float(value)
 
 

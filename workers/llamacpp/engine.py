@@ -229,13 +229,7 @@ class LlamaCppEngine:
         # Same seeding rule as create_completion: an explicit seed, else a fresh one.
         seed = request.params.seed if request.params.seed is not None else int.from_bytes(os.urandom(4), "little")
         assert self._loop is not None, "generate before load"
-        sampler = self._loop.sampler(
-            request.params.temperature,
-            request.params.top_p,
-            request.params.top_k,
-            seed,
-            ban_eog=request.params.ignore_eos,
-        )
+        sampler = self._loop.sampler(request.params, seed, tokens)
         return tokens, TextAssembler(list(request.params.stop) + chat_stop), sampler
 
     # --- several requests at once (parallel > 1) ---------------------------------------------

@@ -32,6 +32,10 @@ DEFAULT_MAX_TOKENS = 256
 DEFAULT_TEMPERATURE = 0.8
 DEFAULT_TOP_P = 0.95
 DEFAULT_TOP_K = 40
+# llama-cpp-python's min_p, which served requests before the native loop: a seed samples the same text.
+DEFAULT_MIN_P = 0.05
+DEFAULT_PENALTY_LAST_N = 64  # llama-server's and Ollama's (repeat_last_n)
+MAX_LOGIT_BIAS = 1024  # entries of a request's logit_bias
 
 
 class ProtocolError(ValueError):
@@ -58,6 +62,17 @@ class Sampling:
     stop: tuple[str, ...] = field(default=(), metadata=_about("stop string (repeatable)"))
     seed: int | None = field(default=None, metadata=_about("same seed, same text", 0, 2**32 - 1))
     ignore_eos: bool = field(default=False, metadata=_about("generate past the end-of-generation token"))
+    min_p: float = field(default=DEFAULT_MIN_P, metadata=_about("drop tokens below min_p x the top one's p", 0.0, 1.0))
+    repeat_penalty: float = field(default=1.0, metadata=_about("1: off; >1 penalizes repeated tokens", 0.01, 5.0))
+    presence_penalty: float = field(default=0.0, metadata=_about("0: off; subtracted once per seen token", -2.0, 2.0))
+    frequency_penalty: float = field(default=0.0, metadata=_about("0: off; subtracted per occurrence", -2.0, 2.0))
+    penalty_last_n: int = field(
+        default=DEFAULT_PENALTY_LAST_N,
+        metadata=_about("tokens the penalties look back on; -1: the context", -1, 1 << 20),
+    )
+    logit_bias: dict[str, float] = field(
+        default_factory=dict, metadata=_about("token id -> bias added to its logit (-100: banned)", -100.0, 100.0)
+    )
 
     def to_wire(self) -> dict[str, Any]:
         return _to_wire(self)
