@@ -447,3 +447,25 @@ def first_token(state: dict[str, Path], text: str) -> int:
     python = env_python(state["envs_dir"] / "llamacpp")
     out = subprocess.run([str(python), "-c", script, str(state["model"]), text], capture_output=True, text=True)
     return int(out.stdout.strip())
+
+
+def test_a_parameter_no_engine_can_serve_is_unsupported_naming_it_and_the_engines(make_daemon):
+    """An engine lists what it can do; a request needing what only one can do goes there; none: 400."""
+    engines = {
+        "f": {"kind": "fake", "priority": 10, "options": {"capabilities": []}},
+        "g": {"kind": "fake", "priority": 20, "options": {"capabilities": ["penalties"]}},
+    }
+    daemon = make_daemon(engines, **http_settings())
+    daemon.wait_for(lambda s: all(e["capabilities"] is not None for e in s["engines"]))
+    client = openai_client(daemon)
+    chat = {"model": "default", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    penalized = client.chat.completions.create(**chat, presence_penalty=0.5)
+    assert penalized.choices[0].message.content == fake_words(3)
+    assert wait_until(lambda: request_end(daemon, penalized.id), 10, "the request's end logged")["engine"] == "g"
+    plain = client.chat.completions.create(**chat)
+    assert wait_until(lambda: request_end(daemon, plain.id), 10, "the request's end logged")["engine"] == "f"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(**chat, logit_bias={"5": 1})
+    error = caught.value
+    assert error.code == "unsupported_parameter" and error.param == "logit_bias"
+    assert "f (none)" in error.message and "g (penalties)" in error.message

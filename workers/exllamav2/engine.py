@@ -28,7 +28,7 @@ from ..engine import (
     RequestError,
     StopFn,
 )
-from ..protocol.messages import Generate, LoadSpec
+from ..protocol.messages import CAP_LOGIT_BIAS, CAP_PENALTIES, Generate, LoadSpec
 from ..protocol import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, ErrorCode
 
 
@@ -77,6 +77,7 @@ _LOAD_ERRORS = (AssertionError, OSError, ValueError, KeyError, TypeError, Runtim
 
 class ExLlamaV2Engine:
     kind = "exllamav2"
+    capabilities = (CAP_PENALTIES, CAP_LOGIT_BIAS)
 
     def __init__(self) -> None:
         self._tokenizer: Any = None

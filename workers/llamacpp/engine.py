@@ -25,7 +25,7 @@ from ..engine import (
     RequestError,
     StopFn,
 )
-from ..protocol.messages import Generate, LoadSpec
+from ..protocol.messages import CAP_LOGIT_BIAS, CAP_PENALTIES, Generate, LoadSpec
 from ..protocol import ErrorCode
 from .log import LlamaLog, python_prints
 from .loop import TokenLoop
@@ -79,6 +79,7 @@ def _cache_kwargs(cache_type: str) -> dict[str, Any]:
 
 class LlamaCppEngine:
     kind = "llamacpp"
+    capabilities = (CAP_PENALTIES, CAP_LOGIT_BIAS)  # the ready message's (workers/protocol/messages.py)
 
     def __init__(self) -> None:
         self._llm: Any = None

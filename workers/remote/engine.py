@@ -36,7 +36,7 @@ from ..engine import (
     ProgressFn,
     StopFn,
 )
-from ..protocol.messages import Generate, LoadSpec, Sampling
+from ..protocol.messages import CAP_LOGIT_BIAS, CAP_PENALTIES, Generate, LoadSpec, Sampling
 from .http import DONE, Upstream, describe, events
 from ..protocol import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP
 
@@ -49,6 +49,7 @@ MAX_LISTED = 20  # of the upstream's models, the first this many go into status
 
 class OpenAIRemoteEngine:
     kind = "openai"
+    capabilities = (CAP_PENALTIES, CAP_LOGIT_BIAS)  # passed on to the upstream
 
     def __init__(self) -> None:
         self.upstream: Upstream | None = None

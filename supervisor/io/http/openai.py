@@ -66,6 +66,7 @@ STATUS = {
     ErrorCode.UNKNOWN_OP: 400,
     ErrorCode.DUPLICATE_ID: 400,
     ErrorCode.CONTEXT_OVERFLOW: 400,
+    ErrorCode.UNSUPPORTED_PARAMETER: 400,
     ErrorCode.UNKNOWN_ENGINE: 404,
     ErrorCode.BUSY: 429,
     ErrorCode.NO_ENGINE: 503,
