@@ -272,3 +272,44 @@ def test_penalties_min_p_and_logit_bias_pass_and_default_to_off():
 def test_bad_penalties_and_biases_are_refused_naming_the_field(fields, starts):
     error = refusal(parse_generate, generate(prompt="x", **fields), 1000)
     assert error.code == ErrorCode.INVALID_REQUEST and error.message.startswith(starts), error.message
+
+
+# --- structured output ----------------------------------------------------------------
+
+
+def test_response_format_and_grammar_pass_as_the_engine_reads_them():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    given = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
+    sampling = parse_generate(generate(prompt="x", response_format=given), 1000).sampling
+    assert sampling.response_format == given and sampling.needs() == {"response_format": "response_format"}
+    assert Sampling.from_wire(sampling.to_wire()) == sampling
+    assert parse_generate(generate(prompt="x", response_format={"type": "text"}), 1000).sampling.needs() == {}
+    json_object = parse_generate(generate(prompt="x", response_format={"type": "json_object"}), 1000).sampling
+    assert json_object.response_format == {"type": "json_object"}
+    grammar = parse_generate(generate(prompt="x", grammar='root ::= "a"'), 1000).sampling
+    assert grammar.grammar == 'root ::= "a"' and grammar.needs() == {"grammar": "grammar"}
+
+
+@pytest.mark.parametrize(
+    "fields, starts",
+    [
+        ({"response_format": "json"}, "response_format: must be an object whose type is text, json_object or"),
+        ({"response_format": {"type": "xml"}}, "response_format: must be an object whose type is"),
+        ({"response_format": {"type": "json_object", "schema": {}}}, "response_format.schema: unknown field"),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema: must be an object"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": "{}"}}},
+            "response_format.json_schema.schema: must be a JSON schema (an object)",
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {}, "strict": "yes"}}},
+            "response_format.json_schema.strict: must be true or false",
+        ),
+        ({"grammar": ""}, "grammar: must be a string of 1 to 65536 characters"),
+        ({"grammar": 5}, "grammar: must be a string"),
+        ({"grammar": "root ::= x", "response_format": {"type": "json_object"}}, "grammar: give at most one"),
+    ],
+)
+def test_bad_response_formats_and_grammars_are_refused_naming_the_field(fields, starts):
+    error = refusal(parse_generate, generate(prompt="x", **fields), 1000)
+    assert error.code == ErrorCode.INVALID_REQUEST and error.message.startswith(starts), error.message

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -105,6 +106,10 @@ def _add_generate(gen: argparse.ArgumentParser) -> None:
             gen.add_argument(flag, action="append", help=text)
         elif typing.get_origin(hint) is dict:  # logit_bias: TOKEN=BIAS, repeatable
             gen.add_argument(flag, action="append", type=_token_value, metavar="TOKEN=VALUE", help=text)
+        elif hint == dict[str, Any] | None:  # response_format: JSON
+            gen.add_argument(flag, type=json.loads, metavar="JSON", help=text)
+        elif hint == str | None:
+            gen.add_argument(flag, help=text)
         else:
             gen.add_argument(flag, type=float if float in (hint, *typing.get_args(hint)) else int, help=text)
     gen.add_argument("--engine", help="pin an engine by name")

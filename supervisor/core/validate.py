@@ -109,6 +109,8 @@ def parse_sampling(message: dict[str, Any], max_tokens_limit: int) -> Sampling:
         hint = hints[f.name]
         if f.name == "stop":
             values["stop"] = tuple(_stop(message))
+        elif f.name == "response_format":
+            values[f.name] = _response_format(message)
         elif hint is bool:
             values[f.name] = _bool(message, f.name, default)
         elif hint in (int, int | None):
@@ -117,8 +119,12 @@ def parse_sampling(message: dict[str, Any], max_tokens_limit: int) -> Sampling:
             values[f.name] = _number(message, f.name, default, low, high)
         elif hint == dict[str, float]:
             values[f.name] = _token_map(message, f.name, low, high)
+        elif hint == str | None:
+            values[f.name] = _text(message, f.name, low, high)
         else:  # a new kind of field needs its check written here first
             raise TypeError(f"Sampling.{f.name}: no check for {hint}")
+    if values["grammar"] is not None and values["response_format"] is not None:
+        raise _invalid("grammar", "give at most one of grammar and response_format")
     return Sampling(**values)
 
 
@@ -188,6 +194,51 @@ def _stop(message: dict[str, Any]) -> list[str]:
             key = "stop" if isinstance(value, str) else f"stop[{i}]"
             raise _invalid(key, f"must be a string of 1 to {MAX_STOP_LENGTH} characters")
     return stops
+
+
+_JSON_SCHEMA_FIELDS = frozenset({"name", "description", "schema", "strict"})
+
+
+def _response_format(message: dict[str, Any]) -> dict[str, Any] | None:
+    """OpenAI's response_format: text (None: nothing to constrain), json_object, or json_schema whose schema
+    is a JSON object (whether the engine can follow it only the engine knows: it converts it, or refuses it)."""
+    value = message.get("response_format")
+    if value is None:
+        return None
+    key = "response_format"
+    if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema"):
+        raise _invalid(key, "must be an object whose type is text, json_object or json_schema")
+    kind = value["type"]
+    allowed = {"type", "json_schema"} if kind == "json_schema" else {"type"}
+    if unknown := sorted(set(value) - allowed):
+        raise _invalid(f"{key}.{field_label(unknown[0])}", f"unknown field for type {kind}")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": kind}
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict):
+        raise _invalid(f"{key}.json_schema", "must be an object with a schema")
+    if unknown := sorted(set(spec) - _JSON_SCHEMA_FIELDS):
+        raise _invalid(f"{key}.json_schema.{field_label(unknown[0])}", "unknown field")
+    if not isinstance(spec.get("schema"), dict):
+        raise _invalid(f"{key}.json_schema.schema", "must be a JSON schema (an object)")
+    for name, kind_ok, words in (
+        ("name", str, "a string"),
+        ("description", str, "a string"),
+        ("strict", bool, "true or false"),
+    ):
+        if spec.get(name) is not None and not isinstance(spec[name], kind_ok):
+            raise _invalid(f"{key}.json_schema.{name}", f"must be {words}")
+    return {"type": "json_schema", "json_schema": spec}
+
+
+def _text(message: dict[str, Any], key: str, low: int, high: int) -> str | None:
+    """A string of low..high characters, or null."""
+    value = message.get(key)
+    if value is not None and (not isinstance(value, str) or not low <= len(value) <= high):
+        raise _invalid(key, f"must be a string of {low} to {high} characters, or null")
+    return value
 
 
 def _token_map(message: dict[str, Any], key: str, low: float, high: float) -> dict[str, float]:

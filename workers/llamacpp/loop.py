@@ -52,7 +52,7 @@ class TokenLoop:
 
     # --- a request -------------------------------------------------------------
 
-    def sampler(self, params: Sampling, seed: int, prompt: list[int]) -> Any:
+    def sampler(self, params: Sampling, seed: int, prompt: list[int], grammar: str | None = None) -> Any:
         """A native sampler chain for one request; ``free`` it after.
 
         Links only for what the request asks (the defaults add none beyond
@@ -60,12 +60,22 @@ class TokenLoop:
         a logit bias (``logit_bias``, and minus infinity on every
         end-of-generation token for ``ignore_eos``), the penalties (which
         first read the prompt's last ``penalty_last_n`` tokens, as
-        llama-server's do), then greedy for temperature 0, else top-k, top-p,
-        min-p, temperature and the seeded draw.  Token ids are checked against
-        the vocabulary here: ``RequestError`` names the field.
+        llama-server's do), a ``grammar`` (GBNF: the engine's from the request's
+        response_format or grammar; never the prompt's tokens), then greedy for
+        temperature 0, else top-k, top-p, min-p, temperature and the seeded
+        draw.  Token ids are checked against the vocabulary here, and a grammar
+        that does not parse refused: ``RequestError`` names the field.
         """
         c = self._c
         biases = self._biases(params)  # first: it may refuse the request
+        constraint = None
+        if grammar is not None:
+            if params.ignore_eos:
+                raise RequestError(ErrorCode.INVALID_REQUEST, "ignore_eos: cannot be combined with a grammar")
+            constraint = c.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), b"root")
+            if not constraint:  # llama.cpp's parser refused it (its reason is in the worker's log)
+                field = "grammar" if params.grammar is not None else "response_format"
+                raise RequestError(ErrorCode.INVALID_REQUEST, f"{field}: the grammar does not parse (llama.cpp's GBNF)")
         chain_params = c.llama_sampler_chain_default_params()
         chain_params.no_perf = True
         chain = c.llama_sampler_chain_init(chain_params)
@@ -81,6 +91,8 @@ class TokenLoop:
             for token in prompt[-last_n:] if last_n else ():
                 c.llama_sampler_accept(penalties, token)
             links.append(penalties)
+        if constraint is not None:
+            links.append(constraint)
         if params.temperature == 0:
             links.append(c.llama_sampler_init_greedy())
         else:

@@ -42,7 +42,10 @@ MAX_LOGIT_BIAS = 1024  # entries of a request's logit_bias
 # a request whose fields need one goes only to engines that list it.
 CAP_PENALTIES = "penalties"  # repeat_penalty, presence_penalty, frequency_penalty
 CAP_LOGIT_BIAS = "logit_bias"
-CAPABILITIES = (CAP_PENALTIES, CAP_LOGIT_BIAS)
+CAP_RESPONSE_FORMAT = "response_format"  # JSON output: json_object, or one that validates against a JSON schema
+CAP_GRAMMAR = "grammar"  # output constrained by a GBNF grammar
+CAPABILITIES = (CAP_PENALTIES, CAP_LOGIT_BIAS, CAP_RESPONSE_FORMAT, CAP_GRAMMAR)
+MAX_GRAMMAR_LENGTH = 65536  # characters of a GBNF grammar
 
 
 class ProtocolError(ValueError):
@@ -88,6 +91,15 @@ class Sampling:
     logit_bias: dict[str, float] = field(
         default_factory=dict,
         metadata=_about("token id -> bias added to its logit (-100: banned)", -100.0, 100.0, CAP_LOGIT_BIAS),
+    )
+    # OpenAI's: {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema", "strict"}};
+    # the daemon checks its shape and that the schema is an object; the engine converts it (or refuses it).
+    response_format: dict[str, Any] | None = field(
+        default=None,
+        metadata=_about("JSON output: json_object, or json_schema with a schema", needs=CAP_RESPONSE_FORMAT),
+    )
+    grammar: str | None = field(
+        default=None, metadata=_about("a GBNF grammar the output follows", 1, MAX_GRAMMAR_LENGTH, CAP_GRAMMAR)
     )
 
     def needs(self) -> dict[str, str]:

@@ -36,7 +36,7 @@ from ..engine import (
     ProgressFn,
     StopFn,
 )
-from ..protocol.messages import CAP_LOGIT_BIAS, CAP_PENALTIES, Generate, LoadSpec, Sampling
+from ..protocol.messages import CAP_LOGIT_BIAS, CAP_PENALTIES, CAP_RESPONSE_FORMAT, Generate, LoadSpec, Sampling
 from .http import DONE, Upstream, describe, events
 from ..protocol import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP
 
@@ -49,7 +49,7 @@ MAX_LISTED = 20  # of the upstream's models, the first this many go into status
 
 class OpenAIRemoteEngine:
     kind = "openai"
-    capabilities = (CAP_PENALTIES, CAP_LOGIT_BIAS)  # passed on to the upstream
+    capabilities = (CAP_PENALTIES, CAP_LOGIT_BIAS, CAP_RESPONSE_FORMAT)  # passed on to the upstream
 
     def __init__(self) -> None:
         self.upstream: Upstream | None = None
@@ -180,7 +180,14 @@ class OpenAIRemoteEngine:
             body["ignore_eos"] = True
         # OpenAI's penalties and bias when set; llama-server's (vLLM's, Ollama's) extensions only when not the default.
         sampling, defaults = request.params, _DEFAULT_SAMPLING
-        for name in ("presence_penalty", "frequency_penalty", "logit_bias", "repeat_penalty", "min_p"):
+        for name in (
+            "presence_penalty",
+            "frequency_penalty",
+            "logit_bias",
+            "repeat_penalty",
+            "min_p",
+            "response_format",
+        ):
             if getattr(sampling, name) != getattr(defaults, name):
                 body[name] = getattr(sampling, name)
         if sampling.repeat_penalty != 1 and sampling.penalty_last_n != defaults.penalty_last_n:
