@@ -133,14 +133,14 @@ class Core:
 
     # --- a worker's side of the conversation ---------------------------------------
 
-    def bring_up(self, name: str) -> str:
-        """The engine's spawned worker says hello and loads: it is ready."""
+    def bring_up(self, name: str, capabilities: tuple[str, ...] = ()) -> str:
+        """The engine's spawned worker says hello and loads: it is ready (able to do ``capabilities``)."""
         engine = self.engines[name]
         worker_id = engine.worker.worker_id
         self.supervisor.on_hello(
             engine, Hello(protocol=p.PROTOCOL_VERSION, engine="fake", worker_id=worker_id, pid=1), self.now
         )
-        self.supervisor.on_ready(engine, Ready(), self.now)
+        self.supervisor.on_ready(engine, Ready(capabilities=capabilities), self.now)
         return worker_id
 
     def current(self, name: str) -> Any:

@@ -103,6 +103,12 @@ def main() -> None:
     # Slots are reused: more requests than slots, one cancelled, one ending at a stop string.
     again, _ = together(engine, [request(1), request(2, stop=["7,"]), request(3)], {"r3": 5})
     order = batch_order(engine)
+    # Each sequence samples with its own chain: a grammar, a penalty and plain greedy side by side.
+    mixed, _ = together(
+        engine,
+        [request(0, grammar='root ::= "yes" | "no"'), request(2, repeat_penalty=2.0, penalty_last_n=-1), request(1)],
+        {},
+    )
     print(
         json.dumps(
             {
@@ -114,6 +120,7 @@ def main() -> None:
                 "four": [four[f"r{i}"] for i in range(4)],
                 "four_steps": steps,
                 "again": again,
+                "mixed": mixed,
                 **({"reference": create_completion_texts(facts), "all_facts": facts} if CUDA else {}),
             }
         )

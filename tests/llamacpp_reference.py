@@ -35,7 +35,8 @@ sys.path.insert(0, REPO)
 import llama_cpp  # noqa: E402
 
 from workers.llamacpp import loop as llamacpp_loop  # noqa: E402
-from workers.protocol.messages import Generate, LoadSpec  # noqa: E402
+from workers.engine import RequestError  # noqa: E402
+from workers.protocol.messages import Generate, LoadSpec, Sampling  # noqa: E402
 from workers.llamacpp.engine import create_engine  # noqa: E402
 from workers.llamacpp.loop import TokenLoop  # noqa: E402
 from workers.llamacpp.settings import physical_cores  # noqa: E402
@@ -141,7 +142,7 @@ def eog_picks(llm: Any, loop: TokenLoop) -> dict[str, list[int]]:
                 *(llama_cpp.llama_token_data(t, logit, 0.0) for t, logit in candidates)
             )
             array = llama_cpp.llama_token_data_array(data, len(candidates), -1, False)
-            chain = loop.sampler(temperature, 1.0, 0, seed, ban_eog)
+            chain = loop.sampler(Sampling(temperature=temperature, top_p=1.0, top_k=0, ignore_eos=ban_eog), seed, [])
             llama_cpp.llama_sampler_apply(chain, ctypes.byref(array))
             loop.free(chain)
             picks[name].append(data[array.selected].id)
@@ -162,6 +163,35 @@ def stop_string(text: str) -> str:
     if not CUDA:
         return "country of"
     return next((text[k : k + 4] for k in range(len(text) // 2, len(text) - 3) if text[k : k + 4].strip()), "")
+
+
+REPETITIVE = "one two three one two three one two three one two three one two three"
+
+
+def penalties(engine: Any, llm: Any) -> dict[str, Any]:
+    """A repetitive prompt without and with each penalty (greedy, and seeded twice); a logit bias."""
+    greedy = {"prompt": REPETITIVE, "max_tokens": 24, "temperature": 0.0}
+    seeded = {"prompt": REPETITIVE, "max_tokens": 24, "temperature": 0.8, "seed": 7}
+    out: dict[str, Any] = {"greedy": {}, "seeded": {}}
+    for name, setting in (
+        ("none", {}),
+        ("repeat_penalty", {"repeat_penalty": 1.5}),
+        ("presence_penalty", {"presence_penalty": 1.5}),
+        ("frequency_penalty", {"frequency_penalty": 1.5}),
+        ("repeat_penalty_last_0", {"repeat_penalty": 1.5, "penalty_last_n": 0}),
+    ):
+        out["greedy"][name] = ours(engine, **greedy, **setting)["text"]
+        out["seeded"][name] = [ours(engine, **seeded, **setting)["text"] for _ in range(2)]
+    token = llm.tokenize(" banana".encode(), add_bos=False)[0]
+    out["biased_token"] = llm.detokenize([token]).decode("utf-8", "replace")
+    out["biased"] = ours(engine, **greedy, logit_bias={str(token): 100.0})["text"]
+    out["min_p_1"] = [ours(engine, **{**seeded, "seed": seed}, min_p=1.0)["text"] for seed in (1, 2)]
+    try:
+        ours(engine, **greedy, logit_bias={str(llm.n_vocab()): 1.0})
+        out["out_of_vocabulary"] = None
+    except RequestError as exc:
+        out["out_of_vocabulary"] = [exc.code, str(exc)]
+    return out
 
 
 def main() -> None:
@@ -191,6 +221,7 @@ def main() -> None:
         "cancelled": ours(engine, stop_after=5, **CASES[0]),
         "stopped": {"ours": ours(engine, **stop), "reference": reference(llm, **stop), "stop": stop["stop"][0]},
         "eog_picks": eog_picks(llm, TokenLoop(llama_cpp, llm.model, llm.ctx, 512)),
+        "penalties": penalties(engine, llm),
     }
     print(json.dumps(out, ensure_ascii=False))
 

@@ -21,6 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from supervisor.config import ConfigError, load_settings
+from supervisor.node.envs import env_python
 
 from .conftest import CLI, LLAMA, Daemon, wait_until
 from .test_startup import clean_environ, write_config
@@ -223,6 +224,9 @@ def test_an_unknown_model_is_not_found(daemon):
         ),
         ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "t"}]}, "messages[0].role"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream
+        ({"presence_penalty": 3}, "presence_penalty"),
+        ({"logit_bias": {"5": 500}}, "logit_bias[5]"),
+        ({"extra_body": {"repeat_penalty": 0}}, "repeat_penalty"),
     ],
 )
 def test_a_bad_or_unsupported_parameter_is_a_bad_request_naming_it(daemon, fields, param):
@@ -410,3 +414,61 @@ def test_a_chat_completion_on_the_default_model(make_daemon):
     assert reply.choices[0].message.content.strip()
     assert reply.choices[0].finish_reason in ("stop", "length")
     assert 0 < reply.usage.completion_tokens <= 16 and reply.usage.prompt_tokens > 5
+
+
+@pytest.mark.real_engine
+def test_penalties_and_a_logit_bias_reach_the_default_model(make_daemon):
+    """OpenAI's penalties and bias (and llama-server's repeat_penalty) change what the model writes
+    after a repetitive prompt; the same request with the same seed writes the same text."""
+    daemon = make_daemon({"llama": LLAMA}, **http_settings())
+    client = openai_client(daemon, timeout=120.0)
+    prompt = "one two three one two three one two three one two three one two three"
+
+    def complete(**fields: Any) -> str:
+        reply = client.completions.create(model="default", prompt=prompt, max_tokens=12, seed=3, **fields)
+        return reply.choices[0].text
+
+    plain = complete(temperature=0)
+    assert plain.split()[:6] == ["one", "two", "three"] * 2  # the loop the penalties break
+    for fields in (
+        {"frequency_penalty": 1.5},
+        {"presence_penalty": 1.5},
+        {"extra_body": {"repeat_penalty": 1.5}},
+    ):
+        penalized = complete(temperature=0.7, **fields)
+        assert penalized != complete(temperature=0.7) and penalized == complete(temperature=0.7, **fields), fields
+    biased = complete(temperature=0, logit_bias={str(first_token(daemon.shared, " banana")): 100})
+    assert biased.startswith(" banana")
+
+
+def first_token(state: dict[str, Path], text: str) -> int:
+    """The default model's first token for ``text``, as llama.cpp's tokenizer (in its environment) splits it."""
+    script = (
+        "import sys, llama_cpp; m = llama_cpp.Llama(model_path=sys.argv[1], vocab_only=True, verbose=False); "
+        "print(m.tokenize(sys.argv[2].encode(), add_bos=False)[0])"
+    )
+    python = env_python(state["envs_dir"] / "llamacpp")
+    out = subprocess.run([str(python), "-c", script, str(state["model"]), text], capture_output=True, text=True)
+    return int(out.stdout.strip())
+
+
+def test_a_parameter_no_engine_can_serve_is_unsupported_naming_it_and_the_engines(make_daemon):
+    """An engine lists what it can do; a request needing what only one can do goes there; none: 400."""
+    engines = {
+        "f": {"kind": "fake", "priority": 10, "options": {"capabilities": []}},
+        "g": {"kind": "fake", "priority": 20, "options": {"capabilities": ["penalties"]}},
+    }
+    daemon = make_daemon(engines, **http_settings())
+    daemon.wait_for(lambda s: all(e["capabilities"] is not None for e in s["engines"]))
+    client = openai_client(daemon)
+    chat = {"model": "default", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    penalized = client.chat.completions.create(**chat, presence_penalty=0.5)
+    assert penalized.choices[0].message.content == fake_words(3)
+    assert wait_until(lambda: request_end(daemon, penalized.id), 10, "the request's end logged")["engine"] == "g"
+    plain = client.chat.completions.create(**chat)
+    assert wait_until(lambda: request_end(daemon, plain.id), 10, "the request's end logged")["engine"] == "f"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(**chat, logit_bias={"5": 1})
+    error = caught.value
+    assert error.code == "unsupported_parameter" and error.param == "logit_bias"
+    assert "f (none)" in error.message and "g (penalties)" in error.message

@@ -97,3 +97,26 @@ def test_settings_in_force_default_to_the_physical_cores_and_cpu_batches(report)
 def test_explicit_settings_are_what_llama_cpp_runs_with(report):
     explicit = {k: report["explicit"][k] for k in IN_FORCE}
     assert explicit == {"n_threads": 1, "n_threads_batch": 2, "n_batch": 256, "n_ubatch": 128, "flash_attn": True}
+
+
+def test_penalties_change_the_text_of_a_repetitive_prompt_and_a_seed_reproduces_it(report):
+    """Each penalty, greedy or sampled, moves the model off a loop it otherwise repeats to the end;
+    the same seed gives the same text; penalty_last_n 0 turns them off."""
+    penalties = report["penalties"]
+    greedy, seeded = penalties["greedy"], penalties["seeded"]
+    assert greedy["none"].split() == ["one", "two", "three"] * 8  # without penalties, the loop
+    for name in ("repeat_penalty", "presence_penalty", "frequency_penalty"):
+        assert greedy[name] != greedy["none"], name
+        first, again = seeded[name]
+        assert first == again and first != seeded["none"][0], name
+    assert greedy["repeat_penalty_last_0"] == greedy["none"] and seeded["repeat_penalty_last_0"] == seeded["none"]
+
+
+def test_logit_bias_and_min_p_shape_the_choice(report):
+    """A bias of +100 on a token makes greedy pick it; min_p 1 keeps only the top token, whatever the seed;
+    a token id the vocabulary does not have is the request's error, naming the field."""
+    penalties = report["penalties"]
+    assert penalties["biased"].startswith(penalties["biased_token"] * 3)
+    assert penalties["min_p_1"] == [penalties["greedy"]["none"]] * 2
+    code, message = penalties["out_of_vocabulary"]
+    assert code == "invalid_request" and message.startswith("logit_bias[262144]: not a token")

@@ -70,6 +70,14 @@ def test_slots_are_reused_and_stop_strings_and_cancels_end_only_their_own_sequen
     assert again["r3"]["finish"] == "cancelled" and again["r3"]["completion_tokens"] == 5
 
 
+def test_each_sequence_samples_with_its_own_chain(report):
+    """A grammar, a penalty and plain greedy in one batch: each request gets what it asked for, no more."""
+    mixed, solo = report["mixed"], report["solo"]
+    assert text(mixed["r0"]) in ("yes", "no") and mixed["r0"]["finish"] == "stop"
+    assert text(mixed["r2"]) != text(solo[2])  # "1, 2, 3, 4," counted on, less with every repeat penalized
+    assert text(mixed["r1"])[:8] == text(solo[1])[:8]  # unconstrained, as alone (kernels may drift later)
+
+
 def test_a_daemon_with_parallel_llama_serves_concurrent_clients_together(make_daemon):
     daemon = make_daemon({"llama": {**LLAMA, "parallel": 4}})
     assert daemon.engine("llama")["slots"] == 4

@@ -225,3 +225,91 @@ def test_unknown_field_names_are_labelled_safely():
     long_name = "k" * 10_000 + "\n"
     message = refusal(parse_generate, generate(prompt="x", **{long_name: 1}), 1000).message
     assert message.startswith("'kkk") and message.endswith("...: unknown field") and len(message) < 200
+
+
+# --- penalties, min_p, logit_bias -----------------------------------------------------
+
+
+def test_penalties_min_p_and_logit_bias_pass_and_default_to_off():
+    params = parse_generate(
+        generate(
+            prompt="x",
+            repeat_penalty=1.2,
+            presence_penalty=-0.5,
+            frequency_penalty=2,
+            penalty_last_n=-1,
+            min_p=0,
+            logit_bias={"15": -100, "0007": 2.5},
+        ),
+        1000,
+    )
+    sampling = params.sampling
+    assert (sampling.repeat_penalty, sampling.presence_penalty, sampling.frequency_penalty) == (1.2, -0.5, 2.0)
+    assert sampling.penalty_last_n == -1 and sampling.min_p == 0.0
+    assert sampling.logit_bias == {"15": -100.0, "7": 2.5}  # ids written once, as the engine reads them
+    defaults = parse_generate(generate(prompt="x", logit_bias=None), 1000).sampling
+    assert (defaults.repeat_penalty, defaults.presence_penalty, defaults.frequency_penalty) == (1.0, 0.0, 0.0)
+    assert defaults.min_p == 0.05 and defaults.penalty_last_n == 64 and defaults.logit_bias == {}
+    assert Sampling.from_wire(sampling.to_wire()) == sampling  # as the worker reads it
+
+
+@pytest.mark.parametrize(
+    "fields, starts",
+    [
+        ({"repeat_penalty": 0}, "repeat_penalty: must be between 0.01 and 5.0"),
+        ({"presence_penalty": 2.5}, "presence_penalty: must be between -2.0 and 2.0"),
+        ({"frequency_penalty": "1"}, "frequency_penalty: must be a number"),
+        ({"penalty_last_n": -2}, "penalty_last_n: must be between -1 and"),
+        ({"min_p": 1.5}, "min_p: must be between 0.0 and 1.0"),
+        ({"logit_bias": [1, 2]}, "logit_bias: must be an object"),
+        ({"logit_bias": {"abc": 1}}, "logit_bias: key 'abc' is not a token id"),
+        ({"logit_bias": {"-1": 1}}, "logit_bias: key '-1' is not a token id"),
+        ({"logit_bias": {"12": 101}}, "logit_bias[12]: must be between -100.0 and 100.0"),
+        ({"logit_bias": {"12": True}}, "logit_bias[12]: must be a number"),
+        ({"logit_bias": {str(i): 1 for i in range(1025)}}, "logit_bias: at most 1024 tokens"),
+    ],
+)
+def test_bad_penalties_and_biases_are_refused_naming_the_field(fields, starts):
+    error = refusal(parse_generate, generate(prompt="x", **fields), 1000)
+    assert error.code == ErrorCode.INVALID_REQUEST and error.message.startswith(starts), error.message
+
+
+# --- structured output ----------------------------------------------------------------
+
+
+def test_response_format_and_grammar_pass_as_the_engine_reads_them():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    given = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
+    sampling = parse_generate(generate(prompt="x", response_format=given), 1000).sampling
+    assert sampling.response_format == given and sampling.needs() == {"response_format": "response_format"}
+    assert Sampling.from_wire(sampling.to_wire()) == sampling
+    assert parse_generate(generate(prompt="x", response_format={"type": "text"}), 1000).sampling.needs() == {}
+    json_object = parse_generate(generate(prompt="x", response_format={"type": "json_object"}), 1000).sampling
+    assert json_object.response_format == {"type": "json_object"}
+    grammar = parse_generate(generate(prompt="x", grammar='root ::= "a"'), 1000).sampling
+    assert grammar.grammar == 'root ::= "a"' and grammar.needs() == {"grammar": "grammar"}
+
+
+@pytest.mark.parametrize(
+    "fields, starts",
+    [
+        ({"response_format": "json"}, "response_format: must be an object whose type is text, json_object or"),
+        ({"response_format": {"type": "xml"}}, "response_format: must be an object whose type is"),
+        ({"response_format": {"type": "json_object", "schema": {}}}, "response_format.schema: unknown field"),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema: must be an object"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": "{}"}}},
+            "response_format.json_schema.schema: must be a JSON schema (an object)",
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {}, "strict": "yes"}}},
+            "response_format.json_schema.strict: must be true or false",
+        ),
+        ({"grammar": ""}, "grammar: must be a string of 1 to 65536 characters"),
+        ({"grammar": 5}, "grammar: must be a string"),
+        ({"grammar": "root ::= x", "response_format": {"type": "json_object"}}, "grammar: give at most one"),
+    ],
+)
+def test_bad_response_formats_and_grammars_are_refused_naming_the_field(fields, starts):
+    error = refusal(parse_generate, generate(prompt="x", **fields), 1000)
+    assert error.code == ErrorCode.INVALID_REQUEST and error.message.startswith(starts), error.message

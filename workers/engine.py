@@ -101,6 +101,9 @@ class GenerateResult:
 
 class Engine(Protocol):
     kind: str
+    # What it can do beyond plain sampling (messages.CAPABILITIES), read after the load for the ready
+    # message: the daemon sends it only requests it can serve (an engine without the attribute lists none).
+    capabilities: tuple[str, ...]
 
     def versions(self) -> dict[str, Any]:
         """Library versions and build facts for the hello message; must not load a model."""

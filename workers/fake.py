@@ -44,7 +44,7 @@ from .engine import (
     ProgressFn,
     StopFn,
 )
-from .protocol.messages import Generate, LoadSpec
+from .protocol.messages import CAPABILITIES, Generate, LoadSpec
 from .protocol import FINISH_CANCELLED, FINISH_LENGTH, WORKER_CURVE_ENV, WORKER_SECRET_ENV
 
 WORDS = "the quick brown fox jumps over the lazy dog".split()
@@ -56,6 +56,7 @@ class FakeEngine:
     def __init__(self) -> None:
         self._options: dict[str, Any] = {}
         self.slots = 1
+        self.capabilities: tuple[str, ...] = CAPABILITIES
         self._batch: dict[str, list[Any]] = {}  # request id -> [request, emit, tokens produced]
 
     def versions(self) -> dict[str, Any]:
@@ -91,6 +92,8 @@ class FakeEngine:
         if limit is not None and (layers < 0 or layers > int(limit)):
             raise OutOfGpuMemory(f"fake: {layers} GPU layers do not fit (at most {limit})")
         self.slots = max(1, int(spec.parallel or 1))
+        # It samples nothing: it lists what a test wants it to (option capabilities), by default all there are.
+        self.capabilities = tuple(options.get("capabilities", CAPABILITIES))
         steps = 5
         for step in range(steps):
             progress(step / steps, "fake loading")

@@ -121,7 +121,7 @@ class WorkerRuntime:
             return self._fail(p.ExitCode.CRASH, exc.code, str(exc), exc.retry_after_s)
         self.conversation.activity["phase"] = "idle"
         slots = getattr(engine, "slots", 1)
-        self._send(Ready(model=facts, slots=slots))
+        self._send(Ready(model=facts, slots=slots, capabilities=tuple(getattr(engine, "capabilities", ()))))
         log.info("ready: %s (%d at once)", facts.get("model_name"), slots)
         if slots > 1:
             BatchLoop(self.conversation, engine).run()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -162,6 +163,12 @@ def _add_generate(gen: argparse.ArgumentParser) -> None:
             gen.add_argument(flag, action="store_true", default=None, help=text)
         elif typing.get_origin(hint) is tuple:
             gen.add_argument(flag, action="append", help=text)
+        elif typing.get_origin(hint) is dict:  # logit_bias: TOKEN=BIAS, repeatable
+            gen.add_argument(flag, action="append", type=_token_value, metavar="TOKEN=VALUE", help=text)
+        elif hint == dict[str, Any] | None:  # response_format: JSON
+            gen.add_argument(flag, type=json.loads, metavar="JSON", help=text)
+        elif hint == str | None:
+            gen.add_argument(flag, help=text)
         else:
             gen.add_argument(flag, type=float if float in (hint, *typing.get_args(hint)) else int, help=text)
     gen.add_argument("--engine", help="pin an engine by name")
@@ -178,6 +185,14 @@ def _add_generate(gen: argparse.ArgumentParser) -> None:
     gen.add_argument(
         "--timeout", type=float, default=60.0, help="seconds to wait for each event once the daemon answered"
     )
+
+
+def _token_value(text: str) -> tuple[str, float]:
+    token, _, value = text.partition("=")
+    try:
+        return token, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected TOKEN=NUMBER") from None
 
 
 def _add_keys(keys: argparse.ArgumentParser) -> None:

@@ -89,6 +89,8 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
     for name in (*SAMPLING_FIELDS, "engine", "deadline_ms", "keep_alive"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
+    if "logit_bias" in fields:  # TOKEN=VALUE pairs
+        fields["logit_bias"] = dict(fields["logit_bias"])
     # A generate's first event may rightly take long (a queue, a model loading);
     # whether a daemon answers at all is known in a moment.
     client.receive(client.send({"op": p.OP_PING}), timeout_s=args.connect_timeout)

@@ -70,6 +70,9 @@ class EngineState:
         self.plan: Plan | None = None  # in force since the engine's last start; None: loaded as configured
         self.oom_step = False  # the last load ran out of GPU memory: the next plan steps down
         self.build_warnings: list[str] = []  # what the worker's build cannot do on this node, with the fix
+        # What its engine can do beyond plain sampling, from its worker's last ready message; None: not known yet
+        # (no worker of it was ready), so a request needing something may wait for one to be.
+        self.capabilities: frozenset[str] | None = None
         # A configuration reload: the worker finishes what it runs, then goes (core/reload.py).
         self.reload_pending = False  # ... and a worker with the new settings follows
         self.retired = False  # ... and the engine is dropped
@@ -201,6 +204,12 @@ class EngineState:
             supervision.latency_hysteresis,
         )
 
+    def lacks(self, needs: dict[str, str]) -> dict[str, str]:
+        """Of the capabilities a request needs (capability -> its field), those this engine is known not to have."""
+        if not needs or self.capabilities is None:
+            return {}
+        return {capability: name for capability, name in needs.items() if capability not in self.capabilities}
+
     @property
     def has_room(self) -> bool:
         """The queue bound: an idle worker takes a request even with max_queue 0."""
@@ -229,6 +238,7 @@ class EngineState:
             "max_queue": self.config.max_queue,
             "in_flight": self.in_flight(),
             "slots": self.worker.slots,
+            "capabilities": None if self.capabilities is None else sorted(self.capabilities),
             "served": self.stats.served,
             "cancelled": self.stats.finished.get(FINISH_CANCELLED, 0),  # of served: by the client, or it went away
             "failed": self.stats.failed,

@@ -58,7 +58,7 @@ class Router:
             )
             if request.key in self.requests:
                 raise Refused(ErrorCode.DUPLICATE_ID, f"id {mid!r} is still in use by a running request")
-            engine = self._choose_engine(params.engine)
+            engine = self._choose_engine(params.engine, params.sampling.needs())
             if not engine.has_room:
                 raise Refused(
                     ErrorCode.BUSY, f"engine {engine.name!r} has {len(engine.queue)} requests waiting (max_queue)"
@@ -78,7 +78,9 @@ class Router:
         """Whether ``mid`` names a running request of this client (ids of other ops must not)."""
         return (b"".join(envelope), mid) in self.requests
 
-    def _choose_engine(self, pinned: str | None) -> EngineState:
+    def _choose_engine(self, pinned: str | None, needs: dict[str, str]) -> EngineState:
+        """The engine for a new request: its pinned one, else the one taking traffic that can do what it
+        ``needs`` (capability -> the field asking for it); ``unsupported_parameter`` when none that serves can."""
         if pinned is not None:
             engine = self.engines.get(pinned)
             if engine is None:
@@ -88,9 +90,14 @@ class Router:
                 )
             if engine.refusal:
                 raise Refused(*engine.refusal)
+            if engine.lacks(needs):
+                raise unsupported(engine.lacks(needs), [engine])
             return engine
-        engine = self.target_for_unpinned()
+        engine = self.target_for_unpinned(needs)
         if engine is None:
+            serving = [e for e in self.engines.by_priority() if e.refusal is None]
+            if serving:
+                raise unsupported(needs, serving)
             reasons = "; ".join(f"{e.name}: {e.refusal[1]}" for e in self.engines if e.refusal)
             raise Refused(ErrorCode.NO_ENGINE, f"no engine can serve: {reasons}")
         return engine
@@ -101,12 +108,14 @@ class Router:
             isinstance(g, ClientRequest) and not g.finished for e in self.engines for g in e.worker.running.values()
         )
 
-    def target_for_unpinned(self) -> EngineState | None:
-        """The engine the latency switch chose, else the first by priority that serves."""
+    def target_for_unpinned(self, needs: dict[str, str] | None = None) -> EngineState | None:
+        """The engine the latency switch chose, else the first by priority that serves; of those that can
+        do what a request ``needs``, as far as is known (an engine never ready yet may)."""
+        needs = needs or {}
         active = self.engines.get(self.switch.active)
-        if active is not None and active.refusal is None:
+        if active is not None and active.refusal is None and not active.lacks(needs):
             return active
-        return next((e for e in self.engines.by_priority() if e.refusal is None), None)
+        return next((e for e in self.engines.by_priority() if e.refusal is None and not e.lacks(needs)), None)
 
     def add_probe(self, probe: Probe, engine: EngineState, now: float) -> None:
         self.probes.add(probe)
@@ -139,7 +148,13 @@ class Router:
             return
         while engine.worker.free_slots and engine.queue:
             generation = engine.queue.popleft()
-            if not generation.finished:
+            if generation.finished:
+                continue
+            lacking = engine.lacks(generation.params.sampling.needs())  # known now: its worker is ready
+            if lacking:
+                refused = unsupported(lacking, [engine])
+                self.fail(generation, refused.code, refused.message, now)
+            else:
                 self._dispatch(engine, generation, now)
 
     def _dispatch(self, engine: EngineState, generation: Generation, now: float) -> None:
@@ -172,6 +187,8 @@ class Router:
         for request in [r for r in source.queue if isinstance(r, ClientRequest) and r.params.engine is None]:
             if not target.has_room:
                 return
+            if target.lacks(request.params.sampling.needs()):
+                continue
             source.remove(request)
             self.enqueue(request, target, "requests moved here", now)
 
@@ -223,7 +240,7 @@ class Router:
         """Its pinned engine if that still serves; unpinned, the engine that takes traffic now."""
         if generation.params.engine is not None:
             return engine if engine.refusal is None else None
-        return self.target_for_unpinned()
+        return self.target_for_unpinned(generation.params.sampling.needs())
 
     # --- cancels, deadlines, vanished clients ---------------------------------------------
 
@@ -376,3 +393,17 @@ class Router:
             self.on_budget_spent(engine, now)
         if engine is not None:
             self.engines.used(engine, now)
+
+
+def unsupported(needs: dict[str, str], considered: list[EngineState]) -> Refused:
+    """``unsupported_parameter``: the message starts with the field (the HTTP front's ``param``), then what it
+    needs and what each engine considered can do."""
+    capability, name = next(iter(needs.items()))
+    engines = "; ".join(
+        f"{e.name} ({', '.join(sorted(e.capabilities)) or 'none'})" if e.capabilities is not None else e.name
+        for e in considered
+    )
+    return Refused(
+        ErrorCode.UNSUPPORTED_PARAMETER,
+        f"{name}: needs an engine with {capability!r}; the engines considered (what each can do) are: {engines}",
+    )

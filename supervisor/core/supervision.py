@@ -112,6 +112,7 @@ class Supervision:
             return  # a stop was asked meanwhile
         worker.report.model = message.model
         worker.slots = message.slots if 1 <= message.slots <= p.MAX_SLOTS else 1
+        engine.capabilities = frozenset(message.capabilities)
         worker.times.ready_at = now
         worker.times.probe_due_at = now + self.config.probe_interval_s
         worker.transition(WorkerState.READY, "model loaded")

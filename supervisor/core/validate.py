@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from workers.protocol import CLIENT_OPS, OP_GENERATE, ErrorCode, field_label, invalid_text_path, is_text
-from workers.protocol.messages import SAMPLING_FIELDS, Sampling
+from workers.protocol.messages import MAX_LOGIT_BIAS, SAMPLING_FIELDS, Sampling
 
 from .errors import ClientError
 
@@ -116,14 +116,22 @@ def parse_sampling(message: dict[str, Any], max_tokens_limit: int) -> Sampling:
         hint = hints[f.name]
         if f.name == "stop":
             values["stop"] = tuple(_stop(message))
+        elif f.name == "response_format":
+            values[f.name] = _response_format(message)
         elif hint is bool:
             values[f.name] = _bool(message, f.name, default)
         elif hint in (int, int | None):
             values[f.name] = _int(message, f.name, default, low, high, nullable=hint is not int)
         elif hint in (float, float | None):
             values[f.name] = _number(message, f.name, default, low, high)
+        elif hint == dict[str, float]:
+            values[f.name] = _token_map(message, f.name, low, high)
+        elif hint == str | None:
+            values[f.name] = _text(message, f.name, low, high)
         else:  # a new kind of field needs its check written here first
             raise TypeError(f"Sampling.{f.name}: no check for {hint}")
+    if values["grammar"] is not None and values["response_format"] is not None:
+        raise _invalid("grammar", "give at most one of grammar and response_format")
     return Sampling(**values)
 
 
@@ -236,6 +244,69 @@ def _stop(message: dict[str, Any]) -> list[str]:
     return stops
 
 
+_JSON_SCHEMA_FIELDS = frozenset({"name", "description", "schema", "strict"})
+
+
+def _response_format(message: dict[str, Any]) -> dict[str, Any] | None:
+    """OpenAI's response_format: text (None: nothing to constrain), json_object, or json_schema whose schema
+    is a JSON object (whether the engine can follow it only the engine knows: it converts it, or refuses it)."""
+    value = message.get("response_format")
+    if value is None:
+        return None
+    key = "response_format"
+    if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema"):
+        raise _invalid(key, "must be an object whose type is text, json_object or json_schema")
+    kind = value["type"]
+    allowed = {"type", "json_schema"} if kind == "json_schema" else {"type"}
+    if unknown := sorted(set(value) - allowed):
+        raise _invalid(f"{key}.{field_label(unknown[0])}", f"unknown field for type {kind}")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": kind}
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict):
+        raise _invalid(f"{key}.json_schema", "must be an object with a schema")
+    if unknown := sorted(set(spec) - _JSON_SCHEMA_FIELDS):
+        raise _invalid(f"{key}.json_schema.{field_label(unknown[0])}", "unknown field")
+    if not isinstance(spec.get("schema"), dict):
+        raise _invalid(f"{key}.json_schema.schema", "must be a JSON schema (an object)")
+    for name, kind_ok, words in (
+        ("name", str, "a string"),
+        ("description", str, "a string"),
+        ("strict", bool, "true or false"),
+    ):
+        if spec.get(name) is not None and not isinstance(spec[name], kind_ok):
+            raise _invalid(f"{key}.json_schema.{name}", f"must be {words}")
+    return {"type": "json_schema", "json_schema": spec}
+
+
+def _text(message: dict[str, Any], key: str, low: int, high: int) -> str | None:
+    """A string of low..high characters, or null."""
+    value = message.get(key)
+    if value is not None and (not isinstance(value, str) or not low <= len(value) <= high):
+        raise _invalid(key, f"must be a string of {low} to {high} characters, or null")
+    return value
+
+
+def _token_map(message: dict[str, Any], key: str, low: float, high: float) -> dict[str, float]:
+    """An object of token ids (decimal strings, as JSON keys are) to numbers in [low, high]; absent or null: empty.
+    Whether an id is in the model's vocabulary only the engine knows (it refuses one that is not)."""
+    value = message.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _invalid(key, "must be an object of token ids to numbers")
+    if len(value) > MAX_LOGIT_BIAS:
+        raise _invalid(key, f"at most {MAX_LOGIT_BIAS} tokens")
+    out: dict[str, float] = {}
+    for token, bias in value.items():
+        if not (isinstance(token, str) and token.isascii() and token.isdigit() and len(token) <= 10):
+            raise _invalid(key, f"key {_echo(token)} is not a token id (a non-negative integer)")
+        out[str(int(token))] = _number(value, token, 0.0, low, high, label=f"{key}[{token}]")
+    return out
+
+
 def _int(
     message: dict[str, Any], key: str, default: int | None, low: int, high: int, *, nullable: bool = False
 ) -> int | None:
@@ -251,13 +322,15 @@ def _int(
     return value
 
 
-def _number(message: dict[str, Any], key: str, default: float, low: float, high: float) -> float:
+def _number(
+    message: dict[str, Any], key: str, default: float, low: float, high: float, label: str | None = None
+) -> float:
     """A number in [low, high] (NaN is in no range)."""
     value = message.get(key, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _invalid(key, "must be a number")
+        raise _invalid(label or key, "must be a number")
     if not low <= value <= high:
-        raise _invalid(key, f"must be between {low} and {high}")
+        raise _invalid(label or key, f"must be between {low} and {high}")
     return float(value)
 
 

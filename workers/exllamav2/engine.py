@@ -28,7 +28,7 @@ from ..engine import (
     RequestError,
     StopFn,
 )
-from ..protocol.messages import Generate, LoadSpec
+from ..protocol.messages import CAP_LOGIT_BIAS, CAP_PENALTIES, Generate, LoadSpec
 from ..protocol import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, ErrorCode
 
 
@@ -77,6 +77,7 @@ _LOAD_ERRORS = (AssertionError, OSError, ValueError, KeyError, TypeError, Runtim
 
 class ExLlamaV2Engine:
     kind = "exllamav2"
+    capabilities = (CAP_PENALTIES, CAP_LOGIT_BIAS)
 
     def __init__(self) -> None:
         self._tokenizer: Any = None
@@ -188,18 +189,35 @@ class ExLlamaV2Engine:
         # The template writes the BOS token itself when the model wants one.
         return tokenizer.encode(text, add_bos=False, encode_special_tokens=True)
 
-    @staticmethod
-    def _sampler(request: Generate) -> Any:
-        """Sampling settings.  Repetition penalty off (exllamav2 defaults to
-        1.025) so both engines sample alike; temperature 0 means greedy."""
-        if request.params.temperature <= 0:
-            return ExLlamaV2Sampler.Settings.greedy()
-        return ExLlamaV2Sampler.Settings(
-            temperature=request.params.temperature,
-            top_p=request.params.top_p,
-            top_k=request.params.top_k,
-            token_repetition_penalty=1.0,
-        )
+    def _sampler(self, request: Generate) -> Any:
+        """Sampling settings, as the llama.cpp engine reads them: temperature 0 is
+        greedy; min-p; the penalties (off by default: exllamav2's own default
+        repetition penalty is 1.025) over the last ``penalty_last_n`` tokens
+        (-1: all; 0: off); ``logit_bias`` added to the logits (token_bias)."""
+        params = request.params
+        if params.temperature <= 0:
+            settings = ExLlamaV2Sampler.Settings.greedy()
+        else:
+            settings = ExLlamaV2Sampler.Settings(
+                temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p
+            )
+        settings.token_repetition_penalty = 1.0
+        if params.penalty_last_n != 0:
+            settings.token_repetition_penalty = params.repeat_penalty
+            settings.token_presence_penalty = params.presence_penalty
+            settings.token_frequency_penalty = params.frequency_penalty
+            settings.token_repetition_range = params.penalty_last_n
+        if params.logit_bias:
+            vocab_size = self._tokenizer.config.vocab_size
+            bias = torch.zeros((vocab_size - vocab_size % -32,), dtype=torch.float)  # padded as exllamav2 pads it
+            for key, value in params.logit_bias.items():
+                if int(key) >= vocab_size:
+                    raise RequestError(
+                        ErrorCode.INVALID_REQUEST, f"logit_bias[{key}]: not a token of this model (it has {vocab_size})"
+                    )
+                bias[int(key)] = value
+            settings.token_bias = bias
+        return settings
 
     def generate(self, request: Generate, emit: EmitFn, should_stop: StopFn) -> GenerateResult:
         input_ids = self._prompt_ids(request)

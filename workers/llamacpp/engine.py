@@ -11,6 +11,7 @@ whole completion at every token).
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,7 +26,15 @@ from ..engine import (
     RequestError,
     StopFn,
 )
-from ..protocol.messages import Generate, LoadSpec
+from ..protocol.messages import (
+    CAP_GRAMMAR,
+    CAP_LOGIT_BIAS,
+    CAP_PENALTIES,
+    CAP_RESPONSE_FORMAT,
+    Generate,
+    LoadSpec,
+    Sampling,
+)
 from ..protocol import ErrorCode
 from .log import LlamaLog, python_prints
 from .loop import TokenLoop
@@ -36,7 +45,7 @@ from ..textstream import TextAssembler
 
 try:
     import llama_cpp
-    from llama_cpp import llama_chat_format
+    from llama_cpp import llama_chat_format, llama_grammar
 except Exception as exc:  # a broken build fails here (missing libllama, bad ABI)
     raise EngineUnavailable(f"llama_cpp failed to import: {exc}") from exc
 
@@ -79,6 +88,8 @@ def _cache_kwargs(cache_type: str) -> dict[str, Any]:
 
 class LlamaCppEngine:
     kind = "llamacpp"
+    # the ready message's (workers/protocol/messages.py)
+    capabilities = (CAP_PENALTIES, CAP_LOGIT_BIAS, CAP_RESPONSE_FORMAT, CAP_GRAMMAR)
 
     def __init__(self) -> None:
         self._llm: Any = None
@@ -234,13 +245,7 @@ class LlamaCppEngine:
         # Same seeding rule as create_completion: an explicit seed, else a fresh one.
         seed = request.params.seed if request.params.seed is not None else int.from_bytes(os.urandom(4), "little")
         assert self._loop is not None, "generate before load"
-        sampler = self._loop.sampler(
-            request.params.temperature,
-            request.params.top_p,
-            request.params.top_k,
-            seed,
-            ban_eog=request.params.ignore_eos,
-        )
+        sampler = self._loop.sampler(request.params, seed, tokens, _grammar(request.params))
         return tokens, TextAssembler(list(request.params.stop) + chat_stop), sampler
 
     # --- several requests at once (parallel > 1) ---------------------------------------------
@@ -277,6 +282,25 @@ class LlamaCppEngine:
         if tail:
             emit(tail, text.take_tokens())
         return GenerateResult(finish_reason=finish, prompt_tokens=len(tokens), completion_tokens=generated)
+
+
+def _grammar(params: Sampling) -> str | None:
+    """The GBNF a request's output follows: its grammar as given, any JSON for json_object, its JSON schema
+    converted by llama.cpp's own converter (as llama-cpp-python ships it) for json_schema; None: free text."""
+    if params.grammar is not None:
+        return params.grammar
+    response_format = params.response_format
+    if response_format is None:
+        return None
+    if response_format["type"] == "json_object":
+        return llama_grammar.JSON_GBNF
+    try:
+        return llama_grammar.json_schema_to_gbnf(json.dumps(response_format["json_schema"]["schema"]))
+    except Exception as exc:  # the converter's KeyError, ValueError, RecursionError, ... on a schema it cannot follow
+        raise RequestError(
+            ErrorCode.INVALID_REQUEST,
+            f"response_format.json_schema.schema: cannot be converted to a grammar: {type(exc).__name__}: {exc}"[:300],
+        ) from None
 
 
 # Architectures whose GGUF files often lack a template, mapped to the llama.cpp

@@ -20,13 +20,14 @@ from __future__ import annotations
 import ctypes
 from typing import Any, Callable
 
-from ..protocol import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP
+from ..engine import RequestError
+from ..protocol import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, ErrorCode
+from ..protocol.messages import Sampling
 from ..textstream import TextAssembler
 
-# Kept from llama-cpp-python's sampling defaults, which served requests
-# before this loop (min_p 0.05; typical_p 1 and repeat penalty 1 do nothing):
-# a request with a seed samples the same text as it did then.
-MIN_P = 0.05
+# The defaults (Sampling's) are llama-cpp-python's, which served requests before
+# this loop (min_p 0.05; typical_p 1 and repeat penalty 1 do nothing): a request
+# with a seed samples the same text as it did then.
 PIECE_BUFFER_BYTES = 256  # longer pieces (rare) get a buffer of their own
 
 
@@ -38,6 +39,7 @@ class TokenLoop:
         self._ctx = ctx
         self._vocab = c.llama_model_get_vocab(model)
         self._n_vocab = c.llama_vocab_n_tokens(self._vocab)
+        self._n_ctx = c.llama_n_ctx_seq(ctx)
         self._memory = c.llama_get_memory(ctx)
         self._n_batch = max(1, n_batch)
         self._n_swa = c.llama_model_n_swa(model)
@@ -50,34 +52,74 @@ class TokenLoop:
 
     # --- a request -------------------------------------------------------------
 
-    def sampler(self, temperature: float, top_p: float, top_k: int, seed: int, ban_eog: bool) -> Any:
+    def sampler(self, params: Sampling, seed: int, prompt: list[int], grammar: str | None = None) -> Any:
         """A native sampler chain for one request; ``free`` it after.
 
-        Temperature 0 is greedy.  ``ban_eog`` (ignore_eos) biases every
-        end-of-generation token to minus infinity first, so none is ever drawn.
+        Links only for what the request asks (the defaults add none beyond
+        the chain requests always had, so a seed samples the same text):
+        a logit bias (``logit_bias``, and minus infinity on every
+        end-of-generation token for ``ignore_eos``), the penalties (which
+        first read the prompt's last ``penalty_last_n`` tokens, as
+        llama-server's do), a ``grammar`` (GBNF: the engine's from the request's
+        response_format or grammar; never the prompt's tokens), then greedy for
+        temperature 0, else top-k, top-p, min-p, temperature and the seeded
+        draw.  Token ids are checked against the vocabulary here, and a grammar
+        that does not parse refused: ``RequestError`` names the field.
         """
         c = self._c
-        params = c.llama_sampler_chain_default_params()
-        params.no_perf = True
-        chain = c.llama_sampler_chain_init(params)
+        biases = self._biases(params)  # first: it may refuse the request
+        constraint = None
+        if grammar is not None:
+            if params.ignore_eos:
+                raise RequestError(ErrorCode.INVALID_REQUEST, "ignore_eos: cannot be combined with a grammar")
+            constraint = c.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), b"root")
+            if not constraint:  # llama.cpp's parser refused it (its reason is in the worker's log)
+                field = "grammar" if params.grammar is not None else "response_format"
+                raise RequestError(ErrorCode.INVALID_REQUEST, f"{field}: the grammar does not parse (llama.cpp's GBNF)")
+        chain_params = c.llama_sampler_chain_default_params()
+        chain_params.no_perf = True
+        chain = c.llama_sampler_chain_init(chain_params)
         links = []
-        if ban_eog:
-            eog = self._eog_tokens()
-            bias = (c.llama_logit_bias * len(eog))(*(c.llama_logit_bias(token, float("-inf")) for token in eog))
-            links.append(c.llama_sampler_init_logit_bias(self._n_vocab, len(eog), bias))  # copies the array
-        if temperature == 0:
+        if biases:
+            array = (c.llama_logit_bias * len(biases))(*(c.llama_logit_bias(t, b) for t, b in biases.items()))
+            links.append(c.llama_sampler_init_logit_bias(self._n_vocab, len(biases), array))  # copies the array
+        if params.repeat_penalty != 1 or params.presence_penalty != 0 or params.frequency_penalty != 0:
+            last_n = self._n_ctx if params.penalty_last_n < 0 else params.penalty_last_n
+            penalties = c.llama_sampler_init_penalties(
+                self._n_vocab, last_n, params.repeat_penalty, params.frequency_penalty, params.presence_penalty
+            )
+            for token in prompt[-last_n:] if last_n else ():
+                c.llama_sampler_accept(penalties, token)
+            links.append(penalties)
+        if constraint is not None:
+            links.append(constraint)
+        if params.temperature == 0:
             links.append(c.llama_sampler_init_greedy())
         else:
             links += [
-                c.llama_sampler_init_top_k(top_k),
-                c.llama_sampler_init_top_p(top_p, 1),
-                c.llama_sampler_init_min_p(MIN_P, 1),
-                c.llama_sampler_init_temp(temperature),
+                c.llama_sampler_init_top_k(params.top_k),
+                c.llama_sampler_init_top_p(params.top_p, 1),
+                *([c.llama_sampler_init_min_p(params.min_p, 1)] if params.min_p > 0 else []),
+                c.llama_sampler_init_temp(params.temperature),
                 c.llama_sampler_init_dist(seed),
             ]
         for link in links:
             c.llama_sampler_chain_add(chain, link)  # the chain owns it from here
         return chain
+
+    def _biases(self, params: Sampling) -> dict[int, float]:
+        biases: dict[int, float] = {}
+        for key, bias in params.logit_bias.items():
+            token = int(key)
+            if token >= self._n_vocab:
+                raise RequestError(
+                    ErrorCode.INVALID_REQUEST,
+                    f"logit_bias[{token}]: not a token of this model (it has {self._n_vocab})",
+                )
+            biases[token] = bias
+        if params.ignore_eos:
+            biases.update(dict.fromkeys(self._eog_tokens(), float("-inf")))
+        return biases
 
     def free(self, sampler: Any) -> None:
         self._c.llama_sampler_free(sampler)

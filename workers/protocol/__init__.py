@@ -85,6 +85,7 @@ class ErrorCode:
     DEADLINE = "deadline_exceeded"  # deadline_ms passed before the request finished
     ENGINE_FAILED = "engine_failed"  # the worker died or failed during the request
     CONTEXT_OVERFLOW = "context_overflow"  # the prompt does not fit the context window
+    UNSUPPORTED_PARAMETER = "unsupported_parameter"  # no engine that could serve it can do what a parameter asks
     SHUTTING_DOWN = "shutting_down"  # the daemon is stopping
     NOT_READY = "not_ready"  # the daemon is still starting (building environments, assembling the model)
     INVALID_CONFIG = "invalid_config"  # a reload found the configuration invalid; the running one stays

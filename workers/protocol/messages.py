@@ -32,15 +32,31 @@ DEFAULT_MAX_TOKENS = 256
 DEFAULT_TEMPERATURE = 0.8
 DEFAULT_TOP_P = 0.95
 DEFAULT_TOP_K = 40
+# llama-cpp-python's min_p, which served requests before the native loop: a seed samples the same text.
+DEFAULT_MIN_P = 0.05
+DEFAULT_PENALTY_LAST_N = 64  # llama-server's and Ollama's (repeat_last_n)
+MAX_LOGIT_BIAS = 1024  # entries of a request's logit_bias
+
+
+# What an engine can do beyond plain sampling, as its ready message lists it (docs/PROTOCOL.md, Capabilities);
+# a request whose fields need one goes only to engines that list it.
+CAP_PENALTIES = "penalties"  # repeat_penalty, presence_penalty, frequency_penalty
+CAP_LOGIT_BIAS = "logit_bias"
+CAP_RESPONSE_FORMAT = "response_format"  # JSON output: json_object, or one that validates against a JSON schema
+CAP_GRAMMAR = "grammar"  # output constrained by a GBNF grammar
+CAPABILITIES = (CAP_PENALTIES, CAP_LOGIT_BIAS, CAP_RESPONSE_FORMAT, CAP_GRAMMAR)
+MAX_GRAMMAR_LENGTH = 65536  # characters of a GBNF grammar
 
 
 class ProtocolError(ValueError):
     """A message whose fields are missing or of the wrong type; the text names the field."""
 
 
-def _about(help: str, low: float | None = None, high: float | None = None) -> dict[str, Any]:
-    """A sampling field's metadata: what it does (the CLI's help) and the range a client may ask for."""
-    return {"help": help} if low is None else {"help": help, "limits": (low, high)}
+def _about(help: str, low: float | None = None, high: float | None = None, needs: str | None = None) -> dict[str, Any]:
+    """A sampling field's metadata: what it does (the CLI's help), the range a client may ask for, and the
+    engine capability it needs when it is not its default."""
+    about: dict[str, Any] = {"help": help} if low is None else {"help": help, "limits": (low, high)}
+    return about if needs is None else {**about, "needs": needs}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,6 +74,41 @@ class Sampling:
     stop: tuple[str, ...] = field(default=(), metadata=_about("stop string (repeatable)"))
     seed: int | None = field(default=None, metadata=_about("same seed, same text", 0, 2**32 - 1))
     ignore_eos: bool = field(default=False, metadata=_about("generate past the end-of-generation token"))
+    min_p: float = field(default=DEFAULT_MIN_P, metadata=_about("drop tokens below min_p x the top one's p", 0.0, 1.0))
+    repeat_penalty: float = field(
+        default=1.0, metadata=_about("1: off; >1 penalizes repeated tokens", 0.01, 5.0, CAP_PENALTIES)
+    )
+    presence_penalty: float = field(
+        default=0.0, metadata=_about("0: off; subtracted once per seen token", -2.0, 2.0, CAP_PENALTIES)
+    )
+    frequency_penalty: float = field(
+        default=0.0, metadata=_about("0: off; subtracted per occurrence", -2.0, 2.0, CAP_PENALTIES)
+    )
+    penalty_last_n: int = field(
+        default=DEFAULT_PENALTY_LAST_N,
+        metadata=_about("tokens the penalties look back on; -1: the context", -1, 1 << 20),
+    )
+    logit_bias: dict[str, float] = field(
+        default_factory=dict,
+        metadata=_about("token id -> bias added to its logit (-100: banned)", -100.0, 100.0, CAP_LOGIT_BIAS),
+    )
+    # OpenAI's: {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema", "strict"}};
+    # the daemon checks its shape and that the schema is an object; the engine converts it (or refuses it).
+    response_format: dict[str, Any] | None = field(
+        default=None,
+        metadata=_about("JSON output: json_object, or json_schema with a schema", needs=CAP_RESPONSE_FORMAT),
+    )
+    grammar: str | None = field(
+        default=None, metadata=_about("a GBNF grammar the output follows", 1, MAX_GRAMMAR_LENGTH, CAP_GRAMMAR)
+    )
+
+    def needs(self) -> dict[str, str]:
+        """The capabilities this request needs, each with the first field that asks for it."""
+        out: dict[str, str] = {}
+        for name, capability, default in _NEEDING:
+            if capability not in out and getattr(self, name) != default:
+                out[capability] = name
+        return out
 
     def to_wire(self) -> dict[str, Any]:
         return _to_wire(self)
@@ -68,6 +119,12 @@ class Sampling:
 
 
 SAMPLING_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Sampling))
+# (field, the capability it needs, its default): what Sampling.needs compares.
+_NEEDING = tuple(
+    (f.name, f.metadata["needs"], f.default if f.default_factory is dataclasses.MISSING else f.default_factory())
+    for f in dataclasses.fields(Sampling)
+    if "needs" in f.metadata
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -145,6 +202,7 @@ class Ready(Message):
     TYPE: ClassVar[str] = "ready"
     model: dict[str, Any] = field(default_factory=dict)  # facts for status
     slots: int = 1  # requests it generates at once
+    capabilities: tuple[str, ...] = ()  # what its engine can do beyond plain sampling (CAPABILITIES)
 
 
 @dataclass(frozen=True, kw_only=True)

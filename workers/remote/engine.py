@@ -36,9 +36,11 @@ from ..engine import (
     ProgressFn,
     StopFn,
 )
-from ..protocol.messages import Generate, LoadSpec
+from ..protocol.messages import CAP_LOGIT_BIAS, CAP_PENALTIES, CAP_RESPONSE_FORMAT, Generate, LoadSpec, Sampling
 from .http import DONE, Upstream, describe, events
 from ..protocol import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP
+
+_DEFAULT_SAMPLING = Sampling()
 
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_READ_TIMEOUT_S = 30.0
@@ -47,6 +49,7 @@ MAX_LISTED = 20  # of the upstream's models, the first this many go into status
 
 class OpenAIRemoteEngine:
     kind = "openai"
+    capabilities = (CAP_PENALTIES, CAP_LOGIT_BIAS, CAP_RESPONSE_FORMAT)  # passed on to the upstream
 
     def __init__(self) -> None:
         self.upstream: Upstream | None = None
@@ -175,6 +178,20 @@ class OpenAIRemoteEngine:
             body["top_k"] = request.params.top_k
         if request.params.ignore_eos:  # not OpenAI's: sent only when asked for (vLLM and llama-server take it)
             body["ignore_eos"] = True
+        # OpenAI's penalties and bias when set; llama-server's (vLLM's, Ollama's) extensions only when not the default.
+        sampling, defaults = request.params, _DEFAULT_SAMPLING
+        for name in (
+            "presence_penalty",
+            "frequency_penalty",
+            "logit_bias",
+            "repeat_penalty",
+            "min_p",
+            "response_format",
+        ):
+            if getattr(sampling, name) != getattr(defaults, name):
+                body[name] = getattr(sampling, name)
+        if sampling.repeat_penalty != 1 and sampling.penalty_last_n != defaults.penalty_last_n:
+            body["repeat_last_n"] = sampling.penalty_last_n  # llama-server's name
         return body
 
     def _upstream(self) -> Upstream:

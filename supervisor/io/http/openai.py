@@ -28,8 +28,9 @@ DEFAULT_MODEL = "default"  # the `model` that lets the daemon choose (as an abse
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat uses the protocol's
 
 # Passed to the generate op as they are (null: the protocol's default): every sampling field but max_tokens
-# (taken apart: chat's max_completion_tokens, completions' default), deadline_ms and keep_alive.  top_k,
-# ignore_eos and deadline_ms are the protocol's own extensions; keep_alive is Ollama's.
+# (taken apart: chat's max_completion_tokens, completions' default), deadline_ms and keep_alive.  top_k, ignore_eos,
+# min_p, repeat_penalty, penalty_last_n (llama-server's names) and deadline_ms are extensions to OpenAI's API;
+# keep_alive is Ollama's.
 PASSED = (*(name for name in SAMPLING_FIELDS if name != "max_tokens"), "deadline_ms", "keep_alive")
 # Known to OpenAI's API and refused unless null or one of these values (which change nothing).
 REFUSED_UNLESS: dict[str, tuple[Any, ...]] = {
@@ -39,15 +40,11 @@ REFUSED_UNLESS: dict[str, tuple[Any, ...]] = {
     "top_logprobs": (),
     "echo": (False,),
     "suffix": (),
-    "presence_penalty": (0,),
-    "frequency_penalty": (0,),
-    "logit_bias": ({},),
     "tools": ([],),
     "tool_choice": ("none",),
     "functions": ([],),
     "function_call": ("none",),
     "parallel_tool_calls": (),
-    "response_format": ({"type": "text"},),
     "modalities": (["text"],),
     "audio": (),
     "prediction": (),
@@ -57,8 +54,7 @@ REFUSED_UNLESS: dict[str, tuple[Any, ...]] = {
 COMMON = frozenset({"model", "max_tokens", "stream", "stream_options", "user", *PASSED})
 FIELDS = {
     CHAT: COMMON | {"messages", "max_completion_tokens"} | (REFUSED_UNLESS.keys() - {"best_of", "echo", "suffix"}),
-    COMPLETIONS: COMMON
-    | {"prompt", "n", "best_of", "logprobs", "echo", "suffix", "presence_penalty", "frequency_penalty", "logit_bias"},
+    COMPLETIONS: COMMON | {"prompt", "n", "best_of", "logprobs", "echo", "suffix"},
 }
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
@@ -70,6 +66,7 @@ STATUS = {
     ErrorCode.UNKNOWN_OP: 400,
     ErrorCode.DUPLICATE_ID: 400,
     ErrorCode.CONTEXT_OVERFLOW: 400,
+    ErrorCode.UNSUPPORTED_PARAMETER: 400,
     ErrorCode.UNKNOWN_ENGINE: 404,
     ErrorCode.BUSY: 429,
     ErrorCode.NO_ENGINE: 503,
