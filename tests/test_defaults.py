@@ -1,5 +1,5 @@
 """Defaults that fit the node: no ExLlamaV2 engine where no NVIDIA driver is (unless configured),
-`plan` exits 0 with the default config, and /v1/models lists only engines that can serve now."""
+`plan` exits 0 with the default config, and /v1/models marks the engines that cannot serve now."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def test_plan_exits_0_with_the_default_config_on_this_node(tmp_path, shared_stat
     assert "engine llama" in result.stdout
 
 
-def test_v1_models_lists_only_engines_that_can_serve_now(make_daemon):
+def test_v1_models_marks_the_engines_that_cannot_serve_now(make_daemon):
     engines = {
         "f": {"kind": "fake", "priority": 10, "aliases": ["fast"]},
         "unavailable": {"kind": "fake", "priority": 20, "options": {"fail_load": "unavailable"}, "aliases": ["u"]},
@@ -50,6 +50,12 @@ def test_v1_models_lists_only_engines_that_can_serve_now(make_daemon):
     }
     daemon = make_daemon(engines, **http_settings())
     daemon.wait_for(lambda s: {e["name"]: e["state"] for e in s["engines"]}["unavailable"] == "engine_unavailable")
-    models = openai_client(daemon).models.list()
-    assert [m.id for m in models.data] == ["f", "fast"]
-    assert openai_client(daemon).models.retrieve("missing").id == "missing"  # still named, not listed
+    models = {m.id: m.model_dump()["status"]["value"] for m in openai_client(daemon).models.list().data}
+    assert models == {
+        "f": "loaded",
+        "fast": "loaded",
+        "unavailable": "unavailable",
+        "u": "unavailable",
+        "missing": "unavailable",
+    }
+    assert openai_client(daemon).models.retrieve("missing").id == "missing"

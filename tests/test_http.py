@@ -313,7 +313,8 @@ def test_keys_are_required_when_configured_and_readyz_says_why_nothing_serves(ma
             openai_client(daemon, api_key=wrong).models.list()
         assert caught.value.code == "invalid_api_key"
     client = openai_client(daemon, api_key=KEY)
-    assert [m.id for m in client.models.list().data] == []  # only engines that can serve now are listed
+    (listed,) = client.models.list().data  # listed, marked: it cannot serve now
+    assert listed.id == "f" and listed.model_dump()["status"]["value"] == "unavailable"
     with pytest.raises(openai.InternalServerError) as caught:  # 503: the only engine cannot serve
         client.completions.create(model="f", prompt="x", max_tokens=2)
     assert caught.value.status_code == 503 and caught.value.code == "engine_unavailable"

@@ -56,7 +56,7 @@ def test_each_model_file_and_exl2_directory_becomes_an_engine_loaded_on_demand(m
     )
     assert engines["llama-exl2-4bpw"].kind == "exllamav2"
     assert engines["coder-Q4_K_M"].aliases == ["coder.Q4_K_M"]  # the file's own name still reaches it over HTTP
-    assert {"llama", "exllamav2"} <= set(engines)  # no [engines] table: the defaults stay beside them
+    assert "llama" in engines  # no [engines] table: the defaults stay beside them
     for bad in ("garbage", "short", "half-copied", "big-00002-of-00002"):
         assert bad not in engines
 

@@ -178,10 +178,15 @@ class OpenAIRoutes:
         except ApiError as error:
             return error_response(error)
         engines, loaded = self.engines(), statuses(self)
-        status = self._ask({"op": p.OP_STATUS, "id": "models"})  # only engines that take traffic now
-        available = {e["name"] for e in status.get("engines", ()) if e.get("available")}
-        names = [name for name in model_names(engines) if resolve_model(name, engines) in available]
-        return json_response({"object": "list", "data": [self._model(name, engines, loaded) for name in names]})
+        status = self._ask({"op": p.OP_STATUS, "id": "models"})
+        # An engine that takes no traffic now is listed, marked unavailable: a client (or another node's
+        # remote engine) sees it exists and that asking it now would be refused, as llama-server's router marks.
+        for engine in status.get("engines", ()):
+            if not engine.get("available"):
+                loaded[engine["name"]] = "unavailable"
+        return json_response(
+            {"object": "list", "data": [self._model(n, engines, loaded) for n in model_names(engines)]}
+        )
 
     async def model(self, request: Request) -> Response:
         name, engines = request.path_params["model"], self.engines()
@@ -195,7 +200,7 @@ class OpenAIRoutes:
 
     def _model(self, name: str, engines: dict[str, EngineConfig], loaded: dict[str, str]) -> dict[str, Any]:
         """One model entry: an engine, or an alias (``root`` names the engine either way); ``status``:
-        whether it is loaded now (llama-server's router field)."""
+        whether it is loaded now (llama-server's router field), or ``unavailable`` (it takes no traffic now)."""
         root = resolve_model(name, engines) or name
         entry = {"id": name, "object": "model", "created": self.created, "owned_by": OWNER, "root": root}
         return {**entry, "status": {"value": loaded.get(root, "unloaded")}}
