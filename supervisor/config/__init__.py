@@ -110,13 +110,13 @@ def nvidia_driver_present() -> bool:
     return any(path.exists() for path in NVIDIA_DRIVER_FILES)
 
 
-def _default_engines() -> dict[str, EngineConfig]:
+def _default_engines(models_home: Path | None = None) -> dict[str, EngineConfig]:
     """llama.cpp on the default model; ExLlamaV2 as the fallback only where an NVIDIA driver is (elsewhere
-    it could never serve, and its environment is PyTorch: a gigabyte and most of a first start), and
-    only while its model directory is there (``Settings._fit_default_engines``).  A configured ExLlamaV2
-    engine stays, whatever the node."""
+    it could never serve, and its environment is PyTorch: a gigabyte and most of a first start) and its
+    EXL2 model directory ``<models_home>/exl2`` is there (none ships).  Only when the configuration names
+    no engines: a configured ExLlamaV2 engine stays, whatever the node."""
     engines = {"llama": EngineConfig(kind="llamacpp", priority=10)}
-    if nvidia_driver_present():
+    if nvidia_driver_present() and models_home is not None and (models_home / "exl2").is_dir():
         engines["exllamav2"] = EngineConfig(kind="exllamav2", priority=20)
     return engines
 
@@ -166,20 +166,23 @@ class Settings(BaseSettings):
 
     @model_validator(mode="before")
     @classmethod
-    def _found_models(cls, data: Any) -> Any:
-        """The models in models_dir join the engines table (config/discovery.py), before it is validated."""
+    def _engines_for_this_node(cls, data: Any) -> Any:
+        """No engines named: the defaults that fit this node.  Then the models in models_dir join the
+        engines table (config/discovery.py), before it is validated."""
         if not isinstance(data, dict):
             return data
+        models_home = Path(data.get("data_dir") or _xdg("XDG_DATA_HOME", ".local/share") / "node-supervisor") / "models"
+        if data.get("engines") is None:
+            data = {**data, "engines": _default_engines(models_home)}
         directories = data.get("models_dir")
         if directories is None:
-            data_dir = data.get("data_dir") or _xdg("XDG_DATA_HOME", ".local/share") / "node-supervisor"
-            directories = [Path(data_dir) / "models"]
+            directories = [models_home]
         if not isinstance(directories, list) or not all(isinstance(d, (str, Path)) for d in directories):
             return data  # the field's own check names the problem
         found, _ = scan([Path(d) for d in directories])
         if not any(model.available for model in found):
             return data
-        return {**data, "engines": merge_engines(data.get("engines"), _default_engines(), found)}
+        return {**data, "engines": merge_engines(data["engines"], found)}
 
     @field_validator("engines")
     @classmethod
@@ -200,14 +203,6 @@ class Settings(BaseSettings):
         if value is not None and not re.match(r"^(ipc|tcp)://.+", value):
             raise ValueError("must start with ipc:// or tcp://")
         return value
-
-    @model_validator(mode="after")
-    def _fit_default_engines(self) -> "Settings":
-        """The default ExLlamaV2 engine needs an EXL2 model (none ships): without <data_dir>/models/exl2 it is left out."""
-        default_exl2 = self.engines.get("exllamav2")
-        if default_exl2 == EngineConfig(kind="exllamav2", priority=20) and not (self.models_home / "exl2").is_dir():
-            self.engines = {name: config for name, config in self.engines.items() if name != "exllamav2"}
-        return self
 
     @model_validator(mode="after")
     def _derived_paths(self) -> "Settings":

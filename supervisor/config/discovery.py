@@ -118,11 +118,11 @@ def _model_at(entry: Path) -> FoundModel | None:
     return None
 
 
-def merge_engines(raw_engines: dict[str, Any] | None, defaults: dict[str, Any], found: list[FoundModel]) -> Any:
-    """The engines table with the models found added: an ``[engines.NAME]`` table of a found
-    model's name keeps its settings over the found ones.  A file a configured engine already
-    names as its model is not added again."""
-    engines = dict(defaults if raw_engines is None else raw_engines)
+def merge_engines(raw_engines: dict[str, Any], found: list[FoundModel]) -> Any:
+    """The engines table (as configured, or the defaults) with the models found added: an
+    ``[engines.NAME]`` table of a found model's name keeps its settings over the found ones.  A file
+    a configured engine already names as its model is not added again."""
+    engines = dict(raw_engines)
     named = {_resolved(e.get("model") if isinstance(e, dict) else getattr(e, "model", None)) for e in engines.values()}
     for model in found:
         if not model.available or _resolved(model.path) in named:
