@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from workers.protocol import CLIENT_OPS, OP_GENERATE, ErrorCode, field_label, invalid_text_path, is_text
-from workers.protocol.messages import MAX_LOGIT_BIAS, SAMPLING_FIELDS, Sampling
+from workers.protocol.messages import DEFAULT_MAX_TOKENS, MAX_LOGIT_BIAS, SAMPLING_FIELDS, Sampling
 
 from .errors import ClientError
 
@@ -102,35 +102,43 @@ def parse_generate(message: dict[str, Any], max_tokens_limit: int) -> GeneratePa
     )
 
 
+# Each sampling field with its type and limits, read once: a generate op is checked against this table.
+_SAMPLING = [
+    (f, typing.get_type_hints(Sampling)[f.name], f.metadata.get("limits", (None, None)))
+    for f in dataclasses.fields(Sampling)
+]
+_INT_OR_NONE, _FLOAT_OR_NONE, _STR_OR_NONE, _TOKEN_MAP = int | None, float | None, str | None, dict[str, float]
+
+
 def parse_sampling(message: dict[str, Any], max_tokens_limit: int) -> Sampling:
     """The sampling settings of a generate op, each field checked by its type and limits as
     ``Sampling`` defines them; what the client leaves out keeps the default (``max_tokens``
     never above ``max_tokens_limit``)."""
-    values: dict[str, Any] = {}
-    hints = typing.get_type_hints(Sampling)
-    for f in dataclasses.fields(Sampling):
-        low, high = f.metadata.get("limits", (None, None))
+    # What the client leaves out keeps Sampling's default: only the fields it gave are checked.
+    values: dict[str, Any] = {"max_tokens": min(DEFAULT_MAX_TOKENS, max_tokens_limit)}
+    for f, hint, (low, high) in _SAMPLING:
+        if f.name not in message:
+            continue
         default = f.default
         if f.name == "max_tokens":
             default, high = min(default, max_tokens_limit), max_tokens_limit
-        hint = hints[f.name]
         if f.name == "stop":
             values["stop"] = tuple(_stop(message))
         elif f.name == "response_format":
             values[f.name] = _response_format(message)
         elif hint is bool:
             values[f.name] = _bool(message, f.name, default)
-        elif hint in (int, int | None):
+        elif hint in (int, _INT_OR_NONE):
             values[f.name] = _int(message, f.name, default, low, high, nullable=hint is not int)
-        elif hint in (float, float | None):
+        elif hint in (float, _FLOAT_OR_NONE):
             values[f.name] = _number(message, f.name, default, low, high)
-        elif hint == dict[str, float]:
+        elif hint == _TOKEN_MAP:
             values[f.name] = _token_map(message, f.name, low, high)
-        elif hint == str | None:
+        elif hint == _STR_OR_NONE:
             values[f.name] = _text(message, f.name, low, high)
         else:  # a new kind of field needs its check written here first
             raise TypeError(f"Sampling.{f.name}: no check for {hint}")
-    if values["grammar"] is not None and values["response_format"] is not None:
+    if values.get("grammar") is not None and values.get("response_format") is not None:
         raise _invalid("grammar", "give at most one of grammar and response_format")
     return Sampling(**values)
 
