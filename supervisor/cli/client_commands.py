@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from workers import protocol as p
 from workers.protocol import ExitCode
@@ -22,6 +22,12 @@ NOT_SERVING = 3  # `status`: the daemon answers, but no engine can serve now (as
 
 
 def client_command(settings: Settings, args: argparse.Namespace) -> int:
+    return with_daemon(settings, args.timeout, lambda client: _client_command(client, args))
+
+
+def with_daemon(settings: Settings, timeout_s: float, action: Callable[[Client], int]) -> int:
+    """Run ``action`` with a client of this node's daemon: at once 69 when no daemon socket is there,
+    78 when this node's CURVE keys cannot be read, 69 when the daemon does not answer in time."""
     endpoint = settings.client_endpoint or ""
     if _socket_file_missing(endpoint):
         print(
@@ -36,25 +42,29 @@ def client_command(settings: Settings, args: argparse.Namespace) -> int:
         print(f"node-supervisor: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
     try:
-        with Client(settings.client_endpoint or "", timeout_s=args.timeout, curve=curve) as client:
-            if args.command == "generate":
-                return _generate(client, args)
-            if args.command == "chat":
-                from .chat_command import chat
-
-                return chat(client, args)
-            if args.command == "status":
-                reply = client.status()
-                print_json(reply) if args.json else print(format_status(reply))
-                return 0 if reply["daemon"].get("serving", True) else NOT_SERVING
-            if args.command == "reload":
-                return _reload(client, args)
-            reply = client.ping()
-            print(f"pong: daemon {reply.get('version')}, protocol {reply.get('protocol')}, {reply.get('phase')}")
-            return 0
+        with Client(endpoint, timeout_s=timeout_s, curve=curve) as client:
+            return action(client)
     except ClientTimeout as exc:
         print(f"node-supervisor: {exc}", file=sys.stderr)
         return ExitCode.UNAVAILABLE
+
+
+def _client_command(client: Client, args: argparse.Namespace) -> int:
+    if args.command == "generate":
+        return _generate(client, args)
+    if args.command == "chat":
+        from .chat_command import chat
+
+        return chat(client, args)
+    if args.command == "status":
+        reply = client.status()
+        print_json(reply) if args.json else print(format_status(reply))
+        return 0 if reply["daemon"].get("serving", True) else NOT_SERVING
+    if args.command == "reload":
+        return _reload(client, args)
+    reply = client.ping()
+    print(f"pong: daemon {reply.get('version')}, protocol {reply.get('protocol')}, {reply.get('phase')}")
+    return 0
 
 
 def _socket_file_missing(endpoint: str) -> bool:

@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from workers import protocol as p
-from workers.protocol import ExitCode
 
-from ..client import Client, ClientTimeout
+from ..client import Client
 from ..config import Settings
-from ..node.keys import KeysError, local_curve
+from .client_commands import with_daemon
 from .output import print_json
 
 MIB = 1 << 20
@@ -37,23 +36,17 @@ def add_parsers(commands: Any, connect_timeout_s: float) -> None:
 
 
 def models_command(settings: Settings, args: argparse.Namespace) -> int:
-    try:
-        curve = local_curve(settings, settings.client_endpoint)
-    except KeysError as exc:
-        print(f"node-supervisor: {exc}", file=sys.stderr)
-        return ExitCode.CONFIG
-    try:
-        with Client(settings.client_endpoint or "", timeout_s=args.timeout, curve=curve) as client:
-            if args.command == "load":
-                return _load(client, args)
-            if args.command == "unload":
-                reply = client.unload(None if args.all else args.name)
-                return _answer(reply, args, _format_unload)
-            reply = client.ps()
-            return _answer(reply, args, format_ps if args.command == "ps" else format_models)
-    except ClientTimeout as exc:
-        print(f"node-supervisor: {exc}", file=sys.stderr)
-        return ExitCode.UNAVAILABLE
+    return with_daemon(settings, args.timeout, lambda client: _models_command(client, args))
+
+
+def _models_command(client: Client, args: argparse.Namespace) -> int:
+    if args.command == "load":
+        return _load(client, args)
+    if args.command == "unload":
+        reply = client.unload(None if args.all else args.name)
+        return _answer(reply, args, _format_unload)
+    reply = client.ps()
+    return _answer(reply, args, format_ps if args.command == "ps" else format_models)
 
 
 def _answer(reply: dict[str, Any], args: argparse.Namespace, formatter: Any) -> int:
