@@ -10,7 +10,6 @@ import random
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
 
 from workers.protocol import NO_RETRY_EXIT_CODES
 

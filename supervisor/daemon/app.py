@@ -18,7 +18,6 @@ from typing import Any
 
 import zmq
 
-from workers import protocol as p
 from workers.protocol import ErrorCode
 from workers.protocol.messages import Message, Shutdown
 
