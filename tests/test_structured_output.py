@@ -4,13 +4,17 @@ grammar that does not parse are the request's invalid_request, the worker unharm
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import subprocess
 from pathlib import Path
 from typing import Any, Iterator
 
 import jsonschema
 import openai
 import pytest
+
+from supervisor.node.envs import env_python
 
 from .conftest import LLAMA, Daemon
 from .test_http import http_settings, openai_client
@@ -103,3 +107,71 @@ def test_a_schema_or_grammar_the_engine_cannot_follow_is_invalid_and_the_worker_
     assert (after["pid"], after["restarts"]) == (before["pid"], before["restarts"])
     reply = client.chat.completions.create(model="default", messages=ASK, max_tokens=3, temperature=0)
     assert reply.choices[0].message.content
+
+
+# llama-cpp-python's own completion, its grammar in the sampler chain ahead of greedy: every candidate checked.
+GRAMMAR_FIRST = """
+import json, sys
+from llama_cpp import Llama, LlamaGrammar
+model, prompt, schema = sys.argv[1], sys.argv[2], sys.argv[3]
+llm = Llama(model, n_ctx=2048, n_threads=2, verbose=False)
+grammar = LlamaGrammar.from_json_schema(schema, verbose=False)
+out = llm.create_completion(prompt, max_tokens=80, temperature=0, grammar=grammar)
+print(json.dumps(out["choices"][0]["text"]))
+"""
+
+
+def test_greedy_under_a_grammar_is_the_text_of_the_grammar_run_over_every_candidate(shared_state):
+    """The worker asks the grammar only about the chain's pick (constrained.py); greedy must pick the same tokens
+    as llama-cpp-python, whose grammar sampler filters every candidate before greedy.  A fresh worker, as the
+    script's: a context that evaluated other prompts first may tip a near tie between two allowed tokens."""
+    prompt = "A pet, as JSON:"
+    schema = json.dumps(PET)
+    script = subprocess.run(
+        [
+            str(env_python(shared_state["envs_dir"] / "llamacpp")),
+            "-c",
+            GRAMMAR_FIRST,
+            str(shared_state["model"]),
+            prompt,
+            schema,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    expected = json.loads(script.stdout.strip().splitlines()[-1])
+    daemon = Daemon(shared_state, {"llama": LLAMA}, **http_settings()).start()
+    try:
+        ours = openai_client(daemon, timeout=300.0).completions.create(
+            model="default",
+            prompt=prompt,
+            max_tokens=80,
+            temperature=0,
+            extra_body={"response_format": {"type": "json_schema", "json_schema": {"name": "pet", "schema": PET}}},
+        )
+    finally:
+        daemon.stop()
+    assert ours.choices[0].text == expected
+
+
+def test_schema_output_validates_on_parallel_sequences(shared_state):
+    """The batch loop samples each sequence with its own grammar: two at once both validate."""
+    started = Daemon(shared_state, {"llama": {**LLAMA, "parallel": 2}}, **http_settings())
+    started.start()
+    try:
+        client = openai_client(started, timeout=300.0)
+
+        def ask(seed: int) -> str:
+            reply = client.chat.completions.create(
+                model="default", messages=ASK, max_tokens=200, temperature=0.8, seed=seed, response_format=pet_format()
+            )
+            return reply.choices[0].message.content
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(ask, (1, 2)))
+        for answer in answers:
+            jsonschema.validate(json.loads(answer), PET)
+    finally:
+        started.stop()

@@ -150,7 +150,7 @@ class SequenceBatch:
     def _sample(self, sequence: _Sequence) -> str | None:
         """Its next token: sent, and fed to the next step; a finish reason when the request ends here."""
         c = self._c
-        token = c.llama_sampler_sample(sequence.sampler, self._ctx, sequence.logits_at)
+        token = self._loop.sample_function(sequence.sampler)(sequence.sampler, self._ctx, sequence.logits_at)
         if sequence.stop_at_eog and c.llama_vocab_is_eog(self._vocab, token):
             return FINISH_STOP
         sequence.generated += 1

@@ -24,6 +24,7 @@ from ..engine import RequestError
 from ..protocol import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, ErrorCode
 from ..protocol.messages import Sampling
 from ..textstream import TextAssembler
+from .constrained import GrammarSampler
 
 # The defaults (Sampling's) are llama-cpp-python's, which served requests before
 # this loop (min_p 0.05; typical_p 1 and repeat penalty 1 do nothing): a request
@@ -60,11 +61,12 @@ class TokenLoop:
         a logit bias (``logit_bias``, and minus infinity on every
         end-of-generation token for ``ignore_eos``), the penalties (which
         first read the prompt's last ``penalty_last_n`` tokens, as
-        llama-server's do), a ``grammar`` (GBNF: the engine's from the request's
-        response_format or grammar; never the prompt's tokens), then greedy for
-        temperature 0, else top-k, top-p, min-p, temperature and the seeded
-        draw.  Token ids are checked against the vocabulary here, and a grammar
-        that does not parse refused: ``RequestError`` names the field.
+        llama-server's do), then greedy for temperature 0, else top-k, top-p,
+        min-p, temperature and the seeded draw.  A ``grammar`` (GBNF: the
+        engine's from the request's response_format or grammar; never the
+        prompt's tokens) checks the chain's pick (constrained.py).  Token ids are
+        checked against the vocabulary here, and a grammar that does not parse
+        refused: ``RequestError`` names the field.
         """
         c = self._c
         biases = self._biases(params)  # first: it may refuse the request
@@ -91,8 +93,6 @@ class TokenLoop:
             for token in prompt[-last_n:] if last_n else ():
                 c.llama_sampler_accept(penalties, token)
             links.append(penalties)
-        if constraint is not None:
-            links.append(constraint)
         if params.temperature == 0:
             links.append(c.llama_sampler_init_greedy())
         else:
@@ -105,7 +105,8 @@ class TokenLoop:
             ]
         for link in links:
             c.llama_sampler_chain_add(chain, link)  # the chain owns it from here
-        return chain
+        # The grammar is asked about the chain's pick, not run over every candidate first (constrained.py).
+        return chain if constraint is None else GrammarSampler(c, self._n_vocab, chain, constraint)
 
     def _biases(self, params: Sampling) -> dict[int, float]:
         biases: dict[int, float] = {}
@@ -122,7 +123,14 @@ class TokenLoop:
         return biases
 
     def free(self, sampler: Any) -> None:
-        self._c.llama_sampler_free(sampler)
+        if isinstance(sampler, GrammarSampler):
+            sampler.free()
+        else:
+            self._c.llama_sampler_free(sampler)
+
+    def sample_function(self, sampler: Any) -> Callable[[Any, Any, int], int]:
+        """What draws a token for ``sampler``: ``(sampler, ctx, index) -> token``."""
+        return GrammarSampler.sample if isinstance(sampler, GrammarSampler) else self._c.llama_sampler_sample
 
     def prefill(self, tokens: list[int]) -> None:
         """Evaluate the prompt from where it differs from what the context holds."""
@@ -152,7 +160,7 @@ class TokenLoop:
         """
         c = self._c
         sample, decode, to_piece, is_eog = (
-            c.llama_sampler_sample,
+            self.sample_function(sampler),
             c.llama_decode,
             c.llama_token_to_piece,
             c.llama_vocab_is_eog,
