@@ -169,7 +169,7 @@ class EngineConfig(BaseModel):
 
     @property
     def uses_gpu(self) -> bool:
-        """May it hold GPU memory ("auto" may)?  Such engines never load at the same time."""
+        """May it hold GPU memory ("auto" may)?  Such engines never load at the same time on one device."""
         return not self.is_remote and (self.kind == "exllamav2" or self.n_gpu_layers != 0)
 
 

@@ -139,7 +139,15 @@ def _place_split(
             continue
         victims = tuple(h.name for h in evicted if any(h.held.get(d, 0) > 0 for d in chosen.devices))
         kind: Literal["fit", "evict"] = "evict" if victims else "fit"
-        return Placement(kind, need, chosen.devices, chosen.shares, victims, sum(room.available[d] for d in chosen.devices), len(chosen.devices))
+        return Placement(
+            kind,
+            need,
+            chosen.devices,
+            chosen.shares,
+            victims,
+            sum(room.available[d] for d in chosen.devices),
+            len(chosen.devices),
+        )
     return Placement("no_room", need, free=sum(free.values()), across=len(candidates))
 
 

@@ -227,7 +227,10 @@ class Search:
         if key in self.failed_keys or (self.cap is not None and need > self.cap):
             return fits, verdict
         if split is None:
-            return False, f"{mib(need)} MiB does not fit across {len(self.rooms)} GPUs ({mib(sum(self.rooms.values()))} MiB)"
+            return (
+                False,
+                f"{mib(need)} MiB does not fit across {len(self.rooms)} GPUs ({mib(sum(self.rooms.values()))} MiB)",
+            )
         shares = " + ".join(f"{mib(b)} on GPU {d}" for d, b in zip(split.devices, split.shares))
         return True, f"fits split: {shares}"
 
