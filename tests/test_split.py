@@ -162,6 +162,12 @@ def test_split_never_keeps_a_model_on_one_gpu():
     assert end["code"] == p.ErrorCode.INSUFFICIENT_MEMORY and "needs 9000 MiB, 8000 MiB free" in end["message"]
 
 
+def test_a_reload_that_changes_split_reloads_the_model():
+    core, gpu = core_with({"m": {**FAKE, "gpu_mib": 1000}}, 8000, 8000)
+    changes = core.reload({"m": {**FAKE, "gpu_mib": 1000, "split": "never"}}, gpu={"min_residency_s": 0})
+    assert changes.restarted == ["m"]
+
+
 # --- loads serialized per GPU ------------------------------------------------------------------------------
 
 
