@@ -26,7 +26,7 @@ from workers.llamacpp.settings import split_kwargs
 from workers.protocol.messages import LoadSpec, ProtocolError
 
 from . import plan_fixtures as fx
-from .test_placement import FAKE, FakeGpu, core_with, unloads
+from .test_placement import FAKE, core_with, unloads
 
 MIB = 1 << 20
 
@@ -156,14 +156,14 @@ def test_a_split_that_cannot_fit_even_after_eviction_follows_on_no_room(policy):
 
 
 def test_split_never_keeps_a_model_on_one_gpu():
-    core, gpu = core_with({"m": {**FAKE, "gpu_mib": 9000, "split": "never", "on_no_room": "fail"}}, 8000, 8000)
+    core, _ = core_with({"m": {**FAKE, "gpu_mib": 9000, "split": "never", "on_no_room": "fail"}}, 8000, 8000)
     core.submit("r", engine="m")
     (end,) = core.terminal("r")
     assert end["code"] == p.ErrorCode.INSUFFICIENT_MEMORY and "needs 9000 MiB, 8000 MiB free" in end["message"]
 
 
 def test_a_reload_that_changes_split_reloads_the_model():
-    core, gpu = core_with({"m": {**FAKE, "gpu_mib": 1000}}, 8000, 8000)
+    core, _ = core_with({"m": {**FAKE, "gpu_mib": 1000}}, 8000, 8000)
     changes = core.reload({"m": {**FAKE, "gpu_mib": 1000, "split": "never"}}, gpu={"min_residency_s": 0})
     assert changes.restarted == ["m"]
 
