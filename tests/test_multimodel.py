@@ -105,6 +105,29 @@ def test_fake_engines_on_a_recorded_gpu_load_side_by_side_evict_the_least_recent
         events.close()
 
 
+def test_a_model_too_big_for_either_of_two_recorded_gpus_is_split_and_measured_on_both(
+    make_daemon, tmp_path, recorded_gpu
+):
+    recorded_gpu.write_text(
+        json.dumps({"devices": [{"total_mib": 8000}, {"total_mib": 8000}], "engines": {"big": 12_000}})
+    )
+    config, _ = fake_engine(tmp_path, "big")
+    engines = {"big": {**config, "standby": "cold", "n_gpu_layers": -1, "gpu_mib": 12_000}}
+    daemon = started(make_daemon(engines, False, supervision={"probe_interval_s": 0}))
+    events = Events(daemon)
+    try:
+        assert generate(daemon, "big")["event"] == "done"
+        load = events.wait("engine.load", lambda e: e["engine"] == "big")
+        # 12000 MiB and one more CUDA context (600 MiB), in proportion to two equal devices.
+        assert (load["devices"], load["device_mib"]) == ([0, 1], [6300, 6300])
+        # NVML's figures for the worker's pid on both devices, summed for the model.
+        wait_until(lambda: model_state(daemon, "big")["gpu_bytes_measured"] == 12_000 * MIB, 10, "big measured")
+        ps = cli(daemon, "ps")
+        assert ps.returncode == 0 and "GPU 0+1" in ps.stdout and "6300+6300" in ps.stdout, ps.stdout
+    finally:
+        events.close()
+
+
 def test_insufficient_memory_and_bad_input_are_clear_errors(make_daemon, tmp_path, recorded_gpu):
     recorded_gpu.write_text(json.dumps({"devices": [{"total_mib": 10_000, "neighbours_mib": 8000}], "engines": {}}))
     config, _ = fake_engine(tmp_path, "a")

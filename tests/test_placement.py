@@ -35,7 +35,7 @@ class FakeGpu:
         self.core = core
         self.totals = list(totals_mib)
         self.neighbours = [0] * len(totals_mib)
-        self.held: dict[int, tuple[int, int]] = {}  # pid -> (device, MiB)
+        self.held: dict[int, dict[int, int]] = {}  # pid -> device -> MiB
         self.pids = iter(range(100, 10_000))
         self.reserve_mib = core.settings.gpu.reserve_mib
         core.effects.room = self.room
@@ -43,7 +43,7 @@ class FakeGpu:
     def snapshot(self) -> Any:
         devices = []
         for index, total in enumerate(self.totals):
-            own = {pid: mib for pid, (device, mib) in self.held.items() if device == index}
+            own = {pid: held[index] for pid, held in self.held.items() if index in held}
             devices.append(fx.device(index, total, self.neighbours[index], own))
         return fx.snapshot(*devices)
 
@@ -53,14 +53,16 @@ class FakeGpu:
         return gpu_room(self.snapshot(), GpuPolicy(reserve_bytes=self.reserve_mib * MIB))
 
     def load(self, name: str, mib: int) -> int:
-        """The engine's worker says hello, loads (and now holds ``mib`` on its device), is ready."""
+        """The engine's worker says hello, loads (and now holds ``mib`` on the devices it was launched
+        on, in proportion to the shares planned there when it was split), is ready."""
         core = self.core
         engine = core.engine(name)
         pid = next(self.pids)
         core.supervisor.on_hello(engine, hello(pid), core.now)
-        launch = core.effects.launches[-1] if core.effects.launches else None
-        device = launch.devices[0] if launch is not None and launch.devices else 0
-        self.held[pid] = (device, mib)
+        launch = next(x for x in reversed(core.effects.launches) if x.engine == name)
+        devices = launch.devices or (0,)
+        shares = engine.residency.shares if len(engine.residency.shares) == len(devices) else (1,) * len(devices)
+        self.held[pid] = {d: mib * share // sum(shares) for d, share in zip(devices, shares)}
         core.supervisor.on_ready(engine, m.Ready(), core.now)
         return pid
 

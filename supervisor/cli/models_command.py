@@ -101,7 +101,10 @@ def format_ps(reply: dict[str, Any]) -> str:
     for m in reply["models"]:
         if m["state"] not in ("spawning", "loading", "ready", "stopping"):
             continue
-        device = "-" if m["device"] is None else f"GPU {m['device']}"
+        devices = m.get("devices") or ([m["device"]] if m["device"] is not None else [])
+        device = f"GPU {'+'.join(str(d) for d in devices)}" if devices else "-"
+        split = m.get("device_mib") or []
+        planned = "+".join(str(x) for x in split) if len(split) > 1 else _mib(m["gpu_bytes_planned"])
         unload = "never" if m["keep_alive_s"] < 0 and m["loaded"] else _seconds(m["unload_in_s"])
         rows.append(
             [
@@ -109,7 +112,7 @@ def format_ps(reply: dict[str, Any]) -> str:
                 Path(m["model"]).name,
                 device,
                 _mib(m["gpu_bytes_measured"]),
-                _mib(m["gpu_bytes_planned"]),
+                planned,
                 _mib(m["rss_bytes"]),
                 m["state"],
                 _seconds(m["idle_for_s"]),

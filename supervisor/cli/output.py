@@ -41,7 +41,9 @@ def format_status(reply: dict[str, Any]) -> str:
         lines.append(f"  model {engine['model']}")
         chosen = (engine.get("plan") or {}).get("chosen")
         if chosen:
-            where = f"GPU {chosen['device']}, {chosen['layers']} layers" if chosen["n_gpu_layers"] else "CPU"
+            devices = chosen.get("devices") or [chosen["device"]]
+            gpus = f"GPUs {'+'.join(str(d) for d in devices)}" if len(devices) > 1 else f"GPU {devices[0]}"
+            where = f"{gpus}, {chosen['layers']} layers" if chosen["n_gpu_layers"] else "CPU"
             lines.append(
                 f"  plan: {Path(chosen['path']).name} on {where}, n_ctx {chosen['n_ctx']}, {chosen['cache_type']} KV cache"
             )

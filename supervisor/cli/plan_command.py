@@ -146,7 +146,7 @@ def _table(candidates: Any) -> list[str]:
             mib(c.gpu_bytes),
             mib(c.ram_bytes),
             mib(c.free_bytes),
-            "yes" if c.fits else f"no: {c.verdict}",
+            ("yes, " + c.verdict.removeprefix("fits ") if c.devices else "yes") if c.fits else f"no: {c.verdict}",
         )
         for c in candidates
     ]

@@ -133,6 +133,11 @@ class EngineConfig(BaseModel):
     gpu_mib: int | None = Field(
         None, gt=0, description="GPU memory a load needs where the model has no facts to plan with"
     )
+    split: Literal["auto", "never"] = Field(
+        "auto",
+        description='"auto": a model that fits on no single GPU is split across several, in proportion to their '
+        'room; "never": one GPU only (a smaller load, or on_no_room)',
+    )
 
     @model_validator(mode="after")
     def _upstream_for_remote_kinds(self) -> "EngineConfig":
@@ -164,7 +169,7 @@ class EngineConfig(BaseModel):
 
     @property
     def uses_gpu(self) -> bool:
-        """May it hold GPU memory ("auto" may)?  Such engines never load at the same time."""
+        """May it hold GPU memory ("auto" may)?  Such engines never load at the same time on one device."""
         return not self.is_remote and (self.kind == "exllamav2" or self.n_gpu_layers != 0)
 
 

@@ -17,11 +17,11 @@ from ..planning.decide.types import Candidate, Plan
 from .effects import TOPIC_ENGINE_LOAD, TOPIC_ENGINE_PLAN, Effects, WorkerLaunch
 from .latency import EngineLatency
 from .lifecycle import StateListener, Worker, WorkerState
-from .placement import GpuRoom, Placement, Residency, describe_residency, place
-from .placement import holder as as_holder
+from .placement import Residency, describe_residency
 from .policy import Backoff, Circuit, CircuitBreaker, LatencyVerdict
 from .request import ClientRequest, Generation
 from .residency import Residencies
+from .room import Rooms, launch_devices
 from .stats import EngineStats
 
 log = get_logger("supervisor.engines")
@@ -37,6 +37,8 @@ def _describe(chosen: Candidate | None) -> dict[str, Any] | None:
         "n_ctx": chosen.n_ctx,
         "cache_type": chosen.cache_type,
         "device": chosen.device,
+        "devices": list(chosen.devices),
+        "device_mib": [share >> 20 for share in chosen.device_bytes],
         "gpu_bytes": chosen.gpu_bytes,
     }
 
@@ -118,7 +120,8 @@ class EngineState:
         """What the worker loads: the plan's choice where there is one, else the configuration
         (llama.cpp's thread and batch settings unset: the worker's default for where the layers run)."""
         config, chosen = self.config, self.chosen
-        configured = {name: getattr(config, name) for name in LOAD_SPEC_FIELDS if name not in ("model", "upstream")}
+        placed = ("model", "upstream", "split_mib")
+        configured = {name: getattr(config, name) for name in LOAD_SPEC_FIELDS if name not in placed}
         spec = LoadSpec(
             **configured,
             model=self.model_path,
@@ -134,6 +137,9 @@ class EngineState:
                 n_gpu_layers=chosen.n_gpu_layers,
                 cache_type=chosen.cache_type,
             )
+        shares = self.residency.shares
+        if len(shares) > 1:  # split: the share of each device the worker sees, in its order
+            spec = replace(spec, split_mib=tuple(share >> 20 for share in shares))
         return spec
 
     @property
@@ -252,7 +258,7 @@ class EngineState:
         return describe_residency(self, now)
 
 
-class Engines(Residencies):
+class Engines(Residencies, Rooms):
     """All engines, and the decision to start or stop their workers.
 
     Callers say what they need ("a request is waiting here"); whether that
@@ -332,87 +338,20 @@ class Engines(Residencies):
         res.count_load(load_reason)
         worker_id = worker.begin(now)
         worker.transition(WorkerState.SPAWNING, reason)
-        chosen = engine.chosen
-        device = chosen.device if chosen is not None and chosen.n_gpu_layers != 0 else res.device
-        devices = (device,) if device is not None else None
+        devices, shares = launch_devices(engine)
+        res.devices, res.shares = devices, shares
         self.effects.start_worker(
-            WorkerLaunch(engine.name, engine.config.kind, engine.config.env_name, worker_id, devices)
+            WorkerLaunch(engine.name, engine.config.kind, engine.config.env_name, worker_id, devices or None)
         )
         self.effects.publish(
-            TOPIC_ENGINE_LOAD, engine=engine.name, worker_id=worker_id, reason=load_reason, device=device
+            TOPIC_ENGINE_LOAD,
+            engine=engine.name,
+            worker_id=worker_id,
+            reason=load_reason,
+            device=devices[0] if devices else None,
+            devices=list(devices),
+            device_mib=[share >> 20 for share in shares],
         )
-
-    # --- placement: room on the GPUs ----------------------------------------------------
-
-    def _make_room(self, engine: EngineState, now: float) -> bool:
-        """True: load now.  False: the engine waits (another model leaving or loading, evictions
-        under way, the "wait" policy) or its queue was refused (no room, "fail")."""
-        engine.residency.device = None
-        others = [e for e in self if e is not engine and e.uses_gpu and e.worker.alive]
-        if engine.uses_gpu and (engine.config.exclusive or any(e.config.exclusive for e in others)):
-            if not others:
-                return True
-            # One GPU engine at a time: wait until the others have exited and their memory is released.
-            self._wait(engine, f"waiting for {', '.join(e.name for e in others)} to leave the GPU (exclusive)")
-            for holder in others:
-                self.unload(holder, "evicted", now, f"making room on the GPU for {engine.name}")
-            return False
-        if not engine.config.uses_gpu:
-            return True
-        room: GpuRoom | None = self.effects.gpu_room()
-        need = engine.gpu_need()
-        if room is None or not room.available or need is None:
-            return True  # no GPU to place on, or nothing known to place: it loads as planned or configured
-        moving = [e.name for e in others if e.worker.state is not WorkerState.READY]
-        if moving:
-            # Two loads at once on a GPU is how VRAM runs out, and memory being released is not yet measured.
-            self._wait(engine, f"waiting for {', '.join(moving)} to finish loading or unloading")
-            return False
-        holders = [as_holder(e, room, now, self.gpu.min_residency_s) for e in others]
-        placement = place(need, room, holders)
-        if placement.kind == "fit":
-            engine.residency.device = placement.device
-            return True
-        if placement.kind == "evict":
-            self._wait(engine, f"evicting {', '.join(placement.victims)} to make room: {placement.describe()}")
-            for name in placement.victims:
-                self.unload(self.by_name[name], "evicted", now, f"making room on the GPU for {engine.name}")
-            return False
-        return self._no_room(engine, placement, now)
-
-    def _no_room(self, engine: EngineState, placement: Placement, now: float) -> bool:
-        """Nothing fits even after evicting what may be evicted: the engine's ``on_no_room``."""
-        policy, res = engine.config.on_no_room, engine.residency
-        if policy == "step_down" and engine.plan is not None and engine.chosen is not None:
-            return True  # the plan stepped down the ladder against the GPU as it is
-        if policy in ("wait", "step_down"):  # step_down with no ladder (no model facts): wait
-            if res.wait_until is None:
-                res.wait_until = now + self.gpu.no_room_wait_s
-                self.effects.wake_at(res.wait_until)
-            if now < res.wait_until:
-                self._wait(engine, f"waiting for GPU memory: {placement.describe()}")
-                return False
-            message = f"no GPU memory after waiting {self.gpu.no_room_wait_s:g}s: {placement.describe()}"
-        else:
-            message = f"not enough GPU memory for {engine.name}: {placement.describe()}"
-        self._gpu_waiting.discard(engine.name)
-        res.waiting = res.wait_until = None
-        log.warning("no room on the GPU", engine=engine.name, detail=message)
-        self.on_no_room(engine, ErrorCode.INSUFFICIENT_MEMORY, message, now)
-        return False
-
-    def _wait(self, engine: EngineState, why: str) -> None:
-        if engine.residency.waiting != why:
-            log.info("load waits", engine=engine.name, reason=why)
-        engine.residency.waiting = why
-        self._gpu_waiting.add(engine.name)
-
-    def retry_waiting(self, now: float) -> None:
-        """Engines waiting for memory look again (the "wait" policy's bound is checked there too)."""
-        for name in list(self._gpu_waiting):
-            engine = self.by_name.get(name)
-            if engine is not None and engine.residency.wait_until is not None:
-                self.ensure_running(engine, "GPU memory may be free", now)
 
     def _plan(self, engine: EngineState, now: float) -> bool:
         """Plan the load against the GPU as it is now; False when nothing can be loaded."""
@@ -469,11 +408,6 @@ class Engines(Residencies):
         engine.reload_pending = False
         if engine.worker.state is WorkerState.STOPPED and (engine.config.standby == "warm" or engine.queue):
             self.ensure_running(engine, "configuration reloaded", now)
-
-    def gpu_released(self, now: float) -> None:
-        for name in list(self._gpu_waiting):
-            if name in self.by_name:
-                self.ensure_running(self.by_name[name], "GPU memory released", now)
 
     def stop(self, engine: EngineState, reason: str, now: float) -> None:
         """Ask the worker to exit; the supervisor escalates if it lingers."""

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..planning.decide.split import split_across
 from .stats import Histogram
 
 MIB = 1 << 20
@@ -52,35 +53,52 @@ class Holder:
 
 @dataclass(frozen=True)
 class Placement:
-    """The answer for one load: ``fit`` on ``device``; ``evict`` these idle models from ``device``
-    first; or ``no_room`` (``free``: the most any device offers, evicting what may be evicted)."""
+    """The answer for one load: ``fit`` on ``devices``; ``evict`` these idle models from ``devices``
+    first; or ``no_room`` (``free``: the most the devices offer, evicting what may be evicted).
+    Several ``devices``: the model is split, ``shares`` bytes on each (the first: the roomiest)."""
 
     kind: Literal["fit", "evict", "no_room"]
     need: int
-    device: int | None = None
+    devices: tuple[int, ...] = ()
+    shares: tuple[int, ...] = ()
     victims: tuple[str, ...] = ()
     free: int = 0
+    across: int = 1  # how many devices ``free`` is summed over
+
+    @property
+    def device(self) -> int | None:
+        return self.devices[0] if self.devices else None
 
     def describe(self) -> str:
-        return f"needs {self.need // MIB} MiB, {self.free // MIB} MiB free"
+        where = f" across {self.across} GPUs" if self.across > 1 else ""
+        return f"needs {self.need // MIB} MiB, {self.free // MIB} MiB free{where}"
 
 
-def place(need: int, room: GpuRoom, holders: Sequence[Holder], devices: Sequence[int] | None = None) -> Placement:
+def place(
+    need: int,
+    room: GpuRoom,
+    holders: Sequence[Holder],
+    devices: Sequence[int] | None = None,
+    split: bool = False,
+    per_device_overhead: int = 0,
+) -> Placement:
     """Where a load of ``need`` bytes goes: the device with the most room that fits it as it is;
     else the device where evicting idle models, least recently used first, makes room with the
-    fewest bytes evicted; else no room.  ``devices``: only these (None: all)."""
+    fewest bytes evicted; else, with ``split``, across the fewest devices that hold it in
+    proportion to their room (evicting the least recently used idle models there if need be);
+    else no room.  ``devices``: only these (None: all)."""
     candidates = [d for d in room.available if devices is None or d in devices]
     if not candidates:
         return Placement("no_room", need)
     by_room = sorted(candidates, key=lambda d: (-room.available[d], d))
     best = by_room[0]
     if room.available[best] >= need:
-        return Placement("fit", need, best, free=room.available[best])
+        return Placement("fit", need, (best,), (need,), free=room.available[best])
     options: list[tuple[int, int, tuple[str, ...]]] = []
     most = room.available[best]
     for device in by_room:
         free, victims = room.available[device], []
-        for holder in sorted(holders, key=lambda h: (h.last_used_at, h.name)):
+        for holder in _by_age(holders):
             if free >= need:
                 break
             if holder.evictable and holder.held.get(device, 0) > 0:
@@ -90,10 +108,47 @@ def place(need: int, room: GpuRoom, holders: Sequence[Holder], devices: Sequence
         if free >= need:
             evicted = free - room.available[device]
             options.append((evicted, device, tuple(victims)))
-    if not options:
-        return Placement("no_room", need, free=most)
-    _, device, victims = min(options)
-    return Placement("evict", need, device, victims, free=room.available[device])
+    if options:
+        _, device, victims = min(options)
+        return Placement("evict", need, (device,), (need,), victims, free=room.available[device])
+    if split and len(candidates) > 1:
+        return _place_split(need, room, holders, candidates, per_device_overhead)
+    return Placement("no_room", need, free=most)
+
+
+def _by_age(holders: Sequence[Holder]) -> list[Holder]:
+    return sorted(holders, key=lambda h: (h.last_used_at, h.name))
+
+
+def _place_split(
+    need: int, room: GpuRoom, holders: Sequence[Holder], candidates: Sequence[int], overhead: int
+) -> Placement:
+    """Across several devices: as they are, else after evicting idle models least recently used first
+    (only those holding memory on the devices the split then uses are evicted)."""
+    free = {d: room.available[d] for d in candidates}
+    evicted: list[Holder] = []
+    for holder in [None, *(h for h in _by_age(holders) if h.evictable)]:
+        if holder is not None:
+            if not any(holder.held.get(d, 0) > 0 for d in candidates):
+                continue
+            evicted.append(holder)
+            for device in candidates:
+                free[device] += holder.held.get(device, 0)
+        chosen = split_across(need, free, overhead)
+        if chosen is None:
+            continue
+        victims = tuple(h.name for h in evicted if any(h.held.get(d, 0) > 0 for d in chosen.devices))
+        kind: Literal["fit", "evict"] = "evict" if victims else "fit"
+        return Placement(
+            kind,
+            need,
+            chosen.devices,
+            chosen.shares,
+            victims,
+            sum(room.available[d] for d in chosen.devices),
+            len(chosen.devices),
+        )
+    return Placement("no_room", need, free=sum(free.values()), across=len(candidates))
 
 
 @dataclass
@@ -103,7 +158,8 @@ class Residency:
 
     keep_alive_s: float  # -1: for ever
     last_used_at: float | None = None
-    device: int | None = None  # where the placement put the current load (None: as the plan or config says)
+    devices: tuple[int, ...] = ()  # the GPUs the current load was given (several: split); (): none, or not known
+    shares: tuple[int, ...] = ()  # bytes planned on each of ``devices``
     waiting: str | None = None  # "waiting for GPU memory: needs X MiB, Y MiB free"
     wait_until: float | None = None  # the "wait" policy's bound
     unload_reason: str | None = None  # the stop in progress is an unload for this reason
@@ -151,7 +207,9 @@ def describe_residency(engine: Any, now: float) -> dict[str, Any]:
         "pinned": engine.config.pinned,
         "exclusive": engine.config.exclusive,
         "on_no_room": engine.config.on_no_room,
-        "device": res.device,
+        "device": res.devices[0] if res.devices else None,
+        "devices": list(res.devices),
+        "device_mib": [share >> 20 for share in res.shares],
         "idle_for_s": round(now - since, 1) if loaded and since is not None and not worker.running else None,
         "unload_in_s": None if unload_at is None else round(max(0.0, unload_at - now), 1),
         "waiting": res.waiting,

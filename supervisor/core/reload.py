@@ -26,9 +26,10 @@ from ..config import EngineConfig, Settings
 from .engines import EngineState
 from .supervision import Supervision
 
-# What a worker was loaded with: a change needs a new worker.  The load spec's own fields, and the
-# settings that decide them or the process around them.
-LOAD_FIELDS = frozenset(LOAD_SPEC_FIELDS) | {"kind", "env", "cache_types_allowed"}
+# What a worker was loaded with: a change needs a new worker.  The load spec's own fields (but the
+# split, which the placement decides, not the configuration), and the settings that decide them or
+# the process around them.
+LOAD_FIELDS = (frozenset(LOAD_SPEC_FIELDS) - {"split_mib"}) | {"kind", "env", "cache_types_allowed", "split"}
 # Top-level settings a reload applies; the others hold until the daemon restarts.
 LIVE_SETTINGS = ("engines", "models_dir", "supervision", "gpu", "log_level")
 

@@ -391,12 +391,10 @@ class Daemon:
             log.exception("measuring the GPUs failed; loading without placement")
             return None
 
-    def _worker_devices(self) -> list[tuple[str, int, int]]:
-        """(engine, pid, device) of each live worker: what a recorded GPU counts as held."""
+    def _worker_devices(self) -> list[tuple[str, int, tuple[int, ...]]]:
+        """(engine, pid, devices) of each live worker: what a recorded GPU counts as held."""
         return [
-            (p.launch.engine, p.pid, (p.launch.devices or (0,))[0])
-            for p in self.processes.values()
-            if p.pid is not None
+            (p.launch.engine, p.pid, p.launch.devices or (0,)) for p in self.processes.values() if p.pid is not None
         ]
 
     def _own_pids(self, engine: str) -> frozenset[int]:

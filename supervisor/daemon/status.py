@@ -124,9 +124,11 @@ def models_listing(
                 "state": refusal[0] if refusal else ("waiting" if residency["waiting"] else worker.state.value),
                 "reason": refusal[1] if refusal else (residency["waiting"] or worker.reason),
                 "load_progress": worker.report.load_progress if worker.state.value == "loading" else None,
-                "device": chosen.device if chosen is not None and chosen.n_gpu_layers != 0 else residency["device"],
                 "gpu_bytes_measured": measured,
-                "gpu_bytes_planned": chosen.gpu_bytes if chosen is not None else None,
+                # Split: what was planned on its devices together (each device's in device_mib).
+                "gpu_bytes_planned": sum(engine.residency.shares)
+                if len(engine.residency.shares) > 1
+                else (chosen.gpu_bytes if chosen is not None else None),
                 "rss_bytes": process.rss() if process else None,
                 "pid": process.pid if process else None,
                 "requests": engine.in_flight() + engine.waiting(),

@@ -30,6 +30,7 @@ from ..engine import (
 )
 from ..protocol.messages import CAP_LOGIT_BIAS, CAP_PENALTIES, Generate, LoadSpec
 from ..protocol import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, ErrorCode
+from .split import gpu_split, weights_bytes
 
 
 def _one_line(exc: BaseException) -> str:
@@ -107,6 +108,8 @@ class ExLlamaV2Engine:
         if not (model_dir / "config.json").is_file():
             raise ModelError(f"not an EXL2 model directory (no config.json): {model_dir}")
         options = dict(spec.options or {})
+        if len(spec.split_mib) > 1 and not options.get("gpu_split"):  # split by the daemon; an explicit one wins
+            options["gpu_split"] = gpu_split(spec.split_mib, weights_bytes(model_dir))
         # The option names ExLlamaV2's own type; the spec's (the plan's) uses llama.cpp's names.
         cache_type = str(options.get("cache_type") or {"q8_0": "q8", "q4_0": "q4"}.get(spec.cache_type or "", "fp16"))
         if cache_type not in CACHE_TYPES:

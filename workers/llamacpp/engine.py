@@ -40,7 +40,7 @@ from .log import LlamaLog, python_prints
 from .loop import TokenLoop
 from .batch import SequenceBatch
 from .native import backend_devices, context_params, load_progress
-from .settings import FLASH_ATTN_ENABLED, LoadSettings, choose
+from .settings import FLASH_ATTN_ENABLED, LoadSettings, choose, split_kwargs
 from ..textstream import TextAssembler
 
 try:
@@ -114,7 +114,8 @@ class LlamaCppEngine:
         on_gpu = n_gpu_layers != 0 and bool(llama_cpp.llama_supports_gpu_offload())
         settings = choose(spec, options, layers_on_gpu=on_gpu, quantized_cache=cache_type != "f16")
         options.pop("flash_attn", None)  # set through the context parameters below, "auto" included
-        kwargs = {**options, **settings.llama_kwargs(), **_cache_kwargs(cache_type)}
+        # The planned split first: tensor_split or main_gpu set in the engine's options win.
+        kwargs = {**split_kwargs(spec), **options, **settings.llama_kwargs(), **_cache_kwargs(cache_type)}
         self.slots = max(1, int(spec.parallel or 1))
         n_ctx = int(spec.n_ctx or 2048)
         # parallel: one sequence per request in one context, n_ctx cells each (not shared: kv_unified off).

@@ -80,6 +80,19 @@ def choose(spec: LoadSpec, options: dict[str, Any], layers_on_gpu: bool, quantiz
     )
 
 
+def split_kwargs(spec: LoadSpec) -> dict[str, Any]:
+    """Llama() arguments for a model split across the GPUs the worker sees (the daemon lists only
+    them in CUDA_VISIBLE_DEVICES, so their indexes here are 0, 1, ...): ``tensor_split``, each
+    device's part in proportion to the MiB planned on it, and ``main_gpu`` 0, the roomiest (it
+    holds the scratch buffers and the small tensors).  Nothing for one device."""
+    if len(spec.split_mib) < 2:
+        return {}
+    total = sum(spec.split_mib)
+    if total <= 0:
+        return {}
+    return {"tensor_split": [mib / total for mib in spec.split_mib], "main_gpu": 0}
+
+
 def physical_cores(allowed: Iterable[int] | None = None, sys_cpu: Path = SYS_CPU, cpuinfo: Path = PROC_CPUINFO) -> int:
     """Physical cores among the CPUs this process may run on (``allowed``;
     default: its affinity), as llama.cpp's own tools count threads: one per

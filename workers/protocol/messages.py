@@ -147,6 +147,9 @@ class LoadSpec:
     n_batch: int | None = None
     n_ubatch: int | None = None
     flash_attn: bool | None = None
+    # Split across several GPUs: the MiB planned on each device the worker sees, in CUDA_VISIBLE_DEVICES
+    # order (llama.cpp: tensor_split in these proportions, main_gpu 0; ExLlamaV2: gpu_split).  (): one device.
+    split_mib: tuple[int, ...] = ()
 
     def to_wire(self) -> dict[str, Any]:
         return _to_wire(self)

@@ -13,8 +13,7 @@ from .types import Candidate
 
 def describe(candidate: Candidate) -> str:
     """One candidate in a line: variant, layers, context, cache, place."""
-    where = "CPU" if candidate.device is None else f"GPU {candidate.device}"
-    return f"{variant_name(candidate.path)}, {candidate.layers_text} layers, n_ctx {candidate.n_ctx}, {candidate.cache_type} KV cache, on {where}"
+    return f"{variant_name(candidate.path)}, {candidate.layers_text} layers, n_ctx {candidate.n_ctx}, {candidate.cache_type} KV cache, on {candidate.where}"
 
 
 def explain(search: Search, chosen: Candidate | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -47,6 +46,12 @@ def _where(search: Search, chosen: Candidate) -> str:
         if search.failed:
             return f"CPU: nothing smaller than what ran out of memory fits on GPU {budget.index}"
         return f"CPU: not even one layer fits on GPU {budget.index} ({mib(budget.available_bytes)} MiB available)"
+    if chosen.devices:
+        shares = " + ".join(f"{mib(b)} MiB on GPU {d}" for d, b in zip(chosen.devices, chosen.device_bytes))
+        return (
+            f"split across {chosen.where}: no single GPU holds it whole (GPU {budget.index}, the roomiest, has "
+            f"{mib(budget.available_bytes)} MiB available); {shares}, in proportion to their room"
+        )
     parts = [f"{mib(budget.free_bytes)} free"]
     if budget.own_bytes:
         parts.append(f"+ {mib(budget.own_bytes)} held by this engine's own worker")

@@ -6,8 +6,11 @@ in as arguments (the daemon and ``node-supervisor plan`` pass the real ones,
 tests pass recorded figures); a Plan comes out with a reason for each choice
 and the table of every candidate considered, so an operator can see why.
 
-Engines are planned one at a time against a whole device: the core never lets
-two GPU engines of this daemon load at once (core/engines.py).
+Engines are planned one at a time against the devices as measured: the core never
+lets two loads of this daemon run at once on one device (core/engines.py).  A model
+is planned on the device with the most room; where it fits whole on none, and its
+engine allows it (``split = "auto"``), across several (split.py), before any smaller
+load is considered.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ def engine_request(
         ubatch,
         tuple(notes),
         sequences=config.parallel if config.kind == "llamacpp" else 1,
+        split=getattr(config, "split", "never") == "auto",
     )
 
 
@@ -108,8 +112,9 @@ def plan_again(previous: Plan, snapshot: Any, request: EngineRequest) -> Plan:
 
 
 def _plan_engine(request: EngineRequest, inputs: PlanInputs, failed: tuple[Candidate, ...]) -> EnginePlan:
-    budget = best_device(inputs.snapshot, request, inputs.policy)
-    search = Search(request, inputs, budget, failed)
+    budgets = [device_budget(device, request.own_pids, inputs.policy) for device in inputs.snapshot.devices]
+    budget = max(budgets, key=lambda b: (b.available_bytes, -b.index), default=None)
+    search = Search(request, inputs, budget, failed, {b.index: b.available_bytes for b in budgets})
     chosen = search.run()
     reasons, warnings = explain(search, chosen)
     return EnginePlan(request.name, chosen, reasons, warnings, tuple(search.rows), budget, failed)

@@ -9,11 +9,13 @@ against the device; the first that fits is chosen:
    above it, so no more context is given up than needed;
 3. the same with each smaller KV cache type the engine allows;
 4. the next variant, likewise;
+4b. where the engine may be split (``split = "auto"``) and there are several GPUs:
+   1-4 again, whole across the fewest devices that hold it (split.py);
 5. the most layers of the best GGUF variant that fits in part (at the
    requested context and cache type);
 6. the CPU (no layers), which always "fits": RAM is only warned about.
 
-ExLlamaV2 variants load whole onto one GPU, so they skip 5 and 6.
+ExLlamaV2 variants load whole onto the GPU(s), so they skip 5 and 6.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import re
 from dataclasses import replace
 from typing import Any
 
+from .split import Split, split_across
 from .types import EXL2_CACHE_NAMES, MIB, OOM_MIN_STEP, Candidate, DeviceBudget, EngineRequest, GpuPolicy, PlanInputs
 
 CTX_ALIGN = 256
@@ -66,9 +69,16 @@ class Search:
     """One engine's walk down the ladder; ``rows`` is the table of what was weighed."""
 
     def __init__(
-        self, request: EngineRequest, inputs: PlanInputs, budget: DeviceBudget | None, failed: tuple[Candidate, ...]
+        self,
+        request: EngineRequest,
+        inputs: PlanInputs,
+        budget: DeviceBudget | None,
+        failed: tuple[Candidate, ...],
+        rooms: dict[int, int] | None = None,
     ) -> None:
         self.request, self.budget, self.failed = request, budget, failed
+        self.rooms = rooms or {}  # device -> bytes available to this engine (for a split)
+        self.splitting = False  # in the split pass of the ladder
         self.policy, self.estimators = inputs.policy, inputs.estimators
         self.ram_available, self.gpu_reason = inputs.ram_available_bytes, inputs.snapshot.reason
         self.device_count = len(inputs.snapshot.devices)
@@ -87,6 +97,12 @@ class Search:
             for index in range(len(self.request.variants)):
                 if chosen := self._whole(index):
                     return chosen
+            if self.request.split and len(self.rooms) > 1:
+                self.splitting = True
+                for index in range(len(self.request.variants)):
+                    if chosen := self._whole(index):
+                        return chosen
+                self.splitting = False
             for index in self._gguf_variants():
                 if chosen := self._partial(index):
                     return chosen
@@ -113,6 +129,8 @@ class Search:
             "smaller context" if n_ctx < self.request.n_ctx else "",
             "smaller cache" if cache != self.request.cache_types[0] else "",
         ]
+        if self.splitting:
+            return ", ".join(["split", *(p for p in parts if p)])
         return ", ".join(p for p in parts if p) or "requested"
 
     def _widen(self, row: Candidate, above: int) -> Candidate:
@@ -158,6 +176,12 @@ class Search:
         fits, verdict = self._judge(key, layers, need)
         device = self.budget.index if self.budget is not None and layers != 0 else None
         free = self.budget.available_bytes if self.budget is not None else None
+        split: Split | None = None
+        if self.splitting and layers != 0:
+            split = split_across(need, self.rooms, self.policy.cuda_overhead_bytes)
+            free = sum(self.rooms.values())
+            fits, verdict = self._judge_split(key, need, split, fits, verdict)
+            device = split.devices[0] if split is not None else device
         row = Candidate(
             step,
             variant,
@@ -172,6 +196,8 @@ class Search:
             free,
             fits,
             verdict,
+            split.devices if split is not None else (),
+            split.shares if split is not None else (),
         )
         return self.record(row) if record else row
 
@@ -192,6 +218,21 @@ class Search:
                 n_ubatch=self.request.n_ubatch,
             )
         return int(estimate.gpu_bytes), int(estimate.ram_bytes)
+
+    def _judge_split(
+        self, key: tuple[int, int, int, str], need: int, split: Split | None, fits: bool, verdict: str
+    ) -> tuple[bool, str]:
+        """A split's verdict: as one device's where it failed for a reason of its own (out of memory
+        before, over the limit), else whether the devices hold it together."""
+        if key in self.failed_keys or (self.cap is not None and need > self.cap):
+            return fits, verdict
+        if split is None:
+            return (
+                False,
+                f"{mib(need)} MiB does not fit across {len(self.rooms)} GPUs ({mib(sum(self.rooms.values()))} MiB)",
+            )
+        shares = " + ".join(f"{mib(b)} on GPU {d}" for d, b in zip(split.devices, split.shares))
+        return True, f"fits split: {shares}"
 
     def _judge(self, key: tuple[int, int, int, str], layers: int, need: int) -> tuple[bool, str]:
         if key in self.failed_keys:

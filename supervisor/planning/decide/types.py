@@ -88,6 +88,7 @@ class EngineRequest:
     n_ubatch: int = 512
     notes: tuple[str, ...] = ()  # e.g. variants whose facts could not be read
     sequences: int = 1  # requests loaded together (llama.cpp's parallel): the KV cache holds n_ctx for each
+    split: bool = False  # may be split across GPUs when it fits whole on no single one (config split = "auto")
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,8 @@ class Candidate:
     free_bytes: int | None  # available on the device after the reserve
     fits: bool
     verdict: str
+    devices: tuple[int, ...] = ()  # split across these GPUs (the worker sees them in this order); (): one device
+    device_bytes: tuple[int, ...] = ()  # the GPU memory planned on each of ``devices``
 
     @property
     def key(self) -> tuple[int, int, int, str]:
@@ -130,6 +133,13 @@ class Candidate:
         if self.n_gpu_layers < 0 or self.n_gpu_layers >= self.total_layers:
             return "all"
         return "0" if self.n_gpu_layers == 0 else f"{self.n_gpu_layers}/{self.total_layers}"
+
+    @property
+    def where(self) -> str:
+        """The device(s) in a few words: "CPU", "GPU 1", "GPUs 0+1"."""
+        if self.device is None:
+            return "CPU"
+        return f"GPUs {'+'.join(str(d) for d in self.devices)}" if self.devices else f"GPU {self.device}"
 
 
 @dataclass(frozen=True)

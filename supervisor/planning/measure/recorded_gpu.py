@@ -4,8 +4,9 @@ node without a GPU (never a claim that one exists: status says "recorded").
 
 The file (``NODESUP_TEST_GPU`` names it; read again at every probe, so a test may change it):
 ``{"devices": [{"total_mib": 10000, "neighbours_mib": 0}], "engines": {"a": 4000}}``: each
-live worker of an engine listed holds that many MiB on the device its launch was placed on
-(CUDA_VISIBLE_DEVICES), as NVML's per-process figure.
+live worker of an engine listed holds that many MiB on the devices its launch was placed on
+(CUDA_VISIBLE_DEVICES), shared evenly where it was split (or a list: MiB on each of them, in
+order), as NVML's per-process figures.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .gpu import GpuSnapshot, probe
 MIB = 1 << 20
 NEIGHBOUR_PID = 999_999
 
-WorkerPids = Callable[[], list[tuple[str, int, int]]]  # (engine, pid, device) of each live worker
+WorkerPids = Callable[[], list[tuple[str, int, tuple[int, ...]]]]  # (engine, pid, devices) of each live worker
 
 
 class RecordedSource:
@@ -57,7 +58,9 @@ class RecordedSource:
     def _held(self, index: int) -> list[tuple[int, int]]:
         engines = self.spec.get("engines", {})
         held = [
-            (pid, engines[name] * MIB) for name, pid, device in self.workers() if device == index and name in engines
+            (pid, _share(engines[name], devices, index) * MIB)
+            for name, pid, devices in self.workers()
+            if index in devices and name in engines
         ]
         neighbours = self.spec["devices"][index].get("neighbours_mib", 0)
         return held + ([(NEIGHBOUR_PID, neighbours * MIB)] if neighbours else [])
@@ -69,6 +72,14 @@ class RecordedSource:
 
     def processes(self, handle: Any) -> list[tuple[int, int | None]]:
         return [(pid, used) for pid, used in self._held(handle)]
+
+
+def _share(mib: int | list[int], devices: tuple[int, ...], index: int) -> int:
+    """An engine's MiB on one of its devices: the list's entry for it, or the total shared evenly."""
+    if isinstance(mib, list):
+        position = devices.index(index)
+        return mib[position] if position < len(mib) else 0
+    return mib // len(devices)
 
 
 def recorded_probe(path: Path, workers: WorkerPids) -> Callable[[], GpuSnapshot]:
