@@ -121,7 +121,7 @@ def error_body(error: ApiError) -> dict[str, str]:
 def unknown_model(model: str) -> ApiError:
     """Ollama's words, which its clients show as they are."""
     return ApiError(
-        404, f"model {ascii(model[:128])[1:-1]!r} not found, try pulling it first", "model_not_found", "model"
+        404, f'model "{ascii(model[:128])[1:-1]}" not found, try pulling it first', "model_not_found", "model"
     )
 
 
