@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Mapping
 
 from workers import protocol as p
