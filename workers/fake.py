@@ -18,6 +18,8 @@ Options:
   hang_after_tokens  stop responding (the whole process blocks) after this many tokens
   stuck_after_tokens generation blocks after this many tokens, heartbeats go on
                      (a worker that looks alive but cannot generate)
+  echo_request       answer every request with one token: the JSON of its prompt, messages and
+                     sampling settings as the worker received them (tests of what reaches an engine)
   control_file       path of a JSON file whose keys override the options above
 
 With ``parallel`` above 1 in the load spec it is a BatchEngine: each step
@@ -28,6 +30,7 @@ a batched decode does.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import os
 import threading
@@ -45,7 +48,7 @@ from .engine import (
     StopFn,
 )
 from .protocol.messages import CAPABILITIES, Generate, LoadSpec
-from .protocol import FINISH_CANCELLED, FINISH_LENGTH, WORKER_CURVE_ENV, WORKER_SECRET_ENV
+from .protocol import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, WORKER_CURVE_ENV, WORKER_SECRET_ENV
 
 WORDS = "the quick brown fox jumps over the lazy dog".split()
 
@@ -102,6 +105,8 @@ class FakeEngine:
 
     def generate(self, request: Generate, emit: EmitFn, should_stop: StopFn) -> GenerateResult:
         options = self._current()
+        if options.get("echo_request"):
+            return _echo(request, emit)
         delay = float(options.get("token_delay_s", 0.0))
         per_event = max(1, int(options.get("tokens_per_event", 1)))
         produced = 0
@@ -144,6 +149,15 @@ class FakeEngine:
         return GenerateResult(
             finish_reason=finish, prompt_tokens=len((request.prompt or "").split()) or 1, completion_tokens=produced
         )
+
+
+def _echo(request: Generate, emit: EmitFn) -> GenerateResult:
+    """The request as this engine received it, as one token of JSON."""
+    seen = {"prompt": request.prompt, "messages": request.messages, "params": dataclasses.asdict(request.params)}
+    emit(json.dumps(seen, sort_keys=True), 1)
+    return GenerateResult(
+        finish_reason=FINISH_STOP, prompt_tokens=len((request.prompt or "").split()) or 1, completion_tokens=1
+    )
 
 
 def _misbehave(options: dict[str, Any], produced: int) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Mapping
 
 from workers import protocol as p
@@ -17,7 +18,7 @@ from ..core.engines import EngineState
 from ..core.supervision import Supervision
 from ..io.worker_process import WorkerProcess
 from ..planning.measure.gpu import snapshot_to_dict
-from ..planning.measure.inputs import STATUS_SNAPSHOT_AGE_S, Planning, worker_gpu_bytes
+from ..planning.measure.inputs import PLANNED_KINDS, STATUS_SNAPSHOT_AGE_S, Planning, worker_gpu_bytes
 
 
 def daemon_status(
@@ -121,6 +122,7 @@ def models_listing(
                 "engine": engine.name,
                 "kind": engine.config.kind,
                 "model": engine.model_path,
+                "available": refusal is None,  # takes traffic now
                 "state": refusal[0] if refusal else ("waiting" if residency["waiting"] else worker.state.value),
                 "reason": refusal[1] if refusal else (residency["waiting"] or worker.reason),
                 "load_progress": worker.report.load_progress if worker.state.value == "loading" else None,
@@ -132,8 +134,41 @@ def models_listing(
                 "rss_bytes": process.rss() if process else None,
                 "pid": process.pid if process else None,
                 "requests": engine.in_flight() + engine.waiting(),
+                "n_ctx": chosen.n_ctx if chosen is not None else engine.config.n_ctx,
+                "file": _model_file(planning, engine),
                 **residency,
             }
         )
     unavailable = [model.as_dict() for model in found if not model.available]
     return {"models": models, "unavailable": unavailable, "problems": problems, "gpu_reason": snapshot.reason}
+
+
+def _model_file(planning: Planning, engine: EngineState) -> dict[str, Any] | None:
+    """What the model's file says of itself (its header, read as planning reads it; cached by file), and its
+    size and time; None for an engine without a file (remote, fake) or one that cannot be read."""
+    if engine.config.kind not in PLANNED_KINDS or not engine.model_path:
+        return None
+    path = Path(engine.model_path)
+    facts = planning.facts(path)
+    try:
+        modified = path.stat().st_mtime
+    except OSError:
+        return None
+    if facts is None:
+        return None
+    return {
+        "path": str(path),
+        "format": facts.format,
+        "architecture": facts.architecture,
+        "parameters": facts.parameters,
+        "file_type": facts.file_type,
+        "bits": facts.bits,
+        "bytes": facts.file_bytes,
+        "modified": modified,
+        "n_ctx_train": facts.n_ctx_train,
+        "n_embd": facts.n_embd,
+        "n_layer": facts.n_layer,
+        "n_head": facts.n_head,
+        "n_head_kv": facts.n_head_kv,
+        "n_vocab": facts.n_vocab,
+    }

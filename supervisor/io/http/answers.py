@@ -9,7 +9,7 @@ costs two slices and one concatenation here.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Protocol
 
 from workers import protocol as p
 
@@ -17,6 +17,32 @@ from .openai import CHAT, ApiError
 
 DONE = b"data: [DONE]\n\n"
 _INDEX = b',"index":'  # what follows the text literal in a token event
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+class StreamAnswer(Protocol):
+    """How one API writes a generation's answer (exchange.GenerationAnswer drives it): OpenAI's here, Ollama's
+    in ollama_answers.py."""
+
+    event_prefix: bytes  # the protocol's token events of this request begin with it
+    stream_headers: list[tuple[bytes, bytes]]
+
+    def opening(self) -> bytes: ...
+    def token_chunk(self, event: bytes) -> bytes: ...
+    def closing(self, done: dict[str, Any]) -> bytes: ...
+    def stream_error(self, error: ApiError) -> bytes: ...
+    def whole(self, done: dict[str, Any]) -> dict[str, Any]: ...
+    def error_body(self, error: ApiError) -> dict[str, Any]: ...
+
+
+def token_literal(event: bytes, prefix_length: int) -> bytes:
+    """A protocol token event's text as its JSON string literal (``event_prefix``, the literal,
+    ``,"index":N}``): copied into an answer's chunk as it is, never decoded."""
+    return event[prefix_length : event.rindex(_INDEX)]
 
 
 def _sse(payload: dict[str, Any]) -> bytes:
@@ -30,7 +56,9 @@ def sse_error(error: ApiError) -> bytes:
 
 
 class Answer:
-    """How one request is answered: its completion id, the `model` it names, chat or completions."""
+    """How one request is answered in OpenAI's API: its completion id, the `model` it names, chat or completions."""
+
+    stream_headers = SSE_HEADERS
 
     def __init__(self, kind: str, request_id: str, model: str, created: int, include_usage: bool) -> None:
         self.kind, self.request_id, self.model, self.created, self.include_usage = (
@@ -59,7 +87,13 @@ class Answer:
 
     def token_chunk(self, event: bytes) -> bytes:
         """A protocol token event (``event_prefix``, the text literal, ``,"index":N}``) as one SSE chunk."""
-        return self._token_head + event[len(self.event_prefix) : event.rindex(_INDEX)] + self._token_tail
+        return self._token_head + token_literal(event, len(self.event_prefix)) + self._token_tail
+
+    def stream_error(self, error: ApiError) -> bytes:
+        return sse_error(error)
+
+    def error_body(self, error: ApiError) -> dict[str, Any]:
+        return error.body()
 
     def opening(self) -> bytes:
         """Before the first token: chat streams name the role first, as OpenAI's do."""

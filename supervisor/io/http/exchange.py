@@ -18,17 +18,16 @@ from typing import Any
 from workers import protocol as p
 
 from ..client_front import ClientFront, LocalEnvelope
-from .answers import Answer, sse_error
+from .answers import StreamAnswer
 from .openai import ApiError, error_from_event
 
 # Events waiting for a reader that does not keep up: beyond this the client counts as gone (as SNDHWM for ZeroMQ clients).
 BACKLOG_LIMIT = 100_000
-SSE_HEADERS = [
-    (b"content-type", b"text/event-stream; charset=utf-8"),
-    (b"cache-control", b"no-cache"),
-    (b"x-accel-buffering", b"no"),
-]
 JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+class ClientGone(Exception):
+    """The client went away before its request was whole: nothing to answer, nothing to log above debug."""
 
 
 def json_body(payload: dict[str, Any]) -> bytes:
@@ -93,14 +92,15 @@ class Exchange:
 
 
 class GenerationAnswer:
-    """The ASGI answer of a completion request: a stream of server-sent events, or one JSON body.
+    """The ASGI answer of a completion request: a stream (OpenAI's server-sent events, Ollama's NDJSON: the
+    ``answer`` writes its chunks), or one JSON body.
 
     The status line waits for the first event, so an error that comes before
     any token (a full queue, a deadline, the daemon stopping) is an HTTP
-    error; one after tokens is the stream's last event.
+    error; one after tokens is the stream's last chunk.
     """
 
-    def __init__(self, exchange: Exchange, answer: Answer, stream: bool, renamed: dict[str, str]) -> None:
+    def __init__(self, exchange: Exchange, answer: StreamAnswer, stream: bool, renamed: dict[str, str]) -> None:
         self.exchange, self.answer, self.stream, self.renamed = exchange, answer, stream, renamed
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -119,14 +119,14 @@ class GenerationAnswer:
                 return  # the client went away: close() cancels the request
             chunks, error = self._chunks(frames)
             if error is not None and not started and not chunks:
-                await send_json(send, error.status, error.body())
+                await send_json(send, error.status, self.answer.error_body(error))
                 return
             if not started:
-                await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+                await send({"type": "http.response.start", "status": 200, "headers": self.answer.stream_headers})
                 started = True
                 chunks.insert(0, self.answer.opening())
             if error is not None:
-                chunks.append(sse_error(error))
+                chunks.append(self.answer.stream_error(error))
             await send({"type": "http.response.body", "body": b"".join(chunks), "more_body": not exchange.ended})
 
     def _chunks(self, frames: list[bytes]) -> tuple[list[bytes], ApiError | None]:
@@ -160,7 +160,7 @@ class GenerationAnswer:
                 if event.get("event") == p.EVENT_ERROR:
                     exchange.ended = True
                     error = error_from_event(event, self.renamed)
-                    await send_json(send, error.status, error.body())
+                    await send_json(send, error.status, self.answer.error_body(error))
                     return
 
 

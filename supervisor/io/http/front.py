@@ -39,9 +39,10 @@ from ..memory import trim_soon
 from .access import bearer_allowed
 from .door import Door, DoorCollector, DoorLimits, DoorSocket, descriptor_budget
 from .answers import Answer
-from .exchange import Exchange, GenerationAnswer, json_body
+from .exchange import ClientGone, Exchange, GenerationAnswer, json_body
 from ..transport import BindError
 from .model_routes import model_routes, statuses
+from .ollama_routes import ollama_routes
 from .openai import CHAT, COMPLETIONS, ApiError, bad_request, model_names, parse_request, resolve_model, unknown_model
 
 log = get_logger("supervisor.http")
@@ -63,10 +64,6 @@ def error_response(error: ApiError) -> Response:
 
 def json_response(payload: dict[str, Any], status: int = 200) -> Response:
     return Response(json_body(payload), status, media_type="application/json")
-
-
-class ClientGone(Exception):
-    """The client went away before its request was whole: nothing to answer, nothing to log above debug."""
 
 
 class OpenAIRoutes:
@@ -96,6 +93,7 @@ class OpenAIRoutes:
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/readyz", self.readyz, methods=["GET"]),
             *model_routes(self),
+            *ollama_routes(self),
         ]
 
     def _routing_id(self) -> bytes:
@@ -118,14 +116,18 @@ class OpenAIRoutes:
         except ApiError as error:
             return error_response(error)
         except ClientGone:
-            self.gone_before_dispatch += 1
-            log.debug("http client gone before its request was read", client=request.client and request.client.host)
-            return Response(status_code=499)  # never written: uvicorn drops what is sent to a closed connection
+            return self.client_gone(request)
         request_id = f"{'chatcmpl' if kind == CHAT else 'cmpl'}-{secrets.token_hex(12)}"
         exchange = Exchange(self.front, self._routing_id(), request_id)
         exchange.send({**parsed.message, "id": request_id})  # a refusal is among its events already
         answer = Answer(kind, request_id, parsed.model, int(time.time()), parsed.include_usage)
         return GenerationAnswer(exchange, answer, parsed.stream, parsed.renamed)
+
+    def client_gone(self, request: Request) -> Response:
+        """The answer to a client that left before its request was read whole (counted for the metrics)."""
+        self.gone_before_dispatch += 1
+        log.debug("http client gone before its request was read", client=request.client and request.client.host)
+        return Response(status_code=499)  # never written: uvicorn drops what is sent to a closed connection
 
     def metrics_route(self, render: Callable[[str | None], tuple[bytes, str]]) -> Route:
         """GET /metrics: the Prometheus exposition (io/metrics.py), behind the API keys when there are any

@@ -61,6 +61,14 @@ class Planning:
                 notes.append(f"variant {path} skipped: {exc}")
         return engine_request(name, config, facts, self.settings.gpu.min_ctx, own_pids, notes)
 
+    def facts(self, path: Path) -> Any:
+        """A model file's facts as planning reads them (cached by file), for what the daemon says of its
+        models (the ps op); None when the file cannot be read (the engine's own state says why)."""
+        try:
+            return self._read(path)
+        except (ModelFactsError, OSError, ValueError):
+            return None
+
     def _read(self, path: Path) -> Any:
         """Facts of one variant, read again only when the file changed (the reader says what is wrong)."""
         try:

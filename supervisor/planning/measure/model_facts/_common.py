@@ -32,6 +32,7 @@ class ModelFacts:
     other_bytes: int  # everything else (norms outside blocks, ...)
     bits: float | None = None  # EXL2 only: quantization_config bits
     head_bits: int | None = None
+    parameters: int | None = None  # GGUF: the tensors' elements, all counted; None where unknown (EXL2)
     # GGUF: bytes of each block that llama.cpp's CPU backend keeps a second,
     # interleaved copy of on x86 with AVX2 (CPU_REPACK buffer); () when none.
     layer_repack_bytes: tuple[int, ...] = ()

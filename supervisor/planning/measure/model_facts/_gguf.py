@@ -11,6 +11,7 @@ block sizes, file type names.
 
 from __future__ import annotations
 
+import math
 import mmap
 import re
 import struct
@@ -240,6 +241,7 @@ def _gguf_facts(path: Path, kv: dict[str, Any], tensors: dict[str, _Tensor], fil
         output_bytes=output_bytes,
         other_bytes=rest - embd_bytes - output_bytes,
         layer_repack_bytes=repack if any(repack) else (),
+        parameters=sum(math.prod(t.dims) for t in tensors.values()),
     )
 
 
