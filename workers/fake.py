@@ -18,6 +18,9 @@ Options:
   hang_after_tokens  stop responding (the whole process blocks) after this many tokens
   stuck_after_tokens generation blocks after this many tokens, heartbeats go on
                      (a worker that looks alive but cannot generate)
+  reply              the text to generate instead of the words (then finish "stop"), sent in
+                     pieces of reply_chunk characters (default 3), one token each: a
+                     canned model output (tool calls, say) split across tokens
   control_file       path of a JSON file whose keys override the options above
 
 With ``parallel`` above 1 in the load spec it is a BatchEngine: each step
@@ -45,7 +48,7 @@ from .engine import (
     StopFn,
 )
 from .protocol.messages import CAPABILITIES, Generate, LoadSpec
-from .protocol import FINISH_CANCELLED, FINISH_LENGTH, WORKER_CURVE_ENV, WORKER_SECRET_ENV
+from .protocol import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, WORKER_CURVE_ENV, WORKER_SECRET_ENV
 
 WORDS = "the quick brown fox jumps over the lazy dog".split()
 
@@ -106,6 +109,8 @@ class FakeEngine:
         per_event = max(1, int(options.get("tokens_per_event", 1)))
         produced = 0
         finish = FINISH_LENGTH
+        if options.get("reply") is not None:
+            return self._reply(request, emit, str(options["reply"]), max(1, int(options.get("reply_chunk", 3))))
         while produced < request.params.max_tokens:
             if should_stop():
                 finish = FINISH_CANCELLED
@@ -117,6 +122,13 @@ class FakeEngine:
             produced += count
         prompt_tokens = len((request.prompt or "").split()) or 1
         return GenerateResult(finish_reason=finish, prompt_tokens=prompt_tokens, completion_tokens=produced)
+
+    def _reply(self, request: Generate, emit: EmitFn, reply: str, chunk: int) -> GenerateResult:
+        pieces = [reply[i : i + chunk] for i in range(0, len(reply), chunk)][: request.params.max_tokens]
+        for piece in pieces:
+            emit(piece, 1)
+        finish = FINISH_STOP if len(pieces) * chunk >= len(reply) else FINISH_LENGTH
+        return GenerateResult(finish_reason=finish, prompt_tokens=1, completion_tokens=len(pieces))
 
     # --- several requests at once (BatchEngine) ---------------------------------------
 

@@ -165,7 +165,7 @@ def _add_generate(gen: argparse.ArgumentParser) -> None:
             gen.add_argument(flag, action="append", help=text)
         elif typing.get_origin(hint) is dict:  # logit_bias: TOKEN=BIAS, repeatable
             gen.add_argument(flag, action="append", type=_token_value, metavar="TOKEN=VALUE", help=text)
-        elif hint == dict[str, Any] | None:  # response_format: JSON
+        elif hint in (dict[str, Any] | None, tuple[dict[str, Any], ...] | None, Any):  # response_format, tools: JSON
             gen.add_argument(flag, type=json.loads, metavar="JSON", help=text)
         elif hint == str | None:
             gen.add_argument(flag, help=text)
