@@ -24,7 +24,7 @@ from .protocol.tool_calls import forced_name
 INSTRUCTION = (
     "You can call the following tools (functions). To call one, answer with only a JSON object of the form "
     '{"name": <the tool\'s name>, "arguments": <an object of its arguments>} and nothing else; to call several, '
-    "a JSON list of such objects. {when}\n\nTools:\n"
+    "a JSON list of such objects. WHEN\n\nTools:\n"
 )
 WHEN_AUTO = "When no tool is needed, answer normally."
 WHEN_REQUIRED = "You must call one of them."
@@ -41,7 +41,7 @@ def tools_as_messages(
     only = forced_name(tool_choice)
     described = [tool["function"] for tool in tools if only is None or tool["function"]["name"] == only]
     when = WHEN_AUTO if tool_choice in (None, "auto") else WHEN_REQUIRED
-    system = INSTRUCTION.format(when=when) + json.dumps(described, indent=2, ensure_ascii=False)
+    system = INSTRUCTION.replace("WHEN", when) + json.dumps(described, indent=2, ensure_ascii=False)
     if out and out[0]["role"] == "system":
         out[0] = {"role": "system", "content": system + "\n\n" + out[0]["content"]}
     else:

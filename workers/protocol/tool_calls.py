@@ -13,6 +13,9 @@ The formats read (what common chat templates teach their models to write):
 * plain JSON ``{"name": ..., "arguments": {...}}`` (or a list of them): what the grammar of ``tool_choice``
   ``required`` or a named function produces, and what the fallback prompt (workers/tool_prompt.py) asks for.
 
+Under ``auto`` an answer that opens with ``{`` or ``[`` is held until generation ends (it may be a call in
+one of the marker-less forms), then sent as content if it is not one: such answers stream late, not lost.
+
 A call counts only when its name is one of the request's tools and its arguments are a JSON object (or a
 string holding one): anything else (malformed JSON, an unknown name, text after the calls) is not a call, and
 the text stays the answer's content.  Nothing here raises on model output.
@@ -76,8 +79,8 @@ class CallStart:
 
     ``feed`` returns the text that is certainly content (it can be sent on at once); from a call's start on,
     everything is held, as is a tail that may be the beginning of a marker (``<tool_``) until the next text
-    tells.  Output whose first non-blank character is ``{`` is held whole (Llama 3.x and plain JSON calls
-    have no marker).  ``whole``: hold everything from the start (a forced call: the output is JSON).
+    tells.  Output whose first non-blank character is ``{`` or ``[`` is held whole (Llama 3.x and plain
+    JSON calls have no marker; a list is several calls).  ``whole``: hold everything from the start (a forced call: the output is JSON).
     """
 
     def __init__(self, whole: bool = False) -> None:
@@ -95,7 +98,7 @@ class CallStart:
             if not stripped:
                 return ""
             self._at_start = False
-            if stripped[0] == "{":
+            if stripped[0] in "{[":
                 self.holding = True
                 return ""
         starts = [i for i in (pending.find(m) for m in MARKERS) if i >= 0]

@@ -269,7 +269,9 @@ def _tool_call(key: str, call: Any) -> Any:
         raise bad_request(f"{key}.function.arguments", "must be a JSON object in a string") from None
     if not isinstance(arguments, dict):
         raise bad_request(f"{key}.function.arguments", "must be a JSON object in a string")
-    return {**call, "function": {**function, "arguments": arguments}}
+    # What a client's own model of a call adds as null (its SDK's optional fields) is left out.
+    kept = {k: v for k, v in call.items() if v is not None}
+    return {**kept, "function": {**{k: v for k, v in function.items() if v is not None}, "arguments": arguments}}
 
 
 def _content(i: int, content: Any) -> str:
