@@ -8,6 +8,7 @@ goes back into the conversation."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -15,6 +16,7 @@ import jsonschema
 import openai
 import pytest
 
+from supervisor.node.envs import env_python
 from workers.protocol.tool_calls import CallStart, call_schema, parse_tool_calls
 
 from .conftest import LLAMA, Daemon
@@ -41,6 +43,7 @@ TOOLS = [
     {"type": "function", "function": {"name": "add", "description": "Adds two integers", "parameters": ADD_PARAMETERS}},
 ]
 NAMES = ["get_weather", "add"]
+REPO = Path(__file__).resolve().parent.parent
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 PARIS = {"city": "Paris", "unit": "celsius"}
 
@@ -387,3 +390,58 @@ def test_bad_tools_leave_the_llama_worker_unharmed(llama, fields, param):
         )
     assert caught.value.code == "invalid_request" and caught.value.param == param, caught.value.body
     assert worker(llama, "llama") == before
+
+
+# A Hermes-style template in the way Hugging Face tool templates read tools and calls (arguments an object).
+TOOL_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n<tools>{% for t in tools %}{{ t.function | tojson }}{% endfor %}</tools>"
+    "<|im_end|>\n{% endif %}"
+    "{%- for m in messages %}<|im_start|>{{ m.role }}\n{% if m.tool_calls %}{% for c in m.tool_calls %}"
+    '<tool_call>{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}</tool_call>'
+    "{% endfor %}{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}<|im_start|>assistant\n"
+)
+RENDER = """
+import json, sys
+from llama_cpp import llama_chat_format
+from workers.llamacpp.engine import _JinjaTemplate
+template, messages, tools, choice = json.loads(sys.stdin.read())
+chat = _JinjaTemplate(llama_chat_format.Jinja2ChatFormatter(template=template, eos_token="</s>", bos_token="<s>"))
+print(json.dumps(chat.format(messages, tools, choice)[0]))
+"""
+
+
+def render(state: dict[str, Path], template: str, messages: list[dict[str, Any]], choice: Any = None) -> str:
+    """The prompt the llama.cpp worker's Jinja template makes (run in the engine's own environment)."""
+    python = env_python(state["envs_dir"] / "llamacpp")
+    given = json.dumps([template, messages, TOOLS, choice])
+    out = subprocess.run(
+        [str(python), "-c", RENDER], input=given, capture_output=True, text=True, cwd=REPO, check=True, timeout=120
+    )
+    return json.loads(out.stdout)
+
+
+HISTORY = [
+    *ASK,
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": PARIS}}],
+    },  # fmt: skip
+    {"role": "tool", "tool_call_id": "c1", "content": "21 degrees"},
+]
+
+
+@pytest.mark.real_engine
+def test_a_template_that_reads_tools_renders_them_and_the_calls_and_one_that_does_not_gets_the_fallback(
+    shared_state,
+):
+    prompt = render(shared_state, TOOL_TEMPLATE, HISTORY)
+    assert '<tools>{"name": "get_weather"' in prompt and '"parameters": {"type": "object"' in prompt
+    assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}' in prompt
+    assert "<|im_start|>tool\n21 degrees" in prompt
+    assert "<tools>" not in render(shared_state, TOOL_TEMPLATE, HISTORY, "none")  # none: the model is not told
+    plain = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+    fallback = render(shared_state, plain, HISTORY)
+    assert fallback.startswith("[system] You can call the following tools") and '"name": "add"' in fallback
+    assert '[assistant] {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}' in fallback
+    assert "[user] Tool result (c1): 21 degrees" in fallback
