@@ -19,7 +19,7 @@ import pytest
 from supervisor.node.envs import env_python
 from workers.protocol.tool_calls import CallStart, call_schema, parse_tool_calls
 
-from .conftest import LLAMA, Daemon
+from .conftest import CLI, LLAMA, Daemon
 from .test_http import http_settings, openai_client
 
 WEATHER_PARAMETERS = {
@@ -230,6 +230,19 @@ def test_the_zeromq_done_event_carries_the_calls_with_arguments_as_an_object(fak
             (call,) = done["tool_calls"]
             assert call["type"] == "function" and call["id"].startswith("call_")
             assert call["function"] == {"name": "add", "arguments": {"a": 1, "b": 2}}
+
+
+def test_the_cli_sends_tools_and_prints_the_calls(fake):
+    daemon, control = fake
+    say(control, '{"name": "add", "arguments": {"a": 1, "b": 2}}')
+    tools, choice = json.dumps(TOOLS), json.dumps({"type": "function", "function": {"name": "add"}})
+    for extra in (["--tool-choice", "required"], ["--tool-choice", choice]):
+        result = subprocess.run(
+            [*CLI, "--config", str(daemon.config_path), "generate", "--chat", "Add", "--tools", tools, *extra],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == 'add {"a": 1, "b": 2}' and "[tool_calls:" in result.stderr
 
 
 def test_a_tool_result_round_trip_is_accepted_in_openai_form(fake):
