@@ -343,9 +343,9 @@ def llama(shared_state: dict[str, Path]) -> Iterator[Daemon]:
         started.stop()
 
 
-def forced(client: openai.OpenAI, stream: bool, tool_choice: Any, messages: list[dict[str, Any]] = ASK) -> Any:
+def forced(client: openai.OpenAI, stream: bool, tool_choice: Any, max_tokens: int = 120) -> Any:
     return client.chat.completions.create(
-        model="default", messages=messages, tools=TOOLS, tool_choice=tool_choice, max_tokens=120, temperature=0,
+        model="default", messages=ASK, tools=TOOLS, tool_choice=tool_choice, max_tokens=max_tokens, temperature=0,
         stream=stream,
     )  # fmt: skip
 
@@ -458,3 +458,21 @@ def test_a_template_that_reads_tools_renders_them_and_the_calls_and_one_that_doe
     assert fallback.startswith("[system] You can call the following tools") and '"name": "add"' in fallback
     assert '[assistant] {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}' in fallback
     assert "[user] Tool result (c1): 21 degrees" in fallback
+
+
+@pytest.mark.real_engine
+def test_auto_renders_the_tools_without_a_grammar_and_answers_content_or_valid_calls(llama):
+    client = openai_client(llama, timeout=300.0)
+    for stream in (False, True):
+        if stream:
+            content, calls, reasons = assembled(forced(client, True, "auto", 24))
+        else:
+            choice = forced(client, False, "auto", 24).choices[0]
+            content, reasons = choice.message.content or "", [choice.finish_reason]
+            calls = [
+                {"name": c.function.name, "arguments": c.function.arguments} for c in choice.message.tool_calls or []
+            ]
+        assert len(reasons) == 1 and reasons[0] in ("stop", "length", "tool_calls")
+        assert (reasons[0] == "tool_calls") == bool(calls) and (content or calls)
+        for call in calls:  # whatever a base model says unconstrained: a call only when it names a tool
+            assert call["name"] in PARAMETERS and isinstance(json.loads(call["arguments"]), dict)
