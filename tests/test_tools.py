@@ -317,6 +317,21 @@ def test_bad_tools_are_invalid_requests_naming_the_field_and_the_worker_serves_o
     assert worker(daemon, "f") == before
 
 
+def test_zeromq_clients_get_the_same_invalid_request_naming_the_field(fake):
+    daemon, _control = fake
+    nameless = [{"type": "function", "function": {"parameters": {"type": "object"}}}]
+    history = [{"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "add", "arguments": "{}"}}]}]
+    with daemon.client() as client:
+        for fields, starts in (
+            ({"messages": ASK, "tools": nameless}, "tools[0].function.name: "),
+            ({"prompt": "x", "tools": TOOLS}, "tools: "),  # a prompt has no template to render them
+            ({"messages": history, "tools": TOOLS}, "messages[0].tool_calls[0].function.arguments: must be an object"),
+        ):
+            (event,) = list(client.generate(**fields))
+            assert event["event"] == "error" and event["code"] == "invalid_request", event
+            assert event["message"].startswith(starts), event
+
+
 def test_an_engine_without_the_tools_capability_is_not_sent_tools(make_daemon):
     daemon = make_daemon({"plain": {"kind": "fake", "options": {"capabilities": ["grammar"]}}}, **http_settings())
     with pytest.raises(openai.BadRequestError) as caught:
