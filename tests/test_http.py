@@ -213,7 +213,8 @@ def test_an_unknown_model_is_not_found(daemon):
         ),  # the protocol's max_tokens, under the name the request used
         ({"n": 2}, "n"),
         ({"logprobs": True}, "logprobs"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"parameters": {}}}]}, "tools[0].function.name"),
+        ({"functions": [{"name": "f"}]}, "functions"),  # the deprecated form of tools
         (
             {
                 "messages": [
@@ -222,7 +223,8 @@ def test_an_unknown_model_is_not_found(daemon):
             },
             "messages[0].content[0]",
         ),
-        ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "t"}]}, "messages[0].role"),
+        ({"messages": [{"role": "function", "content": "42", "name": "t"}]}, "messages[0].role"),
+        ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "t"}]}, "messages[0]"),  # without tools
         ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream
         ({"presence_penalty": 3}, "presence_penalty"),
         ({"logit_bias": {"5": 500}}, "logit_bias[5]"),

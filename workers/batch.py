@@ -18,6 +18,7 @@ from . import protocol as p
 from .conversation import Conversation
 from .engine import BatchEngine, GenerateResult, RequestError
 from .protocol.messages import Generate
+from .tool_emitter import with_tool_calls
 
 
 @dataclass
@@ -61,6 +62,7 @@ class BatchLoop:
                 continue  # a second load: nothing to do with it
             started = time.monotonic()
             emit = self.conversation.emitter(request.request_id, self._step_frames.append)
+            emit = with_tool_calls(emit, request, self.conversation.activity)
             try:
                 self.engine.begin(request, emit)
             except RequestError as exc:

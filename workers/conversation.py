@@ -22,6 +22,7 @@ import zmq
 
 from . import protocol as p
 from .engine import GenerateResult
+from .tool_emitter import ToolCallEmitter
 from .protocol.messages import (
     DAEMON_MESSAGES,
     Cancel,
@@ -99,12 +100,15 @@ class Conversation:
         self.send(GenerateError(request_id=request_id, code=code, message=message))
 
     def send_done(self, request_id: str, result: GenerateResult, started: float, emit: Any) -> None:
+        # A request with tools: its held text is parsed now (calls) or sent on as content (workers/tool_emitter.py).
+        calls = emit.finish(result.finish_reason) if isinstance(emit, ToolCallEmitter) else None
         ended = time.monotonic()
         first_token_at = getattr(emit, "first_token_at", None) or ended
         self.send(
             Done(
                 request_id=request_id,
-                finish_reason=result.finish_reason,
+                finish_reason=p.FINISH_TOOL_CALLS if calls else result.finish_reason,
+                tool_calls=calls,
                 usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens),
                 timings={
                     "prefill_ms": round((first_token_at - started) * 1000, 3),

@@ -20,6 +20,9 @@ Options:
                      (a worker that looks alive but cannot generate)
   echo_request       answer every request with one token: the JSON of its prompt, messages and
                      sampling settings as the worker received them (tests of what reaches an engine)
+  reply              the text to generate instead of the words (then finish "stop"), sent in
+                     pieces of reply_chunk characters (default 3), one token each: a
+                     canned model output (tool calls, say) split across tokens
   control_file       path of a JSON file whose keys override the options above
 
 With ``parallel`` above 1 in the load spec it is a BatchEngine: each step
@@ -111,6 +114,8 @@ class FakeEngine:
         per_event = max(1, int(options.get("tokens_per_event", 1)))
         produced = 0
         finish = FINISH_LENGTH
+        if options.get("reply") is not None:
+            return self._reply(request, emit, str(options["reply"]), max(1, int(options.get("reply_chunk", 3))))
         while produced < request.params.max_tokens:
             if should_stop():
                 finish = FINISH_CANCELLED
@@ -122,6 +127,13 @@ class FakeEngine:
             produced += count
         prompt_tokens = len((request.prompt or "").split()) or 1
         return GenerateResult(finish_reason=finish, prompt_tokens=prompt_tokens, completion_tokens=produced)
+
+    def _reply(self, request: Generate, emit: EmitFn, reply: str, chunk: int) -> GenerateResult:
+        pieces = [reply[i : i + chunk] for i in range(0, len(reply), chunk)][: request.params.max_tokens]
+        for piece in pieces:
+            emit(piece, 1)
+        finish = FINISH_STOP if len(pieces) * chunk >= len(reply) else FINISH_LENGTH
+        return GenerateResult(finish_reason=finish, prompt_tokens=1, completion_tokens=len(pieces))
 
     # --- several requests at once (BatchEngine) ---------------------------------------
 

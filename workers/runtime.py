@@ -39,6 +39,7 @@ from .conversation import Conversation
 from .engine import EngineFailed, EngineUnavailable, ModelError, PreparedEngine, RequestError
 from .protocol.messages import Failed, Generate, Heartbeat, Hello, Load, LoadFailed, Loading, Message, Ready
 from .process import die_orphaned, name_this_thread
+from .tool_emitter import with_tool_calls
 
 log = logging.getLogger("worker")
 
@@ -165,7 +166,7 @@ class WorkerRuntime:
         started = time.monotonic()
         deadline = started + request.deadline_ms / 1000 if request.deadline_ms else None
         conversation.activity.update(phase="generating", request_id=rid, tokens=0, last_token_at=started)
-        emit = conversation.emitter(rid)
+        emit = with_tool_calls(conversation.emitter(rid), request, conversation.activity)
 
         def should_stop() -> bool:
             conversation.read_commands()

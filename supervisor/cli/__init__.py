@@ -165,8 +165,10 @@ def _add_generate(gen: argparse.ArgumentParser) -> None:
             gen.add_argument(flag, action="append", help=text)
         elif typing.get_origin(hint) is dict:  # logit_bias: TOKEN=BIAS, repeatable
             gen.add_argument(flag, action="append", type=_token_value, metavar="TOKEN=VALUE", help=text)
-        elif hint == dict[str, Any] | None:  # response_format: JSON
+        elif hint in (dict[str, Any] | None, tuple[dict[str, Any], ...] | None):  # response_format, tools: JSON
             gen.add_argument(flag, type=json.loads, metavar="JSON", help=text)
+        elif hint is Any:  # tool_choice: a word (required) or JSON (a named function)
+            gen.add_argument(flag, type=_word_or_json, metavar="WORD|JSON", help=text)
         elif hint == str | None:
             gen.add_argument(flag, help=text)
         else:
@@ -185,6 +187,14 @@ def _add_generate(gen: argparse.ArgumentParser) -> None:
     gen.add_argument(
         "--timeout", type=float, default=60.0, help="seconds to wait for each event once the daemon answered"
     )
+
+
+def _word_or_json(text: str) -> Any:
+    """JSON when it parses (an object), else the word as it is (auto, none, required)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def _token_value(text: str) -> tuple[str, float]:

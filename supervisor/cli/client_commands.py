@@ -120,6 +120,8 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
                 print(event["text"], end="", flush=True)
             elif event["event"] == p.EVENT_DONE:
                 print(event.get("text", ""), end="")
+                for call in event.get("tool_calls") or ():  # one line per call: NAME ARGUMENTS-JSON
+                    print(f"\n{call['function']['name']} {json.dumps(call['function']['arguments'])}", end="")
                 print(
                     f"\n[{event['finish_reason']}: {event['usage']['completion_tokens']} tokens, "
                     f"ttft {event['timings']['ttft_ms']} ms, total {event['timings']['total_ms']} ms, engine {event['engine']}]",

@@ -1,6 +1,6 @@
 """What a client is told when its message is not taken: an error event with a code, never a traceback.
 
-``InvalidMessage`` (core/validate.py): the message itself is wrong (a field
+``InvalidMessage`` (core/validate.py and core/tool_validation.py check): the message itself is wrong (a field
 missing, of the wrong type, out of range).  ``Refused``: the message is valid
 but the daemon will not take it now (its queue is full, no engine can serve,
 it is stopping, the id is in use, the configuration file a reload read is
@@ -17,6 +17,10 @@ class ClientError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class InvalidMessage(ClientError):
+    """A message that is wrong in itself, refused with ``code`` (``message`` names the field)."""
 
 
 class Refused(ClientError):

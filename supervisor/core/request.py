@@ -60,9 +60,14 @@ class Generation:
         }
 
     def done_event(
-        self, finish_reason: str, usage: dict[str, Any], worker_timings: dict[str, Any], now: float
+        self,
+        finish_reason: str,
+        usage: dict[str, Any],
+        worker_timings: dict[str, Any],
+        now: float,
+        tool_calls: tuple[dict[str, Any], ...] | None = None,
     ) -> dict[str, Any]:
-        """The terminal event of a generation that ended well (or cancelled)."""
+        """The terminal event of a generation that ended well (or cancelled); with the worker's tool calls."""
         prompt_tokens = usage.get("prompt_tokens", 0)
         completion_tokens = usage.get("completion_tokens", self.tokens)
         event: dict[str, Any] = {
@@ -79,6 +84,8 @@ class Generation:
             event["timings"]["prefill_ms"] = worker_timings["prefill_ms"]
         if isinstance(self, ClientRequest) and not self.params.stream:
             event["text"] = "".join(self.text)
+        if tool_calls:
+            event["tool_calls"] = list(tool_calls)
         return event
 
     def error_event(self, code: str, message: str, now: float, usage: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -331,7 +331,9 @@ class Router:
                 engine.latency.record(
                     now, generation.engine_ttft_ms(), (now - generation.first_token_at) * 1000, generation.tokens
                 )
-            self.done(generation, message.finish_reason, message.usage.to_wire(), message.timings, now)
+            self.done(
+                generation, message.finish_reason, message.usage.to_wire(), message.timings, now, message.tool_calls
+            )
         else:
             self.fail(generation, message.code, message.message, now)
         self.pump(engine, now)
@@ -345,9 +347,11 @@ class Router:
         usage: dict[str, Any],
         worker_timings: dict[str, Any],
         now: float,
+        tool_calls: tuple[dict[str, Any], ...] | None = None,
         reply: bool = True,
     ) -> None:
-        self.finish(generation, generation.done_event(finish_reason, usage, worker_timings, now), now, reply=reply)
+        event = generation.done_event(finish_reason, usage, worker_timings, now, tool_calls)
+        self.finish(generation, event, now, reply=reply)
 
     def fail(
         self,

@@ -19,19 +19,17 @@ from typing import Any
 
 from workers.protocol import CLIENT_OPS, OP_GENERATE, ErrorCode, field_label, invalid_text_path, is_text
 from workers.protocol.messages import DEFAULT_MAX_TOKENS, MAX_LOGIT_BIAS, SAMPLING_FIELDS, Sampling
+from workers.protocol.tool_calls import is_forced
 
-from .errors import ClientError
+from .errors import InvalidMessage
+from .tool_validation import check_tool_messages, parse_tool_choice, parse_tools
 
 MAX_ID_LENGTH = 128
 MAX_STOP_STRINGS = 8
 MAX_STOP_LENGTH = 256
 MAX_ECHO_LENGTH = 64
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 _NOT_TEXT = "not valid Unicode text (a lone UTF-16 surrogate)"
-
-
-class InvalidMessage(ClientError):
-    """A message that is wrong in itself, refused with ``code`` (``message`` names the field)."""
 
 
 @dataclass
@@ -39,7 +37,7 @@ class GenerateParams:
     """A validated generate op."""
 
     prompt: str | None
-    messages: list[dict[str, str]] | None
+    messages: list[dict[str, Any]] | None
     stream: bool
     engine: str | None
     deadline_ms: int | None
@@ -91,6 +89,9 @@ def parse_generate(message: dict[str, Any], max_tokens_limit: int) -> GeneratePa
     cost a failed request or a restart instead of a clear error."""
     _check_fields(message, _GENERATE_FIELDS)
     prompt, messages = _prompt_or_messages(message)
+    sampling = parse_sampling(message, max_tokens_limit)
+    if prompt is not None and sampling.tools:
+        raise _invalid("tools", "need messages: a chat template renders them (a prompt has none)")
     return GenerateParams(
         prompt=prompt,
         messages=messages,
@@ -98,7 +99,7 @@ def parse_generate(message: dict[str, Any], max_tokens_limit: int) -> GeneratePa
         engine=_optional_str(message, "engine"),
         deadline_ms=_int(message, "deadline_ms", None, 1, 24 * 3600 * 1000, nullable=True),
         keep_alive=parse_keep_alive(message.get("keep_alive")),
-        sampling=parse_sampling(message, max_tokens_limit),
+        sampling=sampling,
     )
 
 
@@ -126,6 +127,10 @@ def parse_sampling(message: dict[str, Any], max_tokens_limit: int) -> Sampling:
             values["stop"] = tuple(_stop(message))
         elif f.name == "response_format":
             values[f.name] = _response_format(message)
+        elif f.name == "tools":
+            values[f.name] = parse_tools(message["tools"])
+        elif f.name == "tool_choice":
+            values[f.name] = parse_tool_choice(message["tool_choice"], parse_tools(message.get("tools")))
         elif hint is bool:
             values[f.name] = _bool(message, f.name, default)
         elif hint in (int, _INT_OR_NONE):
@@ -140,6 +145,8 @@ def parse_sampling(message: dict[str, Any], max_tokens_limit: int) -> Sampling:
             raise TypeError(f"Sampling.{f.name}: no check for {hint}")
     if values.get("grammar") is not None and values.get("response_format") is not None:
         raise _invalid("grammar", "give at most one of grammar and response_format")
+    if is_forced(values.get("tool_choice")) and (values.get("grammar") or values.get("response_format")):
+        raise _invalid("tool_choice", "a forced call has a grammar of its own: give no grammar or response_format")
     return Sampling(**values)
 
 
@@ -211,7 +218,7 @@ def _check_fields(message: dict[str, Any], allowed: frozenset[str]) -> None:
         raise _invalid(field_label(unknown[0]), "unknown field")
 
 
-def _prompt_or_messages(message: dict[str, Any]) -> tuple[str | None, list[dict[str, str]] | None]:
+def _prompt_or_messages(message: dict[str, Any]) -> tuple[str | None, list[dict[str, Any]] | None]:
     """Exactly one of prompt and messages, present and not null."""
     if ("prompt" in message) == ("messages" in message):
         raise _invalid("prompt", "give exactly one of prompt and messages")
@@ -219,18 +226,23 @@ def _prompt_or_messages(message: dict[str, Any]) -> tuple[str | None, list[dict[
         if not isinstance(message["prompt"], str):
             raise _invalid("prompt", "must be a string")
         return message["prompt"], None
-    _check_messages(message["messages"])
+    _check_messages(message["messages"], bool(message.get("tools")))
     return None, message["messages"]
 
 
-def _check_messages(messages: Any) -> None:
+def _check_messages(messages: Any, has_tools: bool) -> None:
     if not isinstance(messages, list) or not messages:
         raise _invalid("messages", "must be a non-empty list of {role, content} objects")
     for i, item in enumerate(messages):
-        if not isinstance(item, dict) or set(item) != {"role", "content"}:
+        if not isinstance(item, dict) or "role" not in item or "content" not in item:
             raise _invalid(f"messages[{i}]", "must be an object with exactly role and content")
         if item["role"] not in ROLES:
             raise _invalid(f"messages[{i}].role", f"must be one of {', '.join(ROLES)}")
+        if item["role"] == "tool" or "tool_calls" in item:
+            check_tool_messages(i, item, has_tools)
+            continue
+        if set(item) != {"role", "content"}:
+            raise _invalid(f"messages[{i}]", "must be an object with exactly role and content")
         if not isinstance(item["content"], str):
             raise _invalid(f"messages[{i}].content", "must be a string")
 

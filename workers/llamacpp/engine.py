@@ -31,6 +31,7 @@ from ..protocol.messages import (
     CAP_LOGIT_BIAS,
     CAP_PENALTIES,
     CAP_RESPONSE_FORMAT,
+    CAP_TOOLS,
     Generate,
     LoadSpec,
     Sampling,
@@ -41,7 +42,9 @@ from .loop import TokenLoop
 from .batch import SequenceBatch
 from .native import backend_devices, context_params, load_progress
 from .settings import FLASH_ATTN_ENABLED, LoadSettings, choose, split_kwargs
+from ..protocol.tool_calls import call_schema, is_forced
 from ..textstream import TextAssembler
+from ..tool_prompt import for_template, tools_as_messages
 
 try:
     import llama_cpp
@@ -89,7 +92,7 @@ def _cache_kwargs(cache_type: str) -> dict[str, Any]:
 class LlamaCppEngine:
     kind = "llamacpp"
     # the ready message's (workers/protocol/messages.py)
-    capabilities = (CAP_PENALTIES, CAP_LOGIT_BIAS, CAP_RESPONSE_FORMAT, CAP_GRAMMAR)
+    capabilities = (CAP_PENALTIES, CAP_LOGIT_BIAS, CAP_RESPONSE_FORMAT, CAP_GRAMMAR, CAP_TOOLS)
 
     def __init__(self) -> None:
         self._llm: Any = None
@@ -228,7 +231,10 @@ class LlamaCppEngine:
                 "instruction-tuned model (node-supervisor pull REPO), or set the engine's chat_format option",
             )
         try:
-            prompt, has_bos, stop = self._chat_formatter.format(request.messages)
+            params = request.params
+            prompt, has_bos, stop = self._chat_formatter.format(
+                list(request.messages), params.tools, params.tool_choice
+            )
         except Exception as exc:  # the template itself may reject the conversation
             raise RequestError(ErrorCode.INVALID_REQUEST, f"chat template rejected the messages: {exc}") from exc
         return llm.tokenize(prompt.encode("utf-8"), add_bos=not has_bos, special=True), stop
@@ -290,6 +296,14 @@ def _grammar(params: Sampling) -> str | None:
     converted by llama.cpp's own converter (as llama-cpp-python ships it) for json_schema; None: free text."""
     if params.grammar is not None:
         return params.grammar
+    if params.tools and is_forced(params.tool_choice):  # the output must be one call: a grammar enforces it
+        try:
+            return llama_grammar.json_schema_to_gbnf(json.dumps(call_schema(params.tools, params.tool_choice)))
+        except Exception as exc:  # as below: a parameters schema the converter cannot follow
+            raise RequestError(
+                ErrorCode.INVALID_REQUEST,
+                f"tools: a function's parameters cannot be converted to a grammar: {type(exc).__name__}: {exc}"[:300],
+            ) from None
     response_format = params.response_format
     if response_format is None:
         return None
@@ -308,21 +322,37 @@ def _grammar(params: Sampling) -> str | None:
 # built-in template of their family.
 
 
+Tools = tuple[dict[str, Any], ...] | None
+
+
 class ChatFormatter(Protocol):
     name: str
 
-    def format(self, messages: list[dict[str, str]]) -> tuple[str, bool, list[str]]:
+    def format(
+        self, messages: list[dict[str, Any]], tools: Tools = None, tool_choice: Any = None
+    ) -> tuple[str, bool, list[str]]:
         """(prompt, whether it already starts with BOS, extra stop strings)"""
 
 
 class _JinjaTemplate:
+    """The GGUF's own template.  One that reads ``tools`` gets them (and tool messages) as Hugging Face's
+    templates take them; one that does not gets the conversation rewritten by workers/tool_prompt.py."""
+
     name = "gguf"
 
     def __init__(self, formatter: Any) -> None:
         self._formatter = formatter
+        self.renders_tools = "tools" in formatter.template
 
-    def format(self, messages: list[dict[str, str]]) -> tuple[str, bool, list[str]]:
-        result = self._formatter(messages=messages)
+    def format(
+        self, messages: list[dict[str, Any]], tools: Tools = None, tool_choice: Any = None
+    ) -> tuple[str, bool, list[str]]:
+        if not self.renders_tools:
+            result = self._formatter(messages=tools_as_messages(messages, list(tools or ()), tool_choice))
+        elif tools and tool_choice != "none":
+            result = self._formatter(messages=for_template(messages), tools=list(tools))
+        else:
+            result = self._formatter(messages=for_template(messages))
         stop = result.stop if isinstance(result.stop, list) else [result.stop] if result.stop else []
         return result.prompt, bool(result.added_special), [s for s in stop if s]
 
@@ -333,8 +363,11 @@ class _BuiltinTemplate:
     def __init__(self, name: str) -> None:
         self.name = name
 
-    def format(self, messages: list[dict[str, str]]) -> tuple[str, bool, list[str]]:
-        keep = [(m["role"].encode("utf-8"), m["content"].encode("utf-8")) for m in messages]
+    def format(
+        self, messages: list[dict[str, Any]], tools: Tools = None, tool_choice: Any = None
+    ) -> tuple[str, bool, list[str]]:
+        plain = tools_as_messages(messages, list(tools or ()), tool_choice)  # role and content only: tools as text
+        keep = [(m["role"].encode("utf-8"), m["content"].encode("utf-8")) for m in plain]
         chat = (llama_cpp.llama_chat_message * len(keep))(
             *(llama_cpp.llama_chat_message(role=r, content=c) for r, c in keep)
         )

@@ -57,6 +57,7 @@ TERMINAL_EVENTS = (EVENT_DONE, EVENT_ERROR)
 FINISH_STOP = "stop"  # end-of-generation token or a stop string
 FINISH_LENGTH = "length"  # max_tokens reached (or the context is full)
 FINISH_CANCELLED = "cancelled"  # a cancel op, or the client went away
+FINISH_TOOL_CALLS = "tool_calls"  # the output was tool calls: the done event's tool_calls
 
 MAX_SLOTS = 64  # the most requests one worker may generate at once (an engine's `parallel`)
 

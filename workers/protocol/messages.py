@@ -44,7 +44,10 @@ CAP_PENALTIES = "penalties"  # repeat_penalty, presence_penalty, frequency_penal
 CAP_LOGIT_BIAS = "logit_bias"
 CAP_RESPONSE_FORMAT = "response_format"  # JSON output: json_object, or one that validates against a JSON schema
 CAP_GRAMMAR = "grammar"  # output constrained by a GBNF grammar
-CAPABILITIES = (CAP_PENALTIES, CAP_LOGIT_BIAS, CAP_RESPONSE_FORMAT, CAP_GRAMMAR)
+# tools rendered by the chat template (or a fallback prompt), calls parsed from the output, required/named enforced
+CAP_TOOLS = "tools"
+CAPABILITIES = (CAP_PENALTIES, CAP_LOGIT_BIAS, CAP_RESPONSE_FORMAT, CAP_GRAMMAR, CAP_TOOLS)
+MAX_TOOLS = 128  # functions in a request's tools
 MAX_GRAMMAR_LENGTH = 65536  # characters of a GBNF grammar
 
 
@@ -101,6 +104,14 @@ class Sampling:
     grammar: str | None = field(
         default=None, metadata=_about("a GBNF grammar the output follows", 1, MAX_GRAMMAR_LENGTH, CAP_GRAMMAR)
     )
+    # OpenAI's function tools, checked by the daemon (core/tool_validation.py): [{"type": "function",
+    # "function": {"name", "description", "parameters"}}]; the engine renders them and parses calls (tool_calls.py).
+    tools: tuple[dict[str, Any], ...] | None = field(
+        default=None, metadata=_about("function tools the model may call (JSON list)", 1, MAX_TOOLS, CAP_TOOLS)
+    )
+    # "auto" (None: auto when there are tools), "none", "required", or {"type": "function", "function": {"name"}}.
+    tool_choice: Any = field(default=None, metadata=_about("auto, none, required, or a named function (JSON)"))
+    parallel_tool_calls: bool = field(default=True, metadata=_about("false: at most one call per answer"))
 
     def needs(self) -> dict[str, str]:
         """The capabilities this request needs, each with the first field that asks for it."""
@@ -266,6 +277,9 @@ class Done(Message):
     finish_reason: str
     usage: Usage = field(default_factory=Usage)
     timings: dict[str, float] = field(default_factory=dict)  # prefill_ms, generate_ms
+    # the calls parsed from the output (finish_reason "tool_calls"): {id, type: "function", function: {name,
+    # arguments: an object}}; their text was held back, never sent as tokens
+    tool_calls: tuple[dict[str, Any], ...] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -302,7 +316,8 @@ class Generate(Message):
     TYPE: ClassVar[str] = "generate"
     request_id: str  # the daemon's own, new at each dispatch
     prompt: str | None = None
-    messages: tuple[dict[str, str], ...] | None = None
+    # {role, content}; a role "tool" message also has tool_call_id, an assistant's may have tool_calls
+    messages: tuple[dict[str, Any], ...] | None = None
     params: Sampling = field(default_factory=Sampling)
     deadline_ms: int | None = None  # what remains of the client's deadline
 

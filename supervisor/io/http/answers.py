@@ -106,10 +106,16 @@ class Answer:
         )
 
     def closing(self, done: dict[str, Any]) -> bytes:
-        """After the last token: the finish reason, the usage when asked for, ``[DONE]``."""
+        """After the last token: the tool calls (whole, one delta for all), the finish reason, the usage when
+        asked for, ``[DONE]``."""
         reason = done.get("finish_reason")
         choice: dict[str, Any] = {"index": 0, "delta": {}} if self.kind == CHAT else {"index": 0, "text": ""}
-        parts = [_sse(self._chunk([{**choice, "logprobs": None, "finish_reason": reason}]))]
+        parts = []
+        if done.get("tool_calls"):
+            calls = [{"index": i, **call} for i, call in enumerate(openai_tool_calls(done["tool_calls"]))]
+            delta = {"index": 0, "delta": {"tool_calls": calls}, "logprobs": None, "finish_reason": None}
+            parts.append(_sse(self._chunk([delta])))
+        parts.append(_sse(self._chunk([{**choice, "logprobs": None, "finish_reason": reason}])))
         if self.include_usage:
             parts.append(_sse({**self._chunk([]), "usage": usage(done)}))
         parts.append(DONE)
@@ -119,12 +125,14 @@ class Answer:
         """The answer of a request that did not stream: the protocol's done event with its ``text``."""
         text, reason = done.get("text", ""), done.get("finish_reason")
         if self.kind == CHAT:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": reason,
-            }
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if done.get("tool_calls"):
+                message = {
+                    "role": "assistant",
+                    "content": text or None,
+                    "tool_calls": openai_tool_calls(done["tool_calls"]),
+                }
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
         return {
@@ -139,6 +147,21 @@ class Answer:
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         kind = "chat.completion.chunk" if self.kind == CHAT else "text_completion"
         return {"id": self.request_id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
+
+
+def openai_tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The protocol's tool calls as OpenAI's: the arguments object as a JSON string."""
+    return [
+        {
+            "id": call["id"],
+            "type": "function",
+            "function": {
+                "name": call["function"]["name"],
+                "arguments": json.dumps(call["function"]["arguments"], ensure_ascii=False),
+            },
+        }
+        for call in calls
+    ]
 
 
 def usage(done: dict[str, Any]) -> dict[str, int]:

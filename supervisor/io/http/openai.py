@@ -5,12 +5,15 @@ Everything the protocol can check (ranges, types, stop strings, Unicode) is
 left to the protocol's own validation (core/validate.py), whose messages
 name the field; this module only translates names and shapes, and refuses
 what OpenAI's API has and the daemon does not do (``n`` > 1, log
-probabilities, tools, ...) with a 400 naming the parameter.  docs/HTTP.md
-lists every field.
+probabilities, ...) with a 400 naming the parameter.  docs/HTTP.md
+lists every field.  Tools: ``tools``, ``tool_choice`` and ``parallel_tool_calls``
+pass as they are; a tool call's ``arguments``, a JSON string here, is an
+object in the protocol (decoded from history, encoded in answers: answers.py).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -40,23 +43,25 @@ REFUSED_UNLESS: dict[str, tuple[Any, ...]] = {
     "top_logprobs": (),
     "echo": (False,),
     "suffix": (),
-    "tools": ([],),
-    "tool_choice": ("none",),
-    "functions": ([],),
+    "functions": ([],),  # the deprecated forms of tools and tool_choice
     "function_call": ("none",),
-    "parallel_tool_calls": (),
     "modalities": (["text"],),
     "audio": (),
     "prediction": (),
     "web_search_options": (),
     "reasoning_effort": (),
 }
-COMMON = frozenset({"model", "max_tokens", "stream", "stream_options", "user", *PASSED})
+TOOL_FIELDS = frozenset({"tools", "tool_choice", "parallel_tool_calls"})  # chat only: the template renders tools
+COMMON = frozenset({"model", "max_tokens", "stream", "stream_options", "user", *PASSED}) - TOOL_FIELDS
 FIELDS = {
-    CHAT: COMMON | {"messages", "max_completion_tokens"} | (REFUSED_UNLESS.keys() - {"best_of", "echo", "suffix"}),
+    CHAT: COMMON
+    | TOOL_FIELDS
+    | {"messages", "max_completion_tokens"}
+    | (REFUSED_UNLESS.keys() - {"best_of", "echo", "suffix"}),
     COMPLETIONS: COMMON | {"prompt", "n", "best_of", "logprobs", "echo", "suffix"},
 }
-CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+_ROLE_FIELDS = {"tool": ("tool_call_id",), "assistant": ("tool_calls",)}  # beyond role and content
 
 # The daemon's error codes as HTTP statuses, as OpenAI's API uses them.
 STATUS = {
@@ -230,19 +235,43 @@ def _non_empty_list(value: Any, param: str) -> list[Any]:
     return value
 
 
-def _chat_message(i: int, item: Any) -> dict[str, str]:
-    """One chat message: a role the daemon knows (developer is system) and text content."""
+def _chat_message(i: int, item: Any) -> dict[str, Any]:
+    """One chat message: a role the daemon knows (developer is system) and text content; a tool result's
+    tool_call_id; an assistant's tool_calls (content then may be null), their arguments decoded."""
     if not isinstance(item, dict):
         raise bad_request(f"messages[{i}]", "must be an object with role and content")
     role = CHAT_ROLES.get(item.get("role")) if isinstance(item.get("role"), str) else None
     if role is None:
-        raise bad_request(
-            f"messages[{i}].role", "must be system, developer, user or assistant (tool messages are not supported)"
-        )
+        raise bad_request(f"messages[{i}].role", "must be system, developer, user, assistant or tool")
+    extra = _ROLE_FIELDS.get(role, ())
     for key, value in item.items():
-        if key not in ("role", "content") and value is not None:
+        if key not in ("role", "content", *extra) and value is not None:
             raise bad_request(f"messages[{i}].{ascii(key)[1:-1]}", "not supported by this server")
-    return {"role": role, "content": _content(i, item.get("content"))}
+    calls = item.get("tool_calls") if role == "assistant" else None
+    content = None if calls and item.get("content") is None else _content(i, item.get("content"))
+    out: dict[str, Any] = {"role": role, "content": content}
+    if role == "tool" and item.get("tool_call_id") is not None:
+        out["tool_call_id"] = item["tool_call_id"]
+    if calls:
+        out["tool_calls"] = [_tool_call(f"messages[{i}].tool_calls[{j}]", call) for j, call in enumerate(calls)]
+    return out
+
+
+def _tool_call(key: str, call: Any) -> Any:
+    """An assistant's earlier call with its arguments (a JSON string) as the object the protocol takes; the
+    rest of its shape the protocol checks."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call  # the protocol's check names what is wrong
+    try:
+        arguments = json.loads(function["arguments"])
+    except ValueError:
+        raise bad_request(f"{key}.function.arguments", "must be a JSON object in a string") from None
+    if not isinstance(arguments, dict):
+        raise bad_request(f"{key}.function.arguments", "must be a JSON object in a string")
+    # What a client's own model of a call adds as null (its SDK's optional fields) is left out.
+    kept = {k: v for k, v in call.items() if v is not None}
+    return {**kept, "function": {**{k: v for k, v in function.items() if v is not None}, "arguments": arguments}}
 
 
 def _content(i: int, content: Any) -> str:
