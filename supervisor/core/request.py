@@ -81,6 +81,15 @@ class Generation:
             event["text"] = "".join(self.text)
         return event
 
+    def embeddings_event(self, vectors: Any, prompt_tokens: int, now: float) -> dict[str, Any]:
+        """The terminal event of an embed op: one vector per input, in input order."""
+        return {
+            "event": p.EVENT_EMBEDDINGS,
+            "embeddings": vectors,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+            "timings": self.timings(now),
+        }
+
     def error_event(self, code: str, message: str, now: float, usage: dict[str, Any] | None = None) -> dict[str, Any]:
         event: dict[str, Any] = {"event": p.EVENT_ERROR, "code": code, "message": message, "timings": self.timings(now)}
         if usage is not None:

@@ -44,8 +44,13 @@ CAP_PENALTIES = "penalties"  # repeat_penalty, presence_penalty, frequency_penal
 CAP_LOGIT_BIAS = "logit_bias"
 CAP_RESPONSE_FORMAT = "response_format"  # JSON output: json_object, or one that validates against a JSON schema
 CAP_GRAMMAR = "grammar"  # output constrained by a GBNF grammar
-CAPABILITIES = (CAP_PENALTIES, CAP_LOGIT_BIAS, CAP_RESPONSE_FORMAT, CAP_GRAMMAR)
+CAP_EMBEDDINGS = "embeddings"  # embed ops: an engine loaded in embedding mode (which then does not generate)
+CAPABILITIES = (CAP_PENALTIES, CAP_LOGIT_BIAS, CAP_RESPONSE_FORMAT, CAP_GRAMMAR, CAP_EMBEDDINGS)
+# What a generating engine lists: every capability but embeddings (an engine embeds or generates, not both).
+GENERATE_CAPABILITIES = (CAP_PENALTIES, CAP_LOGIT_BIAS, CAP_RESPONSE_FORMAT, CAP_GRAMMAR)
 MAX_GRAMMAR_LENGTH = 65536  # characters of a GBNF grammar
+POOLINGS = ("mean", "cls", "last")
+PHASE_EMBEDDING = "embedding"  # a heartbeat's phase while an embed op runs: last_token_age_ms is its last decode  # how an embedding engine pools a sequence's token vectors into one
 
 
 class ProtocolError(ValueError):
@@ -147,6 +152,10 @@ class LoadSpec:
     n_batch: int | None = None
     n_ubatch: int | None = None
     flash_attn: bool | None = None
+    # Embedding mode: the context pools one vector per input (embed ops) and generates nothing.
+    embedding: bool = False
+    pooling: str | None = None  # one of POOLINGS; None: the model's own (GGUF pooling_type), else mean
+    normalize: bool = True  # embeddings scaled to unit length (L2)
 
     def to_wire(self) -> dict[str, Any]:
         return _to_wire(self)
@@ -231,7 +240,7 @@ class Heartbeat(Message):
     """Progress, so a worker alive but stuck is visible (sent on the watchdog socket)."""
 
     TYPE: ClassVar[str] = "heartbeat"
-    phase: str | None = None
+    phase: str | None = None  # starting, loading, idle, generating, or PHASE_EMBEDDING
     request_id: str | None = None
     tokens: int = 0
     last_token_age_ms: float | None = None
@@ -263,6 +272,17 @@ class Done(Message):
     finish_reason: str
     usage: Usage = field(default_factory=Usage)
     timings: dict[str, float] = field(default_factory=dict)  # prefill_ms, generate_ms
+
+
+@dataclass(frozen=True, kw_only=True)
+class Embeddings(Message):
+    """An embed request's vectors, one per input in input order; ``usage.prompt_tokens``: the tokens embedded."""
+
+    TYPE: ClassVar[str] = "embeddings"
+    request_id: str
+    vectors: tuple[tuple[float, ...], ...]
+    usage: Usage = field(default_factory=Usage)
+    timings: dict[str, float] = field(default_factory=dict)  # embed_ms
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -313,6 +333,22 @@ class Generate(Message):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Embed(Message):
+    """An embed request for an embedding engine, already validated by the daemon: exactly one of ``texts``
+    (strings, tokenized by the engine) and ``token_arrays`` (token ids as they are)."""
+
+    TYPE: ClassVar[str] = "embed"
+    request_id: str
+    texts: tuple[str, ...] | None = None
+    token_arrays: tuple[tuple[int, ...], ...] | None = None
+    deadline_ms: int | None = None
+
+    @property
+    def inputs(self) -> tuple[str, ...] | tuple[tuple[int, ...], ...]:
+        return self.texts if self.texts is not None else self.token_arrays or ()
+
+
+@dataclass(frozen=True, kw_only=True)
 class Cancel(Message):
     TYPE: ClassVar[str] = "cancel"
     request_id: str
@@ -333,9 +369,10 @@ class DaemonHeartbeat(Message):
 
 
 WORKER_MESSAGES: dict[str, type[Message]] = {
-    cls.TYPE: cls for cls in (Hello, Loading, Ready, LoadFailed, Failed, Heartbeat, Token, Done, GenerateError)
+    cls.TYPE: cls
+    for cls in (Hello, Loading, Ready, LoadFailed, Failed, Heartbeat, Token, Done, Embeddings, GenerateError)
 }
-DAEMON_MESSAGES: dict[str, type[Message]] = {cls.TYPE: cls for cls in (Load, Generate, Cancel, Shutdown)}
+DAEMON_MESSAGES: dict[str, type[Message]] = {cls.TYPE: cls for cls in (Load, Generate, Embed, Cancel, Shutdown)}
 
 
 def read_message(table: dict[str, type[Message]], message: dict[str, Any]) -> Message:
