@@ -96,8 +96,9 @@ class Router:
         engine = self.target_for_unpinned(needs)
         if engine is None:
             serving = [e for e in self.engines.by_priority() if e.refusal is None]
-            if serving:
-                raise unsupported(needs, serving)
+            if serving:  # named by the first need an engine that serves lacks
+                lacked = {c: n for c, n in needs.items() if any(e.lacks({c: n}) for e in serving)}
+                raise unsupported(lacked or needs, serving)
             reasons = "; ".join(f"{e.name}: {e.refusal[1]}" for e in self.engines if e.refusal)
             raise Refused(ErrorCode.NO_ENGINE, f"no engine can serve: {reasons}")
         return engine

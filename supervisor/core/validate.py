@@ -65,7 +65,7 @@ class GenerateParams:
         """The capabilities an engine needs to serve it, each with the field that asks for it."""
         if self.input is not None:
             return {CAP_EMBEDDINGS: "input"}
-        return {CAP_GENERATE: "prompt" if self.messages is None else "messages", **self.sampling.needs()}
+        return {**self.sampling.needs(), CAP_GENERATE: "prompt" if self.messages is None else "messages"}
 
 
 def message_op(message: dict[str, Any]) -> str:
