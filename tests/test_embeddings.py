@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import base64
+import json
 import math
 import struct
+import subprocess
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -14,7 +16,7 @@ import pytest
 
 from supervisor.planning.measure.model_facts import read_model_facts
 
-from .conftest import LLAMA, Daemon, assert_nothing_after, fake_engine, wait_until
+from .conftest import CLI, LLAMA, Daemon, assert_nothing_after, fake_engine, wait_until
 from .test_http import http_settings, openai_client
 
 EMBEDDER = {**LLAMA, "embedding": True}
@@ -183,3 +185,13 @@ def test_cancelling_an_embed_ends_it_once(make_daemon, tmp_path):
     end = client.receive(rid, timeout_s=30.0)
     assert end["event"] == "done" and end["finish_reason"] == "cancelled", end
     assert_nothing_after(client, rid)
+
+
+def test_the_embed_command_prints_the_vectors(make_daemon, tmp_path):
+    daemon, _ = embed_daemon(make_daemon, tmp_path)
+    run = subprocess.run(
+        [*CLI, "--config", str(daemon.config_path), "embed", "one", "two words"], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    reply = json.loads(run.stdout)
+    assert len(reply["embeddings"]) == 2 and reply["usage"]["prompt_tokens"] == 3 and reply["engine"] == "fe"

@@ -77,7 +77,7 @@ class Generation:
         }
         if "prefill_ms" in worker_timings:
             event["timings"]["prefill_ms"] = worker_timings["prefill_ms"]
-        if isinstance(self, ClientRequest) and not self.params.stream:
+        if isinstance(self, ClientRequest) and not self.params.stream and self.params.input is None:
             event["text"] = "".join(self.text)
         return event
 
