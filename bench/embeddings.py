@@ -201,9 +201,7 @@ def main() -> int:
     print(f"\n{'path':32} {'inputs/s (median)':>18} {'min':>8} {'max':>8} {'cosine vs daemon':>17}")
     for name, values in rates.items():
         similarity = cosine(first[name], first["daemon zeromq"])
-        print(
-            f"{name:32} {statistics.median(values):18.1f} {min(values):8.1f} {max(values):8.1f} {similarity:17.6f}"
-        )
+        print(f"{name:32} {statistics.median(values):18.1f} {min(values):8.1f} {max(values):8.1f} {similarity:17.6f}")
     return 0
 
 
