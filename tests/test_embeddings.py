@@ -25,8 +25,14 @@ TEXTS = ["The cat sat on the mat.", "Embeddings map text to vectors.", "The cat 
 
 @pytest.fixture(scope="module")
 def daemon(shared_state: dict[str, Path]) -> Iterator[Daemon]:
-    """The default model twice: in embedding mode (emb) and generating (gen)."""
-    started = Daemon(shared_state, {"emb": EMBEDDER, "gen": {**LLAMA, "priority": 20}}, **http_settings())
+    """The default model three times: in embedding mode (emb; raw: last-token pooling, not normalized) and
+    generating (gen)."""
+    engines = {
+        "emb": EMBEDDER,
+        "gen": {**LLAMA, "priority": 20},
+        "raw": {**EMBEDDER, "priority": 30, "pooling": "last", "normalize": False},
+    }
+    started = Daemon(shared_state, engines, **http_settings())
     try:
         yield started.start(timeout=300.0)
     finally:
@@ -82,6 +88,16 @@ def test_a_batch_equals_the_singles_and_base64_decodes_to_the_floats(daemon):
         decoded = struct.unpack(f"<{len(blob) // 4}f", blob)
         assert len(decoded) == len(floats)
         assert max(abs(a - b) for a, b in zip(decoded, floats)) < 1e-6  # float32 of the same vector
+
+
+def test_pooling_and_normalize_are_the_engines_own(daemon):
+    client = openai_client(daemon, timeout=300.0)
+    mean = client.embeddings.create(model="emb", input=TEXTS[1]).data[0].embedding
+    last = client.embeddings.create(model="raw", input=TEXTS[1]).data[0].embedding
+    assert abs(norm(last) - 1.0) > 1e-3  # not normalized
+    assert math.fsum(a * b for a, b in zip(mean, last)) / norm(last) < 0.999  # another pooling, another direction
+    assert daemon.engine("raw")["workers"][0]["model"]["pooling"] == "last"
+    assert daemon.engine("emb")["workers"][0]["model"]["pooling"] == "mean"  # the model has none of its own
 
 
 def test_token_arrays_embed_like_their_text(daemon):
