@@ -211,3 +211,17 @@ def test_the_embed_command_prints_the_vectors(make_daemon, tmp_path):
     assert run.returncode == 0, run.stderr
     reply = json.loads(run.stdout)
     assert len(reply["embeddings"]) == 2 and reply["usage"]["prompt_tokens"] == 3 and reply["engine"] == "fe"
+
+
+def test_a_long_embed_that_keeps_decoding_is_not_taken_for_a_stalled_worker(make_daemon, tmp_path):
+    """No tokens flow during an embed; its decodes' progress (heartbeat phase "embedding") keeps it alive."""
+    config, _ = fake_engine(tmp_path, "fe", embed_delay_s=0.5)
+    daemon = make_daemon(
+        {"fe": {**config, "embedding": True}},
+        heartbeat_interval_s=0.2,
+        supervision={"stall_timeout_s": 1.5, "probe_interval_s": 0},
+    )
+    before = worker(daemon, "fe")
+    reply = daemon.client().embed([str(i) for i in range(8)])  # 4 s, well past the stall timeout
+    assert reply["event"] == "embeddings" and len(reply["embeddings"]) == 8, reply
+    assert worker(daemon, "fe") == before
