@@ -151,6 +151,11 @@ class Client:
                 return event
         raise AssertionError("unreachable: events() always ends with a terminal event")
 
+    def embed(self, input: str | list[str] | list[list[int]], **fields: Any) -> dict[str, Any]:
+        """Run an embed op to its end; return its terminal event: ``embeddings`` (``embeddings``: one vector
+        per input, in order; ``usage``) or ``error``.  ``fields``: engine, deadline_ms, keep_alive."""
+        return self.receive(self.send({"op": p.OP_EMBED, "input": input, **fields}))
+
     def events(self, request_id: str) -> Iterator[dict[str, Any]]:
         while True:
             event = self.receive(request_id)

@@ -17,7 +17,8 @@ from typing import Any
 from . import protocol as p
 from .conversation import Conversation
 from .engine import BatchEngine, GenerateResult, RequestError
-from .protocol.messages import Generate
+from .embedding import serve_embed
+from .protocol.messages import Embed, Generate
 from .tool_emitter import with_tool_calls
 
 
@@ -58,6 +59,9 @@ class BatchLoop:
         waiting = self.conversation.waiting
         while waiting and len(self.running) < self.engine.slots:
             request = waiting.popleft()
+            if isinstance(request, Embed):  # served whole now: its inputs are batched within it
+                serve_embed(self.conversation, self.engine, request)
+                continue
             if not isinstance(request, Generate):
                 continue  # a second load: nothing to do with it
             started = time.monotonic()

@@ -27,6 +27,7 @@ from .protocol.messages import (
     DAEMON_MESSAGES,
     Cancel,
     Done,
+    Embed,
     Generate,
     GenerateError,
     Load,
@@ -44,7 +45,7 @@ log = logging.getLogger("worker")
 class Conversation:
     def __init__(self, sock: zmq.Socket) -> None:
         self.socket = sock
-        self.waiting: deque[Load | Generate] = deque()  # load and generate commands, in order
+        self.waiting: deque[Load | Generate | Embed] = deque()  # load, generate and embed commands, in order
         self.cancelled: set[str] = set()
         self.stopping = False  # the daemon asked for a shutdown
         # What heartbeats report; written by the main thread, read by the watchdog.
@@ -52,8 +53,8 @@ class Conversation:
 
     # --- what comes in ---------------------------------------------------------------
 
-    def next_command(self) -> Load | Generate | None:
-        """Wait for the next load or generate; None once asked to shut down."""
+    def next_command(self) -> Load | Generate | Embed | None:
+        """Wait for the next load, generate or embed; None once asked to shut down."""
         while not self.stopping:
             if self.waiting:
                 return self.waiting.popleft()
@@ -66,7 +67,7 @@ class Conversation:
         while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             self._on_command(sock.recv(zmq.NOBLOCK))
 
-    def put_back(self, message: Load | Generate) -> None:
+    def put_back(self, message: Load | Generate | Embed) -> None:
         """A command taken by next_command that is to be served next after all."""
         self.waiting.appendleft(message)
 
@@ -80,7 +81,7 @@ class Conversation:
             self.cancelled.add(message.request_id)
         elif isinstance(message, Shutdown):
             self.stopping = True
-        elif isinstance(message, (Load, Generate)):
+        elif isinstance(message, (Load, Generate, Embed)):
             self.waiting.append(message)
 
     def forget(self, request_id: str) -> None:

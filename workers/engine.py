@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from .protocol import ErrorCode
-from .protocol.messages import Generate, LoadSpec
+from .protocol.messages import Embed, Generate, LoadSpec
 
 # Engine kind -> module implementing it.  Adding an engine is one more module
 # here, one more requirements file in config/requirements/, and docs/ENGINES.md.
@@ -97,6 +97,25 @@ class GenerateResult:
     finish_reason: str  # FINISH_STOP, FINISH_LENGTH, or FINISH_CANCELLED when should_stop() ended it
     prompt_tokens: int
     completion_tokens: int
+
+
+@dataclass
+class EmbedResult:
+    vectors: list[list[float]]  # one per input, in input order
+    prompt_tokens: int  # tokens embedded, all inputs together
+
+
+# Called by an embedding engine after each decode with the tokens it embedded; True: stop (cancel, deadline,
+# shutdown), and the engine returns None.
+EmbedProgressFn = Callable[[int], bool]
+
+
+class EmbeddingEngine(Protocol):
+    """An engine that can load a model in embedding mode (the spec's ``embedding``); it then lists the
+    ``embeddings`` capability and the daemon sends it embed requests only (workers/embedding.py serves them)."""
+
+    def embed(self, request: Embed, progress: EmbedProgressFn) -> EmbedResult | None:
+        """One vector per input, in order; RequestError for an input it cannot take (too long, a bad token)."""
 
 
 class Engine(Protocol):

@@ -24,6 +24,13 @@ Options:
                      pieces of reply_chunk characters (default 3), one token each: a
                      canned model output (tool calls, say) split across tokens
   control_file       path of a JSON file whose keys override the options above
+  embedding_dims     length of an embedding (default 8)
+  embed_delay_s      seconds per input of an embed request
+
+With ``embedding`` in the load spec it embeds instead of generating: a
+deterministic vector per input (from its text or token ids, so the same input
+gets the same vector in any batch), L2-normalized unless ``normalize`` is
+false; each input counts as one token for crash_after_tokens and the like.
 
 With ``parallel`` above 1 in the load spec it is a BatchEngine: each step
 waits ``token_delay_s`` once and gives every running request one token, as
@@ -34,7 +41,9 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import hashlib
 import json
+import math
 import os
 import threading
 import time
@@ -42,6 +51,8 @@ from pathlib import Path
 from typing import Any
 
 from .engine import (
+    EmbedProgressFn,
+    EmbedResult,
     EmitFn,
     EngineUnavailable,
     GenerateResult,
@@ -50,7 +61,7 @@ from .engine import (
     ProgressFn,
     StopFn,
 )
-from .protocol.messages import CAPABILITIES, Generate, LoadSpec
+from .protocol.messages import CAP_EMBEDDINGS, GENERATE_CAPABILITIES, Embed, Generate, LoadSpec
 from .protocol import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, WORKER_CURVE_ENV, WORKER_SECRET_ENV
 
 WORDS = "the quick brown fox jumps over the lazy dog".split()
@@ -62,7 +73,8 @@ class FakeEngine:
     def __init__(self) -> None:
         self._options: dict[str, Any] = {}
         self.slots = 1
-        self.capabilities: tuple[str, ...] = CAPABILITIES
+        self.capabilities: tuple[str, ...] = GENERATE_CAPABILITIES
+        self._normalize = True
         self._batch: dict[str, list[Any]] = {}  # request id -> [request, emit, tokens produced]
 
     def versions(self) -> dict[str, Any]:
@@ -98,8 +110,11 @@ class FakeEngine:
         if limit is not None and (layers < 0 or layers > int(limit)):
             raise OutOfGpuMemory(f"fake: {layers} GPU layers do not fit (at most {limit})")
         self.slots = max(1, int(spec.parallel or 1))
-        # It samples nothing: it lists what a test wants it to (option capabilities), by default all there are.
-        self.capabilities = tuple(options.get("capabilities", CAPABILITIES))
+        # It samples nothing: it lists what a test wants it to (option capabilities), by default all a
+        # generating engine can list, or embeddings alone in embedding mode.
+        own = (CAP_EMBEDDINGS,) if spec.embedding else GENERATE_CAPABILITIES
+        self.capabilities = tuple(options.get("capabilities", own))
+        self._normalize = spec.normalize
         steps = 5
         for step in range(steps):
             progress(step / steps, "fake loading")
@@ -134,6 +149,25 @@ class FakeEngine:
             emit(piece, 1)
         finish = FINISH_STOP if len(pieces) * chunk >= len(reply) else FINISH_LENGTH
         return GenerateResult(finish_reason=finish, prompt_tokens=1, completion_tokens=len(pieces))
+
+    def embed(self, request: Embed, progress: EmbedProgressFn) -> EmbedResult | None:
+        options = self._current()
+        dims, delay = int(options.get("embedding_dims", 8)), float(options.get("embed_delay_s", 0.0))
+        vectors, tokens = [], 0
+        for i, item in enumerate(request.inputs):
+            _misbehave(options, i)
+            time.sleep(delay)
+            key = item.encode("utf-8") if isinstance(item, str) else json.dumps(list(item)).encode()
+            vector = [b / 255.0 - 0.5 for b in hashlib.sha256(key).digest()[:dims]]
+            if self._normalize:
+                norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+                vector = [x / norm for x in vector]
+            vectors.append(vector)
+            count = len(item.split()) or 1 if isinstance(item, str) else len(item)
+            tokens += count
+            if progress(count):
+                return None
+        return EmbedResult(vectors=vectors, prompt_tokens=tokens)
 
     # --- several requests at once (BatchEngine) ---------------------------------------
 

@@ -37,7 +37,8 @@ from . import protocol as p
 from .batch import BatchLoop
 from .conversation import Conversation
 from .engine import EngineFailed, EngineUnavailable, ModelError, PreparedEngine, RequestError
-from .protocol.messages import Failed, Generate, Heartbeat, Hello, Load, LoadFailed, Loading, Message, Ready
+from .embedding import serve_embed
+from .protocol.messages import Embed, Failed, Generate, Heartbeat, Hello, Load, LoadFailed, Loading, Message, Ready
 from .process import die_orphaned, name_this_thread
 from .tool_emitter import with_tool_calls
 
@@ -131,6 +132,8 @@ class WorkerRuntime:
             while (message := self.conversation.next_command()) is not None:
                 if isinstance(message, Generate):  # a second load has nothing to do
                     self._serve(engine, message)
+                elif isinstance(message, Embed):
+                    serve_embed(self.conversation, engine, message)
         except EngineFailed as exc:  # the request it ran is the daemon's to retry or fail, as after a crash
             log.error("%s: %s", exc.code, exc)
             self._send(Failed(code=exc.code, message=str(exc), retry_after_s=exc.retry_after_s))

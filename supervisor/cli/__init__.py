@@ -47,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_generate(commands.add_parser("generate", help="generate text, streaming it to the terminal"))
     _add_chat(commands.add_parser("chat", help="an interactive conversation with an engine (as `ollama run`)"))
+    embed = commands.add_parser(
+        "embed", help="embed texts with an engine in embedding mode; prints the vectors as JSON"
+    )
+    embed.add_argument("text", nargs="+", help="one input per argument")
+    embed.add_argument("--engine", help="an engine with embedding = true (default: the first that embeds)")
+    embed.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the answer")
     status = commands.add_parser("status", help="engines, workers, queues, latency")
     status.add_argument("--json", action="store_true")
     status.add_argument("--timeout", type=float, default=CONNECT_TIMEOUT_S)
@@ -372,6 +378,7 @@ COMMANDS = {
     "logs": _logs,
     "plan": _plan,
     "generate": _client,
+    "embed": _client,
     "chat": _client,
     "status": _client,
     "ping": _client,

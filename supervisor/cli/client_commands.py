@@ -52,6 +52,8 @@ def with_daemon(settings: Settings, timeout_s: float, action: Callable[[Client],
 def _client_command(client: Client, args: argparse.Namespace) -> int:
     if args.command == "generate":
         return _generate(client, args)
+    if args.command == "embed":
+        return _embed(client, args)
     if args.command == "chat":
         from .chat_command import chat
 
@@ -64,6 +66,16 @@ def _client_command(client: Client, args: argparse.Namespace) -> int:
         return _reload(client, args)
     reply = client.ping()
     print(f"pong: daemon {reply.get('version')}, protocol {reply.get('protocol')}, {reply.get('phase')}")
+    return 0
+
+
+def _embed(client: Client, args: argparse.Namespace) -> int:
+    """The embeddings event as one JSON line (vectors in argument order); an error to stderr, exit 1."""
+    reply = client.embed(list(args.text), **({"engine": args.engine} if args.engine else {}))
+    if reply["event"] != p.EVENT_EMBEDDINGS:
+        print(f"node-supervisor: error {reply.get('code')}: {reply.get('message')}", file=sys.stderr)
+        return 1
+    print(json.dumps({key: reply[key] for key in ("embeddings", "usage", "engine")}))
     return 0
 
 

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 ENGINE_KINDS = ("llamacpp", "exllamav2", "fake", "openai")
 REMOTE_KINDS = ("openai",)  # engines that forward to an upstream server: no model file, no GPU, no plan
+EMBEDDING_KINDS = ("llamacpp", "fake")  # engines that can load a model in embedding mode
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 # KV cache types, largest first (llama.cpp's names; the planner maps them for ExLlamaV2).
 KV_CACHE_TYPES = ("f16", "q8_0", "q4_0")
@@ -138,6 +139,12 @@ class EngineConfig(BaseModel):
         description='"auto": a model that fits on no single GPU is split across several, in proportion to their '
         'room; "never": one GPU only (a smaller load, or on_no_room)',
     )
+    # Embedding mode (docs/CONFIG.md, "Embeddings"): the engine serves embed ops and /v1/embeddings, not generate.
+    embedding: bool = Field(False, description="load the model in embedding mode: embed ops only, no generation")
+    pooling: Literal["mean", "cls", "last"] | None = Field(
+        None, description="how a sequence's token vectors become one; unset: the model's own, else mean"
+    )
+    normalize: bool = Field(True, description="embeddings scaled to unit length (L2)")
 
     @model_validator(mode="after")
     def _upstream_for_remote_kinds(self) -> "EngineConfig":
@@ -149,6 +156,8 @@ class EngineConfig(BaseModel):
             raise ValueError(
                 f'model: a "{self.kind}" engine has no model file; the upstream\'s model is upstream.model'
             )
+        if self.embedding and self.kind not in EMBEDDING_KINDS:
+            raise ValueError(f'embedding: only kind {" or ".join(EMBEDDING_KINDS)} embeds, not "{self.kind}"')
         return self
 
     @property

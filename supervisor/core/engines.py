@@ -9,7 +9,7 @@ from dataclasses import replace
 from typing import Any, Callable, Iterator
 
 from workers.protocol import FINISH_CANCELLED, ErrorCode
-from workers.protocol.messages import LOAD_SPEC_FIELDS, LoadSpec
+from workers.protocol.messages import CAP_EMBEDDINGS, LOAD_SPEC_FIELDS, LoadSpec
 
 from ..config import EngineConfig, GpuConfig, SupervisionConfig
 from ..logs import get_logger
@@ -23,6 +23,7 @@ from .request import ClientRequest, Generation
 from .residency import Residencies
 from .room import Rooms, launch_devices
 from .stats import EngineStats
+from .validate import CAP_GENERATE
 
 log = get_logger("supervisor.engines")
 
@@ -211,10 +212,20 @@ class EngineState:
         )
 
     def lacks(self, needs: dict[str, str]) -> dict[str, str]:
-        """Of the capabilities a request needs (capability -> its field), those this engine is known not to have."""
-        if not needs or self.capabilities is None:
+        """Of the capabilities a request needs (capability -> its field), those this engine is known not to have.
+
+        Whether it generates or embeds its configuration says (``embedding``) before any ready message: an
+        engine does one or the other.  The rest is known once its worker was ready (its ``capabilities``)."""
+        if not needs:
             return {}
-        return {capability: name for capability, name in needs.items() if capability not in self.capabilities}
+        embeds, known = self.config.embedding, self.capabilities
+        return {
+            capability: name
+            for capability, name in needs.items()
+            if (capability == CAP_GENERATE and embeds)
+            or (capability == CAP_EMBEDDINGS and not embeds)
+            or (capability != CAP_GENERATE and known is not None and capability not in known)
+        }
 
     @property
     def has_room(self) -> bool:

@@ -82,11 +82,20 @@ class Generation:
         }
         if "prefill_ms" in worker_timings:
             event["timings"]["prefill_ms"] = worker_timings["prefill_ms"]
-        if isinstance(self, ClientRequest) and not self.params.stream:
+        if isinstance(self, ClientRequest) and not self.params.stream and self.params.input is None:
             event["text"] = "".join(self.text)
         if tool_calls:
             event["tool_calls"] = list(tool_calls)
         return event
+
+    def embeddings_event(self, vectors: Any, prompt_tokens: int, now: float) -> dict[str, Any]:
+        """The terminal event of an embed op: one vector per input, in input order."""
+        return {
+            "event": p.EVENT_EMBEDDINGS,
+            "embeddings": vectors,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+            "timings": self.timings(now),
+        }
 
     def error_event(self, code: str, message: str, now: float, usage: dict[str, Any] | None = None) -> dict[str, Any]:
         event: dict[str, Any] = {"event": p.EVENT_ERROR, "code": code, "message": message, "timings": self.timings(now)}

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from workers import protocol as p
 from workers.protocol import ErrorCode
-from workers.protocol.messages import Cancel, Done, Generate, GenerateError
+from workers.protocol.messages import Cancel, Done, Embed, Embeddings, Generate, GenerateError
 
 from ..logs import get_logger
 from .effects import Effects, TOPIC_REQUEST_RETRY
@@ -58,7 +58,7 @@ class Router:
             )
             if request.key in self.requests:
                 raise Refused(ErrorCode.DUPLICATE_ID, f"id {mid!r} is still in use by a running request")
-            engine = self._choose_engine(params.engine, params.sampling.needs())
+            engine = self._choose_engine(params.engine, params.needs())
             if not engine.has_room:
                 raise Refused(
                     ErrorCode.BUSY, f"engine {engine.name!r} has {len(engine.queue)} requests waiting (max_queue)"
@@ -96,8 +96,9 @@ class Router:
         engine = self.target_for_unpinned(needs)
         if engine is None:
             serving = [e for e in self.engines.by_priority() if e.refusal is None]
-            if serving:
-                raise unsupported(needs, serving)
+            if serving:  # named by the first need an engine that serves lacks
+                lacked = {c: n for c, n in needs.items() if any(e.lacks({c: n}) for e in serving)}
+                raise unsupported(lacked or needs, serving)
             reasons = "; ".join(f"{e.name}: {e.refusal[1]}" for e in self.engines if e.refusal)
             raise Refused(ErrorCode.NO_ENGINE, f"no engine can serve: {reasons}")
         return engine
@@ -150,7 +151,7 @@ class Router:
             generation = engine.queue.popleft()
             if generation.finished:
                 continue
-            lacking = engine.lacks(generation.params.sampling.needs())  # known now: its worker is ready
+            lacking = engine.lacks(generation.params.needs())  # known now: its worker is ready
             if lacking:
                 refused = unsupported(lacking, [engine])
                 self.fail(generation, refused.code, refused.message, now)
@@ -170,14 +171,25 @@ class Router:
         generation.worker_token_prefix = p.token_frame_prefix(generation.wire_id)
         worker.running[generation.wire_id] = generation
         deadline_at = generation.deadline_at
+        deadline_ms = None if deadline_at is None else max(1, int((deadline_at - now) * 1000))
         params = generation.params
-        message = Generate(
-            request_id=generation.wire_id,
-            prompt=params.prompt,
-            messages=None if params.messages is None else tuple(params.messages),
-            params=params.sampling,
-            deadline_ms=None if deadline_at is None else max(1, int((deadline_at - now) * 1000)),
-        )
+        message: Generate | Embed
+        if params.input is not None:
+            strings = isinstance(params.input[0], str)
+            message = Embed(
+                request_id=generation.wire_id,
+                texts=params.input if strings else None,  # type: ignore[arg-type]
+                token_arrays=None if strings else params.input,  # type: ignore[arg-type]
+                deadline_ms=deadline_ms,
+            )
+        else:
+            message = Generate(
+                request_id=generation.wire_id,
+                prompt=params.prompt,
+                messages=None if params.messages is None else tuple(params.messages),
+                params=params.sampling,
+                deadline_ms=deadline_ms,
+            )
         self.effects.send_worker(worker.worker_id, message)
 
     # --- requests leaving an engine ----------------------------------------------------
@@ -187,7 +199,7 @@ class Router:
         for request in [r for r in source.queue if isinstance(r, ClientRequest) and r.params.engine is None]:
             if not target.has_room:
                 return
-            if target.lacks(request.params.sampling.needs()):
+            if target.lacks(request.params.needs()):
                 continue
             source.remove(request)
             self.enqueue(request, target, "requests moved here", now)
@@ -240,7 +252,7 @@ class Router:
         """Its pinned engine if that still serves; unpinned, the engine that takes traffic now."""
         if generation.params.engine is not None:
             return engine if engine.refusal is None else None
-        return self.target_for_unpinned(generation.params.sampling.needs())
+        return self.target_for_unpinned(generation.params.needs())
 
     # --- cancels, deadlines, vanished clients ---------------------------------------------
 
@@ -316,8 +328,8 @@ class Router:
         else:
             generation.text.append(json.loads(text_literal))
 
-    def on_result(self, engine: EngineState, message: Done | GenerateError, now: float) -> None:
-        """The worker's done or error for its running request."""
+    def on_result(self, engine: EngineState, message: Done | Embeddings | GenerateError, now: float) -> None:
+        """The worker's done, embeddings or error for its running request."""
         generation = engine.worker.running.pop(message.request_id, None)
         if generation is None:
             return  # the end of a request already retried elsewhere
@@ -334,6 +346,8 @@ class Router:
             self.done(
                 generation, message.finish_reason, message.usage.to_wire(), message.timings, now, message.tool_calls
             )
+        elif isinstance(message, Embeddings):
+            self.finish(generation, generation.embeddings_event(message.vectors, message.usage.prompt_tokens, now), now)
         else:
             self.fail(generation, message.code, message.message, now)
         self.pump(engine, now)
@@ -368,7 +382,7 @@ class Router:
         """Every end of every generation: exactly once, whatever its cause."""
         if not generation.finish():
             return
-        ok = event["event"] == p.EVENT_DONE
+        ok = event["event"] != p.EVENT_ERROR
         if isinstance(generation, Probe):
             self.probes.discard(generation)
             self.on_probe_end(generation, ok, event.get("message", ""), now)

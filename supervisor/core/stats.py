@@ -190,10 +190,10 @@ class EngineStats:
     def record_end(self, generation: Generation, event: dict[str, Any], now: float, config: EngineConfig) -> None:
         """A client request's terminal event: how it ended, its tokens (the worker's usage, else
         the tokens streamed) and what they cost, its latencies."""
-        if event["event"] == p.EVENT_DONE:
-            _bump(self.finished, str(event["finish_reason"]))
-        else:
+        if event["event"] == p.EVENT_ERROR:
             _bump(self.errors, str(event["code"]))
+        else:  # done, or an embed op's embeddings (which ends as "stop": nothing cut it short)
+            _bump(self.finished, str(event.get("finish_reason", p.FINISH_STOP)))
         usage = event.get("usage") or {}
         prompt = _tokens(usage.get("prompt_tokens"))
         completion = (

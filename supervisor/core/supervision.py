@@ -12,7 +12,17 @@ from typing import Any
 
 from workers import protocol as p
 from workers.protocol import ErrorCode
-from workers.protocol.messages import Failed, Heartbeat, Hello, Load, LoadFailed, Loading, Ready, Sampling
+from workers.protocol.messages import (
+    PHASE_EMBEDDING,
+    Failed,
+    Heartbeat,
+    Hello,
+    Load,
+    LoadFailed,
+    Loading,
+    Ready,
+    Sampling,
+)
 
 from ..config import Settings
 from ..logs import get_logger
@@ -140,6 +150,13 @@ class Supervision:
 
     def on_heartbeat(self, engine: EngineState, message: Heartbeat, now: float) -> None:
         engine.worker.report.heartbeat = message
+        if message.phase == PHASE_EMBEDDING and message.last_token_age_ms is not None:
+            # An embed op streams no tokens: its decodes' progress is what shows it is not stalled.
+            for generation in engine.worker.running.values():
+                if generation.params.input is not None:
+                    generation.last_token_at = max(
+                        generation.last_token_at or 0.0, now - message.last_token_age_ms / 1000
+                    )
 
     def heard_from(self, engine: EngineState, now: float) -> None:
         engine.worker.times.last_heard = now
@@ -353,13 +370,15 @@ class Supervision:
         ):
             return
         engine.worker.times.probe_due_at = now + self.config.probe_interval_s
+        embeds = engine.config.embedding  # an embedding engine is probed with an embed of the same word
         params = GenerateParams(
-            prompt="Hello",
+            prompt=None if embeds else "Hello",
             messages=None,
-            stream=True,
+            stream=not embeds,
             engine=engine.name,
             deadline_ms=int(self.config.probe_timeout_s * 1000),
             sampling=PROBE_SAMPLING,
+            input=("Hello",) if embeds else None,
         )
         self.router.add_probe(Probe(id=f"probe-{next(self._probe_ids)}", params=params, received_at=now), engine, now)
 

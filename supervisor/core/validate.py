@@ -18,7 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from workers.protocol import CLIENT_OPS, OP_GENERATE, ErrorCode, field_label, invalid_text_path, is_text
-from workers.protocol.messages import DEFAULT_MAX_TOKENS, MAX_LOGIT_BIAS, SAMPLING_FIELDS, Sampling
+from workers.protocol.messages import (
+    CAP_EMBEDDINGS,
+    DEFAULT_MAX_TOKENS,
+    MAX_LOGIT_BIAS,
+    SAMPLING_FIELDS,
+    Sampling,
+)
 from workers.protocol.tool_calls import is_forced
 
 from .errors import InvalidMessage
@@ -28,13 +34,21 @@ MAX_ID_LENGTH = 128
 MAX_STOP_STRINGS = 8
 MAX_STOP_LENGTH = 256
 MAX_ECHO_LENGTH = 64
+MAX_EMBED_INPUTS = 2048  # inputs of one embed op (OpenAI's limit)
+MAX_TOKEN_ID = 2**31 - 1
+# What the router asks of an engine for a generate op: that it generates (every engine but one in embedding
+# mode, whose ready lists only "embeddings").  The daemon's own, never in a ready message.
+CAP_GENERATE = "generate"
 ROLES = ("system", "user", "assistant", "tool")
 _NOT_TEXT = "not valid Unicode text (a lone UTF-16 surrogate)"
 
 
+EmbedInput = tuple[str, ...] | tuple[tuple[int, ...], ...]
+
+
 @dataclass
 class GenerateParams:
-    """A validated generate op."""
+    """A validated generate op, or an embed op (``input`` set; no prompt, messages or sampling)."""
 
     prompt: str | None
     messages: list[dict[str, Any]] | None
@@ -43,6 +57,13 @@ class GenerateParams:
     deadline_ms: int | None
     sampling: Sampling = field(default_factory=Sampling)  # what the worker receives as "params"
     keep_alive: float | None = None  # seconds the model stays loaded after it (-1: for ever); None: the engine's
+    input: EmbedInput | None = None  # an embed op's strings, or token arrays
+
+    def needs(self) -> dict[str, str]:
+        """The capabilities an engine needs to serve it, each with the field that asks for it."""
+        if self.input is not None:
+            return {CAP_EMBEDDINGS: "input"}
+        return {**self.sampling.needs(), CAP_GENERATE: "prompt" if self.messages is None else "messages"}
 
 
 def message_op(message: dict[str, Any]) -> str:
@@ -77,6 +98,7 @@ def reply_id(message: dict[str, Any]) -> str | None:
 _GENERATE_FIELDS = frozenset(
     {"op", "id", "prompt", "messages", "stream", "engine", "deadline_ms", "keep_alive", *SAMPLING_FIELDS}
 )
+_EMBED_FIELDS = frozenset({"op", "id", "input", "engine", "deadline_ms", "keep_alive"})
 _CANCEL_FIELDS = frozenset({"op", "id", "target"})
 _LOAD_FIELDS = frozenset({"op", "id", "engine", "keep_alive"})
 _UNLOAD_FIELDS = frozenset({"op", "id", "engine", "all"})
@@ -101,6 +123,51 @@ def parse_generate(message: dict[str, Any], max_tokens_limit: int) -> GeneratePa
         keep_alive=parse_keep_alive(message.get("keep_alive")),
         sampling=sampling,
     )
+
+
+def parse_embed(message: dict[str, Any]) -> GenerateParams:
+    """Validate an embed op: ``input`` a non-empty string, a list of them, or a list of token arrays."""
+    _check_fields(message, _EMBED_FIELDS)
+    return GenerateParams(
+        prompt=None,
+        messages=None,
+        stream=False,
+        engine=_optional_str(message, "engine"),
+        deadline_ms=_int(message, "deadline_ms", None, 1, 24 * 3600 * 1000, nullable=True),
+        keep_alive=parse_keep_alive(message.get("keep_alive")),
+        input=_embed_input(message),
+    )
+
+
+def _embed_input(message: dict[str, Any]) -> EmbedInput:
+    """A string, a list of 1 to MAX_EMBED_INPUTS strings, or as many token arrays (lists of token ids), none empty."""
+    if "input" not in message:
+        raise _invalid("input", "missing: give a string, a list of strings or a list of token arrays")
+    value = message["input"]
+    if isinstance(value, str):
+        if not value:
+            raise _invalid("input", "must not be empty")
+        return (value,)
+    if not isinstance(value, list) or not value:
+        raise _invalid("input", "must be a non-empty string, or a non-empty list of strings or of token arrays")
+    if len(value) > MAX_EMBED_INPUTS:
+        raise _invalid("input", f"at most {MAX_EMBED_INPUTS} inputs; got {len(value)}")
+    strings = isinstance(value[0], str)
+    for i, item in enumerate(value):
+        if strings:
+            if not isinstance(item, str):
+                raise _invalid(f"input[{i}]", "must be a string, as input[0] is (strings and token arrays do not mix)")
+            if not item:
+                raise _invalid(f"input[{i}]", "must not be empty")
+            continue
+        if not isinstance(item, list) or not item:
+            raise _invalid(f"input[{i}]", "must be a non-empty string or a non-empty array of token ids")
+        for j, token in enumerate(item):
+            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token <= MAX_TOKEN_ID:
+                raise _invalid(f"input[{i}][{j}]", "must be a token id (a non-negative integer)")
+    if strings:
+        return tuple(value)
+    return tuple(tuple(item) for item in value)
 
 
 # Each sampling field with its type and limits, read once: a generate op is checked against this table.
@@ -394,6 +461,7 @@ __all__ = [
     "message_id",
     "message_op",
     "parse_cancel",
+    "parse_embed",
     "parse_generate",
     "parse_keep_alive",
     "parse_load",

@@ -25,6 +25,7 @@ from ..core.validate import (
     message_id,
     message_op,
     parse_cancel,
+    parse_embed,
     parse_generate,
     parse_load,
     parse_unload,
@@ -78,6 +79,7 @@ class ClientFront:
             p.OP_LOAD: self._load,
             p.OP_UNLOAD: self._unload,
             p.OP_PS: self._ps,
+            p.OP_EMBED: self._embed,
         }
 
     def send(self, envelope: list[bytes], frame: bytes) -> bool:
@@ -129,6 +131,9 @@ class ClientFront:
 
     def _generate(self, envelope: list[bytes], mid: str, message: dict[str, Any], now: float) -> None:
         self.router.submit(envelope, mid, parse_generate(message, self.max_tokens_limit), now)
+
+    def _embed(self, envelope: list[bytes], mid: str, message: dict[str, Any], now: float) -> None:
+        self.router.submit(envelope, mid, parse_embed(message), now)
 
     def _cancel(self, envelope: list[bytes], mid: str, message: dict[str, Any], now: float) -> None:
         target = parse_cancel(message)

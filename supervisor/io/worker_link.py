@@ -19,6 +19,7 @@ from workers.protocol.messages import (
     WORKER_MESSAGES,
     DaemonHeartbeat,
     Done,
+    Embeddings,
     Failed,
     GenerateError,
     Heartbeat,
@@ -67,6 +68,7 @@ class WorkerLink:
             Heartbeat: supervisor.on_heartbeat,
             Token: self._on_token,
             Done: router.on_result,
+            Embeddings: router.on_result,
             GenerateError: router.on_result,
         }
 

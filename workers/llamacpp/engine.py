@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..engine import (
+    EmbedProgressFn,
+    EmbedResult,
     EmitFn,
     EngineUnavailable,
     GenerateResult,
@@ -27,11 +29,13 @@ from ..engine import (
     StopFn,
 )
 from ..protocol.messages import (
+    CAP_EMBEDDINGS,
     CAP_GRAMMAR,
     CAP_LOGIT_BIAS,
     CAP_PENALTIES,
     CAP_RESPONSE_FORMAT,
     CAP_TOOLS,
+    Embed,
     Generate,
     LoadSpec,
     Sampling,
@@ -40,6 +44,7 @@ from ..protocol import ErrorCode
 from .log import LlamaLog, python_prints
 from .loop import TokenLoop
 from .batch import SequenceBatch
+from .embed import EMBED_SEQUENCES, POOLING_TYPES, EmbedLoop, model_pooling
 from .native import backend_devices, context_params, load_progress
 from .settings import FLASH_ATTN_ENABLED, LoadSettings, choose, split_kwargs
 from ..protocol.tool_calls import call_schema, is_forced
@@ -101,6 +106,7 @@ class LlamaCppEngine:
         self._model_name = "this model"
         self.slots = 1  # requests generated at once: the spec's "parallel" (BatchEngine, workers/batch.py)
         self._batch: SequenceBatch | None = None
+        self._embed_loop: EmbedLoop | None = None  # embedding mode (the spec's "embedding"): embed, no generate
 
     def versions(self) -> dict[str, Any]:
         import numpy
@@ -119,10 +125,12 @@ class LlamaCppEngine:
         options.pop("flash_attn", None)  # set through the context parameters below, "auto" included
         # The planned split first: tensor_split or main_gpu set in the engine's options win.
         kwargs = {**split_kwargs(spec), **options, **settings.llama_kwargs(), **_cache_kwargs(cache_type)}
-        self.slots = max(1, int(spec.parallel or 1))
+        self.slots = 1 if spec.embedding else max(1, int(spec.parallel or 1))
         n_ctx = int(spec.n_ctx or 2048)
         # parallel: one sequence per request in one context, n_ctx cells each (not shared: kv_unified off).
         several = {"n_seq_max": self.slots, "n_ctx": n_ctx * self.slots, "kv_unified": False} if self.slots > 1 else {}
+        if spec.embedding:
+            several = self._embedding_params(spec, kwargs, n_ctx)
         kwargs.update(
             model_path=str(model_path),
             n_ctx=n_ctx,
@@ -149,6 +157,9 @@ class LlamaCppEngine:
             _LOG.flush()
             _LOG.quiet = True
         llm = self._llm
+        if spec.embedding:
+            self._embed_loop = EmbedLoop(llama_cpp, llm.model, llm.ctx, spec.normalize)
+            self.capabilities = (CAP_EMBEDDINGS,)
         self._loop = TokenLoop(llama_cpp, llm.model, llm.ctx, llama_cpp.llama_n_batch(llm.ctx))
         if self.slots > 1:
             self._batch = SequenceBatch(
@@ -157,7 +168,31 @@ class LlamaCppEngine:
         self._chat_formatter = self._make_chat_formatter(spec.chat_format)
         self._model_name = model_path.name
         progress(1.0, "loaded")
-        return {**self._facts(model_path, n_gpu_layers), **self._in_force(settings)}
+        facts = {**self._facts(model_path, n_gpu_layers), **self._in_force(settings)}
+        if self._embed_loop is not None:
+            facts.update(embedding=True, n_embd=self._embed_loop.n_embd, pooling=self._embed_loop.pooling)
+        return facts
+
+    def _embedding_params(self, spec: LoadSpec, kwargs: dict[str, Any], n_ctx: int) -> dict[str, Any]:
+        """Embedding mode: pooled vectors, up to EMBED_SEQUENCES inputs sharing one cache of n_ctx cells per
+        decode, and a micro-batch as large as the batch (an input is pooled whole, in one micro-batch)."""
+        n_batch = min(n_ctx, int(spec.n_batch or n_ctx))
+        kwargs.update(embedding=True, n_batch=n_batch, n_ubatch=n_batch)
+        pooling = POOLING_TYPES[spec.pooling] if spec.pooling else lambda model: model_pooling(llama_cpp, model)
+        sequences = min(EMBED_SEQUENCES, llama_cpp.llama_max_parallel_sequences())
+        return {"embeddings": True, "pooling_type": pooling, "n_seq_max": sequences, "kv_unified": True}
+
+    def embed(self, request: Embed, progress: EmbedProgressFn) -> EmbedResult | None:
+        loop = self._embed_loop
+        if loop is None:
+            raise RequestError(ErrorCode.UNSUPPORTED_PARAMETER, "input: this engine is not in embedding mode")
+        llm = self._llm
+        if request.texts is not None:
+            inputs = [llm.tokenize(text.encode("utf-8"), add_bos=True, special=True) for text in request.texts]
+        else:
+            inputs = [list(tokens) for tokens in request.token_arrays or ()]
+        vectors = loop.embed(inputs, progress)
+        return None if vectors is None else EmbedResult(vectors=vectors, prompt_tokens=sum(map(len, inputs)))
 
     def _facts(self, model_path: Path, n_gpu_layers: int) -> dict[str, Any]:
         """What was loaded, and where: what llama.cpp did, not what was asked."""
@@ -221,6 +256,11 @@ class LlamaCppEngine:
     def _prompt_tokens(self, request: Generate) -> tuple[list[int], list[str]]:
         """Tokens to evaluate and any stop strings the chat format adds."""
         llm = self._llm
+        if self._embed_loop is not None:  # as llama-server --embeddings refuses completions
+            raise RequestError(
+                ErrorCode.UNSUPPORTED_PARAMETER,
+                "prompt: this engine is loaded in embedding mode (embedding = true): it embeds, it does not generate",
+            )
         if request.messages is None:
             return llm.tokenize((request.prompt or "").encode("utf-8"), add_bos=True, special=True), []
         if self._chat_formatter is None:

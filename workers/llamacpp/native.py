@@ -87,15 +87,16 @@ def context_params(llama_cpp: Any, **fields: Any) -> Iterator[None]:
     Llama() has no argument for some of them: llama.cpp's "auto" flash
     attention (it turns it on only where the device running the layers
     supports it; Llama() knows on and off), or several sequences in one
-    context (``n_seq_max``, for ``parallel``).  They are set on the parameters'
+    context (``n_seq_max``, for ``parallel``).  A callable value is called
+    with the loaded model (what the model's own metadata says, e.g. pooling).  They are set on the parameters'
     way to ``llama_init_from_model``, which llama-cpp-python calls through the
     module attribute wrapped here for the duration of the load.
     """
     original = llama_cpp.llama_cpp.llama_init_from_model
 
     def init_with(model: Any, params: Any) -> Any:
-        for name, value in fields.items():
-            setattr(params, name, value)
+        for name, value in fields.items():  # a callable: the value is the model's own (read from the model)
+            setattr(params, name, value(model) if callable(value) else value)
         return original(model, params)
 
     llama_cpp.llama_cpp.llama_init_from_model = init_with

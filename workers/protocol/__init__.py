@@ -40,7 +40,8 @@ OP_RELOAD = "reload"  # read the configuration again and apply it (as SIGHUP)
 OP_LOAD = "load"  # load an engine's model now (keep_alive: how long it then stays idle)
 OP_UNLOAD = "unload"  # unload an engine's model (or all) once its requests have finished
 OP_PS = "ps"  # the models: available, loaded, where, how much memory, unload in
-CLIENT_OPS = (OP_GENERATE, OP_CANCEL, OP_STATUS, OP_PING, OP_RELOAD, OP_LOAD, OP_UNLOAD, OP_PS)
+OP_EMBED = "embed"  # one vector per input, from an engine with the embeddings capability
+CLIENT_OPS = (OP_GENERATE, OP_CANCEL, OP_STATUS, OP_PING, OP_RELOAD, OP_LOAD, OP_UNLOAD, OP_PS, OP_EMBED)
 
 EVENT_TOKEN = "token"
 EVENT_DONE = "done"
@@ -52,7 +53,8 @@ EVENT_RELOADED = "reloaded"
 EVENT_LOAD_ACK = "load_ack"  # engine, state (loading, ready, or waiting for memory), keep_alive_s
 EVENT_UNLOAD_ACK = "unload_ack"  # engines: [{engine, state, pending}]
 EVENT_PS = "ps"  # models: [...], unavailable: [...], problems: [...]
-TERMINAL_EVENTS = (EVENT_DONE, EVENT_ERROR)
+EVENT_EMBEDDINGS = "embeddings"  # an embed op's end: embeddings (one vector per input, in order), usage
+TERMINAL_EVENTS = (EVENT_DONE, EVENT_EMBEDDINGS, EVENT_ERROR)
 
 FINISH_STOP = "stop"  # end-of-generation token or a stop string
 FINISH_LENGTH = "length"  # max_tokens reached (or the context is full)

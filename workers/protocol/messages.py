@@ -46,9 +46,14 @@ CAP_RESPONSE_FORMAT = "response_format"  # JSON output: json_object, or one that
 CAP_GRAMMAR = "grammar"  # output constrained by a GBNF grammar
 # tools rendered by the chat template (or a fallback prompt), calls parsed from the output, required/named enforced
 CAP_TOOLS = "tools"
-CAPABILITIES = (CAP_PENALTIES, CAP_LOGIT_BIAS, CAP_RESPONSE_FORMAT, CAP_GRAMMAR, CAP_TOOLS)
+CAP_EMBEDDINGS = "embeddings"  # embed ops: an engine loaded in embedding mode (which then does not generate)
+CAPABILITIES = (CAP_PENALTIES, CAP_LOGIT_BIAS, CAP_RESPONSE_FORMAT, CAP_GRAMMAR, CAP_TOOLS, CAP_EMBEDDINGS)
+# What a generating engine lists: every capability but embeddings (an engine embeds or generates, not both).
+GENERATE_CAPABILITIES = (CAP_PENALTIES, CAP_LOGIT_BIAS, CAP_RESPONSE_FORMAT, CAP_GRAMMAR, CAP_TOOLS)
 MAX_TOOLS = 128  # functions in a request's tools
 MAX_GRAMMAR_LENGTH = 65536  # characters of a GBNF grammar
+POOLINGS = ("mean", "cls", "last")
+PHASE_EMBEDDING = "embedding"  # a heartbeat's phase while an embed op runs: last_token_age_ms is its last decode  # how an embedding engine pools a sequence's token vectors into one
 
 
 class ProtocolError(ValueError):
@@ -161,6 +166,10 @@ class LoadSpec:
     # Split across several GPUs: the MiB planned on each device the worker sees, in CUDA_VISIBLE_DEVICES
     # order (llama.cpp: tensor_split in these proportions, main_gpu 0; ExLlamaV2: gpu_split).  (): one device.
     split_mib: tuple[int, ...] = ()
+    # Embedding mode: the context pools one vector per input (embed ops) and generates nothing.
+    embedding: bool = False
+    pooling: str | None = None  # one of POOLINGS; None: the model's own (GGUF pooling_type), else mean
+    normalize: bool = True  # embeddings scaled to unit length (L2)
 
     def to_wire(self) -> dict[str, Any]:
         return _to_wire(self)
@@ -245,7 +254,7 @@ class Heartbeat(Message):
     """Progress, so a worker alive but stuck is visible (sent on the watchdog socket)."""
 
     TYPE: ClassVar[str] = "heartbeat"
-    phase: str | None = None
+    phase: str | None = None  # starting, loading, idle, generating, or PHASE_EMBEDDING
     request_id: str | None = None
     tokens: int = 0
     last_token_age_ms: float | None = None
@@ -280,6 +289,17 @@ class Done(Message):
     # the calls parsed from the output (finish_reason "tool_calls"): {id, type: "function", function: {name,
     # arguments: an object}}; their text was held back, never sent as tokens
     tool_calls: tuple[dict[str, Any], ...] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Embeddings(Message):
+    """An embed request's vectors, one per input in input order; ``usage.prompt_tokens``: the tokens embedded."""
+
+    TYPE: ClassVar[str] = "embeddings"
+    request_id: str
+    vectors: tuple[tuple[float, ...], ...]
+    usage: Usage = field(default_factory=Usage)
+    timings: dict[str, float] = field(default_factory=dict)  # embed_ms
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -331,6 +351,22 @@ class Generate(Message):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Embed(Message):
+    """An embed request for an embedding engine, already validated by the daemon: exactly one of ``texts``
+    (strings, tokenized by the engine) and ``token_arrays`` (token ids as they are)."""
+
+    TYPE: ClassVar[str] = "embed"
+    request_id: str
+    texts: tuple[str, ...] | None = None
+    token_arrays: tuple[tuple[int, ...], ...] | None = None
+    deadline_ms: int | None = None
+
+    @property
+    def inputs(self) -> tuple[str, ...] | tuple[tuple[int, ...], ...]:
+        return self.texts if self.texts is not None else self.token_arrays or ()
+
+
+@dataclass(frozen=True, kw_only=True)
 class Cancel(Message):
     TYPE: ClassVar[str] = "cancel"
     request_id: str
@@ -351,9 +387,10 @@ class DaemonHeartbeat(Message):
 
 
 WORKER_MESSAGES: dict[str, type[Message]] = {
-    cls.TYPE: cls for cls in (Hello, Loading, Ready, LoadFailed, Failed, Heartbeat, Token, Done, GenerateError)
+    cls.TYPE: cls
+    for cls in (Hello, Loading, Ready, LoadFailed, Failed, Heartbeat, Token, Done, Embeddings, GenerateError)
 }
-DAEMON_MESSAGES: dict[str, type[Message]] = {cls.TYPE: cls for cls in (Load, Generate, Cancel, Shutdown)}
+DAEMON_MESSAGES: dict[str, type[Message]] = {cls.TYPE: cls for cls in (Load, Generate, Embed, Cancel, Shutdown)}
 
 
 def read_message(table: dict[str, type[Message]], message: dict[str, Any]) -> Message:

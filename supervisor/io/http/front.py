@@ -39,6 +39,8 @@ from ..memory import trim_soon
 from .access import bearer_allowed
 from .door import Door, DoorCollector, DoorLimits, DoorSocket, descriptor_budget
 from .answers import Answer
+from .embeddings import answer as embeddings_answer
+from .embeddings import parse_embeddings, run_embed
 from .exchange import ClientGone, Exchange, GenerationAnswer, json_body
 from ..transport import BindError
 from .model_routes import model_routes, statuses
@@ -88,6 +90,7 @@ class OpenAIRoutes:
         return [
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/embeddings", self.embeddings, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/v1/models/{model:path}", self.model, methods=["GET"]),
             Route("/healthz", self.healthz, methods=["GET"]),
@@ -128,6 +131,21 @@ class OpenAIRoutes:
         self.gone_before_dispatch += 1
         log.debug("http client gone before its request was read", client=request.client and request.client.host)
         return Response(status_code=499)  # never written: uvicorn drops what is sent to a closed connection
+
+    async def embeddings(self, request: Request) -> Any:
+        try:
+            self._check_key(request)
+            parsed = parse_embeddings(await self._read_body(request), self.engines())
+            return json_response(embeddings_answer(parsed, await self.run_embed(parsed.message)))
+        except ApiError as error:
+            return error_response(error)
+        except ClientGone:
+            return self.client_gone(request)
+
+    async def run_embed(self, message: dict[str, Any]) -> dict[str, Any]:
+        """An embed op (its fields: input, engine, ...) run through the client front; its terminal event,
+        ``embeddings`` or ``error`` (embeddings.run_embed).  What Ollama's /api/embed calls."""
+        return await run_embed(self.front, self._routing_id(), f"embd-{secrets.token_hex(12)}", message)
 
     def metrics_route(self, render: Callable[[str | None], tuple[bytes, str]]) -> Route:
         """GET /metrics: the Prometheus exposition (io/metrics.py), behind the API keys when there are any
