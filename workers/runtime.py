@@ -165,7 +165,7 @@ class WorkerRuntime:
         started = time.monotonic()
         deadline = started + request.deadline_ms / 1000 if request.deadline_ms else None
         conversation.activity.update(phase="generating", request_id=rid, tokens=0, last_token_at=started)
-        emit = conversation.emitter(rid)
+        emit = conversation.emitter(rid, logprobs=request.params.logprobs)
 
         def should_stop() -> bool:
             conversation.read_commands()

@@ -79,6 +79,8 @@ class Generation:
             event["timings"]["prefill_ms"] = worker_timings["prefill_ms"]
         if isinstance(self, ClientRequest) and not self.params.stream:
             event["text"] = "".join(self.text)
+            if self.params.sampling.logprobs:
+                event["logprobs"] = self.logprobs
         return event
 
     def error_event(self, code: str, message: str, now: float, usage: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -100,6 +102,7 @@ class ClientRequest(Generation):
     id: str  # the client's id for it
     envelope: list[bytes] = field(default_factory=list)  # routing frames for replies
     text: list[str] = field(default_factory=list)  # kept for stream=false
+    logprobs: list[dict[str, Any]] = field(default_factory=list)  # kept for stream=false, when asked
     token_event_prefix: bytes = field(init=False)  # how this request's token events to the client begin
 
     def __post_init__(self) -> None:

@@ -140,6 +140,8 @@ def parse_sampling(message: dict[str, Any], max_tokens_limit: int) -> Sampling:
             raise TypeError(f"Sampling.{f.name}: no check for {hint}")
     if values.get("grammar") is not None and values.get("response_format") is not None:
         raise _invalid("grammar", "give at most one of grammar and response_format")
+    if values.get("top_logprobs") and not values.get("logprobs"):  # OpenAI's rule
+        raise _invalid("top_logprobs", "needs logprobs set to true")
     return Sampling(**values)
 
 

@@ -29,6 +29,7 @@ from ..engine import (
 from ..protocol.messages import (
     CAP_GRAMMAR,
     CAP_LOGIT_BIAS,
+    CAP_LOGPROBS,
     CAP_PENALTIES,
     CAP_RESPONSE_FORMAT,
     Generate,
@@ -37,6 +38,7 @@ from ..protocol.messages import (
 )
 from ..protocol import ErrorCode
 from .log import LlamaLog, python_prints
+from .logprobs import LogprobRecorder
 from .loop import TokenLoop
 from .batch import SequenceBatch
 from .native import backend_devices, context_params, load_progress
@@ -89,7 +91,7 @@ def _cache_kwargs(cache_type: str) -> dict[str, Any]:
 class LlamaCppEngine:
     kind = "llamacpp"
     # the ready message's (workers/protocol/messages.py)
-    capabilities = (CAP_PENALTIES, CAP_LOGIT_BIAS, CAP_RESPONSE_FORMAT, CAP_GRAMMAR)
+    capabilities = (CAP_PENALTIES, CAP_LOGIT_BIAS, CAP_RESPONSE_FORMAT, CAP_GRAMMAR, CAP_LOGPROBS)
 
     def __init__(self) -> None:
         self._llm: Any = None
@@ -250,11 +252,26 @@ class LlamaCppEngine:
 
     # --- several requests at once (parallel > 1) ---------------------------------------------
 
+    def _logprobs(self, params: Sampling, emit: EmitFn) -> tuple[EmitFn, Any]:
+        """The emit and draw of a request: its own, or the logprobs recorder's when it asked (logprobs.py)."""
+        if not params.logprobs:
+            return emit, None
+        recorder = LogprobRecorder(llama_cpp, self._llm.n_vocab(), params.top_logprobs, self._loop.piece)
+        return recorder.emit_through(emit), recorder.sample
+
     def begin(self, request: Generate, emit: EmitFn) -> None:
         assert self._batch is not None, "begin without parallel"
         tokens, text, sampler = self._prepare(request)
+        emit, sample = self._logprobs(request.params, emit)
         self._batch.begin(
-            request.request_id, tokens, sampler, text, emit, request.params.max_tokens, not request.params.ignore_eos
+            request.request_id,
+            tokens,
+            sampler,
+            text,
+            emit,
+            request.params.max_tokens,
+            not request.params.ignore_eos,
+            sample,
         )
 
     def step(self) -> list[tuple[str, GenerateResult]]:
@@ -272,10 +289,13 @@ class LlamaCppEngine:
         loop = self._loop
         assert loop is not None
         n_ctx = self._llm.n_ctx()
+        emit, sample = self._logprobs(request.params, emit)
         try:
             loop.prefill(tokens)
             budget = min(request.params.max_tokens, n_ctx - len(tokens))
-            generated, finish = loop.run(sampler, budget, not request.params.ignore_eos, should_stop, text, emit)
+            generated, finish = loop.run(
+                sampler, budget, not request.params.ignore_eos, should_stop, text, emit, sample
+            )
         finally:
             loop.free(sampler)
         tail = text.flush()

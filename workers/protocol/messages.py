@@ -44,8 +44,10 @@ CAP_PENALTIES = "penalties"  # repeat_penalty, presence_penalty, frequency_penal
 CAP_LOGIT_BIAS = "logit_bias"
 CAP_RESPONSE_FORMAT = "response_format"  # JSON output: json_object, or one that validates against a JSON schema
 CAP_GRAMMAR = "grammar"  # output constrained by a GBNF grammar
-CAPABILITIES = (CAP_PENALTIES, CAP_LOGIT_BIAS, CAP_RESPONSE_FORMAT, CAP_GRAMMAR)
+CAP_LOGPROBS = "logprobs"  # each token's log-probability and the most likely alternatives
+CAPABILITIES = (CAP_PENALTIES, CAP_LOGIT_BIAS, CAP_RESPONSE_FORMAT, CAP_GRAMMAR, CAP_LOGPROBS)
 MAX_GRAMMAR_LENGTH = 65536  # characters of a GBNF grammar
+MAX_TOP_LOGPROBS = 20  # alternatives a token's logprobs entry may list (OpenAI's limit)
 
 
 class ProtocolError(ValueError):
@@ -100,6 +102,15 @@ class Sampling:
     )
     grammar: str | None = field(
         default=None, metadata=_about("a GBNF grammar the output follows", 1, MAX_GRAMMAR_LENGTH, CAP_GRAMMAR)
+    )
+    # The model's own distribution (a softmax of its raw logits, before bias, penalties, grammar and
+    # temperature: what llama-server reports by default); token events then carry LogprobEntry objects.
+    logprobs: bool = field(
+        default=False, metadata=_about("each token's log-probability, in its token event", needs=CAP_LOGPROBS)
+    )
+    top_logprobs: int = field(
+        default=0,
+        metadata=_about("the most likely tokens listed with each (needs logprobs)", 0, MAX_TOP_LOGPROBS, CAP_LOGPROBS),
     )
 
     def needs(self) -> dict[str, str]:
@@ -239,12 +250,25 @@ class Heartbeat(Message):
 
 @dataclass(frozen=True, kw_only=True)
 class Token(Message):
-    """Generated text; ``tokens`` counts what it holds (0: text held back from tokens already counted)."""
+    """Generated text; ``tokens`` counts what it holds (0: text held back from tokens already counted).
+
+    ``logprobs`` (only when the request asked for them): one entry per token counted here, in order, each
+    ``{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}``: the entries travel with the text
+    of their tokens, so text held back (a possible stop string, half a character) holds its entries back
+    too, and the tokens of a stop string, never sent, have none.
+    """
 
     TYPE: ClassVar[str] = "token"
     request_id: str
     text: str
     tokens: int = 1
+    logprobs: tuple[dict[str, Any], ...] | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        wire = super().to_wire()
+        if self.logprobs is None:  # not asked: the message stays as it was before logprobs existed
+            del wire["logprobs"]
+        return wire
 
 
 @dataclass(frozen=True, kw_only=True)

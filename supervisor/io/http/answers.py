@@ -3,7 +3,11 @@
 A token event of the protocol becomes one SSE chunk without being decoded:
 the text's JSON string literal is copied from the event into a chunk whose
 beginning and end were built once for the request, so a streamed token
-costs two slices and one concatenation here.
+costs two slices and one concatenation here.  A request that asked for
+logprobs takes the general way (its events carry entries to reshape).
+
+An answer has ``n`` choices (``n`` > 1: one generate op each, ids
+:func:`choice_id`); each event goes to the choice its op's id names.
 """
 
 from __future__ import annotations
@@ -29,10 +33,24 @@ def sse_error(error: ApiError) -> bytes:
     return _sse(error.body())
 
 
+def choice_id(request_id: str, index: int, n: int) -> str:
+    """The generate op id of choice ``index``: the request's own for one choice, else all of one length."""
+    return request_id if n == 1 else f"{request_id}.{index:02d}"
+
+
 class Answer:
     """How one request is answered: its completion id, the `model` it names, chat or completions."""
 
-    def __init__(self, kind: str, request_id: str, model: str, created: int, include_usage: bool) -> None:
+    def __init__(
+        self,
+        kind: str,
+        request_id: str,
+        model: str,
+        created: int,
+        include_usage: bool,
+        n: int = 1,
+        logprobs: bool = False,
+    ) -> None:
         self.kind, self.request_id, self.model, self.created, self.include_usage = (
             kind,
             request_id,
@@ -40,75 +58,119 @@ class Answer:
             created,
             include_usage,
         )
-        self.event_prefix = p.token_event_prefix(request_id)
+        self.n, self.logprobs = n, logprobs
+        self.op_ids = [choice_id(request_id, i, n) for i in range(n)]
+        self.event_prefix = p.token_event_prefix(self.op_ids[0])
+        # a token event's choice, by its beginning (the prefixes are all of one length)
+        self.choice_of = {p.token_event_prefix(op_id): i for i, op_id in enumerate(self.op_ids)}
+        self.index_of = {op_id: i for i, op_id in enumerate(self.op_ids)}
+        self._offsets = [0] * n  # completions' text_offset: characters before each choice's next token
         self._object = "chat.completion" if kind == CHAT else "text_completion"
         chunk_object = "chat.completion.chunk" if kind == CHAT else "text_completion"
-        head = b'data: {"id":%s,"object":"%s","created":%d,"model":%s,"choices":[{"index":0,' % (
+        head = b'data: {"id":%s,"object":"%s","created":%d,"model":%s,"choices":[{"index":' % (
             p.encode_string(request_id),
             chunk_object.encode(),
             created,
             p.encode_string(model),
         )
-        if kind == CHAT:
-            self._token_head, self._token_tail = (
-                head + b'"delta":{"content":',
-                b'},"logprobs":null,"finish_reason":null}]}\n\n',
-            )
-        else:
-            self._token_head, self._token_tail = head + b'"text":', b',"logprobs":null,"finish_reason":null}]}\n\n'
+        text_key = b',"delta":{"content":' if kind == CHAT else b',"text":'
+        self._token_heads = [head + b"%d" % i + text_key for i in range(n)]
+        self._token_tail = (b"}" if kind == CHAT else b"") + b',"logprobs":null,"finish_reason":null}]}\n\n'
 
-    def token_chunk(self, event: bytes) -> bytes:
-        """A protocol token event (``event_prefix``, the text literal, ``,"index":N}``) as one SSE chunk."""
-        return self._token_head + event[len(self.event_prefix) : event.rindex(_INDEX)] + self._token_tail
+    def token_chunk(self, event: bytes, index: int = 0) -> bytes:
+        """A protocol token event (its prefix, the text literal, ``,"index":N}``) as one SSE chunk."""
+        if self.logprobs:
+            return self._token_chunk_with_logprobs(p.decode(event), index)
+        start = len(self.event_prefix)
+        return self._token_heads[index] + event[start : event.rindex(_INDEX)] + self._token_tail
+
+    def _token_chunk_with_logprobs(self, event: dict[str, Any], index: int) -> bytes:
+        text, entries = event["text"], event.get("logprobs") or []
+        if self.kind == CHAT:
+            choice = {"index": index, "delta": {"content": text}, "logprobs": {"content": entries}}
+        else:
+            choice = {"index": index, "text": text, "logprobs": self._legacy(entries, index)}
+        return _sse(self._chunk([{**choice, "finish_reason": None}]))
+
+    def _legacy(self, entries: list[dict[str, Any]], index: int) -> dict[str, Any]:
+        """Completions' logprobs: the tokens, their logprobs, {token: logprob} of the alternatives, and where
+        each token's text begins in the choice's text (counted from the tokens' own text)."""
+        offsets = []
+        for entry in entries:
+            offsets.append(self._offsets[index])
+            self._offsets[index] += len(entry["token"])
+        return {
+            "tokens": [entry["token"] for entry in entries],
+            "token_logprobs": [entry["logprob"] for entry in entries],
+            "top_logprobs": [{top["token"]: top["logprob"] for top in entry["top_logprobs"]} for entry in entries],
+            "text_offset": offsets,
+        }
 
     def opening(self) -> bytes:
-        """Before the first token: chat streams name the role first, as OpenAI's do."""
+        """Before the first token: chat streams name the role first, as OpenAI's do (once per choice)."""
         if self.kind != CHAT:
             return b""
-        return _sse(
-            self._chunk(
-                [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
+        return b"".join(
+            _sse(
+                self._chunk(
+                    [
+                        {
+                            "index": i,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ]
+                )
             )
+            for i in range(self.n)
         )
 
-    def closing(self, done: dict[str, Any]) -> bytes:
-        """After the last token: the finish reason, the usage when asked for, ``[DONE]``."""
+    def choice_end(self, done: dict[str, Any], index: int) -> bytes:
+        """After a choice's last token: its finish reason."""
         reason = done.get("finish_reason")
-        choice: dict[str, Any] = {"index": 0, "delta": {}} if self.kind == CHAT else {"index": 0, "text": ""}
-        parts = [_sse(self._chunk([{**choice, "logprobs": None, "finish_reason": reason}]))]
+        choice: dict[str, Any] = {"index": index, "delta": {}} if self.kind == CHAT else {"index": index, "text": ""}
+        return _sse(self._chunk([{**choice, "logprobs": None, "finish_reason": reason}]))
+
+    def closing(self, dones: list[dict[str, Any]]) -> bytes:
+        """After every choice's end: the usage when asked for, ``[DONE]``."""
+        parts = []
         if self.include_usage:
-            parts.append(_sse({**self._chunk([]), "usage": usage(done)}))
+            parts.append(_sse({**self._chunk([]), "usage": usage(dones)}))
         parts.append(DONE)
         return b"".join(parts)
 
-    def whole(self, done: dict[str, Any]) -> dict[str, Any]:
-        """The answer of a request that did not stream: the protocol's done event with its ``text``."""
-        text, reason = done.get("text", ""), done.get("finish_reason")
-        if self.kind == CHAT:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": reason,
-            }
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+    def whole(self, dones: list[dict[str, Any]]) -> dict[str, Any]:
+        """The answer of a request that did not stream: the protocol's done events (one per choice, in order)."""
         return {
             "id": self.request_id,
             "object": self._object,
             "created": self.created,
             "model": self.model,
-            "choices": [choice],
-            "usage": usage(done),
+            "choices": [self._whole_choice(done, index) for index, done in enumerate(dones)],
+            "usage": usage(dones),
         }
+
+    def _whole_choice(self, done: dict[str, Any], index: int) -> dict[str, Any]:
+        text, reason = done.get("text", ""), done.get("finish_reason")
+        logprobs: dict[str, Any] | None = None
+        if self.logprobs:
+            entries = done.get("logprobs") or []
+            logprobs = {"content": entries} if self.kind == CHAT else self._legacy(entries, index)
+        if self.kind == CHAT:
+            message = {"role": "assistant", "content": text}
+            return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
 
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         kind = "chat.completion.chunk" if self.kind == CHAT else "text_completion"
         return {"id": self.request_id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
 
 
-def usage(done: dict[str, Any]) -> dict[str, int]:
-    """OpenAI's usage from the done event's (a count the daemon could not know is 0)."""
-    counts = done.get("usage") or {}
-    prompt, completion = counts.get("prompt_tokens") or 0, counts.get("completion_tokens") or 0
+def usage(dones: list[dict[str, Any]]) -> dict[str, int]:
+    """OpenAI's usage from the done events' (a count the daemon could not know is 0): the prompt counted
+    once, as OpenAI counts it for n choices, the completion tokens of every choice."""
+    counts = [done.get("usage") or {} for done in dones]
+    prompt = max((c.get("prompt_tokens") or 0 for c in counts), default=0)
+    completion = sum(c.get("completion_tokens") or 0 for c in counts)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
