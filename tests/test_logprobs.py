@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import openai
 import pytest
 
-from .conftest import LLAMA, Daemon, collect
+from .conftest import LLAMA, Daemon, collect, fake_engine
 from .test_http import http_settings, openai_client
 
 pytestmark = pytest.mark.real_engine
@@ -209,3 +209,23 @@ def test_bad_logprobs_or_n_is_invalid_naming_the_field_and_the_workers_serve_on(
     for name in ENGINES:
         after = daemon.engine(name)["workers"][0]
         assert (after["pid"], after["restarts"]) == (before[name]["pid"], before[name]["restarts"])
+
+
+def test_entries_travel_with_the_tokens_an_event_holds_and_an_engine_without_logprobs_refuses(make_daemon, tmp_path):
+    """Mechanics on the fake engine: an event holding three tokens carries three entries; not streamed, done
+    has them all; an engine that does not list the capability gets no such request."""
+    config, _ = fake_engine(tmp_path, tokens_per_event=3)
+    without, _ = fake_engine(tmp_path, "g", priority=20, capabilities=[])
+    daemon = make_daemon({"f": config, "g": without})
+    with daemon.client() as client:
+        tokens, done = collect(client.generate("hi", engine="f", max_tokens=7, logprobs=True, top_logprobs=2))
+        assert [len(event["logprobs"]) for event in tokens] == [3, 3, 1]
+        for event in tokens:
+            assert "".join(entry["token"] for entry in event["logprobs"]) == event["text"]
+            assert all(len(entry["top_logprobs"]) == 2 for entry in event["logprobs"])
+        whole = client.complete("hi", engine="f", max_tokens=7, logprobs=True)
+        assert len(whole["logprobs"]) == 7 and "".join(e["token"] for e in whole["logprobs"]) == whole["text"]
+        plain = client.complete("hi", engine="f", max_tokens=2)
+        assert "logprobs" not in plain
+        _, refused = collect(client.generate("hi", engine="g", max_tokens=2, logprobs=True))
+    assert refused["code"] == "unsupported_parameter" and refused["message"].startswith("logprobs:")
