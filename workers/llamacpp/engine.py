@@ -250,14 +250,14 @@ class LlamaCppEngine:
         sampler = self._loop.sampler(request.params, seed, tokens, _grammar(request.params))
         return tokens, TextAssembler(list(request.params.stop) + chat_stop), sampler
 
-    # --- several requests at once (parallel > 1) ---------------------------------------------
-
     def _logprobs(self, params: Sampling, emit: EmitFn) -> tuple[EmitFn, Any]:
         """The emit and draw of a request: its own, or the logprobs recorder's when it asked (logprobs.py)."""
         if not params.logprobs:
             return emit, None
         recorder = LogprobRecorder(llama_cpp, self._llm.n_vocab(), params.top_logprobs, self._loop.piece)
         return recorder.emit_through(emit), recorder.sample
+
+    # --- several requests at once (parallel > 1) ---------------------------------------------
 
     def begin(self, request: Generate, emit: EmitFn) -> None:
         assert self._batch is not None, "begin without parallel"
