@@ -227,5 +227,7 @@ def test_entries_travel_with_the_tokens_an_event_holds_and_an_engine_without_log
         assert len(whole["logprobs"]) == 7 and "".join(e["token"] for e in whole["logprobs"]) == whole["text"]
         plain = client.complete("hi", engine="f", max_tokens=2)
         assert "logprobs" not in plain
+        plain_tokens, _ = collect(client.generate("hi", engine="f", max_tokens=4))
+        assert plain_tokens and all("logprobs" not in event for event in plain_tokens)
         _, refused = collect(client.generate("hi", engine="g", max_tokens=2, logprobs=True))
     assert refused["code"] == "unsupported_parameter" and refused["message"].startswith("logprobs:")
