@@ -212,7 +212,8 @@ def test_an_unknown_model_is_not_found(daemon):
             "max_completion_tokens",
         ),  # the protocol's max_tokens, under the name the request used
         ({"n": 2}, "n"),
-        ({"logprobs": True}, "logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs, as OpenAI refuses it
         ({"tools": [{"type": "function", "function": {"parameters": {}}}]}, "tools[0].function.name"),
         ({"functions": [{"name": "f"}]}, "functions"),  # the deprecated form of tools
         (

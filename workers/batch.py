@@ -65,7 +65,7 @@ class BatchLoop:
             if not isinstance(request, Generate):
                 continue  # a second load: nothing to do with it
             started = time.monotonic()
-            emit = self.conversation.emitter(request.request_id, self._step_frames.append)
+            emit = self.conversation.emitter(request.request_id, self._step_frames.append, request.params.logprobs)
             emit = with_tool_calls(emit, request, self.conversation.activity)
             try:
                 self.engine.begin(request, emit)

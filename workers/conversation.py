@@ -118,9 +118,12 @@ class Conversation:
             )
         )
 
-    def emitter(self, request_id: str, send: Callable[[bytes], Any] | None = None) -> Any:
+    def emitter(self, request_id: str, send: Callable[[bytes], Any] | None = None, logprobs: bool = False) -> Any:
         """The request's emit function: sends from this thread, no other thread wakes for a token.
-        ``send``: where its frames go instead of the socket (the batch loop gathers a step's)."""
+        ``send``: where its frames go instead of the socket (the batch loop gathers a step's);
+        ``logprobs``: the request asked for them (the engine passes each piece's entries)."""
+        if logprobs:
+            return self._emitter_with_logprobs(request_id, send)
         activity, send, encode_string = self.activity, send or self.socket.send, p.encode_string
         token_prefix = p.token_frame_prefix(request_id)
 
@@ -135,6 +138,23 @@ class Conversation:
                 send(token_prefix + encode_string(text) + b"}")
             else:
                 send(p.encode(Token(request_id=request_id, text=text, tokens=tokens).to_wire()))
+
+        emit.first_token_at = None  # type: ignore[attr-defined]
+        return emit
+
+    def _emitter_with_logprobs(self, request_id: str, send: Callable[[bytes], Any] | None = None) -> Any:
+        """The emit function of a request that asked for logprobs: every message in the general form, with the
+        entries of the tokens its text holds (the engine passes them); kept apart so the fast form stays as it is."""
+        activity, send = self.activity, send or self.socket.send
+
+        def emit(text: str, tokens: int = 1, logprobs: Any = ()) -> None:
+            now = time.monotonic()
+            if emit.first_token_at is None:  # type: ignore[attr-defined]
+                emit.first_token_at = now  # type: ignore[attr-defined]
+            activity["tokens"] += tokens
+            activity["last_token_at"] = now
+            message = Token(request_id=request_id, text=text, tokens=tokens, logprobs=tuple(logprobs))
+            send(p.encode(message.to_wire()))
 
         emit.first_token_at = None  # type: ignore[attr-defined]
         return emit

@@ -42,6 +42,13 @@ class EmitFn(Protocol):
     def __call__(self, text: str, tokens: int = 1) -> None: ...
 
 
+class EmitWithLogprobs(Protocol):
+    """The emit function of a request that asked for logprobs: ``logprobs`` holds one entry per token
+    counted in ``tokens`` (Token's, workers/protocol/messages.py)."""
+
+    def __call__(self, text: str, tokens: int = 1, logprobs: Any = ()) -> None: ...
+
+
 class EngineUnavailable(Exception):
     """This engine cannot run on this machine (no CUDA, a broken build).
 

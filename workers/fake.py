@@ -61,7 +61,7 @@ from .engine import (
     ProgressFn,
     StopFn,
 )
-from .protocol.messages import CAP_EMBEDDINGS, GENERATE_CAPABILITIES, Embed, Generate, LoadSpec
+from .protocol.messages import CAP_EMBEDDINGS, GENERATE_CAPABILITIES, Embed, Generate, LoadSpec, Sampling
 from .protocol import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, WORKER_CURVE_ENV, WORKER_SECRET_ENV
 
 WORDS = "the quick brown fox jumps over the lazy dog".split()
@@ -122,6 +122,7 @@ class FakeEngine:
         return {"model": "fake", "model_name": "fake", "n_ctx": 4096}
 
     def generate(self, request: Generate, emit: EmitFn, should_stop: StopFn) -> GenerateResult:
+        emit = _with_logprobs(emit, request.params)
         options = self._current()
         if options.get("echo_request"):
             return _echo(request, emit)
@@ -172,7 +173,7 @@ class FakeEngine:
     # --- several requests at once (BatchEngine) ---------------------------------------
 
     def begin(self, request: Generate, emit: EmitFn) -> None:
-        self._batch[request.request_id] = [request, emit, 0]
+        self._batch[request.request_id] = [request, _with_logprobs(emit, request.params), 0]
 
     def step(self) -> list[tuple[str, GenerateResult]]:
         options = self._current()
@@ -204,6 +205,26 @@ def _echo(request: Generate, emit: EmitFn) -> GenerateResult:
     return GenerateResult(
         finish_reason=FINISH_STOP, prompt_tokens=len((request.prompt or "").split()) or 1, completion_tokens=1
     )
+
+
+def _with_logprobs(emit: Any, params: Sampling) -> Any:
+    """For a request that asked: each word an entry, its logprob -1, its alternatives the words after it."""
+    if not params.logprobs:
+        return emit
+
+    def entry(word: str, logprob: float) -> dict[str, Any]:
+        return {"token": word, "logprob": logprob, "bytes": list(word.encode())}
+
+    def emit_with_entries(text: str, tokens: int = 1) -> None:
+        words = [word + " " for word in text.split()]
+        entries = []
+        for word in words:
+            at = WORDS.index(word.strip())
+            top = [entry(WORDS[(at + i) % len(WORDS)] + " ", -1.0 - i) for i in range(params.top_logprobs)]
+            entries.append({**entry(word, -1.0), "top_logprobs": top})
+        emit(text, tokens, entries)
+
+    return emit_with_entries
 
 
 def _misbehave(options: dict[str, Any], produced: int) -> None:

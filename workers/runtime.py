@@ -169,7 +169,9 @@ class WorkerRuntime:
         started = time.monotonic()
         deadline = started + request.deadline_ms / 1000 if request.deadline_ms else None
         conversation.activity.update(phase="generating", request_id=rid, tokens=0, last_token_at=started)
-        emit = with_tool_calls(conversation.emitter(rid), request, conversation.activity)
+        emit = with_tool_calls(
+            conversation.emitter(rid, logprobs=request.params.logprobs), request, conversation.activity
+        )
 
         def should_stop() -> bool:
             conversation.read_commands()

@@ -36,24 +36,32 @@ class ToolCallEmitter:
         self._names = [tool["function"]["name"] for tool in params.tools or ()]
         self._parallel = params.parallel_tool_calls
         self._held_tokens = 0  # tokens of text not sent yet
+        # logprobs asked: the emit takes each piece's entries, held with their text (conversation.py)
+        self._logprobs = params.logprobs
+        self._held_entries: list[Any] = []
         self.first_token_at: float | None = None
 
-    def __call__(self, text: str, tokens: int = 1) -> None:
+    def __call__(self, text: str, tokens: int = 1, entries: Any = ()) -> None:
         now = time.monotonic()
         self.first_token_at = self.first_token_at or now
         out = self._start.feed(text)
         if out:
-            self._release(out, tokens)
+            self._release(out, tokens, entries)
         else:
             self._held_tokens += tokens
+            self._held_entries += entries
             self._activity["tokens"] += tokens
             self._activity["last_token_at"] = now
 
-    def _release(self, text: str, tokens: int) -> None:
-        """Send ``text`` with the tokens held so far (which the activity already counts) and ``tokens``."""
+    def _release(self, text: str, tokens: int, entries: Any = ()) -> None:
+        """Send ``text`` with the tokens held so far (which the activity already counts) and ``tokens``
+        (and their logprobs entries, when the request asked)."""
         self._activity["tokens"] -= self._held_tokens
-        self._emit(text, self._held_tokens + tokens)
-        self._held_tokens = 0
+        if self._logprobs:
+            self._emit(text, self._held_tokens + tokens, [*self._held_entries, *entries])
+        else:
+            self._emit(text, self._held_tokens + tokens)
+        self._held_tokens, self._held_entries = 0, []
 
     def finish(self, finish_reason: str) -> tuple[dict[str, Any], ...] | None:
         """The calls of a generation that ended (their ids new), or None after sending the held text on."""

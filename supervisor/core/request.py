@@ -84,6 +84,8 @@ class Generation:
             event["timings"]["prefill_ms"] = worker_timings["prefill_ms"]
         if isinstance(self, ClientRequest) and not self.params.stream and self.params.input is None:
             event["text"] = "".join(self.text)
+            if self.params.sampling.logprobs:
+                event["logprobs"] = self.logprobs
         if tool_calls:
             event["tool_calls"] = list(tool_calls)
         return event
@@ -116,6 +118,7 @@ class ClientRequest(Generation):
     id: str  # the client's id for it
     envelope: list[bytes] = field(default_factory=list)  # routing frames for replies
     text: list[str] = field(default_factory=list)  # kept for stream=false
+    logprobs: list[dict[str, Any]] = field(default_factory=list)  # kept for stream=false, when asked
     token_event_prefix: bytes = field(init=False)  # how this request's token events to the client begin
 
     def __post_init__(self) -> None:

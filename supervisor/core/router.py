@@ -305,8 +305,17 @@ class Router:
 
     # --- what the worker sends back -------------------------------------------------
 
-    def on_token(self, engine: EngineState, wire_id: str, text_literal: bytes, tokens: int, now: float) -> None:
-        """Tokens of a running request; ``text_literal`` is their text as a JSON string literal."""
+    def on_token(
+        self,
+        engine: EngineState,
+        wire_id: str,
+        text_literal: bytes,
+        tokens: int,
+        now: float,
+        logprobs: tuple[dict[str, Any], ...] | None = None,
+    ) -> None:
+        """Tokens of a running request; ``text_literal`` is their text as a JSON string literal;
+        ``logprobs``: their entries, when the request asked (they go with the text)."""
         generation = engine.worker.running.get(wire_id)
         engine.worker.times.last_heard = now
         if generation is None:
@@ -321,12 +330,22 @@ class Router:
             return
         engine.stats.record_tokens(generation, previous_at, tokens, now)
         if generation.params.stream:
-            event = b'%s%s,"index":%d}' % (generation.token_event_prefix, text_literal, generation.token_events)
+            if logprobs is None:
+                event = b'%s%s,"index":%d}' % (generation.token_event_prefix, text_literal, generation.token_events)
+            else:
+                event = b'%s%s,"index":%d,"logprobs":%s}' % (
+                    generation.token_event_prefix,
+                    text_literal,
+                    generation.token_events,
+                    p.encode(list(logprobs)),  # type: ignore[arg-type]
+                )
             generation.token_events += 1
             if not self.effects.send_client(generation.envelope, event):
                 self.client_gone(generation.client, now)
         else:
             generation.text.append(json.loads(text_literal))
+            if logprobs is not None:
+                generation.logprobs.extend(logprobs)
 
     def on_result(self, engine: EngineState, message: Done | Embeddings | GenerateError, now: float) -> None:
         """The worker's done, embeddings or error for its running request."""

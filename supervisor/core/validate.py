@@ -214,6 +214,8 @@ def parse_sampling(message: dict[str, Any], max_tokens_limit: int) -> Sampling:
         raise _invalid("grammar", "give at most one of grammar and response_format")
     if is_forced(values.get("tool_choice")) and (values.get("grammar") or values.get("response_format")):
         raise _invalid("tool_choice", "a forced call has a grammar of its own: give no grammar or response_format")
+    if values.get("top_logprobs") and not values.get("logprobs"):  # OpenAI's rule
+        raise _invalid("top_logprobs", "needs logprobs set to true")
     return Sampling(**values)
 
 

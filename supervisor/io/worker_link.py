@@ -170,4 +170,4 @@ class WorkerLink:
     def _on_token(self, engine: EngineState, message: Token, now: float) -> None:
         # 0: text held back from tokens already counted (a stop string that did not complete)
         count = message.tokens if message.tokens >= 0 else 1
-        self.router.on_token(engine, message.request_id, p.encode_string(message.text), count, now)
+        self.router.on_token(engine, message.request_id, p.encode_string(message.text), count, now, message.logprobs)

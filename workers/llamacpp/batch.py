@@ -39,6 +39,7 @@ class _Sequence:
     emit: EmitFn
     budget: int  # tokens it may generate
     stop_at_eog: bool
+    sample: Any  # llama_sampler_sample, the grammar's (constrained.py), or the logprobs recorder's (logprobs.py)
     position: int = 0  # the position of the next token fed to the context
     next_token: int | None = None  # sampled, not yet decoded
     logits_at: int = -1  # its row in the last batch's logits; -1: none asked
@@ -75,13 +76,22 @@ class SequenceBatch:
         emit: EmitFn,
         max_tokens: int,
         stop_at_eog: bool,
+        sample: Any = None,
     ) -> None:
         seq_id = min(self._free_ids)  # the lowest: running ids stay consecutive where they can (see _fill)
         self._free_ids.remove(seq_id)
         self._c.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
         budget = min(max_tokens, self.n_ctx_seq - len(prompt))
         self._running[request_id] = _Sequence(
-            seq_id, list(prompt), len(prompt), sampler, text, emit, budget, stop_at_eog
+            seq_id,
+            list(prompt),
+            len(prompt),
+            sampler,
+            text,
+            emit,
+            budget,
+            stop_at_eog,
+            sample or self._loop.sample_function(sampler),
         )
 
     def end(self, request_id: str, finish: str = FINISH_CANCELLED) -> GenerateResult:
@@ -150,7 +160,7 @@ class SequenceBatch:
     def _sample(self, sequence: _Sequence) -> str | None:
         """Its next token: sent, and fed to the next step; a finish reason when the request ends here."""
         c = self._c
-        token = self._loop.sample_function(sequence.sampler)(sequence.sampler, self._ctx, sequence.logits_at)
+        token = sequence.sample(sequence.sampler, self._ctx, sequence.logits_at)
         if sequence.stop_at_eog and c.llama_vocab_is_eog(self._vocab, token):
             return FINISH_STOP
         sequence.generated += 1

@@ -32,6 +32,7 @@ from ..protocol.messages import (
     CAP_EMBEDDINGS,
     CAP_GRAMMAR,
     CAP_LOGIT_BIAS,
+    CAP_LOGPROBS,
     CAP_PENALTIES,
     CAP_RESPONSE_FORMAT,
     CAP_TOOLS,
@@ -42,6 +43,7 @@ from ..protocol.messages import (
 )
 from ..protocol import ErrorCode
 from .log import LlamaLog, python_prints
+from .logprobs import LogprobRecorder
 from .loop import TokenLoop
 from .batch import SequenceBatch
 from .embed import EMBED_SEQUENCES, POOLING_TYPES, EmbedLoop, model_pooling
@@ -97,7 +99,7 @@ def _cache_kwargs(cache_type: str) -> dict[str, Any]:
 class LlamaCppEngine:
     kind = "llamacpp"
     # the ready message's (workers/protocol/messages.py)
-    capabilities = (CAP_PENALTIES, CAP_LOGIT_BIAS, CAP_RESPONSE_FORMAT, CAP_GRAMMAR, CAP_TOOLS)
+    capabilities = (CAP_PENALTIES, CAP_LOGIT_BIAS, CAP_RESPONSE_FORMAT, CAP_GRAMMAR, CAP_TOOLS, CAP_LOGPROBS)
 
     def __init__(self) -> None:
         self._llm: Any = None
@@ -295,13 +297,31 @@ class LlamaCppEngine:
         sampler = self._loop.sampler(request.params, seed, tokens, _grammar(request.params))
         return tokens, TextAssembler(list(request.params.stop) + chat_stop), sampler
 
+    def _logprobs(self, params: Sampling, emit: EmitFn, sampler: Any) -> tuple[EmitFn, Any]:
+        """The emit and draw of a request: its own, or the logprobs recorder's when it asked (logprobs.py),
+        which draws with the sampler's own (constrained.py's under a grammar)."""
+        if not params.logprobs:
+            return emit, None
+        assert self._loop is not None
+        draw = self._loop.sample_function(sampler)
+        recorder = LogprobRecorder(llama_cpp, self._llm.n_vocab(), params.top_logprobs, self._loop.piece, draw)
+        return recorder.emit_through(emit), recorder.sample
+
     # --- several requests at once (parallel > 1) ---------------------------------------------
 
     def begin(self, request: Generate, emit: EmitFn) -> None:
         assert self._batch is not None, "begin without parallel"
         tokens, text, sampler = self._prepare(request)
+        emit, sample = self._logprobs(request.params, emit, sampler)
         self._batch.begin(
-            request.request_id, tokens, sampler, text, emit, request.params.max_tokens, not request.params.ignore_eos
+            request.request_id,
+            tokens,
+            sampler,
+            text,
+            emit,
+            request.params.max_tokens,
+            not request.params.ignore_eos,
+            sample,
         )
 
     def step(self) -> list[tuple[str, GenerateResult]]:
@@ -319,10 +339,13 @@ class LlamaCppEngine:
         loop = self._loop
         assert loop is not None
         n_ctx = self._llm.n_ctx()
+        emit, sample = self._logprobs(request.params, emit, sampler)
         try:
             loop.prefill(tokens)
             budget = min(request.params.max_tokens, n_ctx - len(tokens))
-            generated, finish = loop.run(sampler, budget, not request.params.ignore_eos, should_stop, text, emit)
+            generated, finish = loop.run(
+                sampler, budget, not request.params.ignore_eos, should_stop, text, emit, sample
+            )
         finally:
             loop.free(sampler)
         tail = text.flush()

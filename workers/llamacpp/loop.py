@@ -150,17 +150,19 @@ class TokenLoop:
         should_stop: Callable[[], bool],
         text: TextAssembler,
         emit: Any,
+        sample: Callable[[Any, Any, int], int] | None = None,
     ) -> tuple[int, str]:
         """Sample, check, emit, decode, token by token: (tokens generated, finish reason).
 
-        A token ends the request before it is counted when ``should_stop()``
+        ``sample``: what draws a token instead of ``llama_sampler_sample`` (the
+        logprobs recorder's, which reads the logits after it; logprobs.py).  A token ends the request before it is counted when ``should_stop()``
         says so (cancelled) or it is an end-of-generation token; after it is
         counted, when its text completes a stop string or it is the
         ``budget``-th.  The last token is never decoded: nothing reads its logits.
         """
         c = self._c
         sample, decode, to_piece, is_eog = (
-            self.sample_function(sampler),
+            sample or self.sample_function(sampler),
             c.llama_decode,
             c.llama_token_to_piece,
             c.llama_vocab_is_eog,

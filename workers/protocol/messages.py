@@ -5,7 +5,7 @@ workers all import (the worker runtime runs in each engine's environment, so
 nothing here needs more than the standard library).  A message knows its wire
 ``type``, writes itself as the JSON object docs/PROTOCOL.md describes
 (``to_wire``) and is read back from one (``from_wire``), which checks each
-field's type against the annotation: a field of the wrong type is a
+field's type against the annotation (codec.py): a field of the wrong type is a
 :class:`ProtocolError` naming it, so a broken or hostile peer is refused at
 the edge and the code behind it reads typed attributes, never ``dict.get``.
 
@@ -19,11 +19,10 @@ general form the daemon also understands.
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
-from functools import cache
-from typing import Any, Callable, ClassVar, Union
+from typing import Any, ClassVar
+
+from .codec import ProtocolError, read_fields, write_fields
 
 PROTOCOL_VERSION = 1  # of both conversations; a worker refuses a load of another version
 
@@ -46,18 +45,24 @@ CAP_RESPONSE_FORMAT = "response_format"  # JSON output: json_object, or one that
 CAP_GRAMMAR = "grammar"  # output constrained by a GBNF grammar
 # tools rendered by the chat template (or a fallback prompt), calls parsed from the output, required/named enforced
 CAP_TOOLS = "tools"
+CAP_LOGPROBS = "logprobs"  # each token's log-probability and the most likely alternatives
 CAP_EMBEDDINGS = "embeddings"  # embed ops: an engine loaded in embedding mode (which then does not generate)
-CAPABILITIES = (CAP_PENALTIES, CAP_LOGIT_BIAS, CAP_RESPONSE_FORMAT, CAP_GRAMMAR, CAP_TOOLS, CAP_EMBEDDINGS)
+CAPABILITIES = (
+    CAP_PENALTIES,
+    CAP_LOGIT_BIAS,
+    CAP_RESPONSE_FORMAT,
+    CAP_GRAMMAR,
+    CAP_TOOLS,
+    CAP_LOGPROBS,
+    CAP_EMBEDDINGS,
+)
 # What a generating engine lists: every capability but embeddings (an engine embeds or generates, not both).
-GENERATE_CAPABILITIES = (CAP_PENALTIES, CAP_LOGIT_BIAS, CAP_RESPONSE_FORMAT, CAP_GRAMMAR, CAP_TOOLS)
+GENERATE_CAPABILITIES = (CAP_PENALTIES, CAP_LOGIT_BIAS, CAP_RESPONSE_FORMAT, CAP_GRAMMAR, CAP_TOOLS, CAP_LOGPROBS)
 MAX_TOOLS = 128  # functions in a request's tools
 MAX_GRAMMAR_LENGTH = 65536  # characters of a GBNF grammar
 POOLINGS = ("mean", "cls", "last")
 PHASE_EMBEDDING = "embedding"  # a heartbeat's phase while an embed op runs: last_token_age_ms is its last decode  # how an embedding engine pools a sequence's token vectors into one
-
-
-class ProtocolError(ValueError):
-    """A message whose fields are missing or of the wrong type; the text names the field."""
+MAX_TOP_LOGPROBS = 20  # alternatives a token's logprobs entry may list (OpenAI's limit)
 
 
 def _about(help: str, low: float | None = None, high: float | None = None, needs: str | None = None) -> dict[str, Any]:
@@ -117,6 +122,15 @@ class Sampling:
     # "auto" (None: auto when there are tools), "none", "required", or {"type": "function", "function": {"name"}}.
     tool_choice: Any = field(default=None, metadata=_about("auto, none, required, or a named function (JSON)"))
     parallel_tool_calls: bool = field(default=True, metadata=_about("false: at most one call per answer"))
+    # The model's own distribution (a softmax of its raw logits, before bias, penalties, grammar and
+    # temperature: what llama-server reports by default); token events then carry LogprobEntry objects.
+    logprobs: bool = field(
+        default=False, metadata=_about("each token's log-probability, in its token event", needs=CAP_LOGPROBS)
+    )
+    top_logprobs: int = field(
+        default=0,
+        metadata=_about("the most likely tokens listed with each (needs logprobs)", 0, MAX_TOP_LOGPROBS, CAP_LOGPROBS),
+    )
 
     def needs(self) -> dict[str, str]:
         """The capabilities this request needs, each with the first field that asks for it."""
@@ -127,11 +141,11 @@ class Sampling:
         return out
 
     def to_wire(self) -> dict[str, Any]:
-        return _to_wire(self)
+        return write_fields(self)
 
     @classmethod
     def from_wire(cls, message: Any, where: str = "params") -> Sampling:
-        return _from_wire(cls, message, where)
+        return read_fields(cls, message, where)
 
 
 SAMPLING_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Sampling))
@@ -172,11 +186,11 @@ class LoadSpec:
     normalize: bool = True  # embeddings scaled to unit length (L2)
 
     def to_wire(self) -> dict[str, Any]:
-        return _to_wire(self)
+        return write_fields(self)
 
     @classmethod
     def from_wire(cls, message: Any, where: str = "spec") -> LoadSpec:
-        return _from_wire(cls, message, where)
+        return read_fields(cls, message, where)
 
 
 LOAD_SPEC_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(LoadSpec))
@@ -188,11 +202,11 @@ class Message:
     TYPE: ClassVar[str]
 
     def to_wire(self) -> dict[str, Any]:
-        return {"type": self.TYPE, **_to_wire(self)}
+        return {"type": self.TYPE, **write_fields(self)}
 
     @classmethod
     def from_wire(cls, message: Any, where: str = "message") -> Any:
-        return _from_wire(cls, {k: v for k, v in message.items() if k != "type"}, where)
+        return read_fields(cls, {k: v for k, v in message.items() if k != "type"}, where)
 
 
 # --- worker -> daemon ----------------------------------------------------------------------
@@ -262,12 +276,25 @@ class Heartbeat(Message):
 
 @dataclass(frozen=True, kw_only=True)
 class Token(Message):
-    """Generated text; ``tokens`` counts what it holds (0: text held back from tokens already counted)."""
+    """Generated text; ``tokens`` counts what it holds (0: text held back from tokens already counted).
+
+    ``logprobs`` (only when the request asked for them): one entry per token counted here, in order, each
+    ``{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}``: the entries travel with the text
+    of their tokens, so text held back (a possible stop string, half a character) holds its entries back
+    too, and the tokens of a stop string, never sent, have none.
+    """
 
     TYPE: ClassVar[str] = "token"
     request_id: str
     text: str
     tokens: int = 1
+    logprobs: tuple[dict[str, Any], ...] | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        wire = super().to_wire()
+        if self.logprobs is None:  # not asked: the message stays as it was before logprobs existed
+            del wire["logprobs"]
+        return wire
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -276,7 +303,7 @@ class Usage:
     completion_tokens: int = 0
 
     def to_wire(self) -> dict[str, Any]:
-        return _to_wire(self)
+        return write_fields(self)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -400,103 +427,3 @@ def read_message(table: dict[str, type[Message]], message: dict[str, Any]) -> Me
     if cls is None:
         raise ProtocolError(f"type: unknown message type {kind!r}"[:200])
     return cls.from_wire(message, kind)
-
-
-# --- the codec ------------------------------------------------------------------------------
-# Each class's fields are read once into a plan (what to do with each field's value), so writing and
-# reading a message costs a pass over its fields, not a walk through its annotations: a request
-# crosses this codec several times on its way (generate out, done back).
-
-Reader = Callable[[Any, str], Any]  # (a field's wire value, its path for errors) -> its Python value
-
-
-@cache
-def _write_plan(cls: type) -> tuple[tuple[str, int], ...]:
-    """(field, 0: as it is | 1: a dataclass | 2: a tuple, written as a list)."""
-    hints, plan = typing.get_type_hints(cls), []
-    for f in dataclasses.fields(cls):
-        hint = _without_none(hints[f.name])
-        plan.append((f.name, 1 if dataclasses.is_dataclass(hint) else 2 if typing.get_origin(hint) is tuple else 0))
-    return tuple(plan)
-
-
-def _to_wire(instance: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, kind in _write_plan(type(instance)):
-        value = getattr(instance, name)
-        if kind and value is not None:
-            value = value.to_wire() if kind == 1 else list(value)
-        out[name] = value
-    return out
-
-
-@cache
-def _read_plan(cls: type) -> tuple[tuple[str, Reader, bool], ...]:
-    """(field, its reader, whether it is required)."""
-    hints = typing.get_type_hints(cls)
-    return tuple(
-        (
-            f.name,
-            _reader(hints[f.name]),
-            f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
-        )
-        for f in dataclasses.fields(cls)
-    )
-
-
-def _from_wire(cls: type, message: Any, where: str) -> Any:
-    if not isinstance(message, dict):
-        raise ProtocolError(f"{where}: expected an object")
-    values = {}
-    for name, read, required in _read_plan(cls):
-        if name in message:
-            values[name] = read(message[name], f"{where}.{name}")
-        elif required:
-            raise ProtocolError(f"{where}.{name}: missing")
-    return cls(**values)
-
-
-def _without_none(hint: Any) -> Any:
-    if typing.get_origin(hint) in (Union, types.UnionType):
-        return next(arg for arg in typing.get_args(hint) if arg is not type(None))
-    return hint
-
-
-def _reader(hint: Any) -> Reader:
-    """How a value is read as the annotation ``hint`` wants it (lists become tuples), or ProtocolError."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (Union, types.UnionType):
-        inner, nullable = _reader(_without_none(hint)), type(None) in args
-        return lambda value, where: None if value is None and nullable else inner(value, where)
-    if dataclasses.is_dataclass(hint):
-        return lambda value, where: _from_wire(hint, value, where)
-    if origin is tuple:
-        item = _reader(args[0])
-
-        def read_tuple(value: Any, where: str) -> tuple[Any, ...]:
-            if not isinstance(value, list):
-                raise ProtocolError(f"{where}: expected a list")
-            return tuple(item(each, f"{where}[{i}]") for i, each in enumerate(value))
-
-        return read_tuple
-    if origin is dict or hint is dict:
-        return _checked(lambda value: isinstance(value, dict), "an object")
-    if hint is Any:
-        return lambda value, where: value
-    if hint is bool:
-        return _checked(lambda value: isinstance(value, bool), "bool")
-    if hint is int:
-        return _checked(lambda value: isinstance(value, int) and not isinstance(value, bool), "int")
-    if hint is float:
-        number = _checked(lambda value: isinstance(value, (int, float)) and not isinstance(value, bool), "float")
-        return lambda value, where: float(number(value, where))
-    return _checked(lambda value: isinstance(value, hint), getattr(hint, "__name__", str(hint)))
-
-
-def _checked(ok: Callable[[Any], bool], expected: str) -> Reader:
-    def read(value: Any, where: str) -> Any:
-        if not ok(value):
-            raise ProtocolError(f"{where}: expected {expected}")
-        return value
-
-    return read

@@ -65,7 +65,7 @@ def parse_embeddings(body: dict[str, Any], engines: dict[str, EngineConfig]) -> 
 async def run_embed(front: ClientFront, routing_id: bytes, request_id: str, message: dict[str, Any]) -> dict[str, Any]:
     """Run one embed op (``message``: its fields, ``op`` and ``id`` set here) to its end; its terminal event:
     ``embeddings`` (``embeddings``: one vector per input, ``usage.prompt_tokens``), or ``error``."""
-    exchange = Exchange(front, routing_id, request_id)
+    exchange = Exchange(front, routing_id, [request_id])
     try:
         exchange.send({**message, "op": p.OP_EMBED, "id": request_id})
         while True:
@@ -74,7 +74,7 @@ async def run_embed(front: ClientFront, routing_id: bytes, request_id: str, mess
                 return {"event": p.EVENT_ERROR, "code": ErrorCode.INTERNAL, "message": "the answer was lost"}
             for event in map(p.decode, frames):
                 if event.get("event") in p.TERMINAL_EVENTS:
-                    exchange.ended = True
+                    exchange.terminal(request_id)
                     if event["event"] == p.EVENT_DONE:  # cancelled (the daemon stopping)
                         return {
                             **event,

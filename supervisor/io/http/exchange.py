@@ -37,15 +37,26 @@ def json_body(payload: dict[str, Any]) -> bytes:
 class Exchange:
     """The events of one HTTP request, from the client front to its answer."""
 
-    def __init__(self, front: ClientFront, routing_id: bytes, request_id: str) -> None:
+    def __init__(self, front: ClientFront, routing_id: bytes, request_ids: list[str]) -> None:
+        """``request_ids``: its generate ops (one per choice), all on this one envelope."""
         self.front = front
-        self.request_id = request_id
+        self.running = dict.fromkeys(request_ids)  # the ops whose terminal event has not been read, in order
         self.envelope = LocalEnvelope(routing_id, self.deliver)
         self.events: deque[bytes] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self.gone = False  # the HTTP client disconnected, or fell too far behind
-        self.ended = False  # the request's terminal event has been read
+        self.failed = False  # an op ended in an error: the answer is that error, the other ops are cancelled
         self._closed = False  # nobody reads any more: events are dropped
+
+    @property
+    def ended(self) -> bool:
+        """Nothing more to read: every op's terminal event is in, or one was an error."""
+        return self.failed or not self.running
+
+    def terminal(self, request_id: str, failed: bool = False) -> None:
+        """An op's terminal event has been read."""
+        self.running.pop(request_id, None)
+        self.failed = self.failed or failed
 
     def send(self, message: dict[str, Any]) -> None:
         """A client message, handled now (the client front never raises)."""
@@ -87,8 +98,8 @@ class Exchange:
     def close(self) -> None:
         """The answer is over: a request still running is cancelled, so it ends "cancelled" and its worker stops."""
         self._closed = True
-        if not self.ended:
-            self.send({"op": p.OP_CANCEL, "id": "cancel", "target": self.request_id})
+        for request_id in self.running:
+            self.send({"op": p.OP_CANCEL, "id": "cancel", "target": request_id})
 
 
 class GenerationAnswer:
@@ -102,6 +113,7 @@ class GenerationAnswer:
 
     def __init__(self, exchange: Exchange, answer: StreamAnswer, stream: bool, renamed: dict[str, str]) -> None:
         self.exchange, self.answer, self.stream, self.renamed = exchange, answer, stream, renamed
+        self.dones: dict[str, dict[str, Any]] = {}  # each op's done event, by its id
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         watcher = asyncio.ensure_future(_watch_disconnect(receive, self.exchange))
@@ -131,18 +143,26 @@ class GenerationAnswer:
 
     def _chunks(self, frames: list[bytes]) -> tuple[list[bytes], ApiError | None]:
         """The SSE chunks of these events, and the error that ended the request if one did."""
-        chunks, prefix, answer = [], self.answer.event_prefix, self.answer
+        chunks, answer, exchange = [], self.answer, self.exchange
+        prefix, choice_of = answer.event_prefix, answer.choice_of
         for frame in frames:
-            if frame.startswith(prefix):
-                chunks.append(answer.token_chunk(frame))
+            if answer.n == 1:
+                if frame.startswith(prefix):
+                    chunks.append(answer.token_chunk(frame))
+                    continue
+            elif (index := choice_of.get(frame[: len(prefix)])) is not None:
+                chunks.append(answer.token_chunk(frame, index))
                 continue
             event = p.decode(frame)
             if event.get("event") == p.EVENT_DONE:
-                self.exchange.ended = True
-                chunks.append(answer.closing(event))
-                break
-            if event.get("event") == p.EVENT_ERROR:
-                self.exchange.ended = True
+                exchange.terminal(event.get("id", ""))
+                self.dones[event.get("id", "")] = event
+                chunks.append(answer.choice_end(event, answer.index_of.get(event.get("id", ""), 0)))
+                if exchange.ended:
+                    chunks.append(answer.closing(list(self.dones.values())))
+                    break
+            elif event.get("event") == p.EVENT_ERROR:
+                exchange.terminal(event.get("id", ""), failed=True)
                 return chunks, error_from_event(event, self.renamed)
         return chunks, None
 
@@ -154,11 +174,14 @@ class GenerationAnswer:
                 return
             for event in map(p.decode, frames):
                 if event.get("event") == p.EVENT_DONE:
-                    exchange.ended = True
-                    await send_json(send, 200, self.answer.whole(event))
-                    return
-                if event.get("event") == p.EVENT_ERROR:
-                    exchange.ended = True
+                    exchange.terminal(event.get("id", ""))
+                    self.dones[event.get("id", "")] = event
+                    if exchange.ended:
+                        dones = [self.dones[op_id] for op_id in self.answer.op_ids]
+                        await send_json(send, 200, self.answer.whole(dones))
+                        return
+                elif event.get("event") == p.EVENT_ERROR:
+                    exchange.terminal(event.get("id", ""), failed=True)
                     error = error_from_event(event, self.renamed)
                     await send_json(send, error.status, self.answer.error_body(error))
                     return

@@ -45,7 +45,18 @@ from .exchange import ClientGone, Exchange, GenerationAnswer, json_body
 from ..transport import BindError
 from .model_routes import model_routes, statuses
 from .ollama_routes import ollama_routes
-from .openai import CHAT, COMPLETIONS, ApiError, bad_request, model_names, parse_request, resolve_model, unknown_model
+from .openai import (
+    CHAT,
+    COMPLETIONS,
+    ApiError,
+    bad_request,
+    choice_ops,
+    engine_for_choices,
+    model_names,
+    parse_request,
+    resolve_model,
+    unknown_model,
+)
 
 log = get_logger("supervisor.http")
 
@@ -116,14 +127,21 @@ class OpenAIRoutes:
             self._check_key(request)
             body = await self._read_body(request)
             parsed = parse_request(kind, body, self.engines(), self.max_tokens_limit)
+            if parsed.n > 1:
+                status = self._ask({"op": p.OP_STATUS, "id": "choices"})
+                parsed.message["engine"] = engine_for_choices(
+                    parsed.n, parsed.message.get("engine"), status, self.engines()
+                )
         except ApiError as error:
             return error_response(error)
         except ClientGone:
             return self.client_gone(request)
         request_id = f"{'chatcmpl' if kind == CHAT else 'cmpl'}-{secrets.token_hex(12)}"
-        exchange = Exchange(self.front, self._routing_id(), request_id)
-        exchange.send({**parsed.message, "id": request_id})  # a refusal is among its events already
-        answer = Answer(kind, request_id, parsed.model, int(time.time()), parsed.include_usage)
+        logprobs = bool(parsed.message.get("logprobs"))
+        answer = Answer(kind, request_id, parsed.model, int(time.time()), parsed.include_usage, parsed.n, logprobs)
+        exchange = Exchange(self.front, self._routing_id(), answer.op_ids)
+        for op in choice_ops(parsed.message, answer.op_ids):
+            exchange.send(op)  # a refusal is among its events already
         return GenerationAnswer(exchange, answer, parsed.stream, parsed.renamed)
 
     def client_gone(self, request: Request) -> Response:

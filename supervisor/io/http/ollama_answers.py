@@ -61,9 +61,13 @@ class OllamaAnswer:
 
     stream_headers = NDJSON_HEADERS
 
+    n = 1  # Ollama's API has no choices: one generate op, the request's own id
+
     def __init__(self, kind: str, request_id: str, model: str) -> None:
         self.kind, self.model = kind, model
         self.event_prefix = p.token_event_prefix(request_id)
+        self.op_ids = [request_id]
+        self.choice_of, self.index_of = {self.event_prefix: 0}, {request_id: 0}
         self._head = b'{"model":%s,"created_at":"' % p.encode_string(model)
         if kind == CHAT:
             self._text_head, self._tail = b'","message":{"role":"assistant","content":', b'},"done":false}\n'
@@ -81,12 +85,16 @@ class OllamaAnswer:
     def opening(self) -> bytes:
         return b""
 
-    def token_chunk(self, event: bytes) -> bytes:
+    def token_chunk(self, event: bytes, index: int = 0) -> bytes:
         literal = token_literal(event, len(self.event_prefix))
         return self._head + self._now() + self._text_head + literal + self._tail
 
-    def closing(self, done: dict[str, Any]) -> bytes:
-        return _line(self.whole({**done, "text": ""}))
+    def choice_end(self, done: dict[str, Any], index: int) -> bytes:
+        """The last line: no text, the final fields."""
+        return _line(self._whole_one({**done, "text": ""}))
+
+    def closing(self, dones: list[dict[str, Any]]) -> bytes:
+        return b""  # the final fields went with the choice's end
 
     def stream_error(self, error: ApiError) -> bytes:
         return _line(error_body(error))
@@ -94,7 +102,10 @@ class OllamaAnswer:
     def error_body(self, error: ApiError) -> dict[str, Any]:
         return error_body(error)
 
-    def whole(self, done: dict[str, Any]) -> dict[str, Any]:
+    def whole(self, dones: list[dict[str, Any]]) -> dict[str, Any]:
+        return self._whole_one(dones[0])
+
+    def _whole_one(self, done: dict[str, Any]) -> dict[str, Any]:
         return {**self.text(done.get("text", "")), **final_fields(done)}
 
     def text(self, text: str) -> dict[str, Any]:

@@ -75,7 +75,7 @@ class OllamaRoutes:
         except ClientGone:
             return routes.client_gone(request)
         request_id = f"ollama-{secrets.token_hex(12)}"
-        exchange = Exchange(routes.front, routes._routing_id(), request_id)
+        exchange = Exchange(routes.front, routes._routing_id(), [request_id])
         exchange.send({**parsed.message, "id": request_id})  # a refusal is among its events already
         return GenerationAnswer(exchange, OllamaAnswer(kind, request_id, parsed.model), parsed.stream, RENAMED)
 

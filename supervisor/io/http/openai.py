@@ -4,11 +4,13 @@ op, the daemon's error codes become OpenAI errors.  No I/O.
 Everything the protocol can check (ranges, types, stop strings, Unicode) is
 left to the protocol's own validation (core/validate.py), whose messages
 name the field; this module only translates names and shapes, and refuses
-what OpenAI's API has and the daemon does not do (``n`` > 1, log
-probabilities, ...) with a 400 naming the parameter.  docs/HTTP.md
-lists every field.  Tools: ``tools``, ``tool_choice`` and ``parallel_tool_calls``
-pass as they are; a tool call's ``arguments``, a JSON string here, is an
-object in the protocol (decoded from history, encoded in answers: answers.py).
+what OpenAI's API has and the daemon does not do (``echo``, ``suffix``, ...)
+with a 400 naming the parameter.  ``n`` > 1 becomes n generate ops pinned to
+one engine that has the slots to run them together (:func:`engine_for_choices`).
+Tools: ``tools``, ``tool_choice`` and ``parallel_tool_calls`` pass as they are;
+a tool call's ``arguments``, a JSON string here, is an object in the protocol
+(decoded from history, encoded in answers: answers.py).  docs/HTTP.md lists
+every field.
 """
 
 from __future__ import annotations
@@ -37,10 +39,6 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; cha
 PASSED = (*(name for name in SAMPLING_FIELDS if name != "max_tokens"), "deadline_ms", "keep_alive")
 # Known to OpenAI's API and refused unless null or one of these values (which change nothing).
 REFUSED_UNLESS: dict[str, tuple[Any, ...]] = {
-    "n": (1,),
-    "best_of": (1,),
-    "logprobs": (False,),
-    "top_logprobs": (),
     "echo": (False,),
     "suffix": (),
     "functions": ([],),  # the deprecated forms of tools and tool_choice
@@ -56,10 +54,12 @@ COMMON = frozenset({"model", "max_tokens", "stream", "stream_options", "user", *
 FIELDS = {
     CHAT: COMMON
     | TOOL_FIELDS
-    | {"messages", "max_completion_tokens"}
-    | (REFUSED_UNLESS.keys() - {"best_of", "echo", "suffix"}),
-    COMPLETIONS: COMMON | {"prompt", "n", "best_of", "logprobs", "echo", "suffix"},
+    | {"messages", "max_completion_tokens", "n"}
+    | (REFUSED_UNLESS.keys() - {"echo", "suffix"}),
+    # completions' logprobs is the legacy integer (how many alternatives), not chat's pair of fields
+    COMPLETIONS: (COMMON - {"top_logprobs"}) | {"prompt", "n", "best_of", "logprobs", "echo", "suffix"},
 }
+MAX_COMPLETIONS_LOGPROBS = 5  # the legacy API's limit on completions' logprobs
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 _ROLE_FIELDS = {"tool": ("tool_call_id",), "assistant": ("tool_calls",)}  # beyond role and content
 
@@ -136,6 +136,7 @@ class Request:
     stream: bool
     include_usage: bool
     renamed: dict[str, str]  # protocol field -> the request's name for it, for error params
+    n: int = 1  # choices asked for: generate ops, seeds seed, seed + 1, ... (engine_for_choices)
 
 
 def resolve_model(model: Any, engines: dict[str, EngineConfig]) -> str | None:
@@ -190,8 +191,64 @@ def parse_request(kind: str, body: dict[str, Any], engines: dict[str, EngineConf
     if max_tokens is not None:
         message["max_tokens"] = max_tokens
     message.update((key, body[key]) for key in PASSED if body.get(key) is not None)
+    if kind == COMPLETIONS and body.get("logprobs") is not None:
+        message.update(logprobs=True, top_logprobs=_completions_logprobs(body["logprobs"]))
+        renamed["top_logprobs"] = "logprobs"
     model = body.get("model") or DEFAULT_MODEL
-    return Request(message, model, stream, stream and _include_usage(body), renamed)
+    n = _choices(body)
+    return Request(message, model, stream, stream and _include_usage(body), renamed, n)
+
+
+def _completions_logprobs(value: Any) -> int:
+    """The legacy API's logprobs: how many alternatives each token lists (0: only the chosen token's)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COMPLETIONS_LOGPROBS:
+        raise bad_request("logprobs", f"must be an integer from 0 to {MAX_COMPLETIONS_LOGPROBS}")
+    return value
+
+
+def _choices(body: dict[str, Any]) -> int:
+    """``n``; completions' ``best_of`` only where it asks for nothing more (the server ranks no choices)."""
+    n = body.get("n")
+    if n is None:
+        n = 1
+    elif isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= p.MAX_SLOTS:
+        raise bad_request("n", f"must be an integer from 1 to {p.MAX_SLOTS}")
+    best_of = body.get("best_of")
+    if best_of is not None and not (not isinstance(best_of, bool) and best_of in (1, n)):
+        raise bad_request("best_of", "not supported by this server unless 1 or equal to n (it ranks no choices)")
+    return n
+
+
+def choice_ops(message: dict[str, Any], op_ids: list[str]) -> list[dict[str, Any]]:
+    """The generate op of each choice: choice i samples with seed + i when a seed is given (so the choices
+    differ, and the same seed gives the same choices again), else each with a fresh seed of its own."""
+    seed = message.get("seed")
+    if len(op_ids) == 1 or not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        return [{**message, "id": op_id} for op_id in op_ids]
+    return [{**message, "id": op_id, "seed": (seed + i) % 2**32} for i, op_id in enumerate(op_ids)]
+
+
+def engine_for_choices(n: int, pinned: str | None, status: dict[str, Any], engines: dict[str, EngineConfig]) -> str:
+    """The engine whose slots run ``n`` choices of one request together: the named one, else the first by
+    priority that takes traffic.  An engine's slots are its ready message's, or (not loaded yet) its
+    ``parallel``; none with n -> ``unsupported_parameter`` naming the engines considered and their slots."""
+    described = {e["name"]: e for e in status.get("engines", ())}
+    names = [pinned] if pinned is not None else sorted(engines, key=lambda name: engines[name].priority)
+    considered: list[tuple[str, int]] = []
+    for name in names:
+        entry = described.get(name, {})
+        if pinned is None and not entry.get("available", True):
+            continue
+        slots = entry.get("slots", 1) if entry.get("state") == "ready" else engines[name].parallel
+        if slots >= n:
+            return name
+        considered.append((name, slots))
+    listed = ", ".join(f"{name} ({slots} slot{'s' if slots != 1 else ''})" for name, slots in considered) or "none"
+    raise bad_request(
+        "n",
+        f"needs an engine that generates {n} sequences at once (its parallel); the engines considered are: {listed}",
+        ErrorCode.UNSUPPORTED_PARAMETER,
+    )
 
 
 def _check_fields(kind: str, body: dict[str, Any]) -> None:
