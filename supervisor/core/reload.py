@@ -29,7 +29,8 @@ from .supervision import Supervision
 # What a worker was loaded with: a change needs a new worker.  The load spec's own fields (but the
 # split, which the placement decides, not the configuration), and the settings that decide them or
 # the process around them.
-LOAD_FIELDS = (frozenset(LOAD_SPEC_FIELDS) - {"split_mib"}) | {"kind", "env", "cache_types_allowed", "split"}
+PLANNED_ONLY = frozenset({"split_mib"})  # spec fields no setting names: the planner alone chooses them
+LOAD_FIELDS = (frozenset(LOAD_SPEC_FIELDS) - PLANNED_ONLY) | {"kind", "env", "cache_types_allowed", "split"}
 # Top-level settings a reload applies; the others hold until the daemon restarts.
 LIVE_SETTINGS = ("engines", "models_dir", "supervision", "gpu", "log_level")
 
