@@ -11,13 +11,14 @@ import subprocess
 from pathlib import Path
 from typing import Any, Iterator
 
+import ollama
 import openai
 import pytest
 
 from supervisor.planning.measure.model_facts import read_model_facts
 
 from .conftest import CLI, LLAMA, Daemon, assert_nothing_after, fake_engine, wait_until
-from .test_http import http_settings, openai_client
+from .test_http import base_url, http_settings, openai_client
 
 EMBEDDER = {**LLAMA, "embedding": True}
 TEXTS = ["The cat sat on the mat.", "Embeddings map text to vectors.", "The cat sat on the mat.", "zero"]
@@ -225,3 +226,49 @@ def test_a_long_embed_that_keeps_decoding_is_not_taken_for_a_stalled_worker(make
     reply = daemon.client().embed([str(i) for i in range(8)])  # 4 s, well past the stall timeout
     assert reply["event"] == "embeddings" and len(reply["embeddings"]) == 8, reply
     assert worker(daemon, "fe") == before
+
+
+# --- Ollama's /api/embed and /api/embeddings, through the ollama client, on the same path ------------
+
+
+def close(vector: list[float], other: list[float]) -> bool:
+    return len(vector) == len(other) and all(
+        math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-7) for a, b in zip(vector, other)
+    )
+
+
+def test_ollama_embed_gives_the_vectors_of_v1_embeddings(daemon):
+    api = ollama.Client(host=base_url(daemon), timeout=300.0)
+    reply = api.embed(model="emb", input=TEXTS[:2])
+    openai_vectors = [
+        item.embedding for item in openai_client(daemon).embeddings.create(model="emb", input=TEXTS[:2]).data
+    ]
+    # the openai client asks for base64 (float32) and decodes it; JSON floats here: equal to float32 precision
+    assert all(close(list(v), w) for v, w in zip(reply.embeddings, openai_vectors, strict=True))
+    assert reply.model == "emb" and reply.prompt_eval_count > 0 and reply.total_duration > 0
+    single = api.embed(model="emb", input=TEXTS[0]).embeddings
+    assert len(single) == 1 and close(list(single[0]), openai_vectors[0])
+    legacy = api.embeddings(model="emb", prompt=TEXTS[0]).embedding  # the older endpoint: one prompt, one vector
+    assert close(list(legacy), openai_vectors[0])
+
+
+@pytest.mark.parametrize(
+    "body, named",
+    [
+        ({"input": []}, "input"),
+        ({"input": ["fine", ""]}, "input[1]"),
+        ({"input": "x", "dimensions": 3}, "dimensions"),
+        ({"input": "x", "frobnicate": 1}, "frobnicate"),
+    ],
+)
+def test_ollama_embed_bad_input_names_the_field_and_the_engine_serves_on(daemon, body, named):
+    api = ollama.Client(host=base_url(daemon), timeout=60.0)
+    before = worker(daemon, "emb")
+    with pytest.raises(ollama.ResponseError) as caught:
+        api._request_raw("POST", "/api/embed", json={"model": "emb", **body})
+    assert caught.value.status_code == 400 and named in caught.value.error, caught.value.error
+    assert worker(daemon, "emb") == before
+    with pytest.raises(ollama.ResponseError) as unknown:
+        api.embed(model="nosuch", input="x")
+    assert unknown.value.status_code == 404
+    assert len(api.embed(model="emb", input="still here").embeddings) == 1

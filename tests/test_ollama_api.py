@@ -200,13 +200,26 @@ def test_tags_show_version_and_liveness(daemon):
         (lambda api: post(api, "/api/generate", {"model": "f", "prompt": 3}), 400, "prompt"),
         (lambda api: post(api, "/api/chat", {"model": "f", "messages": "hi"}), 400, "messages"),
         (lambda api: post(api, "/api/generate", {"model": "f", "prompt": "x", "options": [1]}), 400, "options"),
-        (lambda api: api.chat(model="f", messages=[{"role": "user", "content": "x"}], tools=[TOOL]), 400, "tools"),
+        (
+            lambda api: post(
+                api,
+                "/api/chat",
+                {
+                    "model": "f",
+                    "messages": [{"role": "user", "content": "x"}],
+                    "tools": [{"type": "function", "function": {"parameters": {}}}],
+                },
+            ),
+            400,
+            "tools[0].function.name",
+        ),  # fmt: skip
         (
             lambda api: api.chat(model="f", messages=[{"role": "user", "content": "x", "images": [b"\x89PNG"]}]),
             400,
             "messages[0].images",
         ),
-        (lambda api: api.chat(model="f", messages=[{"role": "tool", "content": "x"}]), 400, "messages[0].role"),
+        (lambda api: api.chat(model="f", messages=[{"role": "robot", "content": "x"}]), 400, "messages[0].role"),
+        (lambda api: api.chat(model="f", messages=[{"role": "tool", "content": "x"}]), 400, "messages[0]"),  # no tools
     ],
 )
 def test_bad_input_is_a_clear_error_and_harms_nothing(daemon, call, status, words):
@@ -216,9 +229,6 @@ def test_bad_input_is_a_clear_error_and_harms_nothing(daemon, call, status, word
         list(result) if not hasattr(result, "done") else None
     assert error.value.status_code == status and words in error.value.error, error.value
     assert workers(daemon) == before
-
-
-TOOL = {"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object"}}}
 
 
 def test_an_error_after_the_first_chunk_is_an_ndjson_error_line(daemon):

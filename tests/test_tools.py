@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import jsonschema
+import ollama
 import openai
 import pytest
 
@@ -20,7 +21,7 @@ from supervisor.node.envs import env_python
 from workers.protocol.tool_calls import CallStart, call_schema, parse_tool_calls
 
 from .conftest import CLI, LLAMA, Daemon
-from .test_http import http_settings, openai_client
+from .test_http import base_url, http_settings, openai_client
 
 WEATHER_PARAMETERS = {
     "type": "object",
@@ -491,3 +492,38 @@ def test_auto_renders_the_tools_without_a_grammar_and_answers_content_or_valid_c
         assert (reasons[0] == "tool_calls") == bool(calls) and (content or calls)
         for call in calls:  # whatever a base model says unconstrained: a call only when it names a tool
             assert call["name"] in PARAMETERS and isinstance(json.loads(call["arguments"]), dict)
+
+
+# --- Ollama's /api/chat: tools in, calls out (arguments an object), history back in ---------------------
+
+
+def test_ollama_chat_tools_become_tool_calls_whole_and_streamed(fake):
+    daemon, control = fake
+    say(control, '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>')
+    api = ollama.Client(host=base_url(daemon), timeout=30.0)
+    whole = api.chat(model="f", messages=ASK, tools=TOOLS, stream=False)
+    (call,) = whole.message.tool_calls
+    assert (call.function.name, dict(call.function.arguments)) == ("get_weather", {"city": "Paris"})
+    assert whole.done_reason == "tool_calls" and not whole.message.content
+    parts = list(api.chat(model="f", messages=ASK, tools=TOOLS, stream=True))
+    streamed = [c for part in parts for c in part.message.tool_calls or []]
+    assert [(c.function.name, dict(c.function.arguments)) for c in streamed] == [("get_weather", {"city": "Paris"})]
+    assert [part.done for part in parts].count(True) == 1 and parts[-1].done
+    # the call and its result go back as history, Ollama's way (tool_name, arguments an object)
+    say(control, "It is sunny in Paris.")
+    history = [
+        *ASK,
+        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "tool_name": "get_weather", "content": '{"sky": "clear"}'},
+    ]  # fmt: skip
+    answer = api.chat(model="f", messages=history, tools=TOOLS, stream=False)
+    assert answer.message.content == "It is sunny in Paris." and not answer.message.tool_calls
+
+
+def test_ollama_chat_bad_tools_name_the_field(fake):
+    daemon, _ = fake
+    api = ollama.Client(host=base_url(daemon), timeout=30.0)
+    body = {"model": "f", "messages": ASK, "tools": [{"type": "function", "function": {"parameters": {}}}]}
+    with pytest.raises(ollama.ResponseError) as caught:
+        api._request_raw("POST", "/api/chat", json={**body, "stream": False})
+    assert caught.value.status_code == 400 and "tools[0].function.name" in caught.value.error

@@ -77,17 +77,22 @@ REFUSED_FIELDS: dict[str, dict[str, tuple[Any, ...]]] = {
         "height": (),
         "steps": (),
     },
-    CHAT: {"tools": ([],), "think": (False,), "logprobs": (False,), "top_logprobs": (0,)},
+    CHAT: {"think": (False,), "logprobs": (False,), "top_logprobs": (0,)},
 }
 FIELDS = {
     GENERATE: frozenset({"model", "prompt", "system", "raw", "stream", "format", "options", "keep_alive"}),
-    CHAT: frozenset({"model", "messages", "stream", "format", "options", "keep_alive"}),
+    CHAT: frozenset({"model", "messages", "tools", "stream", "format", "options", "keep_alive"}),
 }
-# The roles of chat messages, and the fields each may carry (tools: "tool" and "tool_calls" go here).
+# /api/embed and the older /api/embeddings (one prompt, one vector).
+EMBED_FIELDS = frozenset({"model", "input", "truncate", "options", "keep_alive", "dimensions"})
+LEGACY_EMBED_FIELDS = frozenset({"model", "prompt", "options", "keep_alive"})
+# The roles of chat messages, and the fields each may carry.
 MESSAGE_FIELDS = {
     "system": frozenset({"role", "content"}),
     "user": frozenset({"role", "content"}),
-    "assistant": frozenset({"role", "content", "thinking"}),  # a past answer's thinking: not part of the prompt
+    # a past answer's thinking is not part of the prompt; its tool calls are
+    "assistant": frozenset({"role", "content", "thinking", "tool_calls"}),
+    "tool": frozenset({"role", "content", "tool_name", "tool_call_id"}),  # a tool's result
 }
 # The protocol's fields as Ollama's requests name them, for the params of error messages.
 RENAMED = {
@@ -107,6 +112,7 @@ class Request:
     model: str  # the name asked for, as the answer's `model` says it
     engine: str | None  # the engine it names (None: the daemon chooses)
     stream: bool
+    dimensions: int | None = None  # an embed request's: the size it expects
 
     @property
     def residency_only(self) -> bool:
@@ -175,6 +181,8 @@ def parse_request(kind: str, body: dict[str, Any], engines: dict[str, EngineConf
             raise bad_request("messages", "must be an array of messages")
         if messages:
             message["messages"] = [chat_message(i, item) for i, item in enumerate(messages)]
+        if body.get("tools"):  # OpenAI's function tools, as Ollama's are: checked by the protocol
+            message["tools"] = body["tools"]
     message.update(options(body.get("options")))
     message.setdefault("max_tokens", max_tokens_limit)
     if (response_format := format_of(body.get("format"))) is not None:
@@ -198,7 +206,6 @@ def _refusal(key: str) -> str:
     why = {
         "template": "not supported: the engine's own chat template is used (/api/chat); no per-request template",
         "images": "not supported: no engine here takes images",
-        "tools": "not supported by this server yet",
         "think": "not supported: no engine here separates thinking from the answer (false or absent only)",
         "context": "not supported: send the conversation as /api/chat messages",
     }
@@ -210,15 +217,16 @@ def _same(value: Any, accepted: Any) -> bool:
     return value == accepted and isinstance(value, bool) == isinstance(accepted, bool)
 
 
-def chat_message(i: int, item: Any) -> dict[str, str]:
+def chat_message(i: int, item: Any) -> dict[str, Any]:
     """One chat message as the protocol's ``{"role", "content"}``; images are refused, a past answer's
-    ``thinking`` is dropped.  Tools: the tool role, ``tool_calls`` and ``tool_name`` are mapped here."""
+    ``thinking`` is dropped.  A past answer's ``tool_calls`` (arguments an object, as the protocol's) and a
+    tool's result (role ``tool``; its ``tool_name`` is Ollama's alone, dropped) pass on."""
     if not isinstance(item, dict):
         raise bad_request(f"messages[{i}]", "must be an object with role and content")
     role = item.get("role")
     allowed = MESSAGE_FIELDS.get(role) if isinstance(role, str) else None
     if allowed is None:
-        raise bad_request(f"messages[{i}].role", "must be system, user or assistant (tool messages are not supported)")
+        raise bad_request(f"messages[{i}].role", "must be system, user, assistant or tool")
     for key, value in item.items():
         if key not in allowed and value not in (None, [], ""):
             problem = "not supported: no engine here takes images" if key == "images" else "not supported"
@@ -228,7 +236,54 @@ def chat_message(i: int, item: Any) -> dict[str, str]:
         content = ""
     if not isinstance(content, str):
         raise bad_request(f"messages[{i}].content", "must be a string")
-    return {"role": role, "content": content}
+    out: dict[str, Any] = {"role": role, "content": content}
+    if role == "tool" and item.get("tool_call_id") is not None:
+        out["tool_call_id"] = item["tool_call_id"]
+    if role == "assistant" and item.get("tool_calls"):
+        calls = item["tool_calls"]
+        if not isinstance(calls, list):
+            raise bad_request(f"messages[{i}].tool_calls", "must be an array of calls")
+        out["tool_calls"] = [_past_call(f"messages[{i}].tool_calls[{j}]", call) for j, call in enumerate(calls)]
+    return out
+
+
+def _past_call(where: str, call: Any) -> dict[str, Any]:
+    """A call in history, ``{"function": {"name", "arguments"}}`` (Ollama adds ``index``; an ``id`` is kept)."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict):
+        raise bad_request(f"{where}.function", "must be an object with name and arguments")
+    out: dict[str, Any] = {"function": {"name": function.get("name"), "arguments": function.get("arguments") or {}}}
+    if call.get("id") is not None:
+        out["id"] = call["id"]
+    return out
+
+
+def parse_embed(body: dict[str, Any], engines: dict[str, EngineConfig], legacy: bool) -> Request:
+    """An /api/embed body (``legacy``: /api/embeddings, one ``prompt``) as an embed op.  ``truncate`` is
+    accepted, but an input longer than the model's context is refused (400), never cut; ``dimensions`` must be
+    the model's own (checked on the answer, as /v1/embeddings does)."""
+    fields = LEGACY_EMBED_FIELDS if legacy else EMBED_FIELDS
+    for key in body:
+        if key not in fields:
+            raise bad_request(ascii(key)[1:-1], "unrecognized request argument")
+    engine = resolve(body.get("model"), engines)
+    value = body.get("prompt") if legacy else body.get("input")
+    if legacy and not isinstance(value, str):
+        raise bad_request("prompt", "must be a string")
+    message: dict[str, Any] = {"op": p.OP_EMBED, "input": value}
+    if engine is not None:
+        message["engine"] = engine
+    if body.get("keep_alive") is not None:
+        message["keep_alive"] = keep_alive(body["keep_alive"])
+    for key, item in (body.get("options") or {}).items() if isinstance(body.get("options"), dict) else ():
+        if key not in IGNORED_OPTIONS and key not in OPTIONS:
+            raise bad_request(f"options.{ascii(key)[1:-1]}", "unrecognized option")
+    if body.get("options") is not None and not isinstance(body["options"], dict):
+        raise bad_request("options", "must be an object")
+    dimensions = body.get("dimensions")
+    if dimensions is not None and not _is_int(dimensions):
+        raise bad_request("dimensions", "must be an integer")
+    return Request(message, body["model"], engine, False, dimensions)
 
 
 def options(value: Any) -> dict[str, Any]:

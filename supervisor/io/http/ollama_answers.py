@@ -17,7 +17,7 @@ from workers import protocol as p
 
 from .answers import token_literal
 from .ollama import CHAT, error_body
-from .openai import ApiError
+from .openai import ApiError, error_from_event
 
 NDJSON_HEADERS = [(b"content-type", b"application/x-ndjson"), (b"cache-control", b"no-cache")]
 FOREVER = "2318-08-17T00:00:00Z"  # what Ollama's ps says of a model kept for ever (keep_alive < 0)
@@ -90,8 +90,13 @@ class OllamaAnswer:
         return self._head + self._now() + self._text_head + literal + self._tail
 
     def choice_end(self, done: dict[str, Any], index: int) -> bytes:
-        """The last line: no text, the final fields."""
-        return _line(self._whole_one({**done, "text": ""}))
+        """The last lines: the tool calls when the model made some (a line of their own, as Ollama sends
+        them before its last), then no text and the final fields."""
+        calls = b""
+        if done.get("tool_calls") and self.kind == CHAT:
+            message = {"role": "assistant", "content": "", "tool_calls": ollama_tool_calls(done["tool_calls"])}
+            calls = _line({"model": self.model, "created_at": timestamp(), "message": message, "done": False})
+        return calls + _line(self._whole_one({**done, "text": "", "tool_calls": None}))
 
     def closing(self, dones: list[dict[str, Any]]) -> bytes:
         return b""  # the final fields went with the choice's end
@@ -106,7 +111,10 @@ class OllamaAnswer:
         return self._whole_one(dones[0])
 
     def _whole_one(self, done: dict[str, Any]) -> dict[str, Any]:
-        return {**self.text(done.get("text", "")), **final_fields(done)}
+        body = {**self.text(done.get("text", "")), **final_fields(done)}
+        if done.get("tool_calls") and self.kind == CHAT:
+            body["message"]["tool_calls"] = ollama_tool_calls(done["tool_calls"])
+        return body
 
     def text(self, text: str) -> dict[str, Any]:
         """The fields before the final ones: the model, the time, the text as Ollama's kind places it."""
@@ -120,6 +128,41 @@ class OllamaAnswer:
     def residency(self, reason: str) -> dict[str, Any]:
         """The answer of a load (an empty prompt) or an unload (the same with keep_alive 0)."""
         return {**self.text(""), "done": True, "done_reason": reason}
+
+
+def ollama_tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The protocol's tool calls as Ollama's: ``{"id", "function": {"index", "name", "arguments"}}``, the
+    arguments an object."""
+    return [
+        {
+            "id": call["id"],
+            "function": {"index": i, "name": call["function"]["name"], "arguments": call["function"]["arguments"]},
+        }
+        for i, call in enumerate(calls)
+    ]
+
+
+def embed_answer(model: str, event: dict[str, Any], legacy: bool, dimensions: int | None) -> dict[str, Any]:
+    """The embeddings event as /api/embed's answer (``legacy``: /api/embeddings', one vector); ApiError for an
+    error event, or dimensions the model does not have."""
+    if event.get("event") != p.EVENT_EMBEDDINGS:
+        raise error_from_event(event, {})
+    vectors = event["embeddings"]
+    size = len(vectors[0]) if vectors else 0
+    if dimensions is not None and dimensions != size:
+        raise ApiError(
+            400, f"dimensions: this model's embeddings have {size}; it cannot give {dimensions}", "invalid_request"
+        )
+    if legacy:
+        return {"embedding": vectors[0] if vectors else []}
+    timings = event.get("timings") or {}
+    return {
+        "model": model,
+        "embeddings": vectors,
+        "total_duration": _ns(timings.get("total_ms")),
+        "load_duration": _ns(timings.get("load_ms")),
+        "prompt_eval_count": (event.get("usage") or {}).get("prompt_tokens") or 0,
+    }
 
 
 def details(model_file: dict[str, Any] | None, kind: str) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Ollama's endpoints on the HTTP front: `/api/chat` and `/api/generate` (NDJSON streams by default), `/api/tags`,
+"""Ollama's endpoints on the HTTP front: `/api/chat` and `/api/generate` (NDJSON streams by default), `/api/embed`
+and `/api/embeddings` (the embed op, as /v1/embeddings runs it), `/api/tags`,
 `/api/ps`, `/api/show`, `/api/version`, and `GET /` ("Ollama is running").  Each is a client of the client
 front, as the OpenAI routes are: a generation is an :class:`Exchange` answered by
 :class:`GenerationAnswer` (Ollama's lines written by ollama_answers.py); the listings ask the ps op; a load
@@ -22,8 +23,8 @@ from workers.protocol import ErrorCode
 from ... import __version__
 from .exchange import ClientGone, Exchange, GenerationAnswer, json_body
 from .model_routes import load_status
-from .ollama import CHAT, GENERATE, RENAMED, error_body, parse_request, resolve, unknown_model
-from .ollama_answers import FOREVER, OllamaAnswer, details, digest, model_info, timestamp
+from .ollama import CHAT, GENERATE, RENAMED, error_body, parse_embed, parse_request, resolve, unknown_model
+from .ollama_answers import FOREVER, OllamaAnswer, details, digest, embed_answer, model_info, timestamp
 from .openai import ApiError, bad_request, error_from_event, model_names, resolve_model
 
 OLLAMA_API_VERSION = "0.5.0"  # the Ollama release whose API this front follows (format as a JSON schema)
@@ -44,6 +45,8 @@ def ollama_routes(routes: Any) -> list[BaseRoute]:
     return [
         Route("/api/chat", api.chat, methods=["POST"]),
         Route("/api/generate", api.generate, methods=["POST"]),
+        Route("/api/embed", api.embed, methods=["POST"]),
+        Route("/api/embeddings", api.embeddings, methods=["POST"]),
         Route("/api/tags", api.tags, methods=["GET"]),
         Route("/api/ps", api.ps, methods=["GET"]),
         Route("/api/show", api.show, methods=["POST"]),
@@ -61,6 +64,30 @@ class OllamaRoutes:
 
     async def generate(self, request: Request) -> Any:
         return await self._generate(request, GENERATE)
+
+    async def embed(self, request: Request) -> Any:
+        return await self._embed(request, legacy=False)
+
+    async def embeddings(self, request: Request) -> Any:
+        """The older endpoint: one ``prompt``, one ``embedding``."""
+        return await self._embed(request, legacy=True)
+
+    async def _embed(self, request: Request, legacy: bool) -> Any:
+        """An embed op through the same path as /v1/embeddings (front.OpenAIRoutes.run_embed)."""
+        routes = self.routes
+        try:
+            routes._check_key(request)
+            parsed = parse_embed(await routes._read_body(request), routes.engines(), legacy)
+            event = await routes.run_embed(parsed.message)
+            return Response(
+                json_body(embed_answer(parsed.model, event, legacy, parsed.dimensions)),
+                200,
+                media_type="application/json",
+            )
+        except ApiError as error:
+            return ollama_error(error)
+        except ClientGone:
+            return routes.client_gone(request)
 
     async def _generate(self, request: Request, kind: str) -> Any:
         routes = self.routes
