@@ -138,7 +138,9 @@ class FakeEngine:
                 break
             _misbehave(options, produced)
             count = min(per_event, request.params.max_tokens - produced)
-            time.sleep(delay * count)
+            if not _sleep_unless(delay * count, should_stop):
+                finish = FINISH_CANCELLED
+                break
             emit("".join(WORDS[(produced + i) % len(WORDS)] + " " for i in range(count)), count)
             produced += count
         prompt_tokens = len((request.prompt or "").split()) or 1
@@ -196,6 +198,17 @@ class FakeEngine:
         return GenerateResult(
             finish_reason=finish, prompt_tokens=len((request.prompt or "").split()) or 1, completion_tokens=produced
         )
+
+
+def _sleep_unless(seconds: float, should_stop: StopFn) -> bool:
+    """Wait as a slow model computes, but let a cancel in between tokens, as a real engine checks one
+    between two decodes (a long token_delay_s must not hold a cancelled request): False when it came."""
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        time.sleep(min(left, 0.05))
+        if should_stop():
+            return False
+    return True
 
 
 def _echo(request: Generate, emit: EmitFn) -> GenerateResult:
