@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Iterator
 
+import httpx
 import ollama
 import openai
 import pytest
@@ -18,6 +19,7 @@ import pytest
 from supervisor.planning.measure.model_facts import read_model_facts
 
 from .conftest import CLI, LLAMA, Daemon, assert_nothing_after, fake_engine, wait_until
+from .test_cancel import request_ends
 from .test_http import base_url, http_settings, openai_client
 
 EMBEDDER = {**LLAMA, "embedding": True}
@@ -272,3 +274,16 @@ def test_ollama_embed_bad_input_names_the_field_and_the_engine_serves_on(daemon,
         api.embed(model="nosuch", input="x")
     assert unknown.value.status_code == 404
     assert len(api.embed(model="emb", input="still here").embeddings) == 1
+
+
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/api/embed"])
+def test_an_http_client_that_goes_away_cancels_its_embed(make_daemon, tmp_path, path):
+    config, _ = fake_engine(tmp_path, "fe", embed_delay_s=0.2)
+    daemon = make_daemon({"fe": {**config, "embedding": True}}, **http_settings())
+    before = worker(daemon, "fe")
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+        httpx.post(base_url(daemon) + path, json={"model": "fe", "input": [str(i) for i in range(50)]}, timeout=1.0)
+    ends = wait_until(lambda: [e for e in request_ends(daemon) if e.get("finish_reason")], 30, "the embed's end")
+    assert ends[-1]["finish_reason"] == "cancelled", ends  # not run on to its 50 inputs (10 s)
+    assert worker(daemon, "fe") == before and daemon.engine("fe")["in_flight"] == 0
+    assert "Traceback" not in daemon.log_text()

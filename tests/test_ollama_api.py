@@ -340,3 +340,11 @@ def test_bad_input_leaves_the_real_worker_unharmed(llama):
             call()
         assert error.value.status_code in (400, 404) and error.value.error
     assert workers(llama) == before
+
+
+def test_ollamas_other_endpoints_answer_404_in_its_shape(daemon):
+    with pytest.raises(ollama.ResponseError) as pulled:
+        client(daemon).pull("llama3")
+    assert pulled.value.status_code == 404 and "/api/pull is not served here" in pulled.value.error
+    reply = httpx.delete(base_url(daemon) + "/api/delete")
+    assert reply.status_code == 404 and "models_dir" in reply.json()["error"]

@@ -8,6 +8,7 @@ as a ZeroMQ client's) and returns its terminal event: it is also what another HT
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import struct
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from workers.protocol import ErrorCode
 
 from ...config import EngineConfig
 from ..client_front import ClientFront
-from .exchange import Exchange
+from .exchange import ClientGone, Exchange, watch_disconnect
 from .openai import DEFAULT_MODEL, ApiError, bad_request, error_from_event, resolve_model
 
 FIELDS = frozenset({"input", "model", "encoding_format", "dimensions", "user"})
@@ -62,16 +63,21 @@ def parse_embeddings(body: dict[str, Any], engines: dict[str, EngineConfig]) -> 
     return EmbeddingsRequest(message, body.get("model") or DEFAULT_MODEL, encoding, dimensions)
 
 
-async def run_embed(front: ClientFront, routing_id: bytes, request_id: str, message: dict[str, Any]) -> dict[str, Any]:
+async def run_embed(
+    front: ClientFront, routing_id: bytes, request_id: str, message: dict[str, Any], receive: Any = None
+) -> dict[str, Any]:
     """Run one embed op (``message``: its fields, ``op`` and ``id`` set here) to its end; its terminal event:
-    ``embeddings`` (``embeddings``: one vector per input, ``usage.prompt_tokens``), or ``error``."""
+    ``embeddings`` (``embeddings``: one vector per input, ``usage.prompt_tokens``), or ``error``.
+    ``receive``: the HTTP request's ASGI receive, its body read: a client that disconnects meanwhile gets its
+    embed cancelled (ClientGone), as a generation is."""
     exchange = Exchange(front, routing_id, [request_id])
+    watcher = asyncio.ensure_future(watch_disconnect(receive, exchange)) if receive is not None else None
     try:
         exchange.send({**message, "op": p.OP_EMBED, "id": request_id})
         while True:
             frames = await exchange.take()
             if not frames:
-                return {"event": p.EVENT_ERROR, "code": ErrorCode.INTERNAL, "message": "the answer was lost"}
+                raise ClientGone()  # close() below cancels the embed
             for event in map(p.decode, frames):
                 if event.get("event") in p.TERMINAL_EVENTS:
                     exchange.terminal(request_id)
@@ -84,6 +90,8 @@ async def run_embed(front: ClientFront, routing_id: bytes, request_id: str, mess
                         }
                     return event
     finally:
+        if watcher is not None:
+            watcher.cancel()
         exchange.close()
 
 

@@ -116,7 +116,7 @@ class GenerationAnswer:
         self.dones: dict[str, dict[str, Any]] = {}  # each op's done event, by its id
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        watcher = asyncio.ensure_future(_watch_disconnect(receive, self.exchange))
+        watcher = asyncio.ensure_future(watch_disconnect(receive, self.exchange))
         try:
             await (self._stream(send) if self.stream else self._whole(send))
         finally:
@@ -187,7 +187,7 @@ class GenerationAnswer:
                     return
 
 
-async def _watch_disconnect(receive: Any, exchange: Exchange) -> None:
+async def watch_disconnect(receive: Any, exchange: Exchange) -> None:
     """The request body has been read: the next message ASGI has for us is the disconnect."""
     while (await receive())["type"] != "http.disconnect":
         pass

@@ -154,16 +154,22 @@ class OpenAIRoutes:
         try:
             self._check_key(request)
             parsed = parse_embeddings(await self._read_body(request), self.engines())
-            return json_response(embeddings_answer(parsed, await self.run_embed(parsed.message)))
         except ApiError as error:
             return error_response(error)
         except ClientGone:
             return self.client_gone(request)
+        try:
+            return json_response(embeddings_answer(parsed, await self.run_embed(parsed.message, request.receive)))
+        except ApiError as error:
+            return error_response(error)
+        except ClientGone:
+            return Response(status_code=499)  # never written: the client has gone, its embed is cancelled
 
-    async def run_embed(self, message: dict[str, Any]) -> dict[str, Any]:
+    async def run_embed(self, message: dict[str, Any], receive: Any = None) -> dict[str, Any]:
         """An embed op (its fields: input, engine, ...) run through the client front; its terminal event,
-        ``embeddings`` or ``error`` (embeddings.run_embed).  What Ollama's /api/embed calls."""
-        return await run_embed(self.front, self._routing_id(), f"embd-{secrets.token_hex(12)}", message)
+        ``embeddings`` or ``error`` (embeddings.run_embed); ClientGone when the client disconnects first
+        (``receive``: its request's).  What Ollama's /api/embed calls."""
+        return await run_embed(self.front, self._routing_id(), f"embd-{secrets.token_hex(12)}", message, receive)
 
     def metrics_route(self, render: Callable[[str | None], tuple[bytes, str]]) -> Route:
         """GET /metrics: the Prometheus exposition (io/metrics.py), behind the API keys when there are any

@@ -52,6 +52,8 @@ def ollama_routes(routes: Any) -> list[BaseRoute]:
         Route("/api/show", api.show, methods=["POST"]),
         Route("/api/version", api.version, methods=["GET"]),
         Route("/", api.root, methods=["GET"]),  # and HEAD
+        # Last: Ollama's other endpoints (pull, push, create, copy, delete, blobs) answered in its shape.
+        Route("/api/{rest:path}", api.not_served, methods=["GET", "POST", "PUT", "DELETE", "HEAD"]),
     ]
 
 
@@ -78,7 +80,12 @@ class OllamaRoutes:
         try:
             routes._check_key(request)
             parsed = parse_embed(await routes._read_body(request), routes.engines(), legacy)
-            event = await routes.run_embed(parsed.message)
+        except ApiError as error:
+            return ollama_error(error)
+        except ClientGone:
+            return routes.client_gone(request)
+        try:
+            event = await routes.run_embed(parsed.message, request.receive)
             return Response(
                 json_body(embed_answer(parsed.model, event, legacy, parsed.dimensions)),
                 200,
@@ -87,7 +94,7 @@ class OllamaRoutes:
         except ApiError as error:
             return ollama_error(error)
         except ClientGone:
-            return routes.client_gone(request)
+            return Response(status_code=499)  # never written: the client has gone, its embed is cancelled
 
     async def _generate(self, request: Request, kind: str) -> Any:
         routes = self.routes
@@ -234,6 +241,18 @@ class OllamaRoutes:
     async def version(self, request: Request) -> Response:
         return Response(
             json_body({"version": OLLAMA_API_VERSION, "node_supervisor": __version__}), media_type="application/json"
+        )
+
+    async def not_served(self, request: Request) -> Response:
+        """An Ollama endpoint this front does not serve: 404 in Ollama's shape, saying where models come from."""
+        path = ascii(request.url.path[:64])[1:-1]
+        return ollama_error(
+            ApiError(
+                404,
+                f"{path} is not served here: models are files the operator places "
+                "(models_dir, node-supervisor pull), see docs/HTTP.md",
+                "not_found",
+            )
         )
 
     async def root(self, request: Request) -> Response:
