@@ -60,8 +60,8 @@ CAPABILITIES = (
 GENERATE_CAPABILITIES = (CAP_PENALTIES, CAP_LOGIT_BIAS, CAP_RESPONSE_FORMAT, CAP_GRAMMAR, CAP_TOOLS, CAP_LOGPROBS)
 MAX_TOOLS = 128  # functions in a request's tools
 MAX_GRAMMAR_LENGTH = 65536  # characters of a GBNF grammar
-POOLINGS = ("mean", "cls", "last")
-PHASE_EMBEDDING = "embedding"  # a heartbeat's phase while an embed op runs: last_token_age_ms is its last decode  # how an embedding engine pools a sequence's token vectors into one
+POOLINGS = ("mean", "cls", "last")  # how an embedding engine pools a sequence's token vectors into one
+PHASE_EMBEDDING = "embedding"  # a heartbeat's phase while an embed op runs: last_token_age_ms is its last decode
 MAX_TOP_LOGPROBS = 20  # alternatives a token's logprobs entry may list (OpenAI's limit)
 
 
@@ -72,13 +72,29 @@ def _about(help: str, low: float | None = None, high: float | None = None, needs
     return about if needs is None else {**about, "needs": needs}
 
 
+class Record:
+    """A dataclass a message carries as one of its fields (codec.py writes and reads it field by field);
+    ``WHERE``: its field's name, where a reading error points."""
+
+    WHERE: ClassVar[str] = "record"
+
+    def to_wire(self) -> dict[str, Any]:
+        return write_fields(self)
+
+    @classmethod
+    def from_wire(cls, message: Any, where: str | None = None) -> Any:
+        return read_fields(cls, message, where or cls.WHERE)
+
+
 @dataclass(frozen=True, kw_only=True)
-class Sampling:
+class Sampling(Record):
     """How a request is sampled: what a generate op may set, what the worker receives as ``params``.
 
     ``limits`` metadata is the range a client may ask for; ``max_tokens`` is
     further bounded by the daemon's ``max_tokens_limit``.
     """
+
+    WHERE: ClassVar[str] = "params"
 
     max_tokens: int = field(default=DEFAULT_MAX_TOKENS, metadata=_about("tokens to generate at most", 1, 1 << 31))
     temperature: float = field(default=DEFAULT_TEMPERATURE, metadata=_about("0: greedy", 0.0, 5.0))
@@ -140,13 +156,6 @@ class Sampling:
                 out[capability] = name
         return out
 
-    def to_wire(self) -> dict[str, Any]:
-        return write_fields(self)
-
-    @classmethod
-    def from_wire(cls, message: Any, where: str = "params") -> Sampling:
-        return read_fields(cls, message, where)
-
 
 SAMPLING_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Sampling))
 # (field, the capability it needs, its default): what Sampling.needs compares.
@@ -158,11 +167,13 @@ _NEEDING = tuple(
 
 
 @dataclass(frozen=True, kw_only=True)
-class LoadSpec:
+class LoadSpec(Record):
     """What a worker loads: the plan's choice where the engine is planned, else the configuration.
 
     llama.cpp's thread and batch settings are None when unset: the worker's default.
     """
+
+    WHERE: ClassVar[str] = "spec"
 
     model: str
     n_ctx: int = 2048  # per request (each of ``parallel`` sequences gets this much)
@@ -184,13 +195,6 @@ class LoadSpec:
     embedding: bool = False
     pooling: str | None = None  # one of POOLINGS; None: the model's own (GGUF pooling_type), else mean
     normalize: bool = True  # embeddings scaled to unit length (L2)
-
-    def to_wire(self) -> dict[str, Any]:
-        return write_fields(self)
-
-    @classmethod
-    def from_wire(cls, message: Any, where: str = "spec") -> LoadSpec:
-        return read_fields(cls, message, where)
 
 
 LOAD_SPEC_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(LoadSpec))
@@ -298,12 +302,10 @@ class Token(Message):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Usage:
+class Usage(Record):
+    WHERE: ClassVar[str] = "usage"
     prompt_tokens: int = 0
     completion_tokens: int = 0
-
-    def to_wire(self) -> dict[str, Any]:
-        return write_fields(self)
 
 
 @dataclass(frozen=True, kw_only=True)
