@@ -95,16 +95,21 @@ async def run_embed(
         exchange.close()
 
 
-def answer(request: EmbeddingsRequest, event: dict[str, Any]) -> dict[str, Any]:
-    """The embeddings event as OpenAI's answer; ApiError for an error event or dimensions it cannot give."""
+def vectors_of(event: dict[str, Any], dimensions: int | None) -> list[list[float]]:
+    """An embed op's vectors (OpenAI's answer and Ollama's both start here); ApiError for an error event, or
+    ``dimensions`` the model's vectors do not have (the daemon never shortens them)."""
     if event.get("event") != p.EVENT_EMBEDDINGS:
         raise error_from_event(event, {})
     vectors = event["embeddings"]
     size = len(vectors[0]) if vectors else 0
-    if request.dimensions is not None and request.dimensions != size:
-        raise bad_request(
-            "dimensions", f"this model's embeddings have {size} dimensions; it cannot give {request.dimensions}"
-        )
+    if dimensions is not None and dimensions != size:
+        raise bad_request("dimensions", f"this model's embeddings have {size} dimensions; it cannot give {dimensions}")
+    return vectors
+
+
+def answer(request: EmbeddingsRequest, event: dict[str, Any]) -> dict[str, Any]:
+    """The embeddings event as OpenAI's answer; ApiError for an error event or dimensions it cannot give."""
+    vectors = vectors_of(event, request.dimensions)
     encode = _base64 if request.encoding_format == "base64" else list
     tokens = event.get("usage", {}).get("prompt_tokens", 0)
     return {

@@ -275,11 +275,12 @@ def parse_embed(body: dict[str, Any], engines: dict[str, EngineConfig], legacy: 
         message["engine"] = engine
     if body.get("keep_alive") is not None:
         message["keep_alive"] = keep_alive(body["keep_alive"])
-    for key, item in (body.get("options") or {}).items() if isinstance(body.get("options"), dict) else ():
+    settings = body.get("options")  # sampling and load options mean nothing to an embedding: taken, unused
+    if settings is not None and not isinstance(settings, dict):
+        raise bad_request("options", "must be an object")
+    for key in settings or {}:
         if key not in IGNORED_OPTIONS and key not in OPTIONS:
             raise bad_request(f"options.{ascii(key)[1:-1]}", "unrecognized option")
-    if body.get("options") is not None and not isinstance(body["options"], dict):
-        raise bad_request("options", "must be an object")
     dimensions = body.get("dimensions")
     if dimensions is not None and not _is_int(dimensions):
         raise bad_request("dimensions", "must be an integer")

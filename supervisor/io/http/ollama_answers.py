@@ -17,7 +17,8 @@ from workers import protocol as p
 
 from .answers import token_literal
 from .ollama import CHAT, error_body
-from .openai import ApiError, error_from_event
+from .embeddings import vectors_of
+from .openai import ApiError
 
 NDJSON_HEADERS = [(b"content-type", b"application/x-ndjson"), (b"cache-control", b"no-cache")]
 FOREVER = "2318-08-17T00:00:00Z"  # what Ollama's ps says of a model kept for ever (keep_alive < 0)
@@ -145,14 +146,7 @@ def ollama_tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def embed_answer(model: str, event: dict[str, Any], legacy: bool, dimensions: int | None) -> dict[str, Any]:
     """The embeddings event as /api/embed's answer (``legacy``: /api/embeddings', one vector); ApiError for an
     error event, or dimensions the model does not have."""
-    if event.get("event") != p.EVENT_EMBEDDINGS:
-        raise error_from_event(event, {})
-    vectors = event["embeddings"]
-    size = len(vectors[0]) if vectors else 0
-    if dimensions is not None and dimensions != size:
-        raise ApiError(
-            400, f"dimensions: this model's embeddings have {size}; it cannot give {dimensions}", "invalid_request"
-        )
+    vectors = vectors_of(event, dimensions)
     if legacy:
         return {"embedding": vectors[0] if vectors else []}
     timings = event.get("timings") or {}
